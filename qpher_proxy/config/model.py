@@ -1,0 +1,163 @@
+"""The configuration model: frozen dataclasses, one per section, every option with its default.
+
+``config.example.yaml`` at the repository root documents each option; a test keeps the two in
+step. Constraints live beside the field (``meta(...)``) so that the strict loader can name the
+dotted path and what was expected when a value is wrong.
+
+Path options are resolved relative to the directory of the config file. ``must_exist`` paths are
+checked at load time ("a missing file stops start-up").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+def meta(
+    *,
+    min: float | None = None,
+    max: float | None = None,
+    path: bool = False,
+    must_exist: bool = False,
+    choices: tuple[str, ...] | None = None,
+    doc: str = "",
+) -> dict[str, Any]:
+    return {
+        "min": min, "max": max, "path": path, "must_exist": must_exist, "choices": choices, "doc": doc,
+    }
+
+
+def opt(default: Any, **kw: Any) -> Any:
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("use tuples for defaults")
+    return field(default=default, metadata=meta(**kw))
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    listen: tuple[str, ...] = opt(("127.0.0.1:8443",))
+    shutdown_grace: float = opt(10.0, min=0, max=3600)
+
+
+@dataclass(frozen=True, slots=True)
+class TLSConfig:
+    cert_file: str = opt("certs/server.crt", path=True, must_exist=True)
+    key_file: str = opt("certs/server.key", path=True, must_exist=True)
+    mldsa_cert_file: str | None = opt(None, path=True, must_exist=True)
+    mldsa_key_file: str | None = opt(None, path=True, must_exist=True)
+    min_version: Literal["1.2", "1.3"] = opt("1.2")
+    groups: tuple[str, ...] = opt(("X25519MLKEM768", "X25519", "secp256r1"))
+    require_pq: bool = opt(False)
+    client_auth: Literal["none", "optional", "required"] = opt("none")
+    client_ca: str | None = opt(None, path=True, must_exist=True)
+    handshake_timeout: float = opt(10.0, min=0.1, max=300)
+
+
+@dataclass(frozen=True, slots=True)
+class HTTPConfig:
+    max_header_bytes: int = opt(16 * KiB, min=1 * KiB, max=1 * MiB)  # nginx large_client_header_buffers
+    max_body_bytes: int = opt(1 * MiB, min=1, max=1024 * MiB)
+    header_timeout: float = opt(10.0, min=0.1, max=600)
+    idle_timeout: float = opt(75.0, min=0.1, max=3600)  # nginx keepalive_timeout
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    max_connections: int = opt(10_000, min=1, max=1_000_000)
+
+
+@dataclass(frozen=True, slots=True)
+class CryptoConfig:
+    backend: Literal["auto", "liboqs", "openssl"] = opt("auto")
+
+
+@dataclass(frozen=True, slots=True)
+class KEKConfig:
+    provider: Literal["file", "env"] = opt("file")
+    file: str = opt("secrets/kek.b64", path=True)
+    env: str = opt("QPHER_KEK")
+
+
+@dataclass(frozen=True, slots=True)
+class KMSConfig:
+    workers: int = opt(0, min=0, max=256, doc="0 = one per spare core, at least 1")
+    dir: str = opt("kms", path=True)
+    destroy_delay: float = opt(86_400.0, min=0, max=365 * 86_400)
+    request_timeout: float = opt(30.0, min=0.1, max=600)
+    restart_backoff_max: float = opt(10.0, min=0.1, max=600)
+    kek: KEKConfig = field(default_factory=KEKConfig)
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    db: str = opt("gateway.db", path=True)
+    pepper_file: str = opt("secrets/pepper", path=True)
+    cache_ttl: float = opt(1.0, min=0, max=1.0)
+
+
+@dataclass(frozen=True, slots=True)
+class FailOpenConfig:
+    max_seconds: float = opt(300.0, min=1, max=86_400)
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyConfig:
+    dir: str = opt("policies", path=True, must_exist=True)
+    eval_budget_ms: float = opt(5.0, min=0.01, max=10_000)
+    reload_interval: float = opt(2.0, min=0.1, max=3600)
+    fail_open: FailOpenConfig = field(default_factory=FailOpenConfig)
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaConfig:
+    flush_interval: float = opt(1.0, min=0.05, max=60)
+
+
+@dataclass(frozen=True, slots=True)
+class AuditConfig:
+    file: str = opt("audit/audit.log", path=True)
+    rotate_bytes: int = opt(64 * MiB, min=4 * KiB, max=64 * 1024 * MiB)
+
+
+@dataclass(frozen=True, slots=True)
+class APIConfig:
+    max_batch_items: int = opt(100, min=1, max=10_000)
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    url: str | None = opt(None)
+    connect_timeout: float = opt(5.0, min=0.01, max=600)
+    read_timeout: float = opt(30.0, min=0.01, max=3600)
+    pool_size: int = opt(64, min=1, max=10_000)
+    ca_file: str | None = opt(None, path=True, must_exist=True)
+    client_cert: str | None = opt(None, path=True, must_exist=True)
+    client_key: str | None = opt(None, path=True, must_exist=True)
+    pass_api_key: bool = opt(False)
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingConfig:
+    level: Literal["debug", "info", "warning", "error"] = opt("info")
+    format: Literal["json", "text"] = opt("json")
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    tls: TLSConfig = field(default_factory=TLSConfig)
+    http: HTTPConfig = field(default_factory=HTTPConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    crypto: CryptoConfig = field(default_factory=CryptoConfig)
+    kms: KMSConfig = field(default_factory=KMSConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    quotas: QuotaConfig = field(default_factory=QuotaConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
+    api: APIConfig = field(default_factory=APIConfig)
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
