@@ -1,0 +1,1 @@
+"""Micro-benchmarks (``python -m qpher_proxy.bench.<name> --quick``)."""

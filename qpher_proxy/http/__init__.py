@@ -1,0 +1,29 @@
+"""HTTP/1.1 edge: h11 server loop, request/response types, error rendering."""
+
+from .messages import REQUEST_ID_HEADER, Body, Request, Response, error_response
+from .server import (
+    HTTPLimits,
+    HTTPServer,
+    Handler,
+    RequestDoneHook,
+    ShutdownSignal,
+    new_request_id,
+    peer_address,
+    serve_connection,
+)
+
+__all__ = [
+    "REQUEST_ID_HEADER",
+    "Body",
+    "Request",
+    "Response",
+    "error_response",
+    "HTTPLimits",
+    "HTTPServer",
+    "Handler",
+    "RequestDoneHook",
+    "ShutdownSignal",
+    "new_request_id",
+    "peer_address",
+    "serve_connection",
+]

@@ -1,0 +1,166 @@
+"""What a handler sees and returns: ``Request`` and ``Response``.
+
+A ``Request`` is the parsed head of one HTTP request plus a handle on its body, which the
+connection reads lazily from the wire: nothing of the body is read until the handler asks
+(``read_body`` buffers it under a size limit, ``body_chunks`` streams it chunk by chunk). That
+laziness is what makes ``Expect: 100-continue`` work: the interim ``100 Continue`` goes out the
+first time the handler reads the body, so a handler that refuses early (401, 413, ...) never
+invites the client to upload.
+
+A ``Response`` carries a status, header pairs as bytes and a body that is either ``bytes``
+(sent with ``Content-Length``) or an async iterable of ``bytes`` (sent chunked, unless the
+handler set ``Content-Length`` itself). Header names and values are validated by h11 when the
+response is sent, so a handler cannot inject CR/LF into the header block.
+
+Paths are kept exactly as received (no percent-decoding, no dot-segment removal): the router
+decides how to match them, and a gateway must never "normalise" a path into a different one
+than the upstream will see.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ..errors import QpherError
+
+__all__ = ["Request", "Response", "error_response", "Body", "REQUEST_ID_HEADER"]
+
+REQUEST_ID_HEADER = b"x-request-id"
+_JSON_CT = (b"content-type", b"application/json")
+# A client-sent X-Request-Id is recorded (never used as ours) only if it looks like a token.
+_SANE_CLIENT_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
+
+Body = bytes | AsyncIterable[bytes]
+
+
+class _BodySource(Protocol):
+    """What the connection offers a ``Request`` for reading its body (see server.py)."""
+
+    async def _read_body(self, generation: int, max_bytes: int | None) -> bytes: ...
+
+    def _body_chunks(self, generation: int, max_bytes: int | None) -> AsyncIterator[bytes]: ...
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class Request:
+    """One HTTP request head plus a handle on its (unread) body.
+
+    ``method`` is e.g. ``"GET"``; ``target`` the raw request-target; ``path`` and ``query``
+    its two halves split at the first ``?`` (raw, not percent-decoded). ``headers`` are
+    ``(lower-cased name, value)`` byte pairs in wire order. ``request_id`` is ours (random);
+    ``state`` is a scratch dict for the pipeline (tenant, route, ...).
+
+    A placeholder request with ``method == ""`` is passed to ``on_request_done`` for input
+    that could not be parsed as a request at all (400/431 before a request line was read).
+    """
+
+    method: str
+    target: str
+    path: str
+    query: str
+    headers: list[tuple[bytes, bytes]]
+    http_version: str
+    request_id: str
+    client_addr: str
+    state: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    _source: _BodySource | None = field(default=None, repr=False, compare=False)
+    _generation: int = field(default=0, repr=False, compare=False)
+
+    def __repr__(self) -> str:
+        # Headers, query and body may carry credentials (API keys): never in a repr.
+        return (
+            f"Request(method={self.method!r}, path={self.path!r}, request_id={self.request_id!r}, "
+            f"client_addr={self.client_addr!r})"
+        )
+
+    def header(self, name: bytes, default: bytes | None = None) -> bytes | None:
+        """The first value of header ``name`` (lower-case bytes), or ``default``."""
+        for n, v in self.headers:
+            if n == name:
+                return v
+        return default
+
+    def header_values(self, name: bytes) -> list[bytes]:
+        return [v for n, v in self.headers if n == name]
+
+    @property
+    def client_request_id(self) -> str | None:
+        """The client's own ``X-Request-Id`` if it is a sane token; never used as our id."""
+        value = self.header(REQUEST_ID_HEADER)
+        if value is not None and _SANE_CLIENT_ID.fullmatch(value):
+            return value.decode("ascii")
+        return None
+
+    async def read_body(self, max_bytes: int | None = None) -> bytes:
+        """Read the whole body into memory.
+
+        ``max_bytes`` defaults to the server's ``max_body_bytes``. Raises ``BodyTooLarge``
+        (413 ``body_too_large``) as soon as the declared or received size passes it,
+        ``BadRequest`` for a malformed body, ``ClientDisconnected`` if the client goes away.
+        May be called once; a second call returns ``b""``.
+        """
+        if self._source is None:
+            return b""
+        return await self._source._read_body(self._generation, max_bytes)
+
+    def body_chunks(self, max_bytes: int | None = None) -> AsyncIterator[bytes]:
+        """Stream the body: yields chunks as they arrive (each at most one receive, 64 KiB).
+
+        Nothing is buffered beyond the chunk in hand. ``max_bytes`` as for ``read_body``;
+        pass a large value to stream bodies bigger than ``max_body_bytes`` (sidecar).
+        """
+        if self._source is None:
+            return _empty_chunks()
+        return self._source._body_chunks(self._generation, max_bytes)
+
+
+async def _empty_chunks() -> AsyncIterator[bytes]:
+    return
+    yield b""  # pragma: no cover  (makes this an async generator)
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class Response:
+    """A response to send. ``headers`` are (name, value) byte pairs; the server adds
+    ``Content-Length`` (bytes body) or chunked framing (async iterable body without a
+    ``Content-Length``), ``X-Request-Id`` if absent, and ``Connection: close`` when closing."""
+
+    status: int
+    headers: Iterable[tuple[bytes, bytes]] = ()
+    body: Body = b""
+
+    def __repr__(self) -> str:
+        # A body may hold a shared secret or a plaintext: only its size is shown.
+        size = f"{len(self.body)} bytes" if isinstance(self.body, (bytes, bytearray)) else "stream"
+        return f"Response(status={self.status}, body=<{size}>)"
+
+    @classmethod
+    def json(
+        cls, status: int, obj: Any, headers: Iterable[tuple[bytes, bytes]] = ()
+    ) -> Response:
+        body = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        return cls(status, [_JSON_CT, *headers], body)
+
+
+def error_body(code: str, message: str, request_id: str) -> bytes:
+    return json.dumps(
+        {"error": {"code": code, "message": message, "request_id": request_id}},
+        separators=(",", ":"),
+        ensure_ascii=False,
+    ).encode("utf-8")
+
+
+def error_response(exc: QpherError, request_id: str) -> Response:
+    """The one rendering of an error for clients: ``{"error": {code, message, request_id}}``.
+
+    Only the QpherError's safe ``message`` is shown, never a traceback or a foreign message.
+    """
+    return Response(
+        exc.status,
+        [_JSON_CT, (REQUEST_ID_HEADER, request_id.encode("ascii"))],
+        error_body(exc.code, exc.message, request_id),
+    )
