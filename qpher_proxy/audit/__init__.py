@@ -1,0 +1,20 @@
+"""Tamper-evident audit log: hash-chained JSON lines (``log``), records and the secret guard
+(``records``), chain verification (``verify``) and its CLI (``cli``)."""
+
+from .log import AuditLog, rotated_files
+from .records import GENESIS, RECOVERY_EVENT, SEVERITIES, AuditRecord, check_fields, parse_record
+from .verify import Finding, VerifyResult, verify
+
+__all__ = [
+    "AuditLog",
+    "AuditRecord",
+    "Finding",
+    "GENESIS",
+    "RECOVERY_EVENT",
+    "SEVERITIES",
+    "VerifyResult",
+    "check_fields",
+    "parse_record",
+    "rotated_files",
+    "verify",
+]

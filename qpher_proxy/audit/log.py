@@ -1,0 +1,352 @@
+"""The audit log writer: an append-only, hash-chained JSON-lines file with size rotation.
+
+Theory of operation
+-------------------
+**Records** are encoded by ``records.encode_record``: one JSON line each, carrying ``seq`` (1,
+2, 3, … across all files) and ``prev`` = SHA-256 of the previous line's bytes (``GENESIS``, 64
+zeros, for the very first). That chain is what ``verify`` checks.
+
+**Writing** (``record``) is synchronous and cheap: check the fields (a secret-looking field is
+refused before anything happens), take the lock, make sure our view of the file's tail is
+current, encode, ``os.write`` the line (one unbuffered syscall: the line is in the kernel when
+``record`` returns, so a crash of this process loses nothing that was recorded), ``fsync``
+for CRITICAL records (``fsync_policy="critical"``, the default; ``"always"`` fsyncs every
+record, ``"never"`` none — then a power loss may lose the last records), release the lock.
+Any OS error becomes ``AuditUnavailable`` (503): a request that must be audited is then
+refused by its caller, never served silently. After an error the file is re-opened and its
+tail re-read on the next call, so the log heals by itself once the disk does.
+
+**Several writers.** The running proxy and the CLI (``apikey create``/``revoke``) may both
+append. Every append holds an exclusive ``flock`` on ``<path>.lock`` and starts by comparing
+the file's identity and size with what this writer last saw (one ``stat``): if another
+process appended or rotated, the tail is re-read, so the chain stays linear.
+
+**Rotation.** When a record would make the file larger than ``rotate_bytes``, the file is
+renamed ``<path>.NNNNNN`` (the next free number, six digits or more) and a new ``<path>`` is
+created; the record goes into the new file with ``prev`` = hash of the last line of the old
+one, so the chain runs across files. ``verify`` takes the files in rotation order.
+
+**Start and crash recovery.** On opening, the chain resumes from the last line of ``<path>``
+(or of the newest rotated file if ``<path>`` is missing or empty; ``GENESIS`` if there is
+none). A crash in the middle of ``os.write`` can leave a *torn* last line: bytes without the
+final newline. That line is kept (the log is append-only; it is evidence), terminated with a
+newline, and followed by a ``audit.recovered`` record (severity WARNING) whose
+``torn_sha256``/``torn_bytes`` identify it and whose ``prev`` is the hash of the last complete
+record before it. ``verify`` accepts a non-record line exactly when the next record is such a
+recovery record naming its hash; any other non-record line is reported. (If the torn bytes
+happen to be a complete, correctly linked record that only lacks its newline, the newline is
+added and the chain simply continues from it.) If the last complete line is not a record
+(disk corruption or tampering), the chain continues from its hash and a recovery record with
+``reason="unparseable_tail"`` notes it; ``verify`` still reports the bad line.
+
+**What cannot be detected** without an external anchor: removing records from the *end* of
+the newest file (or the newest files), and rewriting the whole chain from some point on. Copy
+the head hash that ``qpher-proxy audit verify`` prints to another system now and then to
+anchor it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import stat
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Literal
+
+from ..errors import AuditUnavailable, ConfigError
+from .records import (
+    GENESIS,
+    RECOVERY_EVENT,
+    check_event,
+    check_fields,
+    encode_record,
+    format_ts,
+    line_hash,
+    normalize_severity,
+    parse_record,
+)
+
+__all__ = ["AuditLog", "FsyncPolicy", "rotated_files"]
+
+FsyncPolicy = Literal["always", "critical", "never"]
+DEFAULT_ROTATE_BYTES = 64 * 1024 * 1024
+_CHUNK = 64 * 1024
+
+
+def rotated_files(path: str | os.PathLike[str]) -> list[tuple[int, str]]:
+    """``[(n, path.NNNNNN), …]`` sorted by ``n``: the rotated files of the log at ``path``."""
+    p = os.path.abspath(os.fspath(path))
+    directory, base = os.path.split(p)
+    pattern = re.compile(re.escape(base) + r"\.(\d{6,})")
+    found = []
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    for name in names:
+        m = pattern.fullmatch(name)
+        if m:
+            found.append((int(m.group(1)), os.path.join(directory, name)))
+    return sorted(found)
+
+
+def _read_tail_lines(fd: int, size: int) -> tuple[list[bytes], bool]:
+    """The last lines of the file: ``(lines, at_bof)``; ``lines[-1]`` is the bytes after the last
+    newline (``b""`` if the file ends with one). Reads back until it holds three newlines (two
+    complete lines and the torn part) or reaches the beginning."""
+    buf = b""
+    pos = size
+    while pos > 0 and buf.count(b"\n") < 3:
+        n = min(_CHUNK, pos)
+        pos -= n
+        chunk = os.pread(fd, n, pos)
+        if len(chunk) != n:
+            raise OSError("short read from the audit log")
+        buf = chunk + buf
+    lines = buf.split(b"\n")
+    if pos > 0:
+        lines = lines[1:]  # the first piece may be the middle of a line
+    return lines, pos == 0
+
+
+class AuditLog:
+    """Append-only, hash-chained audit log (see the module docstring).
+
+    ``record(event, severity, **fields)`` (also ``__call__``) is the audit callable the policy
+    engine, the API key store and the server use."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        rotate_bytes: int | None = DEFAULT_ROTATE_BYTES,
+        fsync_policy: FsyncPolicy = "critical",
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if fsync_policy not in ("always", "critical", "never"):
+            raise ConfigError(f"audit fsync policy must be always, critical or never, not {fsync_policy!r}")
+        if rotate_bytes is not None and rotate_bytes < 1:
+            raise ConfigError("audit rotate_bytes must be positive (or None: never rotate)")
+        self._path = os.path.abspath(os.fspath(path))
+        self._dir = os.path.dirname(self._path)
+        self._rotate_bytes = rotate_bytes
+        self._fsync_policy = fsync_policy
+        self._clock = clock
+        self._fd: int | None = None
+        self._identity: tuple[int, int] | None = None
+        self._size = 0
+        self._seq = 0
+        self._last = GENESIS
+        self._closed = False
+        try:
+            self._lock_fd = os.open(self._path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise AuditUnavailable("the audit log cannot be opened") from exc
+        try:
+            with self._locked():
+                self._sync()
+        except OSError as exc:
+            self._close_all()
+            raise AuditUnavailable("the audit log cannot be opened") from exc
+        except BaseException:
+            self._close_all()
+            raise
+
+    # ---- public ---------------------------------------------------------------------------
+
+    @property
+    def path(self) -> str:
+        return self._path
+
+    @property
+    def last_seq(self) -> int:
+        """``seq`` of the last record this writer knows of (0 for an empty log)."""
+        return self._seq
+
+    @property
+    def head(self) -> str:
+        """SHA-256 (hex) of the last record's line: the value to anchor elsewhere."""
+        return self._last
+
+    def record(self, event: str, severity: str, **fields: object) -> int:
+        """Append one record; returns its ``seq``.
+
+        ``AuditFieldRefused`` (nothing written) for a secret-looking or non-JSON field, an
+        unknown severity or a bad event name; ``AuditUnavailable`` if it cannot be written."""
+        check_event(event)
+        sev = normalize_severity(severity)
+        check_fields(fields)
+        if self._closed:
+            raise AuditUnavailable("the audit log is closed")
+        ts = format_ts(self._clock())
+        try:
+            with self._locked():
+                self._sync()
+                return self._append_record(ts, event, sev, fields)
+        except OSError as exc:
+            self._close_fd()  # re-sync from disk next time (the write may have been partial)
+            raise AuditUnavailable("the audit log cannot be written") from exc
+
+    __call__ = record
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._close_all()
+
+    def __enter__(self) -> AuditLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"AuditLog({self._path!r}, seq={self._seq})"
+
+    # ---- internals (all called with the lock held) ------------------------------------------
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    def _close_fd(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            self._identity = None
+            try:
+                os.close(fd)
+            except OSError:
+                pass  # already unusable; the next call re-opens
+
+    def _close_all(self) -> None:
+        self._close_fd()
+        try:
+            os.close(self._lock_fd)
+        except OSError:
+            pass
+
+    def _sync(self) -> None:
+        """Make (fd, size, seq, last) describe the current file as it is on disk."""
+        if self._fd is not None:
+            try:
+                st = os.stat(self._path)
+            except FileNotFoundError:
+                st = None
+            if st is not None and (st.st_dev, st.st_ino) == self._identity and st.st_size == self._size:
+                return  # the fast path: nobody else wrote since our last append
+            self._close_fd()
+        fd = os.open(self._path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise AuditUnavailable("the audit log path is not a regular file")
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        self._identity = (st.st_dev, st.st_ino)
+        self._size = st.st_size
+        if st.st_size == 0:
+            self._seq, self._last = self._rotated_tail()
+            return
+        lines, at_bof = _read_tail_lines(fd, st.st_size)
+        torn = lines[-1]
+        complete = lines[:-1]
+        if complete:
+            last = complete[-1]
+            rec = parse_record(last)
+            if rec is not None:
+                seq, prev_hash = rec.seq, line_hash(last)
+            else:
+                seq, prev_hash = self._seq_before(complete[:-1], at_bof), line_hash(last)
+        else:  # the whole file is one torn line
+            seq, prev_hash = self._rotated_tail()
+            last = None
+            rec = None
+        self._seq, self._last = seq, prev_hash
+        ts = format_ts(self._clock())
+        if torn:
+            self._append(b"\n", fsync=False)
+            trec = parse_record(torn)
+            if trec is not None and trec.seq == seq + 1 and trec.prev == prev_hash:
+                self._seq, self._last = trec.seq, line_hash(torn)  # only the newline was missing
+            else:
+                self._append_record(
+                    ts, RECOVERY_EVENT, "WARNING",
+                    {"reason": "torn_tail", "torn_bytes": len(torn), "torn_sha256": line_hash(torn)},
+                )
+        elif last is not None and rec is None:
+            self._append_record(
+                ts, RECOVERY_EVENT, "WARNING",
+                {"reason": "unparseable_tail", "line_sha256": prev_hash},
+            )
+
+    def _seq_before(self, lines: list[bytes], at_bof: bool) -> int:
+        for line in reversed(lines):
+            rec = parse_record(line)
+            if rec is not None:
+                return rec.seq + 1  # the unparseable line took (at least) one number
+        return self._rotated_tail()[0] + 1 if at_bof else 0
+
+    def _rotated_tail(self) -> tuple[int, str]:
+        """(seq, hash) of the last record of the newest rotated file, or (0, GENESIS)."""
+        files = rotated_files(self._path)
+        if not files:
+            return 0, GENESIS
+        fd = os.open(files[-1][1], os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            size = os.fstat(fd).st_size
+            lines, _ = _read_tail_lines(fd, size)
+        finally:
+            os.close(fd)
+        complete = lines[:-1]
+        if not complete:
+            return 0, GENESIS
+        rec = parse_record(complete[-1])
+        seq = rec.seq if rec is not None else 0
+        return seq, line_hash(complete[-1])
+
+    def _append_record(self, ts: str, event: str, severity: str, fields: dict[str, object]) -> int:
+        seq = self._seq + 1
+        line = encode_record(seq, ts, event, severity, fields, self._last)
+        if self._rotate_bytes is not None and self._size > 0 and self._size + len(line) + 1 > self._rotate_bytes:
+            self._rotate()
+        fsync = self._fsync_policy == "always" or (self._fsync_policy == "critical" and severity == "CRITICAL")
+        self._append(line + b"\n", fsync=fsync)
+        self._seq, self._last = seq, line_hash(line)
+        return seq
+
+    def _append(self, data: bytes, *, fsync: bool) -> None:
+        assert self._fd is not None
+        view = memoryview(data)
+        while view:
+            n = os.write(self._fd, view)
+            self._size += n
+            view = view[n:]
+        if fsync:
+            os.fsync(self._fd)
+
+    def _rotate(self) -> None:
+        assert self._fd is not None
+        if self._fsync_policy != "never":
+            os.fsync(self._fd)
+        files = rotated_files(self._path)
+        n = files[-1][0] + 1 if files else 1
+        os.rename(self._path, f"{self._path}.{n:06d}")
+        self._close_fd()
+        fd = os.open(self._path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        st = os.fstat(fd)
+        self._fd, self._identity, self._size = fd, (st.st_dev, st.st_ino), 0
+        if self._fsync_policy != "never":
+            dfd = os.open(self._dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)

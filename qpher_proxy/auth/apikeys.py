@@ -1,0 +1,454 @@
+"""API keys: format, storage as peppered HMACs, and constant-time authentication.
+
+Theory of operation
+-------------------
+**Format.** A key is ``qph_<key_id>_<secret>``: ``key_id`` is 12 characters of lower-case
+base32 (``a-z2-7``, 60 random bits: an identifier, not a secret — it appears in logs, audit
+records and ``apikey list``) and ``secret`` is 43 characters of base62 (256 random bits; more
+than the 190 bits asked of it). The fixed ``qph_`` prefix and shape let secret scanners match a
+leaked key with ``qph_[a-z0-9]{12}_[A-Za-z0-9]{32,}`` (see ``KEY_SCAN_PATTERN``).
+
+**Storage.** The database never holds a key, only ``HMAC-SHA256(pepper, "qph-v1:" + key_id +
+":" + secret)`` next to the key's metadata (tenant, plan, scopes, created/expires/revoked,
+label). The pepper is 32 random bytes in a file outside the database (``generate_pepper_file``
+creates it ``0600``; ``load_pepper`` refuses a file that group or others may read), so a
+stolen database alone does not allow an offline search — and with 256-bit secrets none is
+feasible anyway. Binding ``key_id`` into the MAC means a row's digest cannot be moved to
+another row. The full key is returned exactly once, by ``APIKeyStore.create``.
+
+**Authentication** (``Authenticator.authenticate``) parses the key, finds the record by
+``key_id`` and compares MACs with ``hmac.compare_digest``. Every failure — missing, malformed,
+unknown id, wrong secret, expired, revoked — raises the same ``Unauthenticated`` (same code,
+status and message; the cause is kept in ``.reason`` for the audit log only). For an unknown
+id the MAC is still computed and compared against a dummy, so the wrong-id and wrong-secret
+paths do the same work.
+
+**Revocation within one second.** ``apikey revoke`` runs in another process and writes the
+shared SQLite file. The running proxy keeps records in an in-memory cache that it validates at
+most every ``ttl`` seconds (≤ 1 s) by reading SQLite's ``PRAGMA data_version`` — a counter that
+changes whenever another connection commits. If it changed, the whole cache is dropped and
+records are re-read on demand. So a cache hit costs a dict lookup, a clock read and one HMAC;
+the database is touched once per ``ttl`` (plus once per key after a change), and a revocation
+(or any other change) is seen at the latest ``ttl`` seconds after its commit. Writes made
+through the same ``APIKeyStore`` object bump a local counter that the check includes too
+(``data_version`` only reports *other* connections' commits). A clock that steps backwards
+forces a re-validation.
+"""
+
+from __future__ import annotations
+
+import calendar
+import hmac
+import json
+import math
+import os
+import re
+import secrets
+import stat
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from ..errors import ConfigError, InvalidInput, NotFound, Unauthenticated
+from ..storage import sqlite as db
+
+__all__ = [
+    "APIKeyRecord",
+    "APIKeyStore",
+    "Authenticator",
+    "KEY_PREFIX",
+    "KEY_SCAN_PATTERN",
+    "PEPPER_BYTES",
+    "generate_pepper_file",
+    "load_pepper",
+    "parse_expiry",
+]
+
+KEY_PREFIX = "qph_"
+KEY_ID_CHARS = 12
+KEY_ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz234567"  # RFC 4648 base32, lower case
+SECRET_CHARS = 43  # 43 × log2(62) ≈ 256 bits
+SECRET_ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+PEPPER_BYTES = 32
+MAX_CACHE_TTL_S = 1.0  # issue 5: "a revoked key stops working within one second"
+
+# What a secret scanner should look for (documented in the README).
+KEY_SCAN_PATTERN = r"qph_[a-z0-9]{12}_[A-Za-z0-9]{32,}"
+# What we accept: the scanner's shape with a sane upper bound on the secret.
+_KEY_RE = re.compile(r"qph_([a-z0-9]{12})_([A-Za-z0-9]{32,128})")
+_MAC_DOMAIN = b"qph-v1:"
+
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")  # tenant, plan
+_SCOPE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/*-]{0,63}")
+_MAX_LABEL_CHARS = 128
+_LOOKS_LIKE_KEY = re.compile(r"qph_[A-Za-z0-9]{12}_[A-Za-z0-9]")
+
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS api_keys (
+        key_id      TEXT PRIMARY KEY,
+        secret_mac  BLOB NOT NULL,
+        tenant      TEXT NOT NULL,
+        plan        TEXT NOT NULL,
+        scopes      TEXT NOT NULL,
+        created_at  REAL NOT NULL,
+        expires_at  REAL,
+        revoked_at  REAL,
+        label       TEXT
+    ) WITHOUT ROWID""",
+    "CREATE INDEX IF NOT EXISTS api_keys_tenant ON api_keys (tenant)",
+)
+_COLUMNS = "key_id, tenant, plan, scopes, created_at, expires_at, revoked_at, label, secret_mac"
+
+AuditFn = Callable[..., object]
+Clock = Callable[[], float]
+
+
+# ---- pepper ----------------------------------------------------------------------------
+
+def generate_pepper_file(path: str | os.PathLike[str]) -> None:
+    """Create ``path`` with 32 random bytes, mode 0600 (its directory 0700 if created).
+
+    Refuses to overwrite an existing file: a new pepper invalidates every key."""
+    p = os.fspath(path)
+    parent = os.path.dirname(p)
+    try:
+        if parent:
+            os.makedirs(parent, mode=0o700, exist_ok=True)
+        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        raise ConfigError(f"pepper file {p!r} already exists; a new pepper would invalidate every key") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot create pepper file {p!r}: {exc.strerror}") from exc
+    try:
+        data = secrets.token_bytes(PEPPER_BYTES)
+        written = 0
+        while written < len(data):
+            written += os.write(fd, data[written:])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load_pepper(path: str | os.PathLike[str]) -> bytes:
+    """Read the pepper, refusing a file that is not a regular 32-byte file private to its owner."""
+    p = os.fspath(path)
+    try:
+        fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise ConfigError(f"cannot open pepper file {p!r}: {exc.strerror}") from exc
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"pepper file {p!r} is not a regular file")
+        if st.st_mode & 0o077:
+            raise ConfigError(
+                f"pepper file {p!r} has mode {stat.S_IMODE(st.st_mode):#o}; it must not be "
+                "accessible by group or others (chmod 600)"
+            )
+        data = os.read(fd, PEPPER_BYTES + 1)
+    finally:
+        os.close(fd)
+    if len(data) != PEPPER_BYTES:
+        raise ConfigError(f"pepper file {p!r} must hold exactly {PEPPER_BYTES} bytes, not {len(data)}")
+    return data
+
+
+# ---- records ---------------------------------------------------------------------------
+
+KeyStatus = Literal["active", "expired", "revoked"]
+
+
+@dataclass(frozen=True, slots=True)
+class APIKeyRecord:
+    """What is known about an API key. Holds no secret and no MAC: safe to log and to print."""
+
+    key_id: str
+    tenant: str
+    plan: str
+    scopes: tuple[str, ...]
+    created_at: float
+    expires_at: float | None
+    revoked_at: float | None
+    label: str | None
+
+    def status(self, now: float) -> KeyStatus:
+        if self.revoked_at is not None:
+            return "revoked"
+        if self.expires_at is not None and now >= self.expires_at:
+            return "expired"
+        return "active"
+
+    def has_scope(self, scope: str) -> bool:
+        return scope in self.scopes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "key_id": self.key_id,
+            "tenant": self.tenant,
+            "plan": self.plan,
+            "scopes": list(self.scopes),
+            "created_at": self.created_at,
+            "expires_at": self.expires_at,
+            "revoked_at": self.revoked_at,
+            "label": self.label,
+        }
+
+
+def _row_to_record(row: tuple[Any, ...]) -> tuple[APIKeyRecord, bytes]:
+    scopes = tuple(json.loads(row[3]))
+    record = APIKeyRecord(
+        key_id=row[0],
+        tenant=row[1],
+        plan=row[2],
+        scopes=scopes,
+        created_at=float(row[4]),
+        expires_at=None if row[5] is None else float(row[5]),
+        revoked_at=None if row[6] is None else float(row[6]),
+        label=row[7],
+    )
+    return record, bytes(row[8])
+
+
+def _check_name(what: str, value: object, pattern: re.Pattern[str] = _NAME_RE) -> str:
+    if not isinstance(value, str) or pattern.fullmatch(value) is None or _LOOKS_LIKE_KEY.search(value):
+        # the value is not echoed: someone may paste a key into the wrong option
+        raise InvalidInput(f"{what} must match {pattern.pattern!r} and not look like an API key")
+    return value
+
+
+def _check_label(label: object) -> str | None:
+    if label is None:
+        return None
+    if not isinstance(label, str) or not label or len(label) > _MAX_LABEL_CHARS or not label.isprintable():
+        raise InvalidInput(f"label must be 1..{_MAX_LABEL_CHARS} printable characters")
+    if _LOOKS_LIKE_KEY.search(label):
+        raise InvalidInput("label must not contain an API key")
+    return label
+
+
+def parse_expiry(text: str, now: float) -> float:
+    """``--expires`` for the CLI: a duration (``90d``, ``12h``, ``30m``, ``3600s``) from ``now``,
+    or a UTC date/time ``YYYY-MM-DD`` / ``YYYY-MM-DDTHH:MM[:SS][Z]``. Returns epoch seconds."""
+    t = text.strip()
+    m = re.fullmatch(r"(\d{1,7})([smhdw])", t)
+    if m:
+        unit = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 7 * 86_400}[m.group(2)]
+        return now + int(m.group(1)) * unit
+    for fmt in ("%Y-%m-%d", "%Y-%m-%dT%H:%M", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%MZ", "%Y-%m-%dT%H:%M:%SZ"):
+        try:
+            parsed = time.strptime(t, fmt)
+        except ValueError:
+            continue
+        return float(calendar.timegm(parsed))
+    raise InvalidInput("expiry must be a duration like '90d' or a UTC date like '2030-01-31'")
+
+
+# ---- store -----------------------------------------------------------------------------
+
+class APIKeyStore:
+    """API key records in the gateway database (see the module docstring).
+
+    ``audit``, if given, is called as ``audit(event, severity, **fields)`` for key lifecycle
+    events (``apikey.created``, ``apikey.revoked``) inside the write transaction: if auditing
+    fails, the change is rolled back and the error propagates."""
+
+    def __init__(
+        self,
+        db_path: str | os.PathLike[str],
+        pepper: bytes,
+        *,
+        clock: Clock = time.time,
+        audit: AuditFn | None = None,
+    ) -> None:
+        if not isinstance(pepper, bytes) or len(pepper) != PEPPER_BYTES:
+            raise ConfigError(f"the pepper must be {PEPPER_BYTES} bytes")
+        self._pepper = pepper
+        self._clock = clock
+        self._audit = audit
+        self._local_writes = 0
+        self._conn = db.connect(db_path)
+        try:
+            db.ensure_schema(self._conn, "api_keys", 1, _SCHEMA)
+        except BaseException:
+            self._conn.close()
+            raise
+
+    def __repr__(self) -> str:  # never the pepper
+        return f"{type(self).__name__}()"
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> APIKeyStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # The MAC of a presented secret. hmac.digest is the one-shot C fast path (~1 µs).
+    def mac(self, key_id: str, secret: str) -> bytes:
+        return hmac.digest(
+            self._pepper, _MAC_DOMAIN + key_id.encode("ascii") + b":" + secret.encode("ascii"), "sha256"
+        )
+
+    def create(
+        self,
+        tenant: str,
+        plan: str,
+        scopes: Iterable[str] = (),
+        expires_at: float | None = None,
+        label: str | None = None,
+    ) -> tuple[APIKeyRecord, str]:
+        """Create a key; returns its record and the full key, which exists nowhere else: print
+        it once and forget it."""
+        _check_name("tenant", tenant)
+        _check_name("plan", plan)
+        if isinstance(scopes, str):
+            raise InvalidInput("scopes must be a list of strings, not one string")
+        scope_tuple = tuple(dict.fromkeys(_check_name("scope", s, _SCOPE_RE) for s in scopes))
+        label = _check_label(label)
+        now = self._clock()
+        if expires_at is not None:
+            if isinstance(expires_at, bool) or not isinstance(expires_at, (int, float)) or not math.isfinite(expires_at):
+                raise InvalidInput("expires_at must be a number of seconds since the epoch")
+            if expires_at <= now:
+                raise InvalidInput("expires_at is in the past")
+            expires_at = float(expires_at)
+        for _attempt in range(8):  # 60-bit ids: a collision is a curiosity, not a failure
+            key_id = "".join(secrets.choice(KEY_ID_ALPHABET) for _ in range(KEY_ID_CHARS))
+            secret = "".join(secrets.choice(SECRET_ALPHABET) for _ in range(SECRET_CHARS))
+            record = APIKeyRecord(key_id, tenant, plan, scope_tuple, now, expires_at, None, label)
+            with db.transaction(self._conn, "creating an API key"):
+                inserted = self._conn.execute(
+                    f"INSERT INTO api_keys ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT(key_id) DO NOTHING",
+                    (key_id, tenant, plan, json.dumps(list(scope_tuple)), now, expires_at, None, label,
+                     self.mac(key_id, secret)),
+                ).rowcount
+                if inserted != 1:
+                    continue  # leaves the transaction: nothing was written
+                if self._audit is not None:
+                    self._audit(
+                        "apikey.created", "NOTICE", key_id=key_id, tenant=tenant, plan=plan,
+                        scopes=list(scope_tuple), expires_at=expires_at, label=label,
+                    )
+            self._local_writes += 1
+            return record, f"{KEY_PREFIX}{key_id}_{secret}"
+        raise InvalidInput("could not allocate a unique key id")  # pragma: no cover
+
+    def get(self, key_id: str) -> APIKeyRecord | None:
+        found = self.lookup(key_id)
+        return None if found is None else found[0]
+
+    def lookup(self, key_id: str) -> tuple[APIKeyRecord, bytes] | None:
+        """The record and its stored MAC (for ``Authenticator``; the MAC is not a secret key but
+        is not meant for display either)."""
+        with db.mapped("reading an API key"):
+            row = self._conn.execute(f"SELECT {_COLUMNS} FROM api_keys WHERE key_id = ?", (key_id,)).fetchone()
+        return None if row is None else _row_to_record(row)
+
+    def list(self, tenant: str | None = None) -> list[APIKeyRecord]:
+        """Every key (of ``tenant``), oldest first. Records only: never a secret or a MAC."""
+        with db.mapped("listing API keys"):
+            if tenant is None:
+                rows = self._conn.execute(f"SELECT {_COLUMNS} FROM api_keys ORDER BY created_at, key_id").fetchall()
+            else:
+                rows = self._conn.execute(
+                    f"SELECT {_COLUMNS} FROM api_keys WHERE tenant = ? ORDER BY created_at, key_id", (tenant,)
+                ).fetchall()
+        return [_row_to_record(r)[0] for r in rows]
+
+    def revoke(self, key_id: str) -> APIKeyRecord:
+        """Revoke ``key_id`` (idempotent: revoking twice keeps the first time). ``NotFound`` if
+        there is no such key."""
+        now = self._clock()
+        with db.transaction(self._conn, "revoking an API key"):
+            row = self._conn.execute(f"SELECT {_COLUMNS} FROM api_keys WHERE key_id = ?", (key_id,)).fetchone()
+            if row is None:
+                shown = repr(key_id) if re.fullmatch(r"[a-z0-9]{12}", key_id) else "(not a key id)"
+                raise NotFound(f"no API key with id {shown}")  # never echo a pasted full key
+            record, _ = _row_to_record(row)
+            if record.revoked_at is not None:
+                return record
+            self._conn.execute("UPDATE api_keys SET revoked_at = ? WHERE key_id = ?", (now, key_id))
+            if self._audit is not None:
+                self._audit("apikey.revoked", "WARNING", key_id=key_id, tenant=record.tenant)
+        self._local_writes += 1
+        return APIKeyRecord(
+            record.key_id, record.tenant, record.plan, record.scopes, record.created_at,
+            record.expires_at, now, record.label,
+        )
+
+    def change_token(self) -> tuple[int, int]:
+        """Changes whenever the key table may have changed: (SQLite data_version, local writes)."""
+        return db.data_version(self._conn), self._local_writes
+
+
+# ---- authentication --------------------------------------------------------------------
+
+_MISSING = object()
+
+
+class Authenticator:
+    """Turns a presented API key into its ``APIKeyRecord`` or raises ``Unauthenticated``.
+
+    ``clock`` is wall time (expiry is wall time); ``ttl`` (≤ 1 s) bounds how long a change made
+    by another process (revocation) can go unseen. See the module docstring."""
+
+    def __init__(
+        self,
+        store: APIKeyStore,
+        clock: Clock = time.time,
+        *,
+        ttl: float = MAX_CACHE_TTL_S,
+        max_cache_entries: int = 100_000,
+    ) -> None:
+        if not 0 <= ttl <= MAX_CACHE_TTL_S:
+            raise ConfigError(f"auth cache ttl must be between 0 and {MAX_CACHE_TTL_S} s, not {ttl!r}")
+        self._store = store
+        self._clock = clock
+        self._ttl = ttl
+        self._max_entries = max_cache_entries
+        # key_id -> (record, mac), or None for "no such key" (negative entries bound DB load).
+        self._cache: dict[str, tuple[APIKeyRecord, bytes] | None] = {}
+        self._token: tuple[int, int] | None = None
+        self._validated_at = -math.inf
+        self._dummy_mac = secrets.token_bytes(32)
+
+    def _revalidate(self, now: float) -> None:
+        token = self._store.change_token()
+        if token != self._token:
+            self._cache.clear()
+            self._token = token
+        self._validated_at = now
+
+    def authenticate(self, api_key: str | None) -> APIKeyRecord:
+        """``api_key`` is what ``auth.headers.extract_api_key`` returned (None if absent)."""
+        if api_key is None:
+            raise Unauthenticated("missing")
+        m = _KEY_RE.fullmatch(api_key)
+        if m is None:
+            raise Unauthenticated("malformed")
+        key_id, secret = m.group(1), m.group(2)
+        now = self._clock()
+        if now - self._validated_at >= self._ttl or now < self._validated_at:
+            self._revalidate(now)
+        entry = self._cache.get(key_id, _MISSING)
+        if entry is _MISSING:
+            entry = self._store.lookup(key_id)
+            if len(self._cache) >= self._max_entries:
+                self._cache.clear()
+            self._cache[key_id] = entry  # type: ignore[assignment]
+        presented = self._store.mac(key_id, secret)
+        if entry is None:
+            hmac.compare_digest(presented, self._dummy_mac)  # same work as a wrong secret
+            raise Unauthenticated("unknown_key", key_id=key_id)
+        record, expected = entry  # type: ignore[misc]
+        if not hmac.compare_digest(presented, expected):
+            raise Unauthenticated("bad_secret", key_id=key_id)
+        if record.revoked_at is not None:
+            raise Unauthenticated("revoked", key_id=key_id)
+        if record.expires_at is not None and now >= record.expires_at:
+            raise Unauthenticated("expired", key_id=key_id)
+        return record
