@@ -1,0 +1,366 @@
+"""Strict request validation for the /v1 API: JSON, field types, base64, sizes.
+
+Theory of operation
+-------------------
+Every request body is parsed exactly once, here, into plain Python values (``bytes`` for
+base64 fields, ``int`` for versions, an :class:`~qpher_proxy.crypto.algorithms.Algorithm`
+name for algorithms). Handlers never see raw JSON. The rules, which ``openapi.yaml`` states
+for each schema and ``tests/api`` checks against it:
+
+* the body is one UTF-8 JSON document; duplicate object keys, ``NaN``/``Infinity``, integers
+  of more than 4300 digits and nesting deep enough to exhaust the parser are refused as
+  ``invalid_json`` (duplicate keys, because two parsers could read two different requests
+  from one body);
+* the body is a JSON object whose fields are exactly the documented ones: an unknown field is
+  ``invalid_input`` (a typo such as ``"contxt"`` must not silently sign without a context);
+  optional fields are omitted, not ``null``;
+* bytes are standard base64 (RFC 4648 §4) with padding, canonical (no whitespace, no
+  non-zero pad bits): anything else is ``invalid_base64`` naming the field;
+* key ids that cannot be ours are ``key_not_found`` (404) without asking the KMS, exactly what
+  an unknown or another tenant's id answers, so the format check reveals nothing;
+* a signature context longer than 255 bytes (FIPS 204 §5.2) is ``invalid_context``.
+
+Messages name the field (``items[3].ciphertext``) and the expected type; they never echo a
+value other than an identifier (a truncated algorithm name or key id), so no plaintext or
+secret reaches an error message.
+"""
+
+from __future__ import annotations
+
+import binascii
+import enum
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ..crypto.algorithms import (
+    DEFAULT_KEM,
+    DEFAULT_SIGNATURE,
+    HYBRID_KEM,
+    HYBRID_SIGNATURE,
+    MAX_CONTEXT_BYTES,
+    Kind,
+    Mode,
+    get_algorithm,
+)
+from ..errors import InvalidBase64, InvalidContext, InvalidInput, InvalidJSON
+from ..kms.model import DEFAULT_LIST_LIMIT, KEY_ID_RE, MAX_LIST_LIMIT, key_not_found
+
+__all__ = [
+    "FieldType", "Field", "REQUEST_FIELDS", "NO_BODY_OPERATIONS", "DEFAULT_ALGORITHMS",
+    "load_json", "load_object", "parse_fields", "decode_b64", "check_key_id", "parse_query",
+    "parse_list_query", "parse_version_query", "KEY_ID_PATTERN", "LABEL_PATTERN",
+    "MAX_KEY_VERSION", "MAX_LIST_LIMIT", "DEFAULT_LIST_LIMIT", "MAX_REASON_CHARS",
+]
+
+# Key ids are minted by the KMS (random, 130 bits); anything outside this shape cannot be one.
+KEY_ID_PATTERN = KEY_ID_RE.pattern.removesuffix(r"\Z")
+# Labels show up in logs and policy facts: a restricted alphabet keeps them printable and inert.
+LABEL_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}"
+MAX_KEY_VERSION = 2**31 - 1
+MAX_REASON_CHARS = 500
+
+_KEY_ID = re.compile(KEY_ID_PATTERN)
+_LABEL = re.compile(LABEL_PATTERN)
+_CURSOR = _KEY_ID  # a cursor is the last key id of the previous page
+
+
+class FieldType(enum.Enum):
+    KEY_ID = "key_id"
+    BYTES = "bytes"  # standard base64
+    CONTEXT = "context"  # standard base64, at most 255 bytes decoded
+    VERSION = "version"  # integer 1 .. 2**31-1
+    ALGORITHM = "algorithm"
+    KIND = "kind"
+    MODE = "mode"
+    LABEL = "label"
+    REASON = "reason"  # free text, 1..500 printable characters
+    SECONDS = "seconds"  # finite number > 0
+
+
+@dataclass(frozen=True, slots=True)
+class Field:
+    type: FieldType
+    required: bool = False
+
+
+def _f(t: FieldType, required: bool = False) -> Field:
+    return Field(t, required)
+
+
+T = FieldType
+
+# The request fields of every operation with a JSON body. Batch operations take
+# {"items": [ <the single operation's object>, ... ]}.
+REQUEST_FIELDS: dict[str, dict[str, Field]] = {
+    "keys.create": {
+        "algorithm": _f(T.ALGORITHM), "kind": _f(T.KIND), "mode": _f(T.MODE), "label": _f(T.LABEL),
+    },
+    "kem.encapsulate": {"key_id": _f(T.KEY_ID, True)},
+    "kem.decapsulate": {
+        "key_id": _f(T.KEY_ID, True), "ciphertext": _f(T.BYTES, True), "key_version": _f(T.VERSION),
+    },
+    "encrypt": {"key_id": _f(T.KEY_ID, True), "plaintext": _f(T.BYTES, True), "aad": _f(T.BYTES)},
+    "decrypt": {
+        "key_id": _f(T.KEY_ID, True), "ciphertext": _f(T.BYTES, True), "aad": _f(T.BYTES),
+        "key_version": _f(T.VERSION),
+    },
+    "sign": {"key_id": _f(T.KEY_ID, True), "message": _f(T.BYTES, True), "context": _f(T.CONTEXT)},
+    "verify": {
+        "key_id": _f(T.KEY_ID, True), "message": _f(T.BYTES, True), "signature": _f(T.BYTES, True),
+        "context": _f(T.CONTEXT), "key_version": _f(T.VERSION),
+    },
+    "admin.fail_open.set": {"reason": _f(T.REASON, True), "seconds": _f(T.SECONDS, True)},
+}
+
+# Operations with a key id in the path and no body (an empty body or {} is accepted).
+NO_BODY_OPERATIONS = frozenset({
+    "keys.list", "keys.read", "keys.destroy", "keys.rotate", "keys.disable", "keys.enable",
+    "keys.cancel_destroy", "info", "health", "ready", "metrics", "admin.fail_open.clear",
+})
+
+_JSON_TYPE = {dict: "object", list: "array", str: "string", bool: "boolean", int: "integer",
+              float: "number", type(None): "null"}
+
+
+def json_type(value: object) -> str:
+    return _JSON_TYPE.get(type(value), type(value).__name__)
+
+
+def _shown(name: str) -> str:
+    return name if len(name) <= 40 else name[:40] + "..."
+
+
+# ---- JSON -------------------------------------------------------------------------------
+
+def _pairs_no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in obj:
+            raise InvalidJSON(f"duplicate key {_shown(k)!r} in a JSON object")
+        obj[k] = v
+    return obj
+
+
+def _no_constant(name: str) -> Any:
+    raise InvalidJSON(f"{name} is not valid JSON")
+
+
+def load_json(body: bytes) -> Any:
+    """Parse one strict JSON document (see the module docstring) or raise ``InvalidJSON``."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidJSON("request body is not valid UTF-8") from exc
+    if not text.strip():
+        raise InvalidJSON("request body is empty; expected a JSON object")
+    try:
+        return json.loads(text, object_pairs_hook=_pairs_no_duplicates, parse_constant=_no_constant)
+    except InvalidJSON:
+        raise
+    except json.JSONDecodeError as exc:
+        raise InvalidJSON(f"request body is not valid JSON: {exc.msg} at offset {exc.pos}") from exc
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits
+        raise InvalidJSON("request body is not valid JSON: a number is out of range") from exc
+    except RecursionError as exc:
+        raise InvalidJSON("request body is nested too deeply") from exc
+
+
+def load_object(body: bytes, *, allow_empty: bool = False) -> dict[str, Any]:
+    """A JSON object body; an empty body is ``{}`` when ``allow_empty``."""
+    if allow_empty and not body.strip():
+        return {}
+    value = load_json(body)
+    if not isinstance(value, dict):
+        raise InvalidInput(f"request body must be a JSON object, not {json_type(value)}")
+    return value
+
+
+# ---- fields -----------------------------------------------------------------------------
+
+def decode_b64(value: object, where: str) -> bytes:
+    """Canonical standard base64 (padded, no whitespace, zero pad bits) to bytes."""
+    if not isinstance(value, str):
+        raise InvalidInput(f"field {where!r} must be a base64 string, not {json_type(value)}")
+    if not value.isascii() or len(value) % 4:
+        raise InvalidBase64(f"field {where!r} is not valid standard base64")
+    raw = value.encode("ascii")
+    try:
+        data = binascii.a2b_base64(raw, strict_mode=True)
+    except binascii.Error as exc:
+        raise InvalidBase64(f"field {where!r} is not valid standard base64") from exc
+    # strict_mode still accepts non-zero bits in the last symbol before "=": two strings
+    # would then decode to the same bytes. Canonical means the round trip is exact.
+    if value.endswith("=") and binascii.b2a_base64(data, newline=False) != raw:
+        raise InvalidBase64(f"field {where!r} is not canonical base64 (non-zero padding bits)")
+    return data
+
+
+def check_key_id(value: object, where: str = "key_id") -> str:
+    if not isinstance(value, str):
+        raise InvalidInput(f"field {where!r} must be a string, not {json_type(value)}")
+    if not _KEY_ID.fullmatch(value):
+        raise key_not_found(value)  # the KMS's own answer for an id it never issued
+    return value
+
+
+def _version(value: object, where: str) -> int:
+    if type(value) is not int:
+        raise InvalidInput(f"field {where!r} must be an integer, not {json_type(value)}")
+    if not 1 <= value <= MAX_KEY_VERSION:
+        raise InvalidInput(f"field {where!r} must be between 1 and {MAX_KEY_VERSION}")
+    return value
+
+
+def _string(value: object, where: str) -> str:
+    if not isinstance(value, str):
+        raise InvalidInput(f"field {where!r} must be a string, not {json_type(value)}")
+    return value
+
+
+def _convert(ft: FieldType, value: object, where: str) -> object:
+    if ft is T.BYTES:
+        return decode_b64(value, where)
+    if ft is T.KEY_ID:
+        return check_key_id(value, where)
+    if ft is T.CONTEXT:
+        data = decode_b64(value, where)
+        if len(data) > MAX_CONTEXT_BYTES:
+            raise InvalidContext(
+                f"field {where!r} must be at most {MAX_CONTEXT_BYTES} bytes, not {len(data)}")
+        return data
+    if ft is T.VERSION:
+        return _version(value, where)
+    if ft is T.ALGORITHM:
+        return get_algorithm(_string(value, where)).name
+    if ft is T.KIND:
+        s = _string(value, where)
+        if s not in {k.value for k in Kind}:
+            raise InvalidInput(f"field {where!r} must be one of {[k.value for k in Kind]}")
+        return s
+    if ft is T.MODE:
+        s = _string(value, where)
+        if s not in {m.value for m in Mode}:
+            raise InvalidInput(f"field {where!r} must be one of {[m.value for m in Mode]}")
+        return s
+    if ft is T.LABEL:
+        s = _string(value, where)
+        if not _LABEL.fullmatch(s):
+            raise InvalidInput(
+                f"field {where!r} must be 1 to 128 characters of A-Z a-z 0-9 . _ : / @ + -, "
+                "starting with a letter or digit")
+        return s
+    if ft is T.REASON:
+        s = _string(value, where)
+        if not 1 <= len(s) <= MAX_REASON_CHARS or not s.isprintable():
+            raise InvalidInput(f"field {where!r} must be 1 to {MAX_REASON_CHARS} printable characters")
+        return s
+    if ft is T.SECONDS:
+        if type(value) not in (int, float):
+            raise InvalidInput(f"field {where!r} must be a number, not {json_type(value)}")
+        f = float(value)  # type: ignore[arg-type]
+        if not math.isfinite(f) or f <= 0:
+            raise InvalidInput(f"field {where!r} must be a positive number of seconds")
+        return f
+    raise AssertionError(ft)  # pragma: no cover
+
+
+def parse_fields(obj: object, spec: Mapping[str, Field], prefix: str = "") -> dict[str, object]:
+    """Check ``obj`` against ``spec`` (exact field set, types) and return the converted values.
+
+    ``prefix`` locates the object in the body for messages (``"items[3]."``).
+    """
+    if not isinstance(obj, dict):
+        where = prefix.rstrip(".") or "body"
+        raise InvalidInput(f"{where} must be a JSON object, not {json_type(obj)}")
+    for name in obj:
+        if name not in spec:
+            raise InvalidInput(f"unknown field {prefix + _shown(name)!r}")
+    out: dict[str, object] = {}
+    # Check fields in the spec's order so that the first error reported is deterministic.
+    for name, field in spec.items():
+        if name not in obj:
+            if field.required:
+                raise InvalidInput(f"missing required field {prefix + name!r}")
+            continue
+        out[name] = _convert(field.type, obj[name], prefix + name)
+    return out
+
+
+# ---- query strings ----------------------------------------------------------------------
+
+def parse_query(query: str | Mapping[str, object] | None) -> dict[str, str]:
+    """The query as ``name -> value``; a repeated or malformed parameter is ``invalid_input``.
+
+    Accepts the raw query string (without ``?``) or an already parsed mapping.
+    """
+    if query is None:
+        return {}
+    if isinstance(query, Mapping):
+        out: dict[str, str] = {}
+        for k, v in query.items():
+            if isinstance(v, (list, tuple)):
+                if len(v) != 1:
+                    raise InvalidInput(f"query parameter {_shown(str(k))!r} must be given once")
+                v = v[0]
+            out[str(k)] = str(v)
+        return out
+    out = {}
+    if not query:
+        return out
+    for part in query.split("&"):
+        if not part:
+            continue
+        name, sep, value = part.partition("=")
+        # Our parameters (limit, cursor) use an unreserved alphabet: no percent-decoding is
+        # needed, and a '%' anywhere is simply not a valid value.
+        if name in out:
+            raise InvalidInput(f"query parameter {_shown(name)!r} must be given once")
+        out[name] = value
+    return out
+
+
+def parse_list_query(query: str | Mapping[str, object] | None) -> tuple[int, str | None]:
+    """``limit`` (1..100, default 50) and ``cursor`` (the ``next_cursor`` of the previous page)
+    for ``GET /v1/keys``."""
+    params = parse_query(query)
+    for name in params:
+        if name not in ("limit", "cursor"):
+            raise InvalidInput(f"unknown query parameter {_shown(name)!r}; expected limit, cursor")
+    limit = DEFAULT_LIST_LIMIT
+    if "limit" in params:
+        raw = params["limit"]
+        if not (raw.isascii() and raw.isdigit() and len(raw) <= 6) or not 1 <= int(raw) <= MAX_LIST_LIMIT:
+            raise InvalidInput(f"query parameter 'limit' must be an integer from 1 to {MAX_LIST_LIMIT}")
+        limit = int(raw)
+    cursor = params.get("cursor")
+    if cursor is not None and not _CURSOR.fullmatch(cursor):
+        raise InvalidInput("query parameter 'cursor' is not a cursor this server issued")
+    return limit, cursor
+
+
+def parse_version_query(query: str | Mapping[str, object] | None) -> int | None:
+    """``version`` (optional) for ``GET /v1/keys/{key_id}``: which version's public key."""
+    params = parse_query(query)
+    for name in params:
+        if name != "version":
+            raise InvalidInput(f"unknown query parameter {_shown(name)!r}; expected version")
+    if "version" not in params:
+        return None
+    raw = params["version"]
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 10) or not 1 <= int(raw) <= MAX_KEY_VERSION:
+        raise InvalidInput(f"query parameter 'version' must be an integer from 1 to {MAX_KEY_VERSION}")
+    return int(raw)
+
+
+# (kind, mode) -> the algorithm a key gets when the client names a kind, not an algorithm.
+DEFAULT_ALGORITHMS: dict[tuple[str, str], str] = {
+    ("kem", "pqc"): DEFAULT_KEM,
+    ("signature", "pqc"): DEFAULT_SIGNATURE,
+    ("kem", "hybrid"): HYBRID_KEM,
+    ("signature", "hybrid"): HYBRID_SIGNATURE,
+}
+

@@ -1,0 +1,84 @@
+from __future__ import annotations
+
+import pytest
+
+from qpher_proxy.api import ROUTES, RouteMethodNotAllowed, resolve
+from qpher_proxy.api.routes import Route
+
+
+def _concrete(template: str) -> str:
+    return template.replace("{key_id}", "k_0123456789abcdef")
+
+
+@pytest.mark.parametrize("route", ROUTES, ids=lambda r: r.name)
+def test_every_route_resolves_to_itself(route: Route) -> None:
+    found = resolve(route.method, _concrete(route.template))
+    assert found is not None
+    got, params = found
+    assert got is route
+    assert params == ({"key_id": "k_0123456789abcdef"} if "{key_id}" in route.template else {})
+
+
+def test_route_names_are_templates_so_no_key_id_reaches_a_label() -> None:
+    route, params = resolve("POST", "/v1/keys/k_secretlooking/rotate")  # type: ignore[misc]
+    assert route.name == "POST /v1/keys/{key_id}/rotate"
+    assert "k_secretlooking" not in route.name
+    assert params == {"key_id": "k_secretlooking"}
+
+
+def test_route_names_and_operations_are_unique() -> None:
+    assert len({r.name for r in ROUTES}) == len(ROUTES)
+    assert len({r.operation for r in ROUTES}) == len(ROUTES)
+
+
+@pytest.mark.parametrize("path", [
+    "/", "/v1", "/v1/", "/v1/keys/", "/v1/sign/", "/v1/keys/a/b", "/v1/keys//rotate",
+    "/v1/keys/a/rotate/", "/V1/sign", "/v1/kem", "/v1/sign/batch/x", "/healthz/", "/app/anything",
+    "/v1/keys/a/destroy", "//v1/sign", "/v1/%73ign",
+])
+def test_paths_not_served_resolve_to_none(path: str) -> None:
+    assert resolve("GET", path) is None
+    assert resolve("POST", path) is None
+
+
+def test_query_string_is_ignored_for_matching() -> None:
+    found = resolve("GET", "/v1/keys?limit=5&cursor=abc")
+    assert found is not None and found[0].operation == "keys.list"
+
+
+@pytest.mark.parametrize(("method", "path", "allow"), [
+    ("PUT", "/v1/keys", "GET, POST"),
+    ("DELETE", "/v1/sign", "POST"),
+    ("GET", "/v1/sign/batch", "POST"),
+    ("POST", "/v1/keys/k_1", "DELETE, GET"),
+    ("GET", "/v1/keys/k_1/rotate", "POST"),
+    ("HEAD", "/v1/info", "GET"),
+    ("PATCH", "/admin/fail-open", "DELETE, POST"),
+    ("post", "/v1/sign", "POST"),
+])
+def test_wrong_method_on_served_path_is_405_with_allow(method: str, path: str, allow: str) -> None:
+    with pytest.raises(RouteMethodNotAllowed) as info:
+        resolve(method, path)
+    exc = info.value
+    assert (exc.status, exc.code) == (405, "method_not_allowed")
+    assert exc.headers == ((b"allow", allow.encode()),)
+    assert exc.allow == tuple(allow.split(", "))
+
+
+def test_long_method_is_truncated_in_the_message() -> None:
+    with pytest.raises(RouteMethodNotAllowed) as info:
+        resolve("X" * 1000, "/v1/sign")
+    assert len(info.value.message) < 120
+
+
+def test_route_classes() -> None:
+    by_op = {r.operation: r for r in ROUTES}
+    assert by_op["keys.create"].status == 201
+    assert by_op["keys.destroy"].status == 202
+    assert by_op["sign.batch"].batch and by_op["sign.batch"].quota == "sign"
+    assert by_op["decrypt"].quota == "encrypt"
+    assert by_op["kem.decapsulate.batch"].quota == "kem"
+    assert by_op["health"].public and by_op["health"].owner == "server"
+    assert by_op["metrics"].admin and not by_op["metrics"].public
+    assert all(r.owner == "api" for r in ROUTES if r.template.startswith("/v1/"))
+    assert all(r.quota is not None for r in ROUTES if r.owner == "api")
