@@ -83,3 +83,10 @@ def get_algorithm(name: object) -> Algorithm:
         shown = name if len(name) <= 40 else name[:40] + "..."
         raise UnknownAlgorithm(f"unknown algorithm {shown!r}; expected one of {sorted(ALGORITHMS)}")
     raise UnknownAlgorithm(f"algorithm must be a string, not {type(name).__name__}")
+
+# The fixed HPKE application ``info`` of POST /v1/encrypt and /v1/decrypt (RFC 9180 base mode,
+# HKDF-SHA256, AES-256-GCM). Public and documented in openapi.yaml, so that a client can seal
+# locally with any HPKE library; the KMS must seal and open with exactly this value.
+HPKE_INFO = b"qpher/v1/encrypt"
+HPKE_KDF_ID = 0x0001  # HKDF-SHA256
+HPKE_AEAD_ID = 0x0002  # AES-256-GCM
