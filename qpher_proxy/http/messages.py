@@ -95,6 +95,11 @@ class Request:
             return value.decode("ascii")
         return None
 
+    @property
+    def stream(self) -> object | None:
+        """The connection's stream (a ``TLSStream`` behind TLS: the pipeline reads its ``info``)."""
+        return getattr(self._source, "_stream", None)
+
     async def read_body(self, max_bytes: int | None = None) -> bytes:
         """Read the whole body into memory.
 
@@ -159,8 +164,8 @@ def error_response(exc: QpherError, request_id: str) -> Response:
 
     Only the QpherError's safe ``message`` is shown, never a traceback or a foreign message.
     """
-    return Response(
-        exc.status,
-        [_JSON_CT, (REQUEST_ID_HEADER, request_id.encode("ascii"))],
-        error_body(exc.code, exc.message, request_id),
-    )
+    headers = [_JSON_CT, (REQUEST_ID_HEADER, request_id.encode("ascii"))]
+    # Errors that need a response header carry it (WWW-Authenticate on 401, Retry-After on
+    # 429, Allow on 405) as ``exc.headers``: fixed, safe values set where the error is raised.
+    headers.extend(getattr(exc, "headers", ()))
+    return Response(exc.status, headers, error_body(exc.code, exc.message, request_id))

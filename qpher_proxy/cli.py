@@ -1,0 +1,179 @@
+"""The ``qpher-proxy`` command line.
+
+Every sub-command imports what it needs lazily, so that ``qpher-proxy version`` does not load
+trio, and the gateway-side commands never import the KMS-only modules (the KMS runs as its own
+process; ``kms rotate-kek`` is the one admin command that loads them, on purpose, offline).
+
+A :class:`~qpher_proxy.errors.QpherError` (a config mistake, a bad argument) prints one line to
+stderr and exits 2 (config) or 1; never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import ConfigError, QpherError
+
+DEFAULT_STATE_DIR = ".qpher"
+
+
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", default=os.environ.get("QPHER_CONFIG", f"{DEFAULT_STATE_DIR}/config.yaml"),
+                   help="config file (default: $QPHER_CONFIG or .qpher/config.yaml)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qpher-proxy", description="Post-quantum crypto gateway")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("init", help="create a working dev state (PKI, KEK, pepper, config, demo API key)")
+    p.add_argument("--dir", default=DEFAULT_STATE_DIR, help="state directory (default: .qpher)")
+    p.add_argument("--port", type=int, default=8443, help="port written to the new config (default 8443)")
+    p.add_argument("--mldsa-cert", action="store_true", help="also make an ML-DSA-65 server certificate")
+
+    p = sub.add_parser("serve", help="run the gateway and its KMS workers")
+    _add_config(p)
+
+    sub.add_parser("version", help="print versions of the product, its backend and libraries")
+
+    p = sub.add_parser("check-config", help="validate a config file and exit")
+    _add_config(p)
+
+    p = sub.add_parser("apikey", help="manage API keys")
+    asub = p.add_subparsers(dest="apikey_command", required=True, metavar="ACTION")
+    c = asub.add_parser("create", help="create a key; it is printed exactly once")
+    _add_config(c)
+    c.add_argument("--tenant", required=True)
+    c.add_argument("--plan", required=True)
+    c.add_argument("--scope", action="append", default=[], dest="scopes")
+    c.add_argument("--expires", help="ISO 8601 date/time (UTC) or a duration like 30d, 12h")
+    c.add_argument("--label")
+    c = asub.add_parser("list", help="list keys (never shows secrets)")
+    _add_config(c)
+    c.add_argument("--tenant")
+    c.add_argument("--json", action="store_true")
+    c = asub.add_parser("revoke", help="revoke a key by its id")
+    _add_config(c)
+    c.add_argument("key_id")
+
+    p = sub.add_parser("policy", help="policy tooling")
+    psub = p.add_subparsers(dest="policy_command", required=True, metavar="ACTION")
+    c = psub.add_parser("check", help="validate a policy directory (exit non-zero on any error)")
+    c.add_argument("dir")
+    c = psub.add_parser("explain", help="show every rule's outcome for a request")
+    _add_config(c)
+    c.add_argument("--key-id", required=True, help="API key id (tenant, plan and scopes come from it)")
+    c.add_argument("--method", required=True)
+    c.add_argument("--path", required=True)
+    c.add_argument("--algorithm")
+    c.add_argument("--operation", help="override the operation derived from method and path")
+    c.add_argument("--source-ip", default="127.0.0.1")
+    c.add_argument("--tls-group", default="X25519MLKEM768")
+    c.add_argument("--policy-dir", help="explain against this directory instead of the configured one")
+
+    p = sub.add_parser("audit", help="audit log tooling")
+    ausub = p.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
+    c = ausub.add_parser("verify", help="verify the hash chain of audit files (in order)")
+    c.add_argument("files", nargs="+")
+
+    p = sub.add_parser("kms", help="KMS administration (offline)")
+    ksub = p.add_subparsers(dest="kms_command", required=True, metavar="ACTION")
+    c = ksub.add_parser("rotate-kek", help="re-wrap every key file under a new KEK (safe to re-run)")
+    _add_config(c)
+    c.add_argument("--new-kek-file", required=True, help="file with the new KEK (32 bytes, base64, 0600)")
+    c.add_argument("--generate", action="store_true", help="create --new-kek-file first if it does not exist")
+
+    p = sub.add_parser("fail-open", help="emergency fail-open window on a running proxy (admin key)")
+    fsub = p.add_subparsers(dest="fail_open_command", required=True, metavar="ACTION")
+    for name in ("open", "close", "status"):
+        c = fsub.add_parser(name)
+        c.add_argument("--url", default="https://127.0.0.1:8443")
+        c.add_argument("--cacert", help="CA file to verify the proxy (default: .qpher/certs/ca.crt)")
+        c.add_argument("--api-key-env", default="QPHER_API_KEY", help="variable holding an admin API key")
+        if name == "open":
+            c.add_argument("--reason", required=True)
+            c.add_argument("--seconds", type=float, default=300.0)
+
+    p = sub.add_parser("bench", help="benchmarks that print figures")
+    p.add_argument("what", choices=["crypto", "kms", "http", "tls", "policy", "auth", "gateway"])
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(_dispatch(args) or 0)
+    except ConfigError as exc:
+        print(f"qpher-proxy: {exc.message}", file=sys.stderr)
+        return 2
+    except QpherError as exc:
+        print(f"qpher-proxy: {exc.code}: {exc.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int | None:
+    cmd = args.command
+    if cmd == "init":
+        from .init import init_state
+
+        init_state(Path(args.dir), port=args.port, mldsa_cert=args.mldsa_cert, out=sys.stdout)
+        return 0
+    if cmd == "version":
+        from .versions import collect_versions
+
+        for k, v in collect_versions().items():
+            print(f"{k}: {v}")
+        return 0
+    if cmd == "check-config":
+        from .config import load_config
+
+        load_config(args.config)
+        print(f"{args.config}: ok")
+        return 0
+    if cmd == "serve":
+        from .config import load_config
+        from .server.serve import run
+
+        cfg = load_config(args.config)
+        return run(cfg)
+    if cmd == "apikey":
+        from . import admin
+
+        return admin.apikey_command(args)
+    if cmd == "policy":
+        from . import admin
+
+        return admin.policy_command(args)
+    if cmd == "audit":
+        from .audit.cli import main_verify
+
+        return main_verify(args.files)
+    if cmd == "kms":
+        from . import admin
+
+        return admin.kms_command(args)
+    if cmd == "fail-open":
+        from . import admin
+
+        return admin.fail_open_command(args)
+    if cmd == "bench":
+        from .bench import run_bench
+
+        return run_bench(args.what, args.args)
+    raise AssertionError(cmd)  # pragma: no cover
+
+
+def print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""Structured logging: one JSON object per line (or plain text), never a secret.
+
+Loggers are named ``qpher.<layer>``. Callers pass facts through ``extra={"fields": {...}}``;
+the formatter copies them into the JSON object. Nothing here inspects values for secrets: the
+rule is enforced where values are produced (no caller passes a key, a plaintext or a secret).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any, TextIO
+
+_STD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
+
+
+class JSONFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        obj: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        fields = record.__dict__.get("fields")
+        if isinstance(fields, dict):
+            obj.update(fields)
+        if record.exc_info and record.exc_info[0] is not None:
+            # The type and a traceback for operators; exception messages in this product are
+            # safe by construction (QpherError), foreign ones are mapped before they get here.
+            obj["exc_type"] = record.exc_info[0].__name__
+            obj["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(obj, separators=(",", ":"), default=str)
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        base = super().format(record)
+        fields = record.__dict__.get("fields")
+        if isinstance(fields, dict) and fields:
+            base += " " + " ".join(f"{k}={v}" for k, v in fields.items())
+        return base
+
+
+def configure_logging(level: str = "info", fmt: str = "json", stream: TextIO | None = None) -> None:
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JSONFormatter() if fmt == "json" else TextFormatter())
+    root = logging.getLogger("qpher")
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    root.propagate = False

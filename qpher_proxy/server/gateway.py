@@ -1,0 +1,348 @@
+"""The request pipeline: every request the gateway answers goes through ``Gateway.handle``.
+
+Order, for every route except ``/healthz`` and ``/readyz``::
+
+    resolve route (405 for a known path with the wrong method)
+    -> API key from the headers only (400 api_key_in_url for a key in the query string)
+    -> authenticate (401 unauthenticated, one body whatever the cause; audited)
+    -> tenant context from the key record alone (client identity headers are never read)
+    -> rate limit per key and per tenant, from the plan (429 rate_limited + Retry-After)
+    -> parse and validate the body (4xx)
+    -> facts: route, operation, algorithm / key label (the key's own, from the KMS, cached),
+       this month's usage, source address, TLS group
+    -> policy: first deny wins, default deny, fail closed (403 policy_denied / 503
+       policy_unavailable); every decision is audited by the engine
+    -> quota count (429 quota_exceeded + Retry-After)
+    -> dispatch: the /v1 crypto API (KMS over the socketpair), the server's own routes
+       (metrics, admin), or the upstream app (sidecar)
+
+Errors are :class:`~qpher_proxy.errors.QpherError` all the way and are rendered once, by the
+HTTP layer, as ``{"error": {"code", "message", "request_id"}}``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import OrderedDict
+from datetime import datetime, timezone
+from typing import Any
+
+from ..api import CryptoAPI, Route, RouteMethodNotAllowed, resolve
+from ..audit import AuditLog
+from ..auth.apikeys import APIKeyRecord, Authenticator
+from ..auth.headers import extract_api_key, redact_target
+from ..context import TenantContext
+from ..errors import AuditUnavailable, BadRequest, NotFound, QpherError, RateLimited, Unauthenticated
+from ..http import Request, Response
+from ..http.messages import error_response
+from ..kms.client import KMSClient
+from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from ..metrics import Metrics
+from ..policy.engine import PolicyEngine
+from ..policy.model import RequestFacts
+from ..ratelimit import QuotaCounter, RateLimits, TokenBucketLimiter
+from ..upstream import UpstreamClient, prepare_downstream_headers, prepare_upstream_headers
+
+access_log = logging.getLogger("qpher.access")
+log = logging.getLogger("qpher.gateway")
+
+_JSON = (b"content-type", b"application/json")
+_HEALTH_BODY = b'{"status":"ok"}'
+_KEY_META_CACHE = 100_000  # (tenant, key id) -> (algorithm, label); metadata only, never key bytes
+_FORWARD_MAX_BODY = 1 << 62  # sidecar bodies are streamed, not limited (nginx: client_max_body_size 0)
+_LIFECYCLE_EVENTS = {
+    "keys.create": "key.created", "keys.rotate": "key.rotated", "keys.disable": "key.disabled",
+    "keys.enable": "key.enabled", "keys.destroy": "key.destroy_scheduled",
+    "keys.cancel_destroy": "key.destroy_cancelled",
+}
+
+
+class Gateway:
+    def __init__(
+        self,
+        *,
+        kms: KMSClient,
+        api: CryptoAPI,
+        authenticator: Authenticator,
+        limiter: TokenBucketLimiter,
+        quotas: QuotaCounter,
+        policy: PolicyEngine,
+        audit: AuditLog,
+        metrics: Metrics,
+        upstream: UpstreamClient | None = None,
+        pass_api_key: bool = False,
+        kms_ready: Any = None,
+    ) -> None:
+        self.kms = kms
+        self.api = api
+        self.auth = authenticator
+        self.limiter = limiter
+        self.quotas = quotas
+        self.policy = policy
+        self.audit = audit
+        self.metrics = metrics
+        self.upstream = upstream
+        self.pass_api_key = pass_api_key
+        self._kms_ready = kms_ready if kms_ready is not None else (lambda: kms.ready)
+        self._key_meta: OrderedDict[tuple[str, str], tuple[str, str | None]] = OrderedDict()
+        self._limits_cache: dict[str, tuple[Any, RateLimits]] = {}
+
+    # ---- readiness ------------------------------------------------------------------------
+
+    def readiness(self) -> dict[str, Any]:
+        checks = {"kms": bool(self._kms_ready()), "policy": self.policy.ready}
+        return {"status": "ready" if all(checks.values()) else "not_ready", "checks": checks}
+
+    # ---- the handler ----------------------------------------------------------------------
+
+    async def handle(self, req: Request) -> Response:
+        path = req.path
+        if path == "/healthz" and req.method in ("GET", "HEAD"):
+            req.state["route"] = "GET /healthz"
+            return Response(200, (_JSON,), _HEALTH_BODY)
+        if path == "/readyz" and req.method in ("GET", "HEAD"):
+            req.state["route"] = "GET /readyz"
+            r = self.readiness()
+            return Response.json(200 if r["status"] == "ready" else 503, r)
+        try:
+            return await self._handle(req)
+        except QpherError as exc:
+            return error_response(exc, req.request_id)
+
+    async def _handle(self, req: Request) -> Response:
+        try:
+            resolved = resolve(req.method, req.path)
+        except RouteMethodNotAllowed:
+            req.state["route"] = "method_not_allowed"
+            raise
+        route: Route | None
+        if resolved is None:
+            route, params = None, {}
+        else:
+            route, params = resolved
+        req.state["route"] = route.name if route is not None else ("upstream" if self.upstream else "unmatched")
+
+        record = self._authenticate(req)
+        ctx = TenantContext(record.tenant, req.request_id, record.key_id)
+        req.state["tenant"] = record.tenant
+        req.state["api_key_id"] = record.key_id
+
+        if route is None and self.upstream is None:
+            raise NotFound(f"no route for {req.method} {redact_target(req.path)}", code="route_not_found")
+
+        self._rate_limit(record)
+        stream = req.stream
+        tls = getattr(stream, "info", None)
+        tls_group = getattr(tls, "group", None)
+        tls_version = getattr(tls, "version", None)
+
+        if route is None:
+            await self._authorize(req, record, "forward", None, None, tls, cost=1)
+            return await self._forward(req, record)
+
+        parsed = None
+        if route.owner == "api":
+            body = await req.read_body() if route.has_body else b""
+            parsed = self.api.parse(route, body, params, req.query)
+            facts = parsed.policy_facts()
+            metas = await self._key_metas(ctx, facts["key_ids"]) if facts["key_ids"] else [(None, None)]
+            if facts["operation"] == "keys.create":
+                metas = [(facts["algorithm"], facts.get("label"))]
+            for algorithm, label in metas:
+                await self._authorize(req, record, route.operation, algorithm, label, tls, cost=0)
+            self._count(record, route.quota, parsed.cost)
+            status, obj = await self.api.handle(parsed, ctx, tls_version=tls_version, tls_group=tls_group)
+            event = _LIFECYCLE_EVENTS.get(route.operation)
+            if event is not None:
+                self.audit.record(event, "info", request_id=req.request_id, tenant=record.tenant,
+                                  api_key_id=record.key_id, key_id=obj.get("key_id"),
+                                  algorithm=obj.get("algorithm"), version=obj.get("version"))
+                if route.operation == "keys.create" and isinstance(obj.get("key_id"), str):
+                    self._remember_key(record.tenant, obj["key_id"], obj.get("algorithm"), obj.get("label"))
+            return Response.json(status, obj)
+
+        # the server's own authenticated routes: metrics and admin
+        await self._authorize(req, record, route.operation, None, None, tls, cost=1, quota=route.quota)
+        if route.operation == "metrics":
+            self.metrics.fail_open_active.set(1.0 if self.policy.fail_open_state().active else 0.0)
+            return Response(200, ((b"content-type", METRICS_CONTENT_TYPE.encode()),), self.metrics.render())
+        if route.operation == "admin.fail_open.set":
+            obj = _json_object(await req.read_body())
+            reason, seconds = obj.get("reason"), obj.get("seconds", self.policy.fail_open_max_seconds)
+            unknown = set(obj) - {"reason", "seconds"}
+            if unknown:
+                raise BadRequest(f"unknown field {sorted(unknown)[0][:40]!r}", code="invalid_input")
+            if not isinstance(reason, str) or isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+                raise BadRequest("expected {\"reason\": string, \"seconds\": number}", code="invalid_input")
+            state = self.policy.open_fail_open(reason, record.key_id, float(seconds))
+            return Response.json(200, _fail_open_json(state))
+        if route.operation == "admin.fail_open.clear":
+            state = self.policy.close_fail_open(record.key_id)
+            return Response.json(200, _fail_open_json(state))
+        raise NotFound("no such route", code="route_not_found")  # pragma: no cover
+
+    # ---- steps ----------------------------------------------------------------------------
+
+    def _authenticate(self, req: Request) -> APIKeyRecord:
+        try:
+            api_key = extract_api_key(req.headers, req.query, path=req.path)
+            return self.auth.authenticate(api_key)
+        except Unauthenticated as exc:
+            self._audit_auth_failure(req, exc.code, getattr(exc, "reason", None), getattr(exc, "key_id", None))
+            raise
+        except QpherError as exc:  # api_key_in_url
+            self._audit_auth_failure(req, exc.code, exc.code, None)
+            raise
+
+    def _audit_auth_failure(self, req: Request, code: str, reason: str | None, key_id: str | None) -> None:
+        try:
+            self.audit.record("auth.failure", "warning", request_id=req.request_id, code=code,
+                              reason=reason, api_key_id=key_id, source_ip=req.client_addr,
+                              method=req.method, path=redact_target(req.path))
+        except QpherError as exc:
+            raise AuditUnavailable("the audit log is unavailable") from exc
+
+    def _plan_limits(self, plan_name: str) -> RateLimits | None:
+        ps = self.policy.policy_set
+        cached = self._limits_cache.get(plan_name)
+        if cached is not None and cached[0] is ps:
+            return cached[1]
+        plan = self.policy.plan(plan_name)
+        if plan is None:
+            return None
+        trl = plan.tenant_rate_limit
+        limits = RateLimits(
+            plan.rate_limit.requests_per_second, plan.rate_limit.burst,
+            trl.requests_per_second if trl else None, trl.burst if trl else 1,
+        )
+        self._limits_cache[plan_name] = (ps, limits)
+        return limits
+
+    def _rate_limit(self, record: APIKeyRecord) -> None:
+        limits = self._plan_limits(record.plan)
+        if limits is None:
+            return  # an unknown plan is denied by policy (default deny / plan rules)
+        try:
+            self.limiter.check(record.key_id, record.tenant, limits)
+        except RateLimited as exc:
+            self.metrics.rate_limited.labels(getattr(exc, "scope", None) or "api_key").inc()
+            raise
+
+    def _count(self, record: APIKeyRecord, quota_class: str | None, cost: int) -> None:
+        if quota_class is None or cost <= 0:
+            return
+        plan = self.policy.plan(record.plan)
+        limit = plan.quotas.get(quota_class) if plan is not None else None
+        try:
+            self.quotas.check_and_count(record.tenant, quota_class, limit, n=cost)
+        except QpherError as exc:
+            if exc.status == 429:
+                self.metrics.rate_limited.labels("quota").inc()
+            raise
+
+    async def _authorize(
+        self, req: Request, record: APIKeyRecord, operation: str, algorithm: str | None,
+        label: str | None, tls: Any, *, cost: int, quota: str | None = None,
+    ) -> None:
+        facts = RequestFacts(
+            tenant=record.tenant, plan=record.plan, scopes=record.scopes, api_key_id=record.key_id,
+            method=req.method, path=req.path, operation=operation, algorithm=algorithm,
+            key_label=label, source_ip=req.client_addr,
+            tls_group=getattr(tls, "group", None), tls_pq=bool(getattr(tls, "post_quantum", False)),
+            now=datetime.now(timezone.utc), usage=self.quotas.usage(record.tenant),
+            request_id=req.request_id,
+        )
+        try:
+            decision = self.policy.authorize(facts)
+        except QpherError as exc:
+            rule = getattr(exc, "rule_id", None)
+            self.metrics.policy_decisions.labels(rule or ("default" if exc.status == 403 else "unavailable"),
+                                                 "deny").inc()
+            raise
+        self.metrics.policy_decisions.labels(decision.rule_id or decision.source, decision.effect).inc()
+        if operation == "forward":
+            self._count(record, "forward", cost)
+        elif quota is not None:
+            self._count(record, quota, cost)
+
+    async def _key_metas(self, ctx: TenantContext, key_ids: tuple[str, ...]) -> list[tuple[str | None, str | None]]:
+        """The (algorithm, label) of each distinct key, for policy. Cached per (tenant, key):
+        neither changes over a key's life. A key the tenant does not own is key_not_found."""
+        seen: dict[tuple[str | None, str | None], None] = {}
+        cache = self._key_meta
+        for kid in key_ids:
+            meta = cache.get((ctx.tenant_id, kid))
+            if meta is None:
+                info = await self.kms.get_key(ctx, kid)
+                meta = self._remember_key(ctx.tenant_id, kid, info.algorithm, info.label)
+            else:
+                cache.move_to_end((ctx.tenant_id, kid))
+            seen[meta] = None
+        return list(seen)
+
+    def _remember_key(self, tenant: str, key_id: str, algorithm: Any, label: Any) -> tuple[str, str | None]:
+        meta = (str(algorithm), label if isinstance(label, str) else None)
+        cache = self._key_meta
+        cache[(tenant, key_id)] = meta
+        if len(cache) > _KEY_META_CACHE:
+            cache.popitem(last=False)
+        return meta
+
+    async def _forward(self, req: Request, record: APIKeyRecord) -> Response:
+        upstream = self.upstream
+        assert upstream is not None
+        headers = prepare_upstream_headers(
+            req.headers, client_ip=req.client_addr, proto="https", host=req.header(b"host"),
+            tenant_id=record.tenant, api_key_id=record.key_id, request_id=req.request_id,
+            pass_api_key=self.pass_api_key,
+        )
+        cl_raw = req.header(b"content-length")
+        has_body = cl_raw is not None or req.header(b"transfer-encoding") is not None
+        content_length = int(cl_raw) if cl_raw is not None and cl_raw.isdigit() else None
+        body = req.body_chunks(max_bytes=_FORWARD_MAX_BODY) if has_body else None
+        try:
+            resp = await upstream.send(req.method, req.target, headers, body=body, content_length=content_length)
+        except QpherError as exc:
+            self.metrics.upstream_requests.labels(exc.code).inc()
+            raise
+        self.metrics.upstream_requests.labels(str(resp.status)).inc()
+        return Response(resp.status, prepare_downstream_headers(resp.headers), body=resp.body_chunks())
+
+    # ---- per request, after the response ----------------------------------------------------
+
+    def request_done(self, req: Request, status: int, duration: float, sent: int) -> None:
+        route = req.state.get("route") or ("invalid" if not req.method else "unmatched")
+        self.metrics.observe_request(route, status, duration)
+        if access_log.isEnabledFor(logging.INFO):
+            access_log.info("request", extra={"fields": {
+                "request_id": req.request_id, "tenant": req.state.get("tenant"),
+                "api_key_id": req.state.get("api_key_id"), "method": req.method, "route": route,
+                "status": status, "duration_ms": round(duration * 1e3, 3), "bytes_sent": sent,
+                "client": req.client_addr,
+            }})
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
+    try:
+        obj = json.loads(body or b"{}")
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest("request body is not valid JSON", code="invalid_json") from None
+    if not isinstance(obj, dict):
+        raise BadRequest("request body must be a JSON object", code="invalid_input")
+    return obj
+
+
+def _fail_open_json(state: Any) -> dict[str, Any]:
+    deadline = state.deadline
+    return {
+        "active": bool(state.active),
+        "until": deadline.strftime("%Y-%m-%dT%H:%M:%SZ") if isinstance(deadline, datetime) else None,
+        "reason": state.reason,
+        "remaining_seconds": state.remaining_seconds,
+        "admissions": state.admissions,
+    }
+
+
+_ = time  # (monotonic timing lives in the HTTP layer's on_request_done)

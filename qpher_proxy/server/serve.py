@@ -1,0 +1,239 @@
+"""``serve()``: one process tree -- this gateway process and its KMS worker processes.
+
+Start-up order matters for failing early and failing closed:
+
+1. TLS contexts are built from the config (a bad certificate or key stops start-up);
+2. the audit log, the gateway database (API keys, quotas) and the pepper are opened;
+3. the policy directory is loaded (an invalid policy does not stop start-up: the gateway then
+   fails closed, 503 policy_unavailable, and /readyz says not ready until a valid one loads);
+4. the KMS workers are started and each answers READY (a wrong or unreadable KEK stops
+   start-up here, before anything is written with it);
+5. the listeners open and the HTTP server accepts.
+
+Signals: SIGTERM/SIGINT start a graceful shutdown (stop accepting, finish in-flight requests
+for ``server.shutdown_grace`` seconds, exit 0); SIGHUP reloads the TLS certificates and keys
+and the policy files without dropping a connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from ..api import CryptoAPI
+from ..audit import AuditLog
+from ..auth.apikeys import APIKeyStore, Authenticator, load_pepper
+from ..config import Config, parse_listen
+from ..errors import ConfigError, QpherError
+from ..http import HTTPLimits, HTTPServer
+from ..kms.model import KEKSettings
+from ..kms.supervisor import KMSSupervisor, default_worker_count
+from ..logs import configure_logging
+from ..metrics import Metrics
+from ..policy.engine import PolicyEngine
+from ..ratelimit import QuotaCounter, TokenBucketLimiter
+from ..tls.context import ServerTLSContextHolder, TLSSettings
+from ..tls.listener import open_tls_listeners
+from ..upstream import UpstreamClient
+from .gateway import Gateway
+
+log = logging.getLogger("qpher.server")
+
+
+@dataclass
+class Running:
+    """What ``serve`` hands to ``task_status.started``: bound addresses and live components."""
+
+    addresses: list[tuple[str, int]]
+    gateway: Gateway
+    server: HTTPServer
+    supervisor: KMSSupervisor
+    tls: ServerTLSContextHolder
+    reload: Callable[[], Awaitable[None]] = field(repr=False, default=None)  # type: ignore[assignment]
+
+
+def tls_settings(cfg: Config) -> TLSSettings:
+    t = cfg.tls
+    return TLSSettings(
+        cert_file=t.cert_file, key_file=t.key_file, mldsa_cert_file=t.mldsa_cert_file,
+        mldsa_key_file=t.mldsa_key_file, min_version=t.min_version, groups=t.groups,
+        require_pq=t.require_pq, client_auth=t.client_auth, client_ca=t.client_ca,
+        handshake_timeout=t.handshake_timeout,
+    )
+
+
+def http_limits(cfg: Config) -> HTTPLimits:
+    h = cfg.http
+    return HTTPLimits(
+        max_header_bytes=h.max_header_bytes, max_body_bytes=h.max_body_bytes,
+        header_timeout=h.header_timeout, idle_timeout=h.idle_timeout,
+        max_connections=cfg.limits.max_connections,
+    )
+
+
+async def serve(
+    cfg: Config,
+    *,
+    handle_signals: bool = True,
+    task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    holder = ServerTLSContextHolder(tls_settings(cfg))
+    metrics = Metrics()
+    os.makedirs(os.path.dirname(cfg.audit.file), mode=0o700, exist_ok=True)
+    audit = AuditLog(cfg.audit.file, rotate_bytes=cfg.audit.rotate_bytes)
+    store = APIKeyStore(cfg.auth.db, load_pepper(cfg.auth.pepper_file))
+    quotas = QuotaCounter(cfg.auth.db, flush_interval=cfg.quotas.flush_interval)
+    try:
+        policy = PolicyEngine(
+            cfg.policy.dir, audit, eval_budget_s=cfg.policy.eval_budget_ms / 1e3,
+            fail_open_max_seconds=cfg.policy.fail_open.max_seconds,
+        )
+        first = policy.reload()
+        if not first.ok:
+            log.error("no valid policy loaded from %s: requests fail closed (503 policy_unavailable) "
+                      "until the files are fixed", cfg.policy.dir)
+
+        def on_restart(index: int, exit_code: int | None) -> None:
+            metrics.kms_restarts.inc()
+            try:
+                audit.record("kms.restart", "warning", worker=index, exit_code=exit_code)
+            except QpherError:
+                log.error("could not audit a KMS restart", exc_info=True)
+
+        def on_op(op: str, seconds: float, error: str | None) -> None:
+            metrics.kms_op_duration.labels(op).observe(seconds)
+
+        k = cfg.kms
+        supervisor = KMSSupervisor(
+            kms_dir=k.dir,
+            kek=KEKSettings(provider=k.kek.provider, file=k.kek.file, env=k.kek.env),
+            workers=k.workers or default_worker_count(),
+            backend=cfg.crypto.backend, destroy_delay=k.destroy_delay,
+            request_timeout=k.request_timeout, restart_backoff_max=k.restart_backoff_max,
+            max_batch=max(cfg.api.max_batch_items, 1), on_restart=on_restart, on_op=on_op,
+        )
+
+        def backend_info() -> dict[str, Any]:
+            facts = next(iter(supervisor.info.values()), {})
+            versions = facts.get("versions")
+            return {"name": facts.get("backend", "unknown"),
+                    "versions": dict(versions) if isinstance(versions, dict) else {}}
+
+        api = CryptoAPI(supervisor.client, max_batch_items=cfg.api.max_batch_items, backend_info=backend_info)
+
+        def on_handshake(info: Any) -> None:
+            metrics.tls_handshakes.labels(info.group or "none", info.version).inc()
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("tls handshake", extra={"fields": {
+                    "version": info.version, "cipher": info.cipher, "group": info.group, "alpn": info.alpn}})
+
+        def on_handshake_error(exc: Any) -> None:
+            metrics.tls_handshake_failures.labels(getattr(exc, "reason", None) or exc.code).inc()
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(supervisor.run)
+            upstream: UpstreamClient | None = None
+            if cfg.upstream.url:
+                u = cfg.upstream
+                upstream = UpstreamClient(
+                    u.url, connect_timeout=u.connect_timeout, read_timeout=u.read_timeout,
+                    pool_size=u.pool_size, ca_file=u.ca_file, client_cert=u.client_cert, client_key=u.client_key,
+                )
+                await upstream.__aenter__()
+            try:
+                gateway = Gateway(
+                    kms=supervisor.client, api=api, authenticator=Authenticator(store, ttl=cfg.auth.cache_ttl),
+                    limiter=TokenBucketLimiter(), quotas=quotas, policy=policy, audit=audit, metrics=metrics,
+                    upstream=upstream, pass_api_key=cfg.upstream.pass_api_key,
+                )
+                listeners = []
+                for addr in cfg.server.listen:
+                    host, port = parse_listen(addr)
+                    try:
+                        listeners += await open_tls_listeners(
+                            port, holder, host=host, on_handshake=on_handshake, on_handshake_error=on_handshake_error)
+                    except OSError as exc:
+                        raise ConfigError(f"server.listen: cannot listen on {addr}: {exc.strerror}") from None
+                addresses = [tuple(ln.transport_listener.socket.getsockname()[:2]) for ln in listeners]
+                server = HTTPServer(gateway.handle, limits=http_limits(cfg), on_request_done=gateway.request_done,
+                                    shutdown_grace=cfg.server.shutdown_grace)
+
+                async def reload() -> None:
+                    try:
+                        holder.reload()
+                        log.info("TLS certificates reloaded")
+                    except QpherError as exc:
+                        log.error("TLS reload rejected, keeping the current certificates: %s", exc.message)
+                    await policy.areload()
+
+                running = Running(addresses, gateway, server, supervisor, holder, reload)  # type: ignore[arg-type]
+                nursery.start_soon(policy.run, cfg.policy.reload_interval)
+                nursery.start_soon(_flush_quotas, quotas, cfg.quotas.flush_interval)
+                if handle_signals:
+                    nursery.start_soon(_signals, server, reload)
+                await nursery.start(server.serve, listeners)
+                log.info("serving", extra={"fields": {
+                    "listen": [f"{h}:{p}" for h, p in addresses], "kms_workers": supervisor.workers,
+                    "backend": backend_info()["name"], "upstream": bool(upstream)}})
+                task_status.started(running)
+                # server.serve returns after a graceful shutdown; then stop everything else.
+                await _wait_for_shutdown(server)
+                nursery.cancel_scope.cancel()
+            finally:
+                if upstream is not None:
+                    with trio.CancelScope(shield=True):
+                        await upstream.__aexit__(None, None, None)
+    finally:
+        quotas.close()
+        store.close()
+        _close(audit)
+
+
+async def _wait_for_shutdown(server: HTTPServer) -> None:
+    while not server.shutting_down:
+        await trio.sleep(0.05)
+    while server.active_connections:
+        await trio.sleep(0.02)
+
+
+async def _flush_quotas(quotas: QuotaCounter, interval: float) -> None:
+    while True:
+        await trio.sleep(interval)
+        try:
+            quotas.maybe_flush()
+        except QpherError:
+            log.error("quota flush failed; will retry", exc_info=True)
+
+
+async def _signals(server: HTTPServer, reload: Callable[[], Awaitable[None]]) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            if signum == signal.SIGHUP:
+                log.info("SIGHUP: reloading TLS certificates and policy")
+                await reload()
+            else:
+                log.info("%s: graceful shutdown", signal.Signals(signum).name)
+                server.shutdown()
+
+
+def _close(obj: Any) -> None:
+    close = getattr(obj, "close", None)
+    if close is not None:
+        close()
+
+
+def run(cfg: Config) -> int:
+    """The ``qpher-proxy serve`` entry point."""
+    configure_logging(cfg.logging.level, cfg.logging.format)
+    trio.run(serve, cfg)
+    return 0
+
+
+_ = math
