@@ -133,10 +133,8 @@ def fail_open_command(args: argparse.Namespace) -> int:
         req = urllib.request.Request(url, method="POST",
                                      data=json.dumps({"reason": args.reason, "seconds": args.seconds}).encode())
         req.add_header("content-type", "application/json")
-    elif args.fail_open_command == "close":
-        req = urllib.request.Request(url, method="DELETE")
     else:
-        req = urllib.request.Request(url, method="GET")
+        req = urllib.request.Request(url, method="DELETE")
     req.add_header("authorization", f"Bearer {key}")
     try:
         with urllib.request.urlopen(req, context=ctx, timeout=10) as resp:  # noqa: S310 (https only)

@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("fail-open", help="emergency fail-open window on a running proxy (admin key)")
     fsub = p.add_subparsers(dest="fail_open_command", required=True, metavar="ACTION")
-    for name in ("open", "close", "status"):
+    for name in ("open", "close"):
         c = fsub.add_parser(name)
         c.add_argument("--url", default="https://127.0.0.1:8443")
         c.add_argument("--cacert", help="CA file to verify the proxy (default: .qpher/certs/ca.crt)")

@@ -34,7 +34,9 @@ from ..audit import AuditLog
 from ..auth.apikeys import APIKeyRecord, Authenticator
 from ..auth.headers import extract_api_key, redact_target
 from ..context import TenantContext
-from ..errors import AuditUnavailable, BadRequest, NotFound, QpherError, RateLimited, Unauthenticated
+from ..errors import (
+    AuditUnavailable, BadRequest, NotFound, PolicyDenied, QpherError, RateLimited, Unauthenticated,
+)
 from ..http import Request, Response
 from ..http.messages import error_response
 from ..kms.client import KMSClient
@@ -139,6 +141,7 @@ class Gateway:
         tls_version = getattr(tls, "version", None)
 
         if route is None:
+            _check_forward_path(req.path)
             await self._authorize(req, record, "forward", None, None, tls, cost=1)
             return await self._forward(req, record)
 
@@ -164,7 +167,13 @@ class Gateway:
             return Response.json(status, obj)
 
         # the server's own authenticated routes: metrics and admin
-        await self._authorize(req, record, route.operation, None, None, tls, cost=1, quota=route.quota)
+        if route.admin:
+            # The emergency switch must work exactly when the policy engine does not, so it is
+            # not behind decide(): the admin scope is checked here, and every use is audited.
+            if not record.has_scope("admin"):
+                raise PolicyDenied("admin-scope-required", "admin endpoints need an API key with the admin scope")
+        else:
+            await self._authorize(req, record, route.operation, None, None, tls, cost=1, quota=route.quota)
         if route.operation == "metrics":
             self.metrics.fail_open_active.set(1.0 if self.policy.fail_open_state().active else 0.0)
             return Response(200, ((b"content-type", METRICS_CONTENT_TYPE.encode()),), self.metrics.render())
@@ -322,6 +331,18 @@ class Gateway:
                 "status": status, "duration_ms": round(duration * 1e3, 3), "bytes_sent": sent,
                 "client": req.client_addr,
             }})
+
+
+_AMBIGUOUS_PATH = ("%2f", "%2e", "%5c", "\\", "//")
+
+
+def _check_forward_path(path: str) -> None:
+    """Refuse paths an upstream might decode into something other than what policy matched
+    (encoded slashes or dots, backslashes, empty or dot segments): 400, never forwarded."""
+    low = path.lower()
+    if any(s in low for s in _AMBIGUOUS_PATH) or any(seg in (".", "..") for seg in path.split("/")):
+        raise BadRequest("ambiguous request path (encoded or dot segments) is not forwarded",
+                         code="ambiguous_path")
 
 
 def _json_object(body: bytes) -> dict[str, Any]:

@@ -1,0 +1,159 @@
+"""A real gateway for end-to-end tests: ``qpher-proxy init`` + ``qpher-proxy serve`` as a child
+process (the real CLI, the real KMS worker processes, real TLS on 127.0.0.1), and a small
+keep-alive HTTPS client on the standard library (TLS 1.3, X25519)."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import select
+import signal
+import ssl
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+STARTUP_TIMEOUT = 60.0
+
+
+def cli(*args: str, env: dict[str, str] | None = None, check: bool = True, timeout: float = 60,
+        input: str | None = None) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "qpher_proxy", *args], capture_output=True, text=True,
+        env=env, timeout=timeout, input=input,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"qpher-proxy {' '.join(args)} exited {proc.returncode}: {proc.stderr}")
+    return proc
+
+
+def init_state(directory: Path, **overrides: Any) -> Path:
+    """``qpher-proxy init`` into ``directory``, then apply ``overrides`` (dotted keys) to the config."""
+    cli("init", "--dir", str(directory), "--port", "0")
+    cfg_path = directory / "config.yaml"
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg.setdefault("kms", {})["workers"] = 1
+    for dotted, value in overrides.items():
+        node = cfg
+        *parents, last = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return cfg_path
+
+
+@dataclass
+class Gateway:
+    directory: Path
+    proc: subprocess.Popen[bytes]
+    host: str
+    port: int
+    demo_key: str
+    ca_file: Path
+    log_lines: list[dict[str, Any]] = field(default_factory=list)
+    _stderr_buf: bytes = b""
+
+    def context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=str(self.ca_file))
+        return ctx
+
+    def client(self, api_key: str | None = None) -> Client:
+        return Client(self, api_key if api_key is not None else self.demo_key)
+
+    def read_logs(self) -> list[dict[str, Any]]:
+        """Drain what the gateway wrote to stderr so far (JSON lines) into ``log_lines``."""
+        assert self.proc.stderr is not None
+        fd = self.proc.stderr.fileno()
+        while select.select([fd], [], [], 0)[0]:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            self._stderr_buf += chunk
+        *lines, self._stderr_buf = self._stderr_buf.split(b"\n")
+        for line in lines:
+            try:
+                self.log_lines.append(json.loads(line))
+            except ValueError:
+                self.log_lines.append({"raw": line.decode(errors="replace")})
+        return self.log_lines
+
+    def raw_log_text(self) -> str:
+        self.read_logs()
+        return "\n".join(json.dumps(x) for x in self.log_lines)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.read_logs()
+        assert self.proc.stderr is not None
+        self.proc.stderr.close()
+        return self.proc.returncode
+
+
+def start_gateway(directory: Path, config: Path | None = None, env: dict[str, str] | None = None) -> Gateway:
+    config = config or directory / "config.yaml"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qpher_proxy", "serve", "--config", str(config)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env,
+    )
+    gw = Gateway(directory, proc, "", 0, (directory / "secrets" / "demo-api-key").read_text().strip(),
+                 directory / "certs" / "ca.crt")
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            gw.read_logs()
+            raise AssertionError(f"gateway exited {proc.returncode} during start-up: {gw.log_lines}")
+        select.select([proc.stderr], [], [], 0.1)
+        for rec in gw.read_logs():
+            if rec.get("msg") == "serving":
+                host, _, port = rec["listen"][0].rpartition(":")
+                gw.host, gw.port = host, int(port)
+                return gw
+    gw.stop(signal.SIGKILL)
+    raise AssertionError(f"gateway did not start within {STARTUP_TIMEOUT} s: {gw.log_lines}")
+
+
+class Client:
+    """Keep-alive HTTPS client; ``call`` returns ``(status, json_or_text, headers)``."""
+
+    def __init__(self, gw: Gateway, api_key: str | None) -> None:
+        self.gw = gw
+        self.api_key = api_key
+        self.conn = http.client.HTTPSConnection(gw.host, gw.port, context=gw.context(), timeout=30)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def call(self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None,
+             raw: bytes | None = None, auth: bool = True) -> tuple[int, Any, http.client.HTTPMessage]:
+        h = dict(headers or {})
+        if auth and self.api_key is not None:
+            h.setdefault("Authorization", f"Bearer {self.api_key}")
+        data = raw
+        if body is not None:
+            data = json.dumps(body).encode()
+            h.setdefault("Content-Type", "application/json")
+        try:
+            self.conn.request(method, path, body=data, headers=h)
+            resp = self.conn.getresponse()
+        except (http.client.HTTPException, OSError):
+            self.conn.close()
+            self.conn = http.client.HTTPSConnection(self.gw.host, self.gw.port, context=self.gw.context(), timeout=30)
+            self.conn.request(method, path, body=data, headers=h)
+            resp = self.conn.getresponse()
+        payload = resp.read()
+        ctype = resp.headers.get("content-type", "")
+        value: Any = json.loads(payload) if payload and ctype.startswith("application/json") else payload
+        return resp.status, value, resp.headers
