@@ -1,0 +1,384 @@
+"""Server TLS settings and the OpenSSL context built from them (pure: no trio, no sockets).
+
+Theory of operation
+-------------------
+One ``TLSSettings`` (validated when constructed) becomes one ``OpenSSL.SSL.Context`` through
+``build_server_context``. A context is immutable once a connection used it (pyOpenSSL enforces
+that), so a reload builds a *new* context and swaps a reference: connections accepted later
+use the new one, connections already running keep the context they were created with
+(``ServerTLSContextHolder``). If the new files are bad the old context stays in force.
+
+What the context enforces, and why:
+
+- Versions: TLS 1.3 is preferred (OpenSSL always picks the highest common version); TLS 1.2
+  is the floor unless ``min_version`` is "1.3". Nothing older is ever negotiated.
+- TLS 1.2 cipher suites: ECDHE key exchange with an AEAD (AES-GCM, ChaCha20-Poly1305) only: no
+  static RSA, no CBC, no SHA-1 MACs. TLS 1.3 suites are all AEAD; OpenSSL's default list is kept.
+- Key-exchange groups per context (``_openssl.set_groups``), in preference order, default
+  X25519MLKEM768, X25519, secp256r1. A post-quantum client sends an X25519MLKEM768 key share and
+  gets it; a classical client (OpenSSL 3.0, curl, Python's ssl) offers only classical groups and
+  gets X25519. Every name is checked against this OpenSSL when the context is built, so a typo
+  stops start-up with a one-line ``ConfigError``. With ``require_pq`` the context only *offers*
+  the hybrid groups (and TLS 1.3, the only version with hybrid groups): a classical client then
+  fails inside the handshake with a proper ``handshake_failure`` alert, instead of completing a
+  handshake that we would have to tear down afterwards. (The engine checks the group again
+  after every handshake, as defence in depth.)
+- Renegotiation off (``OP_NO_RENEGOTIATION``; TLS 1.3 has none), compression off.
+- No session resumption at all: no stateless tickets (``OP_NO_TICKET``) and no server-side
+  cache (``SESS_CACHE_OFF``). Reasons: (1) ticket keys would live, unrotated, for the life of the
+  context, so one leaked key decrypts every ticket ever issued; (2) a resumed session skips the
+  client-certificate check and the group negotiation, so a reload that tightens ``client_ca`` or
+  ``require_pq`` would not apply to resumed sessions; (3) with psk_ke-only resumption there is
+  no key exchange at all, which ``require_pq`` cannot accept. The cost is a full handshake per
+  connection, which is what we measure and optimise. (The bundled OpenSSL still sends two
+  small, useless stateful NewSessionTicket messages after a TLS 1.3 handshake: pyOpenSSL has
+  no binding for ``SSL_CTX_set_num_tickets``. The engine holds them back and sends them with the
+  first response, so they cost no extra packet.)
+- Certificates: an ECDSA (or RSA) chain, and optionally an ML-DSA-65 chain beside it. OpenSSL
+  keeps one certificate slot per key type and picks the slot from the signature schemes both
+  sides accept. We set server preference, so a TLS 1.3 client that offers ``mldsa65`` at all
+  gets the ML-DSA-65 chain (post-quantum authentication); every other client (TLS 1.2, OpenSSL
+  3.0, browsers today) gets the ECDSA chain.
+- Client certificates (mTLS): ``client_auth`` "optional" asks for one and verifies it against
+  ``client_ca`` if sent; "required" also refuses a handshake without one.
+- Private keys are parsed with ``cryptography`` before OpenSSL sees them: an encrypted key is
+  refused with a clear message instead of OpenSSL prompting on the terminal and hanging start-up.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import math
+import os
+import re
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, mldsa, rsa
+from OpenSSL import SSL
+
+from ..errors import ConfigError
+from . import _openssl
+
+__all__ = [
+    "DEFAULT_GROUPS",
+    "DEFAULT_HANDSHAKE_TIMEOUT",
+    "HYBRID_PQ_GROUPS",
+    "LoadedTLSContext",
+    "ServerTLSContextHolder",
+    "TLSSettings",
+    "build_server_context",
+    "canonical_group_name",
+    "is_hybrid_pq_group",
+]
+
+log = logging.getLogger("qpher.tls")
+
+DEFAULT_GROUPS: tuple[str, ...] = ("X25519MLKEM768", "X25519", "secp256r1")
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0  # seconds; nginx's ssl_handshake_timeout is 60 s, ours is stricter
+DEFAULT_ALPN: tuple[str, ...] = ("http/1.1",)
+
+# Hybrid (classical + ML-KEM) groups of draft-ietf-tls-ecdhe-mlkem, as OpenSSL names them.
+HYBRID_PQ_GROUPS: frozenset[str] = frozenset({"X25519MLKEM768", "SecP256r1MLKEM768", "SecP384r1MLKEM1024"})
+
+# Our spelling of group names (IANA/config style). OpenSSL reports some in lower case
+# ("x25519"); TLSInfo and metrics use these spellings so that labels match the config.
+_GROUP_SPELLING: dict[str, str] = {
+    name.lower(): name
+    for name in (
+        *sorted(HYBRID_PQ_GROUPS),
+        "X25519", "X448", "secp256r1", "secp384r1", "secp521r1",
+        "MLKEM512", "MLKEM768", "MLKEM1024",
+        "ffdhe2048", "ffdhe3072", "ffdhe4096", "ffdhe6144", "ffdhe8192",
+        "brainpoolP256r1tls13", "brainpoolP384r1tls13", "brainpoolP512r1tls13",
+    )
+}
+_GROUP_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")  # "X25519MLKEM768", "P-256"
+
+# TLS 1.2 only (TLS 1.3 suites are configured separately and are all AEAD).
+_TLS12_CIPHERS = b"ECDHE+AESGCM:ECDHE+CHACHA20"
+_VERIFY_DEPTH = 8
+_SESSION_ID_CONTEXT = b"qpher-proxy"
+_VERSIONS = {"1.2": SSL.TLS1_2_VERSION, "1.3": SSL.TLS1_3_VERSION}
+
+
+def canonical_group_name(name: str) -> str:
+    """Our spelling of an OpenSSL group name ("x25519" -> "X25519"); unknown names unchanged."""
+    return _GROUP_SPELLING.get(name.lower(), name)
+
+
+def is_hybrid_pq_group(name: str | None) -> bool:
+    return name is not None and canonical_group_name(name) in HYBRID_PQ_GROUPS
+
+
+def _as_path(value: str | os.PathLike[str] | None) -> Path | None:
+    return None if value is None else Path(value)
+
+
+@dataclass(frozen=True, slots=True)
+class TLSSettings:
+    """What the TLS layer needs from the ``tls:`` config section. Value checks happen here
+    (``ConfigError`` naming ``tls.<field>``); file and OpenSSL checks in ``build_server_context``."""
+
+    cert_file: Path
+    key_file: Path
+    mldsa_cert_file: Path | None = None
+    mldsa_key_file: Path | None = None
+    min_version: Literal["1.2", "1.3"] = "1.2"
+    groups: tuple[str, ...] = DEFAULT_GROUPS
+    require_pq: bool = False
+    client_auth: Literal["none", "optional", "required"] = "none"
+    client_ca: Path | None = None
+    alpn: tuple[str, ...] = field(default=DEFAULT_ALPN)
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
+
+    def __post_init__(self) -> None:
+        for name in ("cert_file", "key_file", "mldsa_cert_file", "mldsa_key_file", "client_ca"):
+            object.__setattr__(self, name, _as_path(getattr(self, name)))
+        object.__setattr__(self, "groups", tuple(self.groups))
+        object.__setattr__(self, "alpn", tuple(self.alpn))
+        if self.min_version not in _VERSIONS:
+            raise ConfigError(f'tls.min_version: expected "1.2" or "1.3", got {self.min_version!r}')
+        if not self.groups:
+            raise ConfigError("tls.groups: expected at least one group")
+        seen: set[str] = set()
+        for group in self.groups:
+            if not isinstance(group, str) or not _GROUP_NAME.fullmatch(group):
+                raise ConfigError(f"tls.groups: expected plain group names like 'X25519MLKEM768', got {group!r}")
+            if group.upper() == "DEFAULT":
+                raise ConfigError("tls.groups: expected group names, got the keyword 'DEFAULT'")
+            if group.lower() in seen:
+                raise ConfigError(f"tls.groups: group {group!r} is listed twice")
+            seen.add(group.lower())
+        if self.require_pq and not any(is_hybrid_pq_group(g) for g in self.groups):
+            raise ConfigError(
+                "tls.require_pq: expected tls.groups to contain a hybrid post-quantum group "
+                f"({', '.join(sorted(HYBRID_PQ_GROUPS))}), got {list(self.groups)!r}"
+            )
+        if self.client_auth not in ("none", "optional", "required"):
+            raise ConfigError(f'tls.client_auth: expected "none", "optional" or "required", got {self.client_auth!r}')
+        if self.client_auth != "none" and self.client_ca is None:
+            raise ConfigError(f'tls.client_ca: expected a CA file when client_auth is "{self.client_auth}"')
+        if (self.mldsa_cert_file is None) != (self.mldsa_key_file is None):
+            raise ConfigError("tls.mldsa_cert_file: expected mldsa_cert_file and mldsa_key_file together")
+        if not self.alpn or not all(isinstance(p, str) and 0 < len(p.encode()) < 256 for p in self.alpn):
+            raise ConfigError(f"tls.alpn: expected protocol names such as 'http/1.1', got {list(self.alpn)!r}")
+        timeout = self.handshake_timeout
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not (
+            math.isfinite(timeout) and timeout > 0
+        ):
+            raise ConfigError(f"tls.handshake_timeout: expected a positive number of seconds, got {timeout!r}")
+
+    @property
+    def offered_groups(self) -> tuple[str, ...]:
+        """The groups the context offers: all of them, or only the hybrid ones with require_pq."""
+        if self.require_pq:
+            return tuple(g for g in self.groups if is_hybrid_pq_group(g))
+        return self.groups
+
+
+# ---- building --------------------------------------------------------------------------
+
+def _read_certificate(path: Path, option: str) -> x509.Certificate:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{option}: cannot read {str(path)!r}: {exc.strerror or 'unreadable'}") from exc
+    try:
+        return x509.load_pem_x509_certificate(data)
+    except ValueError as exc:
+        raise ConfigError(f"{option}: expected a PEM certificate in {str(path)!r}") from exc
+
+
+def _check_private_key(path: Path, option: str) -> bytes:
+    """Parse the key with cryptography first: a clear error for an encrypted or malformed key,
+    where OpenSSL would prompt for a passphrase on the terminal (and hang start-up) or fail
+    with a generic message. The message never includes the file's content."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{option}: cannot read {str(path)!r}: {exc.strerror or 'unreadable'}") from exc
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except TypeError as exc:
+        raise ConfigError(f"{option}: the private key in {str(path)!r} is encrypted; expected an unencrypted PEM key") from exc
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise ConfigError(f"{option}: expected a PEM private key in {str(path)!r}") from exc
+    return _spki(key.public_key())
+
+
+def _spki(public_key: object) -> bytes:
+    return public_key.public_bytes(  # type: ignore[attr-defined,no-any-return]
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def _load_chain(
+    ctx: SSL.Context, cert_path: Path, key_path: Path, cert_option: str, key_option: str
+) -> x509.Certificate:
+    leaf = _read_certificate(cert_path, cert_option)
+    if _check_private_key(key_path, key_option) != _spki(leaf.public_key()):
+        raise ConfigError(f"{key_option}: the key in {str(key_path)!r} does not match {cert_option}")
+    try:
+        ctx.use_certificate_chain_file(os.fsencode(cert_path))
+    except SSL.Error as exc:
+        raise ConfigError(f"{cert_option}: OpenSSL cannot use the certificate chain in {str(cert_path)!r}") from exc
+    try:
+        ctx.use_privatekey_file(os.fsencode(key_path))
+    except SSL.Error as exc:
+        raise ConfigError(f"{key_option}: OpenSSL cannot use the private key in {str(key_path)!r}") from exc
+    try:
+        ctx.check_privatekey()
+    except SSL.Error as exc:
+        raise ConfigError(f"{key_option}: the key in {str(key_path)!r} does not match {cert_option}") from exc
+    return leaf
+
+
+def _key_kind(cert: x509.Certificate) -> str:
+    key = cert.public_key()
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return "ECDSA"
+    if isinstance(key, rsa.RSAPublicKey):
+        return "RSA"
+    if isinstance(key, mldsa.MLDSA65PublicKey):
+        return "ML-DSA-65"
+    return type(key).__name__
+
+
+def build_server_context(settings: TLSSettings) -> SSL.Context:
+    """A fresh server context for ``settings``; ``ConfigError`` (one line) if anything is wrong."""
+    ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+    min_version = "1.3" if settings.require_pq else settings.min_version
+    ctx.set_min_proto_version(_VERSIONS[min_version])
+    ctx.set_max_proto_version(SSL.TLS1_3_VERSION)
+    ctx.set_options(
+        SSL.OP_NO_RENEGOTIATION
+        | SSL.OP_NO_COMPRESSION
+        | SSL.OP_NO_TICKET
+        | SSL.OP_CIPHER_SERVER_PREFERENCE
+    )
+    ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+    ctx.set_session_id(_SESSION_ID_CONTEXT)
+    ctx.set_cipher_list(_TLS12_CIPHERS)
+
+    for group in settings.groups:
+        if not _openssl.group_is_known(group):
+            raise ConfigError(
+                f"tls.groups: unknown group {group!r} (this OpenSSL knows e.g. "
+                f"{', '.join(DEFAULT_GROUPS)}, SecP256r1MLKEM768, secp384r1)"
+            )
+    if not _openssl.set_groups(ctx, settings.offered_groups):
+        raise ConfigError(f"tls.groups: OpenSSL refused the group list {list(settings.offered_groups)!r}")
+
+    leaf = _load_chain(ctx, settings.cert_file, settings.key_file, "tls.cert_file", "tls.key_file")
+    kind = _key_kind(leaf)
+    if kind not in ("ECDSA", "RSA"):
+        raise ConfigError(f"tls.cert_file: expected an ECDSA or RSA certificate, got {kind}")
+    _warn_if_expired(leaf, "tls.cert_file")
+    if settings.mldsa_cert_file is not None and settings.mldsa_key_file is not None:
+        pq_leaf = _load_chain(
+            ctx, settings.mldsa_cert_file, settings.mldsa_key_file, "tls.mldsa_cert_file", "tls.mldsa_key_file"
+        )
+        pq_kind = _key_kind(pq_leaf)
+        if pq_kind != "ML-DSA-65":
+            raise ConfigError(f"tls.mldsa_cert_file: expected an ML-DSA-65 certificate, got {pq_kind}")
+        _warn_if_expired(pq_leaf, "tls.mldsa_cert_file")
+
+    if settings.client_auth != "none":
+        assert settings.client_ca is not None  # checked by TLSSettings
+        _read_certificate(settings.client_ca, "tls.client_ca")
+        try:
+            ctx.load_verify_locations(os.fsencode(settings.client_ca))
+            ctx.load_client_ca(os.fsencode(settings.client_ca))
+        except SSL.Error as exc:
+            raise ConfigError(f"tls.client_ca: OpenSSL cannot load CA certificates from {str(settings.client_ca)!r}") from exc
+        mode = SSL.VERIFY_PEER
+        if settings.client_auth == "required":
+            mode |= SSL.VERIFY_FAIL_IF_NO_PEER_CERT
+        ctx.set_verify(mode)
+        ctx.set_verify_depth(_VERIFY_DEPTH)
+
+    ctx.set_alpn_select_callback(_alpn_selector(tuple(p.encode() for p in settings.alpn)))
+    return ctx
+
+
+def _alpn_selector(ours: tuple[bytes, ...]) -> Callable[[SSL.Connection, list[bytes]], bytes]:
+    def select(conn: SSL.Connection, offered: list[bytes]) -> bytes:
+        for proto in ours:
+            if proto in offered:
+                return proto
+        # No overlap (e.g. a client offering only "h2"): continue without ALPN rather than
+        # fail, as nginx does; the HTTP layer then simply speaks HTTP/1.1.
+        return SSL.NO_OVERLAPPING_PROTOCOLS  # type: ignore[return-value]
+
+    return select
+
+
+def _warn_if_expired(cert: x509.Certificate, option: str) -> None:
+    if cert.not_valid_after_utc < datetime.datetime.now(datetime.timezone.utc):
+        log.warning("%s: certificate expired on %s", option, cert.not_valid_after_utc.date().isoformat())
+
+
+# ---- reload ------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class LoadedTLSContext:
+    """One generation of server TLS state: the context and the settings it was built from."""
+
+    context: SSL.Context
+    settings: TLSSettings
+    generation: int
+
+
+class ServerTLSContextHolder:
+    """The current server context, swapped atomically by ``reload()`` (e.g. on SIGHUP).
+
+    ``current`` is read once per accepted connection; a connection keeps the context it started
+    with, so a reload never disturbs running connections.
+    """
+
+    def __init__(
+        self,
+        settings: TLSSettings,
+        *,
+        builder: Callable[[TLSSettings], SSL.Context] = build_server_context,
+    ) -> None:
+        self._builder = builder
+        self._lock = threading.Lock()  # reload may be called from a signal-handling thread
+        self._current = LoadedTLSContext(builder(settings), settings, 1)
+
+    @property
+    def current(self) -> LoadedTLSContext:
+        return self._current
+
+    @property
+    def context(self) -> SSL.Context:
+        return self._current.context
+
+    @property
+    def settings(self) -> TLSSettings:
+        return self._current.settings
+
+    def reload(self, settings: TLSSettings | None = None) -> LoadedTLSContext:
+        """Re-read the certificate/key files (and new ``settings`` if given).
+
+        On failure the previous context stays in force, a warning is logged and the
+        ``ConfigError`` is raised for the caller to report.
+        """
+        with self._lock:
+            old = self._current
+            new_settings = settings if settings is not None else old.settings
+            try:
+                context = self._builder(new_settings)
+            except ConfigError as exc:
+                log.warning("tls reload failed, keeping generation %d: %s", old.generation, exc.message)
+                raise
+            self._current = LoadedTLSContext(context, new_settings, old.generation + 1)
+            log.info("tls certificates reloaded (generation %d)", self._current.generation)
+            return self._current
