@@ -345,8 +345,11 @@ class APIKeyStore:
         """The record and its stored MAC (for ``Authenticator``; the MAC is not a secret key but
         is not meant for display either)."""
         with db.mapped("reading an API key"):
-            row = self._conn.execute(f"SELECT {_COLUMNS} FROM api_keys WHERE key_id = ?", (key_id,)).fetchone()
-        return None if row is None else _row_to_record(row)
+            # fetchall, not fetchone: a statement left un-stepped would keep its WAL read
+            # snapshot open, and this connection would stop seeing other processes' commits
+            # (a revocation made by the CLI).
+            rows = self._conn.execute(f"SELECT {_COLUMNS} FROM api_keys WHERE key_id = ?", (key_id,)).fetchall()
+        return _row_to_record(rows[0]) if rows else None
 
     def list(self, tenant: str | None = None) -> list[APIKeyRecord]:
         """Every key (of ``tenant``), oldest first. Records only: never a secret or a MAC."""
@@ -364,7 +367,7 @@ class APIKeyStore:
         there is no such key."""
         now = self._clock()
         with db.transaction(self._conn, "revoking an API key"):
-            row = self._conn.execute(f"SELECT {_COLUMNS} FROM api_keys WHERE key_id = ?", (key_id,)).fetchone()
+            row = db.one(self._conn.execute(f"SELECT {_COLUMNS} FROM api_keys WHERE key_id = ?", (key_id,)))
             if row is None:
                 shown = repr(key_id) if re.fullmatch(r"[a-z0-9]{12}", key_id) else "(not a key id)"
                 raise NotFound(f"no API key with id {shown}")  # never echo a pasted full key

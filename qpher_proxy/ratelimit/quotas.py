@@ -191,10 +191,10 @@ class QuotaCounter:
                         "ON CONFLICT(tenant, month, op_class) DO UPDATE SET count = count + excluded.count",
                         (tenant, month, op_class, n),
                     )
-                    row = self._conn.execute(
+                    row = db.one(self._conn.execute(
                         "SELECT count FROM quota_usage WHERE tenant = ? AND month = ? AND op_class = ?",
                         (tenant, month, op_class),
-                    ).fetchone()
+                    ))
                     fresh.append((month, tenant, op_class, int(row[0])))
         except StorageUnavailable as exc:
             raise QuotaUnavailable("quota usage cannot be recorded") from exc

@@ -232,8 +232,27 @@ def _close(obj: Any) -> None:
 def run(cfg: Config) -> int:
     """The ``qpher-proxy serve`` entry point."""
     configure_logging(cfg.logging.level, cfg.logging.format)
-    trio.run(serve, cfg)
+    try:
+        trio.run(serve, cfg)
+    except BaseExceptionGroup as group:
+        # A start-up error raised inside a nursery (the KMS refusing a wrong KEK, a port in
+        # use) arrives wrapped; show it as the one line it is.
+        first = _first_qpher_error(group)
+        if first is None:
+            raise
+        raise first from None
     return 0
+
+
+def _first_qpher_error(exc: BaseException) -> QpherError | None:
+    if isinstance(exc, QpherError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for sub in exc.exceptions:
+            found = _first_qpher_error(sub)
+            if found is not None:
+                return found
+    return None
 
 
 _ = math

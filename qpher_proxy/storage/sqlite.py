@@ -22,7 +22,7 @@ import os
 import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Literal
+from typing import Any, Literal
 
 from ..errors import StorageUnavailable
 
@@ -52,15 +52,25 @@ def connect(
 ) -> sqlite3.Connection:
     """Open (creating ``0600`` if needed) the gateway database at ``path``."""
     with mapped("opening the database"):
-        fd = os.open(os.fspath(path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        os.close(fd)
+        # Create the file 0600 if it does not exist -- but never open (and close) an existing
+        # database file ourselves: closing any descriptor of a file drops every POSIX lock this
+        # process holds on it, including those of our other SQLite connections. A writer in
+        # another process then believes it is alone, checkpoints and deletes the WAL, and our
+        # connections keep reading a stale snapshot (a CLI revocation would never be seen).
+        try:
+            fd = os.open(os.fspath(path), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            pass
+        else:
+            os.close(fd)
         conn = sqlite3.connect(
             os.fspath(path), timeout=busy_timeout, isolation_level=None, check_same_thread=False
         )
         try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute(f"PRAGMA synchronous={synchronous}")
-            conn.execute("PRAGMA foreign_keys=ON")
+            # Step every statement to its end (fetchall): see ``one()`` for why.
+            conn.execute("PRAGMA journal_mode=WAL").fetchall()
+            conn.execute(f"PRAGMA synchronous={synchronous}").fetchall()
+            conn.execute("PRAGMA foreign_keys=ON").fetchall()
         except BaseException:
             conn.close()
             raise
@@ -94,12 +104,22 @@ def transaction(conn: sqlite3.Connection, what: str = "writing") -> Iterator[sql
             raise
 
 
+def one(cursor: sqlite3.Cursor) -> Any:
+    """The first row of a query, or None -- stepping the statement to its end.
+
+    Never ``fetchone()`` here: a statement left un-stepped stays active, and an active statement
+    keeps its read snapshot open even past COMMIT, so the connection would stop seeing other
+    processes' commits (a revocation made by the CLI would go unseen)."""
+    rows = cursor.fetchall()
+    return rows[0] if rows else None
+
+
 def data_version(conn: sqlite3.Connection) -> int:
     """SQLite's change counter: differs between two calls on the same connection iff another
     connection (another process, or another connection of ours) committed in between."""
     with mapped("reading the change counter"):
-        row = conn.execute("PRAGMA data_version").fetchone()
-    return int(row[0])
+        rows = conn.execute("PRAGMA data_version").fetchall()
+    return int(rows[0][0])
 
 
 def ensure_schema(conn: sqlite3.Connection, name: str, version: int, statements: Sequence[str]) -> None:
@@ -109,7 +129,7 @@ def ensure_schema(conn: sqlite3.Connection, name: str, version: int, statements:
         conn.execute(
             "CREATE TABLE IF NOT EXISTS schema_versions (name TEXT PRIMARY KEY, version INTEGER NOT NULL)"
         )
-        row = conn.execute("SELECT version FROM schema_versions WHERE name = ?", (name,)).fetchone()
+        row = one(conn.execute("SELECT version FROM schema_versions WHERE name = ?", (name,)))
         if row is not None and int(row[0]) > version:
             raise StorageUnavailable(
                 f"the {name} tables have schema version {int(row[0])}, this build knows {version}"
