@@ -17,6 +17,7 @@ and the policy files without dropping a connection.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -137,59 +138,53 @@ async def serve(
         def on_handshake_error(exc: Any) -> None:
             metrics.tls_handshake_failures.labels(getattr(exc, "reason", None) or exc.code).inc()
 
-        async with trio.open_nursery() as nursery:
+        upstream_cm: Any = contextlib.nullcontext(None)
+        if cfg.upstream.url:
+            u = cfg.upstream
+            upstream_cm = UpstreamClient(
+                u.url, connect_timeout=u.connect_timeout, read_timeout=u.read_timeout,
+                pool_size=u.pool_size, ca_file=u.ca_file, client_cert=u.client_cert, client_key=u.client_key,
+            )
+        async with upstream_cm as upstream, trio.open_nursery() as nursery:
             await nursery.start(supervisor.run)
-            upstream: UpstreamClient | None = None
-            if cfg.upstream.url:
-                u = cfg.upstream
-                upstream = UpstreamClient(
-                    u.url, connect_timeout=u.connect_timeout, read_timeout=u.read_timeout,
-                    pool_size=u.pool_size, ca_file=u.ca_file, client_cert=u.client_cert, client_key=u.client_key,
-                )
-                await upstream.__aenter__()
-            try:
-                gateway = Gateway(
-                    kms=supervisor.client, api=api, authenticator=Authenticator(store, ttl=cfg.auth.cache_ttl),
-                    limiter=TokenBucketLimiter(), quotas=quotas, policy=policy, audit=audit, metrics=metrics,
-                    upstream=upstream, pass_api_key=cfg.upstream.pass_api_key,
-                )
-                listeners = []
-                for addr in cfg.server.listen:
-                    host, port = parse_listen(addr)
-                    try:
-                        listeners += await open_tls_listeners(
-                            port, holder, host=host, on_handshake=on_handshake, on_handshake_error=on_handshake_error)
-                    except OSError as exc:
-                        raise ConfigError(f"server.listen: cannot listen on {addr}: {exc.strerror}") from None
-                addresses = [tuple(ln.transport_listener.socket.getsockname()[:2]) for ln in listeners]
-                server = HTTPServer(gateway.handle, limits=http_limits(cfg), on_request_done=gateway.request_done,
-                                    shutdown_grace=cfg.server.shutdown_grace)
+            gateway = Gateway(
+                kms=supervisor.client, api=api, authenticator=Authenticator(store, ttl=cfg.auth.cache_ttl),
+                limiter=TokenBucketLimiter(), quotas=quotas, policy=policy, audit=audit, metrics=metrics,
+                upstream=upstream, pass_api_key=cfg.upstream.pass_api_key,
+            )
+            listeners = []
+            for addr in cfg.server.listen:
+                host, port = parse_listen(addr)
+                try:
+                    listeners += await open_tls_listeners(
+                        port, holder, host=host, on_handshake=on_handshake, on_handshake_error=on_handshake_error)
+                except OSError as exc:
+                    raise ConfigError(f"server.listen: cannot listen on {addr}: {exc.strerror}") from None
+            addresses = [tuple(ln.transport_listener.socket.getsockname()[:2]) for ln in listeners]
+            server = HTTPServer(gateway.handle, limits=http_limits(cfg), on_request_done=gateway.request_done,
+                                shutdown_grace=cfg.server.shutdown_grace)
 
-                async def reload() -> None:
-                    try:
-                        holder.reload()
-                        log.info("TLS certificates reloaded")
-                    except QpherError as exc:
-                        log.error("TLS reload rejected, keeping the current certificates: %s", exc.message)
-                    await policy.areload()
+            async def reload() -> None:
+                try:
+                    holder.reload()
+                    log.info("TLS certificates reloaded")
+                except QpherError as exc:
+                    log.error("TLS reload rejected, keeping the current certificates: %s", exc.message)
+                await policy.areload()
 
-                running = Running(addresses, gateway, server, supervisor, holder, reload)  # type: ignore[arg-type]
-                nursery.start_soon(policy.run, cfg.policy.reload_interval)
-                nursery.start_soon(_flush_quotas, quotas, cfg.quotas.flush_interval)
-                if handle_signals:
-                    nursery.start_soon(_signals, server, reload)
-                await nursery.start(server.serve, listeners)
-                log.info("serving", extra={"fields": {
-                    "listen": [f"{h}:{p}" for h, p in addresses], "kms_workers": supervisor.workers,
-                    "backend": backend_info()["name"], "upstream": bool(upstream)}})
-                task_status.started(running)
-                # server.serve returns after a graceful shutdown; then stop everything else.
-                await _wait_for_shutdown(server)
-                nursery.cancel_scope.cancel()
-            finally:
-                if upstream is not None:
-                    with trio.CancelScope(shield=True):
-                        await upstream.__aexit__(None, None, None)
+            running = Running(addresses, gateway, server, supervisor, holder, reload)  # type: ignore[arg-type]
+            nursery.start_soon(policy.run, cfg.policy.reload_interval)
+            nursery.start_soon(_flush_quotas, quotas, cfg.quotas.flush_interval)
+            if handle_signals:
+                nursery.start_soon(_signals, server, reload)
+            await nursery.start(server.serve, listeners)
+            log.info("serving", extra={"fields": {
+                "listen": [f"{h}:{p}" for h, p in addresses], "kms_workers": supervisor.workers,
+                "backend": backend_info()["name"], "upstream": upstream is not None}})
+            task_status.started(running)
+            # server.serve returns after a graceful shutdown; then stop everything else.
+            await _wait_for_shutdown(server)
+            nursery.cancel_scope.cancel()
     finally:
         quotas.close()
         store.close()
