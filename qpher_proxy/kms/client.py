@@ -1,0 +1,409 @@
+"""The gateway's KMS client: async calls over the worker socketpairs.  Gateway side (trio).
+
+Theory of operation
+===================
+
+The supervisor (``supervisor.py``) owns the worker processes; for each live, bootstrapped
+worker it hands this client a :class:`WorkerChannel`: the gateway's end of that worker's
+socketpair (a non-blocking stdlib socket) and a :class:`~.protocol.ClientConnection`
+holding that start's service token.
+
+A call (``await client.sign(ctx, key_id, msg)``):
+
+1. picks the live worker with the fewest requests outstanding (ties: the first), or fails at
+   once with 503 ``kms_unavailable`` if none is live -- a request never waits for a restart;
+2. encodes one REQUEST frame (token + tenant context + op + args; see protocol.py). If it is
+   the only request in flight on that worker it goes to the socket at once (lowest latency);
+   otherwise it is queued, and the channel's writer task sends everything queued during this
+   scheduling round in one system call (under load, about half the gateway's cost per call);
+3. parks the calling task (``wait_task_rescheduled``) keyed by the frame's request id. There
+   is no cancel scope per call: the client's ``watchdog`` fails requests older than
+   ``request_timeout`` (to a tenth of it) with ``kms_unavailable``; a caller may still wrap a
+   call in its own scope.
+
+The channel's reader task reads whatever arrived, feeds it to the protocol, and for each
+RESPONSE or ERROR frame wakes the task waiting on that request id with its value or with the
+error rebuilt as the matching :class:`~qpher_proxy.errors.QpherError` (same code, status and
+safe message as in the KMS). A worker that dies -- EOF on the socket, a malformed frame --
+wakes every task it owed an answer with ``kms_unavailable``; a cancelled caller just forgets
+its request id (a late answer for it is dropped).
+
+Nothing here ever sees a private key: the operations return public keys, ciphertexts,
+signatures, shared secrets and plaintexts, which the API layer hands to the client that asked.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, cast
+
+import outcome
+import trio
+
+from ..context import TenantContext
+from ..errors import BodyTooLarge, KMSUnavailable, QpherError
+from .model import DEFAULT_LIST_LIMIT, KeyInfo, KeyPage
+from .protocol import NEED_DATA, ClientConnection, Error, ProtocolError, Response, Value
+
+log = logging.getLogger("qpher.kms.client")
+
+RECV_BYTES = 256 * 1024
+
+OpHook = Callable[[str, float, "str | None"], None]  # (op, seconds, error code or None)
+
+
+def _error_classes() -> dict[str, type[QpherError]]:
+    from .. import errors
+
+    found: dict[str, type[QpherError]] = {}
+    todo: list[type[QpherError]] = [QpherError]
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        if cls.__module__ == errors.__name__ and "code" in cls.__dict__:
+            found.setdefault(cls.code, cls)
+    return found
+
+
+_ERRORS: dict[str, type[QpherError]] | None = None
+
+
+def error_from_frame(code: str, status: int, message: str) -> QpherError:
+    """Rebuild the KMS's error on this side: the same class when errors.py has one."""
+    global _ERRORS
+    if _ERRORS is None:
+        _ERRORS = _error_classes()
+    cls = _ERRORS.get(code)
+    if cls is not None and cls.status == status:
+        return cls(message)
+    return QpherError(message, code=code, status=status)
+
+
+class WorkerChannel:
+    """The gateway's end of one worker's socketpair, after a successful bootstrap."""
+
+    def __init__(self, index: int, sock: socket.socket, conn: ClientConnection, pid: int | None = None) -> None:
+        sock.setblocking(False)
+        self.index = index
+        self.pid = pid
+        self.sock = sock
+        self.conn = conn
+        self.inflight: dict[int, tuple[trio.lowlevel.Task, int]] = {}  # rid -> (task, watchdog tick at send)
+        self.alive = True
+        self._out: list[bytes | memoryview] = []
+        self._wake_writer = trio.Event()
+        self.death_reason = ""
+        self.on_close: Callable[[WorkerChannel], None] | None = None
+
+    def __repr__(self) -> str:
+        return f"<WorkerChannel index={self.index} pid={self.pid} alive={self.alive} inflight={len(self.inflight)}>"
+
+    # ---- sending ----
+
+    def send(self, frame: bytes) -> None:
+        """Queue ``frame``. Alone in flight: straight to the socket (lowest latency). Otherwise
+        the writer task sends everything queued in this scheduling round in one system call
+        (under load this halves the gateway's per-request cost)."""
+        if self._out or len(self.inflight) > 1:
+            if not self._out:
+                self._wake_writer.set()
+            self._out.append(frame)
+            return
+        try:
+            n = self.sock.send(frame)
+        except BlockingIOError:
+            n = 0
+        except OSError:
+            n = 0  # the reader will see the end of the stream and fail everything
+        if n < len(frame):
+            self._out.append(memoryview(frame)[n:])
+            self._wake_writer.set()
+
+    async def _writer(self) -> None:
+        while True:
+            await self._wake_writer.wait()
+            self._wake_writer = trio.Event()
+            while self._out:
+                await trio.lowlevel.wait_writable(self.sock)
+                chunk: bytes | memoryview = self._out[0] if len(self._out) == 1 else b"".join(self._out)
+                try:
+                    n = self.sock.send(chunk)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    return
+                self._out.clear()
+                if n < len(chunk):
+                    self._out.append(memoryview(chunk)[n:])
+
+    # ---- receiving ----
+
+    async def _reader(self) -> None:
+        sock = self.sock
+        conn = self.conn
+        inflight = self.inflight
+        reschedule = trio.lowlevel.reschedule
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            try:
+                data = sock.recv(RECV_BYTES)
+            except BlockingIOError:
+                continue
+            except OSError:
+                data = b""
+            conn.receive_data(data)
+            while True:
+                try:
+                    event = conn.next_event()
+                except ProtocolError as exc:
+                    self.death_reason = f"protocol error: {exc.message}"
+                    return
+                if event is NEED_DATA:
+                    break
+                if isinstance(event, Response):
+                    entry = inflight.pop(event.rid, None)
+                    if entry is not None:
+                        reschedule(entry[0], outcome.Value(event.value))
+                elif isinstance(event, Error):
+                    if event.rid == 0:
+                        self.death_reason = f"worker reported {event.code}: {event.message}"
+                        return
+                    entry = inflight.pop(event.rid, None)
+                    if entry is not None:
+                        reschedule(entry[0], outcome.Error(error_from_frame(event.code, event.status, event.message)))
+                else:  # ConnectionClosed: the only other event a serving client connection yields
+                    self.death_reason = "the worker closed its end"
+                    return
+            if not data:
+                self.death_reason = "the worker closed its end"
+                return
+
+    async def run(self) -> None:
+        """Serve until the worker's stream ends; then fail whatever is still in flight."""
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._writer)
+                await self._reader()
+                nursery.cancel_scope.cancel()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Synchronous, so no request can pick this channel between its death and its detach."""
+        self.alive = False
+        if self.on_close is not None:
+            self.on_close(self)
+            self.on_close = None
+        pending = list(self.inflight.values())
+        self.inflight.clear()
+        for task, _sent in pending:
+            trio.lowlevel.reschedule(
+                task, outcome.Error(KMSUnavailable("the KMS worker handling this request stopped"))
+            )
+        if self.sock.fileno() != -1:
+            trio.lowlevel.notify_closing(self.sock)
+            self.sock.close()
+
+
+class KMSClient:
+    """Async access to the KMS workers. Every call takes the request's :class:`TenantContext`."""
+
+    def __init__(self, *, request_timeout: float | None = 30.0, on_op: OpHook | None = None) -> None:
+        self._live: list[WorkerChannel] = []
+        self.request_timeout = request_timeout
+        self.on_op = on_op
+        self._tick = 0  # advanced by watchdog()
+
+    # ---- supervisor interface ----
+
+    def _attach(self, channel: WorkerChannel) -> None:
+        channel.on_close = self._detach
+        self._live.append(channel)
+
+    def _detach(self, channel: WorkerChannel) -> None:
+        if channel in self._live:
+            self._live.remove(channel)
+
+    @property
+    def ready(self) -> bool:
+        """True while at least one worker is live (``/readyz``)."""
+        return bool(self._live)
+
+    @property
+    def live_workers(self) -> int:
+        return len(self._live)
+
+    # ---- the call ----
+
+    async def call(self, ctx: TenantContext, op: str, args: dict[str, Value]) -> Value:
+        """One raw operation; raises the KMS's error as a :class:`QpherError`."""
+        hook = self.on_op
+        t0 = time.perf_counter() if hook is not None else 0.0
+        live = self._live
+        if not live:
+            if hook is not None:
+                hook(op, 0.0, KMSUnavailable.code)
+            raise KMSUnavailable("no KMS worker is running")
+        w = live[0]
+        if len(live) > 1:  # least outstanding requests; ties go to the first
+            n = len(w.inflight)
+            for other in live:
+                m = len(other.inflight)
+                if m < n:
+                    w, n = other, m
+        try:
+            rid, frame = w.conn.request(ctx, op, args)
+        except ProtocolError as exc:
+            raise BodyTooLarge(f"the request is too large for the KMS ({exc.message})") from exc
+        except (TypeError, ValueError) as exc:
+            # a gateway bug (no tenant in the context, an unencodable value); the text names
+            # only the field, never its value
+            raise QpherError(f"bad KMS request: {exc}", code="internal_error", status=500) from exc
+        inflight = w.inflight
+        inflight[rid] = (trio.lowlevel.current_task(), self._tick)
+        w.send(frame)
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            inflight.pop(rid, None)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        if hook is None:
+            return cast(Value, await trio.lowlevel.wait_task_rescheduled(abort))
+        try:
+            value: Value = await trio.lowlevel.wait_task_rescheduled(abort)
+        except QpherError as exc:
+            hook(op, time.perf_counter() - t0, exc.code)
+            raise
+        hook(op, time.perf_counter() - t0, None)
+        return value
+
+    async def watchdog(self) -> None:
+        """Fail requests older than ``request_timeout`` (run by the supervisor).
+
+        A clock that ticks ten times per timeout (at most once a second): each request notes
+        the tick it was sent at, and a request ten ticks old is failed. One attribute read per
+        request instead of a cancel scope per request, which cost as much as the rest of the
+        client's work per call. Timeouts are therefore accurate to a tenth."""
+        timeout = self.request_timeout
+        if timeout is None:
+            return
+        interval = min(1.0, timeout / 10)
+        ticks = max(1, round(timeout / interval))
+        while True:
+            await trio.sleep(interval)
+            self._tick += 1
+            oldest = self._tick - ticks
+            for w in list(self._live):
+                late = [rid for rid, (_task, sent) in w.inflight.items() if sent <= oldest]
+                for rid in late:
+                    task, _sent = w.inflight.pop(rid)
+                    trio.lowlevel.reschedule(
+                        task, outcome.Error(KMSUnavailable(f"the KMS did not answer within {timeout:g} s"))
+                    )
+
+    # ---- lifecycle ----
+
+    async def create_key(
+        self, ctx: TenantContext, algorithm: str | None = None, kind: str | None = None,
+        label: str | None = None, mode: str | None = None,
+    ) -> KeyInfo:
+        v = await self.call(ctx, "create_key", {"algorithm": algorithm, "kind": kind, "label": label, "mode": mode})
+        return KeyInfo.from_wire(v)
+
+    async def get_key(self, ctx: TenantContext, key_id: str, version: int | None = None) -> KeyInfo:
+        return KeyInfo.from_wire(await self.call(ctx, "get_key", {"key_id": key_id, "version": version}))
+
+    async def list_keys(self, ctx: TenantContext, limit: int = DEFAULT_LIST_LIMIT, cursor: str | None = None) -> KeyPage:
+        v: Any = await self.call(ctx, "list_keys", {"limit": limit, "cursor": cursor})
+        return KeyPage(tuple(KeyInfo.from_wire(k) for k in v["keys"]), v["next_cursor"])
+
+    async def rotate_key(self, ctx: TenantContext, key_id: str) -> KeyInfo:
+        return KeyInfo.from_wire(await self.call(ctx, "rotate_key", {"key_id": key_id}))
+
+    async def disable_key(self, ctx: TenantContext, key_id: str) -> KeyInfo:
+        return KeyInfo.from_wire(await self.call(ctx, "disable_key", {"key_id": key_id}))
+
+    async def enable_key(self, ctx: TenantContext, key_id: str) -> KeyInfo:
+        return KeyInfo.from_wire(await self.call(ctx, "enable_key", {"key_id": key_id}))
+
+    async def schedule_destroy(self, ctx: TenantContext, key_id: str, delay: float | None = None) -> KeyInfo:
+        return KeyInfo.from_wire(await self.call(ctx, "schedule_destroy", {"key_id": key_id, "delay": delay}))
+
+    async def cancel_destroy(self, ctx: TenantContext, key_id: str) -> KeyInfo:
+        return KeyInfo.from_wire(await self.call(ctx, "cancel_destroy", {"key_id": key_id}))
+
+    # ---- crypto ----
+
+    async def encapsulate(self, ctx: TenantContext, key_id: str) -> tuple[bytes, bytes, int]:
+        """Returns ``(shared_secret, ciphertext, key_version)``."""
+        v: Any = await self.call(ctx, "encapsulate", {"key_id": key_id})
+        return v["shared_secret"], v["ciphertext"], v["version"]
+
+    async def decapsulate(self, ctx: TenantContext, key_id: str, ciphertext: bytes, version: int | None = None) -> bytes:
+        v: Any = await self.call(ctx, "decapsulate", {"key_id": key_id, "ciphertext": ciphertext, "version": version})
+        return v["shared_secret"]  # type: ignore[no-any-return]
+
+    async def sign(self, ctx: TenantContext, key_id: str, message: bytes, context: bytes = b"") -> tuple[bytes, int]:
+        """Returns ``(signature, key_version)``."""
+        v: Any = await self.call(ctx, "sign", {"key_id": key_id, "message": message, "context": context})
+        return v["signature"], v["version"]
+
+    async def verify(
+        self, ctx: TenantContext, key_id: str, message: bytes, signature: bytes, context: bytes = b"",
+        version: int | None = None,
+    ) -> bool:
+        v: Any = await self.call(
+            ctx, "verify",
+            {"key_id": key_id, "message": message, "signature": signature, "context": context, "version": version},
+        )
+        return v["valid"] is True
+
+    async def encrypt(
+        self, ctx: TenantContext, key_id: str, plaintext: bytes, aad: bytes = b"", info: bytes = b""
+    ) -> tuple[bytes, int]:
+        """HPKE seal to the key's latest public key; returns ``(enc || ct, key_version)``."""
+        v: Any = await self.call(ctx, "encrypt", {"key_id": key_id, "plaintext": plaintext, "aad": aad, "info": info})
+        return v["ciphertext"], v["version"]
+
+    async def decrypt(
+        self, ctx: TenantContext, key_id: str, ciphertext: bytes, aad: bytes = b"", version: int | None = None,
+        info: bytes = b"",
+    ) -> bytes:
+        v: Any = await self.call(
+            ctx, "decrypt",
+            {"key_id": key_id, "ciphertext": ciphertext, "aad": aad, "version": version, "info": info},
+        )
+        return v["plaintext"]  # type: ignore[no-any-return]
+
+    async def batch(
+        self, ctx: TenantContext, items: Sequence[tuple[str, Mapping[str, Value]]]
+    ) -> list[dict[str, Value] | QpherError]:
+        """Several crypto operations in one frame; each succeeds or fails on its own.
+
+        ``items`` are ``(op, args)`` with the same args as the single calls (``sign``:
+        ``key_id, message, context``; ...). The result has one entry per item: the op's
+        result dict (``{"signature": ..., "version": ...}``) or the item's error."""
+        wire: list[Value] = [{"op": op, "args": dict(args)} for op, args in items]
+        v: Any = await self.call(ctx, "batch", {"items": wire})
+        results = v["results"]
+        if type(results) is not list or len(results) != len(items):
+            raise KMSUnavailable("the KMS answered a batch with the wrong number of results")
+        out: list[dict[str, Value] | QpherError] = []
+        for r in results:
+            if "ok" in r:
+                out.append(r["ok"])
+            else:
+                e = r["error"]
+                out.append(error_from_frame(e["code"], e["status"], e["message"]))
+        return out
+
+    async def ping(self, ctx: TenantContext, data: bytes = b"") -> bytes:
+        """A round trip through the protocol with no key work (health checks, benchmarks)."""
+        v: Any = await self.call(ctx, "ping", {"data": data})
+        return v["data"]  # type: ignore[no-any-return]
+
+
+__all__ = ["KMSClient", "WorkerChannel", "error_from_frame"]

@@ -1,0 +1,133 @@
+"""Key metadata as both processes see it: states, records and their wire form.
+
+Shared by the gateway (``client``) and the KMS (``keystore``, ``service``); public facts
+only -- a :class:`KeyInfo` carries a public key, never a private one.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+import secrets
+from base64 import b32encode
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from ..errors import KeyNotFound
+
+KEY_ID_PREFIX = "k_"
+KEY_ID_CHARS = 26  # base32 characters: 130 random bits
+KEY_ID_RE = re.compile(r"k_[a-z2-7]{26}\Z")
+MAX_LABEL_CHARS = 128
+DEFAULT_LIST_LIMIT = 50
+MAX_LIST_LIMIT = 100
+DEFAULT_DESTROY_DELAY = 24 * 3600.0  # seconds; issue 4
+MAX_DESTROY_DELAY = 365 * 24 * 3600.0
+
+# The operations a KMS worker serves (and nothing else: there is no export).
+LIFECYCLE_OPS = frozenset(
+    {"create_key", "get_key", "list_keys", "rotate_key", "disable_key", "enable_key",
+     "schedule_destroy", "cancel_destroy"}
+)
+CRYPTO_OPS = frozenset({"encapsulate", "decapsulate", "sign", "verify", "encrypt", "decrypt"})
+OPS = LIFECYCLE_OPS | CRYPTO_OPS | {"batch", "ping"}
+BATCH_OPS = CRYPTO_OPS | {"get_key"}  # what one batch item may be
+DEFAULT_MAX_BATCH = 1000
+
+
+def new_key_id() -> str:
+    """``k_`` + 26 lower-case base32 characters from the OS CSPRNG (130 bits)."""
+    return KEY_ID_PREFIX + b32encode(secrets.token_bytes(20)).decode("ascii").lower()[:KEY_ID_CHARS]
+
+
+def key_not_found(key_id: object) -> KeyNotFound:
+    """The one "no such key" error: identical for a random id and another tenant's id."""
+    shown = key_id if isinstance(key_id, str) else type(key_id).__name__
+    if len(shown) > 40:
+        shown = shown[:40] + "..."
+    return KeyNotFound(f"no key {shown!r}")
+
+
+class KeyState(str, enum.Enum):
+    ENABLED = "enabled"
+    DISABLED = "disabled"
+    PENDING_DESTRUCTION = "pending_destruction"
+    DESTROYED = "destroyed"
+
+
+@dataclass(frozen=True, slots=True)
+class VersionInfo:
+    version: int
+    state: str  # "active" | "destroyed"
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class KeyInfo:
+    """A key's metadata and the public key of ``version`` (the latest unless asked)."""
+
+    key_id: str
+    kind: str
+    algorithm: str
+    label: str | None
+    state: KeyState
+    version: int  # the version public_key belongs to
+    latest_version: int
+    public_key: bytes | None  # None once destroyed
+    created_at: float
+    updated_at: float
+    destroy_at: float | None
+    destroyed_at: float | None
+    versions: tuple[VersionInfo, ...] = ()
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "key_id": self.key_id,
+            "kind": self.kind,
+            "algorithm": self.algorithm,
+            "label": self.label,
+            "state": self.state.value,
+            "version": self.version,
+            "latest_version": self.latest_version,
+            "public_key": self.public_key,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+            "destroy_at": self.destroy_at,
+            "destroyed_at": self.destroyed_at,
+            "versions": [[v.version, v.state, v.created_at] for v in self.versions],
+        }
+
+    @classmethod
+    def from_wire(cls, d: Any) -> KeyInfo:
+        if type(d) is not dict:
+            raise ValueError("key info must be a dict")
+        return cls(
+            key_id=d["key_id"],
+            kind=d["kind"],
+            algorithm=d["algorithm"],
+            label=d["label"],
+            state=KeyState(d["state"]),
+            version=d["version"],
+            latest_version=d["latest_version"],
+            public_key=d["public_key"],
+            created_at=d["created_at"],
+            updated_at=d["updated_at"],
+            destroy_at=d["destroy_at"],
+            destroyed_at=d["destroyed_at"],
+            versions=tuple(VersionInfo(v[0], v[1], v[2]) for v in d["versions"]),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class KeyPage:
+    keys: tuple[KeyInfo, ...]
+    next_cursor: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class KEKSettings:
+    """Where the KMS finds its KEK (``kms.kek`` in the config). Names a source; holds no secret."""
+
+    provider: Literal["file", "env"] = "file"
+    file: str | None = None  # provider "file": path of the base64 KEK file (0600)
+    env: str = "QPHER_KEK"  # provider "env": the variable holding the base64 KEK

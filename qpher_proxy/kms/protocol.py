@@ -1,0 +1,738 @@
+"""The KMS wire protocol: a sans-I/O framed protocol between the gateway and a KMS worker.
+
+Theory of operation
+===================
+
+The gateway and each KMS worker share one ``socket.socketpair()``: a private, reliable,
+ordered byte stream that nobody else can open (no path, no port). This module turns that
+byte stream into *frames* and frames into *events*, in the manner of h11: it never touches
+a socket, a thread or trio. The gateway-side client and the KMS service are thin loops that
+move bytes between their socket and a connection object from here::
+
+    conn.receive_data(data)          # bytes in (b"" means the peer closed)
+    event = conn.next_event()        # -> an event, or NEED_DATA
+    data = conn.request(ctx, op, args)   # events out -> bytes to send
+
+Framing
+-------
+Every frame is ``length:u32be || type:u8 || rid:u32be || payload`` where ``length`` counts
+the bytes after itself (so it is at least 5). ``rid`` is the request id chosen by the client;
+responses carry it back, which lets many requests be in flight on one socket and be answered
+in any order. Frames are binary-safe: payloads are length-prefixed everywhere, never
+delimited. A connection refuses a length above ``max_frame_size`` *as soon as the four
+length bytes arrive*, before buffering the body, so a peer cannot make us hold more than one
+maximal frame.
+
+Frame types and who sends them::
+
+    HELLO     gateway -> KMS   first frame, rid 0: service token + worker configuration
+    READY     KMS -> gateway   bootstrap succeeded, rid 0: non-secret facts (pid, backend, kek id)
+    REQUEST   gateway -> KMS   token, tenant context, op name, args
+    RESPONSE  KMS -> gateway   the op's result
+    ERROR     KMS -> gateway   code, HTTP status hint, safe message; rid 0 = fatal for the worker
+
+Payload encodings::
+
+    HELLO     token[32] || value(config)
+    READY     value(info)
+    REQUEST   token[32] || str8 tenant_id || str8 request_id || str8 api_key_id || str8 op || value(args)
+    RESPONSE  value(result)
+    ERROR     status:u16 || str8 code || str16 message
+
+``strN`` is a uN length then UTF-8. ``value`` is a tiny self-describing tagged encoding (a
+strict subset of what msgpack does, written here so that it is bytes-safe, dependency-free
+and cheap): ``None``, ``bool``, ``int`` (i64), ``float`` (f64), ``bytes`` and ``str`` (u32
+length), ``list`` (u32 count) and ``dict`` with ``str8`` keys (u32 count), nested at most
+``MAX_DEPTH`` deep. Decoding checks every length against what is left of the frame first,
+so a lying count cannot make us allocate.
+
+State machine
+-------------
+One table, as in h11's ``_state.py``::
+
+    role     state           accepts (receive)                  may send
+    SERVER   AWAIT_HELLO     HELLO                              (nothing)
+    SERVER   SERVING         REQUEST                            READY (once, first), RESPONSE, ERROR
+    CLIENT   AWAIT_READY     READY, ERROR(rid 0)                HELLO (once, first)
+    CLIENT   SERVING         RESPONSE, ERROR                    REQUEST
+    any      CLOSED          (nothing; EOF seen or an error)    (nothing)
+
+Anything else -- a frame type not accepted in the current state, a length out of range, a
+header too short for its type, bytes after EOF, EOF in the middle of a frame -- raises
+:class:`ProtocolError`, and the connection is dead from then on (``next_event`` keeps
+raising). The loop around us ends that connection; for a KMS worker that means the process
+exits cleanly and the supervisor starts a fresh one.
+
+A REQUEST frame that is well framed but whose *contents* are unacceptable (no tenant, a
+token of the wrong length, undecodable args) is not a framing error: we know its rid and its
+end, so the server gets a :class:`RejectedRequest` event, answers it with an ERROR frame and
+keeps serving. Checking that the token is *the right one* is the service's job
+(``hmac.compare_digest`` against the secret it was given in HELLO): this module never holds
+the expected token.
+
+What a Request is
+-----------------
+A :class:`Request` cannot be constructed without a 32-byte service token and a
+:class:`~qpher_proxy.context.TenantContext` whose ``tenant_id``, ``request_id`` and
+``api_key_id`` are non-empty; :meth:`ClientConnection.request` takes the token from the
+connection (given once at construction) and the context from the caller, so the gateway has
+no way to emit a frame without either. There is no second path to the KMS.
+
+Secrets
+-------
+Frames carry secrets (the token; plaintexts, shared secrets, messages). Nothing here logs,
+and no ``repr`` or exception message in this module contains frame bytes: errors say what was
+expected and what came in terms of sizes and type codes only.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal, Union
+
+from ..context import TenantContext
+from ..errors import QpherError
+
+KiB = 1024
+MiB = 1024 * KiB
+
+TOKEN_BYTES = 32  # 256-bit service token, fresh per worker start (secrets.token_bytes)
+DEFAULT_MAX_FRAME_SIZE = 16 * MiB  # above the default 1 MiB HTTP body limit with room for batches
+MIN_FRAME_SIZE = 64 * KiB  # smallest max_frame_size we accept: a maximal error frame must fit
+MAX_DEPTH = 8  # nesting of lists/dicts in a value: a batch is depth 3
+MAX_RID = 0xFFFF_FFFF
+
+_LEN = struct.Struct(">I")
+_HDR = struct.Struct(">IBI")  # length, type, rid
+_HDR_SIZE = 9
+_BODY_HDR = 5  # type + rid: the minimum value of ``length``
+_U8 = struct.Struct(">B")
+_U16 = struct.Struct(">H")
+_U32 = struct.Struct(">I")
+_I64 = struct.Struct(">q")
+_F64 = struct.Struct(">d")
+_TAG_LEN = struct.Struct(">BI")
+
+Value = Union[None, bool, int, float, bytes, str, "list[Value]", "dict[str, Value]"]
+
+
+class FrameType(enum.IntEnum):
+    HELLO = 1
+    READY = 2
+    REQUEST = 3
+    RESPONSE = 4
+    ERROR = 5
+
+
+class Role(enum.Enum):
+    CLIENT = "client"  # the gateway
+    SERVER = "server"  # a KMS worker
+
+
+class State(enum.Enum):
+    AWAIT_HELLO = "await_hello"
+    AWAIT_READY = "await_ready"
+    SERVING = "serving"
+    CLOSED = "closed"
+
+
+class ProtocolError(QpherError):
+    """The byte stream is not a valid frame sequence: the connection must end."""
+
+    code = "kms_protocol_error"
+    status = 500
+
+
+class _Sentinel(enum.Enum):
+    NEED_DATA = "NEED_DATA"
+
+    def __repr__(self) -> str:
+        return self.value
+
+
+NEED_DATA: Final = _Sentinel.NEED_DATA  # "feed me more bytes"; ``event is NEED_DATA`` narrows the type
+
+
+# ---- events ------------------------------------------------------------------------------
+
+
+def _check_token(token: object) -> bytes:
+    if type(token) is not bytes or len(token) != TOKEN_BYTES:
+        raise ValueError(f"service token must be {TOKEN_BYTES} bytes")
+    return token
+
+
+def _context_bytes(context: object) -> bytes:
+    """``str8 tenant || str8 request_id || str8 api_key_id``, checking each is present."""
+    if type(context) is not TenantContext:
+        raise TypeError(f"context must be a TenantContext, not {type(context).__name__}")
+    t, r, a = context.tenant_id, context.request_id, context.api_key_id
+    if type(t) is str and type(r) is str and type(a) is str:
+        tb, rb, ab = t.encode(), r.encode(), a.encode()
+        if 0 < len(tb) <= 255 and 0 < len(rb) <= 255 and 0 < len(ab) <= 255:
+            return b"".join((bytes((len(tb),)), tb, bytes((len(rb),)), rb, bytes((len(ab),)), ab))
+    for name, v in (("tenant_id", t), ("request_id", r), ("api_key_id", a)):
+        if type(v) is not str or not v:
+            raise ValueError(f"context.{name} must be a non-empty string")
+        if len(v.encode()) > 255:
+            raise ValueError(f"context.{name} must be at most 255 bytes of UTF-8")
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _check_context(context: object) -> TenantContext:
+    _context_bytes(context)
+    return context  # type: ignore[return-value]
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """First frame gateway -> KMS: the per-start service token and the worker's settings."""
+
+    token: bytes = field(repr=False)
+    config: dict[str, Value]
+
+    def __post_init__(self) -> None:
+        _check_token(self.token)
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    """KMS -> gateway after a successful bootstrap: non-secret facts about the worker."""
+
+    info: dict[str, Value]
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One operation, always with the service token and the tenant context."""
+
+    rid: int
+    token: bytes = field(repr=False)
+    context: TenantContext
+    op: str
+    args: dict[str, Value] = field(repr=False)
+
+    def __post_init__(self) -> None:
+        _check_token(self.token)
+        _check_context(self.context)
+        if type(self.op) is not str or not 0 < len(self.op) <= 64:
+            raise ValueError("op must be a non-empty string of at most 64 characters")
+        if type(self.rid) is not int or not 0 < self.rid <= MAX_RID:
+            raise ValueError(f"rid must be in 1..{MAX_RID}")
+
+
+@dataclass(frozen=True, slots=True)
+class RejectedRequest:
+    """A well-framed REQUEST whose contents are not acceptable; answer with an ERROR frame."""
+
+    rid: int
+    code: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    rid: int
+    value: Value = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Error:
+    """An error answer. ``rid == 0`` is about the connection itself (a failed bootstrap)."""
+
+    rid: int
+    code: str
+    status: int
+    message: str
+
+    @classmethod
+    def from_exception(cls, rid: int, exc: QpherError) -> Error:
+        return cls(rid, exc.code, exc.status, exc.message)
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionClosed:
+    """The peer closed its end cleanly, between frames."""
+
+
+Event = Union[Hello, Ready, Request, RejectedRequest, Response, Error, ConnectionClosed]
+NeedData = Literal[_Sentinel.NEED_DATA]
+
+
+# ---- value codec -------------------------------------------------------------------------
+
+_T_NONE, _T_TRUE, _T_FALSE, _T_INT, _T_FLOAT, _T_BYTES, _T_STR, _T_LIST, _T_DICT = range(9)
+_NONE_B = bytes([_T_NONE])
+_TRUE_B = bytes([_T_TRUE])
+_FALSE_B = bytes([_T_FALSE])
+_TAG_I64 = struct.Struct(">Bq")
+_TAG_F64 = struct.Struct(">Bd")
+_KEYS: dict[str, bytes] = {}  # dict key -> its str8 encoding; keys come from our code, a small set
+_MAX_CACHED_KEYS = 1024
+_OPS: dict[str, bytes] = {}  # op name -> its str8 encoding
+
+
+def _key_bytes(k: object) -> bytes:
+    if type(k) is not str:
+        raise TypeError(f"dict keys must be str, not {type(k).__name__}")
+    b = k.encode()
+    if len(b) > 255:
+        raise ValueError("dict keys must be at most 255 bytes")
+    kb = bytes((len(b),)) + b
+    if len(_KEYS) < _MAX_CACHED_KEYS:
+        _KEYS[k] = kb
+    return kb
+
+
+def _encode_value(v: Any, out: list[bytes], depth: int = 0) -> None:
+    # Hot path: the leaf types of a typical request or answer are handled inline in the dict
+    # loop below (no recursive call); everything else goes through the general branches.
+    t = type(v)
+    if t is dict:
+        if depth >= MAX_DEPTH:
+            raise ValueError(f"values nest at most {MAX_DEPTH} deep")
+        out.append(_TAG_LEN.pack(_T_DICT, len(v)))
+        keys = _KEYS
+        for k, item in v.items():
+            out.append(keys.get(k) or _key_bytes(k))
+            ti = type(item)
+            if ti is bytes:
+                out.append(_TAG_LEN.pack(_T_BYTES, len(item)))
+                out.append(item)
+            elif item is None:
+                out.append(_NONE_B)
+            elif ti is int:
+                try:
+                    out.append(_TAG_I64.pack(_T_INT, item))
+                except struct.error:
+                    raise ValueError("integers on the wire must fit in 64 bits") from None
+            else:
+                _encode_value(item, out, depth + 1)
+    elif t is bytes:
+        out.append(_TAG_LEN.pack(_T_BYTES, len(v)))
+        out.append(v)
+    elif t is str:
+        b = v.encode()
+        out.append(_TAG_LEN.pack(_T_STR, len(b)))
+        out.append(b)
+    elif t is int:
+        try:
+            out.append(_TAG_I64.pack(_T_INT, v))
+        except struct.error:
+            raise ValueError("integers on the wire must fit in 64 bits") from None
+    elif v is None:
+        out.append(_NONE_B)
+    elif v is True:
+        out.append(_TRUE_B)
+    elif v is False:
+        out.append(_FALSE_B)
+    elif t is list or t is tuple:
+        if depth >= MAX_DEPTH:
+            raise ValueError(f"values nest at most {MAX_DEPTH} deep")
+        out.append(_TAG_LEN.pack(_T_LIST, len(v)))
+        for item in v:
+            _encode_value(item, out, depth + 1)
+    elif t is float:
+        out.append(_TAG_F64.pack(_T_FLOAT, v))
+    elif t is bytearray or t is memoryview:
+        b = bytes(v)
+        out.append(_TAG_LEN.pack(_T_BYTES, len(b)))
+        out.append(b)
+    else:
+        raise TypeError(f"cannot encode a {t.__name__} value")
+
+
+def encode_value(v: Any) -> bytes:
+    out: list[bytes] = []
+    _encode_value(v, out)
+    return b"".join(out)
+
+
+def _decode_at(buf: bytes, p: int, depth: int) -> tuple[Value, int]:
+    """Decode the value starting at ``buf[p]``; returns it and the offset after it.
+
+    ``buf`` is exactly one frame's payload, so ``len(buf)`` is the frame's end; every length
+    is checked against it before anything is sliced or allocated."""
+    end = len(buf)
+    if p >= end:
+        raise ValueError("value runs past the end of the frame")
+    tag = buf[p]
+    if tag == _T_BYTES or tag == _T_STR:
+        if end - p < 5:
+            raise ValueError("value runs past the end of the frame")
+        n = _U32.unpack_from(buf, p + 1)[0]
+        p += 5
+        q = p + n
+        if q > end:
+            raise ValueError("value runs past the end of the frame")
+        return (buf[p:q] if tag == _T_BYTES else buf[p:q].decode()), q
+    if tag == _T_INT:
+        if end - p < 9:
+            raise ValueError("value runs past the end of the frame")
+        return _I64.unpack_from(buf, p + 1)[0], p + 9
+    if tag == _T_NONE:
+        return None, p + 1
+    if tag == _T_TRUE:
+        return True, p + 1
+    if tag == _T_FALSE:
+        return False, p + 1
+    if tag == _T_DICT or tag == _T_LIST:
+        if depth >= MAX_DEPTH:
+            raise ValueError(f"values nest at most {MAX_DEPTH} deep")
+        if end - p < 5:
+            raise ValueError("value runs past the end of the frame")
+        n = _U32.unpack_from(buf, p + 1)[0]
+        p += 5
+        # every item takes at least one byte (a dict item two), so a count larger than what is
+        # left is a lie: refuse it before building anything
+        if n > end - p:
+            raise ValueError("count runs past the end of the frame")
+        depth += 1
+        if tag == _T_LIST:
+            items: list[Value] = []
+            for _ in range(n):
+                v, p = _decode_at(buf, p, depth)
+                items.append(v)
+            return items, p
+        d: dict[str, Value] = {}
+        for _ in range(n):
+            if p >= end:
+                raise ValueError("key runs past the end of the frame")
+            q = p + 1 + buf[p]
+            if q >= end:
+                raise ValueError("key runs past the end of the frame")
+            k = buf[p + 1 : q].decode()
+            tag = buf[q]
+            if tag == _T_BYTES and end - q >= 5:  # the common leaves, inline
+                p = q + 5 + _U32.unpack_from(buf, q + 1)[0]
+                if p > end:
+                    raise ValueError("value runs past the end of the frame")
+                d[k] = buf[q + 5 : p]
+            elif tag == _T_NONE:
+                d[k] = None
+                p = q + 1
+            elif tag == _T_INT and end - q >= 9:
+                d[k] = _I64.unpack_from(buf, q + 1)[0]
+                p = q + 9
+            else:
+                d[k], p = _decode_at(buf, q, depth)
+        return d, p
+    if tag == _T_FLOAT:
+        if end - p < 9:
+            raise ValueError("value runs past the end of the frame")
+        return _F64.unpack_from(buf, p + 1)[0], p + 9
+    raise ValueError(f"unknown value tag {tag}")
+
+
+def _str8_at(buf: bytes, p: int) -> tuple[str, int]:
+    if p >= len(buf):
+        raise ValueError("string runs past the end of the frame")
+    q = p + 1 + buf[p]
+    if q > len(buf):
+        raise ValueError("string runs past the end of the frame")
+    return buf[p + 1 : q].decode(), q
+
+
+def decode_value(data: bytes) -> Value:
+    """Decode exactly one value; raises ``ValueError`` (or ``UnicodeDecodeError``) if malformed."""
+    v, p = _decode_at(data, 0, 0)
+    if p != len(data):
+        raise ValueError("trailing bytes after the value")
+    return v
+
+
+def _str8(s: str) -> bytes:
+    b = s.encode()
+    if len(b) > 255:
+        raise ValueError("string too long for a str8 field")
+    return bytes([len(b)]) + b
+
+
+def _frame(ftype: int, rid: int, payload: list[bytes], max_frame_size: int) -> bytes:
+    n = _BODY_HDR + sum(map(len, payload))
+    if n > max_frame_size:
+        raise ProtocolError(f"frame of {n} bytes exceeds the maximum of {max_frame_size}")
+    payload.insert(0, _HDR.pack(n, ftype, rid))
+    return b"".join(payload)
+
+
+# ---- connections -------------------------------------------------------------------------
+
+
+_NOTHING: frozenset[int] = frozenset()
+
+
+class _Connection:
+    """Shared receive machinery: a byte buffer, the frame splitter and the state."""
+
+    _accepts: dict[State, frozenset[int]] = {}
+
+    def __init__(self, role: Role, state: State, max_frame_size: int) -> None:
+        if max_frame_size < MIN_FRAME_SIZE:
+            raise ValueError(f"max_frame_size must be at least {MIN_FRAME_SIZE}")
+        self.role = role
+        self.state = state
+        self.max_frame_size = max_frame_size
+        self._buf = bytearray()
+        self._pos = 0
+        self._eof = False
+        self._error: ProtocolError | None = None
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Feed bytes read from the socket (copied); empty means the peer closed its end."""
+        if self._eof and data:
+            self._fail(ProtocolError("bytes received after end of stream"))
+        if not data:
+            self._eof = True
+            return
+        if self._pos:
+            if self._pos == len(self._buf):
+                self._buf.clear()
+            else:
+                del self._buf[: self._pos]
+            self._pos = 0
+        self._buf += data
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet turned into events."""
+        return len(self._buf) - self._pos
+
+    def _fail(self, exc: ProtocolError) -> None:
+        self.state = State.CLOSED
+        self._error = exc
+        self._buf.clear()
+        self._pos = 0
+        raise exc
+
+    def next_event(self) -> Event | NeedData:
+        """The next complete event, :data:`NEED_DATA`, or :class:`ConnectionClosed` once.
+
+        Raises :class:`ProtocolError` on anything malformed, then on every later call."""
+        if self._error is not None:
+            raise self._error
+        buf = self._buf
+        pos = self._pos
+        avail = len(buf) - pos
+        if avail < _HDR_SIZE:
+            if avail >= 4:
+                self._check_length(_LEN.unpack_from(buf, pos)[0])
+            if self._eof:
+                if avail:
+                    self._fail(ProtocolError(f"connection closed in the middle of a frame ({avail} bytes)"))
+                self.state = State.CLOSED
+                return ConnectionClosed()
+            return NEED_DATA
+        n, ftype, rid = _HDR.unpack_from(buf, pos)
+        if n < _BODY_HDR or n > self.max_frame_size:
+            self._check_length(n)
+        end = pos + 4 + n
+        if end > len(buf):
+            if self._eof:
+                self._fail(ProtocolError(f"connection closed in the middle of a frame ({avail} of {n + 4} bytes)"))
+            return NEED_DATA
+        if ftype not in self._accepts.get(self.state, _NOTHING):
+            name = FrameType(ftype).name if ftype in FrameType._value2member_map_ else str(ftype)
+            self._fail(ProtocolError(f"unexpected frame type {name} in state {self.state.value}"))
+        self._pos = end
+        # one copy of the frame body: payload decoding then slices an immutable object
+        with memoryview(buf) as view:
+            body = bytes(view[pos + _HDR_SIZE : end])
+        try:
+            return self._decode(ftype, rid, body)
+        except ProtocolError as exc:
+            self._fail(exc)
+            raise  # pragma: no cover  (_fail raises)
+
+    def _check_length(self, n: int) -> None:
+        if n < _BODY_HDR:
+            self._fail(ProtocolError(f"frame length {n} is below the minimum of {_BODY_HDR}"))
+        if n > self.max_frame_size:
+            self._fail(ProtocolError(f"frame of {n} bytes exceeds the maximum of {self.max_frame_size}"))
+
+    def _decode(self, ftype: int, rid: int, body: bytes) -> Event:  # pragma: no cover
+        raise NotImplementedError
+
+
+class ServerConnection(_Connection):
+    """The KMS worker's side: receives HELLO then REQUESTs, sends READY/RESPONSE/ERROR."""
+
+    _accepts = {
+        State.AWAIT_HELLO: frozenset({FrameType.HELLO}),
+        State.SERVING: frozenset({FrameType.REQUEST}),
+    }
+
+    def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
+        super().__init__(Role.SERVER, State.AWAIT_HELLO, max_frame_size)
+        self._ready_sent = False
+
+    def _decode(self, ftype: int, rid: int, body: bytes) -> Event:
+        if ftype == FrameType.REQUEST:
+            return self._decode_request(rid, body)
+        # HELLO: a bad HELLO is fatal; there is no one to answer yet
+        if rid != 0 or len(body) < TOKEN_BYTES:
+            raise ProtocolError("malformed HELLO frame")
+        try:
+            config = decode_value(body[TOKEN_BYTES:])
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ProtocolError("malformed HELLO frame") from exc
+        if type(config) is not dict:
+            raise ProtocolError("malformed HELLO frame: config must be a dict")
+        self.state = State.SERVING
+        return Hello(body[:TOKEN_BYTES], config)
+
+    def _decode_request(self, rid: int, body: bytes) -> Event:
+        if rid == 0:
+            raise ProtocolError("REQUEST frame with rid 0")
+        if len(body) < TOKEN_BYTES + 4:
+            return RejectedRequest(rid, "bad_request", "request frame too short for a token and a context")
+        try:
+            p = TOKEN_BYTES
+            q = p + 1 + body[p]
+            tenant = body[p + 1 : q].decode()
+            p = q + 1 + body[q]
+            request_id = body[q + 1 : p].decode()
+            q = p + 1 + body[p]
+            api_key_id = body[p + 1 : q].decode()
+            p = q + 1 + body[q]
+            op = body[q + 1 : p].decode()
+            if p > len(body):
+                raise ValueError("context runs past the end of the frame")
+            args, p = _decode_at(body, p, 0)
+            if p != len(body):
+                raise ValueError("trailing bytes after the args")
+        except (ValueError, IndexError, UnicodeDecodeError):
+            return RejectedRequest(rid, "bad_request", "undecodable request frame")
+        if not tenant:
+            return RejectedRequest(rid, "missing_tenant", "request carries no tenant")
+        if not request_id or not api_key_id:
+            return RejectedRequest(rid, "missing_context", "request carries no request id or api key id")
+        if not op:
+            return RejectedRequest(rid, "unknown_operation", "request names no operation")
+        if type(args) is not dict:
+            return RejectedRequest(rid, "bad_request", "request args must be a dict")
+        # Not via Request(...): the checks above are the same and this is the hot path.
+        req = object.__new__(Request)
+        object.__setattr__(req, "rid", rid)
+        object.__setattr__(req, "token", body[:TOKEN_BYTES])
+        object.__setattr__(req, "context", TenantContext(tenant, request_id, api_key_id))
+        object.__setattr__(req, "op", op)
+        object.__setattr__(req, "args", args)
+        return req
+
+    # ---- sending ----
+
+    def ready(self, info: dict[str, Value]) -> bytes:
+        if self.state is not State.SERVING or self._ready_sent:
+            raise ProtocolError(f"cannot send READY in state {self.state.value}")
+        self._ready_sent = True
+        return _frame(FrameType.READY, 0, [encode_value(info)], self.max_frame_size)
+
+    def response(self, rid: int, value: Value) -> bytes:
+        out: list[bytes] = [b""]
+        _encode_value(value, out)
+        n = _BODY_HDR + sum(map(len, out))
+        if n > self.max_frame_size:
+            raise ProtocolError(f"frame of {n} bytes exceeds the maximum of {self.max_frame_size}")
+        out[0] = _HDR.pack(n, FrameType.RESPONSE, rid)
+        return b"".join(out)
+
+    def error(self, rid: int, code: str, status: int, message: str) -> bytes:
+        """An ERROR frame; works in any state (a fatal bootstrap error is sent before READY)."""
+        mb = message.encode()[:4096]
+        return _frame(
+            FrameType.ERROR, rid, [_U16.pack(status), _str8(code), _U16.pack(len(mb)), mb], self.max_frame_size
+        )
+
+    def error_from(self, rid: int, exc: QpherError) -> bytes:
+        return self.error(rid, exc.code, exc.status, exc.message)
+
+
+class ClientConnection(_Connection):
+    """The gateway's side of one worker: sends HELLO then REQUESTs; receives READY/RESPONSE/ERROR.
+
+    The service token is given once, here; every request frame carries it. Request ids are
+    allocated by the connection (wrapping within 1..2**32-1)."""
+
+    _accepts = {
+        State.AWAIT_READY: frozenset({FrameType.READY, FrameType.ERROR}),
+        State.SERVING: frozenset({FrameType.RESPONSE, FrameType.ERROR}),
+    }
+
+    def __init__(self, token: bytes, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
+        super().__init__(Role.CLIENT, State.AWAIT_READY, max_frame_size)
+        self._token = _check_token(token)
+        self._hello_sent = False
+        self._next_rid = 1
+
+    def __repr__(self) -> str:
+        return f"<ClientConnection state={self.state.value}>"
+
+    def hello(self, config: dict[str, Value]) -> bytes:
+        if self._hello_sent:
+            raise ProtocolError("HELLO already sent")
+        self._hello_sent = True
+        return _frame(FrameType.HELLO, 0, [self._token, encode_value(config)], self.max_frame_size)
+
+    def request(self, context: TenantContext, op: str, args: dict[str, Value]) -> tuple[int, bytes]:
+        """Encode one REQUEST; returns ``(rid, frame_bytes)``."""
+        if self.state is not State.SERVING:
+            raise ProtocolError(f"cannot send a request in state {self.state.value}")
+        ctx = _context_bytes(context)
+        if type(args) is not dict:
+            raise TypeError("args must be a dict")
+        rid = self._next_rid
+        self._next_rid = 1 if rid == MAX_RID else rid + 1
+        opb = _OPS.get(op)
+        if opb is None:
+            opb = _str8(op)
+            if len(_OPS) < _MAX_CACHED_KEYS:
+                _OPS[op] = opb
+        out: list[bytes] = [b"", self._token, ctx, opb]
+        _encode_value(args, out)
+        n = _BODY_HDR + sum(map(len, out))
+        if n > self.max_frame_size:
+            raise ProtocolError(f"frame of {n} bytes exceeds the maximum of {self.max_frame_size}")
+        out[0] = _HDR.pack(n, FrameType.REQUEST, rid)
+        return rid, b"".join(out)
+
+    def _decode(self, ftype: int, rid: int, body: bytes) -> Event:
+        try:
+            if ftype == FrameType.RESPONSE:
+                return Response(rid, decode_value(body))
+            if ftype == FrameType.ERROR:
+                if len(body) < 2:
+                    raise ValueError("short error frame")
+                status = _U16.unpack_from(body, 0)[0]
+                code, p = _str8_at(body, 2)
+                if len(body) < p + 2:
+                    raise ValueError("short error frame")
+                mlen = _U16.unpack_from(body, p)[0]
+                if len(body) != p + 2 + mlen:
+                    raise ValueError("error message length does not match the frame")
+                message = body[p + 2 :].decode()
+                return Error(rid, code, status, message)
+            if rid != 0:
+                raise ValueError("READY with a non-zero rid")
+            info = decode_value(body)
+            if type(info) is not dict:
+                raise ValueError("READY info must be a dict")
+            self.state = State.SERVING
+            return Ready(info)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ProtocolError(f"malformed {FrameType(ftype).name} frame") from exc
+
+
+def encode_raw_request(
+    rid: int, token: bytes, tenant_id: str, request_id: str, api_key_id: str, op: str, args: Value
+) -> bytes:
+    """A REQUEST frame with *no* checks: for tests that must put bad frames on the wire."""
+    payload = [token, _str8(tenant_id), _str8(request_id), _str8(api_key_id), _str8(op), encode_value(args)]
+    return _frame(FrameType.REQUEST, rid, payload, 2**32 - 1)
+
+
+def encode_raw_hello(token: bytes, config: dict[str, Value]) -> bytes:
+    """A HELLO frame with no checks (tests and the bench's direct-to-child mode)."""
+    return _frame(FrameType.HELLO, 0, [token, encode_value(config)], 2**32 - 1)

@@ -1,0 +1,43 @@
+"""The process boundary is checked: statically (import-linter) and at run time."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
+KMS_ONLY = (
+    "qpher_proxy.kms.service", "qpher_proxy.kms.keystore", "qpher_proxy.kms.keyfile", "qpher_proxy.kms.kek",
+    "qpher_proxy.kms.admin", "qpher_proxy.crypto.backends",
+)
+
+
+@pytest.mark.skipif(not LINT_IMPORTS.exists(), reason="lint-imports is not installed next to this Python")
+def test_import_linter_contracts_are_kept() -> None:
+    r = subprocess.run([str(LINT_IMPORTS), "--no-cache"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Gateway-side modules never import" in r.stdout and " 0 broken" in r.stdout
+
+
+def test_importing_the_gateway_side_of_the_kms_loads_nothing_kms_only() -> None:
+    code = (
+        "import sys, qpher_proxy.kms, qpher_proxy.kms.client, qpher_proxy.kms.supervisor, "
+        "qpher_proxy.kms.protocol, qpher_proxy.kms.model\n"
+        "qpher_proxy.kms.KMSClient, qpher_proxy.kms.open_kms\n"
+        f"bad = [m for m in {KMS_ONLY!r} if m in sys.modules]\n"
+        "print(bad)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
+
+
+def test_the_worker_entry_point_does_not_load_trio() -> None:
+    code = "import sys, qpher_proxy.kms.service, qpher_proxy.kms.__main__\nprint('trio' in sys.modules)\n"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "False"
