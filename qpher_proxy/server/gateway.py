@@ -35,7 +35,8 @@ from ..auth.apikeys import APIKeyRecord, Authenticator
 from ..auth.headers import extract_api_key, redact_target
 from ..context import TenantContext
 from ..errors import (
-    AuditUnavailable, BadRequest, NotFound, PolicyDenied, QpherError, RateLimited, Unauthenticated,
+    AuditUnavailable, BadRequest, KeyNotFound, NotFound, PolicyDenied, QpherError, RateLimited,
+    Unauthenticated,
 )
 from ..http import Request, Response
 from ..http.messages import error_response
@@ -147,7 +148,9 @@ class Gateway:
 
         parsed = None
         if route.owner == "api":
-            body = await req.read_body() if route.has_body else b""
+            # Routes without fields still take an empty body or {} (anything else is refused
+            # by parse); GET bodies are never read.
+            body = await req.read_body() if route.has_body or route.method != "GET" else b""
             parsed = self.api.parse(route, body, params, req.query)
             facts = parsed.policy_facts()
             metas = await self._key_metas(ctx, facts["key_ids"]) if facts["key_ids"] else [(None, None)]
@@ -284,12 +287,17 @@ class Gateway:
         for kid in key_ids:
             meta = cache.get((ctx.tenant_id, kid))
             if meta is None:
-                info = await self.kms.get_key(ctx, kid)
+                try:
+                    info = await self.kms.get_key(ctx, kid)
+                except KeyNotFound:
+                    # Not this tenant's key (or no such key): the operation itself answers
+                    # key_not_found -- for a batch, on that item alone.
+                    continue
                 meta = self._remember_key(ctx.tenant_id, kid, info.algorithm, info.label)
             else:
                 cache.move_to_end((ctx.tenant_id, kid))
             seen[meta] = None
-        return list(seen)
+        return list(seen) or [(None, None)]
 
     def _remember_key(self, tenant: str, key_id: str, algorithm: Any, label: Any) -> tuple[str, str | None]:
         meta = (str(algorithm), label if isinstance(label, str) else None)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import select
 import signal
 import ssl
 import subprocess
@@ -57,8 +56,10 @@ class Gateway:
     port: int
     demo_key: str
     ca_file: Path
+    log_file: Path = Path("/dev/null")
     log_lines: list[dict[str, Any]] = field(default_factory=list)
     _stderr_buf: bytes = b""
+    _log_offset: int = 0
 
     def context(self) -> ssl.SSLContext:
         ctx = ssl.create_default_context(cafile=str(self.ca_file))
@@ -68,14 +69,14 @@ class Gateway:
         return Client(self, api_key if api_key is not None else self.demo_key)
 
     def read_logs(self) -> list[dict[str, Any]]:
-        """Drain what the gateway wrote to stderr so far (JSON lines) into ``log_lines``."""
-        assert self.proc.stderr is not None
-        fd = self.proc.stderr.fileno()
-        while select.select([fd], [], [], 0)[0]:
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                break
-            self._stderr_buf += chunk
+        """Parse what the gateway wrote to its log file since the last call (JSON lines) into
+        ``log_lines``. The log goes to a file, not a pipe: a pipe nobody drains would fill up
+        and block the gateway on its next log line."""
+        with open(self.log_file, "rb") as f:
+            f.seek(self._log_offset)
+            data = f.read()
+        self._log_offset += len(data)
+        self._stderr_buf += data
         *lines, self._stderr_buf = self._stderr_buf.split(b"\n")
         for line in lines:
             try:
@@ -97,25 +98,25 @@ class Gateway:
                 self.proc.kill()
                 self.proc.wait()
         self.read_logs()
-        assert self.proc.stderr is not None
-        self.proc.stderr.close()
         return self.proc.returncode
 
 
 def start_gateway(directory: Path, config: Path | None = None, env: dict[str, str] | None = None) -> Gateway:
     config = config or directory / "config.yaml"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "qpher_proxy", "serve", "--config", str(config)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env,
-    )
+    log_file = directory.parent / f"{directory.name}-gateway.log"
+    with open(log_file, "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "qpher_proxy", "serve", "--config", str(config)],
+            stdout=subprocess.DEVNULL, stderr=log, stdin=subprocess.DEVNULL, env=env,
+        )
     gw = Gateway(directory, proc, "", 0, (directory / "secrets" / "demo-api-key").read_text().strip(),
-                 directory / "certs" / "ca.crt")
+                 directory / "certs" / "ca.crt", log_file=log_file, _log_offset=log_file.stat().st_size)
     deadline = time.monotonic() + STARTUP_TIMEOUT
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             gw.read_logs()
             raise AssertionError(f"gateway exited {proc.returncode} during start-up: {gw.log_lines}")
-        select.select([proc.stderr], [], [], 0.1)
+        time.sleep(0.05)
         for rec in gw.read_logs():
             if rec.get("msg") == "serving":
                 host, _, port = rec["listen"][0].rpartition(":")
