@@ -48,7 +48,47 @@ class TextFormatter(logging.Formatter):
         return base
 
 
+_fast_stream: TextIO | None = None  # the JSON handler's stream, for the access log's fast path
+_ts_cache: list[Any] = [-1, ""]
+
+
+def _ts(now: float) -> str:
+    whole = int(now)
+    if whole != _ts_cache[0]:
+        _ts_cache[0] = whole
+        _ts_cache[1] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+    return f"{_ts_cache[1]}.{int((now - whole) * 1000):03d}Z"
+
+
+class AccessLog:
+    """One line per request on the ``qpher.access`` logger.
+
+    With the JSON format configured by :func:`configure_logging`, the line is written straight
+    to the handler's stream (the same JSON shape the formatter makes, at a third of the cost of
+    building a ``LogRecord``); otherwise it goes through ``logging`` as usual."""
+
+    def __init__(self) -> None:
+        self._logger = logging.getLogger("qpher.access")
+
+    def write(self, fields: dict[str, Any]) -> None:
+        logger = self._logger
+        if not logger.isEnabledFor(logging.INFO):
+            return
+        stream = _fast_stream
+        if stream is None:
+            logger.info("request", extra={"fields": fields})
+            return
+        head = f'{{"ts":"{_ts(time.time())}","level":"info","logger":"qpher.access","msg":"request",'
+        try:
+            stream.write(head + json.dumps(fields, separators=(",", ":"), default=str)[1:] + "\n")
+            stream.flush()
+        except (OSError, ValueError):
+            pass  # as logging.Handler.handleError would: a log line never fails a request
+
+
 def configure_logging(level: str = "info", fmt: str = "json", stream: TextIO | None = None) -> None:
+    global _fast_stream
+    _fast_stream = (stream or sys.stderr) if fmt == "json" else None
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JSONFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger("qpher")

@@ -109,13 +109,34 @@ def _check_value(path: str, value: object, depth: int) -> None:
     raise AuditFieldRefused(f"audit field {path!r} is a {type(value).__name__}, not plain JSON data")
 
 
+# Field names come from code, so the same few dozen names are checked on every record: their
+# verdicts are remembered (bounded, in case a caller passes open-ended names).
+_NAME_OK: dict[str, bool] = {}
+_NAME_OK_MAX = 4096
+
+
+def _name_ok(name: str) -> bool:
+    ok = _NAME_OK.get(name)
+    if ok is None:
+        ok = name not in RESERVED and not is_secret_name(name) and not _KEYISH.search(name)
+        if len(_NAME_OK) < _NAME_OK_MAX:
+            _NAME_OK[name] = ok
+    return ok
+
+
 def check_fields(fields: Mapping[str, object]) -> None:
     """Raise ``AuditFieldRefused`` unless every field is safe to write (see module docstring)."""
     for name, value in fields.items():
-        if name in RESERVED:
-            raise AuditFieldRefused(f"audit field name {name!r} is reserved")
-        if is_secret_name(name) or _KEYISH.search(name):
+        if not _name_ok(name):
+            if name in RESERVED:
+                raise AuditFieldRefused(f"audit field name {name!r} is reserved")
             raise AuditFieldRefused(f"audit field {name[:40]!r} is named like a secret; record its id instead")
+        if value is None or value.__class__ in (bool, int):
+            continue
+        if value.__class__ is str:
+            if "qph_" in value and _KEYISH.search(value):  # type: ignore[operator]
+                raise AuditFieldRefused(f"audit field {name!r} holds something shaped like an API key")
+            continue
         _check_value(name, value, 0)
 
 

@@ -41,6 +41,7 @@ from ..errors import (
 from ..http import Request, Response
 from ..http.messages import error_response
 from ..kms.client import KMSClient
+from ..logs import AccessLog
 from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ..metrics import Metrics
 from ..policy.engine import PolicyEngine
@@ -48,7 +49,6 @@ from ..policy.model import RequestFacts
 from ..ratelimit import QuotaCounter, RateLimits, TokenBucketLimiter
 from ..upstream import UpstreamClient, prepare_downstream_headers, prepare_upstream_headers
 
-access_log = logging.getLogger("qpher.access")
 log = logging.getLogger("qpher.gateway")
 
 _JSON = (b"content-type", b"application/json")
@@ -91,6 +91,7 @@ class Gateway:
         self._kms_ready = kms_ready if kms_ready is not None else (lambda: kms.ready)
         self._key_meta: OrderedDict[tuple[str, str], tuple[str, str | None]] = OrderedDict()
         self._limits_cache: dict[str, tuple[Any, RateLimits]] = {}
+        self._access = AccessLog()
 
     # ---- readiness ------------------------------------------------------------------------
 
@@ -332,13 +333,13 @@ class Gateway:
     def request_done(self, req: Request, status: int, duration: float, sent: int) -> None:
         route = req.state.get("route") or ("invalid" if not req.method else "unmatched")
         self.metrics.observe_request(route, status, duration)
-        if access_log.isEnabledFor(logging.INFO):
-            access_log.info("request", extra={"fields": {
-                "request_id": req.request_id, "tenant": req.state.get("tenant"),
-                "api_key_id": req.state.get("api_key_id"), "method": req.method, "route": route,
-                "status": status, "duration_ms": round(duration * 1e3, 3), "bytes_sent": sent,
-                "client": req.client_addr,
-            }})
+        state = req.state
+        self._access.write({
+            "request_id": req.request_id, "tenant": state.get("tenant"),
+            "api_key_id": state.get("api_key_id"), "method": req.method, "route": route,
+            "status": status, "duration_ms": round(duration * 1e3, 3), "bytes_sent": sent,
+            "client": req.client_addr,
+        })
 
 
 _AMBIGUOUS_PATH = ("%2f", "%2e", "%5c", "\\", "//")
