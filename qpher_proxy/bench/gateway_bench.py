@@ -1,0 +1,965 @@
+"""``qpher-proxy bench gateway``: the end-to-end figures of the gateway over real TLS.
+
+    qpher-proxy bench gateway --quick                      # both suites, under a minute
+    qpher-proxy bench gateway --only handshake --seconds 10 --clients 1
+    qpher-proxy bench gateway --suite api --json api.json --backend openssl
+    qpher-proxy bench gateway --only keepalive --profile   # where a /healthz request's time goes
+
+Everything runs on 127.0.0.1 in one invocation, against a throwaway state directory:
+
+1. ``qpher-proxy init --dir D --port P`` (a free port), then, in D only: ``upstream.url`` set to a
+   trivial upstream (``--suite api``), ``crypto.backend`` set by ``--backend``, and the demo
+   plan's rate limits raised so far that the limiter runs on every request but never refuses
+   one (``--keep-limits`` keeps the shipped limits; 429s are reported apart in any case).
+2. ``qpher-proxy serve --config D/config.yaml`` as a child process, ready when ``GET /healthz``
+   answers 200 over TLS (up to 30 s). Its log goes to D/serve.log.
+3. Debian's nginx (``bench/nginx.py``: one worker, static ``/healthz``, same TLS 1.3 settings
+   and no session resumption), unless ``--skip-nginx``.
+4. The load generator (``bench/loadgen.py``): ``--clients`` processes on epoll + pyOpenSSL.
+
+Suites (``--suite tls|api|all``, default all; ``--only`` narrows to one kind of run):
+
+- **tls** (issue 2): full TLS 1.3 handshakes/s and keep-alive ``GET /healthz`` requests/s, each
+  with a client offering only X25519MLKEM768 and only X25519, for the gateway and for nginx
+  in the same run, with gateway/nginx ratios. Each pair is first probed with one verified
+  handshake and request: a group the server cannot negotiate (Debian's nginx links OpenSSL
+  3.0: no ML-KEM) is reported as unsupported, not measured. Handshake runs do not verify the
+  certificate (after the verified probe) so that the client's CPU goes to the handshake itself.
+- **api** (issue 6): requests/s, p50 and p99 of ``POST /v1/sign``, ``/v1/verify`` (ML-DSA-65,
+  1 KiB message), ``/v1/kem/encapsulate``, ``/v1/kem/decapsulate`` (ML-KEM-768),
+  ``/v1/encrypt``, ``/v1/decrypt`` (HPKE with ML-KEM-768, 1 KiB) and a request forwarded to a
+  trivial upstream, at concurrency 1, 16 and 64, beside (a) the raw library rate of the same
+  operation, single core, measured in this process in the same run (CPU time, so other load
+  on the machine does not lower it), and (b) the gateway's own keep-alive ``/healthz`` rate at
+  the same concurrency. The ratios are the figures.
+
+Beside each run: the server's CPU use over the measured window (the gateway with its KMS
+workers; nginx master and worker), as cores busy and CPU microseconds per request, which does
+not depend on how much of the machine the client or other processes took.
+On a 2-core machine the client and the server share the CPUs: absolute rates are floors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .loadgen import (
+    ClientTLS,
+    CPUWatch,
+    LoadGenerator,
+    LoadGeneratorError,
+    LoadResult,
+    LoadSpec,
+    build_request,
+    probe,
+    process_tree,
+)
+
+GROUPS = ("X25519MLKEM768", "X25519")
+API_CONCURRENCY = (1, 16, 64)
+PAYLOAD = bytes(range(256)) * 4  # 1 KiB
+READY_TIMEOUT = 30.0  # seconds for `serve` to answer GET /healthz
+STOP_TIMEOUT = 20.0  # seconds for `serve` to exit after SIGTERM
+GENEROUS_RATE = 1_000_000  # requests/s (the policy loader's maximum): the limiter runs, never refuses
+HEALTHZ = build_request("GET", "/healthz", headers={"User-Agent": "qpher-bench", "Accept": "*/*"})
+
+
+class BenchError(RuntimeError):
+    """A benchmark step failed; the message says which and why (one line)."""
+
+
+# ---- the gateway as a child process -------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "qpher_proxy", *args]
+
+
+def _tail(path: Path, lines: int = 5) -> str:
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return "(no log)"
+    return " | ".join(text[-lines:]) or "(log empty)"
+
+
+def raise_plan_limits(policy_dir: Path, plan: str, rate: int = GENEROUS_RATE) -> bool:
+    """Raise ``plan``'s per-key and per-tenant rate limits in the policy files of ``policy_dir``
+    (a benchmark's throwaway copy): the token buckets still run on every request. True if found."""
+    import yaml
+
+    for path in sorted(policy_dir.glob("*.yaml")):
+        original = path.read_text()
+        doc = yaml.safe_load(original)
+        plans = doc.get("plans") if isinstance(doc, dict) else None
+        if not isinstance(plans, dict) or not isinstance(plans.get(plan), dict):
+            continue
+        for key in ("rate_limit", "tenant_rate_limit"):
+            if key in plans[plan] or key == "rate_limit":
+                plans[plan][key] = {"requests_per_second": rate, "burst": rate}
+        path.write_text(yaml.safe_dump(doc, sort_keys=False))
+        check = subprocess.run(_cli("policy", "check", str(policy_dir)), capture_output=True, text=True, timeout=60)
+        if check.returncode != 0:
+            path.write_text(original)  # the policy language moved on: keep the shipped limits
+            return False
+        return True
+    return False
+
+
+@dataclass
+class GatewayProcess:
+    """``qpher-proxy init`` + ``serve`` in a temporary directory, for the length of a ``with``."""
+
+    upstream_url: str | None = None
+    backend: str | None = None
+    log_level: str | None = None
+    generous_limits: bool = True
+    profile_to: Path | None = None  # run serve under cProfile, writing here at exit
+    keep_state: bool = False
+    directory: Path = field(init=False)
+    port: int = field(init=False, default=0)
+    api_key: str = field(init=False, default="", repr=False)
+    notes: list[str] = field(init=False, default_factory=list)
+    _proc: subprocess.Popen[bytes] | None = field(init=False, default=None, repr=False)
+    _log: Any = field(init=False, default=None, repr=False)
+
+    @property
+    def ca_file(self) -> str:
+        return str(self.directory / "certs" / "ca.crt")
+
+    @property
+    def pid(self) -> int:
+        assert self._proc is not None
+        return self._proc.pid
+
+    def pids(self) -> list[int]:
+        """The gateway and its KMS workers."""
+        return process_tree(self.pid) if self._proc is not None else []
+
+    def __enter__(self) -> GatewayProcess:
+        self.directory = Path(tempfile.mkdtemp(prefix="qpher-bench-"))
+        try:
+            self._init()
+            self._start()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def _init(self) -> None:
+        import yaml
+
+        d = self.directory / "state"
+        self.port = _free_port()
+        r = subprocess.run(_cli("init", "--dir", str(d), "--port", str(self.port)), capture_output=True,
+                           text=True, timeout=120)
+        if r.returncode != 0:
+            raise BenchError(f"qpher-proxy init failed ({r.returncode}): {(r.stderr or r.stdout).strip()[-500:]}")
+        self.directory = d
+        key_file = d / "secrets" / "demo-api-key"
+        try:
+            self.api_key = key_file.read_text().strip()
+        except OSError as exc:
+            raise BenchError(f"qpher-proxy init wrote no demo API key at {key_file}: {exc.strerror}") from None
+        cfg_path = d / "config.yaml"
+        cfg = yaml.safe_load(cfg_path.read_text()) or {}
+        cfg.setdefault("server", {})["listen"] = [f"127.0.0.1:{self.port}"]
+        if self.upstream_url:
+            cfg.setdefault("upstream", {})["url"] = self.upstream_url
+        if self.backend:
+            cfg.setdefault("crypto", {})["backend"] = self.backend
+        if self.log_level:
+            cfg.setdefault("logging", {})["level"] = self.log_level
+        cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        if self.generous_limits:
+            from ..init import DEMO_PLAN
+
+            policy_dir = d / str((cfg.get("policy") or {}).get("dir", "policies"))
+            if raise_plan_limits(policy_dir, DEMO_PLAN):
+                self.notes.append(f"demo plan {DEMO_PLAN!r}: rate limits raised to {GENEROUS_RATE:,}/s in the "
+                                  "benchmark's copy of the policies (the limiter still runs on every request)")
+            else:
+                self.notes.append(f"demo plan {DEMO_PLAN!r} not found in {policy_dir}: shipped rate limits in force")
+
+    def _start(self) -> None:
+        cmd = _cli("serve", "--config", str(self.directory / "config.yaml"))
+        if self.profile_to is not None:
+            cmd = [sys.executable, "-c", "from qpher_proxy.bench.gateway_bench import profiled_main; profiled_main()",
+                   str(self.profile_to), *cmd[3:]]
+        self._log = open(self.directory / "serve.log", "ab")
+        self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+                                      cwd=self.directory, start_new_session=True)
+        tls = ClientTLS("X25519MLKEM768", cafile=self.ca_file)
+        deadline = time.monotonic() + READY_TIMEOUT
+        last = "no answer"
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise BenchError(f"qpher-proxy serve exited with status {self._proc.returncode}: "
+                                 f"{_tail(self.directory / 'serve.log')}")
+            try:
+                r = probe(self.port, tls, request=HEALTHZ, timeout=5.0)
+            except OSError as exc:  # not listening yet
+                last = f"{type(exc).__name__}: {exc}"
+            else:
+                if r.ok and r.status == 200:
+                    return
+                last = r.error or f"status {r.status}"
+            time.sleep(0.1)  # polling a child process until it serves
+        raise BenchError(f"qpher-proxy serve did not answer GET /healthz with 200 within {READY_TIMEOUT:g} s "
+                         f"({last}): {_tail(self.directory / 'serve.log')}")
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(STOP_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                    self.notes.append("qpher-proxy serve did not stop on SIGTERM: killed")
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        root = self.directory.parent if self.directory.name == "state" else self.directory
+        if self.keep_state:
+            print(f"state kept in {self.directory}", file=sys.stderr)
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+
+    # -- one-off API calls (setup), over the same TLS as the load --
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
+        raw = json.dumps(body).encode() if body is not None else b""
+        req = build_request(method, path, headers=self.api_headers(json_body=body is not None), body=raw)
+        r = probe(self.port, ClientTLS("X25519MLKEM768", cafile=self.ca_file), request=req)
+        if not r.ok or r.status is None:
+            raise BenchError(f"{method} {path}: {r.error}")
+        try:
+            doc = json.loads(r.body) if r.body else {}
+        except ValueError:
+            doc = {}
+        return r.status, doc
+
+    def api_headers(self, *, json_body: bool) -> dict[str, str]:
+        h = {"Authorization": f"Bearer {self.api_key}", "User-Agent": "qpher-bench"}
+        if json_body:
+            h["Content-Type"] = "application/json"
+        return h
+
+
+# ---- a trivial upstream (sidecar target) -------------------------------------------------------------
+
+
+UPSTREAM_BODY = b'{"upstream":"ok"}'
+
+
+def _upstream_main(pipe: Any) -> None:
+    """Keep-alive HTTP/1.1 server on raw non-blocking sockets: 200 and a small body to every
+    request (request bodies framed by Content-Length are skipped). As cheap as Python gets,
+    since it shares the CPUs with what is measured."""
+    import selectors
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    response = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                % (len(UPSTREAM_BODY), UPSTREAM_BODY))
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(1024)
+    lsock.setblocking(False)
+    sel = selectors.DefaultSelector()
+    sel.register(lsock, selectors.EVENT_READ)
+    sel.register(pipe, selectors.EVENT_READ)  # parent closing the pipe = stop
+    pipe.send(lsock.getsockname()[1])
+    bufs: dict[socket.socket, bytes] = {}
+    while True:
+        for key, _ in sel.select():
+            obj = key.fileobj
+            if obj is lsock:
+                try:
+                    conn, _addr = lsock.accept()
+                except BlockingIOError:
+                    continue
+                conn.setblocking(False)
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                bufs[conn] = b""
+                sel.register(conn, selectors.EVENT_READ)
+            elif obj is pipe:
+                return
+            else:
+                s: socket.socket = obj  # type: ignore[assignment]
+                try:
+                    data = s.recv(65536)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError:
+                    data = b""
+                if not data:
+                    sel.unregister(s)
+                    bufs.pop(s, None)
+                    s.close()
+                    continue
+                buf = bufs[s] + data
+                out = b""
+                while True:
+                    end = buf.find(b"\r\n\r\n")
+                    if end < 0:
+                        break
+                    head = buf[:end].lower()
+                    i = head.find(b"\r\ncontent-length:")
+                    length = int(head[i + 17 : head.find(b"\r\n", i + 17) if head.find(b"\r\n", i + 17) >= 0
+                                      else end]) if i >= 0 else 0
+                    if len(buf) < end + 4 + length:
+                        break
+                    buf = buf[end + 4 + length :]
+                    out += response
+                bufs[s] = buf
+                if out:
+                    try:
+                        s.sendall(out)
+                    except OSError:
+                        pass
+
+
+@contextlib.contextmanager
+def trivial_upstream() -> Iterator[int]:
+    """A trivial HTTP upstream in a child process; yields its port."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_upstream_main, args=(child,), daemon=True, name="qpher-bench-upstream")
+    proc.start()
+    child.close()
+    try:
+        if not parent.poll(30):
+            raise BenchError("the trivial upstream did not start")
+        yield int(parent.recv())
+    finally:
+        parent.close()
+        proc.join(5)
+        if proc.is_alive():
+            proc.terminate()
+            proc.join()
+        proc.close()
+
+
+# ---- raw library rates ------------------------------------------------------------------------------
+
+
+RAW_OPS = {  # API operation -> (algorithm, raw operation in crypto_bench's tables)
+    "sign": ("ml-dsa-65", "sign"),
+    "verify": ("ml-dsa-65", "verify"),
+    "encapsulate": ("ml-kem-768", "encapsulate"),
+    "decapsulate": ("ml-kem-768", "decapsulate"),
+    "encrypt": ("ml-kem-768", "hpke_seal"),
+    "decrypt": ("ml-kem-768", "hpke_open"),
+}
+
+
+def resolve_backend(name: str) -> str:
+    """The backend ``crypto.backend: name`` selects on this machine (what the KMS will use)."""
+    import logging
+
+    from ..crypto.backends import select_backend
+
+    logging.getLogger("qpher.crypto").setLevel(logging.WARNING)
+    return select_backend(name).name
+
+
+def raw_rates(backend_name: str, seconds: float) -> dict[str, float]:
+    """Single-core operations per second of the raw library calls (``crypto_bench``'s
+    definitions: cryptography's own calls for openssl, liboqs-python's for liboqs), by CPU time."""
+    from ..crypto.algorithms import ALGORITHMS
+    from ..crypto.backends import select_backend
+    from .crypto_bench import _liboqs_raw, _openssl_raw
+
+    backend = select_backend(backend_name)
+    factory = _openssl_raw if backend_name == "openssl" else _liboqs_raw
+    # The keys must outlive the closures: liboqs' raw calls use objects the key frees on collection.
+    keys = {alg: backend.generate(ALGORITHMS[alg]) for alg in sorted({a for a, _ in RAW_OPS.values()})}
+    tables = {alg: factory(alg, key) for alg, key in keys.items()}
+    rates = {}
+    for op, (alg, raw_op) in RAW_OPS.items():
+        rates[op] = _ops_per_cpu_second(tables[alg][raw_op], seconds)
+    return rates
+
+
+def _ops_per_cpu_second(fn: Callable[[], Any], seconds: float) -> float:
+    fn()
+    n, start = 0, time.process_time()
+    batch = 8
+    while True:
+        for _ in range(batch):
+            fn()
+        n += batch
+        spent = time.process_time() - start
+        if spent >= seconds:
+            return n / spent
+        batch = min(batch * 2, 256)
+
+
+# ---- runs -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    """One measured (or skipped) run and what it is compared with."""
+
+    suite: str  # "tls" | "api"
+    server: str  # "qpher" | "nginx"
+    kind: str  # "handshake" | "keepalive" | an API operation | "healthz"
+    group: str
+    concurrency: int
+    result: LoadResult | None = None
+    server_cpu_s: float = 0.0
+    server_cores: float = 0.0
+    skipped: str = ""
+    raw_rate: float | None = None  # api: raw single-core library rate
+    healthz_rate: float | None = None  # api: the gateway's keep-alive /healthz rate, same concurrency
+
+    @property
+    def rate(self) -> float:
+        return self.result.rate if self.result else 0.0
+
+    @property
+    def cpu_us_per_op(self) -> float | None:
+        if not self.result or not self.result.ok:
+            return None
+        return self.server_cpu_s / self.result.ok * 1e6
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "suite": self.suite, "server": self.server, "kind": self.kind, "group": self.group,
+            "concurrency": self.concurrency,
+        }
+        if self.skipped:
+            out["skipped"] = self.skipped
+            return out
+        assert self.result is not None
+        out.update(self.result.summary())
+        out["server_cpu_s"] = round(self.server_cpu_s, 3)
+        out["server_cores"] = round(self.server_cores, 3)
+        cpu = self.cpu_us_per_op
+        out["server_cpu_us_per_op"] = round(cpu, 1) if cpu is not None else None
+        if self.raw_rate is not None:
+            out["raw_rate"] = round(self.raw_rate, 1)
+            out["ratio_to_raw"] = round(self.rate / self.raw_rate, 4) if self.raw_rate else None
+        if self.healthz_rate is not None:
+            out["healthz_rate"] = round(self.healthz_rate, 1)
+            out["ratio_to_healthz"] = round(self.rate / self.healthz_rate, 4) if self.healthz_rate else None
+        return out
+
+
+@dataclass
+class Settings:
+    seconds: float
+    warmup: float
+    clients: int
+    handshake_concurrency: int
+    keepalive_concurrency: int
+    quiet: bool = False
+    profile_pid: int | None = None  # the gateway runs under profiled_main: signal it around each window
+    profiled_ops: int = 0  # completions measured while the gateway's profiler was on
+
+
+def _measure(lg: LoadGenerator, spec: LoadSpec, pids: list[int], row: Row, st: Settings) -> Row:
+    watch = CPUWatch(pids)
+    profiled = st.profile_pid is not None and row.server == "qpher"
+
+    def on_window(start: float | None, end: float | None) -> None:
+        if profiled and start is not None:
+            os.kill(st.profile_pid, signal.SIGUSR1)  # type: ignore[arg-type]
+        watch(start, end)
+        if profiled and end is not None:
+            os.kill(st.profile_pid, signal.SIGUSR2)  # type: ignore[arg-type]
+
+    if not st.quiet:
+        print(f"  {row.server:6} {row.kind:12} {row.group:15} c={row.concurrency:<3} ...", end="",
+              file=sys.stderr, flush=True)
+    try:
+        row.result = lg.run(spec, on_window=on_window)
+    except LoadGeneratorError as exc:
+        row.skipped = f"failed: {exc}"
+        if not st.quiet:
+            print(f" {row.skipped}", file=sys.stderr)
+        return row
+    row.server_cpu_s, row.server_cores = watch.cpu, watch.cores
+    if profiled:
+        st.profiled_ops += row.result.completed
+    if not st.quiet:
+        r = row.result
+        extra = f" errors {r.errors}" if r.errors else ""
+        print(f" {r.rate:9.0f}/s  p50 {r.p50_ms:.2f} ms  p99 {r.p99_ms:.2f} ms{extra}", file=sys.stderr)
+    return row
+
+
+def tls_suite(lg: LoadGenerator, servers: list[tuple[str, int, str, list[int]]], st: Settings,
+              only: str | None) -> list[Row]:
+    """Handshakes/s and keep-alive /healthz req/s per server and group."""
+    rows = []
+    kinds = [k for k in ("handshake", "keepalive") if only in (None, k)]
+    for name, port, cafile, pids in servers:
+        for group in GROUPS:
+            p = probe(port, ClientTLS(group, cafile=cafile), request=HEALTHZ)
+            for kind in kinds:
+                conc = st.handshake_concurrency if kind == "handshake" else st.keepalive_concurrency
+                row = Row("tls", name, kind, group, conc)
+                if not p.ok or p.status != 200 or p.group != group:
+                    row.skipped = (f"unsupported: {p.error}" if not p.ok else
+                                   f"probe got status {p.status}, group {p.group}")
+                    rows.append(row)
+                    continue
+                if kind == "handshake":
+                    # verified by the probe above; the load itself skips verification (client CPU)
+                    spec = LoadSpec.handshakes(port, ClientTLS(group), connections=conc, seconds=st.seconds,
+                                               warmup=st.warmup)
+                else:
+                    spec = LoadSpec.keepalive(port, ClientTLS(group, cafile=cafile), HEALTHZ, connections=conc,
+                                              seconds=st.seconds, warmup=st.warmup)
+                rows.append(_measure(lg, spec, pids, row, st))
+    return rows
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def api_requests(gw: GatewayProcess) -> dict[str, bytes]:
+    """Create the keys and the fixed request bodies of every API operation (checked once each)."""
+    keys = {}
+    for name, alg in (("sig", "ml-dsa-65"), ("kem", "ml-kem-768"), ("enc", "ml-kem-768")):
+        status, doc = gw.call("POST", "/v1/keys", {"algorithm": alg, "label": f"bench-{name}"})
+        if status != 201 or "key_id" not in doc:
+            raise BenchError(f"POST /v1/keys {alg}: status {status}: {_error_text(doc)}")
+        keys[name] = doc["key_id"]
+    msg = _b64(PAYLOAD)
+    bodies: dict[str, tuple[str, dict[str, Any]]] = {
+        "sign": ("/v1/sign", {"key_id": keys["sig"], "message": msg}),
+        "encapsulate": ("/v1/kem/encapsulate", {"key_id": keys["kem"]}),
+        "encrypt": ("/v1/encrypt", {"key_id": keys["enc"], "plaintext": msg}),
+    }
+    answers = {}
+    for op, (path, body) in bodies.items():
+        status, doc = gw.call("POST", path, body)
+        if status != 200:
+            raise BenchError(f"POST {path}: status {status}: {_error_text(doc)}")
+        answers[op] = doc
+    bodies["verify"] = ("/v1/verify", {"key_id": keys["sig"], "message": msg,
+                                       "signature": answers["sign"]["signature"]})
+    bodies["decapsulate"] = ("/v1/kem/decapsulate", {"key_id": keys["kem"],
+                                                     "ciphertext": answers["encapsulate"]["ciphertext"]})
+    bodies["decrypt"] = ("/v1/decrypt", {"key_id": keys["enc"], "ciphertext": answers["encrypt"]["ciphertext"]})
+    order = ("sign", "verify", "encapsulate", "decapsulate", "encrypt", "decrypt")
+    requests = {}
+    for op in order:
+        path, body = bodies[op]
+        raw = json.dumps(body, separators=(",", ":")).encode()
+        requests[op] = build_request("POST", path, headers=gw.api_headers(json_body=True), body=raw)
+    status, doc = gw.call("POST", "/v1/verify", bodies["verify"][1])
+    if status != 200 or doc.get("valid") is not True:
+        raise BenchError(f"POST /v1/verify of our own signature: status {status}, {doc!r:.200}")
+    return requests
+
+
+def _error_text(doc: dict[str, Any]) -> str:
+    err = doc.get("error") if isinstance(doc, dict) else None
+    return f"{err.get('code')}: {err.get('message')}" if isinstance(err, dict) else "(no error body)"
+
+
+def api_suite(lg: LoadGenerator, gw: GatewayProcess, st: Settings, raw: dict[str, float],
+              concurrencies: Sequence[int]) -> list[Row]:
+    requests = api_requests(gw)
+    forward = build_request("GET", "/app/hello", headers=gw.api_headers(json_body=False))
+    tls = ClientTLS("X25519MLKEM768", cafile=gw.ca_file)
+    p = probe(gw.port, tls, request=forward)
+    if not p.ok or p.status != 200:
+        raise BenchError(f"GET /app/hello through the sidecar: {p.error or f'status {p.status}'}")
+    requests["forward"] = forward
+    rows = []
+    pids = gw.pids()
+    for conc in concurrencies:
+        base = _measure(lg, LoadSpec.keepalive(gw.port, tls, HEALTHZ, connections=conc, seconds=st.seconds,
+                                               warmup=st.warmup), pids, Row("api", "qpher", "healthz",
+                                                                            tls.group, conc), st)
+        rows.append(base)
+        for op, req in requests.items():
+            row = Row("api", "qpher", op, tls.group, conc, raw_rate=raw.get(op),
+                      healthz_rate=base.rate if base.result else None)
+            rows.append(_measure(lg, LoadSpec.keepalive(gw.port, tls, req, connections=conc, seconds=st.seconds,
+                                                        warmup=st.warmup), pids, row, st))
+    return rows
+
+
+# ---- output -------------------------------------------------------------------------------------------
+
+
+def _f(x: float | None, fmt: str = "{:.0f}") -> str:
+    return "-" if x is None or x != x else fmt.format(x)
+
+
+def _errors_text(r: LoadResult) -> str:
+    parts = [f"{k}:{v}" for k, v in sorted(r.errors.items())]
+    return ",".join(parts) if parts else "0"
+
+
+def format_tls(rows: list[Row]) -> str:
+    lines = ["TLS 1.3, GET /healthz: full handshakes/s (no resumption) and keep-alive requests/s"]
+    h = (f"{'server':7} {'mode':10} {'group':15} {'conc':>4} {'rate/s':>9} {'p50 ms':>7} {'p99 ms':>7} "
+         f"{'srv cores':>9} {'srv us/op':>9} {'cli cpu':>7} errors")
+    lines += [h, "-" * len(h)]
+    for r in rows:
+        if r.skipped:
+            lines.append(f"{r.server:7} {r.kind:10} {r.group:15} {r.concurrency:>4} {r.skipped}")
+            continue
+        res = r.result
+        assert res is not None
+        lines.append(f"{r.server:7} {r.kind:10} {r.group:15} {r.concurrency:>4} {res.rate:9.0f} "
+                     f"{res.p50_ms:7.2f} {res.p99_ms:7.2f} {r.server_cores:9.2f} {_f(r.cpu_us_per_op):>9} "
+                     f"{res.client_cpu_s / res.elapsed if res.elapsed else 0:7.2f} {_errors_text(res)}")
+    ratios = tls_ratios(rows)
+    if ratios:
+        lines.append("")
+        lines.append("gateway / nginx: rate ratio, and CPU-per-op ratio (nginx us/op / gateway us/op: the ratio one core "
+                     "of each would reach, independent of what the client took)")
+        for x in ratios:
+            rate = x["rate_ratio"] or 0.0
+            cpu = x.get("cpu_ratio")
+            lines.append(f"  {x['mode']:10} gateway {x['group']:15} vs nginx {x['nginx_group']:7}: "
+                         f"rate {rate:.3f} ({_one_in(rate)})"
+                         + (f", CPU per op {cpu:.3f} ({_one_in(cpu)})" if cpu else ""))
+    return "\n".join(lines)
+
+
+def _one_in(ratio: float) -> str:
+    return f"1/{1 / ratio:.1f}" if ratio > 0 else "-"
+
+
+def tls_ratios(rows: list[Row]) -> list[dict[str, Any]]:
+    """gateway/nginx per mode and gateway group: against nginx with the same group when it was
+    measured, else against nginx X25519 (said in ``nginx_group``)."""
+    measured = {(r.server, r.kind, r.group): r for r in rows if r.suite == "tls" and r.result and r.result.ok}
+    out = []
+    for (server, kind, group), r in measured.items():
+        if server != "qpher":
+            continue
+        ng = measured.get(("nginx", kind, group)) or measured.get(("nginx", kind, "X25519"))
+        if ng is None:
+            continue
+        item: dict[str, Any] = {"mode": kind, "group": group, "nginx_group": ng.group,
+                                "rate_ratio": round(r.rate / ng.rate, 4) if ng.rate else None}
+        if r.cpu_us_per_op and ng.cpu_us_per_op:
+            item["cpu_ratio"] = round(ng.cpu_us_per_op / r.cpu_us_per_op, 4)
+        out.append(item)
+    return out
+
+
+def format_api(rows: list[Row], backend: str) -> str:
+    lines = [f"crypto API over keep-alive TLS (X25519MLKEM768), backend {backend}, 1 KiB payloads; "
+             "raw = library, single core, same run"]
+    h = (f"{'operation':12} {'conc':>4} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'raw/s':>8} {'/raw':>6} "
+         f"{'/healthz':>8} {'srv cores':>9} {'srv us/op':>9} errors")
+    lines += [h, "-" * len(h)]
+    for r in rows:
+        if r.skipped:
+            lines.append(f"{r.kind:12} {r.concurrency:>4} {r.skipped}")
+            continue
+        res = r.result
+        assert res is not None
+        to_raw = r.rate / r.raw_rate if r.raw_rate else None
+        to_hz = r.rate / r.healthz_rate if r.healthz_rate else None
+        lines.append(f"{r.kind:12} {r.concurrency:>4} {res.rate:8.0f} {res.p50_ms:7.2f} {res.p99_ms:7.2f} "
+                     f"{_f(r.raw_rate):>8} {_f(to_raw, '{:.2f}'):>6} {_f(to_hz, '{:.2f}'):>8} "
+                     f"{r.server_cores:9.2f} {_f(r.cpu_us_per_op):>9} {_errors_text(res)}")
+    return "\n".join(lines)
+
+
+def environment(backend: str | None, nginx_info: dict[str, Any] | None) -> dict[str, Any]:
+    import cryptography
+    import OpenSSL
+    from cryptography.hazmat.backends.openssl.backend import backend as ossl
+
+    env: dict[str, Any] = {
+        "python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
+        "cryptography": cryptography.__version__, "pyopenssl": OpenSSL.__version__,
+        "openssl": ossl.openssl_version_text(), "backend": backend,
+    }
+    try:
+        env["loadavg_at_start"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        pass
+    if nginx_info:
+        env["nginx"] = nginx_info
+    return env
+
+
+# ---- main -------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="qpher-proxy bench gateway", description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--suite", choices=("tls", "api", "all"), default="all",
+                    help="tls: issue 2 figures (with nginx); api: issue 6 figures; all: both (default)")
+    ap.add_argument("--only", choices=("handshake", "keepalive", "api"),
+                    help="only this kind of run (handshake/keepalive imply --suite tls, api implies --suite api)")
+    ap.add_argument("--quick", action="store_true", help="short runs (the whole benchmark in about a minute)")
+    ap.add_argument("--seconds", type=float, help="measured seconds per run (default 5, --quick 1)")
+    ap.add_argument("--warmup", type=float, help="unmeasured seconds before each run (default 0.5, --quick 0.25)")
+    ap.add_argument("--clients", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+                    help="load generator processes (default: CPUs - 1)")
+    ap.add_argument("--handshake-concurrency", type=int, default=8, help="handshakes in flight (default 8)")
+    ap.add_argument("--connections", type=int, default=16,
+                    help="keep-alive connections for the tls suite (default 16)")
+    ap.add_argument("--concurrency", type=int, action="append",
+                    help="api suite concurrency (repeatable; default 1, 16, 64)")
+    ap.add_argument("--skip-nginx", action="store_true", help="do not start nginx")
+    ap.add_argument("--nginx", help="nginx binary (default /usr/sbin/nginx)")
+    ap.add_argument("--backend", choices=("auto", "openssl", "liboqs"),
+                    help="crypto.backend of the gateway (default: the config's, i.e. auto)")
+    ap.add_argument("--raw-seconds", type=float, help="CPU seconds per raw library rate (default 1, --quick 0.3)")
+    ap.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
+                    help="logging.level of the gateway (default: the config's, i.e. info)")
+    ap.add_argument("--keep-limits", action="store_true",
+                    help="keep the demo plan's shipped rate limits (429s are then expected under load)")
+    ap.add_argument("--profile", nargs="?", const="-", metavar="FILE",
+                    help="run the gateway under cProfile; print the top functions per request "
+                         "(and write the pstats file to FILE)")
+    ap.add_argument("--keep-state", action="store_true", help="keep the temporary state directory")
+    ap.add_argument("--json", metavar="FILE", help="also write every figure as JSON to FILE ('-' = stdout)")
+    ap.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(argv) if argv is not None else sys.argv[1:]
+    args = build_parser().parse_args(argv)
+    args.command_line = "qpher-proxy bench gateway " + " ".join(argv)
+    if args.clients < 1:
+        print("qpher-proxy bench gateway: --clients: expected >= 1", file=sys.stderr)
+        return 2
+    suite = args.suite
+    if args.only in ("handshake", "keepalive"):
+        suite = "tls"
+    elif args.only == "api":
+        suite = "api"
+    st = Settings(
+        seconds=args.seconds or (1.0 if args.quick else 5.0),
+        warmup=args.warmup if args.warmup is not None else (0.25 if args.quick else 0.5),
+        clients=args.clients, handshake_concurrency=args.handshake_concurrency,
+        keepalive_concurrency=args.connections, quiet=args.quiet,
+    )
+    raw_seconds = args.raw_seconds or (0.3 if args.quick else 1.0)
+    try:
+        return _run(args, suite, st, raw_seconds)
+    except BenchError as exc:
+        print(f"qpher-proxy bench gateway: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run(args: argparse.Namespace, suite: str, st: Settings, raw_seconds: float) -> int:
+    from .nginx import NginxServer, NginxUnavailable
+
+    started = time.time()
+    report: dict[str, Any] = {"command": args.command_line,
+                              "settings": {"seconds": st.seconds, "warmup": st.warmup, "clients": st.clients,
+                                           "handshake_concurrency": st.handshake_concurrency,
+                                           "keepalive_connections": st.keepalive_concurrency},
+                              "notes": []}
+    notes: list[str] = report["notes"]
+    backend = resolve_backend(args.backend or "auto") if suite in ("api", "all") else None
+    profile_path: Path | None = None
+    tmp_profile = None
+    if args.profile:
+        if args.profile == "-":
+            tmp_profile = tempfile.NamedTemporaryFile(prefix="qpher-profile-", suffix=".pstats", delete=False)
+            tmp_profile.close()
+            profile_path = Path(tmp_profile.name)
+        else:
+            profile_path = Path(args.profile).resolve()
+    rows: list[Row] = []
+    nginx_meta = None
+    with contextlib.ExitStack() as stack:
+        upstream_url = None
+        if suite in ("api", "all"):
+            upstream_url = f"http://127.0.0.1:{stack.enter_context(trivial_upstream())}"
+        gw = stack.enter_context(GatewayProcess(upstream_url=upstream_url, backend=args.backend,
+                                                log_level=args.log_level, generous_limits=not args.keep_limits,
+                                                profile_to=profile_path, keep_state=args.keep_state))
+        notes.extend(gw.notes)
+        if profile_path is not None:
+            st.profile_pid = gw.pid
+        if not st.quiet:
+            print(f"gateway on 127.0.0.1:{gw.port} (pid {gw.pid}), state {gw.directory}", file=sys.stderr)
+        servers = [("qpher", gw.port, gw.ca_file, gw.pids())]
+        if suite in ("tls", "all") and not args.skip_nginx:
+            try:
+                ng = stack.enter_context(NginxServer(nginx=args.nginx))
+            except NginxUnavailable as exc:
+                notes.append(f"nginx not measured: {exc}")
+                print(f"qpher-proxy bench gateway: {exc}", file=sys.stderr)
+            else:
+                nginx_meta = {"path": ng.path, "version": ng.info.version, "openssl": ng.info.openssl_running,
+                              "groups": list(ng.groups), "pq_supported": ng.pq_supported}
+                if not ng.pq_supported:
+                    notes.append(f"nginx figures are for X25519 only: {ng.pq_reason}")
+                servers.append(("nginx", ng.port, str(ng.ca_file), [ng.pid, *ng.worker_pids()]))
+        raw: dict[str, float] = {}
+        if suite in ("api", "all") and backend is not None:
+            if not st.quiet:
+                print(f"raw library rates ({backend}, {raw_seconds:g} CPU s each) ...", file=sys.stderr)
+            raw = raw_rates(backend, raw_seconds)
+            report["raw_rates"] = {k: round(v, 1) for k, v in raw.items()}
+        with LoadGenerator(st.clients) as lg:
+            if suite in ("tls", "all"):
+                rows += tls_suite(lg, servers, st, args.only)
+            if suite in ("api", "all"):
+                rows += api_suite(lg, gw, st, raw, args.concurrency or API_CONCURRENCY)
+    # everything stopped here (the gateway wrote its profile on exit)
+    report["environment"] = environment(backend, nginx_meta)
+    report["rows"] = [r.to_json() for r in rows]
+    report["tls_ratios"] = tls_ratios(rows)
+    report["elapsed_s"] = round(time.time() - started, 1)
+
+    out: list[str] = []
+    tls_rows = [r for r in rows if r.suite == "tls"]
+    api_rows = [r for r in rows if r.suite == "api"]
+    if tls_rows:
+        out.append(format_tls(tls_rows))
+    if api_rows:
+        out.append(format_api(api_rows, backend or "?"))
+    if profile_path is not None:
+        out.append(format_profile(profile_path, st.profiled_ops))
+        if tmp_profile is not None:
+            os.unlink(profile_path)
+        else:
+            notes.append(f"profile written to {profile_path}")
+    env = report["environment"]
+    footer = [f"# {args.command_line}"]
+    footer.append(f"# {env['cpus']} CPUs, load avg at start {env.get('loadavg_at_start')}, {env['openssl']}, "
+               f"cryptography {env['cryptography']}, pyOpenSSL {env['pyopenssl']}"
+               + (f", nginx {nginx_meta['version']} ({nginx_meta['openssl']})" if nginx_meta else ""))
+    footer.append(f"# {st.clients} client process(es), {st.seconds:g} s per run after {st.warmup:g} s warm-up; "
+               "the client shares the CPUs with the server: rates are floors")
+    footer += [f"# note: {n}" for n in notes]
+    text = "\n\n".join(out) + "\n\n" + "\n".join(footer)
+    if args.json == "-":
+        print(json.dumps(report, indent=2))
+    else:
+        print(text)
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    failed = [r for r in rows if r.skipped.startswith("failed")]
+    return 1 if failed else 0
+
+
+def profiled_main() -> None:
+    """``python -c "...profiled_main()" OUT serve --config C``: the CLI with a profiler that
+    SIGUSR1 turns on and SIGUSR2 turns off (writing OUT, cumulative over every window). So the
+    profile covers exactly the measured windows: no start-up, no warm-up. (Wall-clock timer: a
+    CPU-time timer costs a system call per event, which would multiply the overhead; the time
+    spent waiting in epoll is reported apart as idle.)"""
+    import cProfile
+
+    out, argv = sys.argv[1], sys.argv[2:]
+    prof = cProfile.Profile()
+
+    def on(_sig: int, _frame: Any) -> None:
+        prof.enable()
+
+    def off(_sig: int, _frame: Any) -> None:
+        prof.disable()
+        prof.dump_stats(out)
+
+    signal.signal(signal.SIGUSR1, on)
+    signal.signal(signal.SIGUSR2, off)
+    from ..cli import main as cli_main
+
+    raise SystemExit(cli_main(argv))
+
+
+def format_profile(path: Path, requests: int) -> str:
+    """Top functions of the gateway process by own CPU time, per request measured."""
+    import io
+    import pstats
+
+    try:
+        stats = pstats.Stats(str(path), stream=io.StringIO())
+    except (OSError, TypeError, EOFError, ValueError) as exc:
+        return f"profile: nothing written by the gateway ({type(exc).__name__})"
+    per = max(requests, 1)
+    raw: dict[Any, Any] = stats.stats  # type: ignore[attr-defined]
+    idle = sum(v[2] for k, v in raw.items() if "select.epoll" in k[2] and "poll" in k[2])
+    busy = sum(v[2] for k, v in raw.items()) - idle
+    entries = sorted(((k, v) for k, v in raw.items() if not ("select.epoll" in k[2] and "poll" in k[2])),
+                     key=lambda kv: kv[1][2], reverse=True)
+    lines = [f"gateway process profile (cProfile, measured windows only; KMS workers not included): "
+             f"{requests} requests/handshakes, {busy / per * 1e6:.0f} us busy per request including the "
+             f"profiler's own overhead (read the shares, not the absolute figures), idle in epoll "
+             f"{idle / max(idle + busy, 1e-9):.0%}",
+             f"{'own us/req':>10} {'cum us/req':>10} {'calls/req':>9}  function"]
+    for (filename, line, func), (_cc, nc, tt, ct, _callers) in entries[:25]:
+        short = filename.split("site-packages/")[-1].split("/work/main/")[-1]
+        lines.append(f"{tt / per * 1e6:10.1f} {ct / per * 1e6:10.1f} {nc / per:9.2f}  {short}:{line}({func})")
+    buckets: dict[str, float] = {}
+    for (filename, _line, func), v in entries:
+        b = profile_bucket(filename, func)
+        buckets[b] = buckets.get(b, 0.0) + v[2]
+    lines.append("")
+    lines.append("own time by component: " + ", ".join(
+        f"{name} {t / max(busy, 1e-9):.0%}" for name, t in sorted(buckets.items(), key=lambda kv: -kv[1])
+        if t / max(busy, 1e-9) >= 0.01))
+    return "\n".join(lines)
+
+
+def profile_bucket(filename: str, func: str) -> str:
+    """Which component a profile entry belongs to: a package (h11, trio, OpenSSL), one of ours
+    (qpher_proxy.http, ...), a stdlib module, or a C call (socket system calls, OpenSSL)."""
+    if filename == "~":  # a C function: "<method 'send' of '_socket.socket' objects>"
+        if "_socket" in func or "select." in func:
+            return "syscalls"
+        if "_openssl" in func or "_cffi" in func:
+            return "OpenSSL (C)"
+        return "builtins"
+    path = filename.replace("\\", "/")
+    if "site-packages/" in path:
+        top = path.split("site-packages/")[-1].split("/")[0]
+        return "pyOpenSSL" if top == "OpenSSL" else top
+    if "/qpher_proxy/" in path:
+        parts = path.split("/qpher_proxy/")[-1].split("/")
+        return "qpher_proxy." + (parts[0].removesuffix(".py") if len(parts) > 1 else parts[0].removesuffix(".py"))
+    name = path.rsplit("/", 1)[-1].removesuffix(".py")
+    parent = path.rsplit("/", 2)[-2] if path.count("/") >= 2 else ""
+    return parent if parent in ("logging", "json", "asyncio", "email", "http") else name
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
