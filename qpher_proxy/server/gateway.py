@@ -22,7 +22,6 @@ HTTP layer, as ``{"error": {"code", "message", "request_id"}}``.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections import OrderedDict
@@ -30,6 +29,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from ..api import CryptoAPI, Route, RouteMethodNotAllowed, resolve
+from ..api.validation import REQUEST_FIELDS, load_object, parse_fields
 from ..audit import AuditLog
 from ..auth.apikeys import APIKeyRecord, Authenticator
 from ..auth.headers import extract_api_key, redact_target
@@ -182,16 +182,13 @@ class Gateway:
             self.metrics.fail_open_active.set(1.0 if self.policy.fail_open_state().active else 0.0)
             return Response(200, ((b"content-type", METRICS_CONTENT_TYPE.encode()),), self.metrics.render())
         if route.operation == "admin.fail_open.set":
-            obj = _json_object(await req.read_body())
-            reason, seconds = obj.get("reason"), obj.get("seconds", self.policy.fail_open_max_seconds)
-            unknown = set(obj) - {"reason", "seconds"}
-            if unknown:
-                raise BadRequest(f"unknown field {sorted(unknown)[0][:40]!r}", code="invalid_input")
-            if not isinstance(reason, str) or isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
-                raise BadRequest("expected {\"reason\": string, \"seconds\": number}", code="invalid_input")
-            state = self.policy.open_fail_open(reason, record.key_id, float(seconds))
+            # openapi FailOpenRequest (reason and seconds, both required), as strict as /v1 bodies
+            f = parse_fields(load_object(await req.read_body()), REQUEST_FIELDS["admin.fail_open.set"])
+            state = self.policy.open_fail_open(f["reason"], record.key_id, f["seconds"])
             return Response.json(200, _fail_open_json(state))
         if route.operation == "admin.fail_open.clear":
+            if load_object(await req.read_body(), allow_empty=True):  # no body, or {}
+                raise BadRequest("DELETE /admin/fail-open takes no fields", code="invalid_input")
             state = self.policy.close_fail_open(record.key_id)
             return Response.json(200, _fail_open_json(state))
         raise NotFound("no such route", code="route_not_found")  # pragma: no cover
@@ -352,16 +349,6 @@ def _check_forward_path(path: str) -> None:
     if any(s in low for s in _AMBIGUOUS_PATH) or any(seg in (".", "..") for seg in path.split("/")):
         raise BadRequest("ambiguous request path (encoded or dot segments) is not forwarded",
                          code="ambiguous_path")
-
-
-def _json_object(body: bytes) -> dict[str, Any]:
-    try:
-        obj = json.loads(body or b"{}")
-    except (ValueError, UnicodeDecodeError):
-        raise BadRequest("request body is not valid JSON", code="invalid_json") from None
-    if not isinstance(obj, dict):
-        raise BadRequest("request body must be a JSON object", code="invalid_input")
-    return obj
 
 
 def _fail_open_json(state: Any) -> dict[str, Any]:

@@ -147,7 +147,9 @@ class KEMPrivateKey(BasePrivateKey):
             info = as_bytes(info, "info")
         n = self.algorithm.ciphertext_size
         if len(sealed) < n + hpke.TAG_SIZE:
-            raise DecryptionFailed()
+            # A length is public: say what is wrong with it (no key-dependent detail).
+            raise InvalidCiphertext(
+                f"{self.algorithm.name} HPKE ciphertext must be at least {n + hpke.TAG_SIZE} bytes, got {len(sealed)}")
         try:
             shared_secret = self.decapsulate(sealed[:n])
         except CryptoError:
