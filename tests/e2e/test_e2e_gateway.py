@@ -273,3 +273,57 @@ def test_sigterm_finishes_in_flight_and_exits_zero(tmp_path: Path) -> None:
     assert any("graceful shutdown" in m for m in msgs)
     c.close()
     gw.stop()
+
+
+# ---- reloads and the audit sink on a running proxy --------------------------------------------
+
+def test_sighup_reloads_certificates_and_policy_without_dropping_connections(tmp_path: Path) -> None:
+    d = tmp_path / "state"
+    init_state(d, **{"crypto.backend": "openssl", "policy.reload_interval": 3600.0})
+    gw = start_gateway(d)
+    try:
+        c = gw.client()
+        assert c.call("GET", "/v1/info")[0] == 200
+        # a broken policy file: the reload is rejected, the last good chain stays in force
+        (d / "policies" / "50-broken.yaml").write_text("version: 1\nrules:\n  - id: x\n    effect: maybe\n")
+        gw.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            msgs = [r.get("msg", "") for r in gw.read_logs()]
+            if any("TLS certificates reloaded" in m for m in msgs) and any("rejected" in m for m in msgs):
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail(f"no reload logged: {[r.get('msg') for r in gw.log_lines][-10:]}")
+        # the same keep-alive connection still works, and policy still allows
+        assert c.call("GET", "/v1/info")[0] == 200
+        audit = (d / "audit" / "audit.log").read_text()
+        assert "policy.reload_rejected" in audit or "policy.reload.rejected" in audit
+        # fixing the file and reloading again brings the new chain in
+        (d / "policies" / "50-broken.yaml").unlink()
+        gw.proc.send_signal(signal.SIGHUP)
+        c.close()
+    finally:
+        assert gw.stop() == 0
+
+
+def test_unwritable_audit_log_refuses_audited_requests(tmp_path: Path) -> None:
+    d = tmp_path / "state"
+    init_state(d, **{"crypto.backend": "openssl"})
+    gw = start_gateway(d)
+    try:
+        c = gw.client()
+        assert c.call("GET", "/v1/info")[0] == 200
+        log = d / "audit" / "audit.log"
+        log.rename(d / "audit" / "moved-away.log")
+        log.mkdir()  # the audit path is now a directory: no record can be written there
+        status, body, _ = c.call("GET", "/v1/info")
+        assert status == 503 and body["error"]["code"] in ("audit_unavailable", "policy_unavailable")
+        status, body, _ = c.call("GET", "/v1/info", auth=False)  # an auth failure must be audited too
+        assert status == 503
+        assert c.call("GET", "/healthz", auth=False)[0] == 200  # liveness is not audited
+        log.rmdir()
+        assert c.call("GET", "/v1/info")[0] == 200  # recovers once the log is writable again
+        c.close()
+    finally:
+        assert gw.stop() == 0
