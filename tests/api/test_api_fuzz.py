@@ -4,19 +4,17 @@ openapi.yaml or a documented 4xx ``QpherError``: never a 5xx, never another exce
 
 from __future__ import annotations
 
-import base64
 import json
-from typing import Any
 
 import pytest
 import trio
 from _api_fake_kms import FakeKMS
 from _api_openapi import documented_codes, validate_response
+import _api_strategies as strategies
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qpher_proxy.api import ROUTES, CryptoAPI, Route
-from qpher_proxy.api.validation import LABEL_PATTERN, REQUEST_FIELDS, Field, FieldType
 from qpher_proxy.context import TenantContext
 from qpher_proxy.crypto.algorithms import ALGORITHMS
 from qpher_proxy.errors import QpherError
@@ -49,77 +47,6 @@ class Env:
 @pytest.fixture(scope="module")
 def env() -> Env:
     return Env()
-
-
-JSON = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=12),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
-    max_leaves=12,
-)
-
-
-def _b64(max_size: int) -> st.SearchStrategy[str]:
-    sizes = sorted({a.ciphertext_size for a in ALGORITHMS.values() if a.ciphertext_size}
-                   | {a.ciphertext_size + 16 + 5 for a in ALGORITHMS.values() if a.ciphertext_size}
-                   | {a.signature_size for a in ALGORITHMS.values() if a.signature_size})
-    return st.one_of(
-        st.binary(max_size=max_size),
-        st.sampled_from(sizes).flatmap(lambda n: st.binary(min_size=n, max_size=n)),
-    ).map(lambda b: base64.b64encode(b).decode())
-
-
-def _value(field: Field, key_ids: list[str]) -> st.SearchStrategy[Any]:
-    t = field.type
-    near: st.SearchStrategy[Any]
-    if t is FieldType.KEY_ID:
-        near = st.sampled_from(key_ids) | st.text(max_size=30)
-    elif t is FieldType.BYTES:
-        near = _b64(64) | st.text(max_size=12)
-    elif t is FieldType.CONTEXT:
-        near = _b64(300)
-    elif t is FieldType.VERSION:
-        near = st.integers(-2, 4) | st.sampled_from([2**31 - 1, 2**31, 2**63]) | st.booleans()
-    elif t is FieldType.ALGORITHM:
-        near = st.sampled_from([*ALGORITHMS, "rsa-2048", "ML-KEM-768", ""])
-    elif t is FieldType.KIND:
-        near = st.sampled_from(["kem", "signature", "KEM", ""])
-    elif t is FieldType.MODE:
-        near = st.sampled_from(["pqc", "hybrid", "classic"])
-    elif t is FieldType.LABEL:
-        near = st.from_regex(LABEL_PATTERN, fullmatch=True) | st.text(max_size=20)
-    elif t is FieldType.REASON:
-        near = st.text(max_size=20)
-    else:
-        near = st.integers(-5, 10**6) | st.floats(allow_nan=False, allow_infinity=False)
-    return st.one_of(near, near, near, JSON)
-
-
-@st.composite
-def _item(draw: st.DrawFn, spec: dict[str, Field], key_ids: list[str]) -> Any:
-    if draw(st.integers(0, 9)) == 0:
-        return draw(JSON)
-    obj: dict[str, Any] = {}
-    for name, field in spec.items():
-        if draw(st.integers(0, 9)) < (9 if field.required else 5):
-            obj[name] = draw(_value(field, key_ids))
-    if draw(st.integers(0, 14)) == 0:
-        obj[draw(st.text(max_size=8))] = draw(JSON)
-    return obj
-
-
-def _body(route: Route, key_ids: list[str]) -> st.SearchStrategy[bytes]:
-    random_json = JSON.map(lambda v: json.dumps(v).encode())
-    raw = st.binary(max_size=64)
-    if not route.has_body:
-        return st.one_of(st.just(b""), st.just(b"{}"), random_json, raw)
-    if route.batch:
-        spec = REQUEST_FIELDS[route.operation.removesuffix(".batch")]
-        shaped = st.lists(_item(spec, key_ids), max_size=MAX_BATCH + 1).map(lambda items: {"items": items})
-    else:
-        shaped = _item(REQUEST_FIELDS[route.operation], key_ids)
-    return st.one_of(shaped.map(lambda v: json.dumps(v).encode()), shaped.map(lambda v: json.dumps(v).encode()),
-                     random_json, raw)
 
 
 def _params(route: Route, key_ids: list[str]) -> st.SearchStrategy[dict[str, str]]:
@@ -155,7 +82,7 @@ def test_fuzz_route_answers_only_documented_outcomes(env: Env, route: Route) -> 
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
     @given(data=st.data())
     def run(data: st.DataObject) -> None:
-        body = data.draw(_body(route, env.key_ids), label="body")
+        body = data.draw(strategies.body(route, env.key_ids, max_batch=MAX_BATCH + 1), label="body")
         params = data.draw(_params(route, env.key_ids), label="params")
         query = data.draw(_query(route, env.key_ids), label="query") if route.method == "GET" else None
         trio.run(_check, env, route, body, params, query)

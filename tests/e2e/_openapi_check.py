@@ -41,16 +41,17 @@ from qpher_proxy.crypto.algorithms import ALGORITHMS
 from ._gateway import Client
 
 
-def _load_api_openapi() -> ModuleType:
-    path = pathlib.Path(__file__).resolve().parents[1] / "api" / "_api_openapi.py"
-    spec = importlib.util.spec_from_file_location("_e2e_shared_api_openapi", path)
+def load_api_helper(name: str) -> ModuleType:
+    """A helper module of tests/api (those tests import them by plain name), loaded by path."""
+    path = pathlib.Path(__file__).resolve().parents[1] / "api" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_e2e_shared{name}", path)
     assert spec is not None and spec.loader is not None, path
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-openapi = _load_api_openapi()
+openapi = load_api_helper("_api_openapi")
 
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4"
 _ERROR_POINTER = "/components/schemas/Error"

@@ -15,25 +15,23 @@ database, and a 20 s wall-clock budget. The admin routes are left out: a valid
 
 from __future__ import annotations
 
-import base64
-import json
 import os
 import time
 import urllib.parse
 from collections import Counter
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qpher_proxy.api import ROUTES, Route
-from qpher_proxy.api.validation import LABEL_PATTERN, REQUEST_FIELDS, Field, FieldType
 from qpher_proxy.crypto.algorithms import ALGORITHMS
 
 from ._gateway import Gateway, cli
-from ._openapi_check import CheckedClient, route_of
+from ._openapi_check import CheckedClient, load_api_helper, route_of
+
+strategies = load_api_helper("_api_strategies")
 
 # QPHER_E2E_FUZZ_EXAMPLES=5000 runs a longer, randomized hunt locally (with its budget scaled).
 _LONG_RUN = int(os.environ.get("QPHER_E2E_FUZZ_EXAMPLES", "0"))
@@ -76,76 +74,6 @@ def env(gateway: Gateway) -> Iterator[Env]:
 
 # ---- strategies -----------------------------------------------------------------------------------
 
-JSON = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=12),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
-    max_leaves=10,
-)
-
-_SIZES = sorted({a.ciphertext_size for a in ALGORITHMS.values() if a.ciphertext_size}
-                | {a.ciphertext_size + 16 + 7 for a in ALGORITHMS.values() if a.ciphertext_size}
-                | {a.signature_size for a in ALGORITHMS.values() if a.signature_size}
-                | {a.public_key_size for a in ALGORITHMS.values()})
-
-
-def _b64(max_size: int) -> st.SearchStrategy[str]:
-    raw = st.one_of(st.binary(max_size=max_size),
-                    st.sampled_from(_SIZES).flatmap(lambda n: st.binary(min_size=n, max_size=n)))
-    return raw.map(lambda b: base64.b64encode(b).decode())
-
-
-def _value(field: Field, key_ids: list[str]) -> st.SearchStrategy[Any]:
-    t = field.type
-    near: st.SearchStrategy[Any]
-    if t is FieldType.KEY_ID:
-        near = st.sampled_from(key_ids) | st.text(max_size=30)
-    elif t is FieldType.BYTES:
-        near = _b64(48) | st.text(max_size=12)
-    elif t is FieldType.CONTEXT:
-        near = _b64(300)
-    elif t is FieldType.VERSION:
-        near = st.integers(-1, 3) | st.sampled_from([2**31 - 1, 2**31]) | st.booleans()
-    elif t is FieldType.ALGORITHM:
-        near = st.sampled_from([*ALGORITHMS, "rsa-2048", "ML-KEM-768", ""])
-    elif t is FieldType.KIND:
-        near = st.sampled_from(["kem", "signature", "KEM", ""])
-    elif t is FieldType.MODE:
-        near = st.sampled_from(["pqc", "hybrid", "classic"])
-    elif t is FieldType.LABEL:
-        near = st.from_regex(LABEL_PATTERN, fullmatch=True) | st.text(max_size=20)
-    else:
-        near = st.integers(-5, 10**6) | st.text(max_size=20)
-    return st.one_of(near, near, near, JSON)
-
-
-@st.composite
-def _item(draw: st.DrawFn, spec: dict[str, Field], key_ids: list[str]) -> Any:
-    if draw(st.integers(0, 9)) == 0:
-        return draw(JSON)
-    obj: dict[str, Any] = {}
-    for name, f in spec.items():
-        if draw(st.integers(0, 9)) < (9 if f.required else 4):
-            obj[name] = draw(_value(f, key_ids))
-    if draw(st.integers(0, 14)) == 0:
-        obj[draw(st.text(max_size=8))] = draw(JSON)
-    return obj
-
-
-def _body(route: Route, key_ids: list[str]) -> st.SearchStrategy[bytes]:
-    random_json = JSON.map(lambda v: json.dumps(v).encode())
-    raw = st.binary(max_size=48)
-    if not route.has_body:
-        return st.one_of(st.just(b""), st.just(b"{}"), random_json, raw)
-    if route.batch:
-        spec = REQUEST_FIELDS[route.operation.removesuffix(".batch")]
-        shaped = st.lists(_item(spec, key_ids), max_size=MAX_BATCH).map(lambda items: {"items": items})
-    else:
-        shaped = _item(REQUEST_FIELDS[route.operation], key_ids)
-    encoded = shaped.map(lambda v: json.dumps(v).encode())
-    return st.one_of(encoded, encoded, encoded, random_json, raw)
-
-
 def _path(route: Route, key_ids: list[str]) -> st.SearchStrategy[str]:
     if "{key_id}" not in route.template:
         return st.just(route.template)
@@ -172,7 +100,7 @@ def requests(draw: st.DrawFn, key_ids: list[str]) -> tuple[str, str, bytes, dict
     query = draw(_query(route))
     wrong_method = draw(st.integers(0, 11)) == 11  # not 0: hypothesis favours small integers
     method = draw(st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH"])) if wrong_method else route.method
-    body = draw(_body(route, key_ids))
+    body = draw(strategies.body(route, key_ids, max_batch=MAX_BATCH))
     headers = draw(st.sampled_from([{"Content-Type": "application/json"}, {}, {"Content-Type": "text/plain"}]))
     return method, path + (f"?{query}" if query else ""), body, headers
 
