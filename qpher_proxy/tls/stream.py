@@ -293,6 +293,10 @@ class TLSStream(trio.abc.HalfCloseableStream):
         engine = self._engine
         try:
             with trio.move_on_after(self._handshake_timeout) as deadline:
+                if engine.server_side:
+                    # The client speaks first: wait for its hello instead of asking OpenSSL
+                    # for a step it cannot take yet (a WantRead costs an exception).
+                    await self._receive()
                 while not engine.do_handshake():
                     await self._flush()
                     await self._receive()
