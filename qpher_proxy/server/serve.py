@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import signal
 from collections.abc import Awaitable, Callable
@@ -250,4 +249,3 @@ def _first_qpher_error(exc: BaseException) -> QpherError | None:
     return None
 
 
-_ = math
