@@ -49,6 +49,20 @@ class TextFormatter(logging.Formatter):
 
 
 _fast_stream: TextIO | None = None  # the JSON handler's stream, for the access log's fast path
+
+
+def _line_encoder() -> Any:
+    """``json.dumps(obj, separators=(",", ":"), default=str)`` with the encoder made once
+    (CPython's C encoder where there is one), not once per line."""
+    encoder = json.JSONEncoder(separators=(",", ":"), default=str)
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:  # pragma: no cover - not CPython
+        return encoder.encode
+    chunks = make(None, str, json.encoder.encode_basestring_ascii, None, ":", ",", False, False, True)
+    return lambda obj: "".join(chunks(obj, 0))
+
+
+_dumps_line = _line_encoder()
 _ts_cache: list[Any] = [-1, ""]
 
 
@@ -80,7 +94,7 @@ class AccessLog:
             return
         head = f'{{"ts":"{_ts(time.time())}","level":"info","logger":"qpher.access","msg":"request",'
         try:
-            stream.write(head + json.dumps(fields, separators=(",", ":"), default=str)[1:] + "\n")
+            stream.write(head + _dumps_line(fields)[1:] + "\n")
             stream.flush()
         except (OSError, ValueError):
             pass  # as logging.Handler.handleError would: a log line never fails a request

@@ -47,6 +47,7 @@ from ..crypto.algorithms import (
     Kind,
 )
 from ..errors import BatchTooLarge, InvalidInput, QpherError
+from ..http.messages import Base64Text
 from .routes import Route
 from .validation import (
     DEFAULT_ALGORITHMS,
@@ -99,7 +100,7 @@ class KMSLike(Protocol):
 
 
 def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
+    return Base64Text.of(data)  # a str that Response.json copies without scanning it
 
 
 def _timestamp(value: float | None) -> str | None:

@@ -149,6 +149,10 @@ def _no_constant(name: str) -> Any:
     raise InvalidJSON(f"{name} is not valid JSON")
 
 
+# json.loads(text, object_pairs_hook=..., parse_constant=...) builds this decoder on every call.
+_DECODER = json.JSONDecoder(object_pairs_hook=_pairs_no_duplicates, parse_constant=_no_constant)
+
+
 def load_json(body: bytes) -> Any:
     """Parse one strict JSON document (see the module docstring) or raise ``InvalidJSON``."""
     try:
@@ -158,7 +162,9 @@ def load_json(body: bytes) -> Any:
     if not text.strip():
         raise InvalidJSON("request body is empty; expected a JSON object")
     try:
-        return json.loads(text, object_pairs_hook=_pairs_no_duplicates, parse_constant=_no_constant)
+        if text.startswith("\ufeff"):  # what json.loads says before decoding
+            raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
+        return _DECODER.decode(text)
     except InvalidJSON:
         raise
     except json.JSONDecodeError as exc:
@@ -193,9 +199,13 @@ def decode_b64(value: object, where: str) -> bytes:
     except binascii.Error as exc:
         raise InvalidBase64(f"field {where!r} is not valid standard base64") from exc
     # strict_mode still accepts non-zero bits in the last symbol before "=": two strings
-    # would then decode to the same bytes. Canonical means the round trip is exact.
-    if value.endswith("=") and binascii.b2a_base64(data, newline=False) != raw:
-        raise InvalidBase64(f"field {where!r} is not canonical base64 (non-zero padding bits)")
+    # would then decode to the same bytes. Canonical means the round trip is exact; every
+    # group but the padded last one round-trips by construction, so only that one is encoded
+    # again (the 1 or 2 bytes it decoded to), whatever the size of the field.
+    if value.endswith("="):
+        tail = 1 if value.endswith("==") else 2
+        if binascii.b2a_base64(data[-tail:], newline=False) != raw[-4:]:
+            raise InvalidBase64(f"field {where!r} is not canonical base64 (non-zero padding bits)")
     return data
 
 

@@ -182,10 +182,14 @@ class AuditLog:
         if self._closed:
             raise AuditUnavailable("the audit log is closed")
         ts = format_ts(self._clock())
+        lock_fd = self._lock_fd
         try:
-            with self._locked():
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)  # (what _locked() does, without a generator per record)
+            try:
                 self._sync()
                 return self._append_record(ts, event, sev, fields)
+            finally:
+                fcntl.flock(lock_fd, fcntl.LOCK_UN)
         except OSError as exc:
             self._close_fd()  # re-sync from disk next time (the write may have been partial)
             raise AuditUnavailable("the audit log cannot be written") from exc
@@ -324,14 +328,18 @@ class AuditLog:
         return seq
 
     def _append(self, data: bytes, *, fsync: bool) -> None:
-        assert self._fd is not None
-        view = memoryview(data)
-        while view:
-            n = os.write(self._fd, view)
-            self._size += n
-            view = view[n:]
+        fd = self._fd
+        assert fd is not None
+        n = os.write(fd, data)
+        self._size += n
+        if n != len(data):  # a short write (rare): write the rest
+            view = memoryview(data)[n:]
+            while view:
+                n = os.write(fd, view)
+                self._size += n
+                view = view[n:]
         if fsync:
-            os.fsync(self._fd)
+            os.fsync(fd)
 
     def _rotate(self) -> None:
         assert self._fd is not None

@@ -73,10 +73,19 @@ def is_secret_name(name: str) -> bool:
     return any(p in n for p in _SECRET_PHRASES)
 
 
+# The spellings callers use ("info", "INFO", "Warning", ...) -> the canonical name; filled on use.
+_SEVERITY_OF: dict[str, str] = {s: s for s in SEVERITIES}
+
+
 def normalize_severity(severity: str) -> str:
+    s = _SEVERITY_OF.get(severity) if severity.__class__ is str else None
+    if s is not None:
+        return s
     s = severity.upper() if isinstance(severity, str) else ""
     if s not in SEVERITIES:
         raise AuditFieldRefused(f"audit severity must be one of {', '.join(SEVERITIES)}, not {severity!r}"[:200])
+    if len(_SEVERITY_OF) < _NAME_OK_MAX:
+        _SEVERITY_OF[severity] = s
     return s
 
 
@@ -126,40 +135,108 @@ def _name_ok(name: str) -> bool:
 
 def check_fields(fields: Mapping[str, object]) -> None:
     """Raise ``AuditFieldRefused`` unless every field is safe to write (see module docstring)."""
+    verdicts = _NAME_OK
     for name, value in fields.items():
-        if not _name_ok(name):
+        if verdicts.get(name) is not True and not _name_ok(name):
             if name in RESERVED:
                 raise AuditFieldRefused(f"audit field name {name!r} is reserved")
             raise AuditFieldRefused(f"audit field {name[:40]!r} is named like a secret; record its id instead")
-        if value is None or value.__class__ in (bool, int):
-            continue
-        if value.__class__ is str:
+        cls = value.__class__
+        if cls is str:
             if "qph_" in value and _KEYISH.search(value):  # type: ignore[operator]
                 raise AuditFieldRefused(f"audit field {name!r} holds something shaped like an API key")
+            continue
+        if value is None or cls is int or cls is bool:
             continue
         _check_value(name, value, 0)
 
 
+_ts_second: tuple[int | None, str] = (None, "")  # (second, its "%Y-%m-%dT%H:%M:%S"): one strftime a second
+
+
 def format_ts(now: float) -> str:
+    global _ts_second
     whole = int(now // 1)
     millis = int((now - whole) * 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{millis:03d}Z"
+    cached = _ts_second
+    if cached[0] != whole:
+        cached = _ts_second = (whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)))
+    return f"{cached[1]}.{millis:03d}Z"
+
+
+_EVENTS_OK: set[str] = set()  # event names already checked (they come from code: a few dozen)
 
 
 def check_event(event: object) -> str:
+    if event.__class__ is str and event in _EVENTS_OK:
+        return event  # type: ignore[return-value]
     if not isinstance(event, str) or _EVENT_RE.fullmatch(event) is None:
         raise AuditFieldRefused(f"audit event names match {_EVENT_RE.pattern!r}, not {str(event)[:80]!r}")
+    if event.__class__ is str and len(_EVENTS_OK) < _NAME_OK_MAX:
+        _EVENTS_OK.add(event)
     return event
+
+
+# The line is json.dumps(record, separators=(",", ":"), ensure_ascii=True, allow_nan=False),
+# assembled piece by piece: strings and ints (nearly every value) through the C string escaper,
+# anything else through one shared encoder with those same settings, so the bytes are the same.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+_escape = json.encoder.encode_basestring_ascii
+# The field names of a record, in the order the caller gave them -> ((name, '"name":'), ...) in
+# sorted order; None if a name is reserved. Callers use a few fixed sets of names.
+_LAYOUTS: dict[tuple[str, ...], tuple[tuple[str, str], ...] | None] = {}
+_UNSEEN: Any = object()
+
+
+def _json_value(value: object) -> str:
+    cls = value.__class__
+    if cls is str:
+        return _escape(value)  # type: ignore[no-any-return]
+    if cls is int:
+        return int.__repr__(value)  # type: ignore[arg-type]
+    if value is None:
+        return "null"
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    return _ENCODER.encode(value)
+
+
+def _layout(names: tuple[str, ...]) -> tuple[tuple[str, str], ...] | None:
+    plain = RESERVED.isdisjoint(names) and all(n.__class__ is str for n in names)
+    layout = tuple((n, _escape(n) + ":") for n in sorted(names)) if plain else None
+    if len(_LAYOUTS) < _NAME_OK_MAX:
+        _LAYOUTS[names] = layout
+    return layout
 
 
 def encode_record(seq: int, ts: str, event: str, severity: str, fields: Mapping[str, Any], prev: str) -> bytes:
     """The record's line, without the newline. ``fields`` must have passed ``check_fields``."""
     check_event(event)
-    obj: dict[str, Any] = {"seq": seq, "ts": ts, "event": event, "severity": severity}
-    for name in sorted(fields):
-        obj[name] = fields[name]
-    obj["prev"] = prev
-    line = json.dumps(obj, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode("ascii")
+    names = tuple(fields)
+    layout = _LAYOUTS.get(names, _UNSEEN)
+    if layout is _UNSEEN:
+        layout = _layout(names)
+    if layout is None:  # a reserved or odd name: only a direct caller gets here; json.dumps decides
+        obj: dict[str, Any] = {"seq": seq, "ts": ts, "event": event, "severity": severity}
+        for name in sorted(fields):
+            obj[name] = fields[name]
+        obj["prev"] = prev
+        text = _ENCODER.encode(obj)
+    else:
+        value, escape = _json_value, _escape
+        parts = ['{"seq":', value(seq), ',"ts":', value(ts), ',"event":', value(event), ',"severity":',
+                 value(severity), ","]
+        add = parts.append
+        for name, key in layout:
+            v = fields[name]
+            add(key + (escape(v) if v.__class__ is str else value(v)) + ",")
+        add('"prev":')
+        add(value(prev))
+        add("}")
+        text = "".join(parts)
+    line = text.encode("ascii")
     if len(line) > MAX_LINE_BYTES:
         raise AuditFieldRefused(f"audit record would be {len(line)} bytes, more than {MAX_LINE_BYTES}")
     return line

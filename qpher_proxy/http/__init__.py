@@ -1,6 +1,6 @@
 """HTTP/1.1 edge: h11 server loop, request/response types, error rendering."""
 
-from .messages import REQUEST_ID_HEADER, Body, Request, Response, error_response
+from .messages import REQUEST_ID_HEADER, Base64Text, Body, Request, Response, error_response
 from .server import (
     HTTPLimits,
     HTTPServer,
@@ -14,6 +14,7 @@ from .server import (
 
 __all__ = [
     "REQUEST_ID_HEADER",
+    "Base64Text",
     "Body",
     "Request",
     "Response",

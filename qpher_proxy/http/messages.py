@@ -19,6 +19,7 @@ than the upstream will see.
 
 from __future__ import annotations
 
+import binascii
 import json
 import re
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
@@ -27,7 +28,7 @@ from typing import Any, Protocol
 
 from ..errors import QpherError
 
-__all__ = ["Request", "Response", "error_response", "Body", "REQUEST_ID_HEADER"]
+__all__ = ["Request", "Response", "error_response", "Body", "REQUEST_ID_HEADER", "Base64Text"]
 
 REQUEST_ID_HEADER = b"x-request-id"
 _JSON_CT = (b"content-type", b"application/json")
@@ -147,16 +148,71 @@ class Response:
     def json(
         cls, status: int, obj: Any, headers: Iterable[tuple[bytes, bytes]] = ()
     ) -> Response:
-        body = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-        return cls(status, [_JSON_CT, *headers], body)
+        text = _dumps_flat(obj) if obj.__class__ is dict else None
+        body = (text if text is not None else _dumps(obj)).encode("utf-8")
+        return cls(status, [_JSON_CT, *headers] if headers else [_JSON_CT], body)
+
+
+class Base64Text(str):
+    """Standard base64 text, made only by :meth:`of` (binascii's output: ``A-Z a-z 0-9 + / =``).
+
+    It is an ordinary ``str`` to everyone; ``Response.json`` alone uses what the type promises,
+    writing such a value between quotes as is instead of scanning kilobytes of ciphertext or
+    signature for characters to escape (there are none)."""
+
+    __slots__ = ()
+
+    @classmethod
+    def of(cls, data: bytes) -> Base64Text:
+        return cls(binascii.b2a_base64(data, newline=False).decode("ascii"))
+
+
+def _compact_json_encoder() -> Any:
+    """``json.dumps(obj, separators=(",", ":"), ensure_ascii=False)`` without building a
+    ``JSONEncoder`` per call: CPython's C encoder made once (the same one ``json.dumps`` makes
+    for each call), or the pure-Python encoder where there is none. No circular-reference
+    check: response bodies are trees built by our handlers."""
+    encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:  # pragma: no cover - not CPython
+        return encoder.encode
+    chunks = make(None, encoder.default, json.encoder.encode_basestring, None, ":", ",", False, False, True)
+    return lambda obj: "".join(chunks(obj, 0))
+
+
+_dumps = _compact_json_encoder()
+_escape = json.encoder.encode_basestring  # ensure_ascii=False, as _dumps
+
+
+def _dumps_flat(obj: dict[Any, Any]) -> str | None:
+    """``_dumps(obj)`` for a flat object of strings, ints, booleans and nulls (most API answers),
+    with ``Base64Text`` values copied unscanned; None for anything else (``_dumps`` does it)."""
+    escape = _escape
+    parts = []
+    for name, value in obj.items():
+        if name.__class__ is not str:
+            return None
+        cls = value.__class__
+        if cls is Base64Text:
+            text = '"' + value + '"'
+        elif cls is str:
+            text = escape(value)
+        elif cls is int:
+            text = int.__repr__(value)
+        elif value is None:
+            text = "null"
+        elif value is True:
+            text = "true"
+        elif value is False:
+            text = "false"
+        else:
+            return None
+        parts.append(escape(name) + ":" + text)
+    return "{" + ",".join(parts) + "}"
 
 
 def error_body(code: str, message: str, request_id: str) -> bytes:
-    return json.dumps(
-        {"error": {"code": code, "message": message, "request_id": request_id}},
-        separators=(",", ":"),
-        ensure_ascii=False,
-    ).encode("utf-8")
+    return _dumps({"error": {"code": code, "message": message, "request_id": request_id}}).encode("utf-8")
 
 
 def error_response(exc: QpherError, request_id: str) -> Response:

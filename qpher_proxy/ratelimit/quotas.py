@@ -68,6 +68,14 @@ def month_of(now: float) -> str:
     return f"{t.tm_year:04d}-{t.tm_mon:02d}"
 
 
+def _month_bounds(month: str) -> tuple[float, float]:
+    """[start, end) of the UTC calendar month ``"YYYY-MM"``, in epoch seconds."""
+    year, mon = int(month[:4]), int(month[5:7])
+    next_year, next_mon = (year + 1, 1) if mon == 12 else (year, mon + 1)
+    return (float(calendar.timegm((year, mon, 1, 0, 0, 0, 0, 0, 0))),
+            float(calendar.timegm((next_year, next_mon, 1, 0, 0, 0, 0, 0, 0))))
+
+
 def seconds_to_next_month(now: float) -> int:
     t = time.gmtime(now)
     year, month = (t.tm_year + 1, 1) if t.tm_mon == 12 else (t.tm_year, t.tm_mon + 1)
@@ -94,6 +102,7 @@ class QuotaCounter:
             db.ensure_schema(self._conn, "quota_usage", 1, _SCHEMA)
             now = clock()
             self._month = month_of(now)
+            self._month_bounds = _month_bounds(self._month)
             self._counts = self._load(self._month)
         except BaseException:
             self._conn.close()
@@ -118,6 +127,12 @@ class QuotaCounter:
         self.flush()  # the old month's increments go to the old month's rows
         self._month = month
         self._counts = self._load(month)
+        self._month_bounds = _month_bounds(month)
+
+    def _month_of(self, now: float) -> str:
+        """``month_of(now)``, without a gmtime while ``now`` is inside the current month."""
+        start, end = self._month_bounds
+        return self._month if start <= now < end else month_of(now)
 
     def check_and_count(self, tenant: str, op_class: str, limit: int | None, n: int = 1) -> int:
         """Count ``n`` operations of ``op_class`` for ``tenant`` this month and return the new
@@ -128,7 +143,7 @@ class QuotaCounter:
         if self._closed:
             raise QuotaUnavailable("quota counter is closed")
         now = self._clock()
-        month = month_of(now)
+        month = self._month_of(now)
         if month != self._month:
             self._roll_or_unavailable(month)
         ops = self._counts.get(tenant)
@@ -165,7 +180,7 @@ class QuotaCounter:
 
     def usage(self, tenant: str) -> dict[str, int]:
         """This month's usage of ``tenant`` per operation class (a copy; for policy facts)."""
-        month = month_of(self._clock())
+        month = self._month_of(self._clock())
         if month != self._month:
             self._roll_or_unavailable(month)
         return dict(self._counts.get(tenant, {}))

@@ -25,7 +25,9 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Mapping
 from datetime import datetime, timezone
+from types import MappingProxyType
 from typing import Any
 
 from ..api import CryptoAPI, Route, RouteMethodNotAllowed, resolve
@@ -52,6 +54,8 @@ from ..upstream import UpstreamClient, prepare_downstream_headers, prepare_upstr
 log = logging.getLogger("qpher.gateway")
 
 _JSON = (b"content-type", b"application/json")
+_NO_META: list[tuple[str | None, str | None]] = [(None, None)]  # never mutated
+_NO_USAGE: Mapping[str, int] = MappingProxyType({})
 _HEALTH_BODY = b'{"status":"ok"}'
 _KEY_META_CACHE = 100_000  # (tenant, key id) -> (algorithm, label); metadata only, never key bytes
 _FORWARD_MAX_BODY = 1 << 62  # sidecar bodies are streamed, not limited (nginx: client_max_body_size 0)
@@ -91,6 +95,7 @@ class Gateway:
         self._kms_ready = kms_ready if kms_ready is not None else (lambda: kms.ready)
         self._key_meta: OrderedDict[tuple[str, str], tuple[str, str | None]] = OrderedDict()
         self._limits_cache: dict[str, tuple[Any, RateLimits]] = {}
+        self._scope_sets: dict[tuple[str, ...], frozenset[str]] = {}
         self._access = AccessLog()
 
     # ---- readiness ------------------------------------------------------------------------
@@ -144,24 +149,27 @@ class Gateway:
 
         if route is None:
             _check_forward_path(req.path)
-            await self._authorize(req, record, "forward", None, None, tls, cost=1)
+            self._authorize(req, record, "forward", None, None, tls, cost=1)
             return await self._forward(req, record)
 
         parsed = None
         if route.owner == "api":
             # Routes without fields still take an empty body or {} (anything else is refused
             # by parse); GET bodies are never read.
-            body = await req.read_body() if route.has_body or route.method != "GET" else b""
+            body = await req.read_body() if route.method != "GET" or route.has_body else b""
             parsed = self.api.parse(route, body, params, req.query)
-            facts = parsed.policy_facts()
-            metas = await self._key_metas(ctx, facts["key_ids"]) if facts["key_ids"] else [(None, None)]
-            if facts["operation"] == "keys.create":
-                metas = [(facts["algorithm"], facts.get("label"))]
+            operation = route.operation
+            if operation == "keys.create":
+                f = parsed.fields
+                metas: list[tuple[str | None, str | None]] = [(f["algorithm"], f.get("label"))]
+            else:
+                key_ids = parsed.key_ids()
+                metas = await self._key_metas(ctx, key_ids) if key_ids else _NO_META
             for algorithm, label in metas:
-                await self._authorize(req, record, route.operation, algorithm, label, tls, cost=0)
+                self._authorize(req, record, operation, algorithm, label, tls, cost=0)
             self._count(record, route.quota, parsed.cost)
             status, obj = await self.api.handle(parsed, ctx, tls_version=tls_version, tls_group=tls_group)
-            event = _LIFECYCLE_EVENTS.get(route.operation)
+            event = _LIFECYCLE_EVENTS.get(operation)
             if event is not None:
                 self.audit.record(event, "info", request_id=req.request_id, tenant=record.tenant,
                                   api_key_id=record.key_id, key_id=obj.get("key_id"),
@@ -177,7 +185,7 @@ class Gateway:
             if not record.has_scope("admin"):
                 raise PolicyDenied("admin-scope-required", "admin endpoints need an API key with the admin scope")
         else:
-            await self._authorize(req, record, route.operation, None, None, tls, cost=1, quota=route.quota)
+            self._authorize(req, record, route.operation, None, None, tls, cost=1, quota=route.quota)
         if route.operation == "metrics":
             self.metrics.fail_open_active.set(1.0 if self.policy.fail_open_state().active else 0.0)
             return Response(200, ((b"content-type", METRICS_CONTENT_TYPE.encode()),), self.metrics.render())
@@ -230,6 +238,15 @@ class Gateway:
         self._limits_cache[plan_name] = (ps, limits)
         return limits
 
+    def _scopes(self, record: APIKeyRecord) -> frozenset[str]:
+        """The key's scopes as the frozenset the policy facts hold, built once per record."""
+        cached = self._scope_sets.get(record.scopes)
+        if cached is None:
+            if len(self._scope_sets) >= _KEY_META_CACHE:
+                self._scope_sets.clear()
+            cached = self._scope_sets[record.scopes] = frozenset(record.scopes)
+        return cached
+
     def _rate_limit(self, record: APIKeyRecord) -> None:
         limits = self._plan_limits(record.plan)
         if limits is None:
@@ -252,20 +269,23 @@ class Gateway:
                 self.metrics.rate_limited.labels("quota").inc()
             raise
 
-    async def _authorize(
+    def _authorize(
         self, req: Request, record: APIKeyRecord, operation: str, algorithm: str | None,
         label: str | None, tls: Any, *, cost: int, quota: str | None = None,
     ) -> None:
+        policy = self.policy
         facts = RequestFacts(
-            tenant=record.tenant, plan=record.plan, scopes=record.scopes, api_key_id=record.key_id,
+            tenant=record.tenant, plan=record.plan, scopes=self._scopes(record), api_key_id=record.key_id,
             method=req.method, path=req.path, operation=operation, algorithm=algorithm,
             key_label=label, source_ip=req.client_addr,
             tls_group=getattr(tls, "group", None), tls_pq=bool(getattr(tls, "post_quantum", False)),
-            now=datetime.now(timezone.utc), usage=self.quotas.usage(record.tenant),
+            now=datetime.now(timezone.utc),
+            # this month's counters are copied only when some rule reads them (usage_over)
+            usage=self.quotas.usage(record.tenant) if policy.uses_usage else _NO_USAGE,
             request_id=req.request_id,
         )
         try:
-            decision = self.policy.authorize(facts)
+            decision = policy.authorize(facts)
         except QpherError as exc:
             rule = getattr(exc, "rule_id", None)
             self.metrics.policy_decisions.labels(rule or ("default" if exc.status == 403 else "unavailable"),
@@ -280,8 +300,13 @@ class Gateway:
     async def _key_metas(self, ctx: TenantContext, key_ids: tuple[str, ...]) -> list[tuple[str | None, str | None]]:
         """The (algorithm, label) of each distinct key, for policy. Cached per (tenant, key):
         neither changes over a key's life. A key the tenant does not own is key_not_found."""
-        seen: dict[tuple[str | None, str | None], None] = {}
         cache = self._key_meta
+        if len(key_ids) == 1:  # the common case: one key, already known
+            meta = cache.get((ctx.tenant_id, key_ids[0]))
+            if meta is not None:
+                cache.move_to_end((ctx.tenant_id, key_ids[0]))
+                return [meta]
+        seen: dict[tuple[str | None, str | None], None] = {}
         for kid in key_ids:
             meta = cache.get((ctx.tenant_id, kid))
             if meta is None:

@@ -8,6 +8,8 @@ from typing import Any
 
 import pytest
 from _api_openapi import documented_codes
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from qpher_proxy.api import ROUTES, CryptoAPI, Route
 from qpher_proxy.api.validation import REQUEST_FIELDS, FieldType, decode_b64, load_json
@@ -227,6 +229,22 @@ def test_decode_b64_refuses_non_canonical_or_invalid(bad: str) -> None:
     with pytest.raises(QpherError) as info:
         decode_b64(bad, "ciphertext")
     assert info.value.code == "invalid_base64" and "'ciphertext'" in info.value.message
+
+
+@settings(max_examples=400, deadline=None)
+@given(text=st.text(st.sampled_from("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="),
+                    max_size=40).filter(lambda t: len(t) % 4 == 0),
+       prefix=st.binary(max_size=600).filter(lambda b: len(b) % 3 == 0))
+def test_decode_b64_accepts_exactly_the_canonical_encodings(text: str, prefix: bytes) -> None:
+    """Only the padded last group is re-encoded to check it: a long canonical prefix in front
+    of any last group changes nothing about the verdict."""
+    for candidate in (text, base64.b64encode(prefix).decode() + text):
+        try:
+            data = decode_b64(candidate, "f")
+        except QpherError as exc:
+            assert exc.code == "invalid_base64"
+            continue
+        assert base64.b64encode(data).decode() == candidate
 
 
 def test_messages_never_echo_values() -> None:

@@ -206,6 +206,75 @@ def test_default_budget_clock_is_real(tmp_path: Path) -> None:
     assert engine.budget_exceeded_total == 0
 
 
+def _wall_and_cpu(monkeypatch: pytest.MonkeyPatch, wall_step: float, cpu_step: float) -> Any:
+    """The engine's view of the time module: a wall clock and a CPU clock stepping as given.
+    An engine built with ``eval_clock=<that>.thread_time`` takes it for its default clock."""
+    import types
+
+    import qpher_proxy.policy.engine as engine_module
+
+    fake = types.SimpleNamespace(perf_counter=SteppingClock(wall_step), thread_time=SteppingClock(cpu_step))
+    monkeypatch.setattr(engine_module, "time", fake)
+    return fake
+
+
+def test_default_clock_reads_the_cpu_clock_only_when_the_wall_clock_says_over_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = _wall_and_cpu(monkeypatch, wall_step=0.001, cpu_step=0.001)
+    engine, _ = make_engine(tmp_path, eval_clock=fake.thread_time, eval_budget_s=0.005)
+    engine.reload()
+    assert engine.decide(facts()).allowed
+    assert fake.thread_time.t == 0  # never read: 1 ms of wall time cannot hold 5 ms of CPU
+
+
+def test_default_clock_slow_on_the_wall_but_cheap_on_the_cpu_is_allowed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import qpher_proxy.policy.engine as engine_module
+
+    fake = _wall_and_cpu(monkeypatch, wall_step=0.010, cpu_step=0.001)  # e.g. the OS ran something else
+    calls: list[int] = []
+    real_evaluate = engine_module.evaluate
+    monkeypatch.setattr(engine_module, "evaluate", lambda ps, f: calls.append(1) or real_evaluate(ps, f))
+    engine, audit = make_engine(tmp_path, eval_clock=fake.thread_time, eval_budget_s=0.005)
+    engine.reload()
+    assert engine.decide(facts(request_id="r1")).allowed
+    assert len(calls) == 2  # evaluated again, this time on the CPU clock
+    assert engine.budget_exceeded_total == 0
+    assert [f["request_id"] for _, _, f in audit.events("policy.decision")] == ["r1"]  # audited once
+
+
+def test_default_clock_over_budget_on_the_cpu_clock_fails_closed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = _wall_and_cpu(monkeypatch, wall_step=0.010, cpu_step=0.010)
+    engine, audit = make_engine(tmp_path, eval_clock=fake.thread_time, eval_budget_s=0.005)
+    engine.reload()
+    with pytest.raises(PolicyUnavailable) as info:
+        engine.decide(facts())
+    assert "exceeded its time budget" in info.value.message
+    assert engine.budget_exceeded_total == 1
+    assert not audit.events("policy.decision")
+
+
+def test_uses_usage_follows_the_policy_in_force(tmp_path: Path) -> None:
+    engine, _ = make_engine(tmp_path)
+    assert engine.uses_usage is False  # nothing loaded
+    engine.reload()
+    assert engine.uses_usage is True  # GOOD has a usage_over rule
+    without = GOOD.replace("match: {usage_over: {operation: sign, percent_of_quota: 100}}",
+                           "match: {tenant: nobody}")
+    (tmp_path / "policies" / "50-p.yaml").write_text(without)
+    assert engine.reload().changed
+    assert engine.uses_usage is False
+    in_unless = without.replace("match: {plan: pro}",
+                                "match: {plan: pro}\n    unless: {usage_over: {operation: sign, at_least: 5}}")
+    (tmp_path / "policies" / "50-p.yaml").write_text(in_unless)
+    assert engine.reload().changed
+    assert engine.uses_usage is True
+
+
 def test_audit_failure_on_a_decision_fails_closed(tmp_path: Path) -> None:
     engine, audit = make_engine(tmp_path)
     engine.reload()
