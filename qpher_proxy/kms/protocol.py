@@ -126,6 +126,10 @@ class FrameType(enum.IntEnum):
     ERROR = 5
 
 
+# plain ints for the hot paths (an IntEnum member costs a class attribute lookup each time)
+_REQUEST, _RESPONSE, _ERROR = int(FrameType.REQUEST), int(FrameType.RESPONSE), int(FrameType.ERROR)
+
+
 class Role(enum.Enum):
     CLIENT = "client"  # the gateway
     SERVER = "server"  # a KMS worker
@@ -164,15 +168,18 @@ def _check_token(token: object) -> bytes:
     return token
 
 
-def _context_bytes(context: object) -> bytes:
-    """``str8 tenant || str8 request_id || str8 api_key_id``, checking each is present."""
+_LEN8 = [bytes((i,)) for i in range(256)]  # the length byte of a str8, by length
+
+
+def _context_parts(context: object) -> tuple[bytes, bytes, bytes, bytes, bytes, bytes]:
+    """The pieces of ``str8 tenant || str8 request_id || str8 api_key_id``, checking each is present."""
     if type(context) is not TenantContext:
         raise TypeError(f"context must be a TenantContext, not {type(context).__name__}")
     t, r, a = context.tenant_id, context.request_id, context.api_key_id
     if type(t) is str and type(r) is str and type(a) is str:
         tb, rb, ab = t.encode(), r.encode(), a.encode()
         if 0 < len(tb) <= 255 and 0 < len(rb) <= 255 and 0 < len(ab) <= 255:
-            return b"".join((bytes((len(tb),)), tb, bytes((len(rb),)), rb, bytes((len(ab),)), ab))
+            return _LEN8[len(tb)], tb, _LEN8[len(rb)], rb, _LEN8[len(ab)], ab
     for name, v in (("tenant_id", t), ("request_id", r), ("api_key_id", a)):
         if type(v) is not str or not v:
             raise ValueError(f"context.{name} must be a non-empty string")
@@ -182,7 +189,7 @@ def _context_bytes(context: object) -> bytes:
 
 
 def _check_context(context: object) -> TenantContext:
-    _context_bytes(context)
+    _context_parts(context)
     return context  # type: ignore[return-value]
 
 
@@ -462,6 +469,7 @@ def _frame(ftype: int, rid: int, payload: list[bytes], max_frame_size: int) -> b
 
 
 _NOTHING: frozenset[int] = frozenset()
+_SMALL_BODY = 4096
 
 
 class _Connection:
@@ -473,12 +481,22 @@ class _Connection:
         if max_frame_size < MIN_FRAME_SIZE:
             raise ValueError(f"max_frame_size must be at least {MIN_FRAME_SIZE}")
         self.role = role
-        self.state = state
+        self._state = state
+        self._accepting = self._accepts.get(state, _NOTHING)  # frame types valid in ``state``
         self.max_frame_size = max_frame_size
         self._buf = bytearray()
         self._pos = 0
         self._eof = False
         self._error: ProtocolError | None = None
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    @state.setter
+    def state(self, state: State) -> None:
+        self._state = state
+        self._accepting = self._accepts.get(state, _NOTHING)
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Feed bytes read from the socket (copied); empty means the peer closed its end."""
@@ -533,13 +551,17 @@ class _Connection:
             if self._eof:
                 self._fail(ProtocolError(f"connection closed in the middle of a frame ({avail} of {n + 4} bytes)"))
             return NEED_DATA
-        if ftype not in self._accepts.get(self.state, _NOTHING):
+        if ftype not in self._accepting:
             name = FrameType(ftype).name if ftype in FrameType._value2member_map_ else str(ftype)
-            self._fail(ProtocolError(f"unexpected frame type {name} in state {self.state.value}"))
+            self._fail(ProtocolError(f"unexpected frame type {name} in state {self._state.value}"))
         self._pos = end
-        # one copy of the frame body: payload decoding then slices an immutable object
-        with memoryview(buf) as view:
-            body = bytes(view[pos + _HDR_SIZE : end])
+        # the frame body as bytes: payload decoding then slices an immutable object. A small
+        # body is sliced out (two copies, but no memoryview to set up); a large one is copied once
+        if n <= _SMALL_BODY:
+            body = bytes(buf[pos + _HDR_SIZE : end])
+        else:
+            with memoryview(buf) as view:
+                body = bytes(view[pos + _HDR_SIZE : end])
         try:
             return self._decode(ftype, rid, body)
         except ProtocolError as exc:
@@ -569,7 +591,7 @@ class ServerConnection(_Connection):
         self._ready_sent = False
 
     def _decode(self, ftype: int, rid: int, body: bytes) -> Event:
-        if ftype == FrameType.REQUEST:
+        if ftype == _REQUEST:
             return self._decode_request(rid, body)
         # HELLO: a bad HELLO is fatal; there is no one to answer yet
         if rid != 0 or len(body) < TOKEN_BYTES:
@@ -613,13 +635,19 @@ class ServerConnection(_Connection):
             return RejectedRequest(rid, "unknown_operation", "request names no operation")
         if type(args) is not dict:
             return RejectedRequest(rid, "bad_request", "request args must be a dict")
-        # Not via Request(...): the checks above are the same and this is the hot path.
-        req = object.__new__(Request)
-        object.__setattr__(req, "rid", rid)
-        object.__setattr__(req, "token", body[:TOKEN_BYTES])
-        object.__setattr__(req, "context", TenantContext(tenant, request_id, api_key_id))
-        object.__setattr__(req, "op", op)
-        object.__setattr__(req, "args", args)
+        # Not via Request(...) / TenantContext(...): the checks above are the same and this is
+        # the hot path; the slots are filled through their descriptors (what the frozen
+        # dataclasses' own __init__ does by name, at twice the cost).
+        ctx = _new(TenantContext)
+        _set_tenant(ctx, tenant)
+        _set_request_id(ctx, request_id)
+        _set_api_key_id(ctx, api_key_id)
+        req = _new(Request)
+        _set_rid(req, rid)
+        _set_token(req, body[:TOKEN_BYTES])
+        _set_context(req, ctx)
+        _set_op(req, op)
+        _set_args(req, args)
         return req
 
     # ---- sending ----
@@ -636,7 +664,7 @@ class ServerConnection(_Connection):
         n = _BODY_HDR + sum(map(len, out))
         if n > self.max_frame_size:
             raise ProtocolError(f"frame of {n} bytes exceeds the maximum of {self.max_frame_size}")
-        out[0] = _HDR.pack(n, FrameType.RESPONSE, rid)
+        out[0] = _HDR.pack(n, _RESPONSE, rid)
         return b"".join(out)
 
     def error(self, rid: int, code: str, status: int, message: str) -> bytes:
@@ -648,6 +676,16 @@ class ServerConnection(_Connection):
 
     def error_from(self, rid: int, exc: QpherError) -> bytes:
         return self.error(rid, exc.code, exc.status, exc.message)
+
+
+_new = object.__new__
+_set_tenant, _set_request_id, _set_api_key_id = (
+    TenantContext.__dict__[f].__set__ for f in ("tenant_id", "request_id", "api_key_id")
+)
+_set_rid, _set_token, _set_context, _set_op, _set_args = (
+    Request.__dict__[f].__set__ for f in ("rid", "token", "context", "op", "args")
+)
+_set_resp_rid, _set_resp_value = (Response.__dict__[f].__set__ for f in ("rid", "value"))
 
 
 class ClientConnection(_Connection):
@@ -678,9 +716,9 @@ class ClientConnection(_Connection):
 
     def request(self, context: TenantContext, op: str, args: dict[str, Value]) -> tuple[int, bytes]:
         """Encode one REQUEST; returns ``(rid, frame_bytes)``."""
-        if self.state is not State.SERVING:
-            raise ProtocolError(f"cannot send a request in state {self.state.value}")
-        ctx = _context_bytes(context)
+        if self._state is not State.SERVING:
+            raise ProtocolError(f"cannot send a request in state {self._state.value}")
+        tl, tb, rl, rb, al, ab = _context_parts(context)
         if type(args) is not dict:
             raise TypeError("args must be a dict")
         rid = self._next_rid
@@ -690,19 +728,25 @@ class ClientConnection(_Connection):
             opb = _str8(op)
             if len(_OPS) < _MAX_CACHED_KEYS:
                 _OPS[op] = opb
-        out: list[bytes] = [b"", self._token, ctx, opb]
+        out: list[bytes] = [b"", self._token, tl, tb, rl, rb, al, ab, opb]
         _encode_value(args, out)
         n = _BODY_HDR + sum(map(len, out))
         if n > self.max_frame_size:
             raise ProtocolError(f"frame of {n} bytes exceeds the maximum of {self.max_frame_size}")
-        out[0] = _HDR.pack(n, FrameType.REQUEST, rid)
+        out[0] = _HDR.pack(n, _REQUEST, rid)
         return rid, b"".join(out)
 
     def _decode(self, ftype: int, rid: int, body: bytes) -> Event:
         try:
-            if ftype == FrameType.RESPONSE:
-                return Response(rid, decode_value(body))
-            if ftype == FrameType.ERROR:
+            if ftype == _RESPONSE:
+                value, p = _decode_at(body, 0, 0)
+                if p != len(body):
+                    raise ValueError("trailing bytes after the value")
+                resp = _new(Response)  # as in _decode_request: no dataclass __init__ on the hot path
+                _set_resp_rid(resp, rid)
+                _set_resp_value(resp, value)
+                return resp
+            if ftype == _ERROR:
                 if len(body) < 2:
                     raise ValueError("short error frame")
                 status = _U16.unpack_from(body, 0)[0]

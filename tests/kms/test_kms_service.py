@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -121,3 +122,139 @@ async def test_a_request_the_worker_never_answers_times_out(autojump_clock: trio
             nursery.cancel_scope.cancel()
     finally:
         theirs.close()
+
+
+# ---- the client keeps its loop awake for a lone request's answer, and only then -------------
+
+
+async def _answer_next(theirs: socket.socket, server: ServerConnection, value: dict[str, object]) -> int:
+    """Read one REQUEST frame off the worker's end and answer it with ``value``; returns its rid."""
+    while True:
+        event = server.next_event()
+        if event is not NEED_DATA:
+            break
+        await trio.lowlevel.wait_readable(theirs)
+        server.receive_data(theirs.recv(65536))
+    theirs.send(server.response(event.rid, value))  # type: ignore[union-attr,arg-type]
+    return event.rid  # type: ignore[union-attr]
+
+
+def _fake_worker(spin: float) -> tuple[KMSClient, WorkerChannel, socket.socket, ServerConnection]:
+    ours, theirs = socket.socketpair()
+    theirs.setblocking(False)
+    conn, server = _pair()
+    client = KMSClient(spin=spin)
+    channel = WorkerChannel(0, ours, conn)
+    client._attach(channel)
+    return client, channel, theirs, server
+
+
+async def test_a_lone_request_keeps_the_loop_awake_until_its_answer_and_no_longer() -> None:
+    client, channel, theirs, server = _fake_worker(spin=30.0)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(channel.run)
+            await trio.testing.wait_all_tasks_blocked()
+            got: list[bytes] = []
+
+            async def call() -> None:
+                got.append(await client.ping(ctx(), b"one"))
+
+            t0 = time.perf_counter()
+            nursery.start_soon(call)
+            await _answer_next(theirs, server, {"data": b"one"})
+            # the answer ends the spin: every task is blocked again long before the 30 s budget
+            await trio.testing.wait_all_tasks_blocked()
+            assert got == [b"one"] and time.perf_counter() - t0 < 10
+            assert channel._spinner is not None  # parked, ready for the next lone request
+            nursery.cancel_scope.cancel()
+    finally:
+        theirs.close()
+
+
+async def test_the_spin_is_bounded() -> None:
+    client, channel, theirs, _server = _fake_worker(spin=0.05)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(channel.run)
+            await trio.testing.wait_all_tasks_blocked()
+            t0 = time.perf_counter()
+            nursery.start_soon(client.ping, ctx(), b"unanswered")
+            await trio.testing.wait_all_tasks_blocked()  # the worker never answers: the spin gives up
+            assert time.perf_counter() - t0 >= 0.05
+            assert len(channel.inflight) == 1 and channel._spinner is not None
+            nursery.cancel_scope.cancel()
+    finally:
+        theirs.close()
+
+
+async def test_the_spin_waits_for_the_lone_request_only() -> None:
+    client, channel, theirs, server = _fake_worker(spin=30.0)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(channel.run)
+            await trio.testing.wait_all_tasks_blocked()
+            t0 = time.perf_counter()
+            nursery.start_soon(client.ping, ctx(), b"first")  # alone: wakes the spinner
+            nursery.start_soon(client.ping, ctx(), b"second")  # not alone: no spin of its own
+            await _answer_next(theirs, server, {"data": b"first"})
+            await trio.testing.wait_all_tasks_blocked()
+            assert time.perf_counter() - t0 < 10
+            assert len(channel.inflight) == 1 and channel._spinner is not None
+            nursery.cancel_scope.cancel()
+    finally:
+        theirs.close()
+
+
+async def test_no_spin_for_an_operation_slower_than_the_spin() -> None:
+    client, channel, theirs, server = _fake_worker(spin=30.0)
+    lone = client._lone_trips("ping")
+    lone.spun, lone.count = 60.0, 1  # its spun round trips took longer than the spin
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(channel.run)
+            await trio.testing.wait_all_tasks_blocked()
+            t0 = time.perf_counter()
+            nursery.start_soon(client.ping, ctx(), b"x")
+            await trio.testing.wait_all_tasks_blocked()  # at once: nothing spins
+            assert time.perf_counter() - t0 < 10
+            assert len(channel.inflight) == 1 and channel._spinner is not None
+            await _answer_next(theirs, server, {"data": b"x"})
+            await trio.testing.wait_all_tasks_blocked()
+            assert channel.inflight == {} and lone.spun == 60.0  # only spun round trips count
+            nursery.cancel_scope.cancel()
+    finally:
+        theirs.close()
+
+
+async def test_no_spin_when_turned_off() -> None:
+    client, channel, theirs, server = _fake_worker(spin=0)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(channel.run)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(client.ping, ctx(), b"x")
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(channel.inflight) == 1 and channel._spinner is not None  # never woken
+            await _answer_next(theirs, server, {"data": b"x"})
+            await trio.testing.wait_all_tasks_blocked()
+            assert channel.inflight == {}
+            nursery.cancel_scope.cancel()
+    finally:
+        theirs.close()
+
+
+def test_the_spin_stops_for_an_operation_it_does_not_catch_and_keeps_checking() -> None:
+    from qpher_proxy.kms.client import _EXPLORE_EVERY, _LoneTrips
+
+    budget = 200e-6
+    lone = _LoneTrips()
+    assert lone.choose(budget) is True  # nothing known: spin
+    lone.note(100e-6)
+    assert all(lone.choose(budget) for _ in range(3 * _EXPLORE_EVERY))  # it catches the answer
+    for _ in range(40):  # the operation (or the machine) got slow: the spin no longer catches it
+        lone.note(900e-6)
+    assert [lone.choose(budget) for _ in range(3 * _EXPLORE_EVERY)].count(True) == 3  # the checks
+    for _ in range(40):
+        lone.note(100e-6)
+    assert all(lone.choose(budget) for _ in range(_EXPLORE_EVERY))  # fast again: spins again
