@@ -752,27 +752,15 @@ class _Connection:
             return True
         if h.they_are_waiting_for_100_continue:
             return False  # we never invited the body: close instead of waiting for it
-        limit = self._limits.max_body_bytes
-        while True:
-            try:
-                event = h.next_event()
-            except h11.RemoteProtocolError:
-                return False
-            kind = type(event)
-            if kind is h11.EndOfMessage:
-                return True
-            if kind is h11.Data:
-                self._body_read += len(event.data)  # type: ignore[union-attr]
-                if self._body_read > limit:
-                    return False
-                continue
-            if event is h11.NEED_DATA:
-                declared = self._declared_length()
-                return declared is None or declared <= limit
-            return False
+        outcome = self._discard_buffered_body()
+        if outcome is not None:
+            return outcome
+        declared = self._declared_length()
+        return declared is None or declared <= self._limits.max_body_bytes
 
-    async def _drain(self) -> bool:
-        """After the response: read and discard the unread rest of the request body."""
+    def _discard_buffered_body(self) -> bool | None:
+        """Discard the request body events h11 already has: True at its end, False if the
+        body is malformed or passes ``max_body_bytes`` (close), None when more bytes are needed."""
         h = self._h
         limit = self._limits.max_body_bytes
         while True:
@@ -788,8 +776,15 @@ class _Connection:
                 if self._body_read > limit:
                     return False
                 continue
-            if event is not h11.NEED_DATA:
-                return False
+            return None if event is h11.NEED_DATA else False
+
+    async def _drain(self) -> bool:
+        """After the response: read and discard the unread rest of the request body."""
+        h = self._h
+        while True:
+            outcome = self._discard_buffered_body()
+            if outcome is not None:
+                return outcome
             self._deadline = trio.current_time() + self._limits.body_timeout
             try:
                 data = await self._receive()
