@@ -44,9 +44,10 @@ A call (``await client.sign(ctx, key_id, msg)``):
 The channel's reader task reads whatever arrived, feeds it to the protocol, and for each
 RESPONSE or ERROR frame wakes the task waiting on that request id with its value or with the
 error rebuilt as the matching :class:`~qpher_proxy.errors.QpherError` (same code, status and
-safe message as in the KMS). A worker that dies -- EOF on the socket, a malformed frame --
-wakes every task it owed an answer with ``kms_unavailable``; a cancelled caller just forgets
-its request id (a late answer for it is dropped).
+safe message as in the KMS; see :data:`KMS_ERRORS`). A worker that dies -- EOF on the socket,
+a malformed frame -- leaves the client at once and wakes every task it owed an answer with
+``kms_unavailable``; a cancelled caller just forgets its request id (a late answer for it is
+dropped). Only a request too large for a frame is the caller's fault (413 ``body_too_large``).
 
 Nothing here ever sees a private key: the operations return public keys, ciphertexts,
 signatures, shared secrets and plaintexts, which the API layer hands to the client that asked.
@@ -58,15 +59,40 @@ import logging
 import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 import outcome
 import trio
 
 from ..context import TenantContext
-from ..errors import BodyTooLarge, KMSUnavailable, QpherError
+from ..errors import (
+    AlgorithmMismatch,
+    BackendUnavailable,
+    BadRequest,
+    BatchTooLarge,
+    BodyTooLarge,
+    ConfigError,
+    CryptoError,
+    DecryptionFailed,
+    InvalidBase64,
+    InvalidCiphertext,
+    InvalidContext,
+    InvalidInput,
+    InvalidKey,
+    InvalidKeyState,
+    KeyCorrupt,
+    KeyDestroyed,
+    KeyDisabled,
+    KeyNotFound,
+    KeyUnavailable,
+    KMSUnavailable,
+    NotFound,
+    QpherError,
+    UnknownAlgorithm,
+)
 from .model import DEFAULT_LIST_LIMIT, KeyInfo, KeyPage
-from .protocol import NEED_DATA, ClientConnection, Error, ProtocolError, Response, Value
+from .protocol import NEED_DATA, ClientConnection, Error, FrameTooLarge, ProtocolError, Response, Value
 
 log = logging.getLogger("qpher.kms.client")
 
@@ -79,28 +105,24 @@ _EWMA = 0.125
 OpHook = Callable[[str, float, "str | None"], None]  # (op, seconds, error code or None)
 
 
-def _error_classes() -> dict[str, type[QpherError]]:
-    from .. import errors
-
-    found: dict[str, type[QpherError]] = {}
-    todo: list[type[QpherError]] = [QpherError]
-    while todo:
-        cls = todo.pop()
-        todo.extend(cls.__subclasses__())
-        if cls.__module__ == errors.__name__ and "code" in cls.__dict__:
-            found.setdefault(cls.code, cls)
-    return found
-
-
-_ERRORS: dict[str, type[QpherError]] | None = None
+# The errors a KMS worker answers with, rebuilt on this side as the same class so that gateway
+# code can catch them by type (``except KeyNotFound``). An explicit table rather than a walk over
+# ``QpherError.__subclasses__()``: only classes whose constructor takes just a message can be
+# rebuilt from (code, status, message); an error carrying more (``PolicyDenied``'s rule,
+# ``RateLimited``'s Retry-After) never comes from the KMS, and any code not listed here becomes
+# a plain ``QpherError`` with the KMS's code, status and message.
+KMS_ERRORS: Mapping[str, type[QpherError]] = MappingProxyType({cls.code: cls for cls in (
+    BadRequest, InvalidInput, NotFound, ConfigError, BodyTooLarge, InvalidBase64, BatchTooLarge,
+    CryptoError, UnknownAlgorithm, InvalidKey, InvalidCiphertext, InvalidContext, AlgorithmMismatch,
+    DecryptionFailed, BackendUnavailable,
+    KMSUnavailable, KeyNotFound, KeyDisabled, KeyDestroyed, InvalidKeyState, KeyUnavailable, KeyCorrupt,
+)})
 
 
 def error_from_frame(code: str, status: int, message: str) -> QpherError:
-    """Rebuild the KMS's error on this side: the same class when errors.py has one."""
-    global _ERRORS
-    if _ERRORS is None:
-        _ERRORS = _error_classes()
-    cls = _ERRORS.get(code)
+    """Rebuild the KMS's error on this side: the class of :data:`KMS_ERRORS` for ``code`` when
+    its status matches too, else a plain :class:`QpherError` with that code and status."""
+    cls = KMS_ERRORS.get(code)
     if cls is not None and cls.status == status:
         return cls(message)
     return QpherError(message, code=code, status=status)
@@ -271,12 +293,16 @@ class WorkerChannel:
                 nursery.start_soon(self._writer)
                 nursery.start_soon(self._spin)
                 await self._reader()
+                # Retired at once, with no checkpoint after the reader saw the end: cancelling
+                # the writer and the spinner takes a scheduling round, and a request that picked
+                # this channel meanwhile would meet a closed connection.
+                self._retire()
                 nursery.cancel_scope.cancel()
         finally:
             self.close()
 
-    def close(self) -> None:
-        """Synchronous, so no request can pick this channel between its death and its detach."""
+    def _retire(self) -> None:
+        """Leave the client and fail whatever is in flight (idempotent, synchronous)."""
         self.alive = False
         if self.on_close is not None:
             self.on_close(self)
@@ -287,6 +313,10 @@ class WorkerChannel:
             trio.lowlevel.reschedule(
                 task, outcome.Error(KMSUnavailable("the KMS worker handling this request stopped"))
             )
+
+    def close(self) -> None:
+        """Synchronous, so no request can pick this channel between its death and its detach."""
+        self._retire()
         if self.sock.fileno() != -1:
             trio.lowlevel.notify_closing(self.sock)
             self.sock.close()
@@ -344,8 +374,17 @@ class KMSClient:
                     w, n = other, m
         try:
             rid, frame = w.conn.request(ctx, op, args)
-        except ProtocolError as exc:
+        except FrameTooLarge as exc:
+            if hook is not None:
+                hook(op, time.perf_counter() - t0, BodyTooLarge.code)
             raise BodyTooLarge(f"the request is too large for the KMS ({exc.message})") from exc
+        except ProtocolError as exc:
+            # The connection is no longer serving (its worker died or sent garbage). The reader
+            # retires a channel the moment it sees that, so this is a backstop, and it is what
+            # it means: the worker is gone, not the request at fault.
+            if hook is not None:
+                hook(op, time.perf_counter() - t0, KMSUnavailable.code)
+            raise KMSUnavailable("the KMS worker for this request stopped") from exc
         except (TypeError, ValueError) as exc:
             # a gateway bug (no tenant in the context, an unencodable value); the text names
             # only the field, never its value
@@ -517,4 +556,4 @@ class KMSClient:
         return v["data"]  # type: ignore[no-any-return]
 
 
-__all__ = ["KMSClient", "WorkerChannel", "error_from_frame"]
+__all__ = ["KMS_ERRORS", "KMSClient", "WorkerChannel", "error_from_frame"]

@@ -61,7 +61,10 @@ Anything else -- a frame type not accepted in the current state, a length out of
 header too short for its type, bytes after EOF, EOF in the middle of a frame -- raises
 :class:`ProtocolError`, and the connection is dead from then on (``next_event`` keeps
 raising). The loop around us ends that connection; for a KMS worker that means the process
-exits cleanly and the supervisor starts a fresh one.
+exits cleanly and the supervisor starts a fresh one. A length above ``max_frame_size`` raises
+the subclass :class:`FrameTooLarge`. The sending methods raise it too for a frame they refuse
+to build; that leaves the connection as it was, so a caller tells "this request is too large"
+(its own 413) from "this connection is gone" (any other :class:`ProtocolError`) by type.
 
 A REQUEST frame that is well framed but whose *contents* are unacceptable (no tenant, a
 token of the wrong length, undecodable args) is not a framing error: we know its rid and its
@@ -143,10 +146,20 @@ class State(enum.Enum):
 
 
 class ProtocolError(QpherError):
-    """The byte stream is not a valid frame sequence: the connection must end."""
+    """The byte stream is not a valid frame sequence: the connection must end.
+
+    Also raised by the sending methods for a frame this connection cannot send (its state
+    does not allow it, or it is too large)."""
 
     code = "kms_protocol_error"
     status = 500
+
+
+class FrameTooLarge(ProtocolError):
+    """A frame longer than ``max_frame_size``. Received, it ends the connection like any
+    framing error; refused while sending, nothing was sent and the connection is unharmed,
+    so the caller can tell "this request is too large" from "this connection is gone". Its
+    code stays ``kms_protocol_error``: the distinction is for the gateway's own code, by type."""
 
 
 class _Sentinel(enum.Enum):
@@ -460,7 +473,7 @@ def _str8(s: str) -> bytes:
 def _frame(ftype: int, rid: int, payload: list[bytes], max_frame_size: int) -> bytes:
     n = _BODY_HDR + sum(map(len, payload))
     if n > max_frame_size:
-        raise ProtocolError(f"frame of {n} bytes exceeds the maximum of {max_frame_size}")
+        raise FrameTooLarge(f"frame of {n} bytes exceeds the maximum of {max_frame_size}")
     payload.insert(0, _HDR.pack(n, ftype, rid))
     return b"".join(payload)
 
@@ -572,7 +585,7 @@ class _Connection:
         if n < _BODY_HDR:
             self._fail(ProtocolError(f"frame length {n} is below the minimum of {_BODY_HDR}"))
         if n > self.max_frame_size:
-            self._fail(ProtocolError(f"frame of {n} bytes exceeds the maximum of {self.max_frame_size}"))
+            self._fail(FrameTooLarge(f"frame of {n} bytes exceeds the maximum of {self.max_frame_size}"))
 
     def _decode(self, ftype: int, rid: int, body: bytes) -> Event:  # pragma: no cover
         raise NotImplementedError
@@ -663,7 +676,7 @@ class ServerConnection(_Connection):
         _encode_value(value, out)
         n = _BODY_HDR + sum(map(len, out))
         if n > self.max_frame_size:
-            raise ProtocolError(f"frame of {n} bytes exceeds the maximum of {self.max_frame_size}")
+            raise FrameTooLarge(f"frame of {n} bytes exceeds the maximum of {self.max_frame_size}")
         out[0] = _HDR.pack(n, _RESPONSE, rid)
         return b"".join(out)
 
@@ -732,7 +745,7 @@ class ClientConnection(_Connection):
         _encode_value(args, out)
         n = _BODY_HDR + sum(map(len, out))
         if n > self.max_frame_size:
-            raise ProtocolError(f"frame of {n} bytes exceeds the maximum of {self.max_frame_size}")
+            raise FrameTooLarge(f"frame of {n} bytes exceeds the maximum of {self.max_frame_size}")
         out[0] = _HDR.pack(n, _REQUEST, rid)
         return rid, b"".join(out)
 

@@ -3,14 +3,18 @@ identity headers, KMS crash recovery, idle connections, graceful shutdown."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import yaml
+
+from qpher_proxy.bench.loadgen import ClientTLS, LoadGenerator, LoadResult, LoadSpec, build_request
 
 from ._gateway import Gateway, cli, init_state, start_gateway
 
@@ -239,6 +243,70 @@ def test_kms_killed_is_restarted_and_keys_survive(tmp_path: Path) -> None:
         assert status == 200
         c.close()
         _ = saw_unavailable  # may or may not be observed, depending on restart timing
+    finally:
+        assert gw.stop() == 0
+
+
+@pytest.mark.slow
+def test_kms_workers_killed_under_sign_load_answer_only_200_or_503(tmp_path: Path) -> None:
+    # Two workers, so that requests keep flowing through the survivor while the killed one's
+    # channel winds down: the moment a dying channel could still be picked. A fast load
+    # generator keeps 64 connections busy (statuses only); a few plain clients alongside
+    # check the error codes.
+    d = tmp_path / "state"
+    init_state(d, **{"crypto.backend": "openssl", "kms.workers": 2, "kms.restart_backoff_max": 0.5})
+    gw = start_gateway(d)
+    try:
+        c = gw.client()
+        status, key, _ = c.call("POST", "/v1/keys", {"algorithm": "ml-dsa-65"})
+        assert status == 201
+        sign = {"key_id": key["key_id"], "message": "aGVsbG8="}
+        request = build_request(
+            "POST", "/v1/sign", body=json.dumps(sign).encode(),
+            headers={"Authorization": f"Bearer {gw.demo_key}", "Content-Type": "application/json"},
+        )
+        spec = LoadSpec.keepalive(gw.port, ClientTLS(group="X25519", cafile=str(gw.ca_file)), request,
+                                  connections=64, seconds=4.0, warmup=0.0)
+        answers: list[tuple[int, str | None]] = []  # (status, error code) of the plain clients
+        lock = threading.Lock()
+        stop = threading.Event()
+
+        def plain_client() -> None:
+            client = gw.client()
+            try:
+                while not stop.is_set():
+                    status, body, _ = client.call("POST", "/v1/sign", sign)
+                    code = body["error"]["code"] if status != 200 and isinstance(body, dict) else None
+                    with lock:
+                        answers.append((status, code))
+            finally:
+                client.close()
+
+        results: list[LoadResult] = []
+        with LoadGenerator(1) as lg:
+            threads = [threading.Thread(target=plain_client, daemon=True) for _ in range(4)]
+            threads.append(threading.Thread(target=lambda: results.append(lg.run(spec)), daemon=True))
+            for t in threads:
+                t.start()
+            try:
+                for delay in (1.0, 1.0):  # one worker, then (the first restarted) another
+                    time.sleep(delay)
+                    os.kill(_children(gw.proc.pid)[0], signal.SIGKILL)
+                threads[-1].join(120)
+            finally:
+                stop.set()
+                for t in threads:
+                    t.join(60)
+        assert not any(t.is_alive() for t in threads)
+        (load,) = results
+        assert set(load.statuses) <= {200, 503}, load.summary()
+        assert load.statuses.get(503, 0) > 0 and load.ok > 0, load.summary()
+        assert set(answers) <= {(200, None), (503, "kms_unavailable")}, sorted(set(answers))
+        deadline = time.monotonic() + 20
+        while c.call("POST", "/v1/sign", sign)[0] != 200:
+            assert time.monotonic() < deadline, "the KMS did not come back within 20 s"
+            time.sleep(0.05)
+        c.close()
     finally:
         assert gw.stop() == 0
 
