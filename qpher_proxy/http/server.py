@@ -41,6 +41,17 @@ handler the moment the declared Content-Length or the running total passes the l
 any ``100 Continue`` is sent; anything h11 rejects gets 400 (501 for an unsupported
 Transfer-Encoding, as h11 hints); all with the JSON error body and ``X-Request-Id``, then close.
 
+Framing strictness (RFC 9112). h11 is more lenient than a gateway may be: it takes a bare LF
+for CRLF, unfolds obsolete line folding, reads a body that has both Content-Length and
+Transfer-Encoding as chunked (ignoring the length), and waits for the data of a chunk of any
+declared size. A server in front of us or behind us that reads such bytes differently sees
+other request boundaries than we do (request smuggling), so: the raw head is searched for a
+bare LF or a folded line before h11 parses it, once per head (400); a request with both
+framing headers is answered 400 and the connection closed (§6.1); in a chunked body, a chunk
+whose declared size passes the body limit is refused as soon as its size line is parsed (413),
+and a partial chunk-size line that no further byte can make valid at once (400). These checks
+read h11's buffer and chunk reader through ``_h11_shortcuts``.
+
 Closing politely. When we close while the client may still be sending (an unread or rejected
 body, a protocol error), closing at once would make the kernel answer the unread bytes with a
 RST that can destroy our error response in flight. So we half-close if the stream allows it and
@@ -81,26 +92,6 @@ from typing import Any
 import h11
 import trio
 
-# Two shortcuts through h11 internals (h11 0.14-0.16), each with a public fallback: reading
-# parsed headers as stored (the public Sequence API goes through __getitem__ per header), and
-# handing h11 pre-validated response headers (the public API validates every header twice).
-try:
-    from h11._headers import Headers as _Headers
-
-    if "_full_items" not in getattr(_Headers, "__slots__", ()):
-        raise ImportError("h11 Headers layout changed")
-
-    def _header_pairs(headers: Any) -> Any:
-        return [(name, value) for _, name, value in headers._full_items]
-
-except ImportError:  # pragma: no cover - a future h11: correct, just slower
-
-    def _Headers(items: list[tuple[bytes, bytes, bytes]]) -> Any:  # type: ignore[no-redef]
-        return [(name, value) for _, name, value in items]
-
-    def _header_pairs(headers: Any) -> Any:
-        return list(headers)
-
 from ..errors import (
     BadRequest,
     BodyTooLarge,
@@ -110,6 +101,9 @@ from ..errors import (
     NotImplementedByServer,
     QpherError,
 )
+from . import _h11_shortcuts as _h11
+from ._h11_shortcuts import Headers as _Headers
+from ._h11_shortcuts import header_pairs as _header_pairs
 from .messages import REQUEST_ID_HEADER, Request, Response, error_body, error_response
 
 __all__ = [
@@ -193,6 +187,19 @@ _TRANSPORT_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError
 _NO_BODY_STATUSES = frozenset({204, 304})
 _CONTINUE = h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")
 _INF = math.inf
+_receive_buffer = _h11.receive_buffer
+_chunk_position = _h11.chunk_position
+_body_is_chunked = _h11.body_is_chunked
+
+# The line endings of a request head, checked on the raw bytes before h11 parses them: h11
+# accepts a bare LF and obsolete line folding (RFC 9112 §2.2, §5.2), which a server behind us
+# may read differently, so we refuse both. One search from each LF: a match of one byte is a
+# LF without its CR, of two a LF then SP/HTAB (a folded line), of three CRLF CRLF, the clean
+# end of the head (what follows is body, never searched).
+_HEAD_LINE_ENDS = re.compile(rb"\n(?:(?<!\r\n)|[ \t]|\r\n)")
+# What may be buffered of a chunk-size line before its CRLF (RFC 9112 §7.1; h11's grammar): any
+# other bytes can never become a valid line, so they are refused at once rather than waited on.
+_PARTIAL_CHUNK_LINE = re.compile(rb"(?:[0-9A-Fa-f]{1,20}(?:;[^\n]*|[ \t]*\r?))?")
 
 
 def peer_address(stream: trio.abc.Stream) -> str:
@@ -395,9 +402,12 @@ class _Connection:
             try:
                 event = await self._receive_head(first)
             except h11.RemoteProtocolError as exc:
-                await self._reject_head(exc)
+                await self._reject_head(self._head_error(exc))
                 return
             except ClientDisconnected:
+                return
+            except BadRequest as exc:  # the raw head failed _check_head
+                await self._reject_head(exc)
                 return
             if event is None:
                 return
@@ -409,6 +419,7 @@ class _Connection:
     async def _receive_head(self, first: bool) -> h11.Request | None:
         """The next request head, or None for a clean end (EOF, idle close, shutdown)."""
         h = self._h
+        checked = self._check_head(0)
         event = h.next_event()
         if event is h11.NEED_DATA:
             shutdown = self._shutdown
@@ -424,6 +435,7 @@ class _Connection:
             while event is h11.NEED_DATA:
                 data = await self._receive()
                 h.receive_data(data)
+                checked = self._check_head(checked)
                 event = h.next_event()
                 if self._idle:
                     # First bytes of a head after an idle wait: the head now has header_timeout
@@ -437,6 +449,27 @@ class _Connection:
             return event
         # ConnectionClosed (clean EOF between requests); PAUSED cannot happen here.
         return None
+
+    def _check_head(self, start: int) -> int:
+        """Refuse a bare LF or a folded line in the head h11 is about to parse (BadRequest).
+
+        ``start`` is where the search resumes in h11's buffer (0 for a new head); returns where
+        the next call resumes, -1 once the head is known clean (nothing left to check). A head
+        that arrives whole is searched once; one that trickles in, once per byte received."""
+        if start < 0:
+            return start
+        buf = _receive_buffer(self._h)
+        if not buf:
+            return 0
+        m = _HEAD_LINE_ENDS.search(buf, start)
+        if m is None:
+            return max(0, len(buf) - 2)  # a LF in the last two bytes is not decided yet
+        n = m.end() - m.start()
+        if n == 3:
+            return -1
+        if n == 1:
+            raise BadRequest("request head has a line ending in LF without CR")
+        raise BadRequest("request head has an obsolete folded header line")
 
     # ---- one request/response cycle --------------------------------------------------
 
@@ -490,6 +523,10 @@ class _Connection:
             self._body_error = error  # never read this request's body; close after answering
         elif event.method == b"CONNECT":
             response = error_response(MethodNotAllowed("CONNECT is not supported"), request_id)
+        elif _both_framings(h, request):
+            error = BadRequest("request has both content-length and transfer-encoding")
+            response = error_response(error, request_id)
+            self._body_error = error  # never read this body (RFC 9112 §6.1: close after answering)
         else:
             try:
                 response = await self._handler(request)
@@ -641,17 +678,17 @@ class _Connection:
         finally:
             await _aclose_body(iterator)
 
-    async def _reject_head(self, exc: h11.RemoteProtocolError) -> None:
-        """Answer a request head h11 refused (400/431/501), then close."""
-        started = time.perf_counter()
+    def _head_error(self, exc: h11.RemoteProtocolError) -> QpherError:
         status = exc.error_status_hint
-        error: QpherError
         if status == 431:
-            error = HeaderTooLarge(f"request header block exceeds {self._limits.max_header_bytes} bytes")
-        elif status == 501:
-            error = NotImplementedByServer("unsupported transfer-encoding")
-        else:
-            error = BadRequest("malformed request")
+            return HeaderTooLarge(f"request header block exceeds {self._limits.max_header_bytes} bytes")
+        if status == 501:
+            return NotImplementedByServer("unsupported transfer-encoding")
+        return BadRequest("malformed request")
+
+    async def _reject_head(self, error: QpherError) -> None:
+        """Answer a request head that was refused (400/431/501), then close."""
+        started = time.perf_counter()
         request_id = new_request_id()
         request = Request("", "", "", "", [], "", request_id, self._client_addr)
         self._bytes_sent = 0
@@ -712,14 +749,19 @@ class _Connection:
             kind = type(event)
             if kind is h11.Data:
                 data = event.data  # type: ignore[union-attr]
-                self._body_read += len(data)
-                if self._body_read > limit:
+                read = self._body_read = self._body_read + len(data)
+                # with the rest of the chunk h11 knows is coming: a declared size is refused as
+                # soon as it is known, not once that much has been received
+                if read > limit or read + _chunk_position(h) > limit:
                     raise self._fail_body(BodyTooLarge(f"request body exceeds {limit} bytes"))
                 return bytes(data)
             if kind is h11.EndOfMessage:
                 self._body_done = True
                 return None
             if event is h11.NEED_DATA:
+                error = self._chunk_error(limit)
+                if error is not None:
+                    raise self._fail_body(error)
                 self._deadline = trio.current_time() + self._limits.body_timeout
                 try:
                     data = await self._receive()
@@ -732,6 +774,18 @@ class _Connection:
                 raise self._fail_body(ClientDisconnected("client disconnected"))
             self._body_done = True  # PAUSED: nothing more belongs to this request
             return None
+
+    def _chunk_error(self, limit: int) -> QpherError | None:
+        """Before waiting for more of a chunked body: a chunk declared past ``limit`` (413) or
+        a chunk-size line that no byte can make valid (400), which h11 would wait on."""
+        h = self._h
+        position = _chunk_position(h)
+        if position > 0:
+            if self._body_read + position > limit:
+                return BodyTooLarge(f"request body exceeds {limit} bytes")
+        elif position == _h11.AT_CHUNK_SIZE_LINE and not _PARTIAL_CHUNK_LINE.fullmatch(_receive_buffer(h)):
+            return BadRequest("malformed chunk-size line in the request body")
+        return None
 
     async def _read_body(self, generation: int, max_bytes: int | None) -> bytes:
         parts: list[bytes] = []
@@ -772,11 +826,13 @@ class _Connection:
             if kind is h11.EndOfMessage:
                 return True
             if kind is h11.Data:
-                self._body_read += len(event.data)  # type: ignore[union-attr]
-                if self._body_read > limit:
+                read = self._body_read = self._body_read + len(event.data)  # type: ignore[union-attr]
+                if read > limit or read + _chunk_position(h) > limit:
                     return False
                 continue
-            return None if event is h11.NEED_DATA else False
+            if event is h11.NEED_DATA:
+                return None if self._chunk_error(limit) is None else False
+            return False
 
     async def _drain(self) -> bool:
         """After the response: read and discard the unread rest of the request body."""
@@ -852,6 +908,18 @@ def _response_items(
             has_id = True
         items.append(item)
     return items, has_id
+
+
+def _both_framings(h: h11.Connection, request: Request) -> bool:
+    """Content-Length next to Transfer-Encoding (RFC 9112 §6.1). h11 reads such a body as
+    chunked and ignores the length; a server in front of us or behind us may not, and the bytes
+    one of them takes for the rest of this body the other takes for a next request."""
+    chunked = _body_is_chunked(h)
+    if chunked is False:
+        return False
+    if chunked is None and request.header(b"transfer-encoding") is None:
+        return False
+    return request.header(b"content-length") is not None
 
 
 def _origin_path(target: str) -> str:

@@ -1,4 +1,4 @@
-"""Test helpers: a raw-bytes HTTP/1.1 client and a server runner on 127.0.0.1.
+"""Test helpers: a raw-bytes HTTP/1.1 client and a server runner on 127.0.0.1, plain or TLS.
 
 The client sends exactly the bytes a test gives it and parses responses itself, so tests can
 send pipelined, malformed or trickled input and see exactly what comes back.
@@ -7,14 +7,20 @@ send pipelined, malformed or trickled input and see exactly what comes back.
 from __future__ import annotations
 
 import json
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import trio
+from OpenSSL import SSL
 
 from qpher_proxy.http import HTTPLimits, HTTPServer, Request, Response
+from qpher_proxy.tls import TLSSettings, TLSStream
+from qpher_proxy.tls.certs import DevPKI, make_dev_pki
+from qpher_proxy.tls.context import build_server_context
 
 
 @dataclass
@@ -36,13 +42,21 @@ class RawResponse:
 
 
 class RawClient:
-    def __init__(self, stream: trio.SocketStream) -> None:
+    def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
         self.buf = bytearray()
 
     @classmethod
     async def connect(cls, port: int) -> RawClient:
         return cls(await trio.open_tcp_stream("127.0.0.1", port))
+
+    @classmethod
+    async def connect_tls(cls, port: int, cafile: Path) -> RawClient:
+        """TLS with Python's ``ssl`` (an implementation other than the server's pyOpenSSL)."""
+        ctx = ssl.create_default_context(cafile=str(cafile))
+        stream = trio.SSLStream(await trio.open_tcp_stream("127.0.0.1", port), ctx, server_hostname="localhost")
+        await stream.do_handshake()
+        return cls(stream)
 
     async def send(self, data: bytes) -> None:
         await self.stream.send_all(data)
@@ -129,6 +143,27 @@ async def running_server(
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     port = listeners[0].socket.getsockname()[1]
     server = HTTPServer(handler, limits=limits, shutdown_grace=shutdown_grace, on_request_done=on_request_done)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve, listeners)
+        try:
+            yield server, port
+        finally:
+            server.shutdown()
+
+
+def make_pki(directory: Path) -> DevPKI:
+    return make_dev_pki(directory, mldsa=False)
+
+
+@asynccontextmanager
+async def running_tls_server(
+    handler: Any, pki: DevPKI, *, limits: HTTPLimits | None = None
+) -> AsyncIterator[tuple[HTTPServer, int]]:
+    """An HTTPServer behind our TLSStream on 127.0.0.1:<ephemeral>, as the gateway serves."""
+    ctx: SSL.Context = build_server_context(TLSSettings(cert_file=pki.server_cert, key_file=pki.server_key))
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    server = HTTPServer(handler, limits=limits, stream_wrapper=lambda s: TLSStream(s, ctx, server_side=True))
     async with trio.open_nursery() as nursery:
         await nursery.start(server.serve, listeners)
         try:
