@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", default=DEFAULT_STATE_DIR, help="state directory (default: .qpher)")
     p.add_argument("--port", type=int, default=8443, help="port written to the new config (default 8443)")
     p.add_argument("--mldsa-cert", action="store_true", help="also make an ML-DSA-65 server certificate")
+    p.add_argument("--renew-certs", action="store_true",
+                   help="issue new server certificates from the dev CA (kept in DIR/ca/) even if still valid")
 
     p = sub.add_parser("serve", help="run the gateway and its KMS workers")
     _add_config(p)
@@ -124,7 +126,8 @@ def _dispatch(args: argparse.Namespace) -> int | None:
     if cmd == "init":
         from .init import init_state
 
-        init_state(Path(args.dir), port=args.port, mldsa_cert=args.mldsa_cert, out=sys.stdout)
+        init_state(Path(args.dir), port=args.port, mldsa_cert=args.mldsa_cert, renew_certs=args.renew_certs,
+                   out=sys.stdout)
         return 0
     if cmd == "version":
         from .versions import collect_versions
@@ -140,10 +143,10 @@ def _dispatch(args: argparse.Namespace) -> int | None:
         return 0
     if cmd == "serve":
         from .config import load_config
-        from .server.serve import run
+        from .server.privsep import run
 
         cfg = load_config(args.config)
-        return run(cfg)
+        return run(cfg, args.config)
     if cmd == "apikey":
         from . import admin
 

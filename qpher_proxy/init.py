@@ -2,20 +2,32 @@
 
 Creates, each only if it does not exist yet (re-running never overwrites a key):
 
-- ``certs/``: a local CA and a server certificate (ECDSA P-256, SAN localhost and 127.0.0.1),
-  and optionally an ML-DSA-65 pair; private keys 0600 in a 0700 directory;
-- ``secrets/kek.b64``: the key-encryption key (32 random bytes, base64, 0600);
+- ``certs/``: a server certificate (ECDSA P-256, SAN localhost and 127.0.0.1) issued by a local
+  CA whose certificate (``certs/ca.crt``) clients trust, and optionally an ML-DSA-65 pair;
+- ``ca/``: the CA private keys, in a directory only the user running ``init`` can read (the
+  gateway never needs them; ``init --renew-certs`` issues new server certificates with them);
+- ``kek/kek.b64``: the key-encryption key (32 random bytes, base64, 0600), and ``kms/``, the KMS's
+  key store: both for the KMS user only;
 - ``secrets/pepper``: the server-side pepper for API-key HMACs (0600);
 - ``policies/``: a copy of the example policy files;
 - ``config.yaml``: pointing at all of the above;
-- ``gateway.db`` with a demo tenant's API key (plan ``enterprise``, scope ``admin``), whose
-  value is shown once and kept in ``secrets/demo-api-key`` (0600) for the quickstart.
+- ``data/gateway.db`` with a demo tenant's API key (plan ``enterprise``, scope ``admin``), whose
+  value is shown once and kept in ``secrets/demo-api-key`` (0600) for the quickstart;
+- ``audit/``, where the gateway writes the audit log.
+
+Run as root, ``init`` also creates the system users the processes drop to (``qpher`` for the
+gateway, ``qpher-kms`` for the KMS workers; ``useradd --system``) and gives each its files:
+the gateway's uid can read neither ``kek/``, ``kms/`` nor ``ca/``. That needs a state directory
+other users can reach (every parent directory searchable); elsewhere -- a private home or
+temporary directory -- the config keeps one user, and the gateway is kept from the KMS files by
+Landlock alone. ``init`` says which it chose.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from pathlib import Path
 from typing import TextIO
 
@@ -24,6 +36,8 @@ import yaml
 DEMO_TENANT = "demo"
 DEMO_PLAN = "enterprise"
 DEMO_SCOPES = ("admin", "metrics")
+GATEWAY_USER = "qpher"
+KMS_USER = "qpher-kms"
 
 _BUILTIN_POLICY = """\
 # Minimal built-in policy (the repository's policies/ folder was not found).
@@ -60,12 +74,12 @@ def _write_private(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
-def default_config(port: int, mldsa: bool) -> dict[str, object]:
+def default_config(port: int, mldsa: bool, users: tuple[str | None, str | None] = (None, None)) -> dict[str, object]:
     cfg: dict[str, object] = {
-        "server": {"listen": [f"127.0.0.1:{port}"]},
+        "server": {"listen": [f"127.0.0.1:{port}"], "user": users[0]},
         "tls": {"cert_file": "certs/server.crt", "key_file": "certs/server.key"},
-        "kms": {"dir": "kms", "kek": {"provider": "file", "file": "secrets/kek.b64"}},
-        "auth": {"db": "gateway.db", "pepper_file": "secrets/pepper"},
+        "kms": {"dir": "kms", "user": users[1], "kek": {"provider": "file", "file": "kek/kek.b64"}},
+        "auth": {"db": "data/gateway.db", "pepper_file": "secrets/pepper"},
         "policy": {"dir": "policies"},
         "audit": {"file": "audit/audit.log"},
     }
@@ -77,23 +91,74 @@ def default_config(port: int, mldsa: bool) -> dict[str, object]:
     return cfg
 
 
-def init_state(directory: Path, *, port: int = 8443, mldsa_cert: bool = False, out: TextIO) -> None:
+def reachable_by_others(directory: Path) -> bool:
+    """Whether every parent of ``directory`` is searchable by other users."""
+    return all(os.stat(p).st_mode & 0o001 for p in directory.parents)
+
+
+def ensure_system_user(name: str) -> None:
+    """``useradd --system`` unless ``name`` exists; a failure is a one-line ConfigError."""
+    import pwd
+
+    from .errors import ConfigError
+
+    try:
+        pwd.getpwnam(name)
+        return
+    except KeyError:
+        pass
+    nologin = next((p for p in ("/usr/sbin/nologin", "/sbin/nologin") if os.path.exists(p)), "/bin/false")
+    try:
+        subprocess.run(["useradd", "--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent",
+                        "--shell", nologin, name], check=True, capture_output=True, text=True)
+    except FileNotFoundError:
+        raise ConfigError(f"cannot create the system user {name!r}: useradd is not installed") from None
+    except subprocess.CalledProcessError as exc:
+        raise ConfigError(f"cannot create the system user {name!r}: {exc.stderr.strip()[:200]}") from None
+
+
+def _private_dir(path: Path) -> Path:
+    path.mkdir(mode=0o700, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path
+
+
+def _give(path: Path, user: str | None) -> None:
+    """``chown -R`` to ``user`` (a no-op when None)."""
+    if user is None or not path.exists():
+        return
+    import pwd
+
+    pw = pwd.getpwnam(user)
+    for p in [path, *(path.rglob("*") if path.is_dir() else [])]:
+        os.chown(p, pw.pw_uid, pw.pw_gid, follow_symlinks=False)
+
+
+def init_state(directory: Path, *, port: int = 8443, mldsa_cert: bool = False, renew_certs: bool = False,
+               out: TextIO) -> None:
     from .auth.apikeys import APIKeyStore, generate_pepper_file, load_pepper
     from .kms.kek import generate_kek_file
     from .tls.certs import make_dev_pki
 
     directory = directory.resolve()
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(directory, 0o700)
-    secrets_dir = directory / "secrets"
-    secrets_dir.mkdir(mode=0o700, exist_ok=True)
-    os.chmod(secrets_dir, 0o700)
+    separate = os.geteuid() == 0 and reachable_by_others(directory)
+    gw_user, kms_user = (GATEWAY_USER, KMS_USER) if separate else (None, None)
+    if separate:
+        ensure_system_user(GATEWAY_USER)
+        ensure_system_user(KMS_USER)
+    os.chmod(directory, 0o711 if separate else 0o700)  # others may pass through, never list
+    secrets_dir = _private_dir(directory / "secrets")
+    kek_dir = _private_dir(directory / "kek")
+    _private_dir(directory / "kms")
+    _private_dir(directory / "data")
+    _private_dir(directory / "audit")
 
-    pki = make_dev_pki(directory / "certs", mldsa=mldsa_cert)
+    pki = make_dev_pki(directory / "certs", mldsa=mldsa_cert, ca_key_dir=directory / "ca", renew=renew_certs)
     for p in pki.created:
         print(f"created {p}", file=out)
 
-    kek_path = secrets_dir / "kek.b64"
+    kek_path = kek_dir / "kek.b64"
     if not kek_path.exists():
         kek_id = generate_kek_file(kek_path)
         print(f"created {kek_path} (KEK id {kek_id})", file=out)
@@ -117,7 +182,7 @@ def init_state(directory: Path, *, port: int = 8443, mldsa_cert: bool = False, o
         text = (
             "# Written by `qpher-proxy init`. Every option, with its default, is documented in\n"
             "# config.example.yaml at the repository root.\n"
-            + yaml.safe_dump(default_config(port, mldsa_cert), sort_keys=False)
+            + yaml.safe_dump(default_config(port, mldsa_cert, (gw_user, kms_user)), sort_keys=False)
         )
         tmp = config_path.with_suffix(".tmp")
         tmp.write_text(text)
@@ -126,11 +191,22 @@ def init_state(directory: Path, *, port: int = 8443, mldsa_cert: bool = False, o
 
     demo_path = secrets_dir / "demo-api-key"
     if not demo_path.exists():
-        with APIKeyStore(directory / "gateway.db", load_pepper(pepper_path)) as store:
+        with APIKeyStore(directory / "data" / "gateway.db", load_pepper(pepper_path)) as store:
             record, full_key = store.create(DEMO_TENANT, DEMO_PLAN, DEMO_SCOPES, label="demo (qpher-proxy init)")
         _write_private(demo_path, full_key.encode("ascii") + b"\n")
         print(f"created demo API key {record.key_id} for tenant {DEMO_TENANT!r} (plan {DEMO_PLAN}, "
               f"scopes {', '.join(DEMO_SCOPES)}); its value is in {demo_path}", file=out)
+    for sub in ("certs", "secrets", "data", "audit"):
+        _give(directory / sub, gw_user)
+    for sub in ("kek", "kms"):
+        _give(directory / sub, kms_user)
+    if separate:
+        print(f"users: the gateway runs as {gw_user!r}, the KMS workers as {kms_user!r}; "
+              f"{kek_dir} and {directory / 'kms'} are readable by {kms_user!r} only", file=out)
+    elif os.geteuid() == 0:
+        print(f"note: {directory} is inside a directory other users cannot enter, so every process runs "
+              "as root; the gateway is kept from the KMS files by Landlock alone. For separate users, "
+              "run init in a directory other users can reach (e.g. /var/lib/qpher-proxy).", file=out)
     print(f"\nready: qpher-proxy serve --config {config_path}", file=out)
     print(f"try:   curl --cacert {pki.ca_cert} -H \"Authorization: Bearer $(cat {demo_path})\" "
           f"https://localhost:{port}/v1/info", file=out)

@@ -1,6 +1,8 @@
-"""``python -m qpher_proxy.kms --fd N [--kek-fd M]``: one KMS worker (started by the supervisor).
+"""``python -m qpher_proxy.kms --fd N [--kek-fd M] [--user UID:GID]``: one KMS worker (started by the supervisor).
 
 Hardening runs before anything else is imported or read; see ``service.py`` for the rest.
+``--user``: the worker was started as root and becomes that user once its backend is loaded
+and before it opens the key store (see ``qpher_proxy.sandbox``).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     fd: int | None = None
     kek_fd: int | None = None
+    user: str | None = None
     try:
         i = 0
         while i < len(args):
@@ -19,6 +22,11 @@ def main(argv: list[str] | None = None) -> int:
                 fd = int(args[i + 1])
             elif args[i] == "--kek-fd":
                 kek_fd = int(args[i + 1])
+            elif args[i] == "--user":
+                user = args[i + 1]
+                uid, _, gid = user.partition(":")
+                if int(uid) <= 0 or int(gid) < 0:
+                    raise ValueError(user)
             else:
                 raise ValueError(args[i])
             i += 2
@@ -33,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
 
     _hardening.close_inherited_fds({fd} | ({kek_fd} if kek_fd is not None else set()))
     notes = _hardening.disable_core_dumps()
-    locked, lock_note = _hardening.lock_memory()
+    # With --user, memory is locked after the uid change (see service._become).
+    locked, lock_note = _hardening.lock_memory() if user is None else (False, "")
 
     import logging
 
@@ -43,12 +52,15 @@ def main(argv: list[str] | None = None) -> int:
     log = logging.getLogger("qpher.kms.worker")
     for note in notes:
         log.warning(note)
-    (log.info if locked else log.warning)(lock_note)
+    if lock_note:
+        (log.info if locked else log.warning)(lock_note)
 
+    from ..sandbox import RunAs
     from .service import EXIT_INTERNAL, run_worker
 
     try:
-        return run_worker(fd, kek_fd, notes={"memory_locked": locked})
+        return run_worker(fd, kek_fd, notes={"memory_locked": locked},
+                          user=RunAs.from_arg(user) if user else None)
     except KeyboardInterrupt:
         return 0
     except Exception as exc:  # a bug: one line, no traceback (which could show local data)

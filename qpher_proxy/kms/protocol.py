@@ -718,6 +718,17 @@ class ClientConnection(_Connection):
         self._hello_sent = False
         self._next_rid = 1
 
+    @classmethod
+    def bootstrapped(cls, token: bytes, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> ClientConnection:
+        """The client side of a worker whose HELLO/READY exchange another process carried out
+        (the supervisor, which then handed the socket over): already SERVING, with the token
+        that HELLO carried. The worker sends nothing unasked after READY, so no byte of this
+        connection was read by the other process."""
+        conn = cls(token, max_frame_size)
+        conn._hello_sent = True
+        conn.state = State.SERVING
+        return conn
+
     def __repr__(self) -> str:
         return f"<ClientConnection state={self.state.value}>"
 

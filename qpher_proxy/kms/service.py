@@ -47,6 +47,7 @@ from typing import Any
 
 from ..crypto.interface import Backend
 from ..errors import InvalidInput, QpherError
+from ..sandbox import RunAs, drop_privileges, preload
 from . import protocol
 from .keystore import KeyStore, TenantKeys
 from .model import BATCH_OPS, DEFAULT_MAX_BATCH
@@ -403,8 +404,30 @@ def _setting(cfg: dict[str, Value], name: str, kind: type, default: Any) -> Any:
     return v
 
 
+def _become(user: RunAs) -> bool:
+    """Drop to the KMS user before the key store is opened, so that every file it creates
+    belongs to that user; the modules it will need are imported first, while readable."""
+    preload(["qpher_proxy.kms", "qpher_proxy.crypto"], skip=["qpher_proxy.kms.client", "qpher_proxy.kms.supervisor",
+                                                             "qpher_proxy.crypto.backends.liboqs"])
+    import encodings.idna  # noqa: F401  (looked up lazily by str.encode("idna"))
+
+    from . import _hardening
+
+    try:
+        drop_privileges(user)
+    except OSError as exc:
+        raise QpherError(f"cannot become the KMS user {user.uid}: {exc.strerror}",
+                         code="config_error", status=500) from None
+    # Memory is locked only now: locked with MCL_FUTURE as root, every allocation after the uid
+    # change would count against the new user's RLIMIT_MEMLOCK and fail once it is reached.
+    locked, note = _hardening.lock_memory()
+    (log.info if locked else log.warning)(note)
+    return locked
+
+
 def run_worker(
-    fd: int, kek_fd: int | None, *, notes: dict[str, Value] | None = None, hello_timeout: float = 30.0
+    fd: int, kek_fd: int | None, *, notes: dict[str, Value] | None = None, hello_timeout: float = 30.0,
+    user: RunAs | None = None,
 ) -> int:
     """The whole life of a worker after hardening; returns the exit code."""
     sock = socket.socket(fileno=fd)
@@ -421,14 +444,18 @@ def run_worker(
         try:
             max_frame = _setting(cfg, "max_frame_size", int, protocol.DEFAULT_MAX_FRAME_SIZE)
             conn.max_frame_size = max(max_frame, protocol.MIN_FRAME_SIZE)
-            kek = _kek_from_config(cfg.get("kek"), kek_fd)
-            kek_fd = None
             from ..crypto.backends import select_backend
 
+            # The backend loads its libraries while they are readable, before the user change;
+            # the KEK is read after it, as the user that owns the KEK file.
             backend: Backend = select_backend(_setting(cfg, "backend", str, "auto"))
             kms_dir = _setting(cfg, "dir", str, None)
             if not kms_dir:
                 raise InvalidInput("bootstrap setting 'dir' is required")
+            if user is not None:
+                notes = {**(notes or {}), "memory_locked": _become(user)}
+            kek = _kek_from_config(cfg.get("kek"), kek_fd)
+            kek_fd = None
             store = KeyStore(
                 kms_dir,
                 kek,

@@ -56,14 +56,15 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import trio
 
 from ..errors import ConfigError
+from ..sandbox import RunAs
 from .client import KMSClient, OpHook, WorkerChannel
 from .model import DEFAULT_DESTROY_DELAY, DEFAULT_MAX_BATCH, KEKSettings
 from .protocol import DEFAULT_MAX_FRAME_SIZE, NEED_DATA, ClientConnection, Error, ProtocolError, Ready, Value
@@ -72,6 +73,22 @@ log = logging.getLogger("qpher.kms.supervisor")
 worker_log = logging.getLogger("qpher.kms.worker")
 
 RestartHook = Callable[[int, "int | None"], None]  # (worker index, exit code or None)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerHandoff:
+    """A worker that answered READY, for a process other than ours to talk to: its end of the
+    socketpair, the service token its HELLO carried and its READY facts."""
+
+    index: int
+    pid: int
+    token: bytes = field(repr=False)
+    info: dict[str, Value]
+    sock: socket.socket
+    max_frame_size: int
+
+
+HandoffHook = Callable[[WorkerHandoff], Awaitable[None]]
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
            "error": logging.ERROR, "critical": logging.CRITICAL}
@@ -139,6 +156,8 @@ class KMSSupervisor:
         on_restart: RestartHook | None = None,
         on_op: OpHook | None = None,
         python: str = sys.executable,
+        worker_user: RunAs | None = None,
+        handoff: HandoffHook | None = None,
     ) -> None:
         if workers < 1:
             raise ConfigError("kms.workers must be at least 1 here (resolve 0 with default_worker_count())")
@@ -158,6 +177,8 @@ class KMSSupervisor:
         self.sweep_interval = sweep_interval
         self.on_restart = on_restart
         self.python = python
+        self.worker_user = worker_user
+        self.handoff = handoff
         self.client = KMSClient(request_timeout=request_timeout, on_op=on_op)
         self.restarts = 0
         self.pids: dict[int, int] = {}  # worker index -> pid of the live process
@@ -257,8 +278,11 @@ class KMSSupervisor:
     async def _run_worker(self, index: int, first: bool) -> _Ended:
         """One life of worker ``index``: spawn, bootstrap, serve until it dies or we stop."""
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        conn = ClientConnection(secrets.token_bytes(32), self.max_frame_size)
+        token = secrets.token_bytes(32)
+        conn = ClientConnection(token, self.max_frame_size)
         cmd = [self.python, "-m", "qpher_proxy.kms", "--fd", str(child.fileno())]
+        if self.worker_user is not None:
+            cmd += ["--user", self.worker_user.arg()]
         pass_fds = [child.fileno()]
         if self._kek_fd is not None:
             cmd += ["--kek-fd", str(self._kek_fd)]
@@ -285,6 +309,17 @@ class KMSSupervisor:
                 outcome = await self._bootstrap(parent, conn, index)
                 if isinstance(outcome, _Ended):
                     ended = outcome
+                elif self.handoff is not None:
+                    self.pids[index] = proc.pid
+                    self.info[index] = outcome.info
+                    if first:  # started: the hand-over may wait for a gateway that starts after us
+                        self._first[index].set()
+                    await self.handoff(WorkerHandoff(index, proc.pid, token, outcome.info, parent,
+                                                     self.max_frame_size))
+                    parent.close()  # the other process holds the only end now: its EOF ends the worker
+                    self._notify()
+                    await proc.wait()
+                    ended = _Ended("died", "the worker exited")
                 else:
                     self.pids[index] = proc.pid
                     self.info[index] = outcome.info
@@ -305,6 +340,16 @@ class KMSSupervisor:
         if ended.kind != "fatal":
             ended = _Ended(ended.kind, ended.message, code)
         return ended
+
+    def kill(self, pid: int) -> bool:
+        """SIGKILL the live worker ``pid`` (one of ours only); its slot restarts it."""
+        if pid not in self.pids.values():
+            return False
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            return False
+        return True
 
     async def _bootstrap(self, sock: socket.socket, conn: ClientConnection, index: int) -> Ready | _Ended:
         """Send HELLO (token + settings), wait for READY or the worker's fatal ERROR."""
@@ -424,4 +469,4 @@ async def _run_supervisor(supervisor: KMSSupervisor, *, task_status: trio.TaskSt
     await supervisor.run(task_status=task_status)
 
 
-__all__ = ["KEKSettings", "KMSSupervisor", "default_worker_count", "open_kms"]
+__all__ = ["HandoffHook", "KEKSettings", "KMSSupervisor", "WorkerHandoff", "default_worker_count", "open_kms"]

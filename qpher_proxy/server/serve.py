@@ -18,6 +18,7 @@ and the policy files without dropping a connection.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -40,9 +41,11 @@ from ..metrics import Metrics
 from ..policy.engine import PolicyEngine
 from ..ratelimit import QuotaCounter, TokenBucketLimiter
 from ..tls.context import ServerTLSContextHolder, TLSSettings
-from ..tls.listener import open_tls_listeners
+from ..tls.listener import TLSListener
 from ..upstream import UpstreamClient
+from .confine import Confinement
 from .gateway import Gateway
+from .privsep import SupervisedKMS
 
 log = logging.getLogger("qpher.server")
 
@@ -78,16 +81,42 @@ def http_limits(cfg: Config) -> HTTPLimits:
     )
 
 
+async def _bind(cfg: Config) -> list[trio.SocketListener]:
+    raw: list[trio.SocketListener] = []
+    for addr in cfg.server.listen:
+        host, port = parse_listen(addr)
+        try:
+            raw += await trio.open_tcp_listeners(port, host=host)
+        except OSError as exc:
+            for ln in raw:
+                await ln.aclose()
+            raise ConfigError(f"server.listen: cannot listen on {addr}: {exc.strerror}") from None
+    return raw
+
+
 async def serve(
     cfg: Config,
     *,
     handle_signals: bool = True,
+    kms: SupervisedKMS | None = None,
+    confinement: Confinement | None = None,
     task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    holder = ServerTLSContextHolder(tls_settings(cfg))
+    """Run the gateway. ``kms``: KMS workers run by a supervisor process (privilege-separated
+    mode); without it, this process starts its own workers. ``confinement``: applied once the
+    ports are bound and before any other file is opened."""
+    raw_listeners = await _bind(cfg)
+    try:
+        if confinement is not None:
+            confinement.apply(cfg)
+        holder = ServerTLSContextHolder(tls_settings(cfg))
+        os.makedirs(os.path.dirname(cfg.audit.file), mode=0o700, exist_ok=True)
+        audit = AuditLog(cfg.audit.file, rotate_bytes=cfg.audit.rotate_bytes)
+    except BaseException:
+        for ln in raw_listeners:
+            ln.socket.close()
+        raise
     metrics = Metrics()
-    os.makedirs(os.path.dirname(cfg.audit.file), mode=0o700, exist_ok=True)
-    audit = AuditLog(cfg.audit.file, rotate_bytes=cfg.audit.rotate_bytes)
     store = APIKeyStore(cfg.auth.db, load_pepper(cfg.auth.pepper_file))
     quotas = QuotaCounter(cfg.auth.db, flush_interval=cfg.quotas.flush_interval)
     try:
@@ -111,14 +140,21 @@ async def serve(
             metrics.kms_op_duration.labels(op).observe(seconds)
 
         k = cfg.kms
-        supervisor = KMSSupervisor(
-            kms_dir=k.dir,
-            kek=KEKSettings(provider=k.kek.provider, file=k.kek.file, env=k.kek.env),
-            workers=k.workers or default_worker_count(),
-            backend=cfg.crypto.backend, destroy_delay=k.destroy_delay,
-            request_timeout=k.request_timeout, restart_backoff_max=k.restart_backoff_max,
-            max_batch=max(cfg.api.max_batch_items, 1), on_restart=on_restart, on_op=on_op,
-        )
+        supervisor: KMSSupervisor | SupervisedKMS
+        if kms is not None:
+            kms.client.request_timeout = k.request_timeout
+            kms.client.on_op = on_op
+            kms.on_restart = on_restart
+            supervisor = kms
+        else:
+            supervisor = KMSSupervisor(
+                kms_dir=k.dir,
+                kek=KEKSettings(provider=k.kek.provider, file=k.kek.file, env=k.kek.env),
+                workers=k.workers or default_worker_count(),
+                backend=cfg.crypto.backend, destroy_delay=k.destroy_delay,
+                request_timeout=k.request_timeout, restart_backoff_max=k.restart_backoff_max,
+                max_batch=max(cfg.api.max_batch_items, 1), on_restart=on_restart, on_op=on_op,
+            )
 
         def backend_info() -> dict[str, Any]:
             facts = next(iter(supervisor.info.values()), {})
@@ -151,14 +187,10 @@ async def serve(
                 limiter=TokenBucketLimiter(), quotas=quotas, policy=policy, audit=audit, metrics=metrics,
                 upstream=upstream, pass_api_key=cfg.upstream.pass_api_key,
             )
-            listeners = []
-            for addr in cfg.server.listen:
-                host, port = parse_listen(addr)
-                try:
-                    listeners += await open_tls_listeners(
-                        port, holder, host=host, on_handshake=on_handshake, on_handshake_error=on_handshake_error)
-                except OSError as exc:
-                    raise ConfigError(f"server.listen: cannot listen on {addr}: {exc.strerror}") from None
+            listeners = [
+                TLSListener(ln, holder, on_handshake=on_handshake, on_handshake_error=on_handshake_error)
+                for ln in raw_listeners
+            ]
             addresses = [tuple(ln.transport_listener.socket.getsockname()[:2]) for ln in listeners]
             server = HTTPServer(gateway.handle, limits=http_limits(cfg), on_request_done=gateway.request_done,
                                 shutdown_grace=cfg.server.shutdown_grace)
@@ -181,6 +213,8 @@ async def serve(
                 "listen": [f"{h}:{p}" for h, p in addresses], "kms_workers": supervisor.workers,
                 "backend": backend_info()["name"], "upstream": upstream is not None}})
             task_status.started(running)
+            if isinstance(supervisor, SupervisedKMS):
+                await supervisor.tell({"t": "serving"})
             # server.serve returns after a graceful shutdown; then stop everything else.
             await _wait_for_shutdown(server)
             nursery.cancel_scope.cancel()
@@ -188,6 +222,8 @@ async def serve(
         quotas.close()
         store.close()
         _close(audit)
+        for ln in raw_listeners:
+            ln.socket.close()
 
 
 async def _wait_for_shutdown(server: HTTPServer) -> None:
@@ -223,27 +259,27 @@ def _close(obj: Any) -> None:
         close()
 
 
-def run(cfg: Config) -> int:
-    """The ``qpher-proxy serve`` entry point."""
+def run(cfg: Config, **kw: Any) -> int:
+    """Run the gateway in this process (``kw``: ``kms``, ``confinement``, see :func:`serve`)."""
     configure_logging(cfg.logging.level, cfg.logging.format)
     try:
-        trio.run(serve, cfg)
+        trio.run(functools.partial(serve, cfg, **kw))
     except BaseExceptionGroup as group:
         # A start-up error raised inside a nursery (the KMS refusing a wrong KEK, a port in
         # use) arrives wrapped; show it as the one line it is.
-        first = _first_qpher_error(group)
+        first = first_qpher_error(group)
         if first is None:
             raise
         raise first from None
     return 0
 
 
-def _first_qpher_error(exc: BaseException) -> QpherError | None:
+def first_qpher_error(exc: BaseException) -> QpherError | None:
     if isinstance(exc, QpherError):
         return exc
     if isinstance(exc, BaseExceptionGroup):
         for sub in exc.exceptions:
-            found = _first_qpher_error(sub)
+            found = first_qpher_error(sub)
             if found is not None:
                 return found
     return None

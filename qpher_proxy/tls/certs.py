@@ -248,8 +248,10 @@ def _pair(
     ip_addresses: tuple[str, ...],
     now: datetime.datetime,
     created: list[Path],
+    key_dir: Path,
+    renew: bool = False,
 ) -> tuple[Path, Path, Path, Path]:
-    ca_cert_path, ca_key_path = directory / f"{prefix}ca.crt", directory / f"{prefix}ca.key"
+    ca_cert_path, ca_key_path = directory / f"{prefix}ca.crt", key_dir / f"{prefix}ca.key"
     srv_cert_path, srv_key_path = directory / f"{prefix}server.crt", directory / f"{prefix}server.key"
     renew_at = now + _RENEW_BEFORE
 
@@ -264,6 +266,7 @@ def _pair(
     srv_cert = _load_cert(srv_cert_path)
     if (
         srv_cert is None
+        or renew
         or not _same_key(srv_cert, srv_key)
         or not _issued_by(srv_cert, ca_cert)
         or srv_cert.not_valid_after_utc < renew_at
@@ -281,8 +284,14 @@ def make_dev_pki(
     hostnames: tuple[str, ...] = ("localhost",),
     ip_addresses: tuple[str, ...] = ("127.0.0.1",),
     now: datetime.datetime | None = None,
+    ca_key_dir: str | os.PathLike[str] | None = None,
+    renew: bool = False,
 ) -> DevPKI:
-    """Create (or complete) the development PKI in ``directory``. Safe to re-run."""
+    """Create (or complete) the development PKI in ``directory``. Safe to re-run.
+
+    ``ca_key_dir``: where the CA private keys live instead (a directory the server process
+    cannot read; a CA key found in ``directory`` from an earlier run is moved there).
+    ``renew``: issue new server certificates even when the current ones are still valid."""
     if not hostnames and not ip_addresses:
         raise ConfigError("certs: expected at least one hostname or IP address for the server certificate")
     directory = Path(directory)
@@ -290,14 +299,23 @@ def make_dev_pki(
     if directory.stat().st_mode & 0o077:
         os.chmod(directory, 0o700)  # it holds private keys: owner only
     now = now or datetime.datetime.now(datetime.timezone.utc)
+    key_dir = directory
+    if ca_key_dir is not None:
+        key_dir = Path(ca_key_dir)
+        key_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(key_dir, 0o700)
+        for name in ("ca.key", "mldsa-ca.key"):
+            old, new = directory / name, key_dir / name
+            if old.exists() and not new.exists():
+                os.replace(old, new)
     created: list[Path] = []
     ca_cert, ca_key, srv_cert, srv_key = _pair(
-        directory, "", "ECDSA", ec.EllipticCurvePrivateKey, hostnames, ip_addresses, now, created
+        directory, "", "ECDSA", ec.EllipticCurvePrivateKey, hostnames, ip_addresses, now, created, key_dir, renew
     )
     mldsa_paths: tuple[Path | None, ...] = (None, None, None, None)
     if mldsa:
         mldsa_paths = _pair(
             directory, "mldsa-", "ML-DSA-65", MLDSA65PrivateKey,
-            hostnames, ip_addresses, now, created,
+            hostnames, ip_addresses, now, created, key_dir, renew,
         )
     return DevPKI(directory, ca_cert, ca_key, srv_cert, srv_key, *mldsa_paths, created=tuple(created))

@@ -126,6 +126,33 @@ def start_gateway(directory: Path, config: Path | None = None, env: dict[str, st
     raise AssertionError(f"gateway did not start within {STARTUP_TIMEOUT} s: {gw.log_lines}")
 
 
+def child_pids(pid: int) -> list[int]:
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            out += [int(x) for x in (task / "children").read_text().split()]
+        except FileNotFoundError:  # a thread that ended meanwhile
+            continue
+    return out
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+    except FileNotFoundError:
+        return []
+
+
+def kms_worker_pids(supervisor_pid: int) -> list[int]:
+    """The KMS worker processes that the ``qpher-proxy serve`` supervisor runs."""
+    return [p for p in child_pids(supervisor_pid) if "qpher_proxy.kms" in _cmdline(p)]
+
+
+def gateway_pids(supervisor_pid: int) -> list[int]:
+    """The gateway process(es) that the ``qpher-proxy serve`` supervisor runs."""
+    return [p for p in child_pids(supervisor_pid) if "qpher_proxy.server" in _cmdline(p)]
+
+
 class Client:
     """Keep-alive HTTPS client; ``call`` returns ``(status, json_or_text, headers)``."""
 

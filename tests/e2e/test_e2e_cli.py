@@ -73,12 +73,12 @@ def test_rotate_kek_then_serve_with_the_new_kek(tmp_path: Path) -> None:
         c.close()
     finally:
         assert gw.stop() == 0
-    new_kek = d / "secrets" / "kek-2.b64"
+    new_kek = d / "kek" / "kek-2.b64"
     out = cli("kms", "rotate-kek", "-c", str(cfg), "--new-kek-file", str(new_kek), "--generate")
     assert "KEK rotated" in out.stdout
     # the old KEK no longer opens the store; the new one does
     assert cli("serve", "-c", str(cfg), check=False, timeout=60).returncode == 2
-    text = cfg.read_text().replace("secrets/kek.b64", "secrets/kek-2.b64")
+    text = cfg.read_text().replace("kek/kek.b64", "kek/kek-2.b64")
     cfg.write_text(text)
     gw = start_gateway(d)
     try:

@@ -16,7 +16,7 @@ import yaml
 
 from qpher_proxy.bench.loadgen import ClientTLS, LoadGenerator, LoadResult, LoadSpec, build_request
 
-from ._gateway import Gateway, cli, init_state, start_gateway
+from ._gateway import Gateway, cli, init_state, kms_worker_pids, start_gateway
 
 
 # ---- configuration mistakes: one line, non-zero exit, no traceback ---------------------------
@@ -85,7 +85,7 @@ def test_wrong_kek_stops_startup_before_serving(base_state: Path, tmp_path: Path
         c.close()
     finally:
         assert gw.stop() == 0
-    kek = d / "secrets" / "kek.b64"
+    kek = d / "kek" / "kek.b64"
     kek.unlink()
     cli("kms", "rotate-kek", "--help")  # the tool exists; the wrong KEK below is not a rotation
     import base64
@@ -203,11 +203,8 @@ def test_admin_fail_open_needs_admin_scope_and_closes(gateway: Gateway) -> None:
 # ---- KMS supervision ------------------------------------------------------------------------
 
 def _children(pid: int) -> list[int]:
-    out: list[int] = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        text = (task / "children").read_text().split()
-        out += [int(x) for x in text]
-    return out
+    """The KMS worker processes of the ``serve`` supervisor ``pid`` (its other child is the gateway)."""
+    return kms_worker_pids(pid)
 
 
 def test_kms_killed_is_restarted_and_keys_survive(tmp_path: Path) -> None:

@@ -1,0 +1,47 @@
+"""``python -m qpher_proxy.server --config PATH --control-fd N [--user UID:GID]``: the gateway
+process, started by the ``qpher-proxy serve`` supervisor (see :mod:`.privsep`), never by hand.
+
+It inherits its control socket as descriptor ``N`` and nothing else of the supervisor's, binds
+its ports, drops to ``--user`` (when given), confines itself with Landlock, and serves with the
+KMS workers the supervisor hands over.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m qpher_proxy.server", description=__doc__)
+    p.add_argument("--config", required=True)
+    p.add_argument("--control-fd", type=int, required=True)
+    p.add_argument("--user", default=None, help="UID:GID to run as after binding")
+    args = p.parse_args(argv)
+
+    from ..config import load_config
+    from ..errors import ConfigError, QpherError
+    from ..sandbox import RunAs
+    from .confine import Confinement
+    from .privsep import SupervisedKMS
+    from .serve import run
+
+    try:
+        control = socket.socket(fileno=args.control_fd)
+        cfg = load_config(args.config)
+        kms = SupervisedKMS(control)
+        confinement = Confinement(RunAs.from_arg(args.user) if args.user else None, cfg.server.sandbox)
+        return run(cfg, kms=kms, confinement=confinement)
+    except ConfigError as exc:
+        print(f"qpher-proxy: {exc.message}", file=sys.stderr)
+        return 2
+    except QpherError as exc:
+        print(f"qpher-proxy: {exc.code}: {exc.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
