@@ -41,6 +41,8 @@ def opt(default: Any, **kw: Any) -> Any:
 class ServerConfig:
     listen: tuple[str, ...] = opt(("127.0.0.1:8443",))
     shutdown_grace: float = opt(10.0, min=0, max=3600)
+    user: str | None = opt("qpher", doc="started as root: the gateway drops to this user after binding")
+    sandbox: Literal["auto", "required", "off"] = opt("auto")
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +91,7 @@ class KMSConfig:
     destroy_delay: float = opt(86_400.0, min=0, max=365 * 86_400)
     request_timeout: float = opt(30.0, min=0.1, max=600)
     restart_backoff_max: float = opt(10.0, min=0.1, max=600)
+    user: str | None = opt("qpher-kms", doc="started as root: KMS workers run as this user")
     kek: KEKConfig = field(default_factory=KEKConfig)
 
 
@@ -138,6 +141,7 @@ class UpstreamConfig:
     client_cert: str | None = opt(None, path=True, must_exist=True)
     client_key: str | None = opt(None, path=True, must_exist=True)
     pass_api_key: bool = opt(False)
+    allow_path_params: bool = opt(False)
 
 
 @dataclass(frozen=True, slots=True)
