@@ -16,6 +16,8 @@ for each schema and ``tests/api`` checks against it:
   optional fields are omitted, not ``null``;
 * bytes are standard base64 (RFC 4648 §4) with padding, canonical (no whitespace, no
   non-zero pad bits): anything else is ``invalid_base64`` naming the field;
+* an integer is what JSON Schema calls one: a JSON number with a zero fraction, so a key
+  version of ``3.0`` is 3;
 * key ids that cannot be ours are ``key_not_found`` (404) without asking the KMS, exactly what
   an unknown or another tenant's id answers, so the format check reveals nothing;
 * a signature context longer than 255 bytes (FIPS 204 §5.2) is ``invalid_context``.
@@ -53,7 +55,7 @@ __all__ = [
     "FieldType", "Field", "REQUEST_FIELDS", "NO_BODY_OPERATIONS", "DEFAULT_ALGORITHMS",
     "load_json", "load_object", "parse_fields", "decode_b64", "check_key_id", "parse_query",
     "parse_list_query", "parse_version_query", "KEY_ID_PATTERN", "LABEL_PATTERN",
-    "MAX_KEY_VERSION", "MAX_LIST_LIMIT", "DEFAULT_LIST_LIMIT", "MAX_REASON_CHARS",
+    "MAX_KEY_VERSION", "MAX_LIST_LIMIT", "DEFAULT_LIST_LIMIT", "MAX_REASON_CHARS", "REASON_PATTERN",
 ]
 
 # Key ids are minted by the KMS (random, 130 bits); anything outside this shape cannot be one.
@@ -62,9 +64,20 @@ KEY_ID_PATTERN = KEY_ID_RE.pattern.removesuffix(r"\Z")
 LABEL_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}"
 MAX_KEY_VERSION = 2**31 - 1
 MAX_REASON_CHARS = 500
+# A fail-open reason is one line of text that operators read in the audit log: not only
+# spaces; no control characters, no whitespace but the space, no bidirectional formatting
+# characters (they reorder what a reader sees: CVE-2021-42574). A fixed character class rather
+# than str.isprintable(), whose answer moves with the Unicode database of the running Python;
+# openapi.yaml states this same pattern. Lone surrogates, which no pattern can portably name,
+# are refused beside it.
+_REASON_BANNED = (r"\x00-\x1f\x7f-\xa0\u061c\u1680\u2000-\u200a\u200e\u200f\u2028-\u202f\u205f"
+                  r"\u2066-\u2069\u3000")
+REASON_PATTERN = rf" *[^ {_REASON_BANNED}][^{_REASON_BANNED}]*"
 
 _KEY_ID = re.compile(KEY_ID_PATTERN)
 _LABEL = re.compile(LABEL_PATTERN)
+_REASON = re.compile(REASON_PATTERN)
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
 _CURSOR = _KEY_ID  # a cursor is the last key id of the previous page
 
 
@@ -77,7 +90,7 @@ class FieldType(enum.Enum):
     KIND = "kind"
     MODE = "mode"
     LABEL = "label"
-    REASON = "reason"  # free text, 1..500 printable characters
+    REASON = "reason"  # one line of text, 1..500 characters (REASON_PATTERN)
     SECONDS = "seconds"  # finite number > 0
 
 
@@ -218,6 +231,10 @@ def check_key_id(value: object, where: str = "key_id") -> str:
 
 
 def _version(value: object, where: str) -> int:
+    # JSON has one number type: JSON Schema's "integer" is any number with a zero fraction, so
+    # 3.0 is the integer 3 (what a client's float-typed JSON encoder may send).
+    if type(value) is float and value.is_integer():
+        value = int(value)
     if type(value) is not int:
         raise InvalidInput(f"field {where!r} must be an integer, not {json_type(value)}")
     if not 1 <= value <= MAX_KEY_VERSION:
@@ -265,8 +282,9 @@ def _convert(ft: FieldType, value: object, where: str) -> object:
         return s
     if ft is T.REASON:
         s = _string(value, where)
-        if not 1 <= len(s) <= MAX_REASON_CHARS or not s.isprintable():
-            raise InvalidInput(f"field {where!r} must be 1 to {MAX_REASON_CHARS} printable characters")
+        if not 1 <= len(s) <= MAX_REASON_CHARS or not _REASON.fullmatch(s) or _SURROGATE.search(s):
+            raise InvalidInput(f"field {where!r} must be one line of 1 to {MAX_REASON_CHARS} characters, "
+                               "not blank, without control or bidirectional-formatting characters")
         return s
     if ft is T.SECONDS:
         if type(value) not in (int, float):

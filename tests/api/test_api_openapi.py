@@ -6,26 +6,40 @@ import base64
 import re
 from typing import Any
 
+import json
+
 import pytest
-from _api_openapi import deref, doc, documented_codes, operation, request_schema, validate_response
+from _api_fake_kms import FakeKMS
+from _api_openapi import (
+    deref,
+    doc,
+    documented_codes,
+    operation,
+    request_schema,
+    validate_request,
+    validate_response,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
 import qpher_proxy.errors as errors_mod
-from qpher_proxy.api import ROUTES, Route
-from qpher_proxy.api.routes import RouteMethodNotAllowed
+from qpher_proxy.api import DEFAULT_MAX_BATCH_ITEMS, ROUTES, CryptoAPI, Route
+from qpher_proxy.api.routes import RouteMethodNotAllowed, routes_by_operation
 from qpher_proxy.api.validation import (
     DEFAULT_LIST_LIMIT,
     KEY_ID_PATTERN,
     LABEL_PATTERN,
     MAX_LIST_LIMIT,
     MAX_REASON_CHARS,
+    REASON_PATTERN,
     REQUEST_FIELDS,
     decode_b64,
 )
+from qpher_proxy.config.model import FailOpenConfig
 from qpher_proxy.crypto.algorithms import ALGORITHMS, MAX_CONTEXT_BYTES
 from qpher_proxy.errors import QpherError
+from qpher_proxy.policy.engine import DEFAULT_FAIL_OPEN_MAX_SECONDS
 
 METHODS = {"get", "post", "put", "delete", "patch", "head", "options", "trace"}
 
@@ -75,10 +89,17 @@ def test_request_schema_fields_match_the_validator(route: Route) -> None:
     assert schema["additionalProperties"] is False
     if route.batch:
         assert schema["required"] == ["items"] and set(schema["properties"]) == {"items"}
-        assert schema["properties"]["items"]["minItems"] == 1
-        schema = deref(schema["properties"]["items"]["items"])
+        items = schema["properties"]["items"]
+        assert (items["minItems"], items["maxItems"]) == (1, DEFAULT_MAX_BATCH_ITEMS)
+        # an item is the single operation's request, or anything else (refused on its own)
+        single, refused = items["items"]["anyOf"]
+        assert refused == {"$ref": "#/components/schemas/RefusedBatchItem"}
+        assert deref(refused).keys() == {"description"}, "RefusedBatchItem accepts any value"
+        single_route = routes_by_operation()[route.operation.removesuffix(".batch")]
+        assert deref(single) is request_schema(single_route)
+        schema = deref(single)
         assert schema["additionalProperties"] is False
-        spec = REQUEST_FIELDS[route.operation.removesuffix(".batch")]
+        spec = REQUEST_FIELDS[single_route.operation]
     else:
         spec = REQUEST_FIELDS[route.operation]
     assert set(schema["properties"]) == set(spec)
@@ -91,6 +112,19 @@ def test_documented_error_codes_all_exist() -> None:
         for status in operation(route)["responses"]:
             for c in documented_codes(route, int(status)):
                 assert c in known, f"{route.name} {status}: unknown code {c!r}"
+
+
+def test_key_dependent_codes_are_documented_codes() -> None:
+    """``x-qpher-key-dependent-codes`` (refusals a schema-valid request may get, because they
+    depend on the key) name codes the same response documents."""
+    seen = 0
+    for route in ROUTES:
+        for status, raw in operation(route)["responses"].items():
+            extra = deref(raw).get("x-qpher-key-dependent-codes")
+            if extra is not None:
+                seen += 1
+                assert set(extra) <= set(documented_codes(route, int(status))), route.name
+    assert seen == 6  # the single crypto operations
 
 
 def test_error_responses_use_the_error_schema() -> None:
@@ -112,12 +146,58 @@ def test_constants_in_the_document_match_the_code() -> None:
     assert s["Label"]["pattern"] == f"^{LABEL_PATTERN}$"
     assert s["AlgorithmName"]["enum"] == list(ALGORITHMS)
     assert s["Context"]["allOf"][1]["maxLength"] == 4 * ((MAX_CONTEXT_BYTES + 2) // 3)
-    assert s["FailOpenRequest"]["properties"]["reason"]["maxLength"] == MAX_REASON_CHARS
+    reason = s["FailOpenRequest"]["properties"]["reason"]
+    assert (reason["maxLength"], reason["pattern"]) == (MAX_REASON_CHARS, f"^{REASON_PATTERN}$")
+    seconds = s["FailOpenRequest"]["properties"]["seconds"]
+    assert seconds["maximum"] == DEFAULT_FAIL_OPEN_MAX_SECONDS == FailOpenConfig().max_seconds
     limit = next(p for p in operation(next(r for r in ROUTES if r.operation == "keys.list"))["parameters"]
                  if p["name"] == "limit")["schema"]
     assert (limit["maximum"], limit["default"]) == (MAX_LIST_LIMIT, DEFAULT_LIST_LIMIT)
     kem_ids = sorted(a.hpke_kem_id for a in ALGORITHMS.values() if a.hpke_kem_id is not None)
     assert sorted(s["HPKESuite"]["properties"]["kem_id"]["enum"]) == kem_ids
+
+
+# Every (algorithm, kind, mode) a client may send, each field also absent.
+_CREATE_COMBOS = [
+    {k: v for k, v in (("algorithm", a), ("kind", k), ("mode", m)) if v is not None}
+    for a in [*ALGORITHMS, None] for k in ["kem", "signature", None] for m in ["pqc", "hybrid", None]
+]
+
+
+@pytest.mark.parametrize("body", _CREATE_COMBOS, ids=lambda b: json.dumps(b))
+def test_create_key_schema_accepts_exactly_what_the_server_accepts(api: CryptoAPI, body: dict[str, str]) -> None:
+    route = routes_by_operation()["keys.create"]
+    try:
+        api.parse(route, json.dumps(body).encode())
+        accepted = True
+    except QpherError:
+        accepted = False
+    assert validate_request(route, body) == accepted
+
+
+# The pattern as ECMA-262 reads it: its closing `$` is the end of the string (Python's `$` also
+# matches before a final newline, which the document does not mean).
+_REASON_RE = re.compile(
+    doc()["components"]["schemas"]["FailOpenRequest"]["properties"]["reason"]["pattern"].removesuffix("$") + r"\Z")
+_PARSER = CryptoAPI(FakeKMS())
+
+
+# Lone surrogates are left out: JSON Schema strings are Unicode scalar values, so no pattern
+# speaks of them (the description says they are refused, and test_api_validation checks it).
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(
+    st.text(alphabet=st.characters(codec="utf-8"), max_size=12),
+    st.text(alphabet=st.characters(codec="utf-8", categories=["Cc", "Cf", "Zs", "Zl", "Zp"]), max_size=4),
+    st.text(alphabet=" a\t\n\u00a0\u202e\u2028\u200b", max_size=4),
+))
+def test_reason_pattern_in_the_document_agrees_with_the_validator(reason: str) -> None:
+    route = routes_by_operation()["admin.fail_open.set"]
+    try:
+        _PARSER.parse(route, json.dumps({"reason": reason, "seconds": 1}).encode())
+        accepted = True
+    except QpherError:
+        accepted = False
+    assert (bool(_REASON_RE.match(reason)) and 1 <= len(reason) <= MAX_REASON_CHARS) == accepted, ascii(reason)
 
 
 _B64_RE = re.compile(doc()["components"]["schemas"]["Base64"]["pattern"])

@@ -83,7 +83,9 @@ def _single_cases(op: str) -> list[tuple[str, Any, str]]:
                 cases.append((f"label-{i}", {**valid, name: bad_l}, "invalid_input"))
         if field.type is FieldType.REASON:
             cases.append(("reason-empty", {**valid, name: ""}, "invalid_input"))
-            cases.append(("reason-control", {**valid, name: "a\nb"}, "invalid_input"))
+            for i, bad_r in enumerate(["a\nb", "   ", "a\tb", "\u202eevil", "a\u2028b", "a\xa0b", "a\x85",
+                                       "\ud800", "x" * 501]):
+                cases.append((f"reason-{i}", {**valid, name: bad_r}, "invalid_input"))
         if field.type is FieldType.SECONDS:
             for bad_s in [0, -1, 0.0]:
                 cases.append((f"seconds-{bad_s}", {**valid, name: bad_s}, "invalid_input"))
@@ -271,3 +273,24 @@ def test_key_version_query_is_parsed(api: CryptoAPI) -> None:
     route = next(r for r in ROUTES if r.operation == "keys.read")
     assert api.parse(route, b"", {"key_id": KID}, "version=3").fields == {"key_id": KID, "version": 3}
     assert api.parse(route, b"", {"key_id": KID}, "").fields == {"key_id": KID, "version": None}
+
+
+@pytest.mark.parametrize("raw", [b"3", b"3.0", b"3e0", b"0.3e1", b"3.000"])
+def test_a_number_with_a_zero_fraction_is_an_integer_key_version(api: CryptoAPI, raw: bytes) -> None:
+    route = next(r for r in ROUTES if r.operation == "kem.decapsulate")
+    body = b'{"key_id": "%s", "ciphertext": "", "key_version": %s}' % (KID.encode(), raw)
+    version = api.parse(route, body).fields["key_version"]
+    assert (version, type(version)) == (3, int)
+
+
+@pytest.mark.parametrize("raw", [b"3.5", b"0.0", b"-1.0", b"2147483648.0", b"1e400", b"true"])
+def test_a_number_that_is_not_a_key_version_is_invalid_input(api: CryptoAPI, raw: bytes) -> None:
+    route = next(r for r in ROUTES if r.operation == "kem.decapsulate")
+    _expect(api, route, b'{"key_id": "%s", "ciphertext": "", "key_version": %s}' % (KID.encode(), raw),
+            "invalid_input")
+
+
+@pytest.mark.parametrize("reason", ["policy repo outage", "  padded  ", "x", "é ü 漢字 🙂", "x" * 500])
+def test_one_line_reason_is_accepted(api: CryptoAPI, reason: str) -> None:
+    route = next(r for r in ROUTES if r.operation == "admin.fail_open.set")
+    assert api.parse(route, json.dumps({"reason": reason, "seconds": 60}).encode()).fields["reason"] == reason
