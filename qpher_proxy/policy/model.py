@@ -83,7 +83,9 @@ class RequestFacts:
     """What the policy sees of one request. Built by the pipeline, never from client claims.
 
     ``path`` is matched byte for byte (no percent-decoding, no dot-segment removal), exactly as
-    the router matches it; a query string, if left on, is cut off here (the router ignores it
+    the router matches it; for a request forwarded to the upstream the pipeline passes the
+    normalised, percent-decoded path (``qpher_proxy.upstream.target``), the path the upstream
+    routes on. A query string, if left on, is cut off here (the router ignores it
     too, and ``/v1/sign?x`` must not slip past a rule written for ``/v1/sign``). ``mode`` left as None is derived from
     ``algorithm`` when the algorithm is known, so that a ``mode: hybrid`` rule cannot be
     sidestepped by a caller that names a hybrid algorithm but no mode. For operations on an

@@ -9,7 +9,8 @@ Order, for every route except ``/healthz`` and ``/readyz``::
     -> rate limit per key and per tenant, from the plan (429 rate_limited + Retry-After)
     -> parse and validate the body (4xx)
     -> facts: route, operation, algorithm / key label (the key's own, from the KMS, cached),
-       this month's usage, source address, TLS group
+       this month's usage, source address, TLS group; a request to forward is matched on its
+       normalised, decoded path (400 ambiguous_path when servers could read it differently)
     -> policy: first deny wins, default deny, fail closed (403 policy_denied / 503
        policy_unavailable); every decision is audited by the engine
     -> quota count (429 quota_exceeded + Retry-After)
@@ -49,7 +50,9 @@ from ..metrics import Metrics
 from ..policy.engine import PolicyEngine
 from ..policy.model import RequestFacts
 from ..ratelimit import QuotaCounter, RateLimits, TokenBucketLimiter
-from ..upstream import UpstreamClient, prepare_downstream_headers, prepare_upstream_headers
+from ..upstream import (
+    ForwardTarget, UpstreamClient, normalize_target, prepare_downstream_headers, prepare_upstream_headers,
+)
 
 log = logging.getLogger("qpher.gateway")
 
@@ -80,6 +83,7 @@ class Gateway:
         metrics: Metrics,
         upstream: UpstreamClient | None = None,
         pass_api_key: bool = False,
+        allow_path_params: bool = False,
         kms_ready: Any = None,
     ) -> None:
         self.kms = kms
@@ -92,6 +96,7 @@ class Gateway:
         self.metrics = metrics
         self.upstream = upstream
         self.pass_api_key = pass_api_key
+        self.allow_path_params = allow_path_params
         self._kms_ready = kms_ready if kms_ready is not None else (lambda: kms.ready)
         self._key_meta: OrderedDict[tuple[str, str], tuple[str, str | None]] = OrderedDict()
         self._limits_cache: dict[str, tuple[Any, RateLimits]] = {}
@@ -148,9 +153,11 @@ class Gateway:
         tls_version = getattr(tls, "version", None)
 
         if route is None:
-            _check_forward_path(req.path)
-            self._authorize(req, record, "forward", None, None, tls, cost=1)
-            return await self._forward(req, record)
+            # The policy matches, and the upstream receives, one normalised target; the API
+            # routes above keep the raw path, since the proxy alone interprets those.
+            target = self._forward_target(req)
+            self._authorize(req, record, "forward", None, None, tls, cost=1, path=target.policy_path)
+            return await self._forward(req, record, target)
 
         parsed = None
         if route.owner == "api":
@@ -271,12 +278,12 @@ class Gateway:
 
     def _authorize(
         self, req: Request, record: APIKeyRecord, operation: str, algorithm: str | None,
-        label: str | None, tls: Any, *, cost: int, quota: str | None = None,
+        label: str | None, tls: Any, *, cost: int, quota: str | None = None, path: str | None = None,
     ) -> None:
         policy = self.policy
         facts = RequestFacts(
             tenant=record.tenant, plan=record.plan, scopes=self._scopes(record), api_key_id=record.key_id,
-            method=req.method, path=req.path, operation=operation, algorithm=algorithm,
+            method=req.method, path=req.path if path is None else path, operation=operation, algorithm=algorithm,
             key_label=label, source_ip=req.client_addr,
             tls_group=getattr(tls, "group", None), tls_pq=bool(getattr(tls, "post_quantum", False)),
             now=datetime.now(timezone.utc),
@@ -330,7 +337,28 @@ class Gateway:
             cache.popitem(last=False)
         return meta
 
-    async def _forward(self, req: Request, record: APIKeyRecord) -> Response:
+    def _forward_target(self, req: Request) -> ForwardTarget:
+        """The normalised origin-form target of a request to forward (400 ambiguous_path if
+        servers could read it differently, upstream.target)."""
+        raw = req.target
+        if raw[:1] != "/":  # absolute form: the HTTP layer has cut the path out of it
+            q = raw.find("?")
+            raw = req.path + raw[q:] if q >= 0 else req.path
+        target = normalize_target(raw, allow_path_params=self.allow_path_params)
+        if target.policy_path != req.path:
+            # "/v1/%73ign" is forwarded because the router did not know it, yet it is one of
+            # the proxy's own paths once decoded: the same resource must not be served by the
+            # proxy under one spelling and by the upstream under another.
+            try:
+                ours = resolve(req.method, target.policy_path) is not None
+            except RouteMethodNotAllowed:
+                ours = True
+            if ours:
+                raise BadRequest("the request path is not forwarded: it is an encoded form of a path "
+                                 "the proxy serves", code="ambiguous_path")
+        return target
+
+    async def _forward(self, req: Request, record: APIKeyRecord, target: ForwardTarget) -> Response:
         upstream = self.upstream
         assert upstream is not None
         headers = prepare_upstream_headers(
@@ -343,7 +371,7 @@ class Gateway:
         content_length = int(cl_raw) if cl_raw is not None and cl_raw.isdigit() else None
         body = req.body_chunks(max_bytes=_FORWARD_MAX_BODY) if has_body else None
         try:
-            resp = await upstream.send(req.method, req.target, headers, body=body, content_length=content_length)
+            resp = await upstream.send(req.method, target.target, headers, body=body, content_length=content_length)
         except QpherError as exc:
             self.metrics.upstream_requests.labels(exc.code).inc()
             raise
@@ -362,18 +390,6 @@ class Gateway:
             "status": status, "duration_ms": round(duration * 1e3, 3), "bytes_sent": sent,
             "client": req.client_addr,
         })
-
-
-_AMBIGUOUS_PATH = ("%2f", "%2e", "%5c", "\\", "//")
-
-
-def _check_forward_path(path: str) -> None:
-    """Refuse paths an upstream might decode into something other than what policy matched
-    (encoded slashes or dots, backslashes, empty or dot segments): 400, never forwarded."""
-    low = path.lower()
-    if any(s in low for s in _AMBIGUOUS_PATH) or any(seg in (".", "..") for seg in path.split("/")):
-        raise BadRequest("ambiguous request path (encoded or dot segments) is not forwarded",
-                         code="ambiguous_path")
 
 
 def _fail_open_json(state: Any) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Sidecar forwarding: header hygiene (pure) and a pooled, streaming HTTP/1.1 upstream client."""
+"""Sidecar forwarding: header and request-target hygiene (pure) and a pooled, streaming HTTP/1.1
+upstream client."""
 
 from qpher_proxy.upstream.client import (
     DEFAULT_CHUNK_BYTES,
@@ -14,16 +15,19 @@ from qpher_proxy.upstream.headers import (
     prepare_downstream_headers,
     prepare_upstream_headers,
 )
+from qpher_proxy.upstream.target import ForwardTarget, normalize_target
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
     "DEFAULT_IDLE_TIMEOUT",
+    "ForwardTarget",
     "HOP_BY_HOP",
     "IDEMPOTENT_METHODS",
     "PoolStats",
     "UpstreamClient",
     "UpstreamResponse",
     "UpstreamTarget",
+    "normalize_target",
     "prepare_downstream_headers",
     "prepare_upstream_headers",
 ]

@@ -1,5 +1,6 @@
 """Sidecar mode through the real gateway: forwarding after auth and policy, header hygiene,
-100 MiB streamed both ways with bounded gateway memory, 502 and 504."""
+one normalised path for the policy and the upstream, 100 MiB streamed both ways with bounded
+gateway memory, 502 and 504."""
 
 from __future__ import annotations
 
@@ -20,11 +21,30 @@ MiB = 1024 * 1024
 BLOCK = bytes(range(256)) * 256  # 64 KiB
 
 
+# A path rule the sidecar tests run under: the upstream must never see a request for it.
+INTERNAL_DENY = """\
+version: 1
+rules:
+  - id: internal-is-private
+    effect: deny
+    match: {path: /internal/**}
+    reason: internal endpoints are not exposed
+"""
+
+
 class _Upstream(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Every request-target the upstream was sent, in arrival order (list.append is atomic).
+    received: list[str] = []
 
     def log_message(self, *args: object) -> None:  # quiet
         pass
+
+    def parse_request(self) -> bool:
+        ok = super().parse_request()
+        if ok:
+            self.received.append(self.path)
+        return ok
 
     def _send(self, status: int, body: bytes, ctype: str = "application/json") -> None:
         self.send_response(status)
@@ -94,6 +114,7 @@ def sidecar(tmp_path_factory: pytest.TempPathFactory, upstream: int) -> Iterator
     d = tmp_path_factory.mktemp("sidecar") / "state"
     init_state(d, **{"crypto.backend": "openssl", "upstream.url": f"http://127.0.0.1:{upstream}",
                      "upstream.read_timeout": 1.0})
+    (d / "policies" / "15-internal.yaml").write_text(INTERNAL_DENY)
     gw = start_gateway(d)
     try:
         yield gw
@@ -144,6 +165,53 @@ def test_ambiguous_path_is_refused(sidecar: Gateway) -> None:
         status, body, _ = c.call("GET", path)
         assert status == 400 and body["error"]["code"] == "ambiguous_path", path
     c.close()
+
+
+# Spellings of /internal/secret that servers read as that path (or as a path a prefix rule
+# would cover): a WSGI server decodes %69 and %6e, Tomcat drops ";x", C servers stop at %00,
+# some servers trim the space.
+PATH_RULE_BYPASSES = [
+    ("/%69nternal/secret", 403, "policy_denied"),
+    ("/inter%6eal/secret", 403, "policy_denied"),
+    ("/%69%6E%74%65%72%6E%61%6C/secret?x=1", 403, "policy_denied"),
+    ("/internal;x/secret", 400, "ambiguous_path"),
+    ("/internal%00/secret", 400, "ambiguous_path"),
+    ("/internal%20/secret", 400, "ambiguous_path"),
+    ("/internal%2fsecret", 400, "ambiguous_path"),
+    ("/x/..%2finternal/secret", 400, "ambiguous_path"),
+    ("/%ef%bd%89nternal/secret", 400, "ambiguous_path"),  # fullwidth "i"
+]
+
+
+def test_encoded_spellings_of_a_denied_path_never_reach_the_upstream(sidecar: Gateway) -> None:
+    c = sidecar.client()
+    status, body, _ = c.call("GET", "/internal/secret")
+    assert status == 403 and body["error"]["code"] == "policy_denied"
+    for path, want_status, want_code in PATH_RULE_BYPASSES:
+        status, body, _ = c.call("GET", path)
+        assert (status, body["error"]["code"]) == (want_status, want_code), path
+    c.close()
+    assert [p for p in _Upstream.received if "nternal" in p or "%" in p] == []
+
+
+def test_an_allowed_encoded_path_reaches_the_upstream_normalised(sidecar: Gateway) -> None:
+    c = sidecar.client()
+    status, body, _ = c.call("GET", "/pub/%7Euser/a%2dfile?q=%7e")
+    assert status == 200, body
+    assert body["path"] == "/pub/~user/a-file?q=%7e"  # the query goes as sent
+    status, body, _ = c.call("GET", "/pub/caf%c3%a9")
+    assert status == 200 and body["path"] == "/pub/caf%C3%A9"
+    c.close()
+    assert "/pub/~user/a-file?q=%7e" in _Upstream.received
+    assert not [p for p in _Upstream.received if "%7E" in p or "%2d" in p or "%c3" in p]
+
+
+def test_an_encoded_spelling_of_the_proxys_own_path_is_not_forwarded(sidecar: Gateway) -> None:
+    c = sidecar.client()
+    status, body, _ = c.call("GET", "/v1/%69nfo")
+    assert status == 400 and body["error"]["code"] == "ambiguous_path"
+    c.close()
+    assert not [p for p in _Upstream.received if p.startswith("/v1/")]
 
 
 def test_100_mib_both_ways_with_bounded_memory(sidecar: Gateway) -> None:
