@@ -16,6 +16,14 @@ Any OS error becomes ``AuditUnavailable`` (503): a request that must be audited 
 refused by its caller, never served silently. After an error the file is re-opened and its
 tail re-read on the next call, so the log heals by itself once the disk does.
 
+**Health** (``health()``, for ``/readyz``): the outcome of the last append, so that a load
+balancer stops sending requests that would be refused anyway. It costs nothing while appends
+succeed. After a failure it probes, at most once per ``probe_interval``: take the lock and
+re-open the file and re-read its tail as the next append would, appending no record of its own
+(only the repair of a torn tail that any next append would write). So readiness comes back
+without traffic once the log can be opened again; a disk that opens but refuses writes
+(full) shows again at the next append.
+
 **Several writers.** The running proxy and the CLI (``apikey create``/``revoke``) may both
 append. Every append holds an exclusive ``flock`` on ``<path>.lock`` and starts by comparing
 the file's identity and size with what this writer last saw (one ``stat``): if another
@@ -73,6 +81,8 @@ __all__ = ["AuditLog", "FsyncPolicy", "rotated_files"]
 
 FsyncPolicy = Literal["always", "critical", "never"]
 DEFAULT_ROTATE_BYTES = 64 * 1024 * 1024
+DEFAULT_PROBE_INTERVAL = 1.0  # seconds between re-open probes of a failed log (``health``)
+_CANNOT_WRITE = "the audit log cannot be written"
 _CHUNK = 64 * 1024
 
 
@@ -125,6 +135,7 @@ class AuditLog:
         fsync_policy: FsyncPolicy = "critical",
         *,
         clock: Callable[[], float] = time.time,
+        probe_interval: float = DEFAULT_PROBE_INTERVAL,
     ) -> None:
         if fsync_policy not in ("always", "critical", "never"):
             raise ConfigError(f"audit fsync policy must be always, critical or never, not {fsync_policy!r}")
@@ -141,6 +152,9 @@ class AuditLog:
         self._seq = 0
         self._last = GENESIS
         self._closed = False
+        self._failure: str | None = None  # why the last append failed; None after a success
+        self._probe_interval = probe_interval
+        self._next_probe = 0.0  # time.monotonic() before which health() does not probe again
         try:
             self._lock_fd = os.open(self._path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
@@ -187,14 +201,44 @@ class AuditLog:
             fcntl.flock(lock_fd, fcntl.LOCK_EX)  # (what _locked() does, without a generator per record)
             try:
                 self._sync()
-                return self._append_record(ts, event, sev, fields)
+                seq = self._append_record(ts, event, sev, fields)
             finally:
                 fcntl.flock(lock_fd, fcntl.LOCK_UN)
         except OSError as exc:
             self._close_fd()  # re-sync from disk next time (the write may have been partial)
-            raise AuditUnavailable("the audit log cannot be written") from exc
+            self._failure = _CANNOT_WRITE
+            raise AuditUnavailable(_CANNOT_WRITE) from exc
+        except AuditUnavailable as exc:  # the path is not a regular file
+            self._failure = exc.message
+            raise
+        self._failure = None
+        return seq
 
     __call__ = record
+
+    def health(self) -> str | None:
+        """None while records can be written, else why not (a fixed phrase: no path, no OS
+        detail). See "Health" in the module docstring for what a failed log's probe does."""
+        if self._closed:
+            return "the audit log is closed"
+        failure = self._failure
+        if failure is None:
+            return None
+        now = time.monotonic()
+        if now < self._next_probe:
+            return failure
+        self._next_probe = now + self._probe_interval
+        try:
+            with self._locked():
+                self._sync()
+        except OSError:
+            self._close_fd()
+            return failure
+        except AuditUnavailable as exc:
+            self._failure = exc.message
+            return exc.message
+        self._failure = None
+        return None
 
     def close(self) -> None:
         if not self._closed:

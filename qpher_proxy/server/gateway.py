@@ -106,8 +106,21 @@ class Gateway:
     # ---- readiness ------------------------------------------------------------------------
 
     def readiness(self) -> dict[str, Any]:
-        checks = {"kms": bool(self._kms_ready()), "policy": self.policy.ready}
-        return {"status": "ready" if all(checks.values()) else "not_ready", "checks": checks}
+        """``/readyz``: ready only while requests can be served -- a KMS worker is live, a
+        policy is loaded and audit records can be written (an audited request is refused
+        otherwise). Not ready names the reasons. Cheap: no audit record per probe."""
+        audit = self.audit.health()
+        checks = {"kms": bool(self._kms_ready()), "policy": self.policy.ready, "audit": audit is None}
+        if all(checks.values()):
+            return {"status": "ready", "checks": checks}
+        reasons: dict[str, str] = {}
+        if not checks["kms"]:
+            reasons["kms"] = "no KMS worker is running"
+        if not checks["policy"]:
+            reasons["policy"] = "no valid policy is loaded"
+        if audit is not None:
+            reasons["audit"] = audit
+        return {"status": "not_ready", "checks": checks, "reasons": reasons}
 
     # ---- the handler ----------------------------------------------------------------------
 

@@ -279,6 +279,42 @@ def test_disk_full_then_heals(tmp_path: Path) -> None:
     assert result.ok and result.records == 2
 
 
+def test_health_reports_a_failed_append_and_recovers_by_a_probe_without_a_record(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    with AuditLog(path, probe_interval=0.0) as log:
+        assert log.health() is None
+        log.record("a", "INFO")
+        moved = path.rename(tmp_path / "moved-away.log")
+        path.mkdir()  # the log's path is now a directory: nothing can be appended
+        with pytest.raises(AuditUnavailable):
+            log.record("b", "INFO")
+        assert log.health() == "the audit log cannot be written"  # a probe, and it failed too
+        assert log.health() == "the audit log cannot be written"
+        path.rmdir()
+        moved.rename(path)
+        before = path.read_bytes()
+        assert log.health() is None  # the probe re-opened the log: ready without any traffic
+        assert path.read_bytes() == before  # ... and appended nothing
+        assert log.record("c", "INFO") == 2
+    assert log.health() == "the audit log is closed"
+
+
+def test_health_probes_a_failed_log_at_most_once_per_interval(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    with AuditLog(path, probe_interval=3600.0) as log:
+        assert log._fd is not None
+        os.close(log._fd)  # the descriptor fails under us
+        with pytest.raises(AuditUnavailable):
+            log.record("a", "INFO")
+        assert log.health() is None  # the first probe re-opens the log
+        os.close(log._fd)  # type: ignore[arg-type]
+        with pytest.raises(AuditUnavailable):
+            log.record("b", "INFO")
+        assert log.health() == "the audit log cannot be written"  # within the interval: no probe
+        assert log.record("c", "INFO") == 1  # an append still heals it at once
+        assert log.health() is None
+
+
 def test_closed_descriptor(tmp_path: Path) -> None:
     path = tmp_path / "audit.log"
     with AuditLog(path) as log:

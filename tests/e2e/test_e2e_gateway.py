@@ -372,7 +372,7 @@ def test_sighup_reloads_certificates_and_policy_without_dropping_connections(tmp
         assert gw.stop() == 0
 
 
-def test_unwritable_audit_log_refuses_audited_requests(tmp_path: Path) -> None:
+def test_unwritable_audit_log_refuses_audited_requests_and_readiness_says_so(tmp_path: Path) -> None:
     d = tmp_path / "state"
     init_state(d, **{"crypto.backend": "openssl"})
     gw = start_gateway(d)
@@ -387,7 +387,19 @@ def test_unwritable_audit_log_refuses_audited_requests(tmp_path: Path) -> None:
         status, body, _ = c.call("GET", "/v1/info", auth=False)  # an auth failure must be audited too
         assert status == 503
         assert c.call("GET", "/healthz", auth=False)[0] == 200  # liveness is not audited
+        # readiness tells a load balancer to stop sending what would be refused anyway
+        status, body, _ = c.call("GET", "/readyz", auth=False)
+        assert status == 503 and body["status"] == "not_ready"
+        assert body["checks"] == {"kms": True, "policy": True, "audit": False}
+        assert body["reasons"] == {"audit": "the audit log cannot be written"}
         log.rmdir()
+        deadline = time.monotonic() + 10  # the log re-opens by itself (a probe a second at most)
+        while (status := c.call("GET", "/readyz", auth=False)[0]) != 200:  # and no audited request
+            assert status == 503 and time.monotonic() < deadline, "readiness did not come back"
+            time.sleep(0.1)
+        assert c.call("GET", "/readyz", auth=False)[1] == {
+            "status": "ready", "checks": {"kms": True, "policy": True, "audit": True},
+        }
         assert c.call("GET", "/v1/info")[0] == 200  # recovers once the log is writable again
         c.close()
     finally:

@@ -18,6 +18,7 @@ import pytest
 
 from qpher_proxy.api import CryptoAPI
 from qpher_proxy.audit import AuditLog, parse_record, verify
+from qpher_proxy.audit.log import DEFAULT_PROBE_INTERVAL
 from qpher_proxy.auth.apikeys import APIKeyStore, Authenticator
 from qpher_proxy.context import TenantContext
 from qpher_proxy.crypto.algorithms import ALGORITHMS
@@ -66,6 +67,8 @@ class _Info:
 class StubKMS:
     """Just what the pipeline asks of the KMS client here: key metadata and encapsulate."""
 
+    ready = True
+
     def __init__(self) -> None:
         self.keys: dict[tuple[str, str], _Info] = {}
 
@@ -110,13 +113,15 @@ class _Body:
         return body
 
 
-def _pipeline(tmp_path: Path, policy_files: dict[str, str]) -> Iterator[Pipeline]:
+def _pipeline(
+    tmp_path: Path, policy_files: dict[str, str], audit_probe_interval: float = DEFAULT_PROBE_INTERVAL
+) -> Iterator[Pipeline]:
     policies = tmp_path / "policies"
     policies.mkdir()
     for name, text in policy_files.items():
         (policies / name).write_text(text)
     audit_path = tmp_path / "audit.log"
-    with AuditLog(audit_path) as audit, APIKeyStore(tmp_path / "g.db", secrets.token_bytes(32)) as store, \
+    with AuditLog(audit_path, probe_interval=audit_probe_interval) as audit, APIKeyStore(tmp_path / "g.db", secrets.token_bytes(32)) as store, \
             QuotaCounter(tmp_path / "g.db") as quotas:
         _, key = store.create("acme", "pro")
         policy = PolicyEngine(policies, audit)
@@ -211,3 +216,29 @@ def _b64decode(text: Any) -> bytes:
     import base64
 
     return base64.b64decode(text, validate=True)
+
+
+async def test_readiness_follows_the_audit_log_and_recovers_without_traffic(tmp_path: Path) -> None:
+    for pipeline in _pipeline(tmp_path, {"00-plans.yaml": PLANS, "90-allow.yaml": ALLOW}, audit_probe_interval=0.0):
+        gateway = pipeline.gateway
+
+        async def readyz() -> tuple[int, Any]:
+            resp = await gateway.handle(pipeline.request("GET", "/readyz"))
+            return resp.status, json.loads(resp.body)  # type: ignore[arg-type]
+
+        assert await readyz() == (200, {"status": "ready", "checks": {"kms": True, "policy": True, "audit": True}})
+        moved = pipeline.audit_path.rename(tmp_path / "moved-away.log")
+        pipeline.audit_path.mkdir()  # no audit record can be written now
+        refused = await gateway.handle(pipeline.request("GET", "/v1/info"))
+        assert refused.status == 503
+        status, body = await readyz()
+        assert status == 503 and body["status"] == "not_ready"
+        assert body["checks"] == {"kms": True, "policy": True, "audit": False}
+        assert body["reasons"] == {"audit": "the audit log cannot be written"}
+        pipeline.audit_path.rmdir()
+        moved.rename(pipeline.audit_path)
+        audited = pipeline.audit_path.read_bytes()
+        assert (await readyz())[0] == 200  # no request in between: the probe re-opened the log
+        assert pipeline.audit_path.read_bytes() == audited  # /readyz itself is never audited
+        assert (await gateway.handle(pipeline.request("GET", "/v1/info"))).status == 200
+    assert verify([tmp_path / "audit.log"]).ok
