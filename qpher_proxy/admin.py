@@ -105,11 +105,27 @@ def policy_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _become_kms_user(name: str) -> None:
+    """Run an offline KMS command as the KMS user, so that every file it writes (re-sealed key
+    versions, a new KEK file) stays readable by the workers and by nobody else."""
+    from .sandbox import drop_privileges, lookup_user, preload
+
+    user = lookup_user(name, "kms.user")
+    preload(["qpher_proxy.kms", "qpher_proxy.crypto"],
+            skip=["qpher_proxy.kms.client", "qpher_proxy.kms.supervisor", "qpher_proxy.crypto.backends.liboqs"])
+    try:
+        drop_privileges(user)
+    except OSError as exc:
+        raise ConfigError(f"kms.user: cannot become {name!r}: {exc.strerror}") from None
+
+
 def kms_command(args: argparse.Namespace) -> int:
     from .kms.admin import rotate_kek_command
     from .kms.model import KEKSettings
 
     cfg = load_config(args.config)
+    if os.geteuid() == 0 and cfg.kms.user:
+        _become_kms_user(cfg.kms.user)
     k = cfg.kms.kek
     result, old_id, new_id = rotate_kek_command(
         cfg.kms.dir, KEKSettings(provider=k.provider, file=k.file, env=k.env), args.new_kek_file,

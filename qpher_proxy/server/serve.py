@@ -186,6 +186,7 @@ async def serve(
                 kms=supervisor.client, api=api, authenticator=Authenticator(store, ttl=cfg.auth.cache_ttl),
                 limiter=TokenBucketLimiter(), quotas=quotas, policy=policy, audit=audit, metrics=metrics,
                 upstream=upstream, pass_api_key=cfg.upstream.pass_api_key,
+                allow_path_params=cfg.upstream.allow_path_params,
             )
             listeners = [
                 TLSListener(ln, holder, on_handshake=on_handshake, on_handshake_error=on_handshake_error)

@@ -416,3 +416,28 @@ def test_gateway_process_is_not_left_with_the_supervisor_environment_kek(tmp_pat
 
 
 _ = Gateway
+
+
+def test_rotate_kek_as_root_writes_files_the_kms_user_owns(shared_dir: Path) -> None:
+    cfg = init_state(shared_dir, **{"crypto.backend": "openssl"})
+    gw = start_gateway(shared_dir)
+    try:
+        c = gw.client()
+        status, key, _ = c.call("POST", "/v1/keys", {"algorithm": "ml-dsa-65"})
+        assert status == 201
+        c.close()
+    finally:
+        assert gw.stop() == 0
+    new_kek = shared_dir / "kek" / "kek-2.b64"
+    assert "KEK rotated" in cli("kms", "rotate-kek", "-c", str(cfg), "--new-kek-file", str(new_kek), "--generate").stdout
+    kms_uid = pwd.getpwnam("qpher-kms").pw_uid
+    written = [new_kek, *(p for p in (shared_dir / "kms").rglob("*") if p.is_file())]
+    assert {p.stat().st_uid for p in written} == {kms_uid}
+    cfg.write_text(cfg.read_text().replace("kek/kek.b64", "kek/kek-2.b64"))
+    gw = start_gateway(shared_dir)
+    try:
+        c = gw.client()
+        assert c.call("POST", "/v1/sign", {"key_id": key["key_id"], "message": "aGk="})[0] == 200
+        c.close()
+    finally:
+        assert gw.stop() == 0
