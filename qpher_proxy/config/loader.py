@@ -79,6 +79,13 @@ class _Loader:
                 known = ", ".join(sorted(fields))
                 self.fail(dotted, f"unknown option (expected one of: {known})")
             kwargs[key] = self.value(hints[key], value, dotted, fields[key].metadata)
+        for name, f in fields.items():  # defaults: paths relative to the config file too, as documented
+            if name in kwargs:
+                continue
+            if dataclasses.is_dataclass(hints[name]):
+                kwargs[name] = self.build(hints[name], {}, f"{path}.{name}" if path else name)
+            elif f.metadata.get("path") and isinstance(f.default, str):
+                kwargs[name] = str(self.base_dir / os.path.expanduser(f.default))
         return cls(**kwargs)
 
     def value(self, tp: Any, value: Any, path: str, md: typing.Mapping[str, Any]) -> Any:
