@@ -147,6 +147,9 @@ def test_gateway_uid_cannot_open_key_material(shared_dir: Path) -> None:
 
         material = _key_material(shared_dir)
         assert any(p.parent.name == "kms" for p in material), "the key store wrote no file"
+        # nor through /proc: the supervisor's environment, a worker's memory
+        material += [Path(f"/proc/{gw.proc.pid}/environ"), Path(f"/proc/{workers[0]}/mem"),
+                     Path(f"/proc/{workers[0]}/environ")]
 
         def as_gateway_uid() -> int:
             os.setgroups([])
@@ -188,24 +191,28 @@ def test_landlock_rules_of_the_gateway_refuse_the_kms_files(tmp_path: Path) -> N
         assert _uid_of(gw_pid) == 0 and _status_field(gw_pid, "NoNewPrivs") == "1"
         confined = [r for r in gw.read_logs() if r.get("msg") == "gateway confined by Landlock"]
         assert confined and confined[0]["protected"] == [str(d / "kms"), str(d / "kek" / "kek.b64")]
+        material = _key_material(d)
+        workers = kms_worker_pids(gw.proc.pid)
+        # /proc is not on the allow-list, and Landlock forbids ptrace-class access to processes
+        # outside the domain: no reading the supervisor's environment or a worker's memory
+        material += [Path(f"/proc/{gw.proc.pid}/environ"), Path(f"/proc/{workers[0]}/mem")]
+        grants = gateway_grants(load_config(d / "config.yaml"))
+
+        def confined_root() -> int:
+            landlock_restrict(grants)  # exactly the rules the gateway process applies to itself
+            denied = _denied_all(material)
+            if denied:
+                return denied
+            for needed in (d / "certs" / "server.key", d / "policies" / "00-plans.yaml", d / "secrets" / "pepper"):
+                with open(needed, "rb"):
+                    pass
+            with open(d / "audit" / "probe", "wb"):  # and it may write where the audit log lives
+                pass
+            return 0
+
+        assert _in_child(confined_root) == 0
     finally:
         assert gw.stop() == 0
-    material = _key_material(d)
-    grants = gateway_grants(load_config(d / "config.yaml"))
-
-    def confined_root() -> int:
-        landlock_restrict(grants)  # exactly the rules the gateway process applies to itself
-        denied = _denied_all(material)
-        if denied:
-            return denied
-        for needed in (d / "certs" / "server.key", d / "policies" / "00-plans.yaml", d / "secrets" / "pepper"):
-            with open(needed, "rb"):
-                pass
-        with open(d / "audit" / "probe", "wb"):  # and it may write where the audit log lives
-            pass
-        return 0
-
-    assert _in_child(confined_root) == 0
 
 
 def test_a_policy_symlink_to_the_kek_is_unreadable_by_the_live_gateway(tmp_path: Path) -> None:
