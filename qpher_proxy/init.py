@@ -114,6 +114,11 @@ def ensure_system_user(name: str) -> None:
     except FileNotFoundError:
         raise ConfigError(f"cannot create the system user {name!r}: useradd is not installed") from None
     except subprocess.CalledProcessError as exc:
+        try:  # another init created it at the same moment
+            pwd.getpwnam(name)
+            return
+        except KeyError:
+            pass
         raise ConfigError(f"cannot create the system user {name!r}: {exc.stderr.strip()[:200]}") from None
 
 
