@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="run the gateway and its KMS workers")
     _add_config(p)
+    p.add_argument("--kek-fd", type=int, default=None, help=argparse.SUPPRESS)  # set by serve's own re-exec
 
     sub.add_parser("version", help="print versions of the product, its backend and libraries")
 
@@ -146,7 +147,7 @@ def _dispatch(args: argparse.Namespace) -> int | None:
         from .server.privsep import run
 
         cfg = load_config(args.config)
-        return run(cfg, args.config)
+        return run(cfg, args.config, args.kek_fd)
     if cmd == "apikey":
         from . import admin
 

@@ -106,17 +106,20 @@ class _Ended:
     exit_code: int | None = None
 
 
-def _stash_env_kek(var: str) -> int:
-    """Move ``$var`` out of our environment into a sealed memfd; return its descriptor."""
+def stash_env_kek(var: str, *, inheritable: bool = False) -> int:
+    """Move ``$var`` out of our environment into a sealed memfd; return its descriptor
+    (``inheritable``: it survives an ``exec`` of this process)."""
     raw = os.environb.pop(var.encode(), None)
     if raw is None:
         raise ConfigError(f"environment variable {var!r} (kms.kek.env) is not set")
+    flags = (0 if inheritable else os.MFD_CLOEXEC) | getattr(os, "MFD_ALLOW_SEALING", 0)
     try:
-        fd = os.memfd_create("qpher-kek", os.MFD_CLOEXEC | getattr(os, "MFD_ALLOW_SEALING", 0))
+        fd = os.memfd_create("qpher-kek", flags)
     except (AttributeError, OSError):
         f = tempfile.TemporaryFile()  # unlinked at once, 0600
         fd = os.dup(f.fileno())
         f.close()
+        os.set_inheritable(fd, inheritable)
     try:
         view = memoryview(raw)
         while view:
@@ -158,6 +161,7 @@ class KMSSupervisor:
         python: str = sys.executable,
         worker_user: RunAs | None = None,
         handoff: HandoffHook | None = None,
+        kek_fd: int | None = None,
     ) -> None:
         if workers < 1:
             raise ConfigError("kms.workers must be at least 1 here (resolve 0 with default_worker_count())")
@@ -179,6 +183,8 @@ class KMSSupervisor:
         self.python = python
         self.worker_user = worker_user
         self.handoff = handoff
+        self.kek_fd = kek_fd  # provider env: a memfd with the KEK, already out of the environment
+        self.stopping = False  # set by the owner at shutdown: workers then end without a restart
         self.client = KMSClient(request_timeout=request_timeout, on_op=on_op)
         self.restarts = 0
         self.pids: dict[int, int] = {}  # worker index -> pid of the live process
@@ -209,7 +215,11 @@ class KMSSupervisor:
 
     async def run(self, *, task_status: trio.TaskStatus[KMSSupervisor] = trio.TASK_STATUS_IGNORED) -> None:
         if self.kek.provider == "env":
-            self._kek_fd = _stash_env_kek(self.kek.env)
+            if self.kek_fd is not None:  # stashed before this process re-executed itself
+                self._kek_fd, self.kek_fd = self.kek_fd, None
+                os.set_inheritable(self._kek_fd, False)
+            else:
+                self._kek_fd = stash_env_kek(self.kek.env)
         elif self.kek.provider != "file" or not self.kek.file:
             raise ConfigError("kms.kek: provider 'file' needs kms.kek.file; or use provider 'env'")
         self._first = [trio.Event() for _ in range(self.workers)]
@@ -241,6 +251,8 @@ class KMSSupervisor:
         while True:
             started = trio.current_time()
             ended = await self._run_worker(index, first)
+            if self.stopping:
+                return
             if first and not self._first[index].is_set():
                 self._first_failure[index] = ended
                 self._first[index].set()

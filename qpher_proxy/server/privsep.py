@@ -240,7 +240,8 @@ def gateway_environment(cfg: Config) -> dict[str, str]:
 class Supervisor:
     """The ``serve`` process: KMS workers and one gateway, neither of which it serves traffic for."""
 
-    def __init__(self, cfg: Config, config_path: str, *, python: str = sys.executable) -> None:
+    def __init__(self, cfg: Config, config_path: str, *, python: str = sys.executable,
+                 kek_fd: int | None = None) -> None:
         self.cfg = cfg
         self.config_path = os.path.abspath(config_path)
         self.python = python
@@ -252,6 +253,7 @@ class Supervisor:
             destroy_delay=k.destroy_delay, request_timeout=k.request_timeout,
             restart_backoff_max=k.restart_backoff_max, max_batch=max(cfg.api.max_batch_items, 1),
             on_restart=self._worker_restarted, python=python, worker_user=self.users.kms, handoff=self._handoff,
+            kek_fd=kek_fd,
         )
         self._control: trio.socket.SocketType | None = None
         self._control_ready = trio.Event()
@@ -380,6 +382,7 @@ class Supervisor:
             async for signum in signals:
                 if signum != signal.SIGHUP:
                     self._stopping = True
+                    self.kms.stopping = True  # the workers end with the gateway: no restarts
                 proc = self._gateway
                 if proc is not None and proc.returncode is None:
                     proc.send_signal(signum)
@@ -387,14 +390,28 @@ class Supervisor:
                     self._scope.cancel()  # no gateway to wait for (start-up, or between restarts)
 
 
-def run(cfg: Config, config_path: str) -> int:
+def reexec_without_env_kek(cfg: Config, config_path: str) -> None:
+    """``kek.provider: env``: move the KEK into a memfd and exec this command again without the
+    variable. ``os.environ.pop`` cannot clear the process's initial environment block, which
+    ``/proc/<pid>/environ`` and a memory dump show until exit; a new ``exec`` gets a new one."""
+    from ..kms.supervisor import stash_env_kek
+
+    fd = stash_env_kek(cfg.kms.kek.env, inheritable=True)
+    argv = [sys.executable, "-m", "qpher_proxy", "serve", "--config", os.path.abspath(config_path),
+            "--kek-fd", str(fd)]
+    os.execve(sys.executable, argv, {k: v for k, v in os.environ.items() if k != cfg.kms.kek.env})
+
+
+def run(cfg: Config, config_path: str, kek_fd: int | None = None) -> int:
     """``qpher-proxy serve``: the supervisor's whole life; returns the exit code."""
     from ..logs import configure_logging
     from .serve import first_qpher_error
 
+    if cfg.kms.kek.provider == "env" and kek_fd is None and cfg.kms.kek.env in os.environ:
+        reexec_without_env_kek(cfg, config_path)
     configure_logging(cfg.logging.level, cfg.logging.format)
     try:
-        return trio.run(Supervisor(cfg, config_path).run)
+        return trio.run(Supervisor(cfg, config_path, kek_fd=kek_fd).run)
     except BaseExceptionGroup as group:
         first = first_qpher_error(group)
         if first is None:

@@ -295,8 +295,11 @@ def test_env_kek_never_reaches_the_gateway_process(tmp_path: Path) -> None:
         assert "socket:" in " ".join(links)  # (the listing is real: its sockets are there)
         for region in _readable_memory(gw_pid):
             assert kek_raw not in region and kek_text.encode() not in region
-        # the scan does find it where it is: the supervisor was started with it in its environment
-        assert any(kek_text.encode() in region for region in _readable_memory(gw.proc.pid))
+        # nor in the supervisor's environment: it re-executed itself without the variable
+        sup_environ = Path(f"/proc/{gw.proc.pid}/environ").read_bytes()
+        assert b"QPHER_KEK" not in sup_environ and kek_text.encode() not in sup_environ
+        # the scan does find the KEK where it must be: in a KMS worker
+        assert any(kek_raw in region for region in _readable_memory(kms_worker_pids(gw.proc.pid)[0]))
 
         # a KMS worker killed now is restarted with the KEK the supervisor kept
         for pid in kms_worker_pids(gw.proc.pid):
