@@ -222,12 +222,47 @@ def lookup_user(name: str, option: str) -> RunAs:
     return RunAs(name, pw.pw_uid, pw.pw_gid)
 
 
-def drop_privileges(user: RunAs) -> None:
+CAP_IPC_LOCK = 14
+_PR_SET_KEEPCAPS = 8
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+
+def _keep_only(caps: tuple[int, ...]) -> bool:
+    """After a uid change under PR_SET_KEEPCAPS: make ``caps`` (numbers below 32) the only
+    permitted and effective capabilities. Returns False where the kernel refuses."""
+    mask = 0
+    for cap in caps:
+        mask |= 1 << cap
+    data = (_CapData * 2)(_CapData(mask, mask, 0), _CapData(0, 0, 0))
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    return _libc().capset(ctypes.byref(header), data) == 0
+
+
+def drop_privileges(user: RunAs, keep: tuple[int, ...] = ()) -> None:
     """Become ``user`` for good: no supplementary groups, real/effective/saved ids all changed,
-    and a check that root cannot be regained."""
+    and a check that root cannot be regained. ``keep``: capabilities to retain (the KMS keeps
+    ``CAP_IPC_LOCK`` so that it can lock its memory); best effort, never anything that could
+    undo the drop."""
+    if any(cap != CAP_IPC_LOCK for cap in keep):
+        raise ValueError("only CAP_IPC_LOCK may be kept")
+    libc = _libc()
+    if keep:
+        libc.prctl(_PR_SET_KEEPCAPS, 1, 0, 0, 0)
     os.setgroups([])
     os.setresgid(user.gid, user.gid, user.gid)
     os.setresuid(user.uid, user.uid, user.uid)
+    if keep:
+        libc.prctl(_PR_SET_KEEPCAPS, 0, 0, 0, 0)
+        if not _keep_only(keep):
+            _keep_only(())
     if os.getresuid() != (user.uid,) * 3 or os.getresgid() != (user.gid,) * 3:
         raise OSError(errno.EPERM, "the uid change did not take")
     try:
@@ -253,6 +288,6 @@ def preload(packages: Iterable[str], skip: Iterable[str] = ()) -> None:
 
 
 __all__ = [
-    "READ", "READ_WRITE", "Grant", "RunAs", "drop_privileges", "landlock_abi",
+    "CAP_IPC_LOCK", "READ", "READ_WRITE", "Grant", "RunAs", "drop_privileges", "landlock_abi",
     "landlock_restrict", "lookup_user", "plan_grants", "preload", "set_no_new_privs",
 ]

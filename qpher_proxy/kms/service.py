@@ -47,7 +47,7 @@ from typing import Any
 
 from ..crypto.interface import Backend
 from ..errors import InvalidInput, QpherError
-from ..sandbox import RunAs, drop_privileges, preload
+from ..sandbox import CAP_IPC_LOCK, RunAs, drop_privileges, preload, set_no_new_privs
 from . import protocol
 from .keystore import KeyStore, TenantKeys
 from .model import BATCH_OPS, DEFAULT_MAX_BATCH
@@ -414,12 +414,14 @@ def _become(user: RunAs) -> bool:
     from . import _hardening
 
     try:
-        drop_privileges(user)
+        drop_privileges(user, keep=(CAP_IPC_LOCK,))
     except OSError as exc:
         raise QpherError(f"cannot become the KMS user {user.uid}: {exc.strerror}",
                          code="config_error", status=500) from None
-    # Memory is locked only now: locked with MCL_FUTURE as root, every allocation after the uid
-    # change would count against the new user's RLIMIT_MEMLOCK and fail once it is reached.
+    set_no_new_privs()  # no exec could ever give capabilities back
+    # Memory is locked only now, with the one capability kept for it: locked as root and then
+    # without CAP_IPC_LOCK, every allocation would count against RLIMIT_MEMLOCK and fail once
+    # that limit is reached.
     locked, note = _hardening.lock_memory()
     (log.info if locked else log.warning)(note)
     return locked

@@ -144,6 +144,10 @@ def test_gateway_uid_cannot_open_key_material(shared_dir: Path) -> None:
         assert _uid_of(gw.proc.pid) == 0  # the supervisor, which serves no traffic
         assert _status_field(gw_pid, "NoNewPrivs") == "1"  # set with its Landlock domain
         assert _status_field(gw_pid, "CapEff") == "0000000000000000"
+        for pid in workers:  # a worker keeps CAP_IPC_LOCK alone, to keep its keys out of swap
+            assert _status_field(pid, "CapEff") == _status_field(pid, "CapPrm") == f"{1 << 14:016x}"
+            assert _status_field(pid, "NoNewPrivs") == "1"
+        assert any(r.get("msg") == "memory locked (mlockall)" for r in gw.read_logs())
 
         material = _key_material(shared_dir)
         assert any(p.parent.name == "kms" for p in material), "the key store wrote no file"
