@@ -190,7 +190,8 @@ BackendInfo = Mapping[str, Any] | Callable[[], Mapping[str, Any]]
 class CryptoAPI:
     """The /v1 handlers. ``kms`` is the gateway's ``KMSClient``; ``backend_info`` (a mapping or
     a function returning one) gives ``{"name": str, "versions": {library: version}}`` as the KMS
-    reports it, for ``GET /v1/info``."""
+    reports it, and ``policy_revision`` the revision of the policy in force (None while there is
+    none), both for ``GET /v1/info``."""
 
     def __init__(
         self,
@@ -198,12 +199,14 @@ class CryptoAPI:
         *,
         max_batch_items: int = DEFAULT_MAX_BATCH_ITEMS,
         backend_info: BackendInfo | None = None,
+        policy_revision: Callable[[], str | None] | None = None,
     ) -> None:
         if max_batch_items < 1:
             raise ValueError(f"max_batch_items must be >= 1, not {max_batch_items!r}")
         self.kms = kms
         self.max_batch_items = max_batch_items
         self._backend_info = backend_info
+        self._policy_revision = policy_revision
 
     # -- step 1 -----------------------------------------------------------------------
 
@@ -401,6 +404,7 @@ class CryptoAPI:
             },
             "tls": {"version": tls_version, "group": tls_group},
             "limits": {"max_batch_items": self.max_batch_items, "max_context_bytes": MAX_CONTEXT_BYTES},
+            "policy": {"revision": self._policy_revision() if self._policy_revision is not None else None},
         }
 
 

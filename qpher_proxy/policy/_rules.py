@@ -214,8 +214,9 @@ class CompiledRule:
 class PolicySet:
     """A compiled, immutable policy set: plans, ordered rules, their index and a revision.
 
-    ``revision`` is the SHA-256 (hex) of the source files' names and contents in load order:
-    two proxies showing the same revision enforce the same policy."""
+    ``revision`` is the SHA-256 (hex) of the source files' names inside the policy directory
+    and their contents, in load order. Where the directory lies and how its path is spelled do
+    not enter it: two proxies showing the same revision enforce the same policy."""
 
     __slots__ = ("revision", "files", "plans", "rules", "compiled", "warnings", "default_decision",
                  "deny_mask", "_tables", "_wildcards")

@@ -164,6 +164,12 @@ class PolicyEngine:
         return self._policy
 
     @property
+    def revision(self) -> str | None:
+        """The revision of the policy in force, None while there is none."""
+        ps = self._policy
+        return None if ps is None else ps.revision
+
+    @property
     def ready(self) -> bool:
         """A valid policy is in force (for ``/readyz``)."""
         return self._policy is not None

@@ -562,7 +562,11 @@ def compile_policy(sources: Sequence[tuple[str, bytes]], *, check_unreachable: b
     digest = hashlib.sha256()
     parsed: list[tuple[_File, dict[str, tuple[yaml.Node, yaml.Node]]]] = []
     for name, data in sources:
-        digest.update(b"%d:%s\0%d:" % (len(name.encode()), name.encode(), len(data)))
+        # The revision hashes each file's name inside the (flat) policy directory, never the
+        # path it was read by: `policies/`, `./policies` and `/etc/qpher/policies` holding the
+        # same files are the same policy. The name stays in because it orders the chain.
+        base = os.path.basename(name).encode()
+        digest.update(b"%d:%s\0%d:" % (len(base), base, len(data)))
         digest.update(data)
         f = _File(name, issues)
         if len(data) > MAX_POLICY_FILE_BYTES:

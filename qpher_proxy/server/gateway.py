@@ -108,11 +108,13 @@ class Gateway:
     def readiness(self) -> dict[str, Any]:
         """``/readyz``: ready only while requests can be served -- a KMS worker is live, a
         policy is loaded and audit records can be written (an audited request is refused
-        otherwise). Not ready names the reasons. Cheap: no audit record per probe."""
+        otherwise). Not ready names the reasons. Cheap: no audit record per probe. The policy
+        revision in force is shown either way, so an admin can tell which rules are live."""
         audit = self.audit.health()
         checks = {"kms": bool(self._kms_ready()), "policy": self.policy.ready, "audit": audit is None}
+        policy = {"revision": self.policy.revision}
         if all(checks.values()):
-            return {"status": "ready", "checks": checks}
+            return {"status": "ready", "checks": checks, "policy": policy}
         reasons: dict[str, str] = {}
         if not checks["kms"]:
             reasons["kms"] = "no KMS worker is running"
@@ -120,7 +122,7 @@ class Gateway:
             reasons["policy"] = "no valid policy is loaded"
         if audit is not None:
             reasons["audit"] = audit
-        return {"status": "not_ready", "checks": checks, "reasons": reasons}
+        return {"status": "not_ready", "checks": checks, "reasons": reasons, "policy": policy}
 
     # ---- the handler ----------------------------------------------------------------------
 

@@ -162,7 +162,8 @@ async def serve(
             return {"name": facts.get("backend", "unknown"),
                     "versions": dict(versions) if isinstance(versions, dict) else {}}
 
-        api = CryptoAPI(supervisor.client, max_batch_items=cfg.api.max_batch_items, backend_info=backend_info)
+        api = CryptoAPI(supervisor.client, max_batch_items=cfg.api.max_batch_items, backend_info=backend_info,
+                        policy_revision=lambda: policy.revision)
 
         def on_handshake(info: Any) -> None:
             metrics.tls_handshakes.labels(info.group or "none", info.version).inc()

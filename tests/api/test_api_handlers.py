@@ -302,6 +302,14 @@ async def test_info_without_backend_or_tls(kms: FakeKMS, ctx: TenantContext) -> 
     _, info = await call(CryptoAPI(kms), ctx, "GET", "/v1/info")
     assert info["backend"] == {"name": "unknown", "versions": {}}
     assert info["tls"] == {"version": None, "group": None}
+    assert info["policy"] == {"revision": None}
+
+
+async def test_info_reports_the_policy_revision_in_force_at_each_call(kms: FakeKMS, ctx: TenantContext) -> None:
+    revisions = iter(["a" * 64, "b" * 64])
+    api = CryptoAPI(kms, policy_revision=lambda: next(revisions))
+    assert (await call(api, ctx, "GET", "/v1/info"))[1]["policy"] == {"revision": "a" * 64}
+    assert (await call(api, ctx, "GET", "/v1/info"))[1]["policy"] == {"revision": "b" * 64}
 
 
 def test_policy_facts_and_cost(api: CryptoAPI) -> None:

@@ -397,7 +397,8 @@ def test_unwritable_audit_log_refuses_audited_requests_and_readiness_says_so(tmp
         while (status := c.call("GET", "/readyz", auth=False)[0]) != 200:  # and no audited request
             assert status == 503 and time.monotonic() < deadline, "readiness did not come back"
             time.sleep(0.1)
-        assert c.call("GET", "/readyz", auth=False)[1] == {
+        ready = c.call("GET", "/readyz", auth=False)[1]
+        assert {k: ready[k] for k in ("status", "checks")} == {
             "status": "ready", "checks": {"kms": True, "policy": True, "audit": True},
         }
         assert c.call("GET", "/v1/info")[0] == 200  # recovers once the log is writable again

@@ -12,7 +12,7 @@ from _policy_helpers import REPO, facts, write_files
 from qpher_proxy.api.routes import ROUTES
 from qpher_proxy.errors import PolicyDenied
 from qpher_proxy.policy import (
-    OPERATION_QUOTA_CLASS, OPERATIONS, PolicyInvalid, evaluate, load_policy_dir, quota_class,
+    OPERATION_QUOTA_CLASS, OPERATIONS, PolicyInvalid, compile_policy, evaluate, load_policy_dir, quota_class,
 )
 from qpher_proxy.policy.cli import check, explain_text
 from qpher_proxy.policy.loader import MAX_POLICY_FILE_BYTES
@@ -43,7 +43,30 @@ def test_revision_changes_with_content_and_names(tmp_path: Path) -> None:
     assert a.revision != edited.revision
     assert a.revision != renamed.revision
     # the revision covers names and contents, not the directory the files sit in
-    assert {Path(f).name for f in a.files} == {Path(f).name for f in same.files}
+    assert a.revision == same.revision
+
+
+def test_revision_does_not_depend_on_how_the_directory_is_spelled(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_files(tmp_path / "state" / "policies", {"10.yaml": ALLOW_ALL.format(id="x"), "20.yaml": "version: 1\n"})
+    (tmp_path / "link").symlink_to(tmp_path / "state")
+    monkeypatch.chdir(tmp_path / "state")
+    spellings = ["policies", "policies/", "./policies", "../state/policies", str(tmp_path / "state" / "policies"),
+                 str(tmp_path / "link" / "policies"), "policies/../policies"]
+    revisions = {load_policy_dir(s).revision for s in spellings}
+    assert len(revisions) == 1
+    assert {check(s)[1][-1].rsplit(" ", 1)[1] for s in spellings} == {revisions.pop()[:12]}
+
+
+def test_the_revision_is_the_hash_of_file_names_and_contents_only() -> None:
+    # what an admin can recompute from the files alone, without the proxy
+    import hashlib
+    files = [("10-a.yaml", ALLOW_ALL.format(id="x").encode()), ("20-b.yaml", b"version: 1\n")]
+    digest = hashlib.sha256()
+    for name, data in files:
+        digest.update(b"%d:%s\0%d:" % (len(name), name.encode(), len(data)) + data)
+    assert compile_policy([(f"/somewhere/{n}", d) for n, d in files]).revision == digest.hexdigest()
+    assert compile_policy([(f"elsewhere/{n}", d) for n, d in files]).revision == digest.hexdigest()
 
 
 @pytest.mark.parametrize(("setup", "expect"), [
@@ -117,6 +140,7 @@ def test_explain_text_lists_every_rule_and_the_decision() -> None:
     ps = load_policy_dir(REPO / "policies")
     f = facts(plan="free", algorithm="x-wing", operation="kem.encapsulate", path="/v1/kem/encapsulate")
     text = explain_text(ps, f)
+    assert text.startswith(f"policy revision {ps.revision[:12]} (4 file(s), ")
     for rule in ps.rules:
         assert rule.id in text
     assert re.search(r"\n +4\. hybrid-needs-paid-plan +deny +MATCH  <- decides +20-plans\.yaml:\d+\n", text)

@@ -26,7 +26,7 @@ from qpher_proxy.errors import KeyNotFound
 from qpher_proxy.http import Request, Response
 from qpher_proxy.kms.model import new_key_id
 from qpher_proxy.metrics import Metrics
-from qpher_proxy.policy import PolicyEngine
+from qpher_proxy.policy import PolicyEngine, load_policy_dir
 from qpher_proxy.ratelimit import QuotaCounter, TokenBucketLimiter
 from qpher_proxy.server.gateway import Gateway
 
@@ -226,7 +226,8 @@ async def test_readiness_follows_the_audit_log_and_recovers_without_traffic(tmp_
             resp = await gateway.handle(pipeline.request("GET", "/readyz"))
             return resp.status, json.loads(resp.body)  # type: ignore[arg-type]
 
-        assert await readyz() == (200, {"status": "ready", "checks": {"kms": True, "policy": True, "audit": True}})
+        assert await readyz() == (200, {"status": "ready", "checks": {"kms": True, "policy": True, "audit": True},
+                                        "policy": {"revision": gateway.policy.revision}})
         moved = pipeline.audit_path.rename(tmp_path / "moved-away.log")
         pipeline.audit_path.mkdir()  # no audit record can be written now
         refused = await gateway.handle(pipeline.request("GET", "/v1/info"))
@@ -242,3 +243,38 @@ async def test_readiness_follows_the_audit_log_and_recovers_without_traffic(tmp_
         assert pipeline.audit_path.read_bytes() == audited  # /readyz itself is never audited
         assert (await gateway.handle(pipeline.request("GET", "/v1/info"))).status == 200
     assert verify([tmp_path / "audit.log"]).ok
+
+
+async def test_readiness_and_info_name_the_policy_revision_in_force(tmp_path: Path) -> None:
+    for pipeline in _pipeline(tmp_path, {"00-plans.yaml": PLANS, "90-allow.yaml": ALLOW}):
+        gateway = pipeline.gateway
+        gateway.api = CryptoAPI(pipeline.kms, policy_revision=lambda: gateway.policy.revision)  # type: ignore[arg-type]
+        policies = tmp_path / "policies"
+
+        async def revisions() -> tuple[str, str]:
+            ready = await gateway.handle(pipeline.request("GET", "/readyz"))
+            info = await gateway.handle(pipeline.request("GET", "/v1/info"))
+            assert ready.status == info.status == 200
+            return (json.loads(ready.body)["policy"]["revision"],  # type: ignore[arg-type]
+                    json.loads(info.body)["policy"]["revision"])  # type: ignore[arg-type]
+
+        first = load_policy_dir(policies).revision
+        assert await revisions() == (first, first)
+        (policies / "50-broken.yaml").write_text("version: 2\n")
+        assert not gateway.policy.reload().ok
+        assert await revisions() == (first, first)  # the last good policy stays in force, and says so
+        (policies / "50-broken.yaml").write_text("version: 1\n")
+        assert gateway.policy.reload().changed
+        second = load_policy_dir(policies).revision
+        assert second != first and await revisions() == (second, second)
+
+
+async def test_readiness_without_a_policy_has_no_revision(tmp_path: Path) -> None:
+    for pipeline in _pipeline(tmp_path, {"00-plans.yaml": PLANS, "90-allow.yaml": ALLOW}):
+        empty = tmp_path / "empty"
+        empty.mkdir()
+        pipeline.gateway.policy = PolicyEngine(empty, lambda *a, **k: None)
+        assert not pipeline.gateway.policy.reload().ok
+        resp = await pipeline.gateway.handle(pipeline.request("GET", "/readyz"))
+        body = json.loads(resp.body)  # type: ignore[arg-type]
+        assert resp.status == 503 and body["checks"]["policy"] is False and body["policy"] == {"revision": None}
