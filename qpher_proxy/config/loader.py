@@ -6,7 +6,11 @@ expected, for example::
     config.yaml: tls.min_version: expected "1.2" or "1.3", got "1.1"
 
 Unknown keys, wrong types, out-of-range values and missing files are all errors; nothing is
-silently ignored or coerced (``"10"`` is not an integer, ``yes`` is not a string).
+silently ignored or coerced (``"10"`` is not an integer, ``yes`` is not a string). The one
+reading that is not literal: a choice spelled like a number (``tls.min_version``) also accepts
+that number unquoted, since YAML reads ``min_version: 1.2`` as the float 1.2 and a person wrote
+the version "1.2". ``check_files=False`` skips the existence of files, for checking a config
+written for another machine (``qpher-proxy check-config --no-files``).
 """
 
 from __future__ import annotations
@@ -24,6 +28,10 @@ from ..errors import ConfigError
 from .model import Config
 
 _NoneType = type(None)
+
+
+class MissingFile(ConfigError):
+    """A file the config names does not exist (``check_files=False`` skips this check)."""
 
 
 def _show(value: Any) -> str:
@@ -58,9 +66,10 @@ def _type_name(tp: Any) -> str:
 
 
 class _Loader:
-    def __init__(self, source: str, base_dir: Path) -> None:
+    def __init__(self, source: str, base_dir: Path, check_files: bool = True) -> None:
         self.source = source
         self.base_dir = base_dir
+        self.check_files = check_files
 
     def fail(self, path: str, message: str) -> typing.NoReturn:
         raise ConfigError(f"{self.source}: {path}: {message}")
@@ -99,6 +108,8 @@ class _Loader:
         if dataclasses.is_dataclass(tp):
             return self.build(tp, value, path)
         if origin is Literal:
+            if type(value) is float and repr(value) in get_args(tp):
+                return repr(value)  # an unquoted 1.2 in YAML: the choice "1.2" (see the module docstring)
             if not isinstance(value, str) or value not in get_args(tp):
                 self.fail(path, f"expected {_type_name(tp)}, got {_show(value)}")
             return value
@@ -128,8 +139,8 @@ class _Loader:
                 p = Path(os.path.expanduser(value))
                 if not p.is_absolute():
                     p = self.base_dir / p
-                if md.get("must_exist") and not p.exists():
-                    self.fail(path, f"file not found: {str(p)!r}")
+                if md.get("must_exist") and self.check_files and not p.exists():
+                    raise MissingFile(f"{self.source}: {path}: file not found: {str(p)!r}")
                 return str(p)
             return value
         raise AssertionError(f"unsupported config type {tp!r} at {path}")  # pragma: no cover
@@ -170,8 +181,9 @@ def parse_listen(addr: str, ld: _Loader | None = None, path: str = "listen") -> 
     return host, int(port_s)
 
 
-def load_config(path: str | os.PathLike[str]) -> Config:
-    """Load and validate ``path``; raises :class:`ConfigError` with a one-line message."""
+def load_config(path: str | os.PathLike[str], *, check_files: bool = True) -> Config:
+    """Load and validate ``path``; raises :class:`ConfigError` with a one-line message.
+    ``check_files=False`` validates everything but the existence of the files it names."""
     p = Path(path)
     source = p.name
     try:
@@ -187,15 +199,16 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         where = f"line {mark.line + 1}" if mark is not None else "?"
         problem = getattr(exc, "problem", None) or "invalid YAML"
         raise ConfigError(f"{source}: {where}: {problem}") from None
-    ld = _Loader(source, p.resolve().parent)
+    ld = _Loader(source, p.resolve().parent, check_files)
     cfg = ld.build(Config, data, "")
     _check(cfg, ld)
     return cfg
 
 
-def config_from_dict(data: dict[str, Any], base_dir: str | os.PathLike[str], source: str = "config") -> Config:
+def config_from_dict(data: dict[str, Any], base_dir: str | os.PathLike[str], source: str = "config", *,
+                     check_files: bool = True) -> Config:
     """Build a config from an in-memory mapping (tests, ``init``) with the same strictness."""
-    ld = _Loader(source, Path(base_dir).resolve())
+    ld = _Loader(source, Path(base_dir).resolve(), check_files)
     cfg = ld.build(Config, data, "")
     _check(cfg, ld)
     return cfg
