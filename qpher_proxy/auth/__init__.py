@@ -2,12 +2,16 @@
 
 from .apikeys import (
     KEY_SCAN_PATTERN,
+    PRODUCT_SCOPES,
     APIKeyRecord,
     APIKeyStore,
     Authenticator,
+    check_grants,
+    check_key_id,
     generate_pepper_file,
     load_pepper,
     parse_expiry,
+    split_api_key,
 )
 from .headers import (
     WWW_AUTHENTICATE,
@@ -19,12 +23,16 @@ from .headers import (
 
 __all__ = [
     "KEY_SCAN_PATTERN",
+    "PRODUCT_SCOPES",
     "APIKeyRecord",
     "APIKeyStore",
     "Authenticator",
+    "check_grants",
+    "check_key_id",
     "generate_pepper_file",
     "load_pepper",
     "parse_expiry",
+    "split_api_key",
     "WWW_AUTHENTICATE",
     "extract_api_key",
     "partition_identity_headers",

@@ -38,6 +38,7 @@ forces a re-validation.
 from __future__ import annotations
 
 import calendar
+import datetime as _dt
 import hmac
 import json
 import math
@@ -46,7 +47,7 @@ import re
 import secrets
 import stat
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -60,9 +61,13 @@ __all__ = [
     "KEY_PREFIX",
     "KEY_SCAN_PATTERN",
     "PEPPER_BYTES",
+    "PRODUCT_SCOPES",
+    "check_grants",
+    "check_key_id",
     "generate_pepper_file",
     "load_pepper",
     "parse_expiry",
+    "split_api_key",
 ]
 
 KEY_PREFIX = "qph_"
@@ -71,7 +76,7 @@ KEY_ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz234567"  # RFC 4648 base32, lower c
 SECRET_CHARS = 43  # 43 × log2(62) ≈ 256 bits
 SECRET_ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 PEPPER_BYTES = 32
-MAX_CACHE_TTL_S = 1.0  # issue 5: "a revoked key stops working within one second"
+MAX_CACHE_TTL_S = 1.0  # a revoked key stops working within one second
 
 # What a secret scanner should look for (documented in the README).
 KEY_SCAN_PATTERN = r"qph_[a-z0-9]{12}_[A-Za-z0-9]{32,}"
@@ -83,6 +88,13 @@ _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")  # tenant, plan
 _SCOPE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/*-]{0,63}")
 _MAX_LABEL_CHARS = 128
 _LOOKS_LIKE_KEY = re.compile(r"qph_[A-Za-z0-9]{12}_[A-Za-z0-9]")
+_KEY_ID_RE = re.compile(r"[a-z0-9]{12}")  # the id part of _KEY_RE
+
+# Scopes the product itself gives a meaning to: ``admin`` opens the /admin routes (the gateway
+# checks it, not the policy, so that the fail-open switch works without a policy) and
+# ``metrics`` is the scraper's scope for /metrics. A policy gives meaning to more scopes by
+# naming them in its rules (``scope:`` in ``match`` or ``unless``).
+PRODUCT_SCOPES = frozenset({"admin", "metrics"})
 
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS api_keys (
@@ -182,6 +194,21 @@ class APIKeyRecord:
     def has_scope(self, scope: str) -> bool:
         return scope in self.scopes
 
+    def to_json(self, now: float) -> dict[str, Any]:
+        """What ``apikey list --json`` prints: the record with its status at ``now`` and
+        ISO 8601 UTC times (``null`` when unset)."""
+        return {
+            "key_id": self.key_id,
+            "tenant": self.tenant,
+            "plan": self.plan,
+            "scopes": list(self.scopes),
+            "status": self.status(now),
+            "created_at": iso_time(self.created_at),
+            "expires_at": iso_time(self.expires_at),
+            "revoked_at": iso_time(self.revoked_at),
+            "label": self.label,
+        }
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "key_id": self.key_id,
@@ -193,6 +220,13 @@ class APIKeyRecord:
             "revoked_at": self.revoked_at,
             "label": self.label,
         }
+
+
+def iso_time(t: float | None) -> str | None:
+    """Epoch seconds as ISO 8601 UTC to the second (``2030-01-31T12:00:00Z``)."""
+    if t is None:
+        return None
+    return _dt.datetime.fromtimestamp(t, _dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def _row_to_record(row: tuple[Any, ...]) -> tuple[APIKeyRecord, bytes]:
@@ -225,6 +259,43 @@ def _check_label(label: object) -> str | None:
     if _LOOKS_LIKE_KEY.search(label):
         raise InvalidInput("label must not contain an API key")
     return label
+
+
+def split_api_key(text: str) -> tuple[str, str]:
+    """``qph_<key_id>_<secret>`` -> (key_id, secret), surrounding whitespace ignored (a key read
+    from a file or a pipe ends with a newline). The text is never echoed: it may be a key."""
+    m = _KEY_RE.fullmatch(text.strip())
+    if m is None:
+        raise InvalidInput("not an API key (expected qph_<key id>_<secret>)")
+    return m.group(1), m.group(2)
+
+
+def check_key_id(text: str) -> str:
+    """An API key id as an admin types it: 12 characters ``a-z``/``0-9``. A whole key pasted
+    by mistake is refused without being shown (it would end up in a terminal's scroll-back)."""
+    if _KEY_ID_RE.fullmatch(text) is not None:
+        return text
+    if _LOOKS_LIKE_KEY.search(text):
+        raise InvalidInput("that is a whole API key, not its id: the id is the 12 characters between "
+                           "'qph_' and the second '_'")
+    raise InvalidInput("not an API key id (expected 12 characters a-z, 0-9, as `apikey list` shows)")
+
+
+def check_grants(plan: str, scopes: Iterable[str], *, plans: Collection[str], known_scopes: Collection[str]) -> None:
+    """Refuse a plan the policy does not declare, or a scope that neither the product nor the
+    policy gives a meaning to: a key holding one would only ever get 403s. The message names
+    the bad value and the valid ones."""
+    _check_name("plan", plan)
+    if plan not in plans:
+        raise InvalidInput(f"unknown plan {plan!r} (the policy declares: {_names(plans)})")
+    for scope in scopes:
+        _check_name("scope", scope, _SCOPE_RE)
+        if scope not in known_scopes:
+            raise InvalidInput(f"unknown scope {scope!r} (known scopes: {_names(known_scopes)})")
+
+
+def _names(names: Collection[str]) -> str:
+    return ", ".join(sorted(names)) or "none"
 
 
 def parse_expiry(text: str, now: float) -> float:
