@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import getpass
+import hmac
 import json
 import os
 import ssl
@@ -17,15 +19,23 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .config import load_config
-from .errors import ConfigError, NotFound, QpherError
+from .errors import ConfigError, InvalidInput, NotFound, QpherError
+
+if TYPE_CHECKING:
+    from .auth.apikeys import APIKeyRecord
 
 
 def apikey_command(args: argparse.Namespace) -> int:
-    from .auth.apikeys import APIKeyStore, load_pepper, parse_expiry
+    from .auth.apikeys import APIKeyStore, check_grants, check_key_id, iso_time, load_pepper, parse_expiry
 
     cfg = load_config(args.config)
+    if args.apikey_command == "create":
+        plans, scopes = _policy_grants(cfg.policy.dir)
+        check_grants(args.plan, args.scopes, plans=plans, known_scopes=scopes)
+    key_id = check_key_id(args.key_id) if args.apikey_command == "revoke" else None
     with APIKeyStore(cfg.auth.db, load_pepper(cfg.auth.pepper_file), audit=_audit(cfg)) as store:
         if args.apikey_command == "create":
             expires = parse_expiry(args.expires, time.time()) if args.expires else None
@@ -39,20 +49,70 @@ def apikey_command(args: argparse.Namespace) -> int:
             return 0
         if args.apikey_command == "list":
             records = store.list(args.tenant)
-            if args.json:
-                print(json.dumps([r.to_dict() for r in records], indent=2, default=str))
-                return 0
-            print(f"{'KEY ID':14} {'TENANT':20} {'PLAN':12} {'STATUS':8} SCOPES")
             now = time.time()
-            for r in records:
-                print(f"{r.key_id:14} {r.tenant:20} {r.plan:12} {r.status(now).value:8} "
-                      f"{','.join(sorted(r.scopes)) or '-'}")
+            if args.json:
+                print(json.dumps([r.to_json(now) for r in records], indent=2))
+            else:
+                print(_key_table(records, now), end="")
             return 0
         if args.apikey_command == "revoke":
-            store.revoke(args.key_id)
-            print(f"revoked {args.key_id} (a running proxy refuses it within auth.cache_ttl)")
+            assert key_id is not None
+            before = store.get(key_id)
+            if before is None:
+                raise NotFound(f"no API key with id {key_id!r}")
+            if before.revoked_at is not None:
+                # Exit 0, as `vault token revoke` does for a token already revoked: the key ends
+                # revoked either way, so a retried or re-run script does not fail the second
+                # time. The line says that nothing changed. An unknown id stays an error.
+                print(f"{key_id} was already revoked at {iso_time(before.revoked_at)}; nothing changed")
+                return 0
+            store.revoke(key_id)
+            print(f"revoked {key_id} (a running proxy refuses it within auth.cache_ttl, at most 1 s)")
             return 0
     raise AssertionError(args.apikey_command)  # pragma: no cover
+
+
+def _key_table(records: list[APIKeyRecord], now: float) -> str:
+    """``apikey list`` as aligned columns; times in UTC, to the second."""
+    from .auth.apikeys import iso_time
+
+    header = ("KEY ID", "TENANT", "PLAN", "STATUS", "CREATED", "EXPIRES", "SCOPES", "LABEL")
+    rows = [header] + [
+        (r.key_id, r.tenant, r.plan, r.status(now), iso_time(r.created_at) or "-", iso_time(r.expires_at) or "-",
+         ",".join(sorted(r.scopes)) or "-", r.label or "")
+        for r in records
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return "".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() + "\n" for row in rows
+    )
+
+
+def _policy_grants(directory: str) -> tuple[frozenset[str], frozenset[str]]:
+    """The plans the policy at ``directory`` declares, and the scopes that mean something there:
+    the product's own and every scope one of its rules names."""
+    from .auth.apikeys import PRODUCT_SCOPES
+    from .policy.loader import check_policy_dir
+
+    ps, errors, _warnings = check_policy_dir(directory)
+    if ps is None:
+        raise ConfigError(f"policy.dir: the policy in {directory!r} does not load ({len(errors)} error(s); "
+                          f"`qpher-proxy policy check {directory}` lists them)")
+    scopes = set(PRODUCT_SCOPES)
+    for rule in ps.rules:
+        for matchers in (rule.match, rule.unless or {}):
+            named = matchers.get("scope")  # the loader makes it a frozenset of names
+            if isinstance(named, frozenset):
+                scopes.update(named)
+    return frozenset(ps.plans), frozenset(scopes)
+
+
+def _read_api_key() -> str:
+    """An API key from stdin: piped (``< key-file``) or typed at a terminal without echo. Never
+    from argv, which other local users can read in /proc and shells keep in their history."""
+    if sys.stdin.isatty():
+        return getpass.getpass("API key: ")
+    return sys.stdin.read(4096)
 
 
 def _audit(cfg):  # type: ignore[no-untyped-def]
@@ -72,15 +132,27 @@ def policy_command(args: argparse.Namespace) -> int:
         return 0 if ok else 1
 
     from .api import RouteMethodNotAllowed, resolve
-    from .auth.apikeys import APIKeyStore, load_pepper
+    from .auth.apikeys import APIKeyStore, check_key_id, load_pepper, split_api_key
     from .policy.loader import check_policy_dir
     from .policy.model import RequestFacts
 
     cfg = load_config(args.config)
+    secret: str | None = None
+    if args.api_key_stdin:
+        key_id, secret = split_api_key(_read_api_key())
+    else:
+        key_id = check_key_id(args.key_id)
     with APIKeyStore(cfg.auth.db, load_pepper(cfg.auth.pepper_file)) as store:
-        record = store.get(args.key_id)
-    if record is None:
-        raise NotFound(f"no API key {args.key_id!r}")
+        found = store.lookup(key_id)
+        if found is None:
+            raise NotFound(f"no API key with id {key_id!r}")
+        record, mac = found
+        if secret is not None and not hmac.compare_digest(store.mac(key_id, secret), mac):
+            raise InvalidInput(f"the API key on stdin has the id {key_id!r} but not its secret "
+                               "(a gateway answers 401 before asking the policy)")
+    status = record.status(time.time())
+    if status != "active":
+        print(f"note: key {key_id} is {status}; a gateway answers 401 before asking the policy", file=sys.stderr)
     directory = args.policy_dir or cfg.policy.dir
     ps, errors, _warnings = check_policy_dir(directory)
     if ps is None:

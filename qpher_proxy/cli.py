@@ -21,6 +21,17 @@ from .errors import ConfigError, QpherError
 
 DEFAULT_STATE_DIR = ".qpher"
 
+# `qpher-proxy bench NAME`: the module each runs is in qpher_proxy.bench.
+BENCHMARKS = {
+    "crypto": "every algorithm and backend next to the raw library",
+    "kms": "sign and decapsulate through the KMS socketpair next to in-process",
+    "policy": "policy evaluation cost for chains of 10 to 1,000 rules",
+    "auth": "API-key authentication and the other pre-policy steps",
+    "tls": "full TLS 1.3 handshakes per second per key-exchange group",
+    "http": "keep-alive HTTP/1.1 requests per second over plain TCP",
+    "gateway": "the whole gateway over TLS, and nginx beside it when installed",
+}
+
 
 def _add_config(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", default=os.environ.get("QPHER_CONFIG", f"{DEFAULT_STATE_DIR}/config.yaml"),
@@ -44,45 +55,63 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("version", help="print versions of the product, its backend and libraries")
 
-    p = sub.add_parser("check-config", help="validate a config file and exit")
+    p = sub.add_parser("check-config", help="validate a config file and exit",
+                       description="Validate a config file as `serve` would load it, and exit: 0 and one "
+                                   "line if it is valid, 2 and one line naming the mistake if not.")
     _add_config(p)
+    p.add_argument("--no-files", action="store_true",
+                   help="do not check that the files it names exist (certificates, policy directory): "
+                        "validate a config written for another machine, or config.example.yaml")
 
     p = sub.add_parser("apikey", help="manage API keys")
     asub = p.add_subparsers(dest="apikey_command", required=True, metavar="ACTION")
-    c = asub.add_parser("create", help="create a key; it is printed exactly once")
+    c = asub.add_parser("create", help="create a key; it is printed exactly once",
+                        description="Create an API key and print it once on stdout (its id, tenant, plan "
+                                    "and scopes go to stderr). The plan must be one the configured policy "
+                                    "declares; each scope must be admin, metrics or one the policy's "
+                                    "rules name.")
     _add_config(c)
-    c.add_argument("--tenant", required=True)
-    c.add_argument("--plan", required=True)
-    c.add_argument("--scope", action="append", default=[], dest="scopes")
-    c.add_argument("--expires", help="ISO 8601 date/time (UTC) or a duration like 30d, 12h")
-    c.add_argument("--label")
+    c.add_argument("--tenant", required=True, help="the tenant the key acts for (clients cannot choose another)")
+    c.add_argument("--plan", required=True, help="a plan declared in the policy (policy.dir), e.g. free, pro")
+    c.add_argument("--scope", action="append", default=[], dest="scopes", metavar="SCOPE",
+                   help="a scope the key holds; repeat for several (--scope admin --scope metrics)")
+    c.add_argument("--expires", help="ISO 8601 date/time (UTC) or a duration like 30d, 12h (default: never)")
+    c.add_argument("--label", help="free text shown by `apikey list` (never put a secret in it)")
     c = asub.add_parser("list", help="list keys (never shows secrets)")
     _add_config(c)
-    c.add_argument("--tenant")
-    c.add_argument("--json", action="store_true")
+    c.add_argument("--tenant", help="only this tenant's keys")
+    c.add_argument("--json", action="store_true",
+                   help="print JSON: every field, the status and ISO 8601 UTC times")
     c = asub.add_parser("revoke", help="revoke a key by its id")
     _add_config(c)
-    c.add_argument("key_id")
+    c.add_argument("key_id", metavar="KEY_ID",
+                   help="the key id: the 12 characters between qph_ and the second _ (see `apikey list`)")
 
     p = sub.add_parser("policy", help="policy tooling")
     psub = p.add_subparsers(dest="policy_command", required=True, metavar="ACTION")
     c = psub.add_parser("check", help="validate a policy directory (exit non-zero on any error)")
-    c.add_argument("dir")
+    c.add_argument("dir", help="the policy directory (every *.yaml file in it, in name order)")
     c = psub.add_parser("explain", help="show every rule's outcome for a request")
     _add_config(c)
-    c.add_argument("--key-id", required=True, help="API key id (tenant, plan and scopes come from it)")
-    c.add_argument("--method", required=True)
-    c.add_argument("--path", required=True)
-    c.add_argument("--algorithm")
+    who = c.add_mutually_exclusive_group(required=True)
+    who.add_argument("--key-id", help="API key id, the 12 characters between qph_ and the second _ "
+                                      "(tenant, plan and scopes come from its record)")
+    who.add_argument("--api-key-stdin", action="store_true",
+                     help="read the whole API key from stdin instead (a pipe, a file, or typed without echo)")
+    c.add_argument("--method", required=True, help="HTTP method of the request, e.g. POST")
+    c.add_argument("--path", required=True, help="request path, e.g. /v1/sign")
+    c.add_argument("--algorithm", help="the algorithm of the key the request uses, e.g. ml-dsa-65")
     c.add_argument("--operation", help="override the operation derived from method and path")
-    c.add_argument("--source-ip", default="127.0.0.1")
-    c.add_argument("--tls-group", default="X25519MLKEM768")
+    c.add_argument("--source-ip", default="127.0.0.1", help="client address (default 127.0.0.1)")
+    c.add_argument("--tls-group", default="X25519MLKEM768",
+                   help="negotiated TLS key-exchange group (default X25519MLKEM768)")
     c.add_argument("--policy-dir", help="explain against this directory instead of the configured one")
 
     p = sub.add_parser("audit", help="audit log tooling")
     ausub = p.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
-    c = ausub.add_parser("verify", help="verify the hash chain of audit files (in order)")
-    c.add_argument("files", nargs="+")
+    c = ausub.add_parser("verify", help="verify the hash chain of audit files; exit 1 on any finding")
+    c.add_argument("files", nargs="+", metavar="FILE",
+                   help="an audit log and its rotated files (audit.log*): they are put in rotation order")
 
     p = sub.add_parser("kms", help="KMS administration (offline)")
     ksub = p.add_subparsers(dest="kms_command", required=True, metavar="ACTION")
@@ -91,20 +120,33 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--new-kek-file", required=True, help="file with the new KEK (32 bytes, base64, 0600)")
     c.add_argument("--generate", action="store_true", help="create --new-kek-file first if it does not exist")
 
-    p = sub.add_parser("fail-open", help="emergency fail-open window on a running proxy (admin key)")
-    fsub = p.add_subparsers(dest="fail_open_command", required=True, metavar="ACTION")
-    for name in ("open", "close"):
-        c = fsub.add_parser(name)
-        c.add_argument("--url", default="https://127.0.0.1:8443")
+    p = sub.add_parser("fail-open", help="emergency fail-open window on a running proxy (admin key)",
+                       description="Open or close the emergency fail-open window of a running proxy: while "
+                                   "it is open, requests the policy cannot decide are admitted (explicit "
+                                   "denies still deny). Needs an API key with the admin scope.")
+    fsub = p.add_subparsers(dest="fail_open_command", required=True, metavar="ACTION", title="actions")
+    for name, what in (("open", "open the window for --seconds (it closes by itself at its deadline)"),
+                       ("close", "close the window now")):
+        c = fsub.add_parser(name, help=what, description=what[0].upper() + what[1:] + ".")
+        c.add_argument("--url", default="https://127.0.0.1:8443", help="the proxy (default https://127.0.0.1:8443)")
         c.add_argument("--cacert", help="CA file to verify the proxy (default: .qpher/certs/ca.crt)")
-        c.add_argument("--api-key-env", default="QPHER_API_KEY", help="variable holding an admin API key")
+        c.add_argument("--api-key-env", default="QPHER_API_KEY", metavar="VAR",
+                       help="environment variable holding an admin API key (default QPHER_API_KEY)")
         if name == "open":
-            c.add_argument("--reason", required=True)
-            c.add_argument("--seconds", type=float, default=300.0)
+            c.add_argument("--reason", required=True, help="why (recorded in the audit log)")
+            c.add_argument("--seconds", type=float, default=300.0,
+                           help="how long, at most policy.fail_open.max_seconds (default 300)")
 
-    p = sub.add_parser("bench", help="benchmarks that print figures")
-    p.add_argument("what", choices=["crypto", "kms", "http", "tls", "policy", "auth", "gateway"])
-    p.add_argument("args", nargs=argparse.REMAINDER)
+    p = sub.add_parser("bench", help="benchmarks that print figures",
+                       description="Benchmarks that print figures, each with ratios against the raw library "
+                                   "measured in the same run. `qpher-proxy bench NAME --help` lists a "
+                                   "benchmark's own options (all take --quick).")
+    bsub = p.add_subparsers(dest="what", required=True, metavar="NAME", title="benchmarks")
+    for name, what in BENCHMARKS.items():
+        # add_help=False and a prefix no argument uses: every word after NAME, --help included,
+        # goes to the benchmark's own parser.
+        c = bsub.add_parser(name, help=what, add_help=False, prefix_chars="\0")
+        c.add_argument("options", nargs=argparse.REMAINDER, help="the benchmark's own options")
     return parser
 
 
@@ -138,9 +180,13 @@ def _dispatch(args: argparse.Namespace) -> int | None:
         return 0
     if cmd == "check-config":
         from .config import load_config
+        from .config.loader import MissingFile
 
-        load_config(args.config)
-        print(f"{args.config}: ok")
+        try:
+            load_config(args.config, check_files=not args.no_files)
+        except MissingFile as exc:
+            raise ConfigError(f"{exc.message} (--no-files skips this check)") from None
+        print(f"{args.config}: ok" + (" (files not checked)" if args.no_files else ""))
         return 0
     if cmd == "serve":
         from .config import load_config
@@ -171,7 +217,7 @@ def _dispatch(args: argparse.Namespace) -> int | None:
     if cmd == "bench":
         from .bench import run_bench
 
-        return run_bench(args.what, args.args)
+        return run_bench(args.what, args.options)
     raise AssertionError(cmd)  # pragma: no cover
 
 

@@ -106,7 +106,7 @@ def run(iterations: int, repeat: int) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="qpher-proxy bench auth", description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=200_000)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="20,000 iterations, one run (a few seconds)")

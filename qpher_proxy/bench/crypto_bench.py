@@ -400,7 +400,8 @@ def format_table(results: Sequence[Result], versions: dict[str, dict[str, str]])
 def main(argv: Sequence[str] | None = None) -> int:
     from ..crypto.backends import available_backends
 
-    parser = argparse.ArgumentParser(prog="qpher-proxy bench crypto", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="qpher-proxy bench crypto",
+                                     description=__doc__.split("\n")[0].replace("``", ""))
     parser.add_argument("--quick", action="store_true", help="short measurements (under a minute in all)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--backend", action="append", choices=["openssl", "liboqs"],

@@ -19,13 +19,13 @@ Everything runs on 127.0.0.1 in one invocation, against a throwaway state direct
 
 Suites (``--suite tls|api|all``, default all; ``--only`` narrows to one kind of run):
 
-- **tls** (issue 2): full TLS 1.3 handshakes/s and keep-alive ``GET /healthz`` requests/s, each
+- **tls**: full TLS 1.3 handshakes/s and keep-alive ``GET /healthz`` requests/s, each
   with a client offering only X25519MLKEM768 and only X25519, for the gateway and for nginx
   in the same run, with gateway/nginx ratios. Each pair is first probed with one verified
   handshake and request: a group the server cannot negotiate (Debian's nginx links OpenSSL
   3.0: no ML-KEM) is reported as unsupported, not measured. Handshake runs do not verify the
   certificate (after the verified probe) so that the client's CPU goes to the handshake itself.
-- **api** (issue 6): requests/s, p50 and p99 of ``POST /v1/sign``, ``/v1/verify`` (ML-DSA-65,
+- **api**: requests/s, p50 and p99 of ``POST /v1/sign``, ``/v1/verify`` (ML-DSA-65,
   1 KiB message), ``/v1/kem/encapsulate``, ``/v1/kem/decapsulate`` (ML-KEM-768),
   ``/v1/encrypt``, ``/v1/decrypt`` (HPKE with ML-KEM-768, 1 KiB) and a request forwarded to a
   trivial upstream, at concurrency 1, 16 and 64, beside (a) the raw library rate of the same
@@ -723,10 +723,11 @@ def environment(backend: str | None, nginx_info: dict[str, Any] | None) -> dict[
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="qpher-proxy bench gateway", description=__doc__.split("\n")[0],
+    ap = argparse.ArgumentParser(prog="qpher-proxy bench gateway", description=__doc__.split("\n")[0].replace("``", ""),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--suite", choices=("tls", "api", "all"), default="all",
-                    help="tls: issue 2 figures (with nginx); api: issue 6 figures; all: both (default)")
+                    help="tls: handshakes/s and keep-alive /healthz requests/s, beside nginx; api: /v1 "
+                         "requests/s, p50 and p99 beside the raw library; all: both (default)")
     ap.add_argument("--only", choices=("handshake", "keepalive", "api"),
                     help="only this kind of run (handshake/keepalive imply --suite tls, api implies --suite api)")
     ap.add_argument("--quick", action="store_true", help="short runs (the whole benchmark in about a minute)")

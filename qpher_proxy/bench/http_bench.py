@@ -208,7 +208,7 @@ def _start_server(kind: str) -> tuple[subprocess.Popen[str], int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="qpher-proxy bench http", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="3 s per server, 16 connections")
     ap.add_argument("--duration", type=float, default=10.0, help="measured seconds per server")
     ap.add_argument("--connections", type=int, default=32)

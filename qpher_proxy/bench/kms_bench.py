@@ -301,7 +301,7 @@ def _print(results: list[dict[str, Any]], workers: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="kms_bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="qpher-proxy bench kms", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="0.5 s per measurement")
     p.add_argument("--duration", type=float, default=2.0, help="seconds per measurement (default 2)")
     p.add_argument("--inflight", default="1,64", help="comma-separated concurrency levels (default 1,64)")

@@ -171,7 +171,7 @@ def run(sizes: list[int], iterations: int, repeat: int) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m qpher_proxy.bench.policy_bench", description=__doc__,
+    p = argparse.ArgumentParser(prog="qpher-proxy bench policy", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a few seconds: fewer iterations")
     p.add_argument("--iterations", type=int, default=20000)

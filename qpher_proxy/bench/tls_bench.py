@@ -176,7 +176,7 @@ def _run_group(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tls_bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="qpher-proxy bench tls", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3 s per group")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per group")
     parser.add_argument("--clients", type=int, default=max(2, os.cpu_count() or 2), help="client processes")

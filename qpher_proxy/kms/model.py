@@ -21,7 +21,7 @@ KEY_ID_RE = re.compile(r"k_[a-z2-7]{26}\Z")
 MAX_LABEL_CHARS = 128
 DEFAULT_LIST_LIMIT = 50
 MAX_LIST_LIMIT = 100
-DEFAULT_DESTROY_DELAY = 24 * 3600.0  # seconds; issue 4
+DEFAULT_DESTROY_DELAY = 24 * 3600.0  # seconds: a day to notice a mistaken DELETE and cancel it
 MAX_DESTROY_DELAY = 365 * 24 * 3600.0
 
 # The operations a KMS worker serves (and nothing else: there is no export).

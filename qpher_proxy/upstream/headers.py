@@ -78,7 +78,7 @@ SPOOFABLE: frozenset[bytes] = frozenset({
 #: Name prefixes of client-sent headers that are always dropped.
 SPOOFABLE_PREFIXES: tuple[bytes, ...] = (b"x-qpher-", b"x-forwarded-")
 
-#: The recognisable prefix of an API key (issue 5: ``qph_<key_id>_<secret>``).
+#: The recognisable prefix of an API key (``qph_<key_id>_<secret>``).
 API_KEY_PREFIX = b"qph_"
 
 _BEARER_API_KEY = re.compile(rb"\A[ \t]*bearer[ \t]+" + re.escape(API_KEY_PREFIX), re.IGNORECASE)
