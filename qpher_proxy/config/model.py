@@ -65,6 +65,7 @@ class HTTPConfig:
     max_body_bytes: int = opt(1 * MiB, min=1, max=1024 * MiB)
     header_timeout: float = opt(10.0, min=0.1, max=600)
     idle_timeout: float = opt(75.0, min=0.1, max=3600)  # nginx keepalive_timeout
+    hsts_max_age: int | None = opt(None, min=0, max=315_360_000)  # seconds; ten years at most
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,6 +1,7 @@
 """HTTP/1.1 edge: h11 server loop, request/response types, error rendering."""
 
 from .messages import REQUEST_ID_HEADER, Base64Text, Body, Request, Response, error_response
+from .security_headers import SecurityHeaders
 from .server import (
     HTTPLimits,
     HTTPServer,
@@ -23,6 +24,7 @@ __all__ = [
     "HTTPServer",
     "Handler",
     "RequestDoneHook",
+    "SecurityHeaders",
     "ShutdownSignal",
     "new_request_id",
     "peer_address",

@@ -133,11 +133,15 @@ async def _empty_chunks() -> AsyncIterator[bytes]:
 class Response:
     """A response to send. ``headers`` are (name, value) byte pairs; the server adds
     ``Content-Length`` (bytes body) or chunked framing (async iterable body without a
-    ``Content-Length``), ``X-Request-Id`` if absent, and ``Connection: close`` when closing."""
+    ``Content-Length``), ``X-Request-Id`` if absent, and ``Connection: close`` when closing.
+
+    ``forwarded`` marks a response relayed from another server (the sidecar upstream): the
+    server then leaves its caching headers to that server (see ``security_headers``)."""
 
     status: int
     headers: Iterable[tuple[bytes, bytes]] = ()
     body: Body = b""
+    forwarded: bool = False
 
     def __repr__(self) -> str:
         # A body may hold a shared secret or a plaintext: only its size is shown.

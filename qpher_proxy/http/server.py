@@ -69,6 +69,11 @@ the kernel), connections waiting idle for a next request are cancelled at once, 
 ``Connection: close`` on their current response; ``HTTPServer`` cancels whatever is left after
 ``shutdown_grace`` seconds.
 
+Security headers: with ``security_headers`` every response the server or its handler
+renders gets ``SecurityHeaders.own`` (``Cache-Control: no-store``, ``nosniff``, HSTS when
+configured), prebuilt once; a ``Response(forwarded=True)`` gets only the forwarded set, where
+its own headers lack them (see ``security_headers.py``).
+
 Connection limit: like nginx with one worker when ``worker_connections`` is exhausted, a
 connection over ``max_connections`` is accepted and closed at once (rather than left in the
 kernel backlog, where the client would hang until its own timeout); existing connections are
@@ -105,6 +110,7 @@ from . import _h11_shortcuts as _h11
 from ._h11_shortcuts import Headers as _Headers
 from ._h11_shortcuts import header_pairs as _header_pairs
 from .messages import REQUEST_ID_HEADER, Request, Response, error_body, error_response
+from .security_headers import SecurityHeaders
 
 __all__ = [
     "HTTPLimits",
@@ -317,6 +323,7 @@ class _Connection:
         "_eof",
         "_bytes_sent",
         "_started",
+        "_security",
     )
 
     def __init__(
@@ -327,6 +334,7 @@ class _Connection:
         client_addr: str,
         on_done: RequestDoneHook | None,
         shutdown: ShutdownSignal | None,
+        security: SecurityHeaders | None = None,
     ) -> None:
         self._stream = stream
         self._handler = handler
@@ -348,6 +356,7 @@ class _Connection:
         self._eof = False
         self._bytes_sent = 0
         self._started: float | None = None  # perf_counter() of the request in flight
+        self._security = security
 
     # ---- shutdown --------------------------------------------------------------------
 
@@ -615,6 +624,12 @@ class _Connection:
             fallback = error_response(QpherError("internal server error"), request.request_id)
             await self._send_response(request, fallback, keep_alive)
             return
+        security = self._security
+        if security is not None:
+            if response.forwarded:
+                items += security.missing_from(items)
+            else:
+                items += security.own
         append = items.append
         if not streaming and status not in _NO_BODY_STATUSES:
             append((b"content-length", b"content-length", b"%d" % len(body)))  # type: ignore[arg-type]
@@ -698,6 +713,8 @@ class _Connection:
             f"HTTP/1.1 {error.status} {_REASONS.get(error.status, b'').decode()}\r\n"
             f"content-type: application/json\r\nx-request-id: {request_id}\r\n"
         ).encode("ascii")
+        if self._security is not None:
+            data += self._security.own_block
         body = error_body(error.code, error.message, request_id)
         data += b"content-length: %d\r\ndate: %s\r\nconnection: close\r\n\r\n" % (len(body), _http_date())
         try:
@@ -950,6 +967,7 @@ async def serve_connection(
     client_addr: str | None = None,
     on_request_done: RequestDoneHook | None = None,
     shutdown: ShutdownSignal | None = None,
+    security_headers: SecurityHeaders | None = None,
 ) -> None:
     """Serve HTTP/1.1 on ``stream`` until the peer leaves, a limit closes it or shutdown.
 
@@ -960,7 +978,9 @@ async def serve_connection(
     wheel = _DeadlineWheel(limits)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(wheel.run)
-        await _serve_connection(stream, handler, limits, client_addr, on_request_done, shutdown, wheel)
+        await _serve_connection(
+            stream, handler, limits, client_addr, on_request_done, shutdown, wheel, security_headers
+        )
         nursery.cancel_scope.cancel()
 
 
@@ -972,10 +992,11 @@ async def _serve_connection(
     on_request_done: RequestDoneHook | None,
     shutdown: ShutdownSignal | None,
     wheel: _DeadlineWheel,
+    security: SecurityHeaders | None = None,
 ) -> None:
     if client_addr is None:
         client_addr = peer_address(stream)
-    conn = _Connection(stream, handler, limits, client_addr, on_request_done, shutdown)
+    conn = _Connection(stream, handler, limits, client_addr, on_request_done, shutdown, security)
     try:
         await conn.run(wheel)
     finally:
@@ -993,6 +1014,7 @@ class HTTPServer:
     ``TLSStream`` (handshake on first receive); or pass ``stream_wrapper`` to wrap each accepted
     stream (e.g. ``lambda s: TLSStream(s, ...)``). ``shutdown()`` starts a graceful shutdown and
     ``serve()`` returns once every connection is gone or ``shutdown_grace`` has passed.
+    ``security_headers``: added to every response (see ``security_headers.py``); None adds none.
     """
 
     def __init__(
@@ -1003,8 +1025,10 @@ class HTTPServer:
         on_request_done: RequestDoneHook | None = None,
         shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE,
         stream_wrapper: Callable[[trio.abc.Stream], trio.abc.Stream] | None = None,
+        security_headers: SecurityHeaders | None = None,
     ) -> None:
         self._handler = handler
+        self._security = security_headers
         self.limits = limits or HTTPLimits()
         self._on_done = on_request_done
         self._grace = shutdown_grace
@@ -1070,7 +1094,8 @@ class HTTPServer:
             if self._wrap is not None:
                 stream = self._wrap(stream)
             await _serve_connection(
-                stream, self._handler, self.limits, client_addr, self._on_done, self._shutdown, self._wheel
+                stream, self._handler, self.limits, client_addr, self._on_done, self._shutdown, self._wheel,
+                self._security,
             )
         except Exception:
             logger.error("connection task failed", exc_info=True)

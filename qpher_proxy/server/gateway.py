@@ -391,7 +391,8 @@ class Gateway:
             self.metrics.upstream_requests.labels(exc.code).inc()
             raise
         self.metrics.upstream_requests.labels(str(resp.status)).inc()
-        return Response(resp.status, prepare_downstream_headers(resp.headers), body=resp.body_chunks())
+        return Response(resp.status, prepare_downstream_headers(resp.headers), body=resp.body_chunks(),
+                        forwarded=True)
 
     # ---- per request, after the response ----------------------------------------------------
 

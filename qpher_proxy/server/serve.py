@@ -33,7 +33,7 @@ from ..audit import AuditLog
 from ..auth.apikeys import APIKeyStore, Authenticator, load_pepper
 from ..config import Config, parse_listen
 from ..errors import ConfigError, QpherError
-from ..http import HTTPLimits, HTTPServer
+from ..http import HTTPLimits, HTTPServer, SecurityHeaders
 from ..kms.model import KEKSettings
 from ..kms.supervisor import KMSSupervisor, default_worker_count
 from ..logs import configure_logging
@@ -195,7 +195,8 @@ async def serve(
             ]
             addresses = [tuple(ln.transport_listener.socket.getsockname()[:2]) for ln in listeners]
             server = HTTPServer(gateway.handle, limits=http_limits(cfg), on_request_done=gateway.request_done,
-                                shutdown_grace=cfg.server.shutdown_grace)
+                                shutdown_grace=cfg.server.shutdown_grace,
+                                security_headers=SecurityHeaders(hsts_max_age=cfg.http.hsts_max_age))
 
             async def reload() -> None:
                 try:

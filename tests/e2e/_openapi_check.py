@@ -4,7 +4,8 @@ fuzz tests.
 ``CheckedClient.call`` sends one request through the real gateway (``_gateway.Client``) and,
 before handing the answer back, checks it against ``openapi.yaml`` and the API conventions:
 
-* every answer carries ``X-Request-Id``; an error body is exactly
+* every answer carries ``X-Request-Id``, ``Cache-Control: no-store`` and
+  ``X-Content-Type-Options: nosniff``; an error body is exactly
   ``{"error": {"code", "message", "request_id"}}`` with ``request_id`` equal to that header;
 * no 5xx (unless the caller says otherwise);
 * for a served route, the status is documented for that route, the body validates against
@@ -130,6 +131,9 @@ def check_answer(method: str, path: str, status: int, body: Any, headers: http.c
     rid = headers.get("X-Request-Id")
     if not rid:
         raise ContractViolation(f"{where}: no X-Request-Id header")
+    for name, want in (("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff")):
+        if headers.get_all(name) != [want]:
+            raise ContractViolation(f"{where}: {name} {headers.get_all(name)!r}, expected one {want!r}")
     if status >= 500 and not allow_5xx:
         raise ContractViolation(f"{where}: server error {body!r:.300}")
     if status >= 400:

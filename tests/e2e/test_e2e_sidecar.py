@@ -1,6 +1,7 @@
 """Sidecar mode through the real gateway: forwarding after auth and policy, header hygiene,
-one normalised path for the policy and the upstream, 100 MiB streamed both ways with bounded
-gateway memory, 502 and 504."""
+one normalised path for the policy and the upstream, the upstream's caching headers kept and
+the security headers filled in (``http.hsts_max_age`` set here), 100 MiB streamed both ways
+with bounded gateway memory, 502 and 504."""
 
 from __future__ import annotations
 
@@ -19,6 +20,14 @@ from ._gateway import Gateway, init_state, start_gateway
 
 MiB = 1024 * 1024
 BLOCK = bytes(range(256)) * 256  # 64 KiB
+HSTS_MAX_AGE = 600
+
+# Upstream paths that answer with these response headers (besides Content-Type/-Length).
+UPSTREAM_HEADERS = {
+    "/static/logo.svg": [("Cache-Control", "public, max-age=60"), ("ETag", '"v1"')],
+    "/app/own-security-headers": [("Cache-Control", "private, max-age=5"), ("X-Content-Type-Options", "nosniff"),
+                                  ("Strict-Transport-Security", "max-age=1")],
+}
 
 
 # A path rule the sidecar tests run under: the upstream must never see a request for it.
@@ -54,6 +63,15 @@ class _Upstream(http.server.BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def do_GET(self) -> None:
+        if self.path in UPSTREAM_HEADERS:
+            self.send_response(200)
+            for name, value in UPSTREAM_HEADERS[self.path]:
+                self.send_header(name, value)
+            self.send_header("Content-Type", "image/svg+xml")
+            self.send_header("Content-Length", "5")
+            self.end_headers()
+            self.wfile.write(b"<svg>")
+            return
         if "/download/" in self.path:
             size = int(self.path.rsplit("/", 1)[1])
             self.send_response(200)
@@ -113,7 +131,7 @@ def upstream() -> Iterator[int]:
 def sidecar(tmp_path_factory: pytest.TempPathFactory, upstream: int) -> Iterator[Gateway]:
     d = tmp_path_factory.mktemp("sidecar") / "state"
     init_state(d, **{"crypto.backend": "openssl", "upstream.url": f"http://127.0.0.1:{upstream}",
-                     "upstream.read_timeout": 1.0})
+                     "upstream.read_timeout": 1.0, "http.hsts_max_age": HSTS_MAX_AGE})
     (d / "policies" / "15-internal.yaml").write_text(INTERNAL_DENY)
     gw = start_gateway(d)
     try:
@@ -150,6 +168,52 @@ def test_forwarded_after_auth_with_tenant_headers_and_no_spoofing(sidecar: Gatew
     assert "authorization" not in got and "x-api-key" not in got  # the API key is not passed on
     assert got["x-app"] == ["kept"]
     c.close()
+
+
+def _security(headers: http.client.HTTPMessage) -> dict[str, list[str]]:
+    names = ("cache-control", "x-content-type-options", "strict-transport-security")
+    return {name: headers.get_all(name) or [] for name in names}
+
+
+def test_forwarded_response_keeps_the_upstreams_caching_headers(sidecar: Gateway) -> None:
+    c = sidecar.client()
+    status, body, headers = c.call("GET", "/static/logo.svg")
+    assert (status, body) == (200, b"<svg>")
+    assert _security(headers) == {
+        "cache-control": ["public, max-age=60"],  # the upstream's, untouched: never no-store
+        "x-content-type-options": ["nosniff"],  # filled in: the upstream sent none
+        "strict-transport-security": [f"max-age={HSTS_MAX_AGE}"],
+    }
+    assert headers.get_all("etag") == ['"v1"']
+    # an upstream answer without caching headers gets none from the proxy either
+    status, _, headers = c.call("GET", "/app/hello")
+    assert status == 200 and headers.get_all("cache-control") is None
+    assert headers["x-content-type-options"] == "nosniff"
+    c.close()
+
+
+def test_forwarded_response_keeps_the_upstreams_own_security_headers(sidecar: Gateway) -> None:
+    c = sidecar.client()
+    status, _, headers = c.call("GET", "/app/own-security-headers")
+    c.close()
+    assert status == 200
+    assert _security(headers) == {
+        "cache-control": ["private, max-age=5"],
+        "x-content-type-options": ["nosniff"],  # one copy, not two
+        "strict-transport-security": ["max-age=1"],  # the upstream's value wins
+    }
+
+
+@pytest.mark.parametrize(("path", "auth", "status"), [("/healthz", False, 200), ("/v1/info", True, 200),
+                                                      ("/app/hello", False, 401), ("/internal/x", True, 403)])
+def test_the_proxys_own_answers_carry_hsts_when_configured(
+        sidecar: Gateway, path: str, auth: bool, status: int) -> None:
+    c = sidecar.client(api_key=None if not auth else sidecar.demo_key)
+    got, _, headers = c.call("GET", path, auth=auth)
+    c.close()
+    assert got == status
+    assert _security(headers) == {"cache-control": ["no-store"], "x-content-type-options": ["nosniff"],
+                                  "strict-transport-security": [f"max-age={HSTS_MAX_AGE}"]}
 
 
 def test_unauthenticated_request_is_not_forwarded(sidecar: Gateway) -> None:
