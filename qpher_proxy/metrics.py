@@ -365,7 +365,7 @@ class Metrics:
             "qpher_tls_handshakes_total", "Completed TLS handshakes, by key-exchange group and version.",
             ("group", "version"))
         self.tls_handshake_failures = r.counter(
-            "qpher_tls_handshake_failures_total", "Failed TLS handshakes, by failure class.",
+            "qpher_tls_handshake_failures_total", "Failed TLS handshakes, by reason (one of a fixed set).",
             ("reason",))
         self.policy_decisions = r.counter(
             "qpher_policy_decisions_total", "Policy decisions, by deciding rule and effect.",

@@ -41,6 +41,7 @@ from ..metrics import Metrics
 from ..policy.engine import PolicyEngine
 from ..ratelimit import QuotaCounter, TokenBucketLimiter
 from ..tls.context import ServerTLSContextHolder, TLSSettings
+from ..tls.failures import SUMMARY_INTERVAL, HandshakeFailureSummary, failure_reason
 from ..tls.listener import TLSListener
 from ..upstream import UpstreamClient
 from .confine import Confinement
@@ -171,8 +172,12 @@ async def serve(
                 log.debug("tls handshake", extra={"fields": {
                     "version": info.version, "cipher": info.cipher, "group": info.group, "alpn": info.alpn}})
 
+        handshake_failures = HandshakeFailureSummary()
+
         def on_handshake_error(exc: Any) -> None:
-            metrics.tls_handshake_failures.labels(getattr(exc, "reason", None) or exc.code).inc()
+            reason = failure_reason(exc)
+            metrics.tls_handshake_failures.labels(reason).inc()
+            handshake_failures.record(reason)
 
         upstream_cm: Any = contextlib.nullcontext(None)
         if cfg.upstream.url:
@@ -209,6 +214,7 @@ async def serve(
             running = Running(addresses, gateway, server, supervisor, holder, reload)  # type: ignore[arg-type]
             nursery.start_soon(policy.run, cfg.policy.reload_interval)
             nursery.start_soon(_flush_quotas, quotas, cfg.quotas.flush_interval)
+            nursery.start_soon(_summarise_handshake_failures, handshake_failures)
             if handle_signals:
                 nursery.start_soon(_signals, server, reload)
             await nursery.start(server.serve, listeners)
@@ -243,6 +249,12 @@ async def _flush_quotas(quotas: QuotaCounter, interval: float) -> None:
             quotas.maybe_flush()
         except QpherError:
             log.error("quota flush failed; will retry", exc_info=True)
+
+
+async def _summarise_handshake_failures(summary: HandshakeFailureSummary) -> None:
+    while True:
+        await trio.sleep(SUMMARY_INTERVAL / 2)
+        summary.flush_due()
 
 
 async def _signals(server: HTTPServer, reload: Callable[[], Awaitable[None]]) -> None:

@@ -52,6 +52,11 @@ Details that matter
   group gets a close_notify queued and ``TLSNotPostQuantum``. (The server context normally does
   not even offer classical groups in that mode, so the handshake fails earlier, with an alert,
   and that failure is reported as ``TLSNotPostQuantum`` too.)
+- Failure classes. A failed handshake carries a ``reason`` from a small closed set
+  (``tls/failures.py`` lists them): metrics count by it, so it must never grow with the input.
+  OpenSSL's reason strings decide most of them; when OpenSSL could not even read a record, the
+  first bytes the peer sent tell an SSLv2 ClientHello (a scanner probing old versions:
+  ``unsupported_version``) from another protocol altogether (``not_tls``).
 - Nothing here logs, and no message carries key material: OpenSSL's reason strings name the
   protocol step that failed, never a secret.
 """
@@ -116,6 +121,7 @@ _HANDSHAKE_REASONS: dict[str, str] = {
     "unsupported protocol": "unsupported_version",
     "tlsv1 alert protocol version": "unsupported_version",
     "no protocols available": "unsupported_version",
+    "version too low": "unsupported_version",
     "no suitable key share": "no_shared_group",
     "no shared groups": "no_shared_group",
     "no shared cipher": "no_shared_cipher",
@@ -134,6 +140,21 @@ _HANDSHAKE_REASONS: dict[str, str] = {
 }
 
 
+# The first bytes of a peer's input that classify a record OpenSSL could not read.
+_HEAD_BYTES = 3
+_TLS_CONTENT_TYPES = frozenset(range(20, 25))  # change_cipher_spec .. heartbeat (RFC 8446 §5.1)
+
+
+def _unreadable_record_kind(head: bytes) -> str:
+    """Why OpenSSL could not read the first record: an SSLv2 ClientHello (2-byte length with
+    the high bit set, then message type 1), another protocol, or a malformed TLS record."""
+    if len(head) >= 3 and head[0] & 0x80 and head[2] == 1:
+        return "unsupported_version"
+    if head and head[0] not in _TLS_CONTENT_TYPES:
+        return "not_tls"
+    return "protocol_error"
+
+
 def _openssl_reasons(exc: SSL.Error) -> list[str]:
     """The reason strings of an OpenSSL error queue dump, e.g. ['unsupported protocol']."""
     if isinstance(exc, SSL.SysCallError):
@@ -149,8 +170,9 @@ def _is_eof(exc: SSL.Error) -> bool:
     return isinstance(exc, SSL.SysCallError) and exc.args[:1] == (-1,)
 
 
-def _translate(exc: SSL.Error, *, handshake: bool, require_pq: bool) -> TLSError:
-    """Map an OpenSSL exception to our error. The message names the failing step only."""
+def _translate(exc: SSL.Error, *, handshake: bool, require_pq: bool, head: bytes = b"") -> TLSError:
+    """Map an OpenSSL exception to our error. The message names the failing step only;
+    ``head``: the first bytes the peer sent (handshake failures only)."""
     if _is_eof(exc):
         if handshake:
             return TLSHandshakeFailed("tls handshake failed: the peer closed the connection", reason="eof")
@@ -162,6 +184,8 @@ def _translate(exc: SSL.Error, *, handshake: bool, require_pq: bool) -> TLSError
     if not handshake:
         return TLSError(f"tls record layer failed: {detail}", reason="protocol_error")
     kind = next((_HANDSHAKE_REASONS[r] for r in reasons if r in _HANDSHAKE_REASONS), "protocol_error")
+    if kind == "protocol_error":
+        kind = _unreadable_record_kind(head)
     if kind == "plaintext_http":
         return TLSPlaintextOnTLSPort("plain http request sent to the tls port")
     if kind == "no_shared_group" and require_pq:
@@ -188,6 +212,7 @@ class TLSEngine:
         "_close_notify_sent",
         "_deferred_error",
         "_failed",
+        "_head",
     )
 
     def __init__(
@@ -215,6 +240,7 @@ class TLSEngine:
         self._close_notify_sent = False
         self._deferred_error: TLSError | None = None
         self._failed = False
+        self._head = b""  # the peer's first bytes, to classify a failed handshake
 
     # -- state -----------------------------------------------------------------------------
 
@@ -245,6 +271,8 @@ class TLSEngine:
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Feed bytes from the peer; ``b""`` means the transport reached EOF."""
         if data:
+            if self._info is None and len(self._head) < _HEAD_BYTES:
+                self._head += bytes(data[: _HEAD_BYTES - len(self._head)])
             self._conn.bio_write(data)
         else:
             self._conn.bio_shutdown()
@@ -287,7 +315,7 @@ class TLSEngine:
             return False
         except SSL.Error as exc:
             self._failed = True
-            raise _translate(exc, handshake=True, require_pq=self._require_pq) from exc
+            raise _translate(exc, handshake=True, require_pq=self._require_pq, head=self._head) from exc
         info = self._read_info()
         if self._server_side and info.version == "TLSv1.3":
             self._held = self._drain()

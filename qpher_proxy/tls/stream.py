@@ -38,6 +38,13 @@ Handshake timeout. The handshake runs under its own deadline; when it expires th
 broken with ``TLSHandshakeTimeout`` and the caller closes it. A client that connects and says
 nothing therefore costs one file descriptor for ``handshake_timeout`` seconds at most.
 
+Every failed handshake is reported exactly once, to ``on_handshake_error`` and at DEBUG, with a
+reason from the closed set in ``failures.py``: a failure from the engine, a transport that
+broke, the timeout, and a handshake cancelled from outside (the server's own connection
+deadline or shutdown: ``reason == "cancelled"``). The report comes before the best-effort alert
+is sent, so a cancellation during that send cannot lose it. Closing the stream ourselves from
+another task is not a failure and is not reported.
+
 Closing. ``aclose`` sends close_notify if the handshake completed and nobody is mid-send, with
 a short deadline (a peer that stopped reading must not keep us), then closes the transport. It
 never waits for the peer's close_notify (allowed by RFC 8446 §6.1). ``send_eof`` sends
@@ -189,6 +196,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
         self._recv_conflict = _ConflictDetector("another task is receiving on this TLSStream")
         self._eof_sent = False
         self._eof_received = False
+        self._peer_address: str | None = None  # for the DEBUG line of a failed handshake
 
     # ---- facts ------------------------------------------------------------------------------
 
@@ -271,6 +279,13 @@ class TLSStream(trio.abc.HalfCloseableStream):
             self._handshake_done = done = trio.Event()
             try:
                 await self._run_handshake()
+            except trio.Cancelled:
+                self._break()
+                if self._handshake_error is None and self._state is not _State.CLOSED:
+                    failure = BrokenTLSHandshake("tls handshake cancelled by the server", reason="cancelled")
+                    self._handshake_error = failure
+                    self._report_failure(failure)
+                raise
             except BaseException:
                 # Failed or cancelled half-way: OpenSSL's handshake state cannot be resumed
                 # by another caller, so the stream is unusable.
@@ -291,6 +306,9 @@ class TLSStream(trio.abc.HalfCloseableStream):
 
     async def _run_handshake(self) -> None:
         engine = self._engine
+        if log.isEnabledFor(logging.DEBUG):
+            # now, while the peer is connected: a failure may come from its leaving
+            self._peer_address = self._peer()
         try:
             with trio.move_on_after(self._handshake_timeout) as deadline:
                 if engine.server_side:
@@ -308,14 +326,14 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 )
         except errors.TLSError as exc:
             self._break()
+            failure = _as_stream_error(exc)
+            self._handshake_error = failure
+            self._report_failure(failure)
             if not isinstance(exc, errors.TLSPlaintextOnTLSPort):
                 # Best effort: deliver the alert OpenSSL queued (protocol_version,
                 # handshake_failure, ...) so the peer learns why. A plaintext client would
                 # only see binary garbage, so it gets a clean close instead.
                 await self._send_final_bytes()
-            failure = _as_stream_error(exc)
-            self._handshake_error = failure
-            self._report_failure(failure)
             raise failure from exc
         except trio.BrokenResourceError as exc:
             if self._state is _State.CLOSED:
@@ -340,12 +358,22 @@ class TLSStream(trio.abc.HalfCloseableStream):
             self._on_handshake(info)
 
     def _report_failure(self, failure: errors.TLSError) -> None:
-        level = logging.INFO if isinstance(failure, errors.TLSNotPostQuantum) else logging.DEBUG
-        if log.isEnabledFor(level):
-            log.log(level, "tls handshake failed: %s", failure.message,
-                    extra={"fields": {"reason": failure.reason, "code": failure.code}})
+        # DEBUG only: a scan produces one failure per probe. The server sums them up at INFO,
+        # rate-limited (failures.HandshakeFailureSummary), from on_handshake_error.
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("tls handshake failed", extra={"fields": {
+                "reason": failure.reason, "code": failure.code, "detail": failure.message,
+                "client": self._peer_address}})
         if self._on_handshake_error is not None and isinstance(failure, errors.TLSHandshakeFailed):
             self._on_handshake_error(failure)
+
+    def _peer(self) -> str | None:
+        sock = getattr(self.transport_stream, "socket", None)
+        try:
+            peer = sock.getpeername() if sock is not None else None
+        except OSError:
+            return None
+        return str(peer[0]) if isinstance(peer, tuple) else None
 
     async def _send_final_bytes(self) -> None:
         """Send a queued alert or close_notify, briefly, ignoring a transport already gone."""

@@ -140,8 +140,15 @@ def test_trailing_garbage_after_the_handshake_is_a_record_error(contexts: tuple[
         (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", errors.TLSPlaintextOnTLSPort, "plaintext_http"),
         (b"POST /v1/sign HTTP/1.1\r\n", errors.TLSPlaintextOnTLSPort, "plaintext_http"),
         (b"\x16\x03\x01\x00\x05hello", errors.TLSHandshakeFailed, "protocol_error"),
-        (b"SSH-2.0-OpenSSH_9.6\r\n", errors.TLSHandshakeFailed, "protocol_error"),
+        (b"SSH-2.0-OpenSSH_9.6\r\n", errors.TLSHandshakeFailed, "not_tls"),
+        # an SSLv2 ClientHello (scanners probe for SSLv2 with one): a version, not noise
+        (b"\x80\x2e\x01\x00\x02\x00\x15\x00\x00\x00\x10" + b"\x07\x00\xc0" * 7 + b"\x00" * 16,
+         errors.TLSHandshakeFailed, "unsupported_version"),
+        # an SSLv3 ClientHello
+        (b"\x16\x03\x00\x00\x2f\x01\x00\x00\x2b\x03\x00" + b"\x00" * 32 + b"\x00\x00\x04\x00\x2f\x00\x35\x01\x00",
+         errors.TLSHandshakeFailed, "unsupported_version"),
     ],
+    ids=["http-get", "http-post", "bad-record", "ssh", "sslv2-hello", "sslv3-hello"],
 )
 def test_non_tls_first_bytes_are_typed_handshake_failures(
     contexts: tuple[SSL.Context, SSL.Context], first_bytes: bytes, error: type, reason: str

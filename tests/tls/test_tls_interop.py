@@ -118,7 +118,7 @@ async def test_min_version_13_refuses_a_tls12_only_client(pki: DevPKI) -> None:
 async def test_require_pq_refuses_classical_client_and_serves_pq_client(
     pki: DevPKI, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="qpher.tls")
+    caplog.set_level(logging.DEBUG, logger="qpher.tls")
     async with running_server(ServerTLSContextHolder(settings_for(pki, require_pq=True))) as srv:
         with pytest.raises(ssl.SSLError, match="HANDSHAKE_FAILURE|handshake failure"):
             await trio.to_thread.run_sync(stdlib_request, srv.port, stdlib_context(pki.ca_cert))
@@ -128,8 +128,10 @@ async def test_require_pq_refuses_classical_client_and_serves_pq_client(
     assert isinstance(failure, errors.TLSNotPostQuantum) and failure.code == "tls_pq_required"
     assert result.group == "X25519MLKEM768" and result.response == HTTP_RESPONSE
     assert info.group == "X25519MLKEM768"
-    refusals = [r for r in caplog.records if r.name == "qpher.tls" and "post-quantum" in r.getMessage()]
-    assert len(refusals) == 1 and refusals[0].levelno == logging.INFO
+    # one DEBUG line per refusal (the server sums them up at INFO, rate-limited)
+    refusals = [r for r in caplog.records if r.name == "qpher.tls" and r.getMessage() == "tls handshake failed"]
+    assert len(refusals) == 1 and refusals[0].levelno == logging.DEBUG
+    assert refusals[0].fields["reason"] == "pq_required" and "post-quantum" in refusals[0].fields["detail"]
 
 
 # ---- certificates ---------------------------------------------------------------------------
