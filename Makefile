@@ -12,11 +12,21 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-install: $(BIN)/python
+# The package is installed in editable mode, so a change to its code needs no reinstall; only a
+# change to pyproject.toml (dependencies, extras, entry points) does. Each stamp records the last
+# successful install of its set; it lives inside the venv, so a new venv installs again.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e .
+	touch $@
 
-install-test: $(BIN)/python
+# The test extras include the package itself, so this install also satisfies `make run`.
+$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@ $(VENV)/.installed
+
+install: $(VENV)/.installed
+
+install-test: $(VENV)/.installed-test
 
 run: install
 	@test -f $(STATE)/config.yaml || $(BIN)/qpher-proxy init --dir $(STATE)
