@@ -5,6 +5,11 @@ PYTHON ?= python3
 VENV   ?= .venv
 STATE  ?= .qpher
 BIN    := $(VENV)/bin
+# pytest-xdist: one worker per CPU (`auto`; 0 runs the suite in this process), each taking whole
+# test files, so that a module's shared live gateway starts once and its tests run in the order
+# they are written, as in a serial run.
+PYTEST_WORKERS ?= auto
+PYTEST_ARGS    ?=
 
 .PHONY: run test install install-test bench clean
 
@@ -34,7 +39,7 @@ run: install
 
 test: install-test
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) $(STATE) build *.egg-info

@@ -81,12 +81,17 @@ def test_make_run_installs_once_then_serves_straight_away(checkout: Checkout) ->
 def test_make_test_installs_the_extras_once_and_that_also_serves_make_run(checkout: Checkout) -> None:
     first = checkout.make("test")
     assert "pip install --quiet -e .[test]" in first
-    assert first[-2:] == ["lint-imports ", "python -m pytest"]
+    assert first[-2:] == ["lint-imports ", "python -m pytest -n auto --dist loadfile"]
     assert _installs(checkout.make("test")) == []
     assert _installs(checkout.make("run")) == []  # the test extras include the package
     checkout.edit_pyproject()
     assert _installs(checkout.make("run")) == ["pip install --quiet -e ."]
     assert _installs(checkout.make("test")) == ["pip install --quiet -e .[test]"]
+
+
+def test_pytest_workers_and_arguments_stay_overridable(checkout: Checkout) -> None:
+    calls = checkout.make("test", "PYTEST_WORKERS=0", "PYTEST_ARGS=tests/policy -x")
+    assert calls[-1] == "python -m pytest -n 0 --dist loadfile tests/policy -x"
 
 
 def test_make_question_mode_says_the_installs_are_current(checkout: Checkout) -> None:
