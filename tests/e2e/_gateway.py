@@ -60,13 +60,18 @@ class Gateway:
     log_lines: list[dict[str, Any]] = field(default_factory=list)
     _stderr_buf: bytes = b""
     _log_offset: int = 0
+    _clients: list[Client] = field(default_factory=list)
 
     def context(self) -> ssl.SSLContext:
         ctx = ssl.create_default_context(cafile=str(self.ca_file))
         return ctx
 
     def client(self, api_key: str | None = None) -> Client:
-        return Client(self, api_key if api_key is not None else self.demo_key)
+        """A keep-alive client; ``stop()`` closes it too, so that a test failing half-way leaves
+        no open socket behind for the garbage collector to report in some later test."""
+        client = Client(self, api_key if api_key is not None else self.demo_key)
+        self._clients.append(client)
+        return client
 
     def read_logs(self) -> list[dict[str, Any]]:
         """Parse what the gateway wrote to its log file since the last call (JSON lines) into
@@ -97,6 +102,8 @@ class Gateway:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        for client in self._clients:
+            client.close()
         self.read_logs()
         return self.proc.returncode
 
