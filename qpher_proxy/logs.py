@@ -13,6 +13,8 @@ import sys
 import time
 from typing import Any, TextIO
 
+from ._json import compact_encoder, iso_millis
+
 _STD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
 
@@ -51,27 +53,7 @@ class TextFormatter(logging.Formatter):
 _fast_stream: TextIO | None = None  # the JSON handler's stream, for the access log's fast path
 
 
-def _line_encoder() -> Any:
-    """``json.dumps(obj, separators=(",", ":"), default=str)`` with the encoder made once
-    (CPython's C encoder where there is one), not once per line."""
-    encoder = json.JSONEncoder(separators=(",", ":"), default=str)
-    make = getattr(json.encoder, "c_make_encoder", None)
-    if make is None:  # pragma: no cover - not CPython
-        return encoder.encode
-    chunks = make(None, str, json.encoder.encode_basestring_ascii, None, ":", ",", False, False, True)
-    return lambda obj: "".join(chunks(obj, 0))
-
-
-_dumps_line = _line_encoder()
-_ts_cache: list[Any] = [-1, ""]
-
-
-def _ts(now: float) -> str:
-    whole = int(now)
-    if whole != _ts_cache[0]:
-        _ts_cache[0] = whole
-        _ts_cache[1] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
-    return f"{_ts_cache[1]}.{int((now - whole) * 1000):03d}Z"
+_dumps_line = compact_encoder(ensure_ascii=True, default=str)
 
 
 class AccessLog:
@@ -92,7 +74,7 @@ class AccessLog:
         if stream is None:
             logger.info("request", extra={"fields": fields})
             return
-        head = f'{{"ts":"{_ts(time.time())}","level":"info","logger":"qpher.access","msg":"request",'
+        head = f'{{"ts":"{iso_millis(time.time())}","level":"info","logger":"qpher.access","msg":"request",'
         try:
             stream.write(head + _dumps_line(fields)[1:] + "\n")
             stream.flush()

@@ -22,12 +22,12 @@ from __future__ import annotations
 import json
 import math
 import re
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from hashlib import sha256
 from typing import Any
 
+from .._json import compact_encoder, escape_ascii, iso_millis
 from ..errors import AuditFieldRefused
 
 __all__ = [
@@ -151,17 +151,7 @@ def check_fields(fields: Mapping[str, object]) -> None:
         _check_value(name, value, 0)
 
 
-_ts_second: tuple[int | None, str] = (None, "")  # (second, its "%Y-%m-%dT%H:%M:%S"): one strftime a second
-
-
-def format_ts(now: float) -> str:
-    global _ts_second
-    whole = int(now // 1)
-    millis = int((now - whole) * 1000)
-    cached = _ts_second
-    if cached[0] != whole:
-        cached = _ts_second = (whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)))
-    return f"{cached[1]}.{millis:03d}Z"
+format_ts = iso_millis  # the record's "ts"
 
 
 _EVENTS_OK: set[str] = set()  # event names already checked (they come from code: a few dozen)
@@ -180,8 +170,8 @@ def check_event(event: object) -> str:
 # The line is json.dumps(record, separators=(",", ":"), ensure_ascii=True, allow_nan=False),
 # assembled piece by piece: strings and ints (nearly every value) through the C string escaper,
 # anything else through one shared encoder with those same settings, so the bytes are the same.
-_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, allow_nan=False)
-_escape = json.encoder.encode_basestring_ascii
+_encode = compact_encoder(ensure_ascii=True, allow_nan=False)
+_escape = escape_ascii
 # The field names of a record, in the order the caller gave them -> ((name, '"name":'), ...) in
 # sorted order; None if a name is reserved. Callers use a few fixed sets of names.
 _LAYOUTS: dict[tuple[str, ...], tuple[tuple[str, str], ...] | None] = {}
@@ -191,7 +181,7 @@ _UNSEEN: Any = object()
 def _json_value(value: object) -> str:
     cls = value.__class__
     if cls is str:
-        return _escape(value)  # type: ignore[no-any-return]
+        return _escape(value)  # type: ignore[arg-type]
     if cls is int:
         return int.__repr__(value)  # type: ignore[arg-type]
     if value is None:
@@ -200,7 +190,7 @@ def _json_value(value: object) -> str:
         return "true"
     if value is False:
         return "false"
-    return _ENCODER.encode(value)
+    return _encode(value)
 
 
 def _layout(names: tuple[str, ...]) -> tuple[tuple[str, str], ...] | None:
@@ -223,7 +213,7 @@ def encode_record(seq: int, ts: str, event: str, severity: str, fields: Mapping[
         for name in sorted(fields):
             obj[name] = fields[name]
         obj["prev"] = prev
-        text = _ENCODER.encode(obj)
+        text = _encode(obj)
     else:
         value, escape = _json_value, _escape
         parts = ['{"seq":', value(seq), ',"ts":', value(ts), ',"event":', value(event), ',"severity":',

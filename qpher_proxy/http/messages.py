@@ -20,12 +20,12 @@ than the upstream will see.
 from __future__ import annotations
 
 import binascii
-import json
 import re
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from .._json import compact_encoder, escape
 from ..errors import QpherError
 
 __all__ = ["Request", "Response", "error_response", "Body", "REQUEST_ID_HEADER", "Base64Text"]
@@ -171,21 +171,8 @@ class Base64Text(str):
         return cls(binascii.b2a_base64(data, newline=False).decode("ascii"))
 
 
-def _compact_json_encoder() -> Any:
-    """``json.dumps(obj, separators=(",", ":"), ensure_ascii=False)`` without building a
-    ``JSONEncoder`` per call: CPython's C encoder made once (the same one ``json.dumps`` makes
-    for each call), or the pure-Python encoder where there is none. No circular-reference
-    check: response bodies are trees built by our handlers."""
-    encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
-    make = getattr(json.encoder, "c_make_encoder", None)
-    if make is None:  # pragma: no cover - not CPython
-        return encoder.encode
-    chunks = make(None, encoder.default, json.encoder.encode_basestring, None, ":", ",", False, False, True)
-    return lambda obj: "".join(chunks(obj, 0))
-
-
-_dumps = _compact_json_encoder()
-_escape = json.encoder.encode_basestring  # ensure_ascii=False, as _dumps
+_dumps = compact_encoder(ensure_ascii=False)  # json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+_escape = escape  # ensure_ascii=False, as _dumps
 
 
 def _dumps_flat(obj: dict[Any, Any]) -> str | None:

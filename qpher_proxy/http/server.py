@@ -90,13 +90,13 @@ import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from email.utils import formatdate
 from http import HTTPStatus
 from typing import Any
 
 import h11
 import trio
 
+from .._json import http_date as _http_date
 from ..errors import (
     BadRequest,
     BodyTooLarge,
@@ -176,17 +176,6 @@ def new_request_id() -> str:
 
 
 _REASONS: dict[int, bytes] = {s.value: s.phrase.encode("ascii") for s in HTTPStatus}
-_date_cache: list[Any] = [0, b""]
-
-
-def _http_date() -> bytes:
-    now = int(time.time())
-    if now != _date_cache[0]:
-        _date_cache[0] = now
-        _date_cache[1] = formatdate(now, usegmt=True).encode("ascii")
-    return _date_cache[1]  # type: ignore[no-any-return]
-
-
 # Errors a transport may raise when the peer is gone or the TLS layer failed (handshake
 # included). They all mean "this connection is over", never "the server is broken".
 _TRANSPORT_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError, QpherError)
