@@ -184,7 +184,7 @@ def _become_kms_user(name: str) -> None:
 
     user = lookup_user(name, "kms.user")
     preload(["qpher_proxy.kms", "qpher_proxy.crypto"],
-            skip=["qpher_proxy.kms.client", "qpher_proxy.kms.supervisor", "qpher_proxy.crypto.backends.liboqs"])
+            skip=["qpher_proxy.kms.client", "qpher_proxy.kms.launcher", "qpher_proxy.kms.worker.backends.liboqs"])
     try:
         drop_privileges(user)
     except OSError as exc:
@@ -192,8 +192,8 @@ def _become_kms_user(name: str) -> None:
 
 
 def kms_command(args: argparse.Namespace) -> int:
-    from .kms.admin import rotate_kek_command
-    from .kms.model import KEKSettings
+    from .kms.wire.model import KEKSettings
+    from .kms.worker.admin import rotate_kek_command
 
     cfg = load_config(args.config)
     if os.geteuid() == 0 and cfg.kms.user:

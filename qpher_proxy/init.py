@@ -142,7 +142,7 @@ def _give(path: Path, user: str | None) -> None:
 def init_state(directory: Path, *, port: int = 8443, mldsa_cert: bool = False, renew_certs: bool = False,
                out: TextIO) -> None:
     from .auth.apikeys import APIKeyStore, generate_pepper_file, load_pepper
-    from .kms.kek import generate_kek_file
+    from .kms.worker.kek import generate_kek_file
     from .tls.certs import make_dev_pki
 
     directory = directory.resolve()

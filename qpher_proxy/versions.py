@@ -18,7 +18,7 @@ def _pkg(name: str) -> str:
 def collect_versions(backend: str = "auto") -> dict[str, str]:
     # The CLI may load a backend to report on it; the gateway learns the same facts from
     # the KMS's READY frame instead (it never imports the backends).
-    from .crypto.backends import liboqs_status, select_backend
+    from .kms.worker.backends import liboqs_status, select_backend
 
     out = {
         "qpher-proxy": __version__,

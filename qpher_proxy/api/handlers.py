@@ -111,7 +111,7 @@ def _timestamp(value: float | None) -> str | None:
 
 
 def key_json(info: Any) -> dict[str, Any]:
-    """The public view of a :class:`qpher_proxy.kms.model.KeyInfo`: metadata and a public key,
+    """The public view of a :class:`qpher_proxy.kms.wire.model.KeyInfo`: metadata and a public key,
     never private bytes (the KMS has no way to send any)."""
     state = info.state
     return {

@@ -49,7 +49,7 @@ from ..crypto.algorithms import (
     get_algorithm,
 )
 from ..errors import InvalidBase64, InvalidContext, InvalidInput, InvalidJSON
-from ..kms.model import DEFAULT_LIST_LIMIT, KEY_ID_RE, MAX_LIST_LIMIT, key_not_found
+from ..kms.wire.model import DEFAULT_LIST_LIMIT, KEY_ID_RE, MAX_LIST_LIMIT, key_not_found
 
 __all__ = [
     "FieldType", "Field", "REQUEST_FIELDS", "NO_BODY_OPERATIONS", "DEFAULT_ALGORITHMS",

@@ -387,7 +387,7 @@ def resolve_backend(name: str) -> str:
     """The backend ``crypto.backend: name`` selects on this machine (what the KMS will use)."""
     import logging
 
-    from ..crypto.backends import select_backend
+    from ..kms.worker.backends import select_backend
 
     logging.getLogger("qpher.crypto").setLevel(logging.WARNING)
     return select_backend(name).name
@@ -397,7 +397,7 @@ def raw_rates(backend_name: str, seconds: float) -> dict[str, float]:
     """Single-core operations per second of the raw library calls (``crypto_bench``'s
     definitions: cryptography's own calls for openssl, liboqs-python's for liboqs), by CPU time."""
     from ..crypto.algorithms import ALGORITHMS
-    from ..crypto.backends import select_backend
+    from ..kms.worker.backends import select_backend
     from .crypto_bench import _liboqs_raw, _openssl_raw
 
     backend = select_backend(backend_name)

@@ -36,7 +36,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from ..kms.client import DEFAULT_SPIN, _LoneTrips
+from ..kms.client.pool import DEFAULT_SPIN, _LoneTrips
 
 ECHO_BYTES = 64
 
@@ -194,9 +194,10 @@ async def _bench(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     from ..context import TenantContext
     from ..crypto.algorithms import ML_DSA_65, ML_KEM_768
-    from ..crypto.backends import select_backend
-    from ..kms.kek import generate_kek_file
-    from ..kms.supervisor import KEKSettings, open_kms
+    from ..kms.worker.backends import select_backend
+    from ..kms.worker.kek import generate_kek_file
+    from ..kms.launcher import open_kms
+    from ..kms.wire.model import KEKSettings
 
     results: list[dict[str, Any]] = []
     levels = [int(x) for x in args.inflight.split(",")]

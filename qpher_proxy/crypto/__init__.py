@@ -1,5 +1,5 @@
-"""The crypto suite: algorithm table, backend interface, HPKE key schedule, backends.
+"""The public half of the crypto suite: algorithm table, backend interface, HPKE key schedule.
 
-``algorithms``, ``interface`` and ``hpke`` hold no private keys and may be imported by
-the gateway. ``backends`` (and everything under it) holds private keys: KMS side only.
+Nothing here holds a private key, so both the gateway and the KMS import it. The backends
+that do hold private keys live with the KMS, in ``qpher_proxy.kms.worker.backends``.
 """

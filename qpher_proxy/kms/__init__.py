@@ -1,15 +1,14 @@
-"""The KMS: the only process that holds private keys and the KEK.
+"""The KMS: the only processes that hold private keys and the KEK.  One folder per side:
 
-Gateway side (may be imported by the gateway):
-    ``client``      KMSClient: async calls over the worker socketpairs
-    ``supervisor``  KMSSupervisor / open_kms: starts, watches and restarts the worker processes
-    ``protocol``    the sans-I/O framed wire protocol (shared)
-    ``model``       key metadata records and states (shared)
+``wire/``      the framed protocol and key model (sans-I/O; shared by both sides)
+``client/``    the gateway's side: :class:`KMSClient` over the worker socketpairs
+``launcher/``  spawning and bootstrapping workers: :class:`KMSSupervisor`, :func:`open_kms`
+``worker/``    KMS side only: service, key store, key files, KEK providers, crypto backends
 
-KMS side only (never imported by the gateway; enforced by ``.importlinter``):
-    ``service``, ``keystore``, ``keyfile``, ``kek``, ``admin``, ``__main__``
+Nothing outside ``worker/`` imports it (``.importlinter``); a worker is started as
+``python -m qpher_proxy.kms.worker``.
 
-The names below are re-exported lazily, so that ``import qpher_proxy.kms.service`` in a worker
+The names below are re-exported lazily, so that a worker importing ``qpher_proxy.kms.worker``
 does not pull in trio, and importing this package from the gateway pulls in nothing KMS-only.
 """
 
@@ -19,14 +18,14 @@ from typing import Any
 
 _EXPORTS = {
     "KMSClient": "client",
-    "KMSSupervisor": "supervisor",
-    "open_kms": "supervisor",
-    "default_worker_count": "supervisor",
-    "KEKSettings": "model",
-    "KeyInfo": "model",
-    "KeyPage": "model",
-    "KeyState": "model",
-    "VersionInfo": "model",
+    "KMSSupervisor": "launcher",
+    "open_kms": "launcher",
+    "default_worker_count": "launcher",
+    "KEKSettings": "wire.model",
+    "KeyInfo": "wire.model",
+    "KeyPage": "wire.model",
+    "KeyState": "wire.model",
+    "VersionInfo": "wire.model",
 }
 
 __all__ = sorted(_EXPORTS)

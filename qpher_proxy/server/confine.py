@@ -33,8 +33,7 @@ log = logging.getLogger("qpher.server")
 SYSTEM_READ = ("/usr", "/lib", "/lib64", "/etc", "/dev/urandom")
 # Modules that only the KMS worker or offline commands use: never imported by the gateway.
 KMS_ONLY = (
-    "qpher_proxy.kms.service", "qpher_proxy.kms.keystore", "qpher_proxy.kms.keyfile", "qpher_proxy.kms.kek",
-    "qpher_proxy.kms.admin", "qpher_proxy.kms._hardening", "qpher_proxy.kms.__main__", "qpher_proxy.crypto.backends",
+    "qpher_proxy.kms.worker",
     "qpher_proxy.bench", "qpher_proxy.cli", "qpher_proxy.admin", "qpher_proxy.init", "qpher_proxy.__main__",
     "qpher_proxy.server.__main__",
 )

@@ -6,12 +6,12 @@ Theory of operation
 As OpenSSH and nginx do, the process that is started is not the one that serves traffic::
 
     supervisor (qpher-proxy serve)  reads the config and the KEK; spawns, watches, restarts
-      |- KMS worker x M             python -m qpher_proxy.kms     (uid kms.user when root)
-      '- gateway                    python -m qpher_proxy.server  (uid server.user when root,
-                                                                   Landlock, clean environment)
+      |- KMS worker x M             python -m qpher_proxy.kms.worker  (uid kms.user when root)
+      '- gateway                    python -m qpher_proxy.server      (uid server.user when root,
+                                                                       Landlock, clean environment)
 
 * The **supervisor** never accepts a client connection. It starts the KMS workers with
-  :class:`~qpher_proxy.kms.supervisor.KMSSupervisor` (which moves an env-provided KEK into a
+  :class:`~qpher_proxy.kms.launcher.KMSSupervisor` (which moves an env-provided KEK into a
   sealed memfd that only the workers inherit), performs each worker's HELLO/READY bootstrap
   itself -- so the KMS directory, the KEK location and the backend come from the supervisor's
   config, never from the gateway -- and then *hands the bootstrapped socket over* to the
@@ -61,9 +61,9 @@ import trio
 from ..config import Config
 from ..errors import ConfigError
 from ..kms.client import KMSClient, OpHook, WorkerChannel
-from ..kms.model import KEKSettings
-from ..kms.protocol import ClientConnection, Value
-from ..kms.supervisor import KMSSupervisor, WorkerHandoff, default_worker_count
+from ..kms.launcher import KMSSupervisor, WorkerHandoff, default_worker_count
+from ..kms.wire.model import KEKSettings
+from ..kms.wire.protocol import ClientConnection, Value
 from ..sandbox import RunAs, lookup_user
 
 log = logging.getLogger("qpher.supervisor")
@@ -116,7 +116,7 @@ async def receive_message(sock: trio.socket.SocketType) -> tuple[dict[str, Any],
 
 class SupervisedKMS:
     """The gateway's view of KMS workers that the supervisor process runs: the same surface as
-    :class:`~qpher_proxy.kms.supervisor.KMSSupervisor` offers to ``serve()`` (``client``,
+    :class:`~qpher_proxy.kms.launcher.KMSSupervisor` offers to ``serve()`` (``client``,
     ``info``, ``pids``, ``ready``, ``workers``, ``restarts``), fed by the control socket."""
 
     def __init__(
@@ -394,7 +394,7 @@ def reexec_without_env_kek(cfg: Config, config_path: str) -> None:
     """``kek.provider: env``: move the KEK into a memfd and exec this command again without the
     variable. ``os.environ.pop`` cannot clear the process's initial environment block, which
     ``/proc/<pid>/environ`` and a memory dump show until exit; a new ``exec`` gets a new one."""
-    from ..kms.supervisor import stash_env_kek
+    from ..kms.launcher import stash_env_kek
 
     fd = stash_env_kek(cfg.kms.kek.env, inheritable=True)
     argv = [sys.executable, "-m", "qpher_proxy", "serve", "--config", os.path.abspath(config_path),

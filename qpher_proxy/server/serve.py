@@ -34,8 +34,8 @@ from ..auth.apikeys import APIKeyStore, Authenticator, load_pepper
 from ..config import Config, parse_listen
 from ..errors import ConfigError, QpherError
 from ..http import HTTPLimits, HTTPServer, SecurityHeaders
-from ..kms.model import KEKSettings
-from ..kms.supervisor import KMSSupervisor, default_worker_count
+from ..kms.launcher import KMSSupervisor, default_worker_count
+from ..kms.wire.model import KEKSettings
 from ..logs import configure_logging
 from ..metrics import Metrics
 from ..policy.engine import PolicyEngine

@@ -36,7 +36,7 @@ from qpher_proxy.errors import (
     KMSUnavailable,
     QpherError,
 )
-from qpher_proxy.kms.model import KeyInfo, KeyPage, KeyState, VersionInfo, key_not_found, new_key_id
+from qpher_proxy.kms.wire.model import KeyInfo, KeyPage, KeyState, VersionInfo, key_not_found, new_key_id
 
 
 def _public(secret: bytes, alg: Algorithm) -> bytes:

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from qpher_proxy.crypto.backends import liboqs_status, select_backend
+from qpher_proxy.kms.worker.backends import liboqs_status, select_backend
 
 VECTORS = pathlib.Path(__file__).resolve().parent.parent / "vectors"
 ALL_ALGORITHMS = ["ml-kem-768", "ml-kem-1024", "x-wing", "ml-dsa-44", "ml-dsa-65", "ml-dsa-87",
@@ -92,7 +92,7 @@ def cryptography_hpke_keys(algorithm: str, private_seed: bytes | None, public_ra
     from cryptography.hazmat.primitives import hpke
     from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
 
-    from qpher_proxy.crypto.backends._hybrid import xwing_expand
+    from qpher_proxy.kms.worker.backends._hybrid import xwing_expand
 
     private = public = None
     if algorithm == "ml-kem-768":

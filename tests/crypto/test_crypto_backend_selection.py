@@ -17,7 +17,7 @@ import pytest
 
 from crypto_helpers import liboqs_skip_reason
 from qpher_proxy.crypto.algorithms import ALGORITHMS
-from qpher_proxy.crypto.backends import available_backends, liboqs_status, select_backend
+from qpher_proxy.kms.worker.backends import available_backends, liboqs_status, select_backend
 from qpher_proxy.errors import BackendUnavailable
 
 REPO = Path(__file__).resolve().parents[2]
@@ -74,7 +74,7 @@ def _run(code: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 _PROBE_SCRIPT = """
     import json, logging, sys
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-    from qpher_proxy.crypto.backends import select_backend
+    from qpher_proxy.kms.worker.backends import select_backend
     from qpher_proxy.errors import BackendUnavailable
     result = {"auto": select_backend("auto").name, "oqs_imported": "oqs" in sys.modules}
     try:
@@ -126,13 +126,13 @@ def test_present_liboqs_is_chosen_and_keeps_stdout_clean() -> None:
 
 
 def test_asking_for_liboqs_when_absent_names_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
-    from qpher_proxy.crypto.backends import _probe
+    from qpher_proxy.kms.worker.backends import _probe
 
     monkeypatch.setattr(_probe, "_cache", {})
     monkeypatch.setattr(
         _probe, "_probe", lambda env: _probe.LiboqsProbe(False, "liboqs shared library not found (test)")
     )
-    import qpher_proxy.crypto.backends as backends
+    import qpher_proxy.kms.worker.backends as backends
 
     monkeypatch.setattr(backends, "_instances", {"openssl": select_backend("openssl")})
     with pytest.raises(BackendUnavailable, match=r"liboqs shared library not found \(test\)"):

@@ -15,7 +15,7 @@ import pytest
 from crypto_helpers import ALL_ALGORITHMS, KEM_ALGORITHMS, SIGNATURE_ALGORITHMS
 from qpher_proxy.crypto._primitives import SEC1_P256_PREFIX, SEC1_P256_SUFFIX
 from qpher_proxy.crypto.algorithms import get_algorithm
-from qpher_proxy.crypto.backends import select_backend
+from qpher_proxy.kms.worker.backends import select_backend
 from qpher_proxy.errors import (
     AlgorithmMismatch,
     ConfigError,

@@ -22,7 +22,7 @@ from qpher_proxy.crypto._primitives import (
     ecdsa_p256_public_from_point,
     ecdsa_p256_verify,
 )
-from qpher_proxy.crypto.backends._hybrid import COMPOSITE_LABEL, composite_message
+from qpher_proxy.kms.worker.backends._hybrid import COMPOSITE_LABEL, composite_message
 
 # ---- X-Wing ------------------------------------------------------------------------
 

@@ -152,7 +152,7 @@ def _cmdline(pid: int) -> list[str]:
 
 def kms_worker_pids(supervisor_pid: int) -> list[int]:
     """The KMS worker processes that the ``qpher-proxy serve`` supervisor runs."""
-    return [p for p in child_pids(supervisor_pid) if "qpher_proxy.kms" in _cmdline(p)]
+    return [p for p in child_pids(supervisor_pid) if "qpher_proxy.kms.worker" in _cmdline(p)]
 
 
 def gateway_pids(supervisor_pid: int) -> list[int]:

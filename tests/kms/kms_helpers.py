@@ -13,9 +13,9 @@ from pathlib import Path
 
 from qpher_proxy.context import TenantContext
 from qpher_proxy.crypto.interface import Backend
-from qpher_proxy.kms.kek import FileKEKProvider
-from qpher_proxy.kms.keystore import KeyStore
-from qpher_proxy.kms.model import KEKSettings
+from qpher_proxy.kms.worker.kek import FileKEKProvider
+from qpher_proxy.kms.worker.keystore import KeyStore
+from qpher_proxy.kms.wire.model import KEKSettings
 
 
 def ctx(tenant: str = "tenant-a", request_id: str = "req-1", api_key_id: str = "ak_test") -> TenantContext:
@@ -75,7 +75,7 @@ class RawWorker:
 def spawn_raw_worker() -> tuple[subprocess.Popen[bytes], socket.socket]:
     parent, child = socket.socketpair()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "qpher_proxy.kms", "--fd", str(child.fileno())],
+        [sys.executable, "-m", "qpher_proxy.kms.worker", "--fd", str(child.fileno())],
         pass_fds=[child.fileno()], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
     child.close()

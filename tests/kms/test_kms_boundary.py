@@ -11,8 +11,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
 KMS_ONLY = (
-    "qpher_proxy.kms.service", "qpher_proxy.kms.keystore", "qpher_proxy.kms.keyfile", "qpher_proxy.kms.kek",
-    "qpher_proxy.kms.admin", "qpher_proxy.crypto.backends",
+    "qpher_proxy.kms.worker.service", "qpher_proxy.kms.worker.keystore", "qpher_proxy.kms.worker.keyfile",
+    "qpher_proxy.kms.worker.kek", "qpher_proxy.kms.worker.admin", "qpher_proxy.kms.worker.backends",
 )
 
 
@@ -25,8 +25,8 @@ def test_import_linter_contracts_are_kept() -> None:
 
 def test_importing_the_gateway_side_of_the_kms_loads_nothing_kms_only() -> None:
     code = (
-        "import sys, qpher_proxy.kms, qpher_proxy.kms.client, qpher_proxy.kms.supervisor, "
-        "qpher_proxy.kms.protocol, qpher_proxy.kms.model\n"
+        "import sys, qpher_proxy.kms, qpher_proxy.kms.client, qpher_proxy.kms.launcher, "
+        "qpher_proxy.kms.wire.protocol, qpher_proxy.kms.wire.model\n"
         "qpher_proxy.kms.KMSClient, qpher_proxy.kms.open_kms\n"
         f"bad = [m for m in {KMS_ONLY!r} if m in sys.modules]\n"
         "print(bad)\n"
@@ -37,7 +37,7 @@ def test_importing_the_gateway_side_of_the_kms_loads_nothing_kms_only() -> None:
 
 
 def test_the_worker_entry_point_does_not_load_trio() -> None:
-    code = "import sys, qpher_proxy.kms.service, qpher_proxy.kms.__main__\nprint('trio' in sys.modules)\n"
+    code = "import sys, qpher_proxy.kms.worker.service, qpher_proxy.kms.worker.__main__\nprint('trio' in sys.modules)\n"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "False"

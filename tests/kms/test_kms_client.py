@@ -17,9 +17,9 @@ from kms_helpers import ctx
 import qpher_proxy
 from qpher_proxy import errors
 from qpher_proxy.errors import BodyTooLarge, KMSUnavailable, QpherError
-from qpher_proxy.kms import protocol
+from qpher_proxy.kms.wire import protocol
 from qpher_proxy.kms.client import KMS_ERRORS, KMSClient, WorkerChannel, error_from_frame
-from qpher_proxy.kms.protocol import (
+from qpher_proxy.kms.wire.protocol import (
     NEED_DATA,
     ClientConnection,
     Error,
@@ -82,8 +82,9 @@ def _raised_names(path: Path) -> set[str]:
 
 def test_every_error_of_errors_py_the_kms_side_raises_is_in_the_table() -> None:
     root = Path(qpher_proxy.__file__).parent
-    kms_side = [root / "kms" / f"{m}.py" for m in ("service", "keystore", "keyfile", "kek", "model")]
-    kms_side += sorted((root / "crypto").rglob("*.py"))
+    kms_side = [root / "kms" / "worker" / f"{m}.py" for m in ("service", "keystore", "keyfile", "kek")]
+    kms_side += [root / "kms" / "wire" / "model.py"]
+    kms_side += sorted((root / "crypto").rglob("*.py")) + sorted((root / "kms" / "worker" / "backends").rglob("*.py"))
     raised = set().union(*(_raised_names(p) for p in kms_side))
     ours = {
         name for name in raised

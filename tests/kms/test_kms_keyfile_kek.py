@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from qpher_proxy.errors import KeyCorrupt, KeyUnavailable
-from qpher_proxy.kms import keyfile
-from qpher_proxy.kms.kek import (
+from qpher_proxy.kms.worker import keyfile
+from qpher_proxy.kms.worker.kek import (
     EnvKEKProvider,
     FileKEKProvider,
     KEKError,
@@ -23,7 +23,7 @@ from qpher_proxy.kms.kek import (
     seal_canary,
     verify_canary,
 )
-from qpher_proxy.kms.keyfile import KeyBinding
+from qpher_proxy.kms.worker.keyfile import KeyBinding
 
 SEED = secrets.token_bytes(64)
 BINDING = KeyBinding("tenant-a", "k_" + "a" * 26, 1, "ml-kem-768")

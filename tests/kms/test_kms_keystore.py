@@ -23,10 +23,10 @@ from qpher_proxy.errors import (
     KeyUnavailable,
     UnknownAlgorithm,
 )
-from qpher_proxy.kms import keyfile
-from qpher_proxy.kms.kek import FileKEKProvider, KEKError, KEKMismatch, generate_kek_file
-from qpher_proxy.kms.keystore import KeyStore, rotate_kek
-from qpher_proxy.kms.model import KEY_ID_RE, KeyState
+from qpher_proxy.kms.worker import keyfile
+from qpher_proxy.kms.worker.kek import FileKEKProvider, KEKError, KEKMismatch, generate_kek_file
+from qpher_proxy.kms.worker.keystore import KeyStore, rotate_kek
+from qpher_proxy.kms.wire.model import KEY_ID_RE, KeyState
 
 
 def test_create_picks_defaults_by_kind_and_mode(store: KeyStore) -> None:
@@ -310,9 +310,9 @@ def test_a_wrong_kek_stops_start_up_before_anything_is_written(
 CRASH = textwrap.dedent(
     """
     import os, sys
-    from qpher_proxy.crypto.backends import select_backend
-    from qpher_proxy.kms.kek import FileKEKProvider
-    from qpher_proxy.kms import keystore, keyfile
+    from qpher_proxy.kms.worker.backends import select_backend
+    from qpher_proxy.kms.worker.kek import FileKEKProvider
+    from qpher_proxy.kms.worker import keyfile, keystore
     kms_dir, kek, what, key_id = sys.argv[1:5]
     store = keystore.KeyStore(kms_dir, FileKEKProvider(kek), select_backend("openssl"))
     def crash(*a, **k):
@@ -435,7 +435,7 @@ def test_rotate_kek_refuses_a_running_store_and_a_wrong_old_kek(
 
 @pytest.mark.liboqs
 def test_keys_written_under_one_backend_serve_under_the_other(kms_dir: Path, kek_path: Path) -> None:
-    from qpher_proxy.crypto.backends import liboqs_status, select_backend
+    from qpher_proxy.kms.worker.backends import liboqs_status, select_backend
 
     present, reason = liboqs_status()
     if not present:

@@ -31,11 +31,11 @@ from qpher_proxy.errors import (
     QpherError,
 )
 from qpher_proxy.kms.client import KMSClient, WorkerChannel
-from qpher_proxy.kms.kek import FileKEKProvider
-from qpher_proxy.kms.keyfile import KeyBinding, read_key_file, unseal
-from qpher_proxy.kms.keystore import KeyStore
-from qpher_proxy.kms.model import KEKSettings, KeyState
-from qpher_proxy.kms.protocol import (
+from qpher_proxy.kms.worker.kek import FileKEKProvider
+from qpher_proxy.kms.worker.keyfile import KeyBinding, read_key_file, unseal
+from qpher_proxy.kms.worker.keystore import KeyStore
+from qpher_proxy.kms.wire.model import KEKSettings, KeyState
+from qpher_proxy.kms.wire.protocol import (
     NEED_DATA,
     ClientConnection,
     Error,
@@ -44,7 +44,7 @@ from qpher_proxy.kms.protocol import (
     ServerConnection,
     encode_raw_request,
 )
-from qpher_proxy.kms.supervisor import KMSSupervisor, open_kms
+from qpher_proxy.kms.launcher import KMSSupervisor, open_kms
 
 
 async def test_a_thousand_concurrent_requests_are_all_answered_correctly(
@@ -262,7 +262,7 @@ def test_the_worker_hardens_itself(kms_dir: Path, kek_path: Path) -> None:
     import sys
 
     proc = subprocess.Popen(
-        [sys.executable, "-m", "qpher_proxy.kms", "--fd", str(child.fileno())],
+        [sys.executable, "-m", "qpher_proxy.kms.worker", "--fd", str(child.fileno())],
         pass_fds=[child.fileno(), leak_r], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
@@ -392,7 +392,7 @@ async def test_a_wrong_kek_stops_start_up_with_a_clear_message_and_writes_nothin
     async with open_kms(**settings(kms_dir, kek_path)) as sup:  # type: ignore[arg-type]
         await sup.client.create_key(ctx(), kind="kem")
     other = tmp_path / "other.b64"
-    from qpher_proxy.kms.kek import generate_kek_file
+    from qpher_proxy.kms.worker.kek import generate_kek_file
 
     generate_kek_file(other)
     before = tree_snapshot(kms_dir)

@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qpher_proxy.context import TenantContext
-from qpher_proxy.kms import protocol
-from qpher_proxy.kms.protocol import (
+from qpher_proxy.kms.wire import protocol
+from qpher_proxy.kms.wire.protocol import (
     NEED_DATA,
     ClientConnection,
     ConnectionClosed,

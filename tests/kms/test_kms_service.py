@@ -14,8 +14,8 @@ from kms_helpers import FakeClock, ctx
 
 from qpher_proxy.errors import KMSUnavailable
 from qpher_proxy.kms.client import KMSClient, WorkerChannel
-from qpher_proxy.kms.keystore import KeyStore
-from qpher_proxy.kms.protocol import (
+from qpher_proxy.kms.worker.keystore import KeyStore
+from qpher_proxy.kms.wire.protocol import (
     NEED_DATA,
     ClientConnection,
     Error,
@@ -23,7 +23,7 @@ from qpher_proxy.kms.protocol import (
     ServerConnection,
     encode_raw_request,
 )
-from qpher_proxy.kms.service import KMSService
+from qpher_proxy.kms.worker.service import KMSService
 
 TOKEN = secrets.token_bytes(32)
 
@@ -245,7 +245,7 @@ async def test_no_spin_when_turned_off() -> None:
 
 
 def test_the_spin_stops_for_an_operation_it_does_not_catch_and_keeps_checking() -> None:
-    from qpher_proxy.kms.client import _EXPLORE_EVERY, _LoneTrips
+    from qpher_proxy.kms.client.pool import _EXPLORE_EVERY, _LoneTrips
 
     budget = 200e-6
     lone = _LoneTrips()

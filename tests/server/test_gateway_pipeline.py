@@ -24,7 +24,7 @@ from qpher_proxy.context import TenantContext
 from qpher_proxy.crypto.algorithms import ALGORITHMS
 from qpher_proxy.errors import KeyNotFound
 from qpher_proxy.http import Request, Response
-from qpher_proxy.kms.model import new_key_id
+from qpher_proxy.kms.wire.model import new_key_id
 from qpher_proxy.metrics import Metrics
 from qpher_proxy.policy import PolicyEngine, load_policy_dir
 from qpher_proxy.ratelimit import QuotaCounter, TokenBucketLimiter

@@ -1,4 +1,4 @@
-"""``python -m qpher_proxy.kms --fd N [--kek-fd M] [--user UID:GID]``: one KMS worker (started by the supervisor).
+"""``python -m qpher_proxy.kms.worker --fd N [--kek-fd M] [--user UID:GID]``: one KMS worker (started by the supervisor).
 
 Hardening runs before anything else is imported or read; see ``service.py`` for the rest.
 ``--user``: the worker was started as root and becomes that user once its backend is loaded
@@ -31,10 +31,10 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(args[i])
             i += 2
     except (IndexError, ValueError):
-        print("usage: python -m qpher_proxy.kms --fd N [--kek-fd M]", file=sys.stderr)
+        print("usage: python -m qpher_proxy.kms.worker --fd N [--kek-fd M]", file=sys.stderr)
         return 64
     if fd is None or fd < 3 or (kek_fd is not None and kek_fd < 3):
-        print("usage: python -m qpher_proxy.kms --fd N [--kek-fd M] (descriptors >= 3)", file=sys.stderr)
+        print("usage: python -m qpher_proxy.kms.worker --fd N [--kek-fd M] (descriptors >= 3)", file=sys.stderr)
         return 64
 
     from . import _hardening
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import logging
 
-    from ..logs import configure_logging
+    from ...logs import configure_logging
 
     configure_logging("info", "json", sys.stderr)
     log = logging.getLogger("qpher.kms.worker")
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     if lock_note:
         (log.info if locked else log.warning)(lock_note)
 
-    from ..sandbox import RunAs
+    from ...sandbox import RunAs
     from .service import EXIT_INTERNAL, run_worker
 
     try:

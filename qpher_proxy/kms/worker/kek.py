@@ -3,7 +3,7 @@
 Theory of operation
 ===================
 
-Every key file is sealed under one KEK (see :mod:`qpher_proxy.kms.keyfile`). The KEK itself
+Every key file is sealed under one KEK (see :mod:`qpher_proxy.kms.worker.keyfile`). The KEK itself
 is never stored by us: a provider produces it (or keeps it inside an HSM) and offers two
 operations, ``wrap`` and ``unwrap``, plus a stable non-secret ``kek_id`` that names it in
 every key file header and in the metadata database.
@@ -50,7 +50,7 @@ canary written. A store with neither is new, and gets its canary.
 
 ``<kms dir>/kek-rotation`` exists only while ``rotate-kek`` runs (it names the old and new
 KEK ids); a KMS refuses to start while it is there, because some files may be under either
-KEK. Re-running ``rotate-kek`` finishes the job (see :func:`qpher_proxy.kms.keystore.rotate_kek`).
+KEK. Re-running ``rotate-kek`` finishes the job (see :func:`qpher_proxy.kms.worker.keystore.rotate_kek`).
 
 KEK files and variables
 -----------------------
@@ -61,7 +61,7 @@ non-base64 one -- each with a one-line message naming the file, never its conten
 For ``provider: env`` the gateway never keeps the KEK: before it starts serving, the
 supervisor moves the variable's value out of its own environment into a sealed anonymous
 memory file (``memfd``) and drops the variable; workers inherit only that descriptor, read the
-KEK from it here (:func:`kek_from_fd`), and close it. See ``supervisor.py``.
+KEK from it here (:func:`kek_from_fd`), and close it. See ``kms/launcher/supervisor.py``.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from ..errors import ConfigError, QpherError
+from ...errors import ConfigError, QpherError
 from .keyfile import write_atomic
 
 KEK_BYTES = 32  # AES-256

@@ -7,7 +7,8 @@ why in one log line on the ``qpher.crypto`` logger. Asking for ``liboqs`` when i
 absent raises :class:`BackendUnavailable` naming what is missing.
 
 KMS side only: these modules hold private keys. The gateway process imports
-``qpher_proxy.crypto.algorithms`` (and ``hpke``), never this package.
+``qpher_proxy.crypto.algorithms`` (and ``hpke``), never this package; the offline
+``qpher-proxy version`` command loads it lazily to report on it.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ from __future__ import annotations
 import logging
 import threading
 
-from ...errors import BackendUnavailable, ConfigError
-from ..algorithms import ALGORITHMS
-from ..interface import Backend
+from ....crypto.algorithms import ALGORITHMS
+from ....crypto.interface import Backend
+from ....errors import BackendUnavailable, ConfigError
 from ._probe import probe_liboqs
 
 __all__ = [

@@ -29,9 +29,8 @@ import cryptography
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import mldsa, mlkem
 
-from ...errors import InvalidKey
-from .._primitives import as_bytes, check_context
-from ..algorithms import (
+from ....crypto._primitives import as_bytes, check_context
+from ....crypto.algorithms import (
     MAX_CONTEXT_BYTES,
     ML_DSA_44,
     ML_DSA_65,
@@ -42,6 +41,7 @@ from ..algorithms import (
     X_WING,
     Algorithm,
 )
+from ....errors import InvalidKey
 from . import _hybrid
 from ._base import (
     BasePrivateKey,

@@ -11,9 +11,9 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from ..wire.model import KEKSettings
 from .kek import EnvKEKProvider, FileKEKProvider, KEKError, KEKProvider, generate_kek_file
 from .keystore import RotationResult, rotate_kek
-from .model import KEKSettings
 
 
 def ensure_kek_file(path: str | os.PathLike[str]) -> str | None:

@@ -16,7 +16,7 @@ Tenant scoping
 Every metadata query that touches keys is a method of :class:`TenantKeys`, which can only be
 obtained with :meth:`KeyStore.tenant` and a non-empty tenant id, and every one of its SQL
 statements has ``tenant_id = ?`` bound to it. A key id of another tenant therefore misses
-exactly like a random id, and both produce the same :func:`~.model.key_not_found` error
+exactly like a random id, and both produce the same :func:`~qpher_proxy.kms.wire.model.key_not_found` error
 (404 ``key_not_found``). The few queries across tenants are maintenance sweeps on
 :class:`KeyStore` (orphan files, due destructions, ``rotate-kek``) and never answer a request.
 
@@ -79,7 +79,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..crypto.algorithms import (
+from ...crypto.algorithms import (
     ALGORITHMS,
     DEFAULT_KEM,
     DEFAULT_SIGNATURE,
@@ -89,8 +89,8 @@ from ..crypto.algorithms import (
     Kind,
     get_algorithm,
 )
-from ..crypto.interface import Backend, PrivateKey, PublicKey
-from ..errors import (
+from ...crypto.interface import Backend, PrivateKey, PublicKey
+from ...errors import (
     BackendUnavailable,
     InvalidInput,
     InvalidKeyState,
@@ -99,6 +99,20 @@ from ..errors import (
     KeyDisabled,
     KeyNotFound,
     QpherError,
+)
+from ..wire.model import (
+    DEFAULT_DESTROY_DELAY,
+    DEFAULT_LIST_LIMIT,
+    KEY_ID_RE,
+    MAX_DESTROY_DELAY,
+    MAX_LABEL_CHARS,
+    MAX_LIST_LIMIT,
+    KeyInfo,
+    KeyPage,
+    KeyState,
+    VersionInfo,
+    key_not_found,
+    new_key_id,
 )
 from . import keyfile
 from .kek import (
@@ -113,20 +127,6 @@ from .kek import (
     canary_kek_id,
 )
 from .keyfile import KeyBinding
-from .model import (
-    DEFAULT_DESTROY_DELAY,
-    DEFAULT_LIST_LIMIT,
-    KEY_ID_RE,
-    MAX_DESTROY_DELAY,
-    MAX_LABEL_CHARS,
-    MAX_LIST_LIMIT,
-    KeyInfo,
-    KeyPage,
-    KeyState,
-    VersionInfo,
-    key_not_found,
-    new_key_id,
-)
 
 log = logging.getLogger("qpher.kms.keystore")
 

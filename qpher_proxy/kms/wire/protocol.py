@@ -95,8 +95,8 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, Union
 
-from ..context import TenantContext
-from ..errors import QpherError
+from ...context import TenantContext
+from ...errors import QpherError
 
 KiB = 1024
 MiB = 1024 * KiB

@@ -3,12 +3,12 @@
 Theory of operation
 ===================
 
-``KMSSupervisor.run`` starts ``workers`` child processes, each ``python -m qpher_proxy.kms
+``KMSSupervisor.run`` starts ``workers`` child processes, each ``python -m qpher_proxy.kms.worker
 --fd N`` with one end of its own ``socket.socketpair()`` as inherited descriptor ``N`` (via
 ``pass_fds``: no path, no port; every other descriptor of ours is closed in the child by
 ``close_fds`` and again by the child itself). For each start it draws a fresh 32-byte service
 token, sends it with the worker's settings in the HELLO frame, and waits for READY. Only then
-does the worker's :class:`~.client.WorkerChannel` join the :class:`~.client.KMSClient`.
+does the worker's :class:`~qpher_proxy.kms.client.WorkerChannel` join the :class:`~qpher_proxy.kms.client.KMSClient`.
 
 Start-up: ``await nursery.start(supervisor.run)`` returns once every worker is READY. If any
 worker's first start fails -- it answered an ERROR frame (wrong KEK, unreadable KEK file,
@@ -63,14 +63,17 @@ from typing import Any, Literal
 
 import trio
 
-from ..errors import ConfigError
-from ..sandbox import RunAs
-from .client import KMSClient, OpHook, WorkerChannel
-from .model import DEFAULT_DESTROY_DELAY, DEFAULT_MAX_BATCH, KEKSettings
-from .protocol import DEFAULT_MAX_FRAME_SIZE, NEED_DATA, ClientConnection, Error, ProtocolError, Ready, Value
+from ...errors import ConfigError
+from ...sandbox import RunAs
+from ..client import KMSClient, OpHook, WorkerChannel
+from ..wire.model import DEFAULT_DESTROY_DELAY, DEFAULT_MAX_BATCH, KEKSettings
+from ..wire.protocol import DEFAULT_MAX_FRAME_SIZE, NEED_DATA, ClientConnection, Error, ProtocolError, Ready, Value
 
 log = logging.getLogger("qpher.kms.supervisor")
 worker_log = logging.getLogger("qpher.kms.worker")
+
+# The worker is started by module name, never imported: this side holds no worker code.
+WORKER_MODULE = "qpher_proxy.kms.worker"
 
 RestartHook = Callable[[int, "int | None"], None]  # (worker index, exit code or None)
 
@@ -292,7 +295,7 @@ class KMSSupervisor:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         token = secrets.token_bytes(32)
         conn = ClientConnection(token, self.max_frame_size)
-        cmd = [self.python, "-m", "qpher_proxy.kms", "--fd", str(child.fileno())]
+        cmd = [self.python, "-m", WORKER_MODULE, "--fd", str(child.fileno())]
         if self.worker_user is not None:
             cmd += ["--user", self.worker_user.arg()]
         pass_fds = [child.fileno()]
@@ -481,4 +484,7 @@ async def _run_supervisor(supervisor: KMSSupervisor, *, task_status: trio.TaskSt
     await supervisor.run(task_status=task_status)
 
 
-__all__ = ["HandoffHook", "KEKSettings", "KMSSupervisor", "WorkerHandoff", "default_worker_count", "open_kms"]
+__all__ = [
+    "WORKER_MODULE", "HandoffHook", "KEKSettings", "KMSSupervisor", "WorkerHandoff", "default_worker_count",
+    "open_kms", "stash_env_kek",
+]

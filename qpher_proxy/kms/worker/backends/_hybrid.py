@@ -48,8 +48,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import x25519
 
-from ...errors import InvalidCiphertext, InvalidKey
-from .._primitives import (
+from ....crypto._primitives import (
     ECDSA_P256_MAX_DER,
     P256_POINT_SIZE,
     SEC1_P256_SIZE,
@@ -64,7 +63,8 @@ from .._primitives import (
     ecdsa_p256_verify,
     x25519_shared,
 )
-from ..algorithms import ML_DSA_65, ML_DSA_65_ECDSA_P256, ML_KEM_768, X_WING
+from ....crypto.algorithms import ML_DSA_65, ML_DSA_65_ECDSA_P256, ML_KEM_768, X_WING
+from ....errors import InvalidCiphertext, InvalidKey
 from ._base import (
     KEMPrivateKey,
     KEMPublicKey,

@@ -3,7 +3,7 @@
 Theory of operation
 ===================
 
-A worker is started by the gateway's supervisor as ``python -m qpher_proxy.kms --fd N
+A worker is started by the gateway's supervisor as ``python -m qpher_proxy.kms.worker --fd N
 [--kek-fd M]`` with one end of a socketpair as descriptor ``N``. It then:
 
 1. hardens itself (``_hardening``): closes every other inherited descriptor, disables core
@@ -45,13 +45,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..crypto.interface import Backend
-from ..errors import InvalidInput, QpherError
-from ..sandbox import CAP_IPC_LOCK, RunAs, drop_privileges, preload, set_no_new_privs
-from . import protocol
-from .keystore import KeyStore, TenantKeys
-from .model import BATCH_OPS, DEFAULT_MAX_BATCH
-from .protocol import (
+from ...crypto.interface import Backend
+from ...errors import InvalidInput, QpherError
+from ...sandbox import CAP_IPC_LOCK, RunAs, drop_privileges, preload, set_no_new_privs
+from ..wire import protocol
+from ..wire.model import BATCH_OPS, DEFAULT_MAX_BATCH
+from ..wire.protocol import (
     NEED_DATA,
     ConnectionClosed,
     Hello,
@@ -61,6 +60,7 @@ from .protocol import (
     ServerConnection,
     Value,
 )
+from .keystore import KeyStore, TenantKeys
 
 log = logging.getLogger("qpher.kms.service")
 
@@ -407,8 +407,8 @@ def _setting(cfg: dict[str, Value], name: str, kind: type, default: Any) -> Any:
 def _become(user: RunAs) -> bool:
     """Drop to the KMS user before the key store is opened, so that every file it creates
     belongs to that user; the modules it will need are imported first, while readable."""
-    preload(["qpher_proxy.kms", "qpher_proxy.crypto"], skip=["qpher_proxy.kms.client", "qpher_proxy.kms.supervisor",
-                                                             "qpher_proxy.crypto.backends.liboqs"])
+    preload(["qpher_proxy.kms", "qpher_proxy.crypto"], skip=["qpher_proxy.kms.client", "qpher_proxy.kms.launcher",
+                                                             "qpher_proxy.kms.worker.backends.liboqs"])
     import encodings.idna  # noqa: F401  (looked up lazily by str.encode("idna"))
 
     from . import _hardening
@@ -446,7 +446,7 @@ def run_worker(
         try:
             max_frame = _setting(cfg, "max_frame_size", int, protocol.DEFAULT_MAX_FRAME_SIZE)
             conn.max_frame_size = max(max_frame, protocol.MIN_FRAME_SIZE)
-            from ..crypto.backends import select_backend
+            from .backends import select_backend
 
             # The backend loads its libraries while they are readable, before the user change;
             # the KEK is read after it, as the user that owns the KEK file.

@@ -75,7 +75,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import KeyCorrupt, KeyUnavailable
+from ...errors import KeyCorrupt, KeyUnavailable
 
 if TYPE_CHECKING:  # pragma: no cover
     from .kek import KEKProvider

@@ -3,9 +3,9 @@
 Theory of operation
 ===================
 
-The supervisor (``supervisor.py``) owns the worker processes; for each live, bootstrapped
+The supervisor (``kms/launcher/supervisor.py``) owns the worker processes; for each live, bootstrapped
 worker it hands this client a :class:`WorkerChannel`: the gateway's end of that worker's
-socketpair (a non-blocking stdlib socket) and a :class:`~.protocol.ClientConnection`
+socketpair (a non-blocking stdlib socket) and a :class:`~qpher_proxy.kms.wire.protocol.ClientConnection`
 holding that start's service token.
 
 A call (``await client.sign(ctx, key_id, msg)``):
@@ -65,8 +65,8 @@ from typing import Any
 import outcome
 import trio
 
-from ..context import TenantContext
-from ..errors import (
+from ...context import TenantContext
+from ...errors import (
     AlgorithmMismatch,
     BackendUnavailable,
     BadRequest,
@@ -91,8 +91,8 @@ from ..errors import (
     QpherError,
     UnknownAlgorithm,
 )
-from .model import DEFAULT_LIST_LIMIT, KeyInfo, KeyPage
-from .protocol import NEED_DATA, ClientConnection, Error, FrameTooLarge, ProtocolError, Response, Value
+from ..wire.model import DEFAULT_LIST_LIMIT, KeyInfo, KeyPage
+from ..wire.protocol import NEED_DATA, ClientConnection, Error, FrameTooLarge, ProtocolError, Response, Value
 
 log = logging.getLogger("qpher.kms.client")
 

@@ -16,10 +16,10 @@ from __future__ import annotations
 import hashlib
 from typing import Any, NoReturn
 
-from ...errors import AlgorithmMismatch, CryptoError, DecryptionFailed, InvalidCiphertext, InvalidKey, UnknownAlgorithm
-from .. import hpke
-from .._primitives import as_bytes
-from ..algorithms import ALGORITHMS, Algorithm, get_algorithm
+from ....crypto import hpke
+from ....crypto._primitives import as_bytes
+from ....crypto.algorithms import ALGORITHMS, Algorithm, get_algorithm
+from ....errors import AlgorithmMismatch, CryptoError, DecryptionFailed, InvalidCiphertext, InvalidKey, UnknownAlgorithm
 
 
 def resolve_algorithm(algorithm: object) -> Algorithm:

@@ -66,9 +66,8 @@ from typing import Any
 import cryptography
 from cryptography.hazmat.primitives.asymmetric import mldsa as _crypto_mldsa
 
-from ...errors import BackendUnavailable, CryptoError, InvalidKey
-from .._primitives import as_bytes, check_context, mlkem_encapsulation_key_ok
-from ..algorithms import (
+from ....crypto._primitives import as_bytes, check_context, mlkem_encapsulation_key_ok
+from ....crypto.algorithms import (
     MAX_CONTEXT_BYTES,
     ML_DSA_44,
     ML_DSA_65,
@@ -79,6 +78,7 @@ from ..algorithms import (
     X_WING,
     Algorithm,
 )
+from ....errors import BackendUnavailable, CryptoError, InvalidKey
 from . import _hybrid
 from ._base import (
     BasePrivateKey,

@@ -1,6 +1,6 @@
 """Key metadata as both processes see it: states, records and their wire form.
 
-Shared by the gateway (``client``) and the KMS (``keystore``, ``service``); public facts
+Shared by the gateway (``kms.client``) and the KMS (``kms.worker``); public facts
 only -- a :class:`KeyInfo` carries a public key, never a private one.
 """
 
@@ -13,7 +13,7 @@ from base64 import b32encode
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ..errors import KeyNotFound
+from ...errors import KeyNotFound
 
 KEY_ID_PREFIX = "k_"
 KEY_ID_CHARS = 26  # base32 characters: 130 random bits

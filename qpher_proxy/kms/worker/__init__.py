@@ -1,0 +1,13 @@
+"""A KMS worker process: the only code that reads key files, the KEK and private keys.
+
+``__main__``   ``python -m qpher_proxy.kms.worker``: hardening first, then ``service``
+``service``    the worker loop around the sans-I/O protocol (one socketpair, blocking I/O)
+``keystore``   the tenant-scoped key repository over the metadata database and key files
+``keyfile``    the sealed key-file format; ``kek``: KEK providers and the canary
+``admin``      offline commands (``init``, ``kms rotate-kek``), imported lazily by the CLI
+``backends/``  crypto backends holding private key objects (liboqs, OpenSSL)
+
+Nothing outside this package imports it, except the offline commands ``.importlinter``
+names. This ``__init__`` imports nothing, so that ``python -m qpher_proxy.kms.worker`` runs
+its hardening before any other module is loaded.
+"""
