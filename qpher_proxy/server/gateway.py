@@ -162,8 +162,7 @@ class Gateway:
             raise NotFound(f"no route for {req.method} {redact_target(req.path)}", code="route_not_found")
 
         self._rate_limit(record)
-        stream = req.stream
-        tls = getattr(stream, "info", None)
+        tls = req.tls
         tls_group = getattr(tls, "group", None)
         tls_version = getattr(tls, "version", None)
 

@@ -10,13 +10,11 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-import h11
 import pytest
 import trio
 from _http_helpers import RawClient, RawResponse, echo_info, get, make_pki, running_tls_server
 
 from qpher_proxy.http import HTTPLimits
-from qpher_proxy.http import _h11_shortcuts
 from qpher_proxy.tls.certs import DevPKI
 
 AT_ONCE = 5.0  # seconds: far below the header and body timeouts a silent wait would run into
@@ -201,43 +199,3 @@ async def test_a_chunked_body_within_the_limit_in_many_small_chunks_is_read(port
     assert resp.status == 200 and resp.json()["len"] == sum(range(1, 40))
     assert resp.header(b"connection") is None
     await client.aclose()
-
-
-# ---- the h11 internals these checks rely on ----------------------------------------------------------
-
-
-def test_the_h11_shortcuts_are_live_with_the_installed_h11() -> None:
-    assert _h11_shortcuts.LIVE == {"headers": True, "buffer": True, "chunks": True}, h11.__version__
-
-
-def test_chunk_position_follows_a_chunked_body() -> None:
-    h = h11.Connection(h11.SERVER)
-    h.receive_data(CHUNKED)
-    assert type(h.next_event()) is h11.Request
-    assert _h11_shortcuts.body_is_chunked(h) is True
-    assert _h11_shortcuts.chunk_position(h) == _h11_shortcuts.AT_CHUNK_SIZE_LINE
-    h.receive_data(b"a\r\n0123")
-    data = h.next_event()
-    assert type(data) is h11.Data and data.data == b"0123"
-    assert _h11_shortcuts.chunk_position(h) == 6
-    assert bytes(_h11_shortcuts.receive_buffer(h)) == h.trailing_data[0] == b""
-    h.receive_data(b"456789\r")
-    h.next_event()
-    assert _h11_shortcuts.chunk_position(h) == _h11_shortcuts.ELSEWHERE  # in the chunk's CRLF
-    h.receive_data(b"\n0\r\n")
-    assert h.next_event() is h11.NEED_DATA
-    assert _h11_shortcuts.chunk_position(h) == _h11_shortcuts.ELSEWHERE  # in the trailer section
-    h.receive_data(b"\r\n")
-    assert type(h.next_event()) is h11.EndOfMessage
-
-
-def test_a_body_with_content_length_is_not_chunked() -> None:
-    h = h11.Connection(h11.SERVER)
-    h.receive_data(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nab")
-    event = h.next_event()
-    assert type(event) is h11.Request
-    assert _h11_shortcuts.header_pairs(event.headers) == list(event.headers)
-    assert _h11_shortcuts.body_is_chunked(h) is False
-    assert _h11_shortcuts.chunk_position(h) == _h11_shortcuts.ELSEWHERE
-    assert _h11_shortcuts.receive_buffer(h) == h.trailing_data[0] == b"ab"
-

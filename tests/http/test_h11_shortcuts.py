@@ -1,0 +1,58 @@
+"""``_h11_shortcuts``: every shortcut is live with the installed h11 and gives what h11's public
+API gives. When h11 changes its internals, the first test fails and names the version."""
+
+from __future__ import annotations
+
+import h11
+
+from qpher_proxy.http import _h11_shortcuts
+
+CHUNKED = b"POST /body HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+def test_the_h11_shortcuts_are_live_with_the_installed_h11() -> None:
+    assert _h11_shortcuts.LIVE == {"headers": True, "buffer": True, "chunks": True}, h11.__version__
+
+
+def test_chunk_position_follows_a_chunked_body() -> None:
+    h = h11.Connection(h11.SERVER)
+    h.receive_data(CHUNKED)
+    assert type(h.next_event()) is h11.Request
+    assert _h11_shortcuts.body_is_chunked(h) is True
+    assert _h11_shortcuts.chunk_position(h) == _h11_shortcuts.AT_CHUNK_SIZE_LINE
+    h.receive_data(b"a\r\n0123")
+    data = h.next_event()
+    assert type(data) is h11.Data and data.data == b"0123"
+    assert _h11_shortcuts.chunk_position(h) == 6
+    assert bytes(_h11_shortcuts.receive_buffer(h)) == h.trailing_data[0] == b""
+    h.receive_data(b"456789\r")
+    h.next_event()
+    assert _h11_shortcuts.chunk_position(h) == _h11_shortcuts.ELSEWHERE  # in the chunk's CRLF
+    h.receive_data(b"\n0\r\n")
+    assert h.next_event() is h11.NEED_DATA
+    assert _h11_shortcuts.chunk_position(h) == _h11_shortcuts.ELSEWHERE  # in the trailer section
+    h.receive_data(b"\r\n")
+    assert type(h.next_event()) is h11.EndOfMessage
+
+
+def test_a_body_with_content_length_is_not_chunked() -> None:
+    h = h11.Connection(h11.SERVER)
+    h.receive_data(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nab")
+    event = h.next_event()
+    assert type(event) is h11.Request
+    assert _h11_shortcuts.header_pairs(event.headers) == list(event.headers)
+    assert _h11_shortcuts.body_is_chunked(h) is False
+    assert _h11_shortcuts.chunk_position(h) == _h11_shortcuts.ELSEWHERE
+    assert _h11_shortcuts.receive_buffer(h) == h.trailing_data[0] == b"ab"
+
+
+
+def test_prebuilt_headers_serialise_as_the_public_api_does() -> None:
+    items = [(b"content-type", b"content-type", b"application/json"), (b"x-a", b"x-a", b"1 2")]
+    pairs = [(name, value) for name, _, value in items]
+    ours, public = h11.Connection(h11.SERVER), h11.Connection(h11.SERVER)
+    for h in (ours, public):
+        h.receive_data(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        h.next_event()
+    head = ours.send(h11.Response(status_code=200, headers=_h11_shortcuts.Headers(items), reason=b"OK"))
+    assert head == public.send(h11.Response(status_code=200, headers=pairs, reason=b"OK"))
