@@ -1,21 +1,28 @@
 """The request pipeline: every request the gateway answers goes through ``Gateway.handle``.
 
-Order, for every route except ``/healthz`` and ``/readyz``::
+Every route except ``/healthz`` and ``/readyz`` passes these stages, each a method with one
+reason to fail::
 
-    resolve route (405 for a known path with the wrong method)
-    -> API key from the headers only (400 api_key_in_url for a key in the query string)
-    -> authenticate (401 unauthenticated, one body whatever the cause; audited)
-    -> tenant context from the key record alone (client identity headers are never read)
-    -> rate limit per key and per tenant, from the plan (429 rate_limited + Retry-After)
-    -> parse and validate the body (4xx)
-    -> facts: route, operation, algorithm / key label (the key's own, from the KMS, cached),
-       this month's usage, source address, TLS group; a request to forward is matched on its
-       normalised, decoded path (400 ambiguous_path when servers could read it differently)
-    -> policy: first deny wins, default deny, fail closed (403 policy_denied / 503
-       policy_unavailable); every decision is audited by the engine
-    -> quota count (429 quota_exceeded + Retry-After)
-    -> dispatch: the /v1 crypto API (KMS over the socketpair), the server's own routes
-       (metrics, admin), or the upstream app (sidecar)
+    _route          the API route (405 for a known path with the wrong method; 404 when
+                    nothing matches and there is no upstream)
+    _authenticate   the API key from the headers only (400 api_key_in_url for one in the
+                    query string), its record (401 unauthenticated, one body whatever the
+                    cause; audited); the tenant comes from the record alone, never from a
+                    client header
+    _rate_limit     per key and per tenant, from the plan (429 rate_limited + Retry-After)
+    _parse          the validated body (4xx)
+    _authorize      the policy on the facts: route, operation, algorithm / key label (the key's
+                    own, from the KMS, cached), this month's usage, source address, TLS group;
+                    first deny wins, default deny, fail closed (403 policy_denied / 503
+                    policy_unavailable); every decision is audited by the engine. A request to
+                    forward is matched on its normalised, decoded path (400 ambiguous_path
+                    when servers could read it differently)
+    _count          the monthly quota (429 quota_exceeded + Retry-After)
+    dispatch        the /v1 crypto API (``_api``: the KMS over the socketpair), the server's
+                    own routes (``_own_route``: metrics and admin, ``admin_routes.py``) or the
+                    upstream app (``_forward``: sidecar)
+    audit           key lifecycle events (``_audit_lifecycle``); the access log line and the
+                    request metrics once the response is sent (``request_done``)
 
 Errors are :class:`~qpher_proxy.errors.QpherError` all the way and are rendered once, by the
 HTTP layer, as ``{"error": {"code", "message", "request_id"}}``.
@@ -24,28 +31,25 @@ HTTP layer, as ``{"error": {"code", "message", "request_id"}}``.
 from __future__ import annotations
 
 import logging
-import time
 from collections import OrderedDict
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from types import MappingProxyType
 from typing import Any
 
-from ..api import CryptoAPI, Route, RouteMethodNotAllowed, resolve
-from ..api.validation import REQUEST_FIELDS, load_object, parse_fields
+from ..api import CryptoAPI, ParsedRequest, Route, RouteMethodNotAllowed, resolve
 from ..audit import AuditLog
 from ..auth.apikeys import APIKeyRecord, Authenticator
 from ..auth.headers import extract_api_key, redact_target
 from ..context import TenantContext
 from ..errors import (
-    AuditUnavailable, BadRequest, KeyNotFound, NotFound, PolicyDenied, QpherError, RateLimited,
-    Unauthenticated,
+    AuditUnavailable, BadRequest, KeyNotFound, NotFound, PolicyDenied, PolicyUnavailable, QpherError,
+    QuotaExceeded, RateLimited, Unauthenticated,
 )
 from ..http import Request, Response
 from ..http.messages import error_response
 from ..kms.client import KMSClient
 from ..logs import AccessLog
-from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ..metrics import Metrics
 from ..policy.engine import PolicyEngine
 from ..policy.model import RequestFacts
@@ -53,6 +57,7 @@ from ..ratelimit import QuotaCounter, RateLimits, TokenBucketLimiter
 from ..upstream import (
     ForwardTarget, UpstreamClient, normalize_target, prepare_downstream_headers, prepare_upstream_headers,
 )
+from .admin_routes import AdminRoutes
 
 log = logging.getLogger("qpher.gateway")
 
@@ -94,6 +99,7 @@ class Gateway:
         self.policy = policy
         self.audit = audit
         self.metrics = metrics
+        self._admin = AdminRoutes(policy, metrics)
         self.upstream = upstream
         self.pass_api_key = pass_api_key
         self.allow_path_params = allow_path_params
@@ -141,99 +147,49 @@ class Gateway:
             return error_response(exc, req.request_id)
 
     async def _handle(self, req: Request) -> Response:
+        route, params = self._route(req)
+        record = self._authenticate(req)
+        if route is None and self.upstream is None:
+            raise NotFound(f"no route for {req.method} {redact_target(req.path)}", code="route_not_found")
+        self._rate_limit(record)
+        if route is None:
+            return await self._forward(req, record)
+        if route.owner == "api":
+            return await self._api(req, record, route, params)
+        return await self._own_route(req, record, route)
+
+    # ---- the stages, in order -------------------------------------------------------------
+
+    def _route(self, req: Request) -> tuple[Route | None, dict[str, str]]:
+        """The API route of the request (None: forward it, or 404), named in ``req.state``;
+        405 for a known path with the wrong method."""
         try:
             resolved = resolve(req.method, req.path)
         except RouteMethodNotAllowed:
             req.state["route"] = "method_not_allowed"
             raise
-        route: Route | None
         if resolved is None:
-            route, params = None, {}
-        else:
-            route, params = resolved
-        req.state["route"] = route.name if route is not None else ("upstream" if self.upstream else "unmatched")
-
-        record = self._authenticate(req)
-        ctx = TenantContext(record.tenant, req.request_id, record.key_id)
-        req.state["tenant"] = record.tenant
-        req.state["api_key_id"] = record.key_id
-
-        if route is None and self.upstream is None:
-            raise NotFound(f"no route for {req.method} {redact_target(req.path)}", code="route_not_found")
-
-        self._rate_limit(record)
-        tls = req.tls
-        tls_group = getattr(tls, "group", None)
-        tls_version = getattr(tls, "version", None)
-
-        if route is None:
-            # The policy matches, and the upstream receives, one normalised target; the API
-            # routes above keep the raw path, since the proxy alone interprets those.
-            target = self._forward_target(req)
-            self._authorize(req, record, "forward", None, None, tls, cost=1, path=target.policy_path)
-            return await self._forward(req, record, target)
-
-        parsed = None
-        if route.owner == "api":
-            # Routes without fields still take an empty body or {} (anything else is refused
-            # by parse); GET bodies are never read.
-            body = await req.read_body() if route.method != "GET" or route.has_body else b""
-            parsed = self.api.parse(route, body, params, req.query)
-            operation = route.operation
-            if operation == "keys.create":
-                f = parsed.fields
-                metas: list[tuple[str | None, str | None]] = [(f["algorithm"], f.get("label"))]
-            else:
-                key_ids = parsed.key_ids()
-                metas = await self._key_metas(ctx, key_ids) if key_ids else _NO_META
-            for algorithm, label in metas:
-                self._authorize(req, record, operation, algorithm, label, tls, cost=0)
-            self._count(record, route.quota, parsed.cost)
-            status, obj = await self.api.handle(parsed, ctx, tls_version=tls_version, tls_group=tls_group)
-            event = _LIFECYCLE_EVENTS.get(operation)
-            if event is not None:
-                self.audit.record(event, "info", request_id=req.request_id, tenant=record.tenant,
-                                  api_key_id=record.key_id, key_id=obj.get("key_id"),
-                                  algorithm=obj.get("algorithm"), version=obj.get("version"))
-                if route.operation == "keys.create" and isinstance(obj.get("key_id"), str):
-                    self._remember_key(record.tenant, obj["key_id"], obj.get("algorithm"), obj.get("label"))
-            return Response.json(status, obj)
-
-        # the server's own authenticated routes: metrics and admin
-        if route.admin:
-            # The emergency switch must work exactly when the policy engine does not, so it is
-            # not behind decide(): the admin scope is checked here, and every use is audited.
-            if not record.has_scope("admin"):
-                raise PolicyDenied("admin-scope-required", "admin endpoints need an API key with the admin scope")
-        else:
-            self._authorize(req, record, route.operation, None, None, tls, cost=1, quota=route.quota)
-        if route.operation == "metrics":
-            self.metrics.fail_open_active.set(1.0 if self.policy.fail_open_state().active else 0.0)
-            return Response(200, ((b"content-type", METRICS_CONTENT_TYPE.encode()),), self.metrics.render())
-        if route.operation == "admin.fail_open.set":
-            # openapi FailOpenRequest (reason and seconds, both required), as strict as /v1 bodies
-            f = parse_fields(load_object(await req.read_body()), REQUEST_FIELDS["admin.fail_open.set"])
-            state = self.policy.open_fail_open(f["reason"], record.key_id, f["seconds"])
-            return Response.json(200, _fail_open_json(state))
-        if route.operation == "admin.fail_open.clear":
-            if load_object(await req.read_body(), allow_empty=True):  # no body, or {}
-                raise BadRequest("DELETE /admin/fail-open takes no fields", code="invalid_input")
-            state = self.policy.close_fail_open(record.key_id)
-            return Response.json(200, _fail_open_json(state))
-        raise NotFound("no such route", code="route_not_found")  # pragma: no cover
-
-    # ---- steps ----------------------------------------------------------------------------
+            req.state["route"] = "upstream" if self.upstream else "unmatched"
+            return None, {}
+        route, params = resolved
+        req.state["route"] = route.name
+        return route, params
 
     def _authenticate(self, req: Request) -> APIKeyRecord:
+        """The key's record, named in ``req.state``; 401 unauthenticated (or 400 api_key_in_url),
+        audited either way."""
         try:
             api_key = extract_api_key(req.headers, req.query, path=req.path)
-            return self.auth.authenticate(api_key)
+            record = self.auth.authenticate(api_key)
         except Unauthenticated as exc:
             self._audit_auth_failure(req, exc.code, getattr(exc, "reason", None), getattr(exc, "key_id", None))
             raise
         except QpherError as exc:  # api_key_in_url
             self._audit_auth_failure(req, exc.code, exc.code, None)
             raise
+        req.state["tenant"] = record.tenant
+        req.state["api_key_id"] = record.key_id
+        return record
 
     def _audit_auth_failure(self, req: Request, code: str, reason: str | None, key_id: str | None) -> None:
         try:
@@ -269,6 +225,7 @@ class Gateway:
         return cached
 
     def _rate_limit(self, record: APIKeyRecord) -> None:
+        """429 rate_limited when the key or its tenant is over the plan's rate."""
         limits = self._plan_limits(record.plan)
         if limits is None:
             return  # an unknown plan is denied by policy (default deny / plan rules)
@@ -278,28 +235,24 @@ class Gateway:
             self.metrics.rate_limited.labels(getattr(exc, "scope", None) or "api_key").inc()
             raise
 
-    def _count(self, record: APIKeyRecord, quota_class: str | None, cost: int) -> None:
-        if quota_class is None or cost <= 0:
-            return
-        plan = self.policy.plan(record.plan)
-        limit = plan.quotas.get(quota_class) if plan is not None else None
-        try:
-            self.quotas.check_and_count(record.tenant, quota_class, limit, n=cost)
-        except QpherError as exc:
-            if exc.status == 429:
-                self.metrics.rate_limited.labels("quota").inc()
-            raise
+    async def _parse(self, req: Request, route: Route, params: dict[str, str]) -> ParsedRequest:
+        """The validated request (4xx on bad input). Routes without fields still take an empty
+        body or {} (anything else is refused by parse); GET bodies are never read."""
+        body = await req.read_body() if route.method != "GET" or route.has_body else b""
+        return self.api.parse(route, body, params, req.query)
 
     def _authorize(
-        self, req: Request, record: APIKeyRecord, operation: str, algorithm: str | None,
-        label: str | None, tls: Any, *, cost: int, quota: str | None = None, path: str | None = None,
+        self, req: Request, record: APIKeyRecord, operation: str, algorithm: str | None = None,
+        label: str | None = None, *, path: str | None = None,
     ) -> None:
+        """403 policy_denied / 503 policy_unavailable unless the policy allows the request."""
         policy = self.policy
+        tls = req.tls
         facts = RequestFacts(
             tenant=record.tenant, plan=record.plan, scopes=self._scopes(record), api_key_id=record.key_id,
             method=req.method, path=req.path if path is None else path, operation=operation, algorithm=algorithm,
             key_label=label, source_ip=req.client_addr,
-            tls_group=getattr(tls, "group", None), tls_pq=bool(getattr(tls, "post_quantum", False)),
+            tls_group=tls.group if tls is not None else None, tls_pq=tls is not None and tls.post_quantum,
             now=datetime.now(timezone.utc),
             # this month's counters are copied only when some rule reads them (usage_over)
             usage=self.quotas.usage(record.tenant) if policy.uses_usage else _NO_USAGE,
@@ -307,16 +260,72 @@ class Gateway:
         )
         try:
             decision = policy.authorize(facts)
-        except QpherError as exc:
-            rule = getattr(exc, "rule_id", None)
-            self.metrics.policy_decisions.labels(rule or ("default" if exc.status == 403 else "unavailable"),
-                                                 "deny").inc()
+        except PolicyDenied as exc:
+            self.metrics.policy_decisions.labels(exc.rule_id or "default", "deny").inc()
+            raise
+        except PolicyUnavailable:
+            self.metrics.policy_decisions.labels("unavailable", "deny").inc()
             raise
         self.metrics.policy_decisions.labels(decision.rule_id or decision.source, decision.effect).inc()
-        if operation == "forward":
-            self._count(record, "forward", cost)
-        elif quota is not None:
-            self._count(record, quota, cost)
+
+    def _count(self, record: APIKeyRecord, quota_class: str | None, cost: int) -> None:
+        """429 quota_exceeded when ``cost`` more operations would pass the plan's monthly quota."""
+        if quota_class is None or cost <= 0:
+            return
+        plan = self.policy.plan(record.plan)
+        limit = plan.quotas.get(quota_class) if plan is not None else None
+        try:
+            self.quotas.check_and_count(record.tenant, quota_class, limit, n=cost)
+        except QuotaExceeded:
+            self.metrics.rate_limited.labels("quota").inc()
+            raise
+
+    async def _api(self, req: Request, record: APIKeyRecord, route: Route, params: dict[str, str]) -> Response:
+        """parse -> authorize (per key the request names) -> count -> dispatch to the KMS -> audit."""
+        ctx = TenantContext(record.tenant, req.request_id, record.key_id)
+        parsed = await self._parse(req, route, params)
+        operation = route.operation
+        for algorithm, label in await self._subjects(ctx, operation, parsed):
+            self._authorize(req, record, operation, algorithm, label)
+        self._count(record, route.quota, parsed.cost)
+        tls = req.tls
+        status, obj = await self.api.handle(
+            parsed, ctx, tls_version=tls.version if tls is not None else None,
+            tls_group=tls.group if tls is not None else None,
+        )
+        self._audit_lifecycle(req, record, operation, obj)
+        return Response.json(status, obj)
+
+    async def _subjects(
+        self, ctx: TenantContext, operation: str, parsed: ParsedRequest
+    ) -> list[tuple[str | None, str | None]]:
+        """The (algorithm, key label) pairs the policy decides on: the new key's, or those of
+        the keys the request names."""
+        if operation == "keys.create":
+            f = parsed.fields
+            return [(f["algorithm"], f.get("label"))]
+        key_ids = parsed.key_ids()
+        return await self._key_metas(ctx, key_ids) if key_ids else _NO_META
+
+    def _audit_lifecycle(self, req: Request, record: APIKeyRecord, operation: str, obj: dict[str, Any]) -> None:
+        """A key lifecycle event for the operations that change a key."""
+        event = _LIFECYCLE_EVENTS.get(operation)
+        if event is None:
+            return
+        self.audit.record(event, "info", request_id=req.request_id, tenant=record.tenant,
+                          api_key_id=record.key_id, key_id=obj.get("key_id"),
+                          algorithm=obj.get("algorithm"), version=obj.get("version"))
+        if operation == "keys.create" and isinstance(obj.get("key_id"), str):
+            self._remember_key(record.tenant, obj["key_id"], obj.get("algorithm"), obj.get("label"))
+
+    async def _own_route(self, req: Request, record: APIKeyRecord, route: Route) -> Response:
+        """authorize (the admin scope for /admin, the policy otherwise) -> count -> dispatch."""
+        if route.admin:
+            self._admin.require_admin(record)
+        else:
+            self._authorize(req, record, route.operation)
+            self._count(record, route.quota, 1)
+        return await self._admin.handle(route.operation, req, record)
 
     async def _key_metas(self, ctx: TenantContext, key_ids: tuple[str, ...]) -> list[tuple[str | None, str | None]]:
         """The (algorithm, label) of each distinct key, for policy. Cached per (tenant, key):
@@ -372,7 +381,16 @@ class Gateway:
                                  "the proxy serves", code="ambiguous_path")
         return target
 
-    async def _forward(self, req: Request, record: APIKeyRecord, target: ForwardTarget) -> Response:
+    async def _forward(self, req: Request, record: APIKeyRecord) -> Response:
+        """authorize -> count -> dispatch to the upstream. The policy matches, and the upstream
+        receives, one normalised target; the API routes keep the raw path, since the proxy
+        alone interprets those."""
+        target = self._forward_target(req)
+        self._authorize(req, record, "forward", path=target.policy_path)
+        self._count(record, "forward", 1)
+        return await self._send_upstream(req, record, target)
+
+    async def _send_upstream(self, req: Request, record: APIKeyRecord, target: ForwardTarget) -> Response:
         upstream = self.upstream
         assert upstream is not None
         headers = prepare_upstream_headers(
@@ -406,16 +424,3 @@ class Gateway:
             "client": req.client_addr,
         })
 
-
-def _fail_open_json(state: Any) -> dict[str, Any]:
-    deadline = state.deadline
-    return {
-        "active": bool(state.active),
-        "until": deadline.strftime("%Y-%m-%dT%H:%M:%SZ") if isinstance(deadline, datetime) else None,
-        "reason": state.reason,
-        "remaining_seconds": state.remaining_seconds,
-        "admissions": state.admissions,
-    }
-
-
-_ = time  # (monotonic timing lives in the HTTP layer's on_request_done)
