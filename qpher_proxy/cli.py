@@ -21,7 +21,7 @@ from .errors import ConfigError, QpherError
 
 DEFAULT_STATE_DIR = ".qpher"
 
-# `qpher-proxy bench NAME`: the module each runs is in qpher_proxy.bench.
+# `qpher-proxy bench NAME`: the module each runs is in the qpher_proxy_bench package.
 BENCHMARKS = {
     "crypto": "every algorithm and backend next to the raw library",
     "kms": "sign and decapsulate through the KMS socketpair next to in-process",
@@ -215,7 +215,7 @@ def _dispatch(args: argparse.Namespace) -> int | None:
 
         return admin.fail_open_command(args)
     if cmd == "bench":
-        from .bench import run_bench
+        from qpher_proxy_bench import run_bench
 
         return run_bench(args.what, args.options)
     raise AssertionError(cmd)  # pragma: no cover

@@ -34,7 +34,7 @@ SYSTEM_READ = ("/usr", "/lib", "/lib64", "/etc", "/dev/urandom")
 # Modules that only the KMS worker or offline commands use: never imported by the gateway.
 KMS_ONLY = (
     "qpher_proxy.kms.worker",
-    "qpher_proxy.bench", "qpher_proxy.cli", "qpher_proxy.admin", "qpher_proxy.init", "qpher_proxy.__main__",
+    "qpher_proxy.cli", "qpher_proxy.admin", "qpher_proxy.init", "qpher_proxy.__main__",
     "qpher_proxy.server.__main__",
 )
 # Standard-library modules looked up lazily at run time (codecs, HTTP date parsing, ...).

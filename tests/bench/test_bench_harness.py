@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from qpher_proxy.bench import gateway_bench
-from qpher_proxy.bench.loadgen import ClientTLS, LoadGenerator, LoadSpec, build_request, probe
-from qpher_proxy.bench.nginx import NginxServer, find_nginx
+from qpher_proxy_bench import gateway_bench
+from qpher_proxy_bench.loadgen import ClientTLS, LoadGenerator, LoadSpec, build_request, probe
+from qpher_proxy_bench.nginx import NginxServer, find_nginx
 
 needs_nginx = pytest.mark.skipif(find_nginx() is None, reason="nginx is not installed (apt-get install -y nginx-light)")
 

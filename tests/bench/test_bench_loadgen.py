@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from _bench_tiny_server import TinyTLSServer
-from qpher_proxy.bench.loadgen import (
+from qpher_proxy_bench.loadgen import (
     ClientTLS,
     CPUWatch,
     LoadGenerator,
@@ -184,7 +184,7 @@ def test_a_group_the_server_lacks_fails_every_handshake(lg: LoadGenerator, tmp_p
 
 def test_keepalive_setup_failure_is_reported_and_the_workers_survive(lg: LoadGenerator, tmp_path: Path,
                                                                       server: TinyTLSServer) -> None:
-    from qpher_proxy.bench.loadgen import LoadGeneratorError
+    from qpher_proxy_bench.loadgen import LoadGeneratorError
 
     with TinyTLSServer(tmp_path / "c", groups=(CLASSICAL,)) as classical_only:
         with pytest.raises(LoadGeneratorError, match="keep-alive connections"):

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from qpher_proxy.bench import crypto_bench
+from qpher_proxy_bench import crypto_bench
 
 
 def test_bench_json_reports_every_operation(capsys: pytest.CaptureFixture[str]) -> None:

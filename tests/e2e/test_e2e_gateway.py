@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from qpher_proxy.bench.loadgen import ClientTLS, LoadGenerator, LoadResult, LoadSpec, build_request
+from qpher_proxy_bench.loadgen import ClientTLS, LoadGenerator, LoadResult, LoadSpec, build_request
 
 from ._gateway import Gateway, cli, init_state, kms_worker_pids, start_gateway
 

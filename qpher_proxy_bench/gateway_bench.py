@@ -194,7 +194,7 @@ class GatewayProcess:
             cfg.setdefault("logging", {})["level"] = self.log_level
         cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         if self.generous_limits:
-            from ..init import DEMO_PLAN
+            from qpher_proxy.init import DEMO_PLAN
 
             policy_dir = d / str((cfg.get("policy") or {}).get("dir", "policies"))
             if raise_plan_limits(policy_dir, DEMO_PLAN):
@@ -206,7 +206,7 @@ class GatewayProcess:
     def _start(self) -> None:
         cmd = _cli("serve", "--config", str(self.directory / "config.yaml"))
         if self.profile_to is not None:
-            cmd = [sys.executable, "-c", "from qpher_proxy.bench.gateway_bench import profiled_main; profiled_main()",
+            cmd = [sys.executable, "-c", "from qpher_proxy_bench.gateway_bench import profiled_main; profiled_main()",
                    str(self.profile_to), *cmd[3:]]
         self._log = open(self.directory / "serve.log", "ab")
         self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
@@ -387,7 +387,7 @@ def resolve_backend(name: str) -> str:
     """The backend ``crypto.backend: name`` selects on this machine (what the KMS will use)."""
     import logging
 
-    from ..kms.worker.backends import select_backend
+    from qpher_proxy.kms.worker.backends import select_backend
 
     logging.getLogger("qpher.crypto").setLevel(logging.WARNING)
     return select_backend(name).name
@@ -396,8 +396,8 @@ def resolve_backend(name: str) -> str:
 def raw_rates(backend_name: str, seconds: float) -> dict[str, float]:
     """Single-core operations per second of the raw library calls (``crypto_bench``'s
     definitions: cryptography's own calls for openssl, liboqs-python's for liboqs), by CPU time."""
-    from ..crypto.algorithms import ALGORITHMS
-    from ..kms.worker.backends import select_backend
+    from qpher_proxy.crypto.algorithms import ALGORITHMS
+    from qpher_proxy.kms.worker.backends import select_backend
     from .crypto_bench import _liboqs_raw, _openssl_raw
 
     backend = select_backend(backend_name)
@@ -902,7 +902,7 @@ def profiled_main() -> None:
 
     signal.signal(signal.SIGUSR1, on)
     signal.signal(signal.SIGUSR2, off)
-    from ..cli import main as cli_main
+    from qpher_proxy.cli import main as cli_main
 
     raise SystemExit(cli_main(argv))
 

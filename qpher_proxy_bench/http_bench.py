@@ -1,7 +1,7 @@
 """Keep-alive HTTP/1.1 micro-benchmark for the h11 server (plain TCP on 127.0.0.1).
 
-    python -m qpher_proxy.bench.http_bench --quick
-    python -m qpher_proxy.bench.http_bench --connections 32 --duration 10 --json
+    python -m qpher_proxy_bench.http_bench --quick
+    python -m qpher_proxy_bench.http_bench --connections 32 --duration 10 --json
 
 It starts the server under test in its own process (``--server qpher`` runs ``HTTPServer`` with a
 ``GET /healthz`` handler returning a small JSON document; ``--server minimal`` runs a bare
@@ -195,7 +195,7 @@ def run_load(host: str, port: int, *, connections: int, processes: int, duration
 
 def _start_server(kind: str) -> tuple[subprocess.Popen[str], int]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "qpher_proxy.bench.http_bench", "--serve", kind],
+        [sys.executable, "-m", "qpher_proxy_bench.http_bench", "--serve", kind],
         stdout=subprocess.PIPE,
         text=True,
     )

@@ -1,7 +1,7 @@
 """Micro-benchmark of the policy engine: µs per decision for chains of 10, 100 and 1,000 rules.
 
-    python -m qpher_proxy.bench.policy_bench --quick
-    python -m qpher_proxy.bench.policy_bench --iterations 50000 --json
+    python -m qpher_proxy_bench.policy_bench --quick
+    python -m qpher_proxy_bench.policy_bench --iterations 50000 --json
 
 The chains are synthetic but shaped like real ones: a few guards (admin scope, admin networks,
 metrics), the plan restrictions, then per-tenant rules (4 per tenant: a deny by operation, an
@@ -31,8 +31,8 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
-from ..policy import RequestFacts, compile_policy, evaluate
-from ..policy.engine import PolicyEngine
+from qpher_proxy.policy import RequestFacts, compile_policy, evaluate
+from qpher_proxy.policy.engine import PolicyEngine
 
 _PLANS = """\
 version: 1

@@ -1,4 +1,4 @@
-"""Micro-benchmarks (``python -m qpher_proxy.bench.<name> --quick``)."""
+"""Micro-benchmarks (``python -m qpher_proxy_bench.<name> --quick``)."""
 
 from __future__ import annotations
 

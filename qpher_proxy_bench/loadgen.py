@@ -285,7 +285,7 @@ def client_context(tls: ClientTLS) -> Any:
     """A pyOpenSSL client context offering exactly ``tls.group`` (via the product's setter)."""
     from OpenSSL import SSL
 
-    from ..tls import _openssl
+    from qpher_proxy.tls import _openssl
 
     ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
     ctx.set_min_proto_version(SSL.TLS1_3_VERSION if tls.min_version == "1.3" else SSL.TLS1_2_VERSION)
@@ -380,7 +380,7 @@ def _blocking(fn: Any, sock: socket.socket, deadline: float) -> Any:
 def _canonical(name: str | None) -> str | None:
     if name is None:
         return None
-    from ..tls.context import canonical_group_name
+    from qpher_proxy.tls.context import canonical_group_name
 
     return canonical_group_name(name)
 

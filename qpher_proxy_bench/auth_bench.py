@@ -1,7 +1,7 @@
 """Micro-benchmark of the per-request access-control steps that are not the policy engine.
 
-    python -m qpher_proxy.bench.auth_bench --quick
-    python -m qpher_proxy.bench.auth_bench --iterations 200000 --json
+    python -m qpher_proxy_bench.auth_bench --quick
+    python -m qpher_proxy_bench.auth_bench --iterations 200000 --json
 
 Everything runs in one process on a temporary directory: a real pepper file, a real SQLite
 database (WAL) and a real audit file. Each step is timed over ``--iterations`` calls with
@@ -28,10 +28,10 @@ import tempfile
 import time
 from collections.abc import Callable
 
-from ..audit import AuditLog
-from ..auth import APIKeyStore, Authenticator, extract_api_key, generate_pepper_file, load_pepper, strip_identity_headers
-from ..errors import Unauthenticated
-from ..ratelimit import QuotaCounter, RateLimits, TokenBucketLimiter
+from qpher_proxy.audit import AuditLog
+from qpher_proxy.auth import APIKeyStore, Authenticator, extract_api_key, generate_pepper_file, load_pepper, strip_identity_headers
+from qpher_proxy.errors import Unauthenticated
+from qpher_proxy.ratelimit import QuotaCounter, RateLimits, TokenBucketLimiter
 
 
 def _time(fn: Callable[[], object], iterations: int, repeat: int) -> float:

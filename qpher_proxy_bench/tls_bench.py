@@ -1,7 +1,7 @@
 """Full TLS 1.3 handshakes per second through ``TLSListener`` (no resumption, no HTTP).
 
-    python -m qpher_proxy.bench.tls_bench --quick
-    python -m qpher_proxy.bench.tls_bench --duration 10 --clients 4 --json
+    python -m qpher_proxy_bench.tls_bench --quick
+    python -m qpher_proxy_bench.tls_bench --duration 10 --clients 4 --json
 
 The server under test runs in this process: a ``TLSListener`` on 127.0.0.1 with a fresh dev
 PKI (ECDSA P-256), whose connection handler completes the handshake and closes. The load comes

@@ -1,7 +1,7 @@
 """KMS round trips: ML-DSA-65 sign and ML-KEM-768 decapsulate through the socketpair.
 
-    python -m qpher_proxy.bench.kms_bench --quick
-    python -m qpher_proxy.bench.kms_bench --duration 5 --backend liboqs --json
+    python -m qpher_proxy_bench.kms_bench --quick
+    python -m qpher_proxy_bench.kms_bench --duration 5 --backend liboqs --json
 
 In one run, for 1 and 64 requests in flight (``--inflight``):
 
@@ -36,7 +36,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from ..kms.client.pool import DEFAULT_SPIN, _LoneTrips
+from qpher_proxy.kms.client.pool import DEFAULT_SPIN, _LoneTrips
 
 ECHO_BYTES = 64
 
@@ -192,12 +192,12 @@ class _EchoClient:
 async def _bench(args: argparse.Namespace) -> list[dict[str, Any]]:
     import trio
 
-    from ..context import TenantContext
-    from ..crypto.algorithms import ML_DSA_65, ML_KEM_768
-    from ..kms.worker.backends import select_backend
-    from ..kms.worker.kek import generate_kek_file
-    from ..kms.launcher import open_kms
-    from ..kms.wire.model import KEKSettings
+    from qpher_proxy.context import TenantContext
+    from qpher_proxy.crypto.algorithms import ML_DSA_65, ML_KEM_768
+    from qpher_proxy.kms.worker.backends import select_backend
+    from qpher_proxy.kms.worker.kek import generate_kek_file
+    from qpher_proxy.kms.launcher import open_kms
+    from qpher_proxy.kms.wire.model import KEKSettings
 
     results: list[dict[str, Any]] = []
     levels = [int(x) for x in args.inflight.split(",")]
@@ -207,7 +207,7 @@ async def _bench(args: argparse.Namespace) -> list[dict[str, Any]]:
     # 1. bare socketpair echo
     parent, child = socket.socketpair()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "qpher_proxy.bench.kms_bench", "--echo-child", str(child.fileno())],
+        [sys.executable, "-m", "qpher_proxy_bench.kms_bench", "--echo-child", str(child.fileno())],
         pass_fds=[child.fileno()],
     )
     child.close()

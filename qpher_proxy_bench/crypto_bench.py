@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ..crypto.algorithms import ALGORITHMS, Kind
+from qpher_proxy.crypto.algorithms import ALGORITHMS, Kind
 
 PAYLOAD = bytes(range(256)) * 4  # 1 KiB
 INFO = b"qpher/v1/encrypt"
@@ -84,7 +84,7 @@ def _openssl_raw(alg_name: str, key: Any) -> dict[str, Callable[[], Any]]:
     from cryptography.hazmat.primitives import hashes, hpke
     from cryptography.hazmat.primitives.asymmetric import ec, mldsa, mlkem, x25519
 
-    from ..kms.worker.backends._hybrid import COMPOSITE_LABEL, COMPOSITE_PREFIX, XWING_LABEL, xwing_expand
+    from qpher_proxy.kms.worker.backends._hybrid import COMPOSITE_LABEL, COMPOSITE_PREFIX, XWING_LABEL, xwing_expand
 
     seed = key.private_bytes()
     ops: dict[str, Callable[[], Any]] = {}
@@ -201,7 +201,7 @@ def _liboqs_raw(alg_name: str, key: Any) -> dict[str, Callable[[], Any]]:
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import ec, x25519
 
-    from ..kms.worker.backends._hybrid import COMPOSITE_LABEL, COMPOSITE_PREFIX, XWING_LABEL, xwing_expand
+    from qpher_proxy.kms.worker.backends._hybrid import COMPOSITE_LABEL, COMPOSITE_PREFIX, XWING_LABEL, xwing_expand
 
     names = {"ml-kem-768": "ML-KEM-768", "ml-kem-1024": "ML-KEM-1024", "ml-dsa-44": "ML-DSA-44",
              "ml-dsa-65": "ML-DSA-65", "ml-dsa-87": "ML-DSA-87"}
@@ -360,7 +360,7 @@ def _our_ops(backend: Any, alg_name: str, key: Any) -> dict[str, Callable[[], An
 
 def run(backends: Sequence[str], algorithms: Sequence[str], seconds: float, rounds: int,
         progress: Callable[[str], None] | None = None) -> tuple[list[Result], dict[str, dict[str, str]]]:
-    from ..kms.worker.backends import select_backend
+    from qpher_proxy.kms.worker.backends import select_backend
 
     results: list[Result] = []
     versions: dict[str, dict[str, str]] = {}
@@ -398,7 +398,7 @@ def format_table(results: Sequence[Result], versions: dict[str, dict[str, str]])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from ..kms.worker.backends import available_backends
+    from qpher_proxy.kms.worker.backends import available_backends
 
     parser = argparse.ArgumentParser(prog="qpher-proxy bench crypto",
                                      description=__doc__.split("\n")[0].replace("``", ""))
@@ -416,7 +416,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     backends = args.backend or present
     missing = [b for b in backends if b not in present]
     if missing:
-        from ..kms.worker.backends import liboqs_status
+        from qpher_proxy.kms.worker.backends import liboqs_status
 
         print(f"backend not available: {', '.join(missing)} ({liboqs_status()[1]})", file=sys.stderr)
         return 2
