@@ -1,4 +1,10 @@
-"""Micro-benchmarks (``python -m qpher_proxy_bench.<name> --quick``)."""
+"""The benchmarks: a package beside the runtime one, installed with the project.
+
+It imports ``qpher_proxy``; ``qpher_proxy`` never imports it, except ``qpher-proxy bench NAME``,
+which calls :func:`run_bench` (the import contract ``runtime-never-imports-bench`` in
+``.importlinter`` names that one exception). Each benchmark is a module with a ``main(argv)``,
+also runnable as ``python -m qpher_proxy_bench.<module> --quick``.
+"""
 
 from __future__ import annotations
 
