@@ -11,11 +11,10 @@ stderr and exits 2 (config) or 1; never a traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 from .errors import ConfigError, QpherError
 
@@ -234,10 +233,6 @@ def _bench(what: str, options: Sequence[str]) -> int:
                          "with `pip install -e .` from a source checkout of qpher-proxy",
                          code="bench_unavailable") from exc
     return run_bench(what, options)
-
-
-def print_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, sort_keys=True, default=str))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,7 +1,7 @@
 """The /v1 JSON crypto API: routes, strict request validation and handlers.
 
 Decoupled from HTTP: the server resolves a route, reads the body, calls ``CryptoAPI.parse``
-(4xx on bad input), asks policy with ``ParsedRequest.policy_facts()``, then
+(4xx on bad input), asks policy about ``ParsedRequest.key_ids()`` and its fields, then
 ``CryptoAPI.handle`` returns ``(status, json_object)``. ``openapi.yaml`` at the repository root
 describes every route; ``tests/api`` keeps the two in step.
 """

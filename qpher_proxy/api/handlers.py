@@ -4,8 +4,8 @@ Two steps, so that the pipeline can decide on policy between them:
 
 1. ``CryptoAPI.parse(route, body, path_params, query) -> ParsedRequest`` validates everything
    the client sent (see :mod:`.validation`) and raises a 4xx ``QpherError`` for bad input.
-   ``ParsedRequest.policy_facts()`` then tells the policy engine what the request is about
-   (operation, key ids, the algorithm of a key being created, its label) without a KMS call,
+   ``ParsedRequest.key_ids()`` and its ``fields`` tell the policy what the request is about
+   (the keys it names; the algorithm and label of a key being created) without a KMS call,
    and ``ParsedRequest.cost`` how many quota units it uses (the item count of a batch).
 2. ``CryptoAPI.handle(parsed, ctx) -> (status, json_object)`` performs it through the KMS.
    Errors are ``QpherError``s: 4xx for the client's mistakes (``key_not_found``,
@@ -161,23 +161,6 @@ class ParsedRequest:
         kid = self.fields.get("key_id")
         return (kid,) if kid is not None else ()
 
-    def policy_facts(self) -> dict[str, Any]:
-        """Facts known before any KMS call. ``algorithm``/``label`` only for ``keys.create``:
-        for an existing key they live in the KMS and the pipeline looks them up if a rule needs
-        them."""
-        facts: dict[str, Any] = {
-            "operation": self.route.operation,
-            "route": self.route.name,
-            "quota": self.route.quota,
-            "key_ids": self.key_ids(),
-            "items": self.cost,
-        }
-        if self.route.operation == "keys.create":
-            facts["algorithm"] = self.fields["algorithm"]
-            facts["kind"] = ALGORITHMS[self.fields["algorithm"]].kind.value
-            facts["label"] = self.fields.get("label")
-        return facts
-
     def __repr__(self) -> str:  # fields hold plaintexts and messages: never in a repr
         return f"ParsedRequest(route={self.route.name!r}, items={len(self.items)})"
 
@@ -310,18 +293,6 @@ class CryptoAPI:
         else:
             raise QpherError(f"route {route.name!r} is not served by the crypto API")
         return route.status, key_json(info)
-
-    async def handle_request(
-        self,
-        route: Route,
-        body: bytes,
-        path_params: Mapping[str, str] | None,
-        query: str | Mapping[str, Any] | None,
-        ctx: TenantContext,
-        **conn: str | None,
-    ) -> tuple[int, dict[str, Any]]:
-        """``parse`` then ``handle`` in one call (for callers with no policy step between)."""
-        return await self.handle(self.parse(route, body, path_params, query), ctx, **conn)
 
     # -- operations ---------------------------------------------------------------------
 

@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-The semantics are those of the issue, and nothing else:
+The semantics are these, and nothing else:
 
 1. Rules are considered in chain order (files in name order, rules in file order).
 2. A rule *matches* when every matcher of its ``match`` holds (``{}``: always) and, if it has

@@ -70,8 +70,8 @@ its own connection and nothing else.
 the certificate chain and the host name (``create_default_context``), loads an optional client
 certificate, and is the path trio itself tests. Its OpenSSL (3.0 here) has no ML-KEM, so this
 leg negotiates classical key exchange; the sidecar leg is normally loopback or inside one pod.
-When the project's pyOpenSSL ``TLSStream`` lands, ``_open_stream`` is the one place to switch
-to get X25519MLKEM768 on this leg too.
+``_open_stream`` is the one place that chooses the stream: the project's own pyOpenSSL
+``TLSStream`` (``qpher_proxy.tls``) would bring X25519MLKEM768 to this leg too.
 """
 
 from __future__ import annotations

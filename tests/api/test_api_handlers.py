@@ -312,21 +312,22 @@ async def test_info_reports_the_policy_revision_in_force_at_each_call(kms: FakeK
     assert (await call(api, ctx, "GET", "/v1/info"))[1]["policy"] == {"revision": "b" * 64}
 
 
-def test_policy_facts_and_cost(api: CryptoAPI) -> None:
+def test_what_the_policy_is_told_and_the_cost(api: CryptoAPI) -> None:
     route, _ = resolve("POST", "/v1/keys")  # type: ignore[misc]
-    facts = api.parse(route, b'{"kind": "signature", "mode": "hybrid", "label": "l1"}').policy_facts()
-    assert facts == {"operation": "keys.create", "route": "POST /v1/keys", "quota": "keys", "key_ids": (),
-                     "items": 1, "algorithm": "ml-dsa-65-ecdsa-p256", "kind": "signature", "label": "l1"}
+    parsed = api.parse(route, b'{"kind": "signature", "mode": "hybrid", "label": "l1"}')
+    assert (parsed.route.operation, parsed.route.name, parsed.route.quota) == ("keys.create", "POST /v1/keys", "keys")
+    assert (parsed.key_ids(), parsed.cost) == ((), 1)
+    assert (parsed.fields["algorithm"], parsed.fields.get("label")) == ("ml-dsa-65-ecdsa-p256", "l1")
     route, params = resolve("POST", f"/v1/keys/{NEVER_ISSUED}/rotate")  # type: ignore[misc]
-    assert api.parse(route, b"", params).policy_facts()["key_ids"] == (NEVER_ISSUED,)
+    assert api.parse(route, b"", params).key_ids() == (NEVER_ISSUED,)
     route, _ = resolve("POST", "/v1/sign/batch")  # type: ignore[misc]
     other = "k_" + "b" * 26
     body = {"items": [{"key_id": NEVER_ISSUED, "message": ""}, {"key_id": other, "message": ""},
                       {"key_id": NEVER_ISSUED, "message": ""}, {"key_id": "bad", "message": ""}]}
     parsed = api.parse(route, json.dumps(body).encode())
     assert parsed.cost == 4
-    assert parsed.policy_facts()["key_ids"] == (NEVER_ISSUED, other)
-    assert parsed.policy_facts()["quota"] == "sign"
+    assert parsed.key_ids() == (NEVER_ISSUED, other)
+    assert parsed.route.quota == "sign"
 
 
 def test_parsed_request_repr_holds_no_payload(api: CryptoAPI) -> None:

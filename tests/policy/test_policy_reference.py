@@ -1,6 +1,7 @@
 """Property tests: for random rule chains and random requests, ``evaluate`` (indexed fast path)
-and ``explain`` agree with a plain reference evaluator written here from the issue's wording,
-sharing no code with the engine (its own glob matcher, its own plan and mode logic)."""
+and ``explain`` agree with a plain reference evaluator written here from the semantics that
+``policy/evaluate.py`` states, sharing no code with the engine (its own glob matcher, its own
+plan and mode logic)."""
 
 from __future__ import annotations
 
