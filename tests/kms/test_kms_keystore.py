@@ -25,7 +25,8 @@ from qpher_proxy.errors import (
 )
 from qpher_proxy.kms.worker import keyfile
 from qpher_proxy.kms.worker.kek import FileKEKProvider, KEKError, KEKMismatch, generate_kek_file
-from qpher_proxy.kms.worker.keystore import KeyStore, rotate_kek
+from qpher_proxy.kms.worker.kek_rotation import rotate_kek
+from qpher_proxy.kms.worker.keystore import KeyStore
 from qpher_proxy.kms.wire.model import KEY_ID_RE, KeyState
 
 

@@ -2,7 +2,10 @@
 
 ``__main__``   ``python -m qpher_proxy.kms.worker``: hardening first, then ``service``
 ``service``    the worker loop around the sans-I/O protocol (one socketpair, blocking I/O)
-``keystore``   the tenant-scoped key repository over the metadata database and key files
+``keystore``   the key store: metadata + sealed key files (theory of operation), ``KeyStore``
+``tenant_keys``  the tenant-scoped repository (``TenantKeys``): every key operation
+``keydb``      the store's database, directory lock and KEK check
+``kek_rotation``  the offline re-wrap of every key file under a new KEK
 ``keyfile``    the sealed key-file format; ``kek``: KEK providers and the canary
 ``admin``      offline commands (``init``, ``kms rotate-kek``), imported lazily by the CLI
 ``backends/``  crypto backends holding private key objects (liboqs, OpenSSL)

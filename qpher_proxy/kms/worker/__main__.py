@@ -1,4 +1,6 @@
-"""``python -m qpher_proxy.kms.worker --fd N [--kek-fd M] [--user UID:GID]``: one KMS worker (started by the supervisor).
+"""``python -m qpher_proxy.kms.worker --fd N [--kek-fd M] [--user UID:GID]``: one KMS worker.
+
+Started by the supervisor (``kms/launcher``), never imported by it.
 
 Hardening runs before anything else is imported or read; see ``service.py`` for the rest.
 ``--user``: the worker was started as root and becomes that user once its backend is loaded

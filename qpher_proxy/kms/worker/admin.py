@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..wire.model import KEKSettings
 from .kek import EnvKEKProvider, FileKEKProvider, KEKError, KEKProvider, generate_kek_file
-from .keystore import RotationResult, rotate_kek
+from .kek_rotation import RotationResult, rotate_kek
 
 
 def ensure_kek_file(path: str | os.PathLike[str]) -> str | None:

@@ -50,7 +50,7 @@ canary written. A store with neither is new, and gets its canary.
 
 ``<kms dir>/kek-rotation`` exists only while ``rotate-kek`` runs (it names the old and new
 KEK ids); a KMS refuses to start while it is there, because some files may be under either
-KEK. Re-running ``rotate-kek`` finishes the job (see :func:`qpher_proxy.kms.worker.keystore.rotate_kek`).
+KEK. Re-running ``rotate-kek`` finishes the job (see :func:`qpher_proxy.kms.worker.kek_rotation.rotate_kek`).
 
 KEK files and variables
 -----------------------

@@ -60,7 +60,8 @@ from ..wire.protocol import (
     ServerConnection,
     Value,
 )
-from .keystore import KeyStore, TenantKeys
+from .keystore import KeyStore
+from .tenant_keys import TenantKeys
 
 log = logging.getLogger("qpher.kms.service")
 

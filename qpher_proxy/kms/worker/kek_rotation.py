@@ -1,0 +1,149 @@
+"""Offline KEK rotation: re-wrap every key file of a store under a new KEK.  KMS only.
+
+``qpher-proxy kms rotate-kek`` runs this with the proxy stopped (the store's lock, taken
+exclusively, proves it). The protocol, safe to interrupt at any point and to re-run, is in
+:func:`rotate_kek`; the KEK header of each key file and the ``kek-rotation`` marker are what
+let a re-run resume. Every file stays whole and under one of the two KEKs throughout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import keyfile
+from .kek import CANARY_FILE, ROTATION_FILE, KEKError, KEKProvider, canary_kek_id, seal_canary, verify_canary
+from .keydb import DB_FILE, StoreLock, connect, verify_store_kek, write_transaction
+from .keyfile import KeyBinding
+
+
+@dataclass(frozen=True, slots=True)
+class RotationResult:
+    """What one ``rotate-kek`` run did."""
+
+    rewrapped: int  # files re-wrapped by this run
+    already: int  # files found already under the new KEK (an earlier, interrupted run)
+    total: int
+
+
+def rotate_kek(
+    kms_dir: str | os.PathLike[str],
+    old: KEKProvider,
+    new: KEKProvider,
+    *,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> RotationResult:
+    """Re-wrap every key file under ``new``; safe to interrupt and re-run with the same KEKs.
+
+    1. Take the store's lock exclusively (so no KMS is running) and check that ``old`` is the
+       store's KEK -- or, for a re-run, that the rotation marker names ``old`` -> ``new``.
+    2. Write ``kek-rotation`` naming both KEK ids: from here on no KMS starts until we finish.
+    3. For each key file: its header says which KEK wraps it. Under ``new``: skip (an earlier
+       run did it). Under ``old``: unwrap, wrap under ``new``, write atomically, then record
+       the new KEK id in the database. Anything else: stop, naming the key.
+    4. Replace the canary with one sealed by ``new``; remove the marker.
+
+    A crash at any point leaves every file whole and under one of the two KEKs, and the marker
+    in place; the next run resumes at step 3. ``on_progress(done, total)`` is called after
+    each file.
+    """
+    d = Path(kms_dir)
+    if old.kek_id == new.kek_id:
+        raise KEKError(f"the new KEK has the same id ({new.kek_id!r}) as the current one")
+    if not (d / DB_FILE).exists():
+        raise KEKError(f"no key store in {str(d)!r}")
+    lock = StoreLock(d)
+    try:
+        if not lock.try_exclusive():
+            raise KEKError("the key store is in use by a running KMS; stop the proxy before rotating the KEK")
+        db = connect(d)
+        try:
+            return _rotate_locked(d, db, old, new, on_progress)
+        finally:
+            db.close()
+    finally:
+        lock.close()
+
+
+def _rotate_locked(
+    d: Path, db: sqlite3.Connection, old: KEKProvider, new: KEKProvider,
+    on_progress: Callable[[int, int], None] | None,
+) -> RotationResult:
+    _begin_or_resume(d, db, old, new)  # steps 1 and 2
+    rows = db.execute(
+        "SELECT tenant_id, key_id, version, algorithm, file FROM key_versions WHERE file IS NOT NULL "
+        "ORDER BY tenant_id, key_id, version"
+    ).fetchall()
+    total = len(rows)
+    rewrapped = already = 0
+    for i, (tenant_id, key_id, version, algorithm, rel) in enumerate(rows, 1):  # step 3
+        binding = KeyBinding(tenant_id, key_id, version, algorithm)
+        if _rewrap(d / rel, binding, old, new):
+            rewrapped += 1
+        else:
+            already += 1
+        with write_transaction(db):
+            db.execute(
+                "UPDATE key_versions SET kek_id = ? WHERE tenant_id = ? AND key_id = ? AND version = ?",
+                (new.kek_id, tenant_id, key_id, version),
+            )
+        if on_progress is not None:
+            on_progress(i, total)
+    keyfile.write_atomic(d / CANARY_FILE, seal_canary(new))  # step 4
+    keyfile.remove_file(d / ROTATION_FILE)
+    return RotationResult(rewrapped, already, total)
+
+
+def _begin_or_resume(d: Path, db: sqlite3.Connection, old: KEKProvider, new: KEKProvider) -> None:
+    """Check that ``old`` is the store's KEK, or that the pending rotation is ``old`` -> ``new``;
+    then make sure the marker naming both is in place."""
+    marker = d / ROTATION_FILE
+    canary = d / CANARY_FILE
+    if marker.exists():
+        try:
+            info = json.loads(marker.read_text())
+            ok = info.get("from") == old.kek_id and info.get("to") == new.kek_id
+        except (OSError, ValueError, AttributeError):
+            ok = False
+        if not ok:
+            raise KEKError(
+                "an interrupted KEK rotation between other KEKs is pending; re-run it with the KEKs it names "
+                f"in {str(marker)!r}"
+            )
+        # the canary is under old (interrupted in step 3) or new (interrupted in step 4)
+        if canary.exists():
+            data = canary.read_bytes()
+            verify_canary(new if canary_kek_id(data) == new.kek_id else old, data)
+        return
+    if canary.exists():
+        data = canary.read_bytes()
+        if canary_kek_id(data) == new.kek_id:
+            verify_canary(new, data)  # finished earlier: re-check every file below
+        else:
+            verify_canary(old, data)
+    else:
+        verify_store_kek(d, old, db)  # an old store without a canary: check a file, write one
+    keyfile.write_atomic(marker, json.dumps({"from": old.kek_id, "to": new.kek_id}).encode())
+
+
+def _rewrap(path: Path, binding: KeyBinding, old: KEKProvider, new: KEKProvider) -> bool:
+    """Put one key file under ``new``. False when an earlier run already had (checked, not trusted)."""
+    what = binding.describe()
+    data = keyfile.read_key_file(path, what)
+    header = keyfile.parse_header(data, what)
+    if header.kek_id == new.kek_id:
+        keyfile.unseal(new, binding, data)  # verify, do not trust the header alone
+        return False
+    if header.kek_id != old.kek_id:
+        raise KEKError(f"{what}: the key file is wrapped by a third KEK {header.kek_id!r}; cannot re-wrap it")
+    seed = keyfile.unseal(old, binding, data)
+    keyfile.write_atomic(path, keyfile.seal(new, binding, seed))
+    del seed
+    return True
+
+
+__all__ = ["RotationResult", "rotate_kek"]

@@ -1,0 +1,242 @@
+"""The key store below its repository: the SQLite database, the directory lock, the KEK check.  KMS only.
+
+What lives here is shared by the serving store (``keystore``) and the offline KEK rotation
+(``kek_rotation``), and knows nothing of tenants or key lifecycles:
+
+* the schema, with its ``CHECK`` constraints (see ``keystore`` for what they guard), and the
+  connection settings every writer relies on: WAL, ``synchronous=FULL``, foreign keys, a busy
+  timeout so that workers serialise instead of failing;
+* :func:`write_transaction`, one ``BEGIN IMMEDIATE`` transaction taking the write lock up front;
+* :func:`mapped_errors`, the one place where ``sqlite3.Error`` becomes :class:`StoreUnavailable`
+  (503 ``kms_store_unavailable``) on the paths that answer requests;
+* :class:`StoreLock`, the ``flock`` that lets a worker know it is alone (exclusive) and keeps
+  ``rotate-kek`` away from a running KMS;
+* :func:`verify_store_kek`, which refuses a KEK that is not this store's before anything is written.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from ...crypto.algorithms import ALGORITHMS
+from ...errors import QpherError
+from ..wire.model import MAX_LABEL_CHARS, KeyState
+from . import keyfile
+from .kek import (
+    CANARY_FILE,
+    ROTATION_FILE,
+    KEKError,
+    KEKMismatch,
+    KEKProvider,
+    UnwrapFailed,
+    seal_canary,
+    verify_canary,
+)
+from .keyfile import KeyBinding
+
+DB_FILE = "keys.db"
+LOCK_FILE = "lock"
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_S = 10.0
+LOCK_WAIT_S = 10.0
+
+
+class StoreUnavailable(QpherError):
+    code = "kms_store_unavailable"
+    status = 503
+
+
+def _schema() -> str:
+    algs = ", ".join(f"'{a}'" for a in sorted(ALGORITHMS))
+    states = ", ".join(f"'{s.value}'" for s in KeyState)
+    return f"""
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS keys (
+    tenant_id      TEXT NOT NULL CHECK (length(tenant_id) BETWEEN 1 AND 255),
+    key_id         TEXT NOT NULL CHECK (length(key_id) = 28 AND key_id GLOB 'k_*'),
+    kind           TEXT NOT NULL CHECK (kind IN ('kem', 'signature')),
+    algorithm      TEXT NOT NULL CHECK (algorithm IN ({algs})),
+    label          TEXT CHECK (label IS NULL OR length(label) <= {MAX_LABEL_CHARS}),
+    state          TEXT NOT NULL CHECK (state IN ({states})),
+    resume_state   TEXT CHECK (resume_state IS NULL OR resume_state IN ('enabled', 'disabled')),
+    latest_version INTEGER NOT NULL CHECK (latest_version >= 1),
+    created_at     REAL NOT NULL,
+    updated_at     REAL NOT NULL,
+    destroy_at     REAL,
+    destroyed_at   REAL,
+    PRIMARY KEY (tenant_id, key_id),
+    CHECK ((state = 'pending_destruction') = (destroy_at IS NOT NULL AND resume_state IS NOT NULL))
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS keys_due ON keys (state, destroy_at);
+CREATE TABLE IF NOT EXISTS key_versions (
+    tenant_id  TEXT NOT NULL,
+    key_id     TEXT NOT NULL,
+    version    INTEGER NOT NULL CHECK (version >= 1),
+    algorithm  TEXT NOT NULL CHECK (algorithm IN ({algs})),
+    state      TEXT NOT NULL CHECK (state IN ('active', 'destroyed')),
+    public_key BLOB NOT NULL,
+    file       TEXT CHECK (file IS NULL OR (file GLOB 'keys/*' AND file NOT GLOB '*..*')),
+    kek_id     TEXT,
+    created_at REAL NOT NULL,
+    CHECK ((state = 'active') = (file IS NOT NULL)),
+    FOREIGN KEY (tenant_id, key_id) REFERENCES keys (tenant_id, key_id)
+);
+CREATE UNIQUE INDEX IF NOT EXISTS key_versions_unique ON key_versions (tenant_id, key_id, version);
+"""
+
+
+def connect(kms_dir: Path) -> sqlite3.Connection:
+    path = kms_dir / DB_FILE
+    if not path.exists():
+        # Create it 0600 before SQLite does (its -wal/-shm files copy the mode). Only when it
+        # is missing: closing any descriptor of an existing database would drop this process's
+        # POSIX locks on it, under any connection it already has open.
+        try:
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600))
+        except FileExistsError:
+            pass
+    db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA journal_mode = WAL")
+    db.execute("PRAGMA synchronous = FULL")
+    db.execute("PRAGMA foreign_keys = ON")
+    with write_transaction(db):
+        for statement in _schema().split(";"):
+            if statement.strip():
+                db.execute(statement)
+        db.execute("INSERT OR IGNORE INTO meta (name, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+    (version,) = db.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone()
+    if version != str(SCHEMA_VERSION):
+        db.close()
+        raise KEKError(f"the key store database has schema version {version}; this build reads {SCHEMA_VERSION}")
+    return db
+
+
+@contextmanager
+def write_transaction(db: sqlite3.Connection) -> Iterator[None]:
+    """One write transaction, taking the write lock up front."""
+    if db.in_transaction:
+        yield
+        return
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+    else:
+        if db.in_transaction:
+            db.execute("COMMIT")
+
+
+@contextmanager
+def mapped_errors(what: str) -> Iterator[None]:
+    try:
+        yield
+    except sqlite3.Error as exc:
+        raise StoreUnavailable(f"key store database error while {what}") from exc
+
+
+class StoreLock:
+    """The ``flock`` on ``<kms dir>/lock`` (see the module docstring)."""
+
+    def __init__(self, kms_dir: Path) -> None:
+        self._fd = os.open(kms_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+    def try_exclusive(self) -> bool:
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                return False
+            raise
+        return True
+
+    def shared(self, wait: float = LOCK_WAIT_S, clock: Callable[[], float] = time.monotonic) -> None:
+        deadline = clock() + wait
+        while True:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise
+            if clock() >= deadline:
+                raise KEKError(
+                    "the key store is locked by another process (is `qpher-proxy kms rotate-kek` running?)"
+                )
+            time.sleep(0.05)  # only while another process holds the exclusive lock
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+def _check_rotation_marker(kms_dir: Path) -> None:
+    marker = kms_dir / ROTATION_FILE
+    if marker.exists():
+        try:
+            info = json.loads(marker.read_text())
+            detail = f" from {info['from']!r} to {info['to']!r}"
+        except (OSError, ValueError, KeyError, TypeError):
+            detail = ""
+        raise KEKError(
+            f"a KEK rotation{detail} was interrupted; re-run `qpher-proxy kms rotate-kek` with the same "
+            "KEKs to finish it before starting the KMS"
+        )
+
+
+def verify_store_kek(kms_dir: Path, provider: KEKProvider, db: sqlite3.Connection) -> None:
+    """Stop with :class:`KEKError` unless ``provider`` is this store's KEK (see kek.py).
+
+    Reads only; writes the canary only after the KEK has been shown right (or the store is new)."""
+    _check_rotation_marker(kms_dir)
+    canary = kms_dir / CANARY_FILE
+    try:
+        data = canary.read_bytes()
+    except FileNotFoundError:
+        data = None
+    if data is not None:
+        verify_canary(provider, data)
+        return
+    row = db.execute(
+        "SELECT tenant_id, key_id, version, algorithm, file FROM key_versions WHERE file IS NOT NULL LIMIT 1"
+    ).fetchone()
+    if row is not None:
+        tenant_id, key_id, version, algorithm, rel = row
+        binding = KeyBinding(tenant_id, key_id, version, algorithm)
+        try:
+            raw = keyfile.read_key_file(kms_dir / rel, binding.describe())
+            header = keyfile.parse_header(raw, binding.describe())
+            if header.kek_id != provider.kek_id:
+                raise KEKMismatch(
+                    f"the configured KEK (id {provider.kek_id!r}) is not the KEK of this key store "
+                    f"(key files are wrapped by {header.kek_id!r}); nothing was written"
+                )
+            provider.unwrap(raw[header.body_offset :], binding.aad(header.kek_id))
+        except UnwrapFailed as exc:
+            raise KEKMismatch(
+                f"the configured KEK (id {provider.kek_id!r}) does not open this key store's key files; "
+                "nothing was written"
+            ) from exc
+        except QpherError as exc:
+            if isinstance(exc, KEKError):
+                raise
+            raise KEKError(
+                f"the KEK check file is missing and a key file could not be read to check the KEK: {exc.message}"
+            ) from exc
+    keyfile.write_atomic(canary, seal_canary(provider))
+
+
+
+__all__ = [
+    "BUSY_TIMEOUT_S", "DB_FILE", "LOCK_FILE", "LOCK_WAIT_S", "SCHEMA_VERSION", "StoreLock", "StoreUnavailable",
+    "connect", "mapped_errors", "verify_store_kek", "write_transaction",
+]

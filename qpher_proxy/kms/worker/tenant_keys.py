@@ -1,0 +1,469 @@
+"""The tenant-scoped key repository: every key operation of one tenant.  KMS only.
+
+A :class:`TenantKeys` is obtained from :meth:`.keystore.KeyStore.tenant` with a
+non-empty tenant id, and each of its SQL statements binds ``tenant_id``: a key id of another
+tenant misses exactly like a random one (404 ``key_not_found``). The lifecycle it enforces, the
+write order that keeps a crash harmless and the per-batch state cache are described in
+``keystore``; this module is their code.
+
+It is the store's other half: it uses the store's connection, write transaction and caches
+(``KeyStore._db``, ``_transaction``, ``_private``/``_public``, ``_hot``), which nothing else
+touches. Key files are written and removed through the ``keyfile`` module's functions, looked
+up at call time.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ...crypto.algorithms import (
+    ALGORITHMS,
+    DEFAULT_KEM,
+    DEFAULT_SIGNATURE,
+    HYBRID_KEM,
+    HYBRID_SIGNATURE,
+    Algorithm,
+    Kind,
+    get_algorithm,
+)
+from ...crypto.interface import PrivateKey, PublicKey
+from ...errors import (
+    BackendUnavailable,
+    InvalidInput,
+    InvalidKeyState,
+    KeyCorrupt,
+    KeyDestroyed,
+    KeyDisabled,
+    KeyNotFound,
+    QpherError,
+)
+from ..wire.model import (
+    DEFAULT_LIST_LIMIT,
+    KEY_ID_RE,
+    MAX_DESTROY_DELAY,
+    MAX_LABEL_CHARS,
+    MAX_LIST_LIMIT,
+    KeyInfo,
+    KeyPage,
+    KeyState,
+    VersionInfo,
+    key_not_found,
+    new_key_id,
+)
+from . import keyfile
+from .keydb import StoreUnavailable, mapped_errors
+from .keyfile import KeyBinding
+
+if TYPE_CHECKING:
+    from .keystore import KeyStore
+
+log = logging.getLogger("qpher.kms.keystore")
+
+HOT_CACHE_SIZE = 4096  # resolved (tenant, key, version) entries kept between data_version changes
+
+_KEY_COLS = "key_id, kind, algorithm, label, state, latest_version, created_at, updated_at, destroy_at, destroyed_at"
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedVersion:
+    """An enabled key's version, resolved for one request: what loading its key object needs."""
+
+    key_id: str
+    algorithm: Algorithm
+    version: int
+    file: str
+
+
+
+class TenantKeys:
+    """Every key operation of one tenant. Each SQL statement binds ``tenant_id``."""
+
+    __slots__ = ("_store", "_tenant")
+
+    def __init__(self, store: KeyStore, tenant_id: str) -> None:
+        if type(tenant_id) is not str or not tenant_id or len(tenant_id.encode()) > 255:
+            raise InvalidInput("a tenant id (1..255 bytes) is required for every key store call")
+        self._store = store
+        self._tenant = tenant_id
+
+    @property
+    def tenant_id(self) -> str:
+        return self._tenant
+
+    # ---- helpers ----
+
+    def _check_id(self, key_id: object) -> str:
+        if type(key_id) is not str or KEY_ID_RE.match(key_id) is None:
+            raise key_not_found(key_id)
+        return key_id
+
+    def _row(self, key_id: str) -> tuple[Any, ...]:
+        row = self._store._db.execute(
+            f"SELECT {_KEY_COLS}, resume_state FROM keys WHERE tenant_id = ? AND key_id = ?",
+            (self._tenant, key_id),
+        ).fetchone()
+        if row is None:
+            raise key_not_found(key_id)
+        return tuple(row)
+
+    def _info(self, row: tuple[Any, ...], version: int | None = None) -> KeyInfo:
+        (key_id, kind, algorithm, label, state, latest, created, updated, destroy_at, destroyed_at) = row[:10]
+        db = self._store._db
+        versions = tuple(
+            VersionInfo(v, s, c)
+            for v, s, c in db.execute(
+                "SELECT version, state, created_at FROM key_versions WHERE tenant_id = ? AND key_id = ? "
+                "ORDER BY version",
+                (self._tenant, key_id),
+            )
+        )
+        want = latest if version is None else version
+        pub_row = db.execute(
+            "SELECT public_key, state FROM key_versions WHERE tenant_id = ? AND key_id = ? AND version = ?",
+            (self._tenant, key_id, want),
+        ).fetchone()
+        if pub_row is None:
+            raise KeyNotFound(f"key {key_id!r} has no version {want}")
+        public = bytes(pub_row[0]) if state != KeyState.DESTROYED.value else None
+        return KeyInfo(
+            key_id=key_id, kind=kind, algorithm=algorithm, label=label, state=KeyState(state),
+            version=want, latest_version=latest, public_key=public, created_at=created,
+            updated_at=updated, destroy_at=destroy_at, destroyed_at=destroyed_at, versions=versions,
+        )
+
+    def _lazy_destroy(self, key_id: str, row: tuple[Any, ...]) -> tuple[Any, ...]:
+        """A key past its destruction time is destroyed now, whatever the sweep's schedule."""
+        state, destroy_at = row[4], row[8]
+        if state == KeyState.PENDING_DESTRUCTION.value and destroy_at is not None:
+            now = self._store.clock()
+            if destroy_at <= now:
+                self._destroy_if_due(key_id, now)
+                return self._row(key_id)
+        return row
+
+    def _write_version(self, key_id: str, version: int, alg: Algorithm) -> tuple[bytes, str, PrivateKey]:
+        store = self._store
+        if not store.backend.supports(alg):
+            raise BackendUnavailable(f"the {store.backend.name} backend does not offer {alg.name}")
+        priv = store.backend.generate(alg)
+        public = priv.public_key().public_bytes()
+        binding = KeyBinding(self._tenant, key_id, version, alg.name)
+        rel = keyfile.relative_path(binding)
+        keyfile.write_atomic(store.dir / rel, keyfile.seal(store.kek, binding, priv.private_bytes()))
+        return public, rel, priv
+
+    # ---- lifecycle ----
+
+    def create(
+        self, *, algorithm: str | None = None, kind: str | None = None, mode: str | None = None,
+        label: str | None = None,
+    ) -> KeyInfo:
+        alg = _choose_algorithm(algorithm, kind, mode)
+        if label is not None:
+            if type(label) is not str or len(label) > MAX_LABEL_CHARS or not label.isprintable():
+                raise InvalidInput(f"label must be a printable string of at most {MAX_LABEL_CHARS} characters")
+        store = self._store
+        key_id = new_key_id()
+        public, rel, priv = self._write_version(key_id, 1, alg)
+        now = store.clock()
+        try:
+            with mapped_errors("creating a key"), store._transaction():
+                store._db.execute(
+                    "INSERT INTO keys (tenant_id, key_id, kind, algorithm, label, state, latest_version, "
+                    "created_at, updated_at) VALUES (?, ?, ?, ?, ?, 'enabled', 1, ?, ?)",
+                    (self._tenant, key_id, alg.kind.value, alg.name, label, now, now),
+                )
+                self._insert_version(key_id, 1, alg, public, rel, now)
+        except BaseException:
+            keyfile.remove_file(store.dir / rel)
+            raise
+        store._cache_put(store._private, (self._tenant, key_id, 1), priv)
+        return self._info(self._row(key_id))
+
+    def _insert_version(self, key_id: str, version: int, alg: Algorithm, public: bytes, rel: str, now: float) -> None:
+        self._store._db.execute(
+            "INSERT INTO key_versions (tenant_id, key_id, version, algorithm, state, public_key, file, "
+            "kek_id, created_at) VALUES (?, ?, ?, ?, 'active', ?, ?, ?, ?)",
+            (self._tenant, key_id, version, alg.name, public, rel, self._store.kek.kek_id, now),
+        )
+
+    def get(self, key_id: str, version: int | None = None) -> KeyInfo:
+        key_id = self._check_id(key_id)
+        if version is not None:
+            _check_version(version)
+        with mapped_errors("reading a key"):
+            return self._info(self._lazy_destroy(key_id, self._row(key_id)), version)
+
+    def list(self, limit: int = DEFAULT_LIST_LIMIT, cursor: str | None = None) -> KeyPage:
+        if type(limit) is not int or not 1 <= limit <= MAX_LIST_LIMIT:
+            raise InvalidInput(f"limit must be an integer in 1..{MAX_LIST_LIMIT}")
+        if cursor is not None and (type(cursor) is not str or KEY_ID_RE.match(cursor) is None):
+            raise InvalidInput("cursor is not one this service returned")
+        with mapped_errors("listing keys"):
+            rows = self._store._db.execute(
+                f"SELECT {_KEY_COLS} FROM keys WHERE tenant_id = ? AND key_id > ? ORDER BY key_id LIMIT ?",
+                (self._tenant, cursor or "", limit + 1),
+            ).fetchall()
+            more = len(rows) > limit
+            rows = rows[:limit]
+            infos = tuple(self._info(self._lazy_destroy(r[0], tuple(r))) for r in rows)
+        return KeyPage(infos, rows[-1][0] if more and rows else None)
+
+    def rotate(self, key_id: str) -> KeyInfo:
+        key_id = self._check_id(key_id)
+        store = self._store
+        with mapped_errors("rotating a key"):
+            row = self._lazy_destroy(key_id, self._row(key_id))
+            _require_usable(key_id, row[4])
+            alg = get_algorithm(row[2])
+            # the write lock is held from reading latest_version to the commit: concurrent
+            # rotations (other workers) serialise and never pick the same version number
+            with store._transaction():
+                row = self._row(key_id)
+                _require_usable(key_id, row[4])
+                version = row[5] + 1
+                public, rel, priv = self._write_version(key_id, version, alg)
+                try:
+                    now = store.clock()
+                    self._insert_version(key_id, version, alg, public, rel, now)
+                    store._db.execute(
+                        "UPDATE keys SET latest_version = ?, updated_at = ? WHERE tenant_id = ? AND key_id = ?",
+                        (version, now, self._tenant, key_id),
+                    )
+                except BaseException:
+                    keyfile.remove_file(store.dir / rel)
+                    raise
+        store._cache_put(store._private, (self._tenant, key_id, version), priv)
+        return self._info(self._row(key_id))
+
+    def _transition(self, key_id: str, op: str) -> KeyInfo:
+        key_id = self._check_id(key_id)
+        store = self._store
+        with mapped_errors(f"{op} a key"):
+            self._lazy_destroy(key_id, self._row(key_id))  # outside the transaction: it commits
+        with mapped_errors(f"{op} a key"), store._transaction():
+            row = self._row(key_id)
+            state = row[4]
+            now = store.clock()
+            if state == KeyState.DESTROYED.value:
+                raise KeyDestroyed(f"key {key_id!r} was destroyed")
+            if op == "disable":
+                if state == KeyState.PENDING_DESTRUCTION.value:
+                    raise InvalidKeyState(f"key {key_id!r} is scheduled for destruction; cancel that first")
+                new = KeyState.DISABLED.value
+            elif op == "enable":
+                if state == KeyState.PENDING_DESTRUCTION.value:
+                    raise InvalidKeyState(f"key {key_id!r} is scheduled for destruction; cancel that first")
+                new = KeyState.ENABLED.value
+            else:  # cancel_destroy
+                if state != KeyState.PENDING_DESTRUCTION.value:
+                    raise InvalidKeyState(f"key {key_id!r} is not scheduled for destruction")
+                new = row[10]
+            if new != state:
+                store._db.execute(
+                    "UPDATE keys SET state = ?, resume_state = NULL, destroy_at = NULL, updated_at = ? "
+                    "WHERE tenant_id = ? AND key_id = ?",
+                    (new, now, self._tenant, key_id),
+                )
+        return self._info(self._row(key_id))
+
+    def disable(self, key_id: str) -> KeyInfo:
+        return self._transition(key_id, "disable")
+
+    def enable(self, key_id: str) -> KeyInfo:
+        return self._transition(key_id, "enable")
+
+    def cancel_destroy(self, key_id: str) -> KeyInfo:
+        return self._transition(key_id, "cancel_destroy")
+
+    def schedule_destroy(self, key_id: str, delay: float | None = None) -> KeyInfo:
+        key_id = self._check_id(key_id)
+        store = self._store
+        if delay is None:
+            delay = store.destroy_delay
+        if type(delay) not in (int, float) or not 0 <= delay <= MAX_DESTROY_DELAY:
+            raise InvalidInput(f"delay must be a number of seconds in 0..{MAX_DESTROY_DELAY:.0f}")
+        with mapped_errors("scheduling a destruction"):
+            self._lazy_destroy(key_id, self._row(key_id))  # outside the transaction: it commits
+        with mapped_errors("scheduling a destruction"), store._transaction():
+            row = self._row(key_id)
+            state = row[4]
+            if state == KeyState.DESTROYED.value:
+                raise KeyDestroyed(f"key {key_id!r} was destroyed")
+            if state != KeyState.PENDING_DESTRUCTION.value:  # already scheduled: keep the first date
+                now = store.clock()
+                store._db.execute(
+                    "UPDATE keys SET state = 'pending_destruction', resume_state = ?, destroy_at = ?, "
+                    "updated_at = ? WHERE tenant_id = ? AND key_id = ?",
+                    (state, now + float(delay), now, self._tenant, key_id),
+                )
+        store._evict(self._tenant, key_id)
+        row = self._lazy_destroy(key_id, self._row(key_id))  # delay 0: destroyed at once
+        return self._info(row)
+
+    def _destroy_if_due(self, key_id: str, now: float) -> bool:
+        store = self._store
+        # the files are unlinked after *our* commit; inside someone else's transaction that
+        # commit could still roll back and leave metadata naming deleted files
+        assert not store._db.in_transaction, "destroy must run in its own transaction"
+        with mapped_errors("destroying a key"), store._transaction():
+            row = store._db.execute(
+                "SELECT state, destroy_at FROM keys WHERE tenant_id = ? AND key_id = ?", (self._tenant, key_id)
+            ).fetchone()
+            if row is None or row[0] != KeyState.PENDING_DESTRUCTION.value or row[1] > now:
+                return False
+            files = [
+                r[0]
+                for r in store._db.execute(
+                    "SELECT file FROM key_versions WHERE tenant_id = ? AND key_id = ? AND file IS NOT NULL",
+                    (self._tenant, key_id),
+                )
+            ]
+            store._db.execute(
+                "UPDATE keys SET state = 'destroyed', resume_state = NULL, destroy_at = NULL, destroyed_at = ?, "
+                "updated_at = ? WHERE tenant_id = ? AND key_id = ?",
+                (now, now, self._tenant, key_id),
+            )
+            store._db.execute(
+                "UPDATE key_versions SET state = 'destroyed', file = NULL, kek_id = NULL "
+                "WHERE tenant_id = ? AND key_id = ?",
+                (self._tenant, key_id),
+            )
+        # committed: the files are now orphans; remove them (a crash here leaves them to the sweep)
+        for rel in files:
+            keyfile.remove_file(store.dir / rel)
+        store._evict(self._tenant, key_id)
+        log.info("key destroyed", extra={"fields": {"key_id": key_id, "versions": len(files)}})
+        return True
+
+    # ---- key objects for the crypto operations ----
+
+    _RESOLVE = (
+        "SELECT k.state, k.destroy_at, k.latest_version, v.version, v.algorithm, v.file "
+        "FROM keys k LEFT JOIN key_versions v ON v.tenant_id = k.tenant_id AND v.key_id = k.key_id "
+        "AND v.version = COALESCE(?, k.latest_version) WHERE k.tenant_id = ? AND k.key_id = ?"
+    )
+
+    def _resolve(self, key_id: object, version: object) -> ResolvedVersion:
+        store = self._store
+        if store._batch_valid and type(key_id) is str and (version is None or type(version) is int):
+            hot = store._hot.get((self._tenant, key_id, version))
+            if hot is not None:
+                return hot
+        key_id = self._check_id(key_id)
+        if version is not None:
+            _check_version(version)
+        db = store._db
+        try:
+            row = db.execute(self._RESOLVE, (version, self._tenant, key_id)).fetchone()
+        except sqlite3.Error as exc:
+            raise StoreUnavailable("key store database error while reading a key") from exc
+        if row is None:
+            raise key_not_found(key_id)
+        state, destroy_at, _latest, v, alg, rel = row
+        if state != "enabled":
+            if state == "pending_destruction" and destroy_at <= self._store.clock():
+                self._destroy_if_due(key_id, self._store.clock())
+                state = "destroyed"
+            if state == "destroyed":
+                raise KeyDestroyed(f"key {key_id!r} was destroyed")
+            if state == "disabled":
+                raise KeyDisabled(f"key {key_id!r} is disabled")
+            raise KeyDisabled(f"key {key_id!r} is scheduled for destruction")
+        if v is None:
+            raise KeyNotFound(f"key {key_id!r} has no version {version}")
+        if rel is None:  # pragma: no cover - the CHECK constraint ties state and file
+            raise KeyDestroyed(f"key {key_id!r} version {v} was destroyed")
+        resolved = ResolvedVersion(key_id, ALGORITHMS[alg], v, rel)
+        if store._batch_valid:
+            if len(store._hot) >= HOT_CACHE_SIZE:
+                store._hot.clear()
+            store._hot[(self._tenant, key_id, version)] = resolved  # type: ignore[index]  # checked above
+        return resolved
+
+    def private_key(self, key_id: object, version: object = None) -> tuple[PrivateKey, int]:
+        """The loaded private key of an enabled key (latest version unless given)."""
+        r = self._resolve(key_id, version)
+        store = self._store
+        ck = (self._tenant, r.key_id, r.version)
+        priv = store._cache_get(store._private, ck)
+        if priv is None:
+            priv = self._load_private(r.key_id, r)
+            store._cache_put(store._private, ck, priv)
+        return priv, r.version
+
+    def public_key(self, key_id: object, version: object = None) -> tuple[PublicKey, int]:
+        """The public key of an enabled key (latest version unless given)."""
+        r = self._resolve(key_id, version)
+        store = self._store
+        ck = (self._tenant, r.key_id, r.version)
+        pub = store._cache_get(store._public, ck)
+        if pub is None:
+            priv = store._cache_get(store._private, ck)
+            if priv is not None:
+                pub = priv.public_key()
+            else:
+                row = store._db.execute(
+                    "SELECT public_key FROM key_versions WHERE tenant_id = ? AND key_id = ? AND version = ?",
+                    (self._tenant, r.key_id, r.version),
+                ).fetchone()
+                pub = store.backend.load_public(r.algorithm, bytes(row[0]))
+            store._cache_put(store._public, ck, pub)
+        return pub, r.version
+
+    def _load_private(self, key_id: str, r: ResolvedVersion) -> PrivateKey:
+        store = self._store
+        binding = KeyBinding(self._tenant, key_id, r.version, r.algorithm.name)
+        what = binding.describe()
+        data = keyfile.read_key_file(store.dir / r.file, what)
+        seed = keyfile.unseal(store.kek, binding, data)
+        try:
+            priv = store.backend.load_private(r.algorithm, seed)
+        except QpherError as exc:
+            raise KeyCorrupt(f"{what}: the key file holds no valid {r.algorithm.name} key") from exc
+        del seed
+        row = store._db.execute(
+            "SELECT public_key FROM key_versions WHERE tenant_id = ? AND key_id = ? AND version = ?",
+            (self._tenant, key_id, r.version),
+        ).fetchone()
+        if row is None or priv.public_key().public_bytes() != bytes(row[0]):
+            raise KeyCorrupt(f"{what}: the key file does not match the key's public key")
+        return priv
+
+
+def _check_version(version: object) -> int:
+    if type(version) is not int or not 1 <= version <= 2**31:
+        raise InvalidInput("key_version must be a positive integer")
+    return version
+
+
+def _require_usable(key_id: str, state: str) -> None:
+    if state == KeyState.DESTROYED.value:
+        raise KeyDestroyed(f"key {key_id!r} was destroyed")
+    if state == KeyState.DISABLED.value:
+        raise KeyDisabled(f"key {key_id!r} is disabled")
+    if state == KeyState.PENDING_DESTRUCTION.value:
+        raise KeyDisabled(f"key {key_id!r} is scheduled for destruction")
+
+
+def _choose_algorithm(algorithm: object, kind: object, mode: object) -> Algorithm:
+    if kind is not None and kind not in (Kind.KEM.value, Kind.SIGNATURE.value):
+        raise InvalidInput(f"kind must be 'kem' or 'signature', not {str(kind)[:20]!r}")
+    if mode is not None and mode not in ("pqc", "hybrid"):
+        raise InvalidInput(f"mode must be 'pqc' or 'hybrid', not {str(mode)[:20]!r}")
+    if algorithm is not None:
+        alg = get_algorithm(algorithm)
+        if kind is not None and alg.kind.value != kind:
+            raise InvalidInput(f"algorithm {alg.name!r} is a {alg.kind.value} algorithm, not {kind}")
+        if mode is not None and alg.mode.value != mode:
+            raise InvalidInput(f"algorithm {alg.name!r} is {alg.mode.value}, not {mode}")
+        return alg
+    if kind is None:
+        raise InvalidInput("give an algorithm, or a kind ('kem' or 'signature')")
+    hybrid = mode == "hybrid"
+    if kind == Kind.KEM.value:
+        return ALGORITHMS[HYBRID_KEM if hybrid else DEFAULT_KEM]
+    return ALGORITHMS[HYBRID_SIGNATURE if hybrid else DEFAULT_SIGNATURE]
