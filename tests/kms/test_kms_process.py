@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import trio
 from kms_helpers import ctx, settings, spawn_raw_worker, tree_snapshot
+from wire_frames import encode_raw_request
 
 from qpher_proxy.context import TenantContext
 from qpher_proxy.crypto.algorithms import ALGORITHMS, ML_DSA_65, ML_KEM_768
@@ -42,7 +43,6 @@ from qpher_proxy.kms.wire.protocol import (
     Ready,
     Response,
     ServerConnection,
-    encode_raw_request,
 )
 from qpher_proxy.kms.launcher import KMSSupervisor, open_kms
 

@@ -8,6 +8,7 @@ import struct
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from wire_frames import encode_raw_request
 
 from qpher_proxy.context import TenantContext
 from qpher_proxy.kms.wire import protocol
@@ -25,7 +26,6 @@ from qpher_proxy.kms.wire.protocol import (
     ServerConnection,
     State,
     decode_value,
-    encode_raw_request,
     encode_value,
 )
 

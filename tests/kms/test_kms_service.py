@@ -11,6 +11,7 @@ import pytest
 import trio
 import trio.testing
 from kms_helpers import FakeClock, ctx
+from wire_frames import encode_raw_request
 
 from qpher_proxy.errors import KMSUnavailable
 from qpher_proxy.kms.client import KMSClient, WorkerChannel
@@ -21,7 +22,6 @@ from qpher_proxy.kms.wire.protocol import (
     Error,
     Response,
     ServerConnection,
-    encode_raw_request,
 )
 from qpher_proxy.kms.worker.service import KMSService
 

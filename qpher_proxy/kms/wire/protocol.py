@@ -267,10 +267,6 @@ class Error:
     status: int
     message: str
 
-    @classmethod
-    def from_exception(cls, rid: int, exc: QpherError) -> Error:
-        return cls(rid, exc.code, exc.status, exc.message)
-
 
 @dataclass(frozen=True, slots=True)
 class ConnectionClosed:
@@ -648,20 +644,8 @@ class ServerConnection(_Connection):
             return RejectedRequest(rid, "unknown_operation", "request names no operation")
         if type(args) is not dict:
             return RejectedRequest(rid, "bad_request", "request args must be a dict")
-        # Not via Request(...) / TenantContext(...): the checks above are the same and this is
-        # the hot path; the slots are filled through their descriptors (what the frozen
-        # dataclasses' own __init__ does by name, at twice the cost).
-        ctx = _new(TenantContext)
-        _set_tenant(ctx, tenant)
-        _set_request_id(ctx, request_id)
-        _set_api_key_id(ctx, api_key_id)
-        req = _new(Request)
-        _set_rid(req, rid)
-        _set_token(req, body[:TOKEN_BYTES])
-        _set_context(req, ctx)
-        _set_op(req, op)
-        _set_args(req, args)
-        return req
+        # the checks above are those of Request(...) and TenantContext(...)
+        return trusted_request(rid, body[:TOKEN_BYTES], tenant, request_id, api_key_id, op, args)
 
     # ---- sending ----
 
@@ -691,6 +675,15 @@ class ServerConnection(_Connection):
         return self.error(rid, exc.code, exc.status, exc.message)
 
 
+# ---- trusted constructors ------------------------------------------------------------------
+#
+# The decoder builds a Request (and its TenantContext) or a Response for every frame, and it has
+# already checked every field as the dataclasses' own __init__/__post_init__ would. These build
+# the same frozen objects without running those checks again: the slots are filled through their
+# descriptors (what the generated __init__ does by name, at twice the cost). Only for fields
+# checked by the caller; ``tests/kms/test_kms_wire_trusted.py`` proves they build exactly what
+# the checked constructors build.
+
 _new = object.__new__
 _set_tenant, _set_request_id, _set_api_key_id = (
     TenantContext.__dict__[f].__set__ for f in ("tenant_id", "request_id", "api_key_id")
@@ -699,6 +692,32 @@ _set_rid, _set_token, _set_context, _set_op, _set_args = (
     Request.__dict__[f].__set__ for f in ("rid", "token", "context", "op", "args")
 )
 _set_resp_rid, _set_resp_value = (Response.__dict__[f].__set__ for f in ("rid", "value"))
+
+
+def trusted_request(
+    rid: int, token: bytes, tenant_id: str, request_id: str, api_key_id: str, op: str, args: dict[str, Value]
+) -> Request:
+    """``Request(rid, token, TenantContext(tenant_id, request_id, api_key_id), op, args)`` for
+    fields the caller has checked (non-empty context strings and op, a 32-byte token, rid > 0)."""
+    ctx = _new(TenantContext)
+    _set_tenant(ctx, tenant_id)
+    _set_request_id(ctx, request_id)
+    _set_api_key_id(ctx, api_key_id)
+    req = _new(Request)
+    _set_rid(req, rid)
+    _set_token(req, token)
+    _set_context(req, ctx)
+    _set_op(req, op)
+    _set_args(req, args)
+    return req
+
+
+def trusted_response(rid: int, value: Value) -> Response:
+    """``Response(rid, value)`` (which checks nothing itself, but costs a generated __init__)."""
+    resp = _new(Response)
+    _set_resp_rid(resp, rid)
+    _set_resp_value(resp, value)
+    return resp
 
 
 class ClientConnection(_Connection):
@@ -766,10 +785,7 @@ class ClientConnection(_Connection):
                 value, p = _decode_at(body, 0, 0)
                 if p != len(body):
                     raise ValueError("trailing bytes after the value")
-                resp = _new(Response)  # as in _decode_request: no dataclass __init__ on the hot path
-                _set_resp_rid(resp, rid)
-                _set_resp_value(resp, value)
-                return resp
+                return trusted_response(rid, value)
             if ftype == _ERROR:
                 if len(body) < 2:
                     raise ValueError("short error frame")
@@ -792,15 +808,3 @@ class ClientConnection(_Connection):
         except (ValueError, UnicodeDecodeError) as exc:
             raise ProtocolError(f"malformed {FrameType(ftype).name} frame") from exc
 
-
-def encode_raw_request(
-    rid: int, token: bytes, tenant_id: str, request_id: str, api_key_id: str, op: str, args: Value
-) -> bytes:
-    """A REQUEST frame with *no* checks: for tests that must put bad frames on the wire."""
-    payload = [token, _str8(tenant_id), _str8(request_id), _str8(api_key_id), _str8(op), encode_value(args)]
-    return _frame(FrameType.REQUEST, rid, payload, 2**32 - 1)
-
-
-def encode_raw_hello(token: bytes, config: dict[str, Value]) -> bytes:
-    """A HELLO frame with no checks (tests and the bench's direct-to-child mode)."""
-    return _frame(FrameType.HELLO, 0, [token, encode_value(config)], 2**32 - 1)
