@@ -274,17 +274,26 @@ def drop_privileges(user: RunAs, keep: tuple[int, ...] = ()) -> None:
 
 def preload(packages: Iterable[str], skip: Iterable[str] = ()) -> None:
     """Import every module of ``packages`` (except those under ``skip``) now, while their files
-    are readable: after a uid change or Landlock, a lazy import could not read them."""
+    are readable: after a uid change or Landlock, a lazy import could not read them.
+
+    A skipped package is not imported at all, not even its ``__init__`` to list what is in it
+    (``pkgutil.walk_packages`` would): the gateway skips ``qpher_proxy.kms.worker`` and a worker
+    skips the gateway side of the KMS, and neither may load a line of the other."""
     skipped = tuple(skip)
     for name in packages:
         mod = importlib.import_module(name)
         path = getattr(mod, "__path__", None)
-        if path is None:
+        if path is not None:
+            _preload_tree(path, name + ".", skipped)
+
+
+def _preload_tree(path: Iterable[str], prefix: str, skipped: tuple[str, ...]) -> None:
+    for info in pkgutil.iter_modules(path, prefix):
+        if info.name.startswith(skipped) or info.name.endswith(".__main__"):
             continue
-        for info in pkgutil.walk_packages(path, prefix=name + "."):
-            if info.name.startswith(skipped) or info.name.endswith(".__main__"):
-                continue
-            importlib.import_module(info.name)
+        mod = importlib.import_module(info.name)
+        if info.ispkg:
+            _preload_tree(mod.__path__, info.name + ".", skipped)
 
 
 __all__ = [

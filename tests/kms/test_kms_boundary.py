@@ -41,3 +41,32 @@ def test_the_worker_entry_point_does_not_load_trio() -> None:
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "False"
+
+
+def test_the_gateway_preload_imports_nothing_of_the_worker() -> None:
+    """The gateway imports its whole package before Landlock; the worker's package, skipped,
+    is not even imported to be listed."""
+    code = (
+        "import sys\n"
+        "from qpher_proxy.sandbox import preload\n"
+        "from qpher_proxy.server.confine import KMS_ONLY\n"
+        "preload(['qpher_proxy'], skip=KMS_ONLY)\n"
+        "print(sorted(m for m in sys.modules if m.startswith('qpher_proxy.kms.worker')))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
+
+
+def test_the_worker_preload_imports_neither_trio_nor_the_gateway_side() -> None:
+    code = (
+        "import sys\n"
+        "from qpher_proxy.sandbox import preload\n"
+        "from qpher_proxy.kms.worker.service import PRELOAD, PRELOAD_SKIP\n"
+        "preload(PRELOAD, skip=PRELOAD_SKIP)\n"
+        "print(sorted(m for m in sys.modules if m == 'trio' or m.startswith(PRELOAD_SKIP)))\n"
+        "print('qpher_proxy.kms.worker.keystore' in sys.modules)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split("\n")[:2] == ["[]", "True"]

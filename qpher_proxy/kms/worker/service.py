@@ -405,11 +405,16 @@ def _setting(cfg: dict[str, Value], name: str, kind: type, default: Any) -> Any:
     return v
 
 
+# What a worker imports before it drops to the KMS user: the KMS but its gateway side, and the
+# crypto suite but the liboqs backend, which is imported only once its shared library is found.
+PRELOAD = ("qpher_proxy.kms", "qpher_proxy.crypto")
+PRELOAD_SKIP = ("qpher_proxy.kms.client", "qpher_proxy.kms.launcher", "qpher_proxy.kms.worker.backends.liboqs")
+
+
 def _become(user: RunAs) -> bool:
     """Drop to the KMS user before the key store is opened, so that every file it creates
     belongs to that user; the modules it will need are imported first, while readable."""
-    preload(["qpher_proxy.kms", "qpher_proxy.crypto"], skip=["qpher_proxy.kms.client", "qpher_proxy.kms.launcher",
-                                                             "qpher_proxy.kms.worker.backends.liboqs"])
+    preload(PRELOAD, skip=PRELOAD_SKIP)
     import encodings.idna  # noqa: F401  (looked up lazily by str.encode("idna"))
 
     from . import _hardening
