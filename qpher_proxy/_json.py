@@ -45,9 +45,10 @@ def compact_encoder(
     make = getattr(json.encoder, "c_make_encoder", None)
     if make is None:  # pragma: no cover - not CPython
         return encoder.encode
-    chunks = make(
-        None, encoder.default, escape_ascii if ensure_ascii else escape, None, ":", ",", False, False, allow_nan
-    )
+    # (markers, default, encoder, indent, key_sep, item_sep, sort_keys, skipkeys, allow_nan):
+    # json.dumps's own arguments, but no markers dict (no circular-reference check)
+    string = escape_ascii if ensure_ascii else escape
+    chunks = make(None, encoder.default, string, None, ":", ",", False, False, allow_nan)
     return lambda obj: "".join(chunks(obj, 0))
 
 

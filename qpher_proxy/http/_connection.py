@@ -336,7 +336,9 @@ class Connection(BodyReader, ResponseWriter):
             head_size += len(name) + len(value)
         if head_size > limits.max_header_bytes:
             # h11 only bounds heads that are still incomplete; this one arrived whole.
-            error: QpherError = HeaderTooLarge(f"request header block exceeds {limits.max_header_bytes} bytes")
+            error: QpherError = HeaderTooLarge(
+                f"request header block exceeds {limits.max_header_bytes} bytes"
+            )
             self._body_error = error  # never read this request's body; close after answering
             return error_response(error, request.request_id)
         if event.method == b"CONNECT":
@@ -380,10 +382,8 @@ class Connection(BodyReader, ResponseWriter):
             keep_alive = self._body_error is None
             invite = keep_alive and h.they_are_waiting_for_100_continue
         shutdown = self._shutdown
-        if (
-            (shutdown is not None and shutdown.is_set)
-            or (limits.max_requests_per_connection is not None and self._requests >= limits.max_requests_per_connection)
-        ):
+        most = limits.max_requests_per_connection
+        if (shutdown is not None and shutdown.is_set) or (most is not None and self._requests >= most):
             keep_alive = False
         try:
             if invite:

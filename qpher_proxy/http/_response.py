@@ -86,7 +86,9 @@ class ResponseWriter:
         streaming = not isinstance(body, (bytes, bytearray, memoryview))
         try:
             if streaming and not hasattr(body, "__aiter__"):
-                raise TypeError(f"response body must be bytes or an async iterable, not {type(body).__name__}")
+                raise TypeError(
+                    f"response body must be bytes or an async iterable, not {type(body).__name__}"
+                )
             items, has_id = _response_items(response.headers, streaming)
             if type(status) is not int or not 200 <= status <= 599:
                 raise h11.LocalProtocolError(f"status must be an int in 200..599, got {status!r}")
@@ -125,13 +127,16 @@ class ResponseWriter:
             await self._send(head + h.send(h11.EndOfMessage()))
         elif not streaming:
             if body:
-                await self._send(head + h.send(h11.Data(data=body)) + h.send(h11.EndOfMessage()))  # type: ignore[arg-type]
+                data = h11.Data(data=body)  # type: ignore[arg-type]
+                await self._send(head + h.send(data) + h.send(h11.EndOfMessage()))
             else:
                 await self._send(head + h.send(h11.EndOfMessage()))
         else:
             await self._send_stream(request, status, head, body)  # type: ignore[arg-type]
 
-    async def _send_stream(self, request: Request, status: int, head: bytes, body: AsyncIterable[bytes]) -> None:
+    async def _send_stream(
+        self, request: Request, status: int, head: bytes, body: AsyncIterable[bytes]
+    ) -> None:
         """The head, then one send per chunk of ``body``; a failure leaves h11 in ERROR."""
         h = self._h
         await self._send(head)

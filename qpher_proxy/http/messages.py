@@ -32,7 +32,9 @@ from ..errors import QpherError
 if TYPE_CHECKING:
     from ..tls.engine import TLSInfo
 
-__all__ = ["Request", "Response", "error_response", "Body", "REQUEST_ID_HEADER", "Base64Text", "new_request_id"]
+__all__ = [
+    "Request", "Response", "error_response", "Body", "REQUEST_ID_HEADER", "Base64Text", "new_request_id",
+]
 
 REQUEST_ID_HEADER = b"x-request-id"
 _JSON_CT = (b"content-type", b"application/json")

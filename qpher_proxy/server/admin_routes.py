@@ -42,7 +42,8 @@ class AdminRoutes:
         if operation == "admin.fail_open.set":
             # openapi FailOpenRequest (reason and seconds, both required), as strict as /v1 bodies
             f = parse_fields(load_object(await req.read_body()), REQUEST_FIELDS["admin.fail_open.set"])
-            state = self.policy.open_fail_open(cast(str, f["reason"]), record.key_id, cast(float, f["seconds"]))
+            reason, seconds = cast(str, f["reason"]), cast(float, f["seconds"])
+            state = self.policy.open_fail_open(reason, record.key_id, seconds)
             return Response.json(200, _fail_open_json(state))
         if operation == "admin.fail_open.clear":
             if load_object(await req.read_body(), allow_empty=True):  # no body, or {}

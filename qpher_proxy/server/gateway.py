@@ -280,7 +280,9 @@ class Gateway:
             self.metrics.rate_limited.labels("quota").inc()
             raise
 
-    async def _api(self, req: Request, record: APIKeyRecord, route: Route, params: dict[str, str]) -> Response:
+    async def _api(
+        self, req: Request, record: APIKeyRecord, route: Route, params: dict[str, str]
+    ) -> Response:
         """parse -> authorize (per key the request names) -> count -> dispatch to the KMS -> audit."""
         ctx = TenantContext(record.tenant, req.request_id, record.key_id)
         parsed = await self._parse(req, route, params)
@@ -307,7 +309,9 @@ class Gateway:
         key_ids = parsed.key_ids()
         return await self._key_metas(ctx, key_ids) if key_ids else _NO_META
 
-    def _audit_lifecycle(self, req: Request, record: APIKeyRecord, operation: str, obj: dict[str, Any]) -> None:
+    def _audit_lifecycle(
+        self, req: Request, record: APIKeyRecord, operation: str, obj: dict[str, Any]
+    ) -> None:
         """A key lifecycle event for the operations that change a key."""
         event = _LIFECYCLE_EVENTS.get(operation)
         if event is None:

@@ -315,7 +315,8 @@ async def test_info_reports_the_policy_revision_in_force_at_each_call(kms: FakeK
 def test_what_the_policy_is_told_and_the_cost(api: CryptoAPI) -> None:
     route, _ = resolve("POST", "/v1/keys")  # type: ignore[misc]
     parsed = api.parse(route, b'{"kind": "signature", "mode": "hybrid", "label": "l1"}')
-    assert (parsed.route.operation, parsed.route.name, parsed.route.quota) == ("keys.create", "POST /v1/keys", "keys")
+    route_facts = (parsed.route.operation, parsed.route.name, parsed.route.quota)
+    assert route_facts == ("keys.create", "POST /v1/keys", "keys")
     assert (parsed.key_ids(), parsed.cost) == ((), 1)
     assert (parsed.fields["algorithm"], parsed.fields.get("label")) == ("ml-dsa-65-ecdsa-p256", "l1")
     route, params = resolve("POST", f"/v1/keys/{NEVER_ISSUED}/rotate")  # type: ignore[misc]

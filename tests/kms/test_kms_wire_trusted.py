@@ -22,7 +22,8 @@ from qpher_proxy.kms.wire.protocol import (
 TOKEN = secrets.token_bytes(32)
 _NAMES = st.text(min_size=1, max_size=40).filter(lambda s: len(s.encode()) <= 255)
 _VALUES = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.binary(max_size=32) | st.text(max_size=32),
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.binary(max_size=32)
+    | st.text(max_size=32),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
     max_leaves=10,
 )

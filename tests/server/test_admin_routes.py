@@ -23,6 +23,8 @@ rules:
     reason: pro plan
 """
 
+FAILURES = "qpher_policy_reload_failures_total"
+
 
 def _scraped(routes: AdminRoutes, name: str) -> str:
     body = routes.render_metrics().body
@@ -38,11 +40,11 @@ def test_rejected_policy_reloads_are_counted_on_metrics(tmp_path: Path) -> None:
         engine = PolicyEngine(policies, audit)
         assert engine.reload().ok
         routes = AdminRoutes(engine, Metrics())
-        assert _scraped(routes, "qpher_policy_reload_failures_total") == "qpher_policy_reload_failures_total 0"
+        assert _scraped(routes, FAILURES) == f"{FAILURES} 0"
         (policies / "main.yaml").write_text("version: 1\nrules: [{id: broken}]\n")
         assert not engine.reload().ok
         assert not engine.reload().ok
-        assert _scraped(routes, "qpher_policy_reload_failures_total") == "qpher_policy_reload_failures_total 2"
+        assert _scraped(routes, FAILURES) == f"{FAILURES} 2"
         # a second scrape reports the same count, not twice it
-        assert _scraped(routes, "qpher_policy_reload_failures_total") == "qpher_policy_reload_failures_total 2"
+        assert _scraped(routes, FAILURES) == f"{FAILURES} 2"
         assert _scraped(routes, "qpher_fail_open_active") == "qpher_fail_open_active 0"
