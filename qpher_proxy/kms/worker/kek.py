@@ -24,8 +24,8 @@ Subclass :class:`KEKProvider` and implement:
     as the encryption context / additional authenticated data.
 ``unwrap(wrapped, aad) -> bytes``
     The inverse. Any failure to authenticate (wrong key, altered blob, different aad) raises
-    :class:`UnwrapFailed` with no detail; transient failures (network, HSM busy) raise
-    :class:`KEKUnavailable`.
+    :class:`UnwrapFailed` with no detail. The providers here are local (a key file, the environment),
+    so there is no transient failure to report.
 ``close()``
     Release any session or handle. Optional.
 
@@ -101,13 +101,6 @@ class KEKError(ConfigError):
 
 class KEKMismatch(KEKError):
     code = "kek_mismatch"
-
-
-class KEKUnavailable(QpherError):
-    """A provider could not be reached (remote providers only)."""
-
-    code = "kek_unavailable"
-    status = 503
 
 
 class UnwrapFailed(QpherError):
