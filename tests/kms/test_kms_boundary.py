@@ -37,7 +37,10 @@ def test_importing_the_gateway_side_of_the_kms_loads_nothing_kms_only() -> None:
 
 
 def test_the_worker_entry_point_does_not_load_trio() -> None:
-    code = "import sys, qpher_proxy.kms.worker.service, qpher_proxy.kms.worker.__main__\nprint('trio' in sys.modules)\n"
+    code = (
+        "import sys, qpher_proxy.kms.worker.service, qpher_proxy.kms.worker.__main__\n"
+        "print('trio' in sys.modules)\n"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "False"

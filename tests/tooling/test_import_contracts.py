@@ -66,7 +66,8 @@ PLANTS: dict[str, tuple[Plant, ...]] = {
               "qpher_proxy.api._contract_probe"),
     ),
     "kms-wire-is-sans-io": (
-        Plant("qpher_proxy/kms/wire/_contract_probe.py", "import socket\n", "qpher_proxy.kms.wire._contract_probe"),
+        Plant("qpher_proxy/kms/wire/_contract_probe.py", "import socket\n",
+              "qpher_proxy.kms.wire._contract_probe"),
     ),
     "policy-core-is-sans-io": (
         Plant("qpher_proxy/policy/evaluate.py", "\nimport trio\n", "qpher_proxy.policy.evaluate"),
@@ -80,7 +81,8 @@ PLANTS: dict[str, tuple[Plant, ...]] = {
 }
 PACKAGES = ("qpher_proxy", "qpher_proxy_bench")
 
-pytestmark = pytest.mark.skipif(not LINT_IMPORTS.exists(), reason="lint-imports is not installed next to this Python")
+pytestmark = pytest.mark.skipif(not LINT_IMPORTS.exists(),
+                                reason="lint-imports is not installed next to this Python")
 
 
 def _contracts() -> dict[str, configparser.SectionProxy]:

@@ -111,11 +111,14 @@ def connect(kms_dir: Path) -> sqlite3.Connection:
         for statement in _schema().split(";"):
             if statement.strip():
                 db.execute(statement)
-        db.execute("INSERT OR IGNORE INTO meta (name, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        db.execute("INSERT OR IGNORE INTO meta (name, value) VALUES ('schema_version', ?)",
+                   (str(SCHEMA_VERSION),))
     (version,) = db.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone()
     if version != str(SCHEMA_VERSION):
         db.close()
-        raise KEKError(f"the key store database has schema version {version}; this build reads {SCHEMA_VERSION}")
+        raise KEKError(
+            f"the key store database has schema version {version}; this build reads {SCHEMA_VERSION}"
+        )
     return db
 
 
@@ -230,13 +233,14 @@ def verify_store_kek(kms_dir: Path, provider: KEKProvider, db: sqlite3.Connectio
             if isinstance(exc, KEKError):
                 raise
             raise KEKError(
-                f"the KEK check file is missing and a key file could not be read to check the KEK: {exc.message}"
+                "the KEK check file is missing and a key file could not be read to check the KEK: "
+                f"{exc.message}"
             ) from exc
     keyfile.write_atomic(canary, seal_canary(provider))
 
 
 
 __all__ = [
-    "BUSY_TIMEOUT_S", "DB_FILE", "LOCK_FILE", "LOCK_WAIT_S", "SCHEMA_VERSION", "StoreLock", "StoreUnavailable",
-    "connect", "mapped_errors", "verify_store_kek", "write_transaction",
+    "BUSY_TIMEOUT_S", "DB_FILE", "LOCK_FILE", "LOCK_WAIT_S", "SCHEMA_VERSION", "StoreLock",
+    "StoreUnavailable", "connect", "mapped_errors", "verify_store_kek", "write_transaction",
 ]

@@ -168,7 +168,9 @@ class KeyStore:
             cache.move_to_end(k)
         return obj
 
-    def _cache_put(self, cache: OrderedDict[tuple[str, str, int], Any], k: tuple[str, str, int], obj: Any) -> None:
+    def _cache_put(
+        self, cache: OrderedDict[tuple[str, str, int], Any], k: tuple[str, str, int], obj: Any
+    ) -> None:
         cache[k] = obj
         cache.move_to_end(k)
         while len(cache) > self.cache_size:
@@ -222,7 +224,8 @@ class KeyStore:
         if not keys_dir.exists():
             return 0
         with mapped_errors("listing key files"):
-            referenced = {r[0] for r in self._db.execute("SELECT file FROM key_versions WHERE file IS NOT NULL")}
+            rows = self._db.execute("SELECT file FROM key_versions WHERE file IS NOT NULL")
+            referenced = {r[0] for r in rows}
         removed = 0
         for root, _dirs, files in os.walk(keys_dir):
             for name in files:
@@ -238,7 +241,9 @@ class KeyStore:
     def check_files(self) -> int:
         """Log (never fix) metadata whose key file is missing; those keys answer key_unavailable."""
         with mapped_errors("listing key files"):
-            rows = self._db.execute("SELECT key_id, version, file FROM key_versions WHERE file IS NOT NULL").fetchall()
+            rows = self._db.execute(
+                "SELECT key_id, version, file FROM key_versions WHERE file IS NOT NULL"
+            ).fetchall()
         missing = [(k, v) for k, v, f in rows if not (self.dir / f).is_file()]
         for key_id, version in missing:
             log.error("key file missing", extra={"fields": {"key_id": key_id, "version": version}})

@@ -64,7 +64,9 @@ log = logging.getLogger("qpher.kms.keystore")
 
 HOT_CACHE_SIZE = 4096  # resolved (tenant, key, version) entries kept between data_version changes
 
-_KEY_COLS = "key_id, kind, algorithm, label, state, latest_version, created_at, updated_at, destroy_at, destroyed_at"
+_KEY_COLS = (
+    "key_id, kind, algorithm, label, state, latest_version, created_at, updated_at, destroy_at, destroyed_at"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,7 +166,9 @@ class TenantKeys:
         alg = _choose_algorithm(algorithm, kind, mode)
         if label is not None:
             if type(label) is not str or len(label) > MAX_LABEL_CHARS or not label.isprintable():
-                raise InvalidInput(f"label must be a printable string of at most {MAX_LABEL_CHARS} characters")
+                raise InvalidInput(
+                    f"label must be a printable string of at most {MAX_LABEL_CHARS} characters"
+                )
         store = self._store
         key_id = new_key_id()
         public, rel, priv = self._write_version(key_id, 1, alg)
@@ -183,7 +187,9 @@ class TenantKeys:
         store._cache_put(store._private, (self._tenant, key_id, 1), priv)
         return self._info(self._row(key_id))
 
-    def _insert_version(self, key_id: str, version: int, alg: Algorithm, public: bytes, rel: str, now: float) -> None:
+    def _insert_version(
+        self, key_id: str, version: int, alg: Algorithm, public: bytes, rel: str, now: float
+    ) -> None:
         self._store._db.execute(
             "INSERT INTO key_versions (tenant_id, key_id, version, algorithm, state, public_key, file, "
             "kek_id, created_at) VALUES (?, ?, ?, ?, 'active', ?, ?, ?, ?)",
@@ -230,7 +236,8 @@ class TenantKeys:
                     now = store.clock()
                     self._insert_version(key_id, version, alg, public, rel, now)
                     store._db.execute(
-                        "UPDATE keys SET latest_version = ?, updated_at = ? WHERE tenant_id = ? AND key_id = ?",
+                        "UPDATE keys SET latest_version = ?, updated_at = ? "
+                        "WHERE tenant_id = ? AND key_id = ?",
                         (version, now, self._tenant, key_id),
                     )
                 except BaseException:
@@ -311,7 +318,8 @@ class TenantKeys:
         assert not store._db.in_transaction, "destroy must run in its own transaction"
         with mapped_errors("destroying a key"), store._transaction():
             row = store._db.execute(
-                "SELECT state, destroy_at FROM keys WHERE tenant_id = ? AND key_id = ?", (self._tenant, key_id)
+                "SELECT state, destroy_at FROM keys WHERE tenant_id = ? AND key_id = ?",
+                (self._tenant, key_id),
             ).fetchone()
             if row is None or row[0] != KeyState.PENDING_DESTRUCTION.value or row[1] > now:
                 return False
@@ -323,8 +331,8 @@ class TenantKeys:
                 )
             ]
             store._db.execute(
-                "UPDATE keys SET state = 'destroyed', resume_state = NULL, destroy_at = NULL, destroyed_at = ?, "
-                "updated_at = ? WHERE tenant_id = ? AND key_id = ?",
+                "UPDATE keys SET state = 'destroyed', resume_state = NULL, destroy_at = NULL, "
+                "destroyed_at = ?, updated_at = ? WHERE tenant_id = ? AND key_id = ?",
                 (now, now, self._tenant, key_id),
             )
             store._db.execute(
