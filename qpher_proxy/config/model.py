@@ -81,7 +81,7 @@ class CryptoConfig:
 @dataclass(frozen=True, slots=True)
 class KEKConfig:
     provider: Literal["file", "env"] = opt("file")
-    file: str = opt("secrets/kek.b64", path=True)
+    file: str = opt("kek/kek.b64", path=True)
     env: str = opt("QPHER_KEK")
 
 
@@ -98,7 +98,7 @@ class KMSConfig:
 
 @dataclass(frozen=True, slots=True)
 class AuthConfig:
-    db: str = opt("gateway.db", path=True)
+    db: str = opt("data/gateway.db", path=True)
     pepper_file: str = opt("secrets/pepper", path=True)
     cache_ttl: float = opt(1.0, min=0, max=1.0)
 

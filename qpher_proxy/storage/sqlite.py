@@ -1,6 +1,6 @@
 """Gateway-side SQLite helpers: one way to open a database, one way to write, one error.
 
-The gateway keeps two small kinds of state in SQLite (config ``auth.db``, default ``gateway.db``):
+The gateway keeps two small kinds of state in SQLite (config ``auth.db``, default ``data/gateway.db``):
 API key records (``auth.apikeys``) and monthly quota counts (``ratelimit.quotas``). Several
 processes may open it at once — the running proxy and the ``qpher-proxy apikey`` CLI — so:
 
