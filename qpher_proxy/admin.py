@@ -171,7 +171,7 @@ def policy_command(args: argparse.Namespace) -> int:
         method=args.method.upper(), path=args.path, operation=operation, algorithm=args.algorithm,
         source_ip=args.source_ip, tls_group=args.tls_group,
         tls_pq=args.tls_group.upper() in ("X25519MLKEM768", "SECP256R1MLKEM768", "SECP384R1MLKEM1024"),
-        now=_dt.datetime.now(_dt.timezone.utc),
+        now=_dt.datetime.now(_dt.UTC),
     )
     print(explain_text(ps, facts))
     return 0

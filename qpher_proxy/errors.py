@@ -405,7 +405,7 @@ class PolicyInvalid(QpherError):
     code = "policy_invalid"
     status = 500
 
-    def __init__(self, issues: "tuple[object, ...]") -> None:
+    def __init__(self, issues: tuple[object, ...]) -> None:
         self.issues = issues
         first = str(issues[0]) if issues else "invalid policy"
         more = f" (and {len(issues) - 1} more)" if len(issues) > 1 else ""

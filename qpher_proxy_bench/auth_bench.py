@@ -29,7 +29,14 @@ import time
 from collections.abc import Callable
 
 from qpher_proxy.audit import AuditLog
-from qpher_proxy.auth import APIKeyStore, Authenticator, extract_api_key, generate_pepper_file, load_pepper, strip_identity_headers
+from qpher_proxy.auth import (
+    APIKeyStore,
+    Authenticator,
+    extract_api_key,
+    generate_pepper_file,
+    load_pepper,
+    strip_identity_headers,
+)
 from qpher_proxy.errors import Unauthenticated
 from qpher_proxy.ratelimit import QuotaCounter, RateLimits, TokenBucketLimiter
 

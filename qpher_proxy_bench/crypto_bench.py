@@ -84,7 +84,12 @@ def _openssl_raw(alg_name: str, key: Any) -> dict[str, Callable[[], Any]]:
     from cryptography.hazmat.primitives import hashes, hpke
     from cryptography.hazmat.primitives.asymmetric import ec, mldsa, mlkem, x25519
 
-    from qpher_proxy.kms.worker.backends._hybrid import COMPOSITE_LABEL, COMPOSITE_PREFIX, XWING_LABEL, xwing_expand
+    from qpher_proxy.kms.worker.backends._hybrid import (
+        COMPOSITE_LABEL,
+        COMPOSITE_PREFIX,
+        XWING_LABEL,
+        xwing_expand,
+    )
 
     seed = key.private_bytes()
     ops: dict[str, Callable[[], Any]] = {}
@@ -201,7 +206,12 @@ def _liboqs_raw(alg_name: str, key: Any) -> dict[str, Callable[[], Any]]:
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import ec, x25519
 
-    from qpher_proxy.kms.worker.backends._hybrid import COMPOSITE_LABEL, COMPOSITE_PREFIX, XWING_LABEL, xwing_expand
+    from qpher_proxy.kms.worker.backends._hybrid import (
+        COMPOSITE_LABEL,
+        COMPOSITE_PREFIX,
+        XWING_LABEL,
+        xwing_expand,
+    )
 
     names = {"ml-kem-768": "ML-KEM-768", "ml-kem-1024": "ML-KEM-1024", "ml-dsa-44": "ML-DSA-44",
              "ml-dsa-65": "ML-DSA-65", "ml-dsa-87": "ML-DSA-87"}

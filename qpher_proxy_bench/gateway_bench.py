@@ -398,6 +398,7 @@ def raw_rates(backend_name: str, seconds: float) -> dict[str, float]:
     definitions: cryptography's own calls for openssl, liboqs-python's for liboqs), by CPU time."""
     from qpher_proxy.crypto.algorithms import ALGORITHMS
     from qpher_proxy.kms.worker.backends import select_backend
+
     from .crypto_bench import _liboqs_raw, _openssl_raw
 
     backend = select_backend(backend_name)

@@ -64,7 +64,6 @@ def _serve(kind: str, port: int) -> None:
 async def _minimal_connection(stream: Any) -> None:
     """The reference: a bare trio + h11 keep-alive loop with no limits or checks."""
     import h11
-
     import trio
 
     conn = h11.Connection(h11.SERVER)

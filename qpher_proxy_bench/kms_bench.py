@@ -194,10 +194,10 @@ async def _bench(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     from qpher_proxy.context import TenantContext
     from qpher_proxy.crypto.algorithms import ML_DSA_65, ML_KEM_768
-    from qpher_proxy.kms.worker.backends import select_backend
-    from qpher_proxy.kms.worker.kek import generate_kek_file
     from qpher_proxy.kms.launcher import open_kms
     from qpher_proxy.kms.wire.model import KEKSettings
+    from qpher_proxy.kms.worker.backends import select_backend
+    from qpher_proxy.kms.worker.kek import generate_kek_file
 
     results: list[dict[str, Any]] = []
     levels = [int(x) for x in args.inflight.split(",")]

@@ -28,7 +28,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from qpher_proxy.policy import RequestFacts, compile_policy, evaluate
@@ -117,7 +117,7 @@ def _facts(**kw: Any) -> RequestFacts:
     base: dict[str, Any] = dict(
         tenant="t0", plan="pro", scopes=frozenset({"sign"}), api_key_id="k1", method="POST",
         path="/v1/sign", operation="sign", algorithm="ml-dsa-65", source_ip="192.0.2.7",
-        tls_group="X25519MLKEM768", tls_pq=True, now=datetime(2025, 1, 6, 10, tzinfo=timezone.utc),
+        tls_group="X25519MLKEM768", tls_pq=True, now=datetime(2025, 1, 6, 10, tzinfo=UTC),
         usage={"sign": 10})
     base.update(kw)
     return RequestFacts(**base)

@@ -226,7 +226,7 @@ def iso_time(t: float | None) -> str | None:
     """Epoch seconds as ISO 8601 UTC to the second (``2030-01-31T12:00:00Z``)."""
     if t is None:
         return None
-    return _dt.datetime.fromtimestamp(t, _dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return _dt.datetime.fromtimestamp(t, _dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def _row_to_record(row: tuple[Any, ...]) -> tuple[APIKeyRecord, bytes]:

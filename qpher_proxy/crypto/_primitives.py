@@ -57,7 +57,7 @@ def check_context(context: object) -> bytes:
 _MLKEM_Q = 3329
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _modulus_masks(k: int) -> tuple[int, int]:
     m0 = sum(1 << (12 * i) for i in range(256 * k))  # bit 0 of every 12-bit field
     return m0, m0 * 0xFF  # ...and 0xFF in every field: the low-byte mask, also "+255 each"

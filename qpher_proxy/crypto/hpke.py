@@ -152,7 +152,7 @@ class Suite:
         except InvalidTag:
             raise DecryptionFailed() from None
 
-    def context(self, shared_secret: bytes, info: bytes) -> "Context":
+    def context(self, shared_secret: bytes, info: bytes) -> Context:
         """A multi-message context (sequence numbers); only the vector tests need it."""
         key, nonce, exporter = self.key_schedule(shared_secret, info)
         return Context(self._aead_cls(key), nonce, exporter)
@@ -194,7 +194,7 @@ class Context:
         return pt
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def product_suite(kem_id: int) -> Suite:
     """The suite every ``hpke_seal``/``hpke_open`` uses: HKDF-SHA256 + AES-256-GCM."""
     return Suite(kem_id, KDF.HKDF_SHA256, AEAD.AES_256_GCM)

@@ -3,9 +3,9 @@
 from .messages import REQUEST_ID_HEADER, Base64Text, Body, Request, Response, error_response
 from .security_headers import SecurityHeaders
 from .server import (
+    Handler,
     HTTPLimits,
     HTTPServer,
-    Handler,
     RequestDoneHook,
     ShutdownSignal,
     new_request_id,

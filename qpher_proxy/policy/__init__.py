@@ -10,8 +10,18 @@ from ._rules import PolicySet, Rule
 from .evaluate import evaluate, explain
 from .loader import PolicyIssue, check_policy_dir, compile_policy, find_unreachable, load_policy_dir
 from .model import (
-    METHODS, MODES, OPERATION_QUOTA_CLASS, OPERATIONS, QUOTA_CLASSES, Decision, Explanation, Plan,
-    RateLimit, RequestFacts, RuleOutcome, quota_class,
+    METHODS,
+    MODES,
+    OPERATION_QUOTA_CLASS,
+    OPERATIONS,
+    QUOTA_CLASSES,
+    Decision,
+    Explanation,
+    Plan,
+    RateLimit,
+    RequestFacts,
+    RuleOutcome,
+    quota_class,
 )
 
 _ENGINE_NAMES = ("PolicyEngine", "FailOpenState", "ReloadResult")

@@ -13,7 +13,7 @@ import ipaddress
 import operator
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import timezone, tzinfo
+from datetime import UTC, tzinfo
 from types import MappingProxyType
 from typing import cast
 from zoneinfo import ZoneInfo
@@ -52,7 +52,7 @@ class TimeWindow:
     tz: str
 
     def zone(self) -> tzinfo:
-        return timezone.utc if self.tz == "UTC" else ZoneInfo(self.tz)
+        return UTC if self.tz == "UTC" else ZoneInfo(self.tz)
 
 
 @dataclass(frozen=True, slots=True)

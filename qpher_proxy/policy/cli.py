@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-from ._rules import PolicySet, TimeWindow, UsageOver, DAY_NAMES
+from ._rules import DAY_NAMES, PolicySet, TimeWindow, UsageOver
 from .evaluate import explain
 from .loader import check_policy_dir
 from .model import RequestFacts

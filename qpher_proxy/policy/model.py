@@ -18,7 +18,7 @@ import functools
 import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any, Literal
 
@@ -156,7 +156,7 @@ class RequestFacts:
             except ValueError as exc:
                 raise InvalidInput(f"now: expected an ISO 8601 time, got {now!r}") from exc
         if isinstance(now, datetime) and now.tzinfo is None:
-            now = now.replace(tzinfo=timezone.utc)
+            now = now.replace(tzinfo=UTC)
         values["now"] = now
         scopes = values.get("scopes")
         if scopes is not None:

@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from collections.abc import Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any
 
@@ -43,8 +43,16 @@ from ..auth.apikeys import APIKeyRecord, Authenticator
 from ..auth.headers import extract_api_key, redact_target
 from ..context import TenantContext
 from ..errors import (
-    AuditUnavailable, BadRequest, KeyNotFound, NotFound, PolicyDenied, PolicyUnavailable, QpherError,
-    QuotaExceeded, RateLimited, Unauthenticated,
+    AuditUnavailable,
+    BadRequest,
+    KeyNotFound,
+    NotFound,
+    PolicyDenied,
+    PolicyUnavailable,
+    QpherError,
+    QuotaExceeded,
+    RateLimited,
+    Unauthenticated,
 )
 from ..http import Request, Response
 from ..http.messages import error_response
@@ -55,7 +63,11 @@ from ..policy.engine import PolicyEngine
 from ..policy.model import RequestFacts
 from ..ratelimit import QuotaCounter, RateLimits, TokenBucketLimiter
 from ..upstream import (
-    ForwardTarget, UpstreamClient, normalize_target, prepare_downstream_headers, prepare_upstream_headers,
+    ForwardTarget,
+    UpstreamClient,
+    normalize_target,
+    prepare_downstream_headers,
+    prepare_upstream_headers,
 )
 from .admin_routes import AdminRoutes
 
@@ -253,7 +265,7 @@ class Gateway:
             method=req.method, path=req.path if path is None else path, operation=operation, algorithm=algorithm,
             key_label=label, source_ip=req.client_addr,
             tls_group=tls.group if tls is not None else None, tls_pq=tls is not None and tls.post_quantum,
-            now=datetime.now(timezone.utc),
+            now=datetime.now(UTC),
             # this month's counters are copied only when some rule reads them (usage_over)
             usage=self.quotas.usage(record.tenant) if policy.uses_usage else _NO_USAGE,
             request_id=req.request_id,

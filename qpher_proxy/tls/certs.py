@@ -298,7 +298,7 @@ def make_dev_pki(
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     if directory.stat().st_mode & 0o077:
         os.chmod(directory, 0o700)  # it holds private keys: owner only
-    now = now or datetime.datetime.now(datetime.timezone.utc)
+    now = now or datetime.datetime.now(datetime.UTC)
     key_dir = directory
     if ca_key_dir is not None:
         key_dir = Path(ca_key_dir)

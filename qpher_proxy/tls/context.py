@@ -53,9 +53,10 @@ import math
 import os
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -321,7 +322,7 @@ def _alpn_selector(ours: tuple[bytes, ...]) -> Callable[[SSL.Connection, list[by
 
 
 def _warn_if_expired(cert: x509.Certificate, option: str) -> None:
-    if cert.not_valid_after_utc < datetime.datetime.now(datetime.timezone.utc):
+    if cert.not_valid_after_utc < datetime.datetime.now(datetime.UTC):
         log.warning("%s: certificate expired on %s", option, cert.not_valid_after_utc.date().isoformat())
 
 

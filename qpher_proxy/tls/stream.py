@@ -60,7 +60,7 @@ from __future__ import annotations
 import enum
 import logging
 import operator
-from typing import Callable
+from collections.abc import Callable
 
 import trio
 from cryptography import x509

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import json
 
+import _api_strategies as strategies
 import pytest
 import trio
 from _api_fake_kms import FakeKMS
 from _api_openapi import documented_codes, validate_response
-import _api_strategies as strategies
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import base64
+import json
 import re
 from typing import Any
-
-import json
 
 import pytest
 from _api_fake_kms import FakeKMS
@@ -23,7 +22,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
-import qpher_proxy.errors as errors_mod
 from qpher_proxy.api import DEFAULT_MAX_BATCH_ITEMS, ROUTES, CryptoAPI, Route
 from qpher_proxy.api.routes import RouteMethodNotAllowed, routes_by_operation
 from qpher_proxy.api.validation import (

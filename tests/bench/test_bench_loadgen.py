@@ -10,8 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from _bench_tiny_server import TinyTLSServer
+
 from qpher_proxy_bench.loadgen import (
     ClientTLS,
     CPUWatch,

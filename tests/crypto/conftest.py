@@ -3,7 +3,6 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-
 from crypto_helpers import BACKENDS, get_backend
 
 

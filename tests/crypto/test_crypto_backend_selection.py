@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from crypto_helpers import liboqs_skip_reason
+
 from qpher_proxy.crypto.algorithms import ALGORITHMS
-from qpher_proxy.kms.worker.backends import available_backends, liboqs_status, select_backend
 from qpher_proxy.errors import BackendUnavailable
+from qpher_proxy.kms.worker.backends import available_backends, liboqs_status, select_backend
 
 REPO = Path(__file__).resolve().parents[2]
 

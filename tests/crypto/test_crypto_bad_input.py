@@ -11,11 +11,10 @@ import pickle
 from typing import Any
 
 import pytest
-
 from crypto_helpers import ALL_ALGORITHMS, KEM_ALGORITHMS, SIGNATURE_ALGORITHMS
+
 from qpher_proxy.crypto._primitives import SEC1_P256_PREFIX, SEC1_P256_SUFFIX
 from qpher_proxy.crypto.algorithms import get_algorithm
-from qpher_proxy.kms.worker.backends import select_backend
 from qpher_proxy.errors import (
     AlgorithmMismatch,
     ConfigError,
@@ -25,6 +24,7 @@ from qpher_proxy.errors import (
     InvalidKey,
     UnknownAlgorithm,
 )
+from qpher_proxy.kms.worker.backends import select_backend
 
 _keys: dict[tuple[str, str], Any] = {}
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-
 from crypto_helpers import ALL_ALGORITHMS, KEM_ALGORITHMS, SIGNATURE_ALGORITHMS, get_backend
 
 pytestmark = pytest.mark.liboqs

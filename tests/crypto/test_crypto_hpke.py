@@ -9,8 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-
 from crypto_helpers import KEM_ALGORITHMS, cryptography_hpke_keys, cryptography_hpke_suite
+
 from qpher_proxy.crypto import hpke
 from qpher_proxy.crypto.algorithms import get_algorithm
 from qpher_proxy.errors import DecryptionFailed, InvalidCiphertext

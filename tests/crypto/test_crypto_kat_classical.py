@@ -6,9 +6,9 @@ these, so they run once."""
 from __future__ import annotations
 
 import pytest
+from crypto_helpers import h, vectors
 from cryptography.hazmat.primitives.asymmetric import x25519
 
-from crypto_helpers import h, vectors
 from qpher_proxy.crypto import hpke
 from qpher_proxy.crypto._primitives import (
     ecdsa_p256_public_from_point,

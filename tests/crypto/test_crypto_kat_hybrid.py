@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-
 from crypto_helpers import (
     b64,
     h,
@@ -15,6 +14,7 @@ from crypto_helpers import (
     vectors,
     xwing_encaps_derand,
 )
+
 from qpher_proxy.crypto import hpke
 from qpher_proxy.crypto._primitives import (
     ecdsa_p256_from_sec1,

@@ -16,8 +16,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-
 from crypto_helpers import h, vectors
+
 from qpher_proxy.errors import InvalidContext, InvalidKey
 
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-
 from crypto_helpers import h, sample, vectors
+
 from qpher_proxy.errors import InvalidCiphertext, InvalidKey
 
 

@@ -8,10 +8,10 @@ import os
 from typing import Any
 
 import pytest
+from crypto_helpers import ALL_ALGORITHMS, KEM_ALGORITHMS, SIGNATURE_ALGORITHMS
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from crypto_helpers import ALL_ALGORITHMS, KEM_ALGORITHMS, SIGNATURE_ALGORITHMS
 from qpher_proxy.crypto.algorithms import get_algorithm
 from qpher_proxy.errors import QpherError
 

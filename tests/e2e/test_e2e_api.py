@@ -22,7 +22,7 @@ import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -135,11 +135,11 @@ def test_health_ready_info(api: CheckedClient) -> None:
 # ---- keys ------------------------------------------------------------------------------------
 
 def _parse_ts(text: str) -> datetime:
-    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
 
 
 def test_create_and_get_every_algorithm(api: CheckedClient, keys: dict[str, dict[str, Any]]) -> None:
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     for alg, k in keys.items():
         assert KEY_ID_RE.fullmatch(k["key_id"])
         assert (k["algorithm"], k["kind"], k["label"], k["state"]) == (

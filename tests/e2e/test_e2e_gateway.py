@@ -18,7 +18,6 @@ from qpher_proxy_bench.loadgen import ClientTLS, LoadGenerator, LoadResult, Load
 
 from ._gateway import Gateway, cli, init_state, kms_worker_pids, start_gateway
 
-
 # ---- configuration mistakes: one line, non-zero exit, no traceback ---------------------------
 
 @pytest.fixture(scope="module")

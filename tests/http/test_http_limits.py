@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import trio
 import trio.testing
-
 from _http_helpers import RawClient, echo_info, get, running_server
+
 from qpher_proxy.http import HTTPLimits, Request, Response
 
 

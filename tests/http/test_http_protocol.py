@@ -10,8 +10,8 @@ import re
 import pytest
 import trio
 import trio.testing
-
 from _http_helpers import RawClient, echo_info, get, running_server
+
 from qpher_proxy.errors import InvalidInput, QpherError
 from qpher_proxy.http import HTTPLimits, Request, Response, serve_connection
 

@@ -10,8 +10,8 @@ from collections.abc import AsyncIterator
 import pytest
 import trio
 import trio.testing
-
 from _http_helpers import RawClient, RawResponse, get
+
 from qpher_proxy.errors import InvalidInput
 from qpher_proxy.http import Request, Response, SecurityHeaders, serve_connection
 

@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 import trio
-
 from _http_helpers import RawClient, get, running_server
+
 from qpher_proxy.errors import QpherError
 from qpher_proxy.http import HTTPLimits, Request, Response
 

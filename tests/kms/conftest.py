@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from kms_helpers import FakeClock, settings
 
-from qpher_proxy.kms.worker.backends import select_backend
 from qpher_proxy.crypto.interface import Backend
+from qpher_proxy.kms.launcher import KMSSupervisor, open_kms
+from qpher_proxy.kms.worker.backends import select_backend
 from qpher_proxy.kms.worker.kek import FileKEKProvider, generate_kek_file
 from qpher_proxy.kms.worker.keystore import KeyStore
-from qpher_proxy.kms.launcher import KMSSupervisor, open_kms
 
 
 @pytest.fixture(scope="session")

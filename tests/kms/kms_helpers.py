@@ -13,9 +13,9 @@ from pathlib import Path
 
 from qpher_proxy.context import TenantContext
 from qpher_proxy.crypto.interface import Backend
+from qpher_proxy.kms.wire.model import KEKSettings
 from qpher_proxy.kms.worker.kek import FileKEKProvider
 from qpher_proxy.kms.worker.keystore import KeyStore
-from qpher_proxy.kms.wire.model import KEKSettings
 
 
 def ctx(tenant: str = "tenant-a", request_id: str = "req-1", api_key_id: str = "ak_test") -> TenantContext:

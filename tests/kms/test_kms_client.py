@@ -17,8 +17,8 @@ from kms_helpers import ctx
 import qpher_proxy
 from qpher_proxy import errors
 from qpher_proxy.errors import BodyTooLarge, KMSUnavailable, QpherError
-from qpher_proxy.kms.wire import protocol
 from qpher_proxy.kms.client import KMS_ERRORS, KMSClient, WorkerChannel, error_from_frame
+from qpher_proxy.kms.wire import protocol
 from qpher_proxy.kms.wire.protocol import (
     NEED_DATA,
     ClientConnection,

@@ -23,11 +23,11 @@ from qpher_proxy.errors import (
     KeyUnavailable,
     UnknownAlgorithm,
 )
+from qpher_proxy.kms.wire.model import KEY_ID_RE, KeyState
 from qpher_proxy.kms.worker import keyfile
 from qpher_proxy.kms.worker.kek import FileKEKProvider, KEKError, KEKMismatch, generate_kek_file
 from qpher_proxy.kms.worker.kek_rotation import rotate_kek
 from qpher_proxy.kms.worker.keystore import KeyStore
-from qpher_proxy.kms.wire.model import KEY_ID_RE, KeyState
 
 
 def test_create_picks_defaults_by_kind_and_mode(store: KeyStore) -> None:

@@ -32,9 +32,7 @@ from qpher_proxy.errors import (
     QpherError,
 )
 from qpher_proxy.kms.client import KMSClient, WorkerChannel
-from qpher_proxy.kms.worker.kek import FileKEKProvider
-from qpher_proxy.kms.worker.keyfile import KeyBinding, read_key_file, unseal
-from qpher_proxy.kms.worker.keystore import KeyStore
+from qpher_proxy.kms.launcher import KMSSupervisor, open_kms
 from qpher_proxy.kms.wire.model import KEKSettings, KeyState
 from qpher_proxy.kms.wire.protocol import (
     NEED_DATA,
@@ -44,7 +42,9 @@ from qpher_proxy.kms.wire.protocol import (
     Response,
     ServerConnection,
 )
-from qpher_proxy.kms.launcher import KMSSupervisor, open_kms
+from qpher_proxy.kms.worker.kek import FileKEKProvider
+from qpher_proxy.kms.worker.keyfile import KeyBinding, read_key_file, unseal
+from qpher_proxy.kms.worker.keystore import KeyStore
 
 
 async def test_a_thousand_concurrent_requests_are_all_answered_correctly(

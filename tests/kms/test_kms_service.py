@@ -15,7 +15,6 @@ from wire_frames import encode_raw_request
 
 from qpher_proxy.errors import KMSUnavailable
 from qpher_proxy.kms.client import KMSClient, WorkerChannel
-from qpher_proxy.kms.worker.keystore import KeyStore
 from qpher_proxy.kms.wire.protocol import (
     NEED_DATA,
     ClientConnection,
@@ -23,6 +22,7 @@ from qpher_proxy.kms.wire.protocol import (
     Response,
     ServerConnection,
 )
+from qpher_proxy.kms.worker.keystore import KeyStore
 from qpher_proxy.kms.worker.service import KMSService
 
 TOKEN = secrets.token_bytes(32)

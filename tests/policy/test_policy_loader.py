@@ -12,7 +12,13 @@ from _policy_helpers import REPO, facts, write_files
 from qpher_proxy.api.routes import ROUTES
 from qpher_proxy.errors import PolicyDenied
 from qpher_proxy.policy import (
-    OPERATION_QUOTA_CLASS, OPERATIONS, PolicyInvalid, compile_policy, evaluate, load_policy_dir, quota_class,
+    OPERATION_QUOTA_CLASS,
+    OPERATIONS,
+    PolicyInvalid,
+    compile_policy,
+    evaluate,
+    load_policy_dir,
+    quota_class,
 )
 from qpher_proxy.policy.cli import check, explain_text
 from qpher_proxy.policy.loader import MAX_POLICY_FILE_BYTES

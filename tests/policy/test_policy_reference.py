@@ -6,7 +6,7 @@ plan and mode logic)."""
 from __future__ import annotations
 
 import ipaddress
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -225,7 +225,7 @@ def requests(draw: Any) -> dict[str, Any]:
         "source_ip": draw(st.sampled_from(IPS)),
         "tls_group": draw(st.one_of(st.none(), st.sampled_from(GROUPS + ["X25519MLKEM768".lower()]))),
         "tls_pq": draw(st.booleans()),
-        "now": datetime(2025, 1, 6, tzinfo=timezone.utc) + timedelta(minutes=draw(st.integers(0, 14 * 24 * 60))),
+        "now": datetime(2025, 1, 6, tzinfo=UTC) + timedelta(minutes=draw(st.integers(0, 14 * 24 * 60))),
         "usage": draw(st.fixed_dictionaries({}, optional={
             "sign": st.integers(0, 1500), "kem": st.integers(0, 20), "verify": st.integers(0, 20)})),
     }

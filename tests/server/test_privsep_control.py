@@ -9,9 +9,9 @@ import socket
 import pytest
 import trio
 
+from qpher_proxy.kms.launcher import KMSSupervisor
 from qpher_proxy.kms.wire.model import KEKSettings
 from qpher_proxy.kms.wire.protocol import ClientConnection, State
-from qpher_proxy.kms.launcher import KMSSupervisor
 from qpher_proxy.server.privsep import receive_message, send_message
 
 

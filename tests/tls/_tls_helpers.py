@@ -11,10 +11,10 @@ import shutil
 import socket
 import ssl
 import struct
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator, Awaitable, Callable
 
 import pytest
 import trio
@@ -27,9 +27,9 @@ from qpher_proxy.tls import (
     TLSInfo,
     TLSSettings,
     TLSStream,
+    _openssl,
     open_tls_listeners,
 )
-from qpher_proxy.tls import _openssl
 from qpher_proxy.tls.certs import DevPKI, make_dev_pki
 
 HTTP_REQUEST = b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"

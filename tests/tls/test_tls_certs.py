@@ -74,11 +74,11 @@ def test_new_ca_key_means_new_ca_and_server_certificates_but_same_server_key(tmp
 
 
 def test_expiring_server_certificate_is_renewed(tmp_path: Path) -> None:
-    long_ago = datetime.datetime(2020, 1, 1, tzinfo=datetime.timezone.utc)
+    long_ago = datetime.datetime(2020, 1, 1, tzinfo=datetime.UTC)
     pki = make_dev_pki(tmp_path / "certs", mldsa=False, now=long_ago)
     again = make_dev_pki(tmp_path / "certs", mldsa=False)
     assert again.created == (pki.server_cert,)  # the 2020 CA is valid until 2030: kept
-    assert _cert(again.server_cert).not_valid_after_utc > datetime.datetime.now(datetime.timezone.utc)
+    assert _cert(again.server_cert).not_valid_after_utc > datetime.datetime.now(datetime.UTC)
 
 
 def test_create_new_never_overwrites(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from _tls_helpers import pki, settings_for  # noqa: F401
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from OpenSSL import SSL
@@ -12,8 +13,6 @@ from OpenSSL import SSL
 from qpher_proxy.errors import ConfigError
 from qpher_proxy.tls import ServerTLSContextHolder, TLSSettings, build_server_context
 from qpher_proxy.tls.certs import DevPKI
-
-from _tls_helpers import pki, settings_for  # noqa: F401
 
 
 @pytest.mark.parametrize(

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import pytest
+from _tls_helpers import pki, pyopenssl_client_context, settings_for  # noqa: F401
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from OpenSSL import SSL
 
 from qpher_proxy import errors
-from qpher_proxy.tls import NEED_DATA, TLSEngine, build_server_context
-from qpher_proxy.tls import _openssl
+from qpher_proxy.tls import NEED_DATA, TLSEngine, _openssl, build_server_context
 from qpher_proxy.tls.certs import DevPKI
-
-from _tls_helpers import pki, pyopenssl_client_context, settings_for  # noqa: F401
 
 
 def _pair(server_ctx: SSL.Context, client_ctx: SSL.Context, **server_kw: bool) -> tuple[TLSEngine, TLSEngine]:

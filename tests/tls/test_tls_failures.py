@@ -8,14 +8,13 @@ import logging
 import pytest
 import trio
 import trio.testing
+from _tls_helpers import pki, settings_for  # noqa: F401
 
 from qpher_proxy import errors
 from qpher_proxy.tls import TLSStream, build_server_context
 from qpher_proxy.tls.certs import DevPKI
 from qpher_proxy.tls.engine import _HANDSHAKE_REASONS
 from qpher_proxy.tls.failures import HANDSHAKE_FAILURE_REASONS, HandshakeFailureSummary, failure_reason
-
-from _tls_helpers import pki, settings_for  # noqa: F401
 
 
 def test_every_reason_the_engine_and_the_errors_give_is_in_the_closed_set() -> None:

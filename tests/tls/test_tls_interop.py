@@ -11,15 +11,6 @@ from pathlib import Path
 import pytest
 import trio
 import trustme
-from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.mldsa import MLDSA65PublicKey
-from OpenSSL import SSL
-
-from qpher_proxy import errors
-from qpher_proxy.tls import ServerTLSContextHolder, TLSInfo
-from qpher_proxy.tls.certs import DevPKI, make_dev_pki
-
 from _tls_helpers import (  # noqa: F401  (pki is a fixture)
     HTTP_RESPONSE,
     copy_pki,
@@ -33,6 +24,14 @@ from _tls_helpers import (  # noqa: F401  (pki is a fixture)
     stdlib_request,
     trio_client,
 )
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.mldsa import MLDSA65PublicKey
+from OpenSSL import SSL
+
+from qpher_proxy import errors
+from qpher_proxy.tls import ServerTLSContextHolder, TLSInfo
+from qpher_proxy.tls.certs import DevPKI, make_dev_pki
 
 
 def _info(outcome: object) -> TLSInfo:

@@ -9,14 +9,13 @@ import socket
 import pytest
 import trio
 import trio.testing
+from _tls_helpers import pki, pyopenssl_client_context, settings_for  # noqa: F401
 from OpenSSL import SSL
 
 from qpher_proxy import errors
 from qpher_proxy.tls import TLSInfo, TLSStream, build_server_context
 from qpher_proxy.tls.certs import DevPKI
 from qpher_proxy.tls.stream import CLOSE_NOTIFY_TIMEOUT
-
-from _tls_helpers import pki, pyopenssl_client_context, settings_for  # noqa: F401
 
 
 def _contexts(pki: DevPKI) -> tuple[SSL.Context, SSL.Context]:

@@ -10,7 +10,6 @@ import h11
 import pytest
 import trio
 import trio.testing
-
 from _upstream_servers import (
     H11Peer,
     Upstream,
@@ -21,6 +20,7 @@ from _upstream_servers import (
     lazy_body,
     serve_upstream,
 )
+
 from qpher_proxy.errors import (
     BadRequest,
     ConfigError,

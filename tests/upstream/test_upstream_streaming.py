@@ -13,8 +13,8 @@ from collections.abc import Iterator
 import h11
 import pytest
 import trio
-
 from _upstream_servers import BLOCK, H11Peer, Upstream, echo_body, keep_alive, lazy_body, serve_upstream
+
 from qpher_proxy.upstream import DEFAULT_CHUNK_BYTES, UpstreamClient
 
 MiB = 1024 * 1024

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import trustme
-
 from _upstream_servers import echo_body, echo_request, keep_alive, lazy_body, serve_upstream
+
 from qpher_proxy.errors import ConfigError, UpstreamUnavailable
 from qpher_proxy.upstream import UpstreamClient
 

@@ -67,7 +67,15 @@ from ...errors import ConfigError
 from ...sandbox import RunAs
 from ..client import KMSClient, OpHook, WorkerChannel
 from ..wire.model import DEFAULT_DESTROY_DELAY, DEFAULT_MAX_BATCH, KEKSettings
-from ..wire.protocol import DEFAULT_MAX_FRAME_SIZE, NEED_DATA, ClientConnection, Error, ProtocolError, Ready, Value
+from ..wire.protocol import (
+    DEFAULT_MAX_FRAME_SIZE,
+    NEED_DATA,
+    ClientConnection,
+    Error,
+    ProtocolError,
+    Ready,
+    Value,
+)
 
 log = logging.getLogger("qpher.kms.supervisor")
 worker_log = logging.getLogger("qpher.kms.worker")

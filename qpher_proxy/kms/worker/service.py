@@ -52,7 +52,6 @@ from ..wire import protocol
 from ..wire.model import BATCH_OPS, DEFAULT_MAX_BATCH
 from ..wire.protocol import (
     NEED_DATA,
-    ConnectionClosed,
     Hello,
     ProtocolError,
     RejectedRequest,
@@ -372,7 +371,7 @@ def _read_hello(sock: socket.socket, conn: ServerConnection, timeout: float) -> 
                 raise ProtocolError("the gateway closed the connection before HELLO")
             data = sock.recv(RECV_BYTES)
             conn.receive_data(data)
-    except (TimeoutError, socket.timeout) as exc:
+    except TimeoutError as exc:
         raise ProtocolError("no HELLO from the gateway in time") from exc
     finally:
         sock.settimeout(None)

@@ -19,7 +19,14 @@ from typing import Any, NoReturn
 from ....crypto import hpke
 from ....crypto._primitives import as_bytes
 from ....crypto.algorithms import ALGORITHMS, Algorithm, get_algorithm
-from ....errors import AlgorithmMismatch, CryptoError, DecryptionFailed, InvalidCiphertext, InvalidKey, UnknownAlgorithm
+from ....errors import (
+    AlgorithmMismatch,
+    CryptoError,
+    DecryptionFailed,
+    InvalidCiphertext,
+    InvalidKey,
+    UnknownAlgorithm,
+)
 
 
 def resolve_algorithm(algorithm: object) -> Algorithm:

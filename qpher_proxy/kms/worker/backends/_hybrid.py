@@ -70,9 +70,9 @@ from ._base import (
     KEMPublicKey,
     SignaturePrivateKey,
     SignaturePublicKey,
-    coerce_ciphertext,
     check_private_length,
     check_public_length,
+    coerce_ciphertext,
 )
 
 # ---- X-Wing ------------------------------------------------------------------------

@@ -193,7 +193,7 @@ class _RandomnessInjector:
 class LiboqsMLKEMPublicKey(KEMPublicKey):
     __slots__ = ("algorithm", "_raw", "_ctx", "_lock", "_native")
 
-    def __init__(self, backend: "LiboqsBackend", algorithm: Algorithm, raw: bytes) -> None:
+    def __init__(self, backend: LiboqsBackend, algorithm: Algorithm, raw: bytes) -> None:
         self.algorithm = algorithm
         self._raw = raw
         self._ctx = backend._kem_context(algorithm)
@@ -227,7 +227,7 @@ class LiboqsMLKEMPublicKey(KEMPublicKey):
 class LiboqsMLKEMPrivateKey(KEMPrivateKey):
     __slots__ = ("algorithm", "_seed", "_kem", "_pk", "_ct_size", "_backend", "_public")
 
-    def __init__(self, backend: "LiboqsBackend", algorithm: Algorithm, seed: bytes) -> None:
+    def __init__(self, backend: LiboqsBackend, algorithm: Algorithm, seed: bytes) -> None:
         self.algorithm = algorithm
         self._seed = seed
         self._backend = backend
@@ -267,7 +267,7 @@ class LiboqsMLKEMPrivateKey(KEMPrivateKey):
 class LiboqsMLDSAPublicKey(SignaturePublicKey):
     __slots__ = ("algorithm", "_raw", "_ctx", "_sig_size")
 
-    def __init__(self, backend: "LiboqsBackend", algorithm: Algorithm, raw: bytes) -> None:
+    def __init__(self, backend: LiboqsBackend, algorithm: Algorithm, raw: bytes) -> None:
         self.algorithm = algorithm
         self._raw = raw
         self._ctx = backend._sig_context(algorithm)
@@ -291,7 +291,7 @@ class LiboqsMLDSAPublicKey(SignaturePublicKey):
 class LiboqsMLDSAPrivateKey(SignaturePrivateKey):
     __slots__ = ("algorithm", "_seed", "_sig", "_pk", "_backend", "_lock", "_public")
 
-    def __init__(self, backend: "LiboqsBackend", algorithm: Algorithm, seed: bytes) -> None:
+    def __init__(self, backend: LiboqsBackend, algorithm: Algorithm, seed: bytes) -> None:
         self.algorithm = algorithm
         self._seed = seed
         self._backend = backend
