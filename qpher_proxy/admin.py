@@ -84,7 +84,7 @@ def _key_table(records: list[APIKeyRecord], now: float) -> str:
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     return "".join(
-        "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() + "\n" for row in rows
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() + "\n" for row in rows
     )
 
 

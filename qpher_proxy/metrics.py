@@ -114,7 +114,7 @@ def _fmt(v: float) -> str:
 
 
 def _label_str(names: tuple[str, ...], values: tuple[str, ...], extra: str = "") -> str:
-    parts = [f'{n}="{_escape_label_value(v)}"' for n, v in zip(names, values)]
+    parts = [f'{n}="{_escape_label_value(v)}"' for n, v in zip(names, values, strict=True)]
     if extra:
         parts.append(extra)
     return "{" + ",".join(parts) + "}" if parts else ""
@@ -290,7 +290,7 @@ class Histogram(_Metric):
         for values, child in self._series.items():
             assert isinstance(child, _HistogramChild)
             cumulative = 0
-            for bound, n in zip((*self.buckets, math.inf), child.counts):
+            for bound, n in zip((*self.buckets, math.inf), child.counts, strict=True):
                 cumulative += n
                 le = f'le="{_fmt(bound)}"'
                 out.append(f"{self.name}_bucket{_label_str(self.labelnames, values, le)} {cumulative}")

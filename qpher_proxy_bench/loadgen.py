@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import array
 import errno
+import functools
 import ipaddress
 import multiprocessing as mp
 import os
@@ -342,7 +343,7 @@ def probe(port: int, tls: ClientTLS, *, host: str = "127.0.0.1", request: bytes 
             if request is not None:
                 view = memoryview(request)
                 while view:
-                    n = _blocking(lambda: conn.send(view), sock, deadline)
+                    n = _blocking(functools.partial(conn.send, view), sock, deadline)
                     view = view[n:]
                 buf = b""
                 while True:
@@ -848,7 +849,7 @@ class LoadGenerator:
         shares = [spec.connections // n + (1 if i < spec.connections % n else 0) for i in range(n)]
         counts = ([spec.count // n + (1 if i < spec.count % n else 0) for i in range(n)]
                   if spec.count is not None else [None] * n)
-        active = [(w, replace(spec, connections=s, count=c)) for w, s, c in zip(self._workers, shares, counts)
+        active = [(w, replace(spec, connections=s, count=c)) for w, s, c in zip(self._workers, shares, counts, strict=True)
                   if s > 0 and (c is None or c > 0)]
         for (_, pipe), sub in active:
             pipe.send(sub)

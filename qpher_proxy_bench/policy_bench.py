@@ -31,7 +31,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from qpher_proxy.policy import RequestFacts, compile_policy, evaluate
+from qpher_proxy.policy import PolicySet, RequestFacts, compile_policy, evaluate
 from qpher_proxy.policy.engine import PolicyEngine
 
 _PLANS = """\
@@ -137,35 +137,43 @@ def _noop_audit(event: str, severity: str, **fields: Any) -> None:
     return None
 
 
+def _evaluate_us(ps: PolicySet, facts: RequestFacts, iterations: int, repeat: int) -> float:
+    return round(_time(lambda: evaluate(ps, facts), iterations, repeat), 2)
+
+
+def _chain_row(n: int, iterations: int, repeat: int) -> dict[str, Any]:
+    text = chain(n).encode()
+    t0 = time.perf_counter()
+    ps = compile_policy([("bench.yaml", text)])
+    compile_ms = (time.perf_counter() - t0) * 1e3
+    middle = f"t{max(0, (n - 6) // 8)}"
+    requests = {
+        "allow": _facts(tenant=middle),
+        "guard_deny": _facts(tenant=middle, path="/admin/fail-open", operation="admin.fail_open.set",
+                             algorithm=None),
+        "default_deny": _facts(tenant=middle, plan="gold"),
+    }
+    assert evaluate(ps, requests["allow"]).allowed
+    assert evaluate(ps, requests["guard_deny"]).rule_id == "admin-scope"
+    assert evaluate(ps, requests["default_deny"]).rule_id == "outside-plan"
+    uni = compile_policy([("u.yaml", unindexed_chain(n).encode())])
+    uni_facts = _facts(path="/v1/sign/x")
+    assert evaluate(uni, uni_facts).rule_id == "allow"
+    engine = PolicyEngine(".", _noop_audit, clock=time.monotonic)
+    engine._policy = ps  # noqa: SLF001 - benchmark a compiled set without a directory
+    row: dict[str, Any] = {"rules": len(ps.rules), "compile_ms": round(compile_ms, 2)}
+    for name, f in requests.items():
+        row[f"evaluate_{name}_us"] = _evaluate_us(ps, f, iterations, repeat)
+    row["evaluate_unindexed_us"] = _evaluate_us(uni, uni_facts, iterations, repeat)
+    allow = requests["allow"]
+    row["decide_allow_us"] = round(_time(lambda: engine.decide(allow), iterations, repeat), 2)
+    return row
+
+
 def run(sizes: list[int], iterations: int, repeat: int) -> dict[str, Any]:
     out: dict[str, Any] = {"iterations": iterations, "repeat": repeat, "chains": {}}
     for n in sizes:
-        text = chain(n).encode()
-        t0 = time.perf_counter()
-        ps = compile_policy([("bench.yaml", text)])
-        compile_ms = (time.perf_counter() - t0) * 1e3
-        middle = f"t{max(0, (n - 6) // 8)}"
-        requests = {
-            "allow": _facts(tenant=middle),
-            "guard_deny": _facts(tenant=middle, path="/admin/fail-open", operation="admin.fail_open.set",
-                                 algorithm=None),
-            "default_deny": _facts(tenant=middle, plan="gold"),
-        }
-        assert evaluate(ps, requests["allow"]).allowed
-        assert evaluate(ps, requests["guard_deny"]).rule_id == "admin-scope"
-        assert evaluate(ps, requests["default_deny"]).rule_id == "outside-plan"
-        uni = compile_policy([("u.yaml", unindexed_chain(n).encode())])
-        uni_facts = _facts(path="/v1/sign/x")
-        assert evaluate(uni, uni_facts).rule_id == "allow"
-        engine = PolicyEngine(".", _noop_audit, clock=time.monotonic)
-        engine._policy = ps  # noqa: SLF001 - benchmark a compiled set without a directory
-        row: dict[str, Any] = {"rules": len(ps.rules), "compile_ms": round(compile_ms, 2)}
-        for name, f in requests.items():
-            row[f"evaluate_{name}_us"] = round(_time(lambda f=f: evaluate(ps, f), iterations, repeat), 2)  # type: ignore[misc]
-        row["evaluate_unindexed_us"] = round(_time(lambda: evaluate(uni, uni_facts), iterations, repeat), 2)
-        allow = requests["allow"]
-        row["decide_allow_us"] = round(_time(lambda: engine.decide(allow), iterations, repeat), 2)
-        out["chains"][str(n)] = row
+        out["chains"][str(n)] = _chain_row(n, iterations, repeat)
     out["facts_us"] = round(_time(lambda: _facts(), iterations, repeat), 2)
     return out
 

@@ -165,7 +165,7 @@ def _run_group(
         "server_handshakes_per_s": round(served / elapsed, 1),
         # Server CPU (this process, all threads) per handshake: the figure that does not depend
         # on how much CPU the clients and other tenants of the machine took.
-        "server_cpu_us_per_handshake": round(sum(b - a for a, b in zip(cpu0, cpu1)) / max(served, 1) * 1e6),
+        "server_cpu_us_per_handshake": round(sum(b - a for a, b in zip(cpu0, cpu1, strict=True)) / max(served, 1) * 1e6),
         "server_user_us_per_handshake": round((cpu1[0] - cpu0[0]) / max(served, 1) * 1e6),
         "server_kernel_us_per_handshake": round((cpu1[1] - cpu0[1]) / max(served, 1) * 1e6),
         "client_handshakes_per_s": round(sum(d / t for d, _f, t, _g in got), 1),

@@ -339,7 +339,7 @@ class CryptoAPI:
         results: list[Mapping[str, Any] | QpherError] = list(items)
         if good:
             answers = await self.kms.batch(ctx, [(kms_op, _kms_args(kms_op, f)) for _, f in good])
-            for (i, f), answer in zip(good, answers):
+            for (i, f), answer in zip(good, answers, strict=True):
                 results[i] = answer if isinstance(answer, QpherError) else _render(kms_op, answer, f)
         out: list[dict[str, Any]] = []
         for r in results:

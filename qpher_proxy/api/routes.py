@@ -155,7 +155,7 @@ def _match_params(segments: list[str]) -> tuple[dict[str, Route], dict[str, str]
         if len(pattern) != len(segments):
             continue
         params: dict[str, str] = {}
-        for want, got in zip(pattern, segments):
+        for want, got in zip(pattern, segments, strict=True):
             if want.startswith("{"):
                 if not got:
                     break

@@ -12,12 +12,12 @@ from dataclasses import dataclass
 from ..errors import UnknownAlgorithm
 
 
-class Kind(str, enum.Enum):
+class Kind(enum.StrEnum):
     KEM = "kem"
     SIGNATURE = "signature"
 
 
-class Mode(str, enum.Enum):
+class Mode(enum.StrEnum):
     PQC = "pqc"
     HYBRID = "hybrid"
 

@@ -178,7 +178,7 @@ class Context:
 
     def _nonce(self) -> bytes:
         seq = self.seq.to_bytes(NONCE_SIZE, "big")
-        return bytes(a ^ b for a, b in zip(self._base_nonce, seq))
+        return bytes(a ^ b for a, b in zip(self._base_nonce, seq, strict=True))
 
     def seal(self, aad: bytes, plaintext: bytes) -> bytes:
         ct = self._aead.encrypt(self._nonce(), plaintext, aad)

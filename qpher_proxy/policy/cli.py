@@ -92,7 +92,7 @@ def explain_text(policy_set: PolicySet, facts: RequestFacts) -> str:
         "",
     ]
     width = max((len(o.rule_id) for o in exp.outcomes), default=4)
-    for o, rule in zip(exp.outcomes, policy_set.rules):
+    for o, rule in zip(exp.outcomes, policy_set.rules, strict=True):
         where = f"{os.path.basename(o.file)}:{o.line}"
         if o.matched:
             status = "MATCH  <- decides" if o.deciding else "MATCH"

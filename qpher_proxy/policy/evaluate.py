@@ -90,7 +90,7 @@ def explain(policy_set: PolicySet, facts: RequestFacts) -> Explanation:
     deciding = first_deny if first_deny is not None else first_allow
     outcomes = tuple(
         RuleOutcome(i, r.rule.id, r.rule.effect, r.rule.file, r.rule.line, m, failed, i == deciding)
-        for i, (r, (m, failed)) in enumerate(zip(policy_set.compiled, matched_flags))
+        for i, (r, (m, failed)) in enumerate(zip(policy_set.compiled, matched_flags, strict=True))
     )
     decision = policy_set.compiled[deciding].decision if deciding is not None else policy_set.default_decision
     return Explanation(outcomes, decision)

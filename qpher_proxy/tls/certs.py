@@ -28,7 +28,6 @@ import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -41,7 +40,7 @@ from ..errors import ConfigError
 
 __all__ = ["DevPKI", "make_dev_pki"]
 
-_PrivateKey = Union[ec.EllipticCurvePrivateKey, MLDSA65PrivateKey]
+_PrivateKey = ec.EllipticCurvePrivateKey | MLDSA65PrivateKey
 
 CA_VALIDITY = datetime.timedelta(days=3650)
 SERVER_VALIDITY = datetime.timedelta(days=397)  # the CA/Browser Forum maximum, a sane dev default

@@ -166,7 +166,7 @@ def test_bad_items_fail_alone_with_their_own_code(api: CryptoAPI, route: Route) 
     api.max_batch_items = len(items)
     parsed = api.parse(route, json.dumps({"items": items}).encode())
     assert len(parsed.items) == len(items)
-    for i, (item, code) in enumerate(zip(parsed.items, want)):
+    for i, (item, code) in enumerate(zip(parsed.items, want, strict=True)):
         if code is None:
             assert not isinstance(item, QpherError)
         else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import stat
@@ -74,7 +75,7 @@ def test_rotation_carries_the_chain_into_the_next_file(tmp_path: Path) -> None:
     assert all(os.path.getsize(p) <= 400 for _, p in rotated)
     # the first record of each file links to the last record of the previous one
     files = all_files(path)
-    for older, newer in zip(files, files[1:]):
+    for older, newer in itertools.pairwise(files):
         last = lines_of(Path(older))[-1]
         first = parse_record(lines_of(Path(newer))[0])
         assert first is not None and first.prev == line_hash(last)

@@ -153,9 +153,11 @@ def check_answer(method: str, path: str, status: int, body: Any, headers: http.c
         found = resolve(method, path)
     except RouteMethodNotAllowed as exc:  # decided before authentication
         if status != 405 or body["error"]["code"] != "method_not_allowed":
-            raise ContractViolation(f"{where}: a served path with another method must be 405, not {body!r:.200}")
+            raise ContractViolation(
+                f"{where}: a served path with another method must be 405, not {body!r:.200}") from exc
         if headers.get("Allow") != ", ".join(exc.allow):
-            raise ContractViolation(f"{where}: Allow {headers.get('Allow')!r} != {', '.join(exc.allow)!r}")
+            raise ContractViolation(
+                f"{where}: Allow {headers.get('Allow')!r} != {', '.join(exc.allow)!r}") from exc
         return
     if found is None:  # not a served path (no sidecar upstream here)
         if status not in (401, 404) or (status == 404 and body["error"]["code"] != "route_not_found"):

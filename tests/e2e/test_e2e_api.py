@@ -527,7 +527,7 @@ class Item:
 def _run_batch(api: CheckedClient, path: str, items: list[Item]) -> list[dict[str, Any]]:
     answer = api.ok("POST", path, {"items": [i.body for i in items]})["items"]
     assert len(answer) == len(items)
-    for n, (item, got) in enumerate(zip(items, answer)):
+    for n, (item, got) in enumerate(zip(items, answer, strict=True)):
         if item.want == "ok":
             assert got["ok"] is True, (path, n, got)
             if item.check is not None:
@@ -697,7 +697,7 @@ def test_another_tenants_key_answers_like_an_unknown_key(api: CheckedClient, oth
     unknown_kem, unknown_sig = fake_key_id(), fake_key_id()
     theirs = probes(kem, sig)
     nobodys = probes(unknown_kem, unknown_sig)
-    for (method, path, body), (_, path2, body2) in zip(theirs, nobodys):
+    for (method, path, body), (_, path2, body2) in zip(theirs, nobodys, strict=True):
         s1, b1, h1 = other.call(method, path, body)
         s2, b2, h2 = other.call(method, path2, body2)
         probed = kem if kem in path + json.dumps(body) else sig

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import logging
 import os
 import re
@@ -164,7 +165,7 @@ async def test_a_disable_through_one_worker_holds_at_once_in_every_worker(kms_di
                 for _ in range(32):
                     nursery.start_soon(one)
             # least-outstanding spreads a burst: every worker handled some of it
-            assert all(w.conn._next_rid > n for w, n in zip(client._live, sent_before))
+            assert all(w.conn._next_rid > n for w, n in zip(client._live, sent_before, strict=True))
 
         await burst(True)  # both workers have the key's state cached now
         await client.disable_key(a, k.key_id)
@@ -464,7 +465,8 @@ async def test_no_private_seed_appears_in_the_state_dir_responses_or_logs(
                     else:
                         sig, v = await client.sign(c, k.key_id, b"hello")
                         seen += [sig, await client.verify(c, k.key_id, b"hello", sig)]
-                    for bad in (lambda: client.decapsulate(c, k.key_id, b"x"), lambda: client.sign(c, k.key_id, b"")):
+                    for bad in (functools.partial(client.decapsulate, c, k.key_id, b"x"),
+                                functools.partial(client.sign, c, k.key_id, b"")):
                         try:
                             seen.append(await bad())
                         except QpherError as exc:
@@ -505,7 +507,7 @@ async def test_no_private_seed_appears_in_the_state_dir_responses_or_logs(
     blobs.append(caplog.text.encode())
     blobs.append(repr([r.__dict__ for r in caplog.records]).encode())
     assert len(caplog.records) > 0
-    for secret, forms in needles.items():
+    for forms in needles.values():
         for blob in blobs:
             for form in forms:
                 assert form not in blob

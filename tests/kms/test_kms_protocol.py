@@ -72,7 +72,7 @@ def test_request_and_response_round_trip_with_every_value_type() -> None:
 @pytest.mark.parametrize("chunking", ["whole", "one_byte_at_a_time", "odd_chunks"])
 def test_many_frames_decode_however_the_bytes_arrive(chunking: str) -> None:
     c, s = serving_pair()
-    frames = [c.request(CTX, "op%d" % i, {"i": i, "blob": bytes([i]) * i})[1] for i in range(1, 40)]
+    frames = [c.request(CTX, f"op{i}", {"i": i, "blob": bytes([i]) * i})[1] for i in range(1, 40)]
     data = b"".join(frames)
     if chunking == "whole":
         chunks = [data]
@@ -84,7 +84,7 @@ def test_many_frames_decode_however_the_bytes_arrive(chunking: str) -> None:
     for chunk in chunks:
         s.receive_data(chunk)
         events += drain(s)
-    assert [e.op for e in events] == ["op%d" % i for i in range(1, 40)]  # type: ignore[attr-defined]
+    assert [e.op for e in events] == [f"op{i}" for i in range(1, 40)]  # type: ignore[attr-defined]
     assert [e.args["blob"] for e in events] == [bytes([i]) * i for i in range(1, 40)]  # type: ignore[attr-defined]
 
 

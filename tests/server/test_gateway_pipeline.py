@@ -10,6 +10,7 @@ import json
 import os
 import secrets
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,6 +134,10 @@ def _pipeline(
         yield Pipeline(gateway, kms, audit_path, quotas, key)
 
 
+# The fixtures yield from _pipeline; a test that needs its own policy files opens one in a `with`.
+open_pipeline = contextmanager(_pipeline)
+
+
 @pytest.fixture
 def guarded(tmp_path: Path) -> Iterator[Pipeline]:
     yield from _pipeline(tmp_path, {"00-plans.yaml": PLANS, "10-guard.yaml": USAGE_GUARD, "90-allow.yaml": ALLOW})
@@ -219,7 +224,8 @@ def _b64decode(text: Any) -> bytes:
 
 
 async def test_readiness_follows_the_audit_log_and_recovers_without_traffic(tmp_path: Path) -> None:
-    for pipeline in _pipeline(tmp_path, {"00-plans.yaml": PLANS, "90-allow.yaml": ALLOW}, audit_probe_interval=0.0):
+    with open_pipeline(tmp_path, {"00-plans.yaml": PLANS, "90-allow.yaml": ALLOW},
+                       audit_probe_interval=0.0) as pipeline:
         gateway = pipeline.gateway
 
         async def readyz() -> tuple[int, Any]:
@@ -246,7 +252,7 @@ async def test_readiness_follows_the_audit_log_and_recovers_without_traffic(tmp_
 
 
 async def test_readiness_and_info_name_the_policy_revision_in_force(tmp_path: Path) -> None:
-    for pipeline in _pipeline(tmp_path, {"00-plans.yaml": PLANS, "90-allow.yaml": ALLOW}):
+    with open_pipeline(tmp_path, {"00-plans.yaml": PLANS, "90-allow.yaml": ALLOW}) as pipeline:
         gateway = pipeline.gateway
         gateway.api = CryptoAPI(pipeline.kms, policy_revision=lambda: gateway.policy.revision)  # type: ignore[arg-type]
         policies = tmp_path / "policies"
@@ -270,7 +276,7 @@ async def test_readiness_and_info_name_the_policy_revision_in_force(tmp_path: Pa
 
 
 async def test_readiness_without_a_policy_has_no_revision(tmp_path: Path) -> None:
-    for pipeline in _pipeline(tmp_path, {"00-plans.yaml": PLANS, "90-allow.yaml": ALLOW}):
+    with open_pipeline(tmp_path, {"00-plans.yaml": PLANS, "90-allow.yaml": ALLOW}) as pipeline:
         empty = tmp_path / "empty"
         empty.mkdir()
         pipeline.gateway.policy = PolicyEngine(empty, lambda *a, **k: None)

@@ -1,4 +1,5 @@
-"""Shared pieces of the TLS tests: a dev PKI, a server on 127.0.0.1:0, and blocking clients.
+"""Shared pieces of the TLS tests: settings over the dev PKI (conftest.py), a server on
+127.0.0.1:0, and blocking clients.
 
 The server records one *outcome* per connection (the TLSInfo of a completed handshake, or the
 handshake error) in a channel, so a test waits for "what the server saw" instead of sleeping.
@@ -16,7 +17,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytest
 import trio
 from cryptography import x509
 from OpenSSL import SSL
@@ -35,11 +35,6 @@ from qpher_proxy.tls.certs import DevPKI, make_dev_pki
 HTTP_REQUEST = b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
 HTTP_RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n"
 CLIENT_TIMEOUT = 10  # seconds a blocking client may wait on a socket before failing the test
-
-
-@pytest.fixture(scope="session")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> DevPKI:
-    return make_dev_pki(tmp_path_factory.mktemp("pki") / "certs")
 
 
 def settings_for(pki: DevPKI, **overrides: object) -> TLSSettings:

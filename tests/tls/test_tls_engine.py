@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from _tls_helpers import pki, pyopenssl_client_context, settings_for  # noqa: F401
+from _tls_helpers import pyopenssl_client_context, settings_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from OpenSSL import SSL

@@ -8,7 +8,7 @@ import logging
 import pytest
 import trio
 import trio.testing
-from _tls_helpers import pki, settings_for  # noqa: F401
+from _tls_helpers import settings_for
 
 from qpher_proxy import errors
 from qpher_proxy.tls import TLSStream, build_server_context

@@ -11,10 +11,9 @@ from pathlib import Path
 import pytest
 import trio
 import trustme
-from _tls_helpers import (  # noqa: F401  (pki is a fixture)
+from _tls_helpers import (
     HTTP_RESPONSE,
     copy_pki,
-    pki,
     pyopenssl_client_context,
     pyopenssl_request,
     running_server,

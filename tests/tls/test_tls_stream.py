@@ -9,7 +9,7 @@ import socket
 import pytest
 import trio
 import trio.testing
-from _tls_helpers import pki, pyopenssl_client_context, settings_for  # noqa: F401
+from _tls_helpers import pyopenssl_client_context, settings_for
 from OpenSSL import SSL
 
 from qpher_proxy import errors

@@ -48,7 +48,7 @@ def key_not_found(key_id: object) -> KeyNotFound:
     return KeyNotFound(f"no key {shown!r}")
 
 
-class KeyState(str, enum.Enum):
+class KeyState(enum.StrEnum):
     ENABLED = "enabled"
     DISABLED = "disabled"
     PENDING_DESTRUCTION = "pending_destruction"

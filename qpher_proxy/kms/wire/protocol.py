@@ -273,7 +273,7 @@ class ConnectionClosed:
     """The peer closed its end cleanly, between frames."""
 
 
-Event = Union[Hello, Ready, Request, RejectedRequest, Response, Error, ConnectionClosed]
+Event = Hello | Ready | Request | RejectedRequest | Response | Error | ConnectionClosed
 NeedData = Literal[_Sentinel.NEED_DATA]
 
 
