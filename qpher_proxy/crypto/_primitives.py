@@ -36,11 +36,11 @@ def check_context(context: object) -> bytes:
     """FIPS 204 context string: bytes, at most 255 of them."""
     if type(context) is not bytes:
         context = as_bytes(context, "context", InvalidContext)
-    if len(context) > MAX_CONTEXT_BYTES:  # type: ignore[arg-type]
+    if len(context) > MAX_CONTEXT_BYTES:
         raise InvalidContext(
-            f"context must be at most {MAX_CONTEXT_BYTES} bytes, not {len(context)}"  # type: ignore[arg-type]
+            f"context must be at most {MAX_CONTEXT_BYTES} bytes, not {len(context)}"
         )
-    return context  # type: ignore[return-value]
+    return context
 
 
 # ---- FIPS 203 §7.2 encapsulation-key check (modulus check) ---------------------------

@@ -62,7 +62,8 @@ class AEAD(enum.IntEnum):
 
 
 _AEAD_KEY_SIZE = {AEAD.AES_128_GCM: 16, AEAD.AES_256_GCM: 32, AEAD.CHACHA20_POLY1305: 32}
-_AEAD_CLASS = {AEAD.AES_128_GCM: AESGCM, AEAD.AES_256_GCM: AESGCM, AEAD.CHACHA20_POLY1305: ChaCha20Poly1305}
+_AEADClass = type[AESGCM] | type[ChaCha20Poly1305]
+_AEAD_CLASS: dict[AEAD, _AEADClass] = {AEAD.AES_128_GCM: AESGCM, AEAD.AES_256_GCM: AESGCM, AEAD.CHACHA20_POLY1305: ChaCha20Poly1305}
 
 
 def _hkdf_expand(prk: bytes, info: bytes, length: int) -> bytes:
@@ -88,7 +89,7 @@ class Suite:
     _label_prefix: bytes = field(init=False, repr=False, compare=False)
     _psk_id_hash: bytes = field(init=False, repr=False, compare=False)
     _key_size: int = field(init=False, repr=False, compare=False)
-    _aead_cls: type = field(init=False, repr=False, compare=False)
+    _aead_cls: _AEADClass = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.kdf_id != KDF.HKDF_SHA256:

@@ -135,7 +135,7 @@ class KEMPublicKey(BasePublicKey):
         if type(info) is not bytes:
             info = as_bytes(info, "info")
         shared_secret, enc = self.encapsulate()
-        return enc + hpke.product_suite(self.algorithm.hpke_kem_id).seal_with_secret(  # type: ignore[arg-type]
+        return enc + hpke.product_suite(self.algorithm.hpke_kem_id).seal_with_secret(
             shared_secret, plaintext, aad, info
         )
 
@@ -161,7 +161,7 @@ class KEMPrivateKey(BasePrivateKey):
             shared_secret = self.decapsulate(sealed[:n])
         except CryptoError:
             raise DecryptionFailed() from None
-        return hpke.product_suite(self.algorithm.hpke_kem_id).open_with_secret(  # type: ignore[arg-type]
+        return hpke.product_suite(self.algorithm.hpke_kem_id).open_with_secret(
             shared_secret, sealed[n:], aad, info
         )
 

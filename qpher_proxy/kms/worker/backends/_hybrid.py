@@ -46,7 +46,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric import x25519
+from cryptography.hazmat.primitives.asymmetric import ec, x25519
 
 from ....crypto._primitives import (
     ECDSA_P256_MAX_DER,
@@ -66,6 +66,8 @@ from ....crypto._primitives import (
 from ....crypto.algorithms import ML_DSA_65, ML_DSA_65_ECDSA_P256, ML_KEM_768, X_WING
 from ....errors import InvalidCiphertext, InvalidKey
 from ._base import (
+    BasePrivateKey,
+    BasePublicKey,
     KEMPrivateKey,
     KEMPublicKey,
     SignaturePrivateKey,
@@ -200,7 +202,7 @@ def composite_message(message: bytes, context: bytes) -> bytes:
 class CompositePublicKey(SignaturePublicKey):
     __slots__ = ("algorithm", "_raw", "_mldsa", "_ec")
 
-    def __init__(self, raw: bytes, mldsa_public: Any) -> None:
+    def __init__(self, raw: bytes, mldsa_public: BasePublicKey) -> None:
         self.algorithm = ML_DSA_65_ECDSA_P256
         self._raw = raw
         self._mldsa = mldsa_public
@@ -226,7 +228,7 @@ class CompositePublicKey(SignaturePublicKey):
 class CompositePrivateKey(SignaturePrivateKey):
     __slots__ = ("algorithm", "_mldsa", "_ec", "_public")
 
-    def __init__(self, mldsa_private: Any, ec_private: Any) -> None:
+    def __init__(self, mldsa_private: BasePrivateKey, ec_private: ec.EllipticCurvePrivateKey) -> None:
         self.algorithm = ML_DSA_65_ECDSA_P256
         self._mldsa = mldsa_private
         self._ec = ec_private
@@ -250,18 +252,18 @@ class CompositePrivateKey(SignaturePrivateKey):
         return self._mldsa.sign(m_prime, COMPOSITE_LABEL) + ecdsa_p256_sign(self._ec, m_prime)
 
 
-def composite_load_public(data: object, mldsa_load_public: Callable[[bytes], Any]) -> CompositePublicKey:
+def composite_load_public(data: object, mldsa_load_public: Callable[[bytes], BasePublicKey]) -> CompositePublicKey:
     raw = check_public_length(ML_DSA_65_ECDSA_P256, data)
     return CompositePublicKey(raw, mldsa_load_public(raw[:_MLDSA_PK]))
 
 
-def composite_load_private(data: object, mldsa_from_seed: Callable[[bytes], Any]) -> CompositePrivateKey:
+def composite_load_private(data: object, mldsa_from_seed: Callable[[bytes], BasePrivateKey]) -> CompositePrivateKey:
     raw = check_private_length(ML_DSA_65_ECDSA_P256, data)
     ec_private = ecdsa_p256_from_sec1(raw[_MLDSA_SEED:])
     return CompositePrivateKey(mldsa_from_seed(raw[:_MLDSA_SEED]), ec_private)
 
 
-def composite_generate(mldsa_from_seed: Callable[[bytes], Any]) -> CompositePrivateKey:
+def composite_generate(mldsa_from_seed: Callable[[bytes], BasePrivateKey]) -> CompositePrivateKey:
     return CompositePrivateKey(mldsa_from_seed(os.urandom(_MLDSA_SEED)), ecdsa_p256_generate())
 
 

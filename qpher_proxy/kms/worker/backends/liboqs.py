@@ -103,7 +103,12 @@ _OQS_NAMES = {
     ML_DSA_87.name: "ML-DSA-87",
 }
 _MLKEM_K = {ML_KEM_768.name: 3, ML_KEM_1024.name: 4}
-_CRYPTO_MLDSA = {
+# What the backend does per algorithm: generate, load a private key, load a public key.
+_Ops = tuple[Callable[[], BasePrivateKey], Callable[[object], BasePrivateKey], Callable[[object], BasePublicKey]]
+
+_CRYPTO_MLDSA: dict[
+    str, type[_crypto_mldsa.MLDSA44PrivateKey | _crypto_mldsa.MLDSA65PrivateKey | _crypto_mldsa.MLDSA87PrivateKey]
+] = {
     ML_DSA_44.name: _crypto_mldsa.MLDSA44PrivateKey,
     ML_DSA_65.name: _crypto_mldsa.MLDSA65PrivateKey,
     ML_DSA_87.name: _crypto_mldsa.MLDSA87PrivateKey,
@@ -257,9 +262,10 @@ class LiboqsMLKEMPrivateKey(KEMPrivateKey):
         if type(ciphertext) is not bytes or len(ciphertext) != self._ct_size:
             ciphertext = coerce_ciphertext(self.algorithm, ciphertext)
         try:
-            return self._kem.decap_secret(ciphertext)
+            shared_secret: bytes = self._kem.decap_secret(ciphertext)
         except RuntimeError:
             raise CryptoError(f"liboqs {self.algorithm.name} decapsulation failed") from None
+        return shared_secret
 
 
 # ---- ML-DSA ------------------------------------------------------------------------
@@ -285,7 +291,8 @@ class LiboqsMLDSAPublicKey(SignaturePublicKey):
             signature = as_bytes(signature, "signature")
         if len(signature) != self._sig_size:
             return False
-        return self._ctx.verify_with_ctx_str(message, signature, context, self._raw)
+        ok: bool = self._ctx.verify_with_ctx_str(message, signature, context, self._raw)
+        return ok
 
 
 class LiboqsMLDSAPrivateKey(SignaturePrivateKey):
@@ -320,11 +327,13 @@ class LiboqsMLDSAPrivateKey(SignaturePrivateKey):
         if type(message) is not bytes:
             message = as_bytes(message, "message")
         with self._lock:
-            return self._sig.sign_with_ctx_str(message, context)
+            signature: bytes = self._sig.sign_with_ctx_str(message, context)
+        return signature
 
     def _sign_derand(self, message: bytes, context: bytes, rnd: bytes) -> bytes:
         """Test vectors only: FIPS 204 signing with a chosen 32-byte ``rnd``."""
-        return self._backend._injector.run(rnd, lambda: self._sig.sign_with_ctx_str(message, context))
+        signature: bytes = self._backend._injector.run(rnd, lambda: self._sig.sign_with_ctx_str(message, context))
+        return signature
 
 
 # ---- the backend -------------------------------------------------------------------
@@ -361,8 +370,7 @@ class LiboqsBackend:
         mlkem768_public = lambda raw: self._mlkem_load_public(ML_KEM_768, raw)  # noqa: E731
         mldsa65_seed = lambda seed: LiboqsMLDSAPrivateKey(self, ML_DSA_65, seed)  # noqa: E731
         mldsa65_public = lambda raw: LiboqsMLDSAPublicKey(self, ML_DSA_65, raw)  # noqa: E731
-        self._ops: dict[str, tuple[Callable[[], BasePrivateKey], Callable[[object], BasePrivateKey],
-                                   Callable[[object], BasePublicKey]]] = {}
+        self._ops: dict[str, _Ops] = {}
         for alg in (ML_KEM_768, ML_KEM_1024):
             self._ops[alg.name] = (
                 (lambda a: lambda: LiboqsMLKEMPrivateKey(self, a, os.urandom(64)))(alg),
@@ -431,21 +439,22 @@ class LiboqsBackend:
         name = getattr(algorithm, "name", algorithm)
         return name in self._ops
 
-    def _op(self, algorithm: Algorithm | str, index: int) -> Callable[..., Any]:
+    def _ops_for(self, algorithm: Algorithm | str) -> _Ops:
         alg = resolve_algorithm(algorithm)
         ops = self._ops.get(alg.name)
         if ops is None:
-            raise BackendUnavailable(f"{alg.name} is not available on the liboqs backend: {self.unsupported[alg.name]}")
-        return ops[index]
+            raise BackendUnavailable(
+                f"{alg.name} is not available on the liboqs backend: {self.unsupported[alg.name]}")
+        return ops
 
     def generate(self, algorithm: Algorithm | str) -> BasePrivateKey:
-        return self._op(algorithm, 0)()
+        return self._ops_for(algorithm)[0]()
 
     def load_private(self, algorithm: Algorithm | str, data: bytes) -> BasePrivateKey:
-        return self._op(algorithm, 1)(data)
+        return self._ops_for(algorithm)[1](data)
 
     def load_public(self, algorithm: Algorithm | str, data: bytes) -> BasePublicKey:
-        return self._op(algorithm, 2)(data)
+        return self._ops_for(algorithm)[2](data)
 
     def versions(self) -> dict[str, str]:
         out = {

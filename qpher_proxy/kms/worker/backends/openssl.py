@@ -56,11 +56,16 @@ from ._base import (
     resolve_algorithm,
 )
 
-_MLKEM_CLASSES: dict[str, tuple[Any, Any]] = {
+_MLKEMPrivate = mlkem.MLKEM768PrivateKey | mlkem.MLKEM1024PrivateKey
+_MLKEMPublic = mlkem.MLKEM768PublicKey | mlkem.MLKEM1024PublicKey
+_MLDSAPrivate = mldsa.MLDSA44PrivateKey | mldsa.MLDSA65PrivateKey | mldsa.MLDSA87PrivateKey
+_MLDSAPublic = mldsa.MLDSA44PublicKey | mldsa.MLDSA65PublicKey | mldsa.MLDSA87PublicKey
+
+_MLKEM_CLASSES: dict[str, tuple[type[_MLKEMPrivate], type[_MLKEMPublic]]] = {
     ML_KEM_768.name: (mlkem.MLKEM768PrivateKey, mlkem.MLKEM768PublicKey),
     ML_KEM_1024.name: (mlkem.MLKEM1024PrivateKey, mlkem.MLKEM1024PublicKey),
 }
-_MLDSA_CLASSES: dict[str, tuple[Any, Any]] = {
+_MLDSA_CLASSES: dict[str, tuple[type[_MLDSAPrivate], type[_MLDSAPublic]]] = {
     ML_DSA_44.name: (mldsa.MLDSA44PrivateKey, mldsa.MLDSA44PublicKey),
     ML_DSA_65.name: (mldsa.MLDSA65PrivateKey, mldsa.MLDSA65PublicKey),
     ML_DSA_87.name: (mldsa.MLDSA87PrivateKey, mldsa.MLDSA87PublicKey),
@@ -78,7 +83,7 @@ def openssl_version_text() -> str:
 class OpenSSLMLKEMPublicKey(KEMPublicKey):
     __slots__ = ("algorithm", "_key", "_raw")
 
-    def __init__(self, algorithm: Algorithm, key: Any, raw: bytes) -> None:
+    def __init__(self, algorithm: Algorithm, key: _MLKEMPublic, raw: bytes) -> None:
         self.algorithm = algorithm
         self._key = key
         self._raw = raw
@@ -96,7 +101,7 @@ class OpenSSLMLKEMPublicKey(KEMPublicKey):
 class OpenSSLMLKEMPrivateKey(KEMPrivateKey):
     __slots__ = ("algorithm", "_key", "_ct_size", "_public")
 
-    def __init__(self, algorithm: Algorithm, key: Any) -> None:
+    def __init__(self, algorithm: Algorithm, key: _MLKEMPrivate) -> None:
         self.algorithm = algorithm
         self._key = key
         self._ct_size = algorithm.ciphertext_size
@@ -136,7 +141,7 @@ def _mlkem_load_public(algorithm: Algorithm, data: bytes) -> OpenSSLMLKEMPublicK
 class OpenSSLMLDSAPublicKey(SignaturePublicKey):
     __slots__ = ("algorithm", "_key", "_raw", "_sig_size")
 
-    def __init__(self, algorithm: Algorithm, key: Any, raw: bytes) -> None:
+    def __init__(self, algorithm: Algorithm, key: _MLDSAPublic, raw: bytes) -> None:
         self.algorithm = algorithm
         self._key = key
         self._raw = raw
@@ -164,7 +169,7 @@ class OpenSSLMLDSAPublicKey(SignaturePublicKey):
 class OpenSSLMLDSAPrivateKey(SignaturePrivateKey):
     __slots__ = ("algorithm", "_key", "_public")
 
-    def __init__(self, algorithm: Algorithm, key: Any) -> None:
+    def __init__(self, algorithm: Algorithm, key: _MLDSAPrivate) -> None:
         self.algorithm = algorithm
         self._key = key
         self._public: OpenSSLMLDSAPublicKey | None = None
