@@ -25,7 +25,9 @@ from .config import load_config
 from .errors import ConfigError, InvalidInput, NotFound, QpherError
 
 if TYPE_CHECKING:
+    from .audit import AuditLog
     from .auth.apikeys import APIKeyRecord
+    from .config import Config
 
 
 def apikey_command(args: argparse.Namespace) -> int:
@@ -115,7 +117,7 @@ def _read_api_key() -> str:
     return sys.stdin.read(4096)
 
 
-def _audit(cfg):  # type: ignore[no-untyped-def]
+def _audit(cfg: Config) -> AuditLog:
     from .audit import AuditLog
 
     os.makedirs(os.path.dirname(cfg.audit.file), mode=0o700, exist_ok=True)
@@ -167,7 +169,7 @@ def policy_command(args: argparse.Namespace) -> int:
             raise QpherError(exc.message, code=exc.code) from None
         operation = resolved[0].operation if resolved else "forward"
     facts = RequestFacts(
-        tenant=record.tenant, plan=record.plan, scopes=record.scopes, api_key_id=record.key_id,
+        tenant=record.tenant, plan=record.plan, scopes=frozenset(record.scopes), api_key_id=record.key_id,
         method=args.method.upper(), path=args.path, operation=operation, algorithm=args.algorithm,
         source_ip=args.source_ip, tls_group=args.tls_group,
         tls_pq=args.tls_group.upper() in ("X25519MLKEM768", "SECP256R1MLKEM768", "SECP384R1MLKEM1024"),

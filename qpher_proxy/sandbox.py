@@ -243,7 +243,8 @@ def _keep_only(caps: tuple[int, ...]) -> bool:
         mask |= 1 << cap
     data = (_CapData * 2)(_CapData(mask, mask, 0), _CapData(0, 0, 0))
     header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
-    return _libc().capset(ctypes.byref(header), data) == 0
+    result: int = _libc().capset(ctypes.byref(header), data)
+    return result == 0
 
 
 def drop_privileges(user: RunAs, keep: tuple[int, ...] = ()) -> None:

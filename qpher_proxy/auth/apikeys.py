@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import calendar
 import datetime as _dt
+import enum
 import hmac
 import json
 import math
@@ -49,7 +50,7 @@ import stat
 import time
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from ..errors import ConfigError, InvalidInput, NotFound, Unauthenticated
 from ..storage import sqlite as db
@@ -461,7 +462,13 @@ class APIKeyStore:
 
 # ---- authentication --------------------------------------------------------------------
 
-_MISSING = object()
+class _Missing(enum.Enum):
+    """The cache's "not looked up yet" (``None`` is a cached "no such key")."""
+
+    MISSING = enum.auto()
+
+
+_MISSING: Final = _Missing.MISSING
 
 
 class Authenticator:
@@ -513,12 +520,12 @@ class Authenticator:
             entry = self._store.lookup(key_id)
             if len(self._cache) >= self._max_entries:
                 self._cache.clear()
-            self._cache[key_id] = entry  # type: ignore[assignment]
+            self._cache[key_id] = entry
         presented = self._store.mac(key_id, secret)
         if entry is None:
             hmac.compare_digest(presented, self._dummy_mac)  # same work as a wrong secret
             raise Unauthenticated("unknown_key", key_id=key_id)
-        record, expected = entry  # type: ignore[misc]
+        record, expected = entry
         if not hmac.compare_digest(presented, expected):
             raise Unauthenticated("bad_secret", key_id=key_id)
         if record.revoked_at is not None:

@@ -200,7 +200,7 @@ def load_config(path: str | os.PathLike[str], *, check_files: bool = True) -> Co
         problem = getattr(exc, "problem", None) or "invalid YAML"
         raise ConfigError(f"{source}: {where}: {problem}") from None
     ld = _Loader(source, p.resolve().parent, check_files)
-    cfg = ld.build(Config, data, "")
+    cfg: Config = ld.build(Config, data, "")
     _check(cfg, ld)
     return cfg
 
@@ -209,6 +209,6 @@ def config_from_dict(data: dict[str, Any], base_dir: str | os.PathLike[str], sou
                      check_files: bool = True) -> Config:
     """Build a config from an in-memory mapping (tests, ``init``) with the same strictness."""
     ld = _Loader(source, Path(base_dir).resolve(), check_files)
-    cfg = ld.build(Config, data, "")
+    cfg: Config = ld.build(Config, data, "")
     _check(cfg, ld)
     return cfg

@@ -57,7 +57,7 @@ def _live() -> dict[str, bool]:
 
         probe.next_event()  # the request; the body reader is now a ChunkedReader
         reader = getattr(probe, "_reader", None)
-        before = type(reader) is ChunkedReader and reader._bytes_in_chunk == 0  # type: ignore[union-attr]
+        before = type(reader) is ChunkedReader and reader._bytes_in_chunk == 0
         after = probe.next_event() is h11.NEED_DATA and reader._bytes_in_chunk == 16  # type: ignore[union-attr]
         live["chunks"] = (
             before and after and reader._bytes_to_discard == b"" and reader._reading_trailer is False  # type: ignore[union-attr]
@@ -89,7 +89,7 @@ if LIVE["buffer"]:
 
     def receive_buffer(conn: h11.Connection) -> bytes | bytearray:
         """The received bytes h11 has not parsed yet (its own buffer: read it, never keep it)."""
-        return conn._receive_buffer._data  # type: ignore[attr-defined, no-any-return]
+        return conn._receive_buffer._data
 
 else:  # pragma: no cover - a future h11: a copy
 
@@ -102,12 +102,12 @@ if LIVE["chunks"]:
 
     def body_is_chunked(conn: h11.Connection) -> bool | None:
         """Whether the request body being read is chunked (None: cannot tell)."""
-        return type(conn._reader) is _ChunkedReader  # type: ignore[attr-defined]
+        return type(conn._reader) is _ChunkedReader
 
     def chunk_position(conn: h11.Connection) -> int:
         """In a chunked request body: the bytes of the current chunk not yet read (> 0), or
         :data:`AT_CHUNK_SIZE_LINE`; anywhere else :data:`ELSEWHERE`."""
-        reader = conn._reader  # type: ignore[attr-defined]
+        reader = conn._reader
         if type(reader) is not _ChunkedReader:
             return ELSEWHERE
         n: int = reader._bytes_in_chunk

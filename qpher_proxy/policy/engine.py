@@ -75,7 +75,7 @@ __all__ = ["PolicyEngine", "FailOpenState", "ReloadResult", "AuditFn", "DEFAULT_
 
 logger = logging.getLogger("qpher.policy")
 
-AuditFn = Callable[..., None]  # audit(event: str, severity: str, **fields) -> None
+AuditFn = Callable[..., object]  # audit(event: str, severity: str, **fields); its result is unused
 DEFAULT_EVAL_BUDGET_S = 0.005  # config policy.eval_budget_ms default
 DEFAULT_FAIL_OPEN_MAX_SECONDS = 300.0  # config policy.fail_open.max_seconds default
 MAX_FAIL_OPEN_REASON_CHARS = 500

@@ -24,6 +24,7 @@ import os
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -63,13 +64,17 @@ class Running:
     reload: Callable[[], Awaitable[None]] = field(repr=False, default=None)  # type: ignore[assignment]
 
 
+def _optional_path(path: str | None) -> Path | None:
+    return None if path is None else Path(path)
+
+
 def tls_settings(cfg: Config) -> TLSSettings:
     t = cfg.tls
     return TLSSettings(
-        cert_file=t.cert_file, key_file=t.key_file, mldsa_cert_file=t.mldsa_cert_file,
-        mldsa_key_file=t.mldsa_key_file, min_version=t.min_version, groups=t.groups,
-        require_pq=t.require_pq, client_auth=t.client_auth, client_ca=t.client_ca,
-        handshake_timeout=t.handshake_timeout,
+        cert_file=Path(t.cert_file), key_file=Path(t.key_file),
+        mldsa_cert_file=_optional_path(t.mldsa_cert_file), mldsa_key_file=_optional_path(t.mldsa_key_file),
+        min_version=t.min_version, groups=t.groups, require_pq=t.require_pq, client_auth=t.client_auth,
+        client_ca=_optional_path(t.client_ca), handshake_timeout=t.handshake_timeout,
     )
 
 
@@ -180,8 +185,8 @@ async def serve(
             handshake_failures.record(reason)
 
         upstream_cm: Any = contextlib.nullcontext(None)
-        if cfg.upstream.url:
-            u = cfg.upstream
+        u = cfg.upstream
+        if u.url:
             upstream_cm = UpstreamClient(
                 u.url, connect_timeout=u.connect_timeout, read_timeout=u.read_timeout,
                 pool_size=u.pool_size, ca_file=u.ca_file, client_cert=u.client_cert, client_key=u.client_key,
@@ -198,7 +203,7 @@ async def serve(
                 TLSListener(ln, holder, on_handshake=on_handshake, on_handshake_error=on_handshake_error)
                 for ln in raw_listeners
             ]
-            addresses = [tuple(ln.transport_listener.socket.getsockname()[:2]) for ln in listeners]
+            addresses = [tuple(ln.socket.getsockname()[:2]) for ln in raw_listeners]
             server = HTTPServer(gateway.handle, limits=http_limits(cfg), on_request_done=gateway.request_done,
                                 shutdown_grace=cfg.server.shutdown_grace,
                                 security_headers=SecurityHeaders(hsts_max_age=cfg.http.hsts_max_age))

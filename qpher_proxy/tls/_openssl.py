@@ -37,7 +37,8 @@ def _call_list_setter(fn_name: str, context: SSL.Context, value: str) -> bool:
     fn = getattr(_lib, fn_name, None)
     if fn is None:
         raise RuntimeError(f"OpenSSL binding lacks {fn_name}: upgrade cryptography")
-    ok = fn(_raw_ctx(context), value.encode("ascii")) == 1
+    result: int = fn(_raw_ctx(context), value.encode("ascii"))
+    ok = result == 1
     # A refused list leaves an entry on OpenSSL's per-thread error queue. pyOpenSSL reads
     # that queue after later, unrelated calls and would raise a stale error there: clear it.
     _lib.ERR_clear_error()

@@ -223,7 +223,7 @@ def _make_server(
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),  # type: ignore[arg-type]
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
             critical=False,
         )
     )
@@ -311,7 +311,7 @@ def make_dev_pki(
     ca_cert, ca_key, srv_cert, srv_key = _pair(
         directory, "", "ECDSA", ec.EllipticCurvePrivateKey, hostnames, ip_addresses, now, created, key_dir, renew
     )
-    mldsa_paths: tuple[Path | None, ...] = (None, None, None, None)
+    mldsa_paths: tuple[Path | None, Path | None, Path | None, Path | None] = (None, None, None, None)
     if mldsa:
         mldsa_paths = _pair(
             directory, "mldsa-", "ML-DSA-65", MLDSA65PrivateKey,

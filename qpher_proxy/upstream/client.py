@@ -636,7 +636,8 @@ class UpstreamResponse:
                 # finalised by the garbage collector, with a ResourceWarning).
                 try:
                     if iterator is not None and not exhausted and hasattr(iterator, "aclose"):
-                        await trio.aclose_forcefully(iterator)
+                        # trio types its argument as its AsyncResource ABC; it only calls aclose().
+                        await trio.aclose_forcefully(iterator)  # type: ignore[arg-type]
                 except Exception as exc:
                     self._abort_with(exc)
                 finally:
@@ -644,7 +645,9 @@ class UpstreamResponse:
 
     async def _send_data(self, piece: memoryview) -> None:
         if piece:
-            await self._send_bytes(self._conn.h11.send(h11.Data(data=piece)) or b"")
+            # h11 types Data.data as bytes but frames any bytes-like object: a view sends the
+            # caller's chunk without copying it.
+            await self._send_bytes(self._conn.h11.send(h11.Data(data=piece)) or b"")  # type: ignore[arg-type]
 
     def _abort_with(self, exc: BaseException, cause: BaseException | None = None) -> None:
         if cause is not None:
@@ -691,7 +694,9 @@ class UpstreamResponse:
             if not data and not self._received_any:
                 raise UpstreamUnavailable(_MESSAGES["head"][0])
             self._received_any = True
-            conn.h11.receive_data(data)
+            # h11 types receive_data's argument as bytes; it appends it to a bytearray, so the
+            # bytearray a trio stream may return needs no copy.
+            conn.h11.receive_data(data)  # type: ignore[arg-type]
 
     async def _end_of_body(self) -> None:
         """The response's EndOfMessage arrived: reuse the connection if the exchange was clean."""
