@@ -140,19 +140,22 @@ def _openssl_raw(alg_name: str, key: Any) -> dict[str, Callable[[], Any]]:
                    hpke_seal=lambda: suite.encrypt(PAYLOAD, h_pub, INFO),
                    hpke_open=lambda: suite.decrypt(sealed, h_priv, INFO))
     elif alg_name in ("ml-dsa-44", "ml-dsa-65", "ml-dsa-87"):
-        cls = {"ml-dsa-44": mldsa.MLDSA44PrivateKey, "ml-dsa-65": mldsa.MLDSA65PrivateKey,
-               "ml-dsa-87": mldsa.MLDSA87PrivateKey}[alg_name]
-        priv = cls.from_seed_bytes(seed)
-        pub = priv.public_key()
-        sig = priv.sign(PAYLOAD, b"")
-        ops.update(keygen=cls.generate, sign=lambda: priv.sign(PAYLOAD, b""),
-                   verify=lambda: pub.verify(sig, PAYLOAD, b""))
+        dsa_classes: dict[str, type[mldsa.MLDSA44PrivateKey | mldsa.MLDSA65PrivateKey | mldsa.MLDSA87PrivateKey]] = {
+            "ml-dsa-44": mldsa.MLDSA44PrivateKey, "ml-dsa-65": mldsa.MLDSA65PrivateKey,
+            "ml-dsa-87": mldsa.MLDSA87PrivateKey}
+        dsa_cls = dsa_classes[alg_name]
+        dsa_priv = dsa_cls.from_seed_bytes(seed)
+        dsa_pub = dsa_priv.public_key()
+        sig = dsa_priv.sign(PAYLOAD, b"")
+        ops.update(keygen=dsa_cls.generate, sign=lambda: dsa_priv.sign(PAYLOAD, b""),
+                   verify=lambda: dsa_pub.verify(sig, PAYLOAD, b""))
     elif alg_name == "ml-dsa-65-ecdsa-p256":
         from cryptography.hazmat.primitives.serialization import load_der_private_key
 
-        m_priv = mldsa.MLDSA65PrivateKey.from_seed_bytes(seed[:32])
-        m_pub = m_priv.public_key()
+        c_priv = mldsa.MLDSA65PrivateKey.from_seed_bytes(seed[:32])
+        c_pub = c_priv.public_key()
         e_priv = load_der_private_key(seed[32:], None)
+        assert isinstance(e_priv, ec.EllipticCurvePrivateKey)
         e_pub = e_priv.public_key()
         algo = ec.ECDSA(hashes.SHA256())
 
@@ -161,14 +164,14 @@ def _openssl_raw(alg_name: str, key: Any) -> dict[str, Callable[[], Any]]:
 
         def sign() -> bytes:
             mp = m_prime()
-            return m_priv.sign(mp, COMPOSITE_LABEL) + e_priv.sign(mp, algo)  # type: ignore[union-attr]
+            return c_priv.sign(mp, COMPOSITE_LABEL) + e_priv.sign(mp, algo)
 
         sig = sign()
 
         def verify() -> None:
             mp = m_prime()
-            m_pub.verify(sig[:3309], mp, COMPOSITE_LABEL)
-            e_pub.verify(sig[3309:], mp, algo)  # type: ignore[call-arg]
+            c_pub.verify(sig[:3309], mp, COMPOSITE_LABEL)
+            e_pub.verify(sig[3309:], mp, algo)
 
         ops.update(keygen=lambda: (mldsa.MLDSA65PrivateKey.generate(), ec.generate_private_key(ec.SECP256R1())),
                    sign=sign, verify=verify)
@@ -318,6 +321,7 @@ def _liboqs_raw(alg_name: str, key: Any) -> dict[str, Callable[[], Any]]:
         verifier = oqs.Signature("ML-DSA-65")
         pk = key.public_key().public_bytes()[:1952]
         e_priv = load_der_private_key(seed[32:], None)
+        assert isinstance(e_priv, ec.EllipticCurvePrivateKey)
         e_pub = e_priv.public_key()
         algo = ec.ECDSA(hashes.SHA256())
 
@@ -326,14 +330,14 @@ def _liboqs_raw(alg_name: str, key: Any) -> dict[str, Callable[[], Any]]:
 
         def sign() -> bytes:
             mp = m_prime()
-            return signer.sign_with_ctx_str(mp, COMPOSITE_LABEL) + e_priv.sign(mp, algo)  # type: ignore[union-attr]
+            return signer.sign_with_ctx_str(mp, COMPOSITE_LABEL) + e_priv.sign(mp, algo)
 
         sig = sign()
 
         def verify() -> bool:
             mp = m_prime()
             ok = verifier.verify_with_ctx_str(mp, sig[:3309], COMPOSITE_LABEL, pk)
-            e_pub.verify(sig[3309:], mp, algo)  # type: ignore[call-arg]
+            e_pub.verify(sig[3309:], mp, algo)
             return bool(ok)
 
         def keygen() -> Any:
@@ -379,7 +383,7 @@ def run(backends: Sequence[str], algorithms: Sequence[str], seconds: float, roun
         versions[backend_name] = backend.versions()
         raw_factory = _openssl_raw if backend_name == "openssl" else _liboqs_raw
         for alg_name in algorithms:
-            key = backend.generate(alg_name)
+            key = backend.generate(ALGORITHMS[alg_name])
             ours = _our_ops(backend, alg_name, key)
             raw = raw_factory(alg_name, key)
             for op, fn in ours.items():

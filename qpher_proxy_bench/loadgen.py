@@ -436,8 +436,8 @@ class _Poller:
 
     def poll(self, timeout: float) -> list[tuple[int, int]]:
         if self._epoll:
-            return self._p.poll(timeout)  # type: ignore[no-any-return]
-        return self._p.poll(timeout * 1000)  # type: ignore[no-any-return]
+            return self._p.poll(timeout)
+        return self._p.poll(timeout * 1000)
 
     def close(self) -> None:
         if self._epoll:
@@ -891,7 +891,7 @@ class LoadGenerator:
         if timeout is not None and not pipe.poll(timeout):
             raise LoadGeneratorError(f"a load generator process did not answer within {timeout:g} s")
         try:
-            return pipe.recv()  # type: ignore[no-any-return]
+            return pipe.recv()
         except EOFError:
             raise LoadGeneratorError("a load generator process died") from None
 
