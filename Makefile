@@ -1,6 +1,7 @@
 # Two commands on a fresh machine with Python 3.11:
 #   make run    create .venv, install, `qpher-proxy init` if needed, then serve on https://127.0.0.1:8443
-#   make test   create .venv, install with test extras, run the boundary check and the whole test suite
+#   make test   create .venv, install with test extras, run ruff, mypy, the boundary check and the whole
+#               test suite
 PYTHON ?= python3
 VENV   ?= .venv
 STATE  ?= .qpher
@@ -38,6 +39,8 @@ run: install
 	$(BIN)/qpher-proxy serve --config $(STATE)/config.yaml
 
 test: install-test
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 

@@ -14,13 +14,13 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
-# Stands in for python3, and inside the venv it creates for python, pip, qpher-proxy and
-# lint-imports: each records its command line in calls.log and does nothing else.
+# Stands in for python3, and inside the venv it creates for python, pip, qpher-proxy, ruff, mypy
+# and lint-imports: each records its command line in calls.log and does nothing else.
 _FAKE_PYTHON = """#!/bin/sh
 echo "$(basename "$0") $*" >> "$CALLS"
 if [ "$1 $2" = "-m venv" ]; then
     mkdir -p "$3/bin"
-    for tool in python pip qpher-proxy lint-imports; do cp "$0" "$3/bin/$tool"; done
+    for tool in python pip qpher-proxy ruff mypy lint-imports; do cp "$0" "$3/bin/$tool"; done
 fi
 """
 
