@@ -46,7 +46,9 @@ def settings() -> tuple[str, str, str]:
         try:
             api_key = (STATE / "secrets" / "demo-api-key").read_text()
         except FileNotFoundError:
-            sys.exit(f"no API key: set QPHER_API_KEY, or run `make run` to create {STATE}/secrets/demo-api-key")
+            sys.exit(
+                f"no API key: set QPHER_API_KEY, or run `make run` to create {STATE}/secrets/demo-api-key"
+            )
     ca = os.environ.get("QPHER_CA", str(STATE / "certs" / "ca.crt"))
     return url, api_key.strip(), ca  # the key file ends with a newline, which no header may hold
 
@@ -59,7 +61,9 @@ class Proxy:
         if parts.scheme != "https" or not parts.hostname:
             sys.exit(f"QPHER_URL must be an https:// URL, got {url!r}")
         context = ssl.create_default_context(cafile=ca or None)
-        self._conn = http.client.HTTPSConnection(parts.hostname, parts.port or 443, context=context, timeout=30)
+        self._conn = http.client.HTTPSConnection(
+            parts.hostname, parts.port or 443, context=context, timeout=30
+        )
         self._prefix = parts.path.rstrip("/")
         self._headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
 
@@ -103,8 +107,11 @@ def main() -> None:
     url, api_key, ca = settings()
     proxy = Proxy(url, api_key, ca)
     suite = proxy.call("GET", "/v1/info")["hpke"]
-    print(f"proxy at {url}: HPKE {suite['mode']} mode, KDF {suite['kdf_id']:#06x}, AEAD {suite['aead_id']:#06x}, "
-          f"info {base64.b64decode(suite['info'])!r}")
+    print(
+        f"proxy at {url}: HPKE {suite['mode']} mode, KDF {suite['kdf_id']:#06x}, "
+        f"AEAD {suite['aead_id']:#06x}, "
+        f"info {base64.b64decode(suite['info'])!r}"
+    )
     if (suite["kdf_id"], suite["aead_id"]) != (0x0001, 0x0002):
         sys.exit("MISMATCH: the proxy's HPKE suite is not HKDF-SHA256 with AES-256-GCM")
     for algorithm in ("ml-kem-768", "x-wing"):

@@ -46,7 +46,9 @@ def settings() -> tuple[str, str, str]:
         try:
             api_key = (STATE / "secrets" / "demo-api-key").read_text()
         except FileNotFoundError:
-            sys.exit(f"no API key: set QPHER_API_KEY, or run `make run` to create {STATE}/secrets/demo-api-key")
+            sys.exit(
+                f"no API key: set QPHER_API_KEY, or run `make run` to create {STATE}/secrets/demo-api-key"
+            )
     ca = os.environ.get("QPHER_CA", str(STATE / "certs" / "ca.crt"))
     return url, api_key.strip(), ca  # the key file ends with a newline, which no header may hold
 
@@ -59,7 +61,9 @@ class Proxy:
         if parts.scheme != "https" or not parts.hostname:
             sys.exit(f"QPHER_URL must be an https:// URL, got {url!r}")
         context = ssl.create_default_context(cafile=ca or None)
-        self._conn = http.client.HTTPSConnection(parts.hostname, parts.port or 443, context=context, timeout=30)
+        self._conn = http.client.HTTPSConnection(
+            parts.hostname, parts.port or 443, context=context, timeout=30
+        )
         self._prefix = parts.path.rstrip("/")
         self._headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
 
@@ -118,7 +122,9 @@ def main() -> None:
         shared_secret, ciphertext = encapsulate(base64.b64decode(key["public_key"]))
         print(f"{algorithm}: new key {key['key_id']}; encapsulated here: a {len(shared_secret)}-byte secret "
               f"and a {len(ciphertext)}-byte ciphertext")
-        answer = proxy.call("POST", "/v1/kem/decapsulate", {"key_id": key["key_id"], "ciphertext": b64(ciphertext)})
+        answer = proxy.call(
+            "POST", "/v1/kem/decapsulate", {"key_id": key["key_id"], "ciphertext": b64(ciphertext)}
+        )
         if not hmac.compare_digest(base64.b64decode(answer["shared_secret"]), shared_secret):
             sys.exit(f"MISMATCH: {algorithm}: the proxy decapsulated another shared secret")
         print(f"{algorithm}: the proxy decapsulated the same secret")  # never print the secret itself

@@ -48,7 +48,9 @@ def settings() -> tuple[str, str, str]:
         try:
             api_key = (STATE / "secrets" / "demo-api-key").read_text()
         except FileNotFoundError:
-            sys.exit(f"no API key: set QPHER_API_KEY, or run `make run` to create {STATE}/secrets/demo-api-key")
+            sys.exit(
+                f"no API key: set QPHER_API_KEY, or run `make run` to create {STATE}/secrets/demo-api-key"
+            )
     ca = os.environ.get("QPHER_CA", str(STATE / "certs" / "ca.crt"))
     return url, api_key.strip(), ca  # the key file ends with a newline, which no header may hold
 
@@ -61,7 +63,9 @@ class Proxy:
         if parts.scheme != "https" or not parts.hostname:
             sys.exit(f"QPHER_URL must be an https:// URL, got {url!r}")
         context = ssl.create_default_context(cafile=ca or None)
-        self._conn = http.client.HTTPSConnection(parts.hostname, parts.port or 443, context=context, timeout=30)
+        self._conn = http.client.HTTPSConnection(
+            parts.hostname, parts.port or 443, context=context, timeout=30
+        )
         self._prefix = parts.path.rstrip("/")
         self._headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
 

@@ -44,8 +44,11 @@ def apikey_command(args: argparse.Namespace) -> int:
             record, full_key = store.create(args.tenant, args.plan, args.scopes, expires_at=expires,
                                             label=args.label)
             print(f"key id:  {record.key_id}", file=sys.stderr)
-            print(f"tenant:  {record.tenant}  plan: {record.plan}  scopes: {', '.join(sorted(record.scopes)) or '-'}",
-                  file=sys.stderr)
+            print(
+                f"tenant:  {record.tenant}  plan: {record.plan}  "
+                f"scopes: {', '.join(sorted(record.scopes)) or '-'}",
+                file=sys.stderr,
+            )
             print("the key is shown once, below; store it now:", file=sys.stderr)
             print(full_key)
             return 0
@@ -80,8 +83,16 @@ def _key_table(records: list[APIKeyRecord], now: float) -> str:
 
     header = ("KEY ID", "TENANT", "PLAN", "STATUS", "CREATED", "EXPIRES", "SCOPES", "LABEL")
     rows = [header] + [
-        (r.key_id, r.tenant, r.plan, r.status(now), iso_time(r.created_at) or "-", iso_time(r.expires_at) or "-",
-         ",".join(sorted(r.scopes)) or "-", r.label or "")
+        (
+            r.key_id,
+            r.tenant,
+            r.plan,
+            r.status(now),
+            iso_time(r.created_at) or "-",
+            iso_time(r.expires_at) or "-",
+            ",".join(sorted(r.scopes)) or "-",
+            r.label or "",
+        )
         for r in records
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
@@ -154,7 +165,9 @@ def policy_command(args: argparse.Namespace) -> int:
                                "(a gateway answers 401 before asking the policy)")
     status = record.status(time.time())
     if status != "active":
-        print(f"note: key {key_id} is {status}; a gateway answers 401 before asking the policy", file=sys.stderr)
+        print(
+            f"note: key {key_id} is {status}; a gateway answers 401 before asking the policy", file=sys.stderr
+        )
     directory = args.policy_dir or cfg.policy.dir
     ps, errors, _warnings = check_policy_dir(directory)
     if ps is None:
@@ -185,8 +198,10 @@ def _become_kms_user(name: str) -> None:
     from .sandbox import drop_privileges, lookup_user, preload
 
     user = lookup_user(name, "kms.user")
-    preload(["qpher_proxy.kms", "qpher_proxy.crypto"],
-            skip=["qpher_proxy.kms.client", "qpher_proxy.kms.launcher", "qpher_proxy.kms.worker.backends.liboqs"])
+    preload(
+        ["qpher_proxy.kms", "qpher_proxy.crypto"],
+        skip=["qpher_proxy.kms.client", "qpher_proxy.kms.launcher", "qpher_proxy.kms.worker.backends.liboqs"],
+    )
     try:
         drop_privileges(user)
     except OSError as exc:
@@ -220,8 +235,9 @@ def fail_open_command(args: argparse.Namespace) -> int:
     ctx = ssl.create_default_context(cafile=cafile)
     url = args.url.rstrip("/") + "/admin/fail-open"
     if args.fail_open_command == "open":
-        req = urllib.request.Request(url, method="POST",
-                                     data=json.dumps({"reason": args.reason, "seconds": args.seconds}).encode())
+        req = urllib.request.Request(
+            url, method="POST", data=json.dumps({"reason": args.reason, "seconds": args.seconds}).encode()
+        )
         req.add_header("content-type", "application/json")
     else:
         req = urllib.request.Request(url, method="DELETE")

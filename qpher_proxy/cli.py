@@ -33,8 +33,12 @@ BENCHMARKS = {
 
 
 def _add_config(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", "-c", default=os.environ.get("QPHER_CONFIG", f"{DEFAULT_STATE_DIR}/config.yaml"),
-                   help="config file (default: $QPHER_CONFIG or .qpher/config.yaml)")
+    p.add_argument(
+        "--config",
+        "-c",
+        default=os.environ.get("QPHER_CONFIG", f"{DEFAULT_STATE_DIR}/config.yaml"),
+        help="config file (default: $QPHER_CONFIG or .qpher/config.yaml)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "declares; each scope must be admin, metrics or one the policy's "
                                     "rules name.")
     _add_config(c)
-    c.add_argument("--tenant", required=True, help="the tenant the key acts for (clients cannot choose another)")
+    c.add_argument(
+        "--tenant", required=True, help="the tenant the key acts for (clients cannot choose another)"
+    )
     c.add_argument("--plan", required=True, help="a plan declared in the policy (policy.dir), e.g. free, pro")
     c.add_argument("--scope", action="append", default=[], dest="scopes", metavar="SCOPE",
                    help="a scope the key holds; repeat for several (--scope admin --scope metrics)")

@@ -74,7 +74,9 @@ def _write_private(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
-def default_config(port: int, mldsa: bool, users: tuple[str | None, str | None] = (None, None)) -> dict[str, object]:
+def default_config(
+    port: int, mldsa: bool, users: tuple[str | None, str | None] = (None, None)
+) -> dict[str, object]:
     cfg: dict[str, object] = {
         "server": {"listen": [f"127.0.0.1:{port}"], "user": users[0]},
         "tls": {"cert_file": "certs/server.crt", "key_file": "certs/server.key"},
@@ -109,8 +111,22 @@ def ensure_system_user(name: str) -> None:
         pass
     nologin = next((p for p in ("/usr/sbin/nologin", "/sbin/nologin") if os.path.exists(p)), "/bin/false")
     try:
-        subprocess.run(["useradd", "--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent",
-                        "--shell", nologin, name], check=True, capture_output=True, text=True)
+        subprocess.run(
+            [
+                "useradd",
+                "--system",
+                "--user-group",
+                "--no-create-home",
+                "--home-dir",
+                "/nonexistent",
+                "--shell",
+                nologin,
+                name,
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
     except FileNotFoundError:
         raise ConfigError(f"cannot create the system user {name!r}: useradd is not installed") from None
     except subprocess.CalledProcessError as exc:
@@ -197,7 +213,9 @@ def init_state(directory: Path, *, port: int = 8443, mldsa_cert: bool = False, r
     demo_path = secrets_dir / "demo-api-key"
     if not demo_path.exists():
         with APIKeyStore(directory / "data" / "gateway.db", load_pepper(pepper_path)) as store:
-            record, full_key = store.create(DEMO_TENANT, DEMO_PLAN, DEMO_SCOPES, label="demo (qpher-proxy init)")
+            record, full_key = store.create(
+                DEMO_TENANT, DEMO_PLAN, DEMO_SCOPES, label="demo (qpher-proxy init)"
+            )
         _write_private(demo_path, full_key.encode("ascii") + b"\n")
         print(f"created demo API key {record.key_id} for tenant {DEMO_TENANT!r} (plan {DEMO_PLAN}, "
               f"scopes {', '.join(DEMO_SCOPES)}); its value is in {demo_path}", file=out)

@@ -102,8 +102,16 @@ def run(iterations: int, repeat: int) -> dict[str, float]:
                 "strip": lambda: strip_identity_headers(headers),
                 "ratelimit": lambda: limiter.check(record.key_id, record.tenant, limits),
                 "quota": lambda: quotas.check_and_count("acme", "sign", None),
-                "audit": lambda: audit.record("policy.decision", "INFO", key_id=record.key_id, tenant="acme",
-                                              rule_id="allow-sign", effect="allow", method="POST", path="/v1/sign"),
+                "audit": lambda: audit.record(
+                    "policy.decision",
+                    "INFO",
+                    key_id=record.key_id,
+                    tenant="acme",
+                    rule_id="allow-sign",
+                    effect="allow",
+                    method="POST",
+                    path="/v1/sign",
+                ),
                 "request": request,
             }
             for name, fn in steps.items():

@@ -64,7 +64,9 @@ def _batch(fn: Callable[[], Any], n: int) -> float:
     return (time.process_time() - start) / n
 
 
-def measure(ours: Callable[[], Any], raw: Callable[[], Any], seconds: float, rounds: int) -> tuple[float, float]:
+def measure(
+    ours: Callable[[], Any], raw: Callable[[], Any], seconds: float, rounds: int
+) -> tuple[float, float]:
     """Median-of-``rounds`` ops/s for ours and raw; batches alternate so drift and other
     processes hit both sides alike, and each batch has at least 20 calls so that
     variable-time operations (ML-DSA's rejection sampling) average out."""
@@ -140,9 +142,13 @@ def _openssl_raw(alg_name: str, key: Any) -> dict[str, Callable[[], Any]]:
                    hpke_seal=lambda: suite.encrypt(PAYLOAD, h_pub, INFO),
                    hpke_open=lambda: suite.decrypt(sealed, h_priv, INFO))
     elif alg_name in ("ml-dsa-44", "ml-dsa-65", "ml-dsa-87"):
-        dsa_classes: dict[str, type[mldsa.MLDSA44PrivateKey | mldsa.MLDSA65PrivateKey | mldsa.MLDSA87PrivateKey]] = {
-            "ml-dsa-44": mldsa.MLDSA44PrivateKey, "ml-dsa-65": mldsa.MLDSA65PrivateKey,
-            "ml-dsa-87": mldsa.MLDSA87PrivateKey}
+        dsa_classes: dict[
+            str, type[mldsa.MLDSA44PrivateKey | mldsa.MLDSA65PrivateKey | mldsa.MLDSA87PrivateKey]
+        ] = {
+            "ml-dsa-44": mldsa.MLDSA44PrivateKey,
+            "ml-dsa-65": mldsa.MLDSA65PrivateKey,
+            "ml-dsa-87": mldsa.MLDSA87PrivateKey,
+        }
         dsa_cls = dsa_classes[alg_name]
         dsa_priv = dsa_cls.from_seed_bytes(seed)
         dsa_pub = dsa_priv.public_key()
@@ -173,8 +179,11 @@ def _openssl_raw(alg_name: str, key: Any) -> dict[str, Callable[[], Any]]:
             c_pub.verify(sig[:3309], mp, COMPOSITE_LABEL)
             e_pub.verify(sig[3309:], mp, algo)
 
-        ops.update(keygen=lambda: (mldsa.MLDSA65PrivateKey.generate(), ec.generate_private_key(ec.SECP256R1())),
-                   sign=sign, verify=verify)
+        ops.update(
+            keygen=lambda: (mldsa.MLDSA65PrivateKey.generate(), ec.generate_private_key(ec.SECP256R1())),
+            sign=sign,
+            verify=verify,
+        )
     return ops
 
 
@@ -398,7 +407,8 @@ def format_table(results: Sequence[Result], versions: dict[str, dict[str, str]])
     lines = []
     for name, info in versions.items():
         lines.append(f"# {name}: " + ", ".join(f"{k} {v}" for k, v in info.items() if k != "backend"))
-    header = f"{'backend':8} {'algorithm':21} {'operation':12} {'ours ops/s':>12} {'raw ops/s':>12} {'overhead':>9}"
+    header = (f"{'backend':8} {'algorithm':21} {'operation':12} {'ours ops/s':>12} {'raw ops/s':>12} "
+              f"{'overhead':>9}")
     lines += [header, "-" * len(header)]
     for r in results:
         lines.append(f"{r.backend:8} {r.algorithm:21} {r.operation:12} {r.ours_ops:12.0f} {r.raw_ops:12.0f} "

@@ -120,7 +120,9 @@ def raise_plan_limits(policy_dir: Path, plan: str, rate: int = GENEROUS_RATE) ->
             if key in plans[plan] or key == "rate_limit":
                 plans[plan][key] = {"requests_per_second": rate, "burst": rate}
         path.write_text(yaml.safe_dump(doc, sort_keys=False))
-        check = subprocess.run(_cli("policy", "check", str(policy_dir)), capture_output=True, text=True, timeout=60)
+        check = subprocess.run(
+            _cli("policy", "check", str(policy_dir)), capture_output=True, text=True, timeout=60
+        )
         if check.returncode != 0:
             path.write_text(original)  # the policy language moved on: keep the shipped limits
             return False
@@ -176,13 +178,17 @@ class GatewayProcess:
         r = subprocess.run(_cli("init", "--dir", str(d), "--port", str(self.port)), capture_output=True,
                            text=True, timeout=120)
         if r.returncode != 0:
-            raise BenchError(f"qpher-proxy init failed ({r.returncode}): {(r.stderr or r.stdout).strip()[-500:]}")
+            raise BenchError(
+                f"qpher-proxy init failed ({r.returncode}): {(r.stderr or r.stdout).strip()[-500:]}"
+            )
         self.directory = d
         key_file = d / "secrets" / "demo-api-key"
         try:
             self.api_key = key_file.read_text().strip()
         except OSError as exc:
-            raise BenchError(f"qpher-proxy init wrote no demo API key at {key_file}: {exc.strerror}") from None
+            raise BenchError(
+                f"qpher-proxy init wrote no demo API key at {key_file}: {exc.strerror}"
+            ) from None
         cfg_path = d / "config.yaml"
         cfg = yaml.safe_load(cfg_path.read_text()) or {}
         cfg.setdefault("server", {})["listen"] = [f"127.0.0.1:{self.port}"]
@@ -198,19 +204,34 @@ class GatewayProcess:
 
             policy_dir = d / str((cfg.get("policy") or {}).get("dir", "policies"))
             if raise_plan_limits(policy_dir, DEMO_PLAN):
-                self.notes.append(f"demo plan {DEMO_PLAN!r}: rate limits raised to {GENEROUS_RATE:,}/s in the "
-                                  "benchmark's copy of the policies (the limiter still runs on every request)")
+                self.notes.append(
+                    f"demo plan {DEMO_PLAN!r}: rate limits raised to {GENEROUS_RATE:,}/s in the "
+                    "benchmark's copy of the policies (the limiter still runs on every request)"
+                )
             else:
-                self.notes.append(f"demo plan {DEMO_PLAN!r} not found in {policy_dir}: shipped rate limits in force")
+                self.notes.append(
+                    f"demo plan {DEMO_PLAN!r} not found in {policy_dir}: shipped rate limits in force"
+                )
 
     def _start(self) -> None:
         cmd = _cli("serve", "--config", str(self.directory / "config.yaml"))
         if self.profile_to is not None:
-            cmd = [sys.executable, "-c", "from qpher_proxy_bench.gateway_bench import profiled_main; profiled_main()",
-                   str(self.profile_to), *cmd[3:]]
+            cmd = [
+                sys.executable,
+                "-c",
+                "from qpher_proxy_bench.gateway_bench import profiled_main; profiled_main()",
+                str(self.profile_to),
+                *cmd[3:],
+            ]
         self._log = open(self.directory / "serve.log", "ab")
-        self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-                                      cwd=self.directory, start_new_session=True)
+        self._proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=self.directory,
+            start_new_session=True,
+        )
         tls = ClientTLS("X25519MLKEM768", cafile=self.ca_file)
         deadline = time.monotonic() + READY_TIMEOUT
         last = "no answer"
@@ -542,8 +563,14 @@ def tls_suite(lg: LoadGenerator, servers: list[tuple[str, int, str, list[int]]],
                     spec = LoadSpec.handshakes(port, ClientTLS(group), connections=conc, seconds=st.seconds,
                                                warmup=st.warmup)
                 else:
-                    spec = LoadSpec.keepalive(port, ClientTLS(group, cafile=cafile), HEALTHZ, connections=conc,
-                                              seconds=st.seconds, warmup=st.warmup)
+                    spec = LoadSpec.keepalive(
+                        port,
+                        ClientTLS(group, cafile=cafile),
+                        HEALTHZ,
+                        connections=conc,
+                        seconds=st.seconds,
+                        warmup=st.warmup,
+                    )
                 rows.append(_measure(lg, spec, pids, row, st))
     return rows
 
@@ -576,7 +603,10 @@ def api_requests(gw: GatewayProcess) -> dict[str, bytes]:
                                        "signature": answers["sign"]["signature"]})
     bodies["decapsulate"] = ("/v1/kem/decapsulate", {"key_id": keys["kem"],
                                                      "ciphertext": answers["encapsulate"]["ciphertext"]})
-    bodies["decrypt"] = ("/v1/decrypt", {"key_id": keys["enc"], "ciphertext": answers["encrypt"]["ciphertext"]})
+    bodies["decrypt"] = (
+        "/v1/decrypt",
+        {"key_id": keys["enc"], "ciphertext": answers["encrypt"]["ciphertext"]},
+    )
     order = ("sign", "verify", "encapsulate", "decapsulate", "encrypt", "decrypt")
     requests = {}
     for op in order:
@@ -613,8 +643,17 @@ def api_suite(lg: LoadGenerator, gw: GatewayProcess, st: Settings, raw: dict[str
         for op, req in requests.items():
             row = Row("api", "qpher", op, tls.group, conc, raw_rate=raw.get(op),
                       healthz_rate=base.rate if base.result else None)
-            rows.append(_measure(lg, LoadSpec.keepalive(gw.port, tls, req, connections=conc, seconds=st.seconds,
-                                                        warmup=st.warmup), pids, row, st))
+            rows.append(
+                _measure(
+                    lg,
+                    LoadSpec.keepalive(
+                        gw.port, tls, req, connections=conc, seconds=st.seconds, warmup=st.warmup
+                    ),
+                    pids,
+                    row,
+                    st,
+                )
+            )
     return rows
 
 
@@ -647,8 +686,10 @@ def format_tls(rows: list[Row]) -> str:
     ratios = tls_ratios(rows)
     if ratios:
         lines.append("")
-        lines.append("gateway / nginx: rate ratio, and CPU-per-op ratio (nginx us/op / gateway us/op: the ratio one core "
-                     "of each would reach, independent of what the client took)")
+        lines.append(
+            "gateway / nginx: rate ratio, and CPU-per-op ratio (nginx us/op / gateway us/op: the ratio "
+            "one core of each would reach, independent of what the client took)"
+        )
         for x in ratios:
             rate = x["rate_ratio"] or 0.0
             cpu = x.get("cpu_ratio")
@@ -724,16 +765,24 @@ def environment(backend: str | None, nginx_info: dict[str, Any] | None) -> dict[
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="qpher-proxy bench gateway", description=__doc__.split("\n")[0].replace("``", ""),
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="qpher-proxy bench gateway",
+        description=__doc__.split("\n")[0].replace("``", ""),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--suite", choices=("tls", "api", "all"), default="all",
                     help="tls: handshakes/s and keep-alive /healthz requests/s, beside nginx; api: /v1 "
                          "requests/s, p50 and p99 beside the raw library; all: both (default)")
-    ap.add_argument("--only", choices=("handshake", "keepalive", "api"),
-                    help="only this kind of run (handshake/keepalive imply --suite tls, api implies --suite api)")
+    ap.add_argument(
+        "--only",
+        choices=("handshake", "keepalive", "api"),
+        help="only this kind of run (handshake/keepalive imply --suite tls, api implies --suite api)",
+    )
     ap.add_argument("--quick", action="store_true", help="short runs (the whole benchmark in about a minute)")
     ap.add_argument("--seconds", type=float, help="measured seconds per run (default 5, --quick 1)")
-    ap.add_argument("--warmup", type=float, help="unmeasured seconds before each run (default 0.5, --quick 0.25)")
+    ap.add_argument(
+        "--warmup", type=float, help="unmeasured seconds before each run (default 0.5, --quick 0.25)"
+    )
     ap.add_argument("--clients", type=int, default=max(1, (os.cpu_count() or 2) - 1),
                     help="load generator processes (default: CPUs - 1)")
     ap.add_argument("--handshake-concurrency", type=int, default=8, help="handshakes in flight (default 8)")
@@ -745,7 +794,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--nginx", help="nginx binary (default /usr/sbin/nginx)")
     ap.add_argument("--backend", choices=("auto", "openssl", "liboqs"),
                     help="crypto.backend of the gateway (default: the config's, i.e. auto)")
-    ap.add_argument("--raw-seconds", type=float, help="CPU seconds per raw library rate (default 1, --quick 0.3)")
+    ap.add_argument(
+        "--raw-seconds", type=float, help="CPU seconds per raw library rate (default 1, --quick 0.3)"
+    )
     ap.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
                     help="logging.level of the gateway (default: the config's, i.e. info)")
     ap.add_argument("--keep-limits", action="store_true",
@@ -813,9 +864,16 @@ def _run(args: argparse.Namespace, suite: str, st: Settings, raw_seconds: float)
         upstream_url = None
         if suite in ("api", "all"):
             upstream_url = f"http://127.0.0.1:{stack.enter_context(trivial_upstream())}"
-        gw = stack.enter_context(GatewayProcess(upstream_url=upstream_url, backend=args.backend,
-                                                log_level=args.log_level, generous_limits=not args.keep_limits,
-                                                profile_to=profile_path, keep_state=args.keep_state))
+        gw = stack.enter_context(
+            GatewayProcess(
+                upstream_url=upstream_url,
+                backend=args.backend,
+                log_level=args.log_level,
+                generous_limits=not args.keep_limits,
+                profile_to=profile_path,
+                keep_state=args.keep_state,
+            )
+        )
         notes.extend(gw.notes)
         if profile_path is not None:
             st.profile_pid = gw.pid
@@ -869,8 +927,10 @@ def _run(args: argparse.Namespace, suite: str, st: Settings, raw_seconds: float)
     footer.append(f"# {env['cpus']} CPUs, load avg at start {env.get('loadavg_at_start')}, {env['openssl']}, "
                f"cryptography {env['cryptography']}, pyOpenSSL {env['pyopenssl']}"
                + (f", nginx {nginx_meta['version']} ({nginx_meta['openssl']})" if nginx_meta else ""))
-    footer.append(f"# {st.clients} client process(es), {st.seconds:g} s per run after {st.warmup:g} s warm-up; "
-               "the client shares the CPUs with the server: rates are floors")
+    footer.append(
+        f"# {st.clients} client process(es), {st.seconds:g} s per run after {st.warmup:g} s warm-up; "
+        "the client shares the CPUs with the server: rates are floors"
+    )
     footer += [f"# note: {n}" for n in notes]
     text = "\n\n".join(out) + "\n\n" + "\n".join(footer)
     if args.json == "-":
@@ -957,7 +1017,9 @@ def profile_bucket(filename: str, func: str) -> str:
         return "pyOpenSSL" if top == "OpenSSL" else top
     if "/qpher_proxy/" in path:
         parts = path.split("/qpher_proxy/")[-1].split("/")
-        return "qpher_proxy." + (parts[0].removesuffix(".py") if len(parts) > 1 else parts[0].removesuffix(".py"))
+        return "qpher_proxy." + (
+            parts[0].removesuffix(".py") if len(parts) > 1 else parts[0].removesuffix(".py")
+        )
     name = path.rsplit("/", 1)[-1].removesuffix(".py")
     parent = path.rsplit("/", 2)[-2] if path.count("/") >= 2 else ""
     return parent if parent in ("logging", "json", "asyncio", "email", "http") else name

@@ -229,7 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     if args.target:
         host, _, port = args.target.rpartition(":")
-        row = run_load(host, int(port), connections=args.connections, processes=args.processes, duration=args.duration)
+        row = run_load(
+            host, int(port), connections=args.connections, processes=args.processes, duration=args.duration
+        )
         rows.append({"server": args.target, **row})
     else:
         kinds = ("qpher", "minimal") if args.server == "both" else (args.server,)
@@ -237,7 +239,11 @@ def main(argv: list[str] | None = None) -> int:
             proc, port = _start_server(kind)
             try:
                 row = run_load(
-                    "127.0.0.1", port, connections=args.connections, processes=args.processes, duration=args.duration
+                    "127.0.0.1",
+                    port,
+                    connections=args.connections,
+                    processes=args.processes,
+                    duration=args.duration,
                 )
             finally:
                 proc.terminate()
@@ -253,7 +259,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.processes} client process(es), {args.duration:g} s each")
         print(f"{'server':<10} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")
         for r in rows:
-            print(f"{r['server']:<10} {r['rps']:>10.0f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} {r['errors']:>7}")
+            print(
+                f"{r['server']:<10} {r['rps']:>10.0f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} "
+                f"{r['errors']:>7}"
+            )
         if len(rows) == 2 and rows[1]["rps"]:
             print(f"qpher / minimal = {rows[0]['rps'] / rows[1]['rps']:.2f}")
     return 0

@@ -261,9 +261,15 @@ async def _bench(args: argparse.Namespace) -> list[dict[str, Any]]:
     priv_sig = backend.generate(ML_DSA_65)
     priv_kem = backend.generate(ML_KEM_768)
     _ss, ct2 = priv_kem.public_key().encapsulate()
-    results.append(_stats("in-process sign ml-dsa-65", *_drive_sync(lambda: priv_sig.sign(msg), d), inflight=1))
     results.append(
-        _stats("in-process decapsulate ml-kem-768", *_drive_sync(lambda: priv_kem.decapsulate(ct2), d), inflight=1)
+        _stats("in-process sign ml-dsa-65", *_drive_sync(lambda: priv_sig.sign(msg), d), inflight=1)
+    )
+    results.append(
+        _stats(
+            "in-process decapsulate ml-kem-768",
+            *_drive_sync(lambda: priv_kem.decapsulate(ct2), d),
+            inflight=1,
+        )
     )
     for r in results:
         r["backend"] = backend.name
@@ -276,7 +282,10 @@ def _print(results: list[dict[str, Any]], workers: int) -> None:
         f"KMS bench (backend {results[0]['backend']}, {workers} worker(s), {os.cpu_count()} cores, "
         f"client spin {results[0]['spin_us']:g} us)"
     )
-    print(f"{'operation':36} {'inflight':>8} {'req/s':>10} {'us/req':>9} {'p50 us':>9} {'p99 us':>9} {'cpu us':>7}")
+    print(
+        f"{'operation':36} {'inflight':>8} {'req/s':>10} {'us/req':>9} {'p50 us':>9} {'p99 us':>9} "
+        f"{'cpu us':>7}"
+    )
     for r in results:
         print(
             f"{r['name']:36} {r['inflight']:>8} {r['rps']:>10.0f} {r['us_per_req']:>9.1f} "

@@ -3,7 +3,8 @@
     with LoadGenerator(clients=1) as lg:
         tls = ClientTLS(group="X25519MLKEM768", cafile="certs/ca.crt")
         hs = lg.run(LoadSpec.handshakes(port, tls, seconds=5))
-        ka = lg.run(LoadSpec.keepalive(port, tls, build_request("GET", "/healthz"), connections=16, seconds=5))
+        ka = lg.run(LoadSpec.keepalive(port, tls, build_request("GET", "/healthz"), connections=16,
+                                       seconds=5))
         print(hs.rate, ka.rate, ka.p50_ms, ka.p99_ms, ka.statuses, ka.errors)
 
 Two modes:
@@ -142,7 +143,9 @@ class LoadSpec:
         return cls("handshake", port, tls, connections=connections, **kw)
 
     @classmethod
-    def keepalive(cls, port: int, tls: ClientTLS, request: bytes, *, connections: int = 16, **kw: Any) -> LoadSpec:
+    def keepalive(
+        cls, port: int, tls: ClientTLS, request: bytes, *, connections: int = 16, **kw: Any
+    ) -> LoadSpec:
         return cls("keepalive", port, tls, connections=connections, request=request, **kw)
 
 
@@ -393,7 +396,9 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, SSL.SysCallError):
         return f"connection error: {exc.args[1] if len(exc.args) > 1 else exc}"
     if isinstance(exc, SSL.Error):
-        reasons = [r[2] for r in (exc.args[0] if exc.args and isinstance(exc.args[0], list) else []) if len(r) > 2]
+        reasons = [
+            r[2] for r in (exc.args[0] if exc.args and isinstance(exc.args[0], list) else []) if len(r) > 2
+        ]
         return "tls: " + ("; ".join(reasons) if reasons else type(exc).__name__)
     return f"{type(exc).__name__}: {exc}"
 
@@ -849,8 +854,11 @@ class LoadGenerator:
         shares = [spec.connections // n + (1 if i < spec.connections % n else 0) for i in range(n)]
         counts = ([spec.count // n + (1 if i < spec.count % n else 0) for i in range(n)]
                   if spec.count is not None else [None] * n)
-        active = [(w, replace(spec, connections=s, count=c)) for w, s, c in zip(self._workers, shares, counts, strict=True)
-                  if s > 0 and (c is None or c > 0)]
+        active = [
+            (w, replace(spec, connections=s, count=c))
+            for w, s, c in zip(self._workers, shares, counts, strict=True)
+            if s > 0 and (c is None or c > 0)
+        ]
         for (_, pipe), sub in active:
             pipe.send(sub)
         failures, ready = [], []

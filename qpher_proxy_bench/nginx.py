@@ -203,7 +203,9 @@ class NginxServer:
     def _write_config(self, groups: tuple[str, ...]) -> Path:
         assert self._cert is not None and self._key is not None
         conf = self.directory / "nginx.conf"
-        conf.write_text(render_config(self.directory, self.port, self._cert.resolve(), self._key.resolve(), groups))
+        conf.write_text(
+            render_config(self.directory, self.port, self._cert.resolve(), self._key.resolve(), groups)
+        )
         return conf
 
     def _config_test(self, conf: Path) -> tuple[bool, str]:
@@ -247,9 +249,20 @@ class NginxServer:
             if not ok:
                 raise NginxUnavailable(f"nginx rejected the generated config: {message}")
             self._proc = subprocess.Popen(
-                [self.path, "-p", str(self.directory), "-c", str(conf), "-e", str(self.directory / "error.log"),
-                 "-g", "daemon off;"],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                [
+                    self.path,
+                    "-p",
+                    str(self.directory),
+                    "-c",
+                    str(conf),
+                    "-e",
+                    str(self.directory / "error.log"),
+                    "-g",
+                    "daemon off;",
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
                 start_new_session=True,  # a Ctrl-C in the terminal goes to us; we stop nginx
             )
             self._wait_ready()
@@ -263,7 +276,9 @@ class NginxServer:
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             if self._proc.poll() is not None:
-                raise NginxUnavailable(f"nginx exited with status {self._proc.returncode}: {self._error_log_tail()}")
+                raise NginxUnavailable(
+                    f"nginx exited with status {self._proc.returncode}: {self._error_log_tail()}"
+                )
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=1.0):
                     return

@@ -88,7 +88,8 @@ _TENANT_RULES = """\
     reason: not from that network
   - id: t{t}-kem-office-hours
     effect: allow
-    match: {{tenant: t{t}, path: /v1/kem/*, time: {{days: [mon, tue, wed, thu, fri], from: "07:00", to: "19:00"}}}}
+    match: {{tenant: t{t}, path: /v1/kem/*,
+             time: {{days: [mon, tue, wed, thu, fri], from: "07:00", to: "19:00"}}}}
     reason: KEM in office hours
 """
 
@@ -108,8 +109,10 @@ def chain(n_rules: int) -> str:
 
 def unindexed_chain(n_rules: int) -> str:
     rules = "".join(
-        f"  - id: u{i}\n    effect: deny\n    match: {{path: /p{i}/**, source_cidr: 198.51.100.0/24}}\n    reason: r\n"
-        for i in range(n_rules - 1))
+        f"  - id: u{i}\n    effect: deny\n"
+        f"    match: {{path: /p{i}/**, source_cidr: 198.51.100.0/24}}\n    reason: r\n"
+        for i in range(n_rules - 1)
+    )
     return "version: 1\nrules:\n" + rules + "  - id: allow\n    effect: allow\n    match: {}\n    reason: r\n"
 
 
@@ -195,7 +198,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cols = ["rules", "compile_ms", "evaluate_allow_us", "evaluate_guard_deny_us", "evaluate_default_deny_us",
             "evaluate_unindexed_us", "decide_allow_us"]
-    heads = ["rules", "compile ms", "allow µs", "guard deny µs", "default deny µs", "unindexed µs", "decide µs"]
+    heads = [
+        "rules",
+        "compile ms",
+        "allow µs",
+        "guard deny µs",
+        "default deny µs",
+        "unindexed µs",
+        "decide µs",
+    ]
     print("  ".join(f"{h:>15}" for h in heads))
     for row in result["chains"].values():
         print("  ".join(f"{row[c]:>15}" for c in cols))

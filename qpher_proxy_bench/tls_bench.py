@@ -81,7 +81,9 @@ def _run_group(
     listen_sock.bind(("127.0.0.1", 0))
     listen_sock.listen(4096)
     port = listen_sock.getsockname()[1]
-    procs = [spawn.Process(target=_client, args=(port, group, duration, start, results)) for _ in range(clients)]
+    procs = [
+        spawn.Process(target=_client, args=(port, group, duration, start, results)) for _ in range(clients)
+    ]
     for proc in procs:
         proc.start()
 
@@ -165,7 +167,9 @@ def _run_group(
         "server_handshakes_per_s": round(served / elapsed, 1),
         # Server CPU (this process, all threads) per handshake: the figure that does not depend
         # on how much CPU the clients and other tenants of the machine took.
-        "server_cpu_us_per_handshake": round(sum(b - a for a, b in zip(cpu0, cpu1, strict=True)) / max(served, 1) * 1e6),
+        "server_cpu_us_per_handshake": round(
+            sum(b - a for a, b in zip(cpu0, cpu1, strict=True)) / max(served, 1) * 1e6
+        ),
         "server_user_us_per_handshake": round((cpu1[0] - cpu0[0]) / max(served, 1) * 1e6),
         "server_kernel_us_per_handshake": round((cpu1[1] - cpu0[1]) / max(served, 1) * 1e6),
         "client_handshakes_per_s": round(sum(d / t for d, _f, t, _g in got), 1),
@@ -206,12 +210,16 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(rows, indent=2))
     else:
         for row in rows:
-            print(f"{row['server']:>7} {row['group']:>14}: {row['server_handshakes_per_s']:8.1f} full handshakes/s "
-                  f"(server count {row['server_handshakes']} in {row['seconds']} s; clients saw "
-                  f"{row['client_handshakes_per_s']}/s, {row['client_failures']} failures; "
-                  f"{args.clients} client processes; negotiated {','.join(row['negotiated'])}; "
-                  f"server CPU {row['server_cpu_us_per_handshake']} us/handshake = "
-                  f"{row['server_user_us_per_handshake']} user + {row['server_kernel_us_per_handshake']} kernel)")
+            print(
+                f"{row['server']:>7} {row['group']:>14}: {row['server_handshakes_per_s']:8.1f} "
+                "full handshakes/s "
+                f"(server count {row['server_handshakes']} in {row['seconds']} s; clients saw "
+                f"{row['client_handshakes_per_s']}/s, {row['client_failures']} failures; "
+                f"{args.clients} client processes; negotiated {','.join(row['negotiated'])}; "
+                f"server CPU {row['server_cpu_us_per_handshake']} us/handshake = "
+                f"{row['server_user_us_per_handshake']} user + "
+                f"{row['server_kernel_us_per_handshake']} kernel)"
+            )
     if profiler is not None:
         pstats.Stats(profiler).sort_stats("tottime").print_stats(args.profile)
     return 0

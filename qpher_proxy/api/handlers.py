@@ -220,7 +220,9 @@ class CryptoAPI:
             if route.method != "GET":
                 obj = load_object(body, allow_empty=True)
                 if obj:
-                    raise InvalidInput(f"unknown field {next(iter(obj))[:40]!r}; this request takes no fields")
+                    raise InvalidInput(
+                        f"unknown field {next(iter(obj))[:40]!r}; this request takes no fields"
+                    )
             return ParsedRequest(route, fields)
         if query:
             raise InvalidInput(f"{route.name} takes no query parameters")
@@ -311,7 +313,11 @@ class CryptoAPI:
             ss, ct, version = await kms.encapsulate(ctx, a["key_id"])
             return {"shared_secret": ss, "ciphertext": ct, "version": version}
         if op == "decapsulate":
-            return {"shared_secret": await kms.decapsulate(ctx, a["key_id"], a["ciphertext"], version=a["version"])}
+            return {
+                "shared_secret": await kms.decapsulate(
+                    ctx, a["key_id"], a["ciphertext"], version=a["version"]
+                )
+            }
         if op == "sign":
             sig, version = await kms.sign(ctx, a["key_id"], a["message"], context=a["context"])
             return {"signature": sig, "version": version}
@@ -411,7 +417,12 @@ def _kms_args(kms_op: str, f: Mapping[str, Any]) -> dict[str, Any]:
         return {"key_id": f["key_id"], "message": f["message"], "signature": f["signature"],
                 "context": f.get("context", b""), "version": f.get("key_version")}
     if kms_op == "encrypt":  # the fixed, documented HPKE info: see HPKE_INFO
-        return {"key_id": f["key_id"], "plaintext": f["plaintext"], "aad": f.get("aad", b""), "info": HPKE_INFO}
+        return {
+            "key_id": f["key_id"],
+            "plaintext": f["plaintext"],
+            "aad": f.get("aad", b""),
+            "info": HPKE_INFO,
+        }
     if kms_op == "decrypt":
         return {"key_id": f["key_id"], "ciphertext": f["ciphertext"], "aad": f.get("aad", b""),
                 "version": f.get("key_version"), "info": HPKE_INFO}
@@ -435,8 +446,11 @@ def _version(result: Mapping[str, Any]) -> int:
 def _render(kms_op: str, r: Mapping[str, Any], f: Mapping[str, Any]) -> dict[str, Any]:
     """The JSON answer for one KMS result dict. A malformed KMS answer is a 500, not a KeyError."""
     if kms_op == "encapsulate":
-        return {"ciphertext": _b64(_bytes(r, "ciphertext")), "shared_secret": _b64(_bytes(r, "shared_secret")),
-                "key_version": _version(r)}
+        return {
+            "ciphertext": _b64(_bytes(r, "ciphertext")),
+            "shared_secret": _b64(_bytes(r, "shared_secret")),
+            "key_version": _version(r),
+        }
     if kms_op == "decapsulate":
         return {"shared_secret": _b64(_bytes(r, "shared_secret"))}
     if kms_op == "sign":

@@ -364,9 +364,15 @@ class AuditLog:
     def _append_record(self, ts: str, event: str, severity: str, fields: dict[str, object]) -> int:
         seq = self._seq + 1
         line = encode_record(seq, ts, event, severity, fields, self._last)
-        if self._rotate_bytes is not None and self._size > 0 and self._size + len(line) + 1 > self._rotate_bytes:
+        if (
+            self._rotate_bytes is not None
+            and self._size > 0
+            and self._size + len(line) + 1 > self._rotate_bytes
+        ):
             self._rotate()
-        fsync = self._fsync_policy == "always" or (self._fsync_policy == "critical" and severity == "CRITICAL")
+        fsync = self._fsync_policy == "always" or (
+            self._fsync_policy == "critical" and severity == "CRITICAL"
+        )
         self._append(line + b"\n", fsync=fsync)
         self._seq, self._last = seq, line_hash(line)
         return seq

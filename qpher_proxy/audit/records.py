@@ -83,7 +83,9 @@ def normalize_severity(severity: str) -> str:
         return s
     s = severity.upper() if isinstance(severity, str) else ""
     if s not in SEVERITIES:
-        raise AuditFieldRefused(f"audit severity must be one of {', '.join(SEVERITIES)}, not {severity!r}"[:200])
+        raise AuditFieldRefused(
+            f"audit severity must be one of {', '.join(SEVERITIES)}, not {severity!r}"[:200]
+        )
     if len(_SEVERITY_OF) < _NAME_OK_MAX:
         _SEVERITY_OF[severity] = s
     return s
@@ -140,7 +142,9 @@ def check_fields(fields: Mapping[str, object]) -> None:
         if verdicts.get(name) is not True and not _name_ok(name):
             if name in RESERVED:
                 raise AuditFieldRefused(f"audit field name {name!r} is reserved")
-            raise AuditFieldRefused(f"audit field {name[:40]!r} is named like a secret; record its id instead")
+            raise AuditFieldRefused(
+                f"audit field {name[:40]!r} is named like a secret; record its id instead"
+            )
         cls = value.__class__
         if value.__class__ is str:
             if "qph_" in value and _KEYISH.search(value):
@@ -201,7 +205,9 @@ def _layout(names: tuple[str, ...]) -> tuple[tuple[str, str], ...] | None:
     return layout
 
 
-def encode_record(seq: int, ts: str, event: str, severity: str, fields: Mapping[str, Any], prev: str) -> bytes:
+def encode_record(
+    seq: int, ts: str, event: str, severity: str, fields: Mapping[str, Any], prev: str
+) -> bytes:
     """The record's line, without the newline. ``fields`` must have passed ``check_fields``."""
     check_event(event)
     names = tuple(fields)

@@ -98,7 +98,9 @@ def _read(files: Iterable[str], findings: list[Finding]) -> Iterator[_Line]:
                     body = raw[:-1] if complete else raw
                     yield _Line(name, lineno, len(body), line_hash(body), parse_record(body), complete)
         except OSError as exc:
-            findings.append(Finding(name, lineno, None, "unreadable", f"cannot be read ({exc.strerror or exc})"))
+            findings.append(
+                Finding(name, lineno, None, "unreadable", f"cannot be read ({exc.strerror or exc})")
+            )
 
 
 class _Ahead:
@@ -177,8 +179,15 @@ def verify(
                 nxt is not None and nxt.rec is not None and nxt.rec.event == RECOVERY_EVENT
                 and nxt.rec.fields.get("torn_sha256") == cur.digest and continues_anchor(nxt)
             ):
-                notes.append(Finding(*loc, None, "torn", f"partial line of {cur.size} bytes from an "
-                                     f"interrupted write, accounted for by the recovery record at line {nxt.lineno}"))
+                notes.append(
+                    Finding(
+                        *loc,
+                        None,
+                        "torn",
+                        f"partial line of {cur.size} bytes from an "
+                        f"interrupted write, accounted for by the recovery record at line {nxt.lineno}",
+                    )
+                )
             elif nxt is None and not cur.complete:
                 notes.append(Finding(*loc, None, "torn", "incomplete last line (interrupted write); "
                                      "the writer records its recovery when it next starts"))
@@ -206,7 +215,9 @@ def verify(
             ahead = src.window()
             ahead_missing = [x for x in ahead if x.rec is not None and lo <= x.rec.seq <= hi]
             if any(x.rec is not None and x.rec.seq == r.seq for x in ahead):
-                report(loc, r.seq, "inserted", f"record seq {r.seq} appears again further on: this one is extra")
+                report(
+                    loc, r.seq, "inserted", f"record seq {r.seq} appears again further on: this one is extra"
+                )
                 continue
             # its predecessor is ahead, or (it was kept but its predecessor changed) its
             # successor is ahead: a genuine record that came early
@@ -214,12 +225,25 @@ def verify(
                 ahead_missing and any(x.rec is not None and x.rec.prev == cur.digest for x in ahead)
             ):
                 late.update(x.rec.seq for x in ahead_missing if x.rec is not None)
-                report(loc, r.seq, "reordered", f"record seq {r.seq} comes before seq {lo}, which follows later")
+                report(
+                    loc, r.seq, "reordered", f"record seq {r.seq} comes before seq {lo}, which follows later"
+                )
                 claimed_prev_of[r.seq - 1] = r.prev
                 accept(cur, r.seq)
             elif continues_anchor(nxt):
-                report(loc, r.seq, "inserted", f"this record does not belong here: the next record continues the chain from seq {last_seq}")
-            elif r.prev == last_hash and nxt is not None and nxt.rec is not None and nxt.rec.seq == last_seq + 2:
+                report(
+                    loc,
+                    r.seq,
+                    "inserted",
+                    "this record does not belong here: the next record continues the chain from "
+                    f"seq {last_seq}",
+                )
+            elif (
+                r.prev == last_hash
+                and nxt is not None
+                and nxt.rec is not None
+                and nxt.rec.seq == last_seq + 2
+            ):
                 report(loc, r.seq, "altered", f"record seq {last_seq + 1} was altered: its seq reads {r.seq}")
                 accept(cur, last_seq + 1)
                 relaxed = True
@@ -233,13 +257,24 @@ def verify(
 
         if r.seq == last_seq + 1:  # the right number, the wrong link
             if continues_anchor(nxt):
-                report(loc, r.seq, "inserted", f"this record does not belong here: the next record continues the chain from seq {last_seq}")
+                report(
+                    loc,
+                    r.seq,
+                    "inserted",
+                    "this record does not belong here: the next record continues the chain from "
+                    f"seq {last_seq}",
+                )
                 continue
             if last_loc is not None and (nxt is None or (nxt.rec is not None and nxt.rec.prev == cur.digest)):
                 report(last_loc, last_seq, "altered",
                        f"record seq {last_seq} was altered: its hash is not the prev recorded by seq {r.seq}")
             else:
-                report(loc, r.seq, "altered", f"record seq {r.seq} was altered: it does not link to seq {last_seq}")
+                report(
+                    loc,
+                    r.seq,
+                    "altered",
+                    f"record seq {r.seq} was altered: it does not link to seq {last_seq}",
+                )
                 relaxed = True  # its successor cannot link to its changed bytes: one report is enough
             accept(cur, r.seq)
             continue
@@ -250,7 +285,12 @@ def verify(
             ok_before = hash_of_seq.get(r.seq - 1) in (None, r.prev)
             ok_after = claimed_prev_of.get(r.seq) in (None, cur.digest)
             if not (ok_before and ok_after):
-                report(loc, r.seq, "altered", f"record seq {r.seq} (out of order) does not match its neighbours' hashes")
+                report(
+                    loc,
+                    r.seq,
+                    "altered",
+                    f"record seq {r.seq} (out of order) does not match its neighbours' hashes",
+                )
             hash_of_seq[r.seq] = cur.digest
             continue
         if r.seq == last_seq and r.prev == last_prev and last_loc is not None:
@@ -260,11 +300,23 @@ def verify(
             continue
         moved = next((m for m in missing if m[0] <= r.seq <= m[1]), None)
         if moved is not None:
-            report(loc, r.seq, "reordered", f"record seq {r.seq}, reported missing at {moved[2]}, turns up here")
+            report(
+                loc, r.seq, "reordered", f"record seq {r.seq}, reported missing at {moved[2]}, turns up here"
+            )
             continue
         if continues_anchor(nxt):
-            report(loc, r.seq, "inserted", f"this record does not belong here: the next record continues the chain from seq {last_seq}")
+            report(
+                loc,
+                r.seq,
+                "inserted",
+                f"this record does not belong here: the next record continues the chain from seq {last_seq}",
+            )
             continue
-        report(loc, r.seq, "inserted", f"record seq {r.seq} repeats a sequence number already passed (last seq {last_seq})")
+        report(
+            loc,
+            r.seq,
+            "inserted",
+            f"record seq {r.seq} repeats a sequence number already passed (last seq {last_seq})",
+        )
 
     return VerifyResult(tuple(findings), tuple(notes), records, len(names), last_seq, last_hash)

@@ -130,7 +130,9 @@ def generate_pepper_file(path: str | os.PathLike[str]) -> None:
             os.makedirs(parent, mode=0o700, exist_ok=True)
         fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     except FileExistsError:
-        raise ConfigError(f"pepper file {p!r} already exists; a new pepper would invalidate every key") from None
+        raise ConfigError(
+            f"pepper file {p!r} already exists; a new pepper would invalidate every key"
+        ) from None
     except OSError as exc:
         raise ConfigError(f"cannot create pepper file {p!r}: {exc.strerror}") from exc
     try:
@@ -282,7 +284,9 @@ def check_key_id(text: str) -> str:
     raise InvalidInput("not an API key id (expected 12 characters a-z, 0-9, as `apikey list` shows)")
 
 
-def check_grants(plan: str, scopes: Iterable[str], *, plans: Collection[str], known_scopes: Collection[str]) -> None:
+def check_grants(
+    plan: str, scopes: Iterable[str], *, plans: Collection[str], known_scopes: Collection[str]
+) -> None:
     """Refuse a plan the policy does not declare, or a scope that neither the product nor the
     policy gives a meaning to: a key holding one would only ever get 403s. The message names
     the bad value and the valid ones."""
@@ -382,7 +386,11 @@ class APIKeyStore:
         label = _check_label(label)
         now = self._clock()
         if expires_at is not None:
-            if isinstance(expires_at, bool) or not isinstance(expires_at, (int, float)) or not math.isfinite(expires_at):
+            if (
+                isinstance(expires_at, bool)
+                or not isinstance(expires_at, (int, float))
+                or not math.isfinite(expires_at)
+            ):
                 raise InvalidInput("expires_at must be a number of seconds since the epoch")
             if expires_at <= now:
                 raise InvalidInput("expires_at is in the past")
@@ -420,14 +428,18 @@ class APIKeyStore:
             # fetchall, not fetchone: a statement left un-stepped would keep its WAL read
             # snapshot open, and this connection would stop seeing other processes' commits
             # (a revocation made by the CLI).
-            rows = self._conn.execute(f"SELECT {_COLUMNS} FROM api_keys WHERE key_id = ?", (key_id,)).fetchall()
+            rows = self._conn.execute(
+                f"SELECT {_COLUMNS} FROM api_keys WHERE key_id = ?", (key_id,)
+            ).fetchall()
         return _row_to_record(rows[0]) if rows else None
 
     def list(self, tenant: str | None = None) -> list[APIKeyRecord]:
         """Every key (of ``tenant``), oldest first. Records only: never a secret or a MAC."""
         with db.mapped("listing API keys"):
             if tenant is None:
-                rows = self._conn.execute(f"SELECT {_COLUMNS} FROM api_keys ORDER BY created_at, key_id").fetchall()
+                rows = self._conn.execute(
+                    f"SELECT {_COLUMNS} FROM api_keys ORDER BY created_at, key_id"
+                ).fetchall()
             else:
                 rows = self._conn.execute(
                     f"SELECT {_COLUMNS} FROM api_keys WHERE tenant = ? ORDER BY created_at, key_id", (tenant,)

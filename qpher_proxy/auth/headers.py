@@ -82,11 +82,15 @@ def _bearer(value: bytes) -> bytes | None:
 
 def _check_url(query: str, path: str) -> None:
     if _KEYISH.search(path) or _KEYISH.search(unquote_plus(path)):
-        raise APIKeyInURL("API keys are accepted only in the Authorization or X-API-Key header, never in the URL")
+        raise APIKeyInURL(
+            "API keys are accepted only in the Authorization or X-API-Key header, never in the URL"
+        )
     if not query:
         return
     if _KEYISH.search(query) or _KEYISH.search(unquote_plus(query)):
-        raise APIKeyInURL("API keys are accepted only in the Authorization or X-API-Key header, never in the URL")
+        raise APIKeyInURL(
+            "API keys are accepted only in the Authorization or X-API-Key header, never in the URL"
+        )
     for name, _value in parse_qsl(query, keep_blank_values=True, max_num_fields=None):
         if name.strip().lower().replace("-", "_") in QUERY_PARAMETERS_REFUSED:
             raise APIKeyInURL(

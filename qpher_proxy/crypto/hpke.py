@@ -11,7 +11,8 @@ RFC 9180 §5.1::
 
     suite_id    = "HPKE" || I2OSP(kem_id, 2) || I2OSP(kdf_id, 2) || I2OSP(aead_id, 2)
     LabeledExtract(salt, label, ikm)   = HKDF-Extract(salt, "HPKE-v1" || suite_id || label || ikm)
-    LabeledExpand(prk, label, info, L) = HKDF-Expand(prk, I2OSP(L, 2) || "HPKE-v1" || suite_id || label || info, L)
+    LabeledExpand(prk, label, info, L) = HKDF-Expand(prk, I2OSP(L, 2) || "HPKE-v1" || suite_id
+                                                     || label || info, L)
     psk_id_hash = LabeledExtract("", "psk_id_hash", "")          # base mode: psk = psk_id = ""
     info_hash   = LabeledExtract("", "info_hash", info)
     ksc         = 0x00 || psk_id_hash || info_hash
@@ -63,7 +64,11 @@ class AEAD(enum.IntEnum):
 
 _AEAD_KEY_SIZE = {AEAD.AES_128_GCM: 16, AEAD.AES_256_GCM: 32, AEAD.CHACHA20_POLY1305: 32}
 _AEADClass = type[AESGCM] | type[ChaCha20Poly1305]
-_AEAD_CLASS: dict[AEAD, _AEADClass] = {AEAD.AES_128_GCM: AESGCM, AEAD.AES_256_GCM: AESGCM, AEAD.CHACHA20_POLY1305: ChaCha20Poly1305}
+_AEAD_CLASS: dict[AEAD, _AEADClass] = {
+    AEAD.AES_128_GCM: AESGCM,
+    AEAD.AES_256_GCM: AESGCM,
+    AEAD.CHACHA20_POLY1305: ChaCha20Poly1305,
+}
 
 
 def _hkdf_expand(prk: bytes, info: bytes, length: int) -> bytes:
@@ -93,7 +98,9 @@ class Suite:
 
     def __post_init__(self) -> None:
         if self.kdf_id != KDF.HKDF_SHA256:
-            raise UnknownAlgorithm(f"HPKE KDF 0x{self.kdf_id:04x} is not supported; expected 0x0001 (HKDF-SHA256)")
+            raise UnknownAlgorithm(
+                f"HPKE KDF 0x{self.kdf_id:04x} is not supported; expected 0x0001 (HKDF-SHA256)"
+            )
         try:
             aead = AEAD(self.aead_id)
         except ValueError:
@@ -136,7 +143,9 @@ class Suite:
         secret = hmac.digest(shared_secret, prefix + b"secret", "sha256")
         nk = self._key_size
         key = hmac.digest(secret, nk.to_bytes(2, "big") + prefix + b"key" + ksc + b"\x01", "sha256")[:nk]
-        nonce = hmac.digest(secret, b"\x00\x0c" + prefix + b"base_nonce" + ksc + b"\x01", "sha256")[:NONCE_SIZE]
+        nonce = hmac.digest(secret, b"\x00\x0c" + prefix + b"base_nonce" + ksc + b"\x01", "sha256")[
+            :NONCE_SIZE
+        ]
         return key, nonce
 
     # -- single shot -------------------------------------------------------------------

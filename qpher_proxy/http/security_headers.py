@@ -59,7 +59,9 @@ class SecurityHeaders:
             own.append(hsts)
             forwarded.append(hsts)
         object.__setattr__(self, "own", tuple(own))
-        object.__setattr__(self, "own_block", b"".join(name + b": " + value + b"\r\n" for name, _, value in own))
+        object.__setattr__(
+            self, "own_block", b"".join(name + b": " + value + b"\r\n" for name, _, value in own)
+        )
         object.__setattr__(self, "forwarded", tuple(forwarded))
 
     def missing_from(self, items: list[Item]) -> list[Item]:

@@ -280,4 +280,6 @@ class PolicySet:
         return self.revision[:12]
 
     def __repr__(self) -> str:
-        return f"PolicySet(revision={self.short_revision!r}, files={len(self.files)}, rules={len(self.rules)})"
+        return (
+            f"PolicySet(revision={self.short_revision!r}, files={len(self.files)}, rules={len(self.rules)})"
+        )

@@ -235,7 +235,9 @@ class PolicyEngine:
             self.reload_failures_total += 1
             logger.error("policy revision %s not applied: the reload could not be audited",
                          ps.short_revision, exc_info=True)
-            issue = PolicyIssue(str(self._dir), 0, "(audit)", "the audit log is unavailable; change not applied")
+            issue = PolicyIssue(
+                str(self._dir), 0, "(audit)", "the audit log is unavailable; change not applied"
+            )
             return ReloadResult(False, False, prev_rev, (issue,))
         self._policy = ps
         self._seen = snapshot
@@ -246,8 +248,13 @@ class PolicyEngine:
 
     def _reject(self, issues: tuple[PolicyIssue, ...], kept: str | None) -> None:
         self.reload_failures_total += 1
-        logger.error("policy reload rejected (%d problems); %s", len(issues),
-                     f"revision {kept[:12]} stays in force" if kept else "no policy is in force: every request gets 503")
+        logger.error(
+            "policy reload rejected (%d problems); %s",
+            len(issues),
+            f"revision {kept[:12]} stays in force"
+            if kept
+            else "no policy is in force: every request gets 503",
+        )
         for issue in issues[:50]:
             logger.error("  %s", issue)
         try:

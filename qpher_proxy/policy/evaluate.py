@@ -21,9 +21,10 @@ The fast path must give exactly these answers with less work. It uses two facts:
 * A rule that cannot match does not change the outcome (steps 3-5 only look at matching rules).
   ``PolicySet.candidates`` computes, with a few dictionary lookups and AND-ed bit masks, the
   set of rules whose ``tenant``, ``plan``, ``scope``, ``operation``, ``method``, ``algorithm``
-  and ``mode`` matchers accept the request (rules without such a matcher are in every set). Only those rules are
-  visited, in chain order (lowest bit first), and their remaining matchers are checked. A rule
-  outside the set fails one of those matchers, so skipping it skips a non-match, nothing else.
+  and ``mode`` matchers accept the request (rules without such a matcher are in every set). Only
+  those rules are visited, in chain order (lowest bit first), and their remaining matchers are
+  checked. A rule outside the set fails one of those matchers, so skipping it skips a
+  non-match, nothing else.
 * Once an allow has matched, only a later deny can change the outcome, so the remaining
   candidates are masked down to deny rules.
 

@@ -322,7 +322,12 @@ def _time(f: _File, node: yaml.Node, key: str) -> TimeWindow | None:
             if text is None:
                 ok = False
             elif not _HHMM_RE.fullmatch(text) or (end == "from" and text == "24:00"):
-                f.err(m[end][1], f"{key}.{end}", f'expected a time "HH:MM" (00:00-23:59{", or 24:00" if end == "to" else ""}), got {text!r}')
+                f.err(
+                    m[end][1],
+                    f"{key}.{end}",
+                    f'expected a time "HH:MM" (00:00-23:59{", or 24:00" if end == "to" else ""}), '
+                    f"got {text!r}",
+                )
                 ok = False
             else:
                 hh, mm = text.split(":")
@@ -346,7 +351,11 @@ def _time(f: _File, node: yaml.Node, key: str) -> TimeWindow | None:
                 ZoneInfo(text)
                 tz = text
             except (ZoneInfoNotFoundError, ValueError):
-                f.err(m["tz"][1], f"{key}.tz", f"unknown time zone {text!r} (an IANA name such as Europe/Paris, or UTC)")
+                f.err(
+                    m["tz"][1],
+                    f"{key}.tz",
+                    f"unknown time zone {text!r} (an IANA name such as Europe/Paris, or UTC)",
+                )
                 ok = False
     if not ok:
         return None
@@ -366,7 +375,9 @@ def _usage(f: _File, node: yaml.Node, key: str) -> UsageOver | None:
         return None
     percent = at_least = None
     if "percent_of_quota" in m:
-        percent = f.number(m["percent_of_quota"][1], f"{key}.percent_of_quota", integer=False, lo=0.001, hi=1e6)
+        percent = f.number(
+            m["percent_of_quota"][1], f"{key}.percent_of_quota", integer=False, lo=0.001, hi=1e6
+        )
         if percent is None:
             return None
     else:
@@ -493,7 +504,9 @@ def _rule(f: _File, node: yaml.Node, key: str, index: int, plans: Mapping[str, P
                    what="a rule id (letters, digits, . _ : -; at most 64)") if "id" in m else None
     effect = None
     if "effect" in m:
-        effect = f.string(m["effect"][1], f"{key}.effect", pattern=re.compile("allow|deny"), what="allow or deny")
+        effect = f.string(
+            m["effect"][1], f"{key}.effect", pattern=re.compile("allow|deny"), what="allow or deny"
+        )
     reason = f.string(m["reason"][1], f"{key}.reason") if "reason" in m else None
     description = ""
     if "description" in m:
@@ -546,7 +559,9 @@ def _compose(f: _File, text: str) -> yaml.Node | None:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else 1
-        f.issues.append(PolicyIssue(f.name, line, "(yaml)", f"{exc.context or ''} {exc.problem or ''}".strip()))
+        f.issues.append(
+            PolicyIssue(f.name, line, "(yaml)", f"{exc.context or ''} {exc.problem or ''}".strip())
+        )
     except yaml.YAMLError as exc:
         f.issues.append(PolicyIssue(f.name, 1, "(yaml)", str(exc).splitlines()[0]))
     finally:
@@ -657,17 +672,23 @@ def _read_dir(directory: str | os.PathLike[str]) -> tuple[list[tuple[str, bytes]
     try:
         load, ignored = policy_files(directory)
     except OSError as exc:
-        raise PolicyInvalid((PolicyIssue(d, 0, "(dir)", f"cannot list the policy directory: {exc.strerror}"),)) from exc
+        raise PolicyInvalid(
+            (PolicyIssue(d, 0, "(dir)", f"cannot list the policy directory: {exc.strerror}"),)
+        ) from exc
     warnings = [PolicyIssue(str(p), 0, "(file)", "ignored: only *.yaml files are loaded") for p in ignored]
     if not load:
-        raise PolicyInvalid((PolicyIssue(d, 0, "(dir)", "no *.yaml policy files: nothing could ever be allowed"),))
+        raise PolicyInvalid(
+            (PolicyIssue(d, 0, "(dir)", "no *.yaml policy files: nothing could ever be allowed"),)
+        )
     sources: list[tuple[str, bytes]] = []
     problems: list[PolicyIssue] = []
     for p in load:
         try:
             size = p.stat().st_size
             if size > MAX_POLICY_FILE_BYTES:
-                problems.append(PolicyIssue(str(p), 1, "(file)", f"larger than {MAX_POLICY_FILE_BYTES} bytes"))
+                problems.append(
+                    PolicyIssue(str(p), 1, "(file)", f"larger than {MAX_POLICY_FILE_BYTES} bytes")
+                )
                 continue
             sources.append((str(p), p.read_bytes()))
         except OSError as exc:
@@ -683,7 +704,9 @@ def load_policy_dir(directory: str | os.PathLike[str]) -> PolicySet:
     return compile_policy(sources, warnings=warnings)
 
 
-def check_policy_dir(directory: str | os.PathLike[str]) -> tuple[PolicySet | None, list[PolicyIssue], list[PolicyIssue]]:
+def check_policy_dir(
+    directory: str | os.PathLike[str],
+) -> tuple[PolicySet | None, list[PolicyIssue], list[PolicyIssue]]:
     """(policy set or None, errors, warnings) without raising."""
     try:
         sources, warnings = _read_dir(directory)

@@ -85,9 +85,9 @@ class RequestFacts:
     ``path`` is matched byte for byte (no percent-decoding, no dot-segment removal), exactly as
     the router matches it; for a request forwarded to the upstream the pipeline passes the
     normalised, percent-decoded path (``qpher_proxy.upstream.target``), the path the upstream
-    routes on. A query string, if left on, is cut off here (the router ignores it
-    too, and ``/v1/sign?x`` must not slip past a rule written for ``/v1/sign``). ``mode`` left as None is derived from
-    ``algorithm`` when the algorithm is known, so that a ``mode: hybrid`` rule cannot be
+    routes on. A query string, if left on, is cut off here (the router ignores it too, and
+    ``/v1/sign?x`` must not slip past a rule written for ``/v1/sign``). ``mode`` left as None is
+    derived from ``algorithm`` when the algorithm is known, so that a ``mode: hybrid`` rule cannot be
     sidestepped by a caller that names a hybrid algorithm but no mode. For operations on an
     existing key, ``algorithm`` should be that key's algorithm.
     ``usage`` and ``quota`` are per quota class (``{"sign": 1234}``): this month's count and, when
@@ -120,7 +120,9 @@ class RequestFacts:
                 and type(self.method) is str and type(self.path) is str and type(self.operation) is str):
             for name in ("tenant", "plan", "api_key_id", "method", "path", "operation"):
                 if not isinstance(getattr(self, name), str):
-                    raise TypeError(f"RequestFacts.{name} must be a str, not {type(getattr(self, name)).__name__}")
+                    raise TypeError(
+                        f"RequestFacts.{name} must be a str, not {type(getattr(self, name)).__name__}"
+                    )
         now = self.now
         if not isinstance(now, datetime) or now.tzinfo is None:
             raise TypeError("RequestFacts.now must be a timezone-aware datetime")

@@ -1,8 +1,9 @@
 """The gateway process confines itself once its ports are bound (see :mod:`qpher_proxy.sandbox`).
 
-Order: drop to ``server.user`` (started as root), then Landlock (any uid). Every file the gateway opens afterwards must be on the
-allow-list built here from its config; the KMS directory and the KEK file never are, and a
-config that would put them under a granted directory stops start-up.
+Order: drop to ``server.user`` (started as root), then Landlock (any uid). Every file the
+gateway opens afterwards must be on the allow-list built here from its config; the KMS
+directory and the KEK file never are, and a config that would put them under a granted
+directory stops start-up.
 """
 
 from __future__ import annotations
@@ -96,13 +97,17 @@ class Confinement:
         elif landlock_abi() <= 0:
             if self.sandbox == "required":
                 raise ConfigError("server.sandbox: required, but this kernel offers no Landlock")
-            log.warning("this kernel offers no Landlock: keeping the gateway away from the KMS files is "
-                        "by convention only" + ("" if self.user is not None else " (and it runs as the same user)"))
+            log.warning(
+                "this kernel offers no Landlock: keeping the gateway away from the KMS files is "
+                "by convention only" + ("" if self.user is not None else " (and it runs as the same user)")
+            )
         else:
             try:
                 abi = landlock_restrict(grants)
             except OSError as exc:
-                raise ConfigError(f"server.sandbox: Landlock refused the gateway's rules: {exc.strerror}") from None
+                raise ConfigError(
+                    f"server.sandbox: Landlock refused the gateway's rules: {exc.strerror}"
+                ) from None
             log.info("gateway confined by Landlock", extra={"fields": {
                 "abi": abi, "protected": protected_paths(cfg), "paths": len(grants)}})
 

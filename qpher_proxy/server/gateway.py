@@ -194,7 +194,9 @@ class Gateway:
             api_key = extract_api_key(req.headers, req.query, path=req.path)
             record = self.auth.authenticate(api_key)
         except Unauthenticated as exc:
-            self._audit_auth_failure(req, exc.code, getattr(exc, "reason", None), getattr(exc, "key_id", None))
+            self._audit_auth_failure(
+                req, exc.code, getattr(exc, "reason", None), getattr(exc, "key_id", None)
+            )
             raise
         except QpherError as exc:  # api_key_in_url
             self._audit_auth_failure(req, exc.code, exc.code, None)
@@ -261,10 +263,18 @@ class Gateway:
         policy = self.policy
         tls = req.tls
         facts = RequestFacts(
-            tenant=record.tenant, plan=record.plan, scopes=self._scopes(record), api_key_id=record.key_id,
-            method=req.method, path=req.path if path is None else path, operation=operation, algorithm=algorithm,
-            key_label=label, source_ip=req.client_addr,
-            tls_group=tls.group if tls is not None else None, tls_pq=tls is not None and tls.post_quantum,
+            tenant=record.tenant,
+            plan=record.plan,
+            scopes=self._scopes(record),
+            api_key_id=record.key_id,
+            method=req.method,
+            path=req.path if path is None else path,
+            operation=operation,
+            algorithm=algorithm,
+            key_label=label,
+            source_ip=req.client_addr,
+            tls_group=tls.group if tls is not None else None,
+            tls_pq=tls is not None and tls.post_quantum,
             now=datetime.now(UTC),
             # this month's counters are copied only when some rule reads them (usage_over)
             usage=self.quotas.usage(record.tenant) if policy.uses_usage else _NO_USAGE,
@@ -343,7 +353,9 @@ class Gateway:
             self._count(record, route.quota, 1)
         return await self._admin.handle(route.operation, req, record)
 
-    async def _key_metas(self, ctx: TenantContext, key_ids: tuple[str, ...]) -> list[tuple[str | None, str | None]]:
+    async def _key_metas(
+        self, ctx: TenantContext, key_ids: tuple[str, ...]
+    ) -> list[tuple[str | None, str | None]]:
         """The (algorithm, label) of each distinct key, for policy. Cached per (tenant, key):
         neither changes over a key's life. A key the tenant does not own is key_not_found."""
         cache = self._key_meta
@@ -419,7 +431,9 @@ class Gateway:
         content_length = int(cl_raw) if cl_raw is not None and cl_raw.isdigit() else None
         body = req.body_chunks(max_bytes=_FORWARD_MAX_BODY) if has_body else None
         try:
-            resp = await upstream.send(req.method, target.target, headers, body=body, content_length=content_length)
+            resp = await upstream.send(
+                req.method, target.target, headers, body=body, content_length=content_length
+            )
         except QpherError as exc:
             self.metrics.upstream_requests.labels(exc.code).inc()
             raise

@@ -138,7 +138,9 @@ class SupervisedKMS:
         self._send_lock = trio.Lock()
 
     def __repr__(self) -> str:
-        return f"<SupervisedKMS workers={self.workers} live={self.client.live_workers} restarts={self.restarts}>"
+        return (
+            f"<SupervisedKMS workers={self.workers} live={self.client.live_workers} restarts={self.restarts}>"
+        )
 
     @property
     def ready(self) -> bool:
@@ -248,11 +250,18 @@ class Supervisor:
         self.users = resolve_users(cfg)
         k = cfg.kms
         self.kms = KMSSupervisor(
-            kms_dir=k.dir, kek=KEKSettings(provider=k.kek.provider, file=k.kek.file, env=k.kek.env),
-            workers=k.workers or default_worker_count(), backend=cfg.crypto.backend,
-            destroy_delay=k.destroy_delay, request_timeout=k.request_timeout,
-            restart_backoff_max=k.restart_backoff_max, max_batch=max(cfg.api.max_batch_items, 1),
-            on_restart=self._worker_restarted, python=python, worker_user=self.users.kms, handoff=self._handoff,
+            kms_dir=k.dir,
+            kek=KEKSettings(provider=k.kek.provider, file=k.kek.file, env=k.kek.env),
+            workers=k.workers or default_worker_count(),
+            backend=cfg.crypto.backend,
+            destroy_delay=k.destroy_delay,
+            request_timeout=k.request_timeout,
+            restart_backoff_max=k.restart_backoff_max,
+            max_batch=max(cfg.api.max_batch_items, 1),
+            on_restart=self._worker_restarted,
+            python=python,
+            worker_user=self.users.kms,
+            handoff=self._handoff,
             kek_fd=kek_fd,
         )
         self._control: trio.socket.SocketType | None = None
@@ -320,8 +329,11 @@ class Supervisor:
             parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             try:
                 proc = await trio.lowlevel.open_process(
-                    self._gateway_command(child.fileno()), pass_fds=[child.fileno()], stdin=subprocess.DEVNULL,
-                    env=gateway_environment(self.cfg), start_new_session=True,
+                    self._gateway_command(child.fileno()),
+                    pass_fds=[child.fileno()],
+                    stdin=subprocess.DEVNULL,
+                    env=gateway_environment(self.cfg),
+                    start_new_session=True,
                 )
             except OSError as exc:
                 parent.close()

@@ -133,9 +133,13 @@ def _load_or_create_key(path: Path, key_type: type, created: list[Path]) -> _Pri
     try:
         loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
     except (OSError, ValueError, TypeError) as exc:
-        raise ConfigError(f"certs: cannot use the existing private key {str(path)!r} (unreadable or encrypted)") from exc
+        raise ConfigError(
+            f"certs: cannot use the existing private key {str(path)!r} (unreadable or encrypted)"
+        ) from exc
     if not isinstance(loaded, key_type):
-        raise ConfigError(f"certs: {str(path)!r} holds a {type(loaded).__name__}, expected {key_type.__name__}")
+        raise ConfigError(
+            f"certs: {str(path)!r} holds a {type(loaded).__name__}, expected {key_type.__name__}"
+        )
     return loaded  # type: ignore[return-value]
 
 
@@ -309,7 +313,16 @@ def make_dev_pki(
                 os.replace(old, new)
     created: list[Path] = []
     ca_cert, ca_key, srv_cert, srv_key = _pair(
-        directory, "", "ECDSA", ec.EllipticCurvePrivateKey, hostnames, ip_addresses, now, created, key_dir, renew
+        directory,
+        "",
+        "ECDSA",
+        ec.EllipticCurvePrivateKey,
+        hostnames,
+        ip_addresses,
+        now,
+        created,
+        key_dir,
+        renew,
     )
     mldsa_paths: tuple[Path | None, Path | None, Path | None, Path | None] = (None, None, None, None)
     if mldsa:

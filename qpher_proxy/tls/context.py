@@ -151,7 +151,9 @@ class TLSSettings:
         seen: set[str] = set()
         for group in self.groups:
             if not isinstance(group, str) or not _GROUP_NAME.fullmatch(group):
-                raise ConfigError(f"tls.groups: expected plain group names like 'X25519MLKEM768', got {group!r}")
+                raise ConfigError(
+                    f"tls.groups: expected plain group names like 'X25519MLKEM768', got {group!r}"
+                )
             if group.upper() == "DEFAULT":
                 raise ConfigError("tls.groups: expected group names, got the keyword 'DEFAULT'")
             if group.lower() in seen:
@@ -163,18 +165,24 @@ class TLSSettings:
                 f"({', '.join(sorted(HYBRID_PQ_GROUPS))}), got {list(self.groups)!r}"
             )
         if self.client_auth not in ("none", "optional", "required"):
-            raise ConfigError(f'tls.client_auth: expected "none", "optional" or "required", got {self.client_auth!r}')
+            raise ConfigError(
+                f'tls.client_auth: expected "none", "optional" or "required", got {self.client_auth!r}'
+            )
         if self.client_auth != "none" and self.client_ca is None:
             raise ConfigError(f'tls.client_ca: expected a CA file when client_auth is "{self.client_auth}"')
         if (self.mldsa_cert_file is None) != (self.mldsa_key_file is None):
             raise ConfigError("tls.mldsa_cert_file: expected mldsa_cert_file and mldsa_key_file together")
         if not self.alpn or not all(isinstance(p, str) and 0 < len(p.encode()) < 256 for p in self.alpn):
-            raise ConfigError(f"tls.alpn: expected protocol names such as 'http/1.1', got {list(self.alpn)!r}")
+            raise ConfigError(
+                f"tls.alpn: expected protocol names such as 'http/1.1', got {list(self.alpn)!r}"
+            )
         timeout = self.handshake_timeout
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not (
             math.isfinite(timeout) and timeout > 0
         ):
-            raise ConfigError(f"tls.handshake_timeout: expected a positive number of seconds, got {timeout!r}")
+            raise ConfigError(
+                f"tls.handshake_timeout: expected a positive number of seconds, got {timeout!r}"
+            )
 
     @property
     def offered_groups(self) -> tuple[str, ...]:
@@ -208,7 +216,9 @@ def _check_private_key(path: Path, option: str) -> bytes:
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except TypeError as exc:
-        raise ConfigError(f"{option}: the private key in {str(path)!r} is encrypted; expected an unencrypted PEM key") from exc
+        raise ConfigError(
+            f"{option}: the private key in {str(path)!r} is encrypted; expected an unencrypted PEM key"
+        ) from exc
     except (ValueError, UnsupportedAlgorithm) as exc:
         raise ConfigError(f"{option}: expected a PEM private key in {str(path)!r}") from exc
     return _spki(key.public_key())
@@ -229,7 +239,9 @@ def _load_chain(
     try:
         ctx.use_certificate_chain_file(os.fsencode(cert_path))
     except SSL.Error as exc:
-        raise ConfigError(f"{cert_option}: OpenSSL cannot use the certificate chain in {str(cert_path)!r}") from exc
+        raise ConfigError(
+            f"{cert_option}: OpenSSL cannot use the certificate chain in {str(cert_path)!r}"
+        ) from exc
     try:
         ctx.use_privatekey_file(os.fsencode(key_path))
     except SSL.Error as exc:
@@ -284,7 +296,11 @@ def build_server_context(settings: TLSSettings) -> SSL.Context:
     _warn_if_expired(leaf, "tls.cert_file")
     if settings.mldsa_cert_file is not None and settings.mldsa_key_file is not None:
         pq_leaf = _load_chain(
-            ctx, settings.mldsa_cert_file, settings.mldsa_key_file, "tls.mldsa_cert_file", "tls.mldsa_key_file"
+            ctx,
+            settings.mldsa_cert_file,
+            settings.mldsa_key_file,
+            "tls.mldsa_cert_file",
+            "tls.mldsa_key_file",
         )
         pq_kind = _key_kind(pq_leaf)
         if pq_kind != "ML-DSA-65":
@@ -298,7 +314,9 @@ def build_server_context(settings: TLSSettings) -> SSL.Context:
             ctx.load_verify_locations(os.fsencode(settings.client_ca))
             ctx.load_client_ca(os.fsencode(settings.client_ca))
         except SSL.Error as exc:
-            raise ConfigError(f"tls.client_ca: OpenSSL cannot load CA certificates from {str(settings.client_ca)!r}") from exc
+            raise ConfigError(
+                f"tls.client_ca: OpenSSL cannot load CA certificates from {str(settings.client_ca)!r}"
+            ) from exc
         mode = SSL.VERIFY_PEER
         if settings.client_auth == "required":
             mode |= SSL.VERIFY_FAIL_IF_NO_PEER_CERT

@@ -178,7 +178,9 @@ def _translate(exc: SSL.Error, *, handshake: bool, require_pq: bool, head: bytes
             return TLSHandshakeFailed("tls handshake failed: the peer closed the connection", reason="eof")
         return TLSError("the peer closed the connection without a tls close_notify", reason="truncated")
     if isinstance(exc, SSL.SysCallError):
-        return (TLSHandshakeFailed if handshake else TLSError)("tls transport error", reason="transport_error")
+        return (TLSHandshakeFailed if handshake else TLSError)(
+            "tls transport error", reason="transport_error"
+        )
     reasons = _openssl_reasons(exc)
     detail = "; ".join(reasons) or "protocol error"
     if not handshake:
@@ -382,7 +384,9 @@ class TLSEngine:
                 view = view[written:]
         except SSL.WantReadError as exc:  # pragma: no cover - needs renegotiation, which is off
             self._failed = True
-            raise TLSError("tls write needed a read: renegotiation is not supported", reason="protocol_error") from exc
+            raise TLSError(
+                "tls write needed a read: renegotiation is not supported", reason="protocol_error"
+            ) from exc
         except SSL.Error as exc:
             self._failed = True
             raise _translate(exc, handshake=False, require_pq=self._require_pq) from exc

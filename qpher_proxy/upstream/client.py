@@ -119,7 +119,13 @@ Body = bytes | bytearray | memoryview | AsyncIterable[bytes] | None
 
 # ---- the one error boundary ----------------------------------------------------------
 
-_FOREIGN = (OSError, ssl.SSLError, trio.BrokenResourceError, trio.ClosedResourceError, h11.RemoteProtocolError)
+_FOREIGN = (
+    OSError,
+    ssl.SSLError,
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+    h11.RemoteProtocolError,
+)
 
 # phase -> (message when the connection failed, message when the deadline expired)
 _MESSAGES = {
@@ -190,7 +196,9 @@ class UpstreamTarget:
         )
 
 
-def _client_tls_context(ca_file: str | None, client_cert: str | None, client_key: str | None) -> ssl.SSLContext:
+def _client_tls_context(
+    ca_file: str | None, client_cert: str | None, client_key: str | None
+) -> ssl.SSLContext:
     try:
         ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_file)
     except (OSError, ssl.SSLError) as exc:
@@ -442,8 +450,10 @@ class UpstreamClient:
             await self._slots.acquire()
         try:
             for attempt in (1, 2):
-                conn = await self._checkout(deadline if attempt == 1 else trio.current_time() + self.connect_timeout,
-                                            fresh=attempt == 2)
+                conn = await self._checkout(
+                    deadline if attempt == 1 else trio.current_time() + self.connect_timeout,
+                    fresh=attempt == 2,
+                )
                 reused = conn.requests > 0
                 conn.requests += 1
                 ex = UpstreamResponse(self, conn)

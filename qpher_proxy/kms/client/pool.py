@@ -153,7 +153,9 @@ class _LoneTrips:
 class WorkerChannel:
     """The gateway's end of one worker's socketpair, after a successful bootstrap."""
 
-    def __init__(self, index: int, sock: socket.socket, conn: ClientConnection, pid: int | None = None) -> None:
+    def __init__(
+        self, index: int, sock: socket.socket, conn: ClientConnection, pid: int | None = None
+    ) -> None:
         sock.setblocking(False)
         self.index = index
         self.pid = pid
@@ -170,7 +172,8 @@ class WorkerChannel:
         self.on_close: Callable[[WorkerChannel], None] | None = None
 
     def __repr__(self) -> str:
-        return f"<WorkerChannel index={self.index} pid={self.pid} alive={self.alive} inflight={len(self.inflight)}>"
+        return (f"<WorkerChannel index={self.index} pid={self.pid} alive={self.alive} "
+                f"inflight={len(self.inflight)}>")
 
     # ---- sending ----
 
@@ -278,7 +281,9 @@ class WorkerChannel:
                         return
                     entry = inflight.pop(event.rid, None)
                     if entry is not None:
-                        reschedule(entry[0], outcome.Error(error_from_frame(event.code, event.status, event.message)))
+                        reschedule(
+                            entry[0], outcome.Error(error_from_frame(event.code, event.status, event.message))
+                        )
                 else:  # ConnectionClosed: the only other event a serving client connection yields
                     self.death_reason = "the worker closed its end"
                     return
@@ -460,13 +465,17 @@ class KMSClient:
         self, ctx: TenantContext, algorithm: str | None = None, kind: str | None = None,
         label: str | None = None, mode: str | None = None,
     ) -> KeyInfo:
-        v = await self.call(ctx, "create_key", {"algorithm": algorithm, "kind": kind, "label": label, "mode": mode})
+        v = await self.call(
+            ctx, "create_key", {"algorithm": algorithm, "kind": kind, "label": label, "mode": mode}
+        )
         return KeyInfo.from_wire(v)
 
     async def get_key(self, ctx: TenantContext, key_id: str, version: int | None = None) -> KeyInfo:
         return KeyInfo.from_wire(await self.call(ctx, "get_key", {"key_id": key_id, "version": version}))
 
-    async def list_keys(self, ctx: TenantContext, limit: int = DEFAULT_LIST_LIMIT, cursor: str | None = None) -> KeyPage:
+    async def list_keys(
+        self, ctx: TenantContext, limit: int = DEFAULT_LIST_LIMIT, cursor: str | None = None
+    ) -> KeyPage:
         v: Any = await self.call(ctx, "list_keys", {"limit": limit, "cursor": cursor})
         return KeyPage(tuple(KeyInfo.from_wire(k) for k in v["keys"]), v["next_cursor"])
 
@@ -492,11 +501,17 @@ class KMSClient:
         v: Any = await self.call(ctx, "encapsulate", {"key_id": key_id})
         return v["shared_secret"], v["ciphertext"], v["version"]
 
-    async def decapsulate(self, ctx: TenantContext, key_id: str, ciphertext: bytes, version: int | None = None) -> bytes:
-        v: Any = await self.call(ctx, "decapsulate", {"key_id": key_id, "ciphertext": ciphertext, "version": version})
+    async def decapsulate(
+        self, ctx: TenantContext, key_id: str, ciphertext: bytes, version: int | None = None
+    ) -> bytes:
+        v: Any = await self.call(
+            ctx, "decapsulate", {"key_id": key_id, "ciphertext": ciphertext, "version": version}
+        )
         return v["shared_secret"]  # type: ignore[no-any-return]
 
-    async def sign(self, ctx: TenantContext, key_id: str, message: bytes, context: bytes = b"") -> tuple[bytes, int]:
+    async def sign(
+        self, ctx: TenantContext, key_id: str, message: bytes, context: bytes = b""
+    ) -> tuple[bytes, int]:
         """Returns ``(signature, key_version)``."""
         v: Any = await self.call(ctx, "sign", {"key_id": key_id, "message": message, "context": context})
         return v["signature"], v["version"]
@@ -506,8 +521,15 @@ class KMSClient:
         version: int | None = None,
     ) -> bool:
         v: Any = await self.call(
-            ctx, "verify",
-            {"key_id": key_id, "message": message, "signature": signature, "context": context, "version": version},
+            ctx,
+            "verify",
+            {
+                "key_id": key_id,
+                "message": message,
+                "signature": signature,
+                "context": context,
+                "version": version,
+            },
         )
         return v["valid"] is True
 
@@ -515,11 +537,18 @@ class KMSClient:
         self, ctx: TenantContext, key_id: str, plaintext: bytes, aad: bytes = b"", info: bytes = b""
     ) -> tuple[bytes, int]:
         """HPKE seal to the key's latest public key; returns ``(enc || ct, key_version)``."""
-        v: Any = await self.call(ctx, "encrypt", {"key_id": key_id, "plaintext": plaintext, "aad": aad, "info": info})
+        v: Any = await self.call(
+            ctx, "encrypt", {"key_id": key_id, "plaintext": plaintext, "aad": aad, "info": info}
+        )
         return v["ciphertext"], v["version"]
 
     async def decrypt(
-        self, ctx: TenantContext, key_id: str, ciphertext: bytes, aad: bytes = b"", version: int | None = None,
+        self,
+        ctx: TenantContext,
+        key_id: str,
+        ciphertext: bytes,
+        aad: bytes = b"",
+        version: int | None = None,
         info: bytes = b"",
     ) -> bytes:
         v: Any = await self.call(

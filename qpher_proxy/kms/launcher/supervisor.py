@@ -8,7 +8,8 @@ Theory of operation
 ``pass_fds``: no path, no port; every other descriptor of ours is closed in the child by
 ``close_fds`` and again by the child itself). For each start it draws a fresh 32-byte service
 token, sends it with the worker's settings in the HELLO frame, and waits for READY. Only then
-does the worker's :class:`~qpher_proxy.kms.client.WorkerChannel` join the :class:`~qpher_proxy.kms.client.KMSClient`.
+does the worker's :class:`~qpher_proxy.kms.client.WorkerChannel` join the
+:class:`~qpher_proxy.kms.client.KMSClient`.
 
 Start-up: ``await nursery.start(supervisor.run)`` returns once every worker is READY. If any
 worker's first start fails -- it answered an ERROR frame (wrong KEK, unreadable KEK file,
@@ -206,7 +207,9 @@ class KMSSupervisor:
         self._first_failure: dict[int, _Ended] = {}
 
     def __repr__(self) -> str:
-        return f"<KMSSupervisor workers={self.workers} live={self.client.live_workers} restarts={self.restarts}>"
+        return (
+            f"<KMSSupervisor workers={self.workers} live={self.client.live_workers} restarts={self.restarts}>"
+        )
 
     @property
     def ready(self) -> bool:

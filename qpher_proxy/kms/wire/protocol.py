@@ -558,7 +558,9 @@ class _Connection:
         end = pos + 4 + n
         if end > len(buf):
             if self._eof:
-                self._fail(ProtocolError(f"connection closed in the middle of a frame ({avail} of {n + 4} bytes)"))
+                self._fail(
+                    ProtocolError(f"connection closed in the middle of a frame ({avail} of {n + 4} bytes)")
+                )
             return NEED_DATA
         if ftype not in self._accepting:
             name = FrameType(ftype).name if ftype in FrameType._value2member_map_ else str(ftype)
@@ -668,7 +670,10 @@ class ServerConnection(_Connection):
         """An ERROR frame; works in any state (a fatal bootstrap error is sent before READY)."""
         mb = message.encode()[:4096]
         return _frame(
-            FrameType.ERROR, rid, [_U16.pack(status), _str8(code), _U16.pack(len(mb)), mb], self.max_frame_size
+            FrameType.ERROR,
+            rid,
+            [_U16.pack(status), _str8(code), _U16.pack(len(mb)), mb],
+            self.max_frame_size,
         )
 
     def error_from(self, rid: int, exc: QpherError) -> bytes:

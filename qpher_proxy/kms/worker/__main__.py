@@ -36,7 +36,9 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m qpher_proxy.kms.worker --fd N [--kek-fd M]", file=sys.stderr)
         return 64
     if fd is None or fd < 3 or (kek_fd is not None and kek_fd < 3):
-        print("usage: python -m qpher_proxy.kms.worker --fd N [--kek-fd M] (descriptors >= 3)", file=sys.stderr)
+        print(
+            "usage: python -m qpher_proxy.kms.worker --fd N [--kek-fd M] (descriptors >= 3)", file=sys.stderr
+        )
         return 64
 
     from . import _hardening

@@ -167,7 +167,9 @@ def decode_kek_text(text: bytes, source: str) -> bytes:
     try:
         kek = base64.b64decode(stripped, validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise KEKError(f"{source}: the KEK is not valid base64; expected base64 of {KEK_BYTES} random bytes") from exc
+        raise KEKError(
+            f"{source}: the KEK is not valid base64; expected base64 of {KEK_BYTES} random bytes"
+        ) from exc
     if len(kek) != KEK_BYTES:
         raise KEKError(f"{source}: the KEK decodes to {len(kek)} bytes; expected {KEK_BYTES}")
     return kek

@@ -190,7 +190,9 @@ def read_key_file(path: Path, what: str) -> bytes:
     except FileNotFoundError as exc:
         raise KeyUnavailable(f"{what}: the key file is missing") from exc
     except OSError as exc:
-        raise KeyUnavailable(f"{what}: the key file cannot be opened ({errno.errorcode.get(exc.errno or 0, 'error')})") from exc
+        raise KeyUnavailable(
+            f"{what}: the key file cannot be opened ({errno.errorcode.get(exc.errno or 0, 'error')})"
+        ) from exc
     try:
         data = os.read(fd, MAX_KEY_FILE_BYTES + 1)
     except OSError as exc:

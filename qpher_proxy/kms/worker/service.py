@@ -185,7 +185,13 @@ class KMSService:
         except Exception as exc:  # a bug: keep serving, say nothing about the data
             log.error(
                 "internal error in a KMS operation",
-                extra={"fields": {"op": req.op, "exc_type": type(exc).__name__, "request_id": req.context.request_id}},
+                extra={
+                    "fields": {
+                        "op": req.op,
+                        "exc_type": type(exc).__name__,
+                        "request_id": req.context.request_id,
+                    }
+                },
             )
             return conn.error(rid, "internal_error", 500, "internal error in the KMS")
 
@@ -271,8 +277,18 @@ class KMSService:
             except QpherError as exc:
                 results.append({"error": _error_value(exc)})
             except Exception as exc:
-                log.error("internal error in a batch item", extra={"fields": {"exc_type": type(exc).__name__}})
-                results.append({"error": {"code": "internal_error", "status": 500, "message": "internal error in the KMS"}})
+                log.error(
+                    "internal error in a batch item", extra={"fields": {"exc_type": type(exc).__name__}}
+                )
+                results.append(
+                    {
+                        "error": {
+                            "code": "internal_error",
+                            "status": 500,
+                            "message": "internal error in the KMS",
+                        }
+                    }
+                )
         return {"results": results}
 
     # ---- periodic work ----
@@ -407,7 +423,11 @@ def _setting(cfg: dict[str, Value], name: str, kind: type, default: Any) -> Any:
 # What a worker imports before it drops to the KMS user: the KMS but its gateway side, and the
 # crypto suite but the liboqs backend, which is imported only once its shared library is found.
 PRELOAD = ("qpher_proxy.kms", "qpher_proxy.crypto")
-PRELOAD_SKIP = ("qpher_proxy.kms.client", "qpher_proxy.kms.launcher", "qpher_proxy.kms.worker.backends.liboqs")
+PRELOAD_SKIP = (
+    "qpher_proxy.kms.client",
+    "qpher_proxy.kms.launcher",
+    "qpher_proxy.kms.worker.backends.liboqs",
+)
 
 
 def _become(user: RunAs) -> bool:
@@ -494,7 +514,9 @@ def run_worker(
             return EXIT_OK
         log.info("KMS worker ready", extra={"fields": {"backend": backend.name, "kek_id": kek.kek_id}})
         try:
-            return serve(sock, conn, service, _setting(cfg, "sweep_interval", float, DEFAULT_SWEEP_INTERVAL_S))
+            return serve(
+                sock, conn, service, _setting(cfg, "sweep_interval", float, DEFAULT_SWEEP_INTERVAL_S)
+            )
         finally:
             store.close()
     finally:

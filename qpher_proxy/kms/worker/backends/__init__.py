@@ -112,4 +112,6 @@ def select_backend(name: str = "auto") -> Backend:
 
 
 def _describe(backend: Backend) -> str:
-    return ", ".join(f"{k} {v}" for k, v in backend.versions().items() if k not in ("backend", "liboqs-library"))
+    return ", ".join(
+        f"{k} {v}" for k, v in backend.versions().items() if k not in ("backend", "liboqs-library")
+    )

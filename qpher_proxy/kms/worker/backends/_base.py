@@ -156,7 +156,9 @@ class KEMPrivateKey(BasePrivateKey):
         if len(sealed) < n + hpke.TAG_SIZE:
             # A length is public: say what is wrong with it (no key-dependent detail).
             raise InvalidCiphertext(
-                f"{self.algorithm.name} HPKE ciphertext must be at least {n + hpke.TAG_SIZE} bytes, got {len(sealed)}")
+                f"{self.algorithm.name} HPKE ciphertext must be at least {n + hpke.TAG_SIZE} bytes, "
+                f"got {len(sealed)}"
+            )
         try:
             shared_secret = self.decapsulate(sealed[:n])
         except CryptoError:

@@ -252,12 +252,16 @@ class CompositePrivateKey(SignaturePrivateKey):
         return self._mldsa.sign(m_prime, COMPOSITE_LABEL) + ecdsa_p256_sign(self._ec, m_prime)
 
 
-def composite_load_public(data: object, mldsa_load_public: Callable[[bytes], BasePublicKey]) -> CompositePublicKey:
+def composite_load_public(
+    data: object, mldsa_load_public: Callable[[bytes], BasePublicKey]
+) -> CompositePublicKey:
     raw = check_public_length(ML_DSA_65_ECDSA_P256, data)
     return CompositePublicKey(raw, mldsa_load_public(raw[:_MLDSA_PK]))
 
 
-def composite_load_private(data: object, mldsa_from_seed: Callable[[bytes], BasePrivateKey]) -> CompositePrivateKey:
+def composite_load_private(
+    data: object, mldsa_from_seed: Callable[[bytes], BasePrivateKey]
+) -> CompositePrivateKey:
     raw = check_private_length(ML_DSA_65_ECDSA_P256, data)
     ec_private = ecdsa_p256_from_sec1(raw[_MLDSA_SEED:])
     return CompositePrivateKey(mldsa_from_seed(raw[:_MLDSA_SEED]), ec_private)

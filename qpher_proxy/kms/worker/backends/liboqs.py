@@ -104,10 +104,13 @@ _OQS_NAMES = {
 }
 _MLKEM_K = {ML_KEM_768.name: 3, ML_KEM_1024.name: 4}
 # What the backend does per algorithm: generate, load a private key, load a public key.
-_Ops = tuple[Callable[[], BasePrivateKey], Callable[[object], BasePrivateKey], Callable[[object], BasePublicKey]]
+_Ops = tuple[
+    Callable[[], BasePrivateKey], Callable[[object], BasePrivateKey], Callable[[object], BasePublicKey]
+]
 
 _CRYPTO_MLDSA: dict[
-    str, type[_crypto_mldsa.MLDSA44PrivateKey | _crypto_mldsa.MLDSA65PrivateKey | _crypto_mldsa.MLDSA87PrivateKey]
+    str,
+    type[_crypto_mldsa.MLDSA44PrivateKey | _crypto_mldsa.MLDSA65PrivateKey | _crypto_mldsa.MLDSA87PrivateKey],
 ] = {
     ML_DSA_44.name: _crypto_mldsa.MLDSA44PrivateKey,
     ML_DSA_65.name: _crypto_mldsa.MLDSA65PrivateKey,
@@ -332,7 +335,9 @@ class LiboqsMLDSAPrivateKey(SignaturePrivateKey):
 
     def _sign_derand(self, message: bytes, context: bytes, rnd: bytes) -> bytes:
         """Test vectors only: FIPS 204 signing with a chosen 32-byte ``rnd``."""
-        signature: bytes = self._backend._injector.run(rnd, lambda: self._sig.sign_with_ctx_str(message, context))
+        signature: bytes = self._backend._injector.run(
+            rnd, lambda: self._sig.sign_with_ctx_str(message, context)
+        )
         return signature
 
 
@@ -420,7 +425,9 @@ class LiboqsBackend:
         return LiboqsMLKEMPublicKey(self, algorithm, raw)
 
     def _self_test_mldsa_seed(self, algorithm: Algorithm) -> None:
-        expected = _CRYPTO_MLDSA[algorithm.name].from_seed_bytes(_SELF_TEST_SEED).public_key().public_bytes_raw()
+        expected = (
+            _CRYPTO_MLDSA[algorithm.name].from_seed_bytes(_SELF_TEST_SEED).public_key().public_bytes_raw()
+        )
         try:
             key = LiboqsMLDSAPrivateKey(self, algorithm, _SELF_TEST_SEED)
         except CryptoError:
