@@ -128,7 +128,9 @@ class FakeKMS:
 
     async def list_keys(self, ctx: TenantContext, limit: int = 50, cursor: str | None = None) -> KeyPage:
         self._enter("list_keys")
-        mine = sorted((k.info for k in self._keys.values() if k.tenant == ctx.tenant_id), key=lambda i: i.key_id)
+        mine = sorted(
+            (k.info for k in self._keys.values() if k.tenant == ctx.tenant_id), key=lambda i: i.key_id
+        )
         after = [i for i in mine if cursor is None or i.key_id > cursor]
         page = tuple(after[:limit])
         return KeyPage(page, page[-1].key_id if len(after) > limit else None)
@@ -140,8 +142,14 @@ class FakeKMS:
         secret = secrets.token_bytes(32)
         k.secrets.append(secret)
         v = k.info.latest_version + 1
-        return self._set(k, now, version=v, latest_version=v, public_key=_public(secret, ALGORITHMS[k.info.algorithm]),
-                         versions=(*k.info.versions, VersionInfo(v, "active", now)))
+        return self._set(
+            k,
+            now,
+            version=v,
+            latest_version=v,
+            public_key=_public(secret, ALGORITHMS[k.info.algorithm]),
+            versions=(*k.info.versions, VersionInfo(v, "active", now)),
+        )
 
     def _transition(self, ctx: TenantContext, key_id: str, op: str) -> KeyInfo:
         now = self._enter(op)
@@ -200,10 +208,14 @@ class FakeKMS:
         k, alg = self._usable(ctx, key_id, Kind.KEM)
         v = self._version(k, version)
         if len(ciphertext) != alg.ciphertext_size:
-            raise InvalidCiphertext(f"{alg.name} ciphertext must be {alg.ciphertext_size} bytes, not {len(ciphertext)}")
+            raise InvalidCiphertext(
+                f"{alg.name} ciphertext must be {alg.ciphertext_size} bytes, not {len(ciphertext)}"
+            )
         return hashlib.sha256(k.secrets[v - 1] + ciphertext).digest()
 
-    async def sign(self, ctx: TenantContext, key_id: str, message: bytes, context: bytes = b"") -> tuple[bytes, int]:
+    async def sign(
+        self, ctx: TenantContext, key_id: str, message: bytes, context: bytes = b""
+    ) -> tuple[bytes, int]:
         self._enter("sign")
         k, alg = self._usable(ctx, key_id, Kind.SIGNATURE)
         if len(context) > MAX_CONTEXT_BYTES:

@@ -62,7 +62,11 @@ def validator(pointer: str) -> Draft202012Validator:
 
 def response_schema_pointer(route: Route, status: int) -> str:
     raw = operation(route)["responses"][str(status)]
-    ptr = "/paths/" + route.template.replace("~", "~0").replace("/", "~1") + f"/{route.method.lower()}/responses/{status}"
+    ptr = (
+        "/paths/"
+        + route.template.replace("~", "~0").replace("/", "~1")
+        + f"/{route.method.lower()}/responses/{status}"
+    )
     if "$ref" in raw:
         ptr = raw["$ref"][1:]
     return ptr + "/content/application~1json/schema"

@@ -14,7 +14,10 @@ from qpher_proxy.api.validation import LABEL_PATTERN, REQUEST_FIELDS, Field, Fie
 from qpher_proxy.crypto.algorithms import ALGORITHMS
 
 JSON = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False, allow_infinity=False)
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(max_size=12),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
     max_leaves=12,

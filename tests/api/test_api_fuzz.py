@@ -30,7 +30,9 @@ class Env:
 
     def __init__(self) -> None:
         self.kms = FakeKMS()
-        self.api = CryptoAPI(self.kms, max_batch_items=MAX_BATCH, backend_info={"name": "fake", "versions": {}})
+        self.api = CryptoAPI(
+            self.kms, max_batch_items=MAX_BATCH, backend_info={"name": "fake", "versions": {}}
+        )
 
         async def setup() -> list[str]:
             ids = [(await self.kms.create_key(CTX, algorithm=a)).key_id for a in ALGORITHMS]

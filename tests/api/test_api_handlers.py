@@ -79,8 +79,12 @@ async def test_another_tenants_key_answers_like_a_key_never_issued(api: CryptoAP
                                                                    other_ctx: TenantContext) -> None:
     theirs = (await new_key(api, other_ctx, kind="signature"))["key_id"]
     for method, path, body in [
-        ("GET", "/v1/keys/{}", b""), ("POST", "/v1/keys/{}/rotate", b""), ("POST", "/v1/keys/{}/disable", b""),
-        ("POST", "/v1/keys/{}/enable", b""), ("DELETE", "/v1/keys/{}", b""), ("POST", "/v1/keys/{}/cancel-destroy", b""),
+        ("GET", "/v1/keys/{}", b""),
+        ("POST", "/v1/keys/{}/rotate", b""),
+        ("POST", "/v1/keys/{}/disable", b""),
+        ("POST", "/v1/keys/{}/enable", b""),
+        ("DELETE", "/v1/keys/{}", b""),
+        ("POST", "/v1/keys/{}/cancel-destroy", b""),
         ("POST", "/v1/sign", {"key_id": "{}", "message": ""}),
         ("POST", "/v1/verify", {"key_id": "{}", "message": "", "signature": ""}),
     ]:
@@ -92,7 +96,9 @@ async def test_another_tenants_key_answers_like_a_key_never_issued(api: CryptoAP
         assert answers[0] == answers[1] == (404, "key_not_found", answers[0][2]), (method, path, answers)
 
 
-async def test_lifecycle_disable_enable_destroy_cancel(api: CryptoAPI, kms: FakeKMS, ctx: TenantContext) -> None:
+async def test_lifecycle_disable_enable_destroy_cancel(
+    api: CryptoAPI, kms: FakeKMS, ctx: TenantContext
+) -> None:
     kid = (await new_key(api, ctx, kind="signature"))["key_id"]
     sign = {"key_id": kid, "message": b64(b"m")}
     assert (await call(api, ctx, "POST", f"/v1/keys/{kid}/disable"))[1]["state"] == "disabled"
@@ -134,7 +140,10 @@ async def test_rotation_keeps_old_versions_for_verify_and_decrypt(api: CryptoAPI
     verify = {"key_id": sk, "message": msg, "signature": s1["signature"]}
     assert (await call(api, ctx, "POST", "/v1/verify", {**verify, "key_version": 1}))[1] == {"valid": True}
     assert (await call(api, ctx, "POST", "/v1/verify", verify))[1] == {"valid": False}
-    assert code(await call(api, ctx, "POST", "/v1/verify", {**verify, "key_version": 3})) == (404, "key_not_found")
+    assert code(await call(api, ctx, "POST", "/v1/verify", {**verify, "key_version": 3})) == (
+        404,
+        "key_not_found",
+    )
 
     _, v1 = await call(api, ctx, "GET", f"/v1/keys/{sk}", query="version=1")
     _, latest = await call(api, ctx, "GET", f"/v1/keys/{sk}")
@@ -143,7 +152,9 @@ async def test_rotation_keeps_old_versions_for_verify_and_decrypt(api: CryptoAPI
     assert code(await call(api, ctx, "GET", f"/v1/keys/{sk}", query="version=3")) == (404, "key_not_found")
 
     dec = {"key_id": kk, "ciphertext": c1["ciphertext"]}
-    assert (await call(api, ctx, "POST", "/v1/decrypt", {**dec, "key_version": 1}))[1] == {"plaintext": b64(b"old secret")}
+    assert (await call(api, ctx, "POST", "/v1/decrypt", {**dec, "key_version": 1}))[1] == {
+        "plaintext": b64(b"old secret")
+    }
     assert code(await call(api, ctx, "POST", "/v1/decrypt", dec)) == (400, "decryption_failed")
 
 
@@ -154,11 +165,14 @@ async def test_encapsulate_then_decapsulate_agree(api: CryptoAPI, ctx: TenantCon
     kid = (await new_key(api, ctx, algorithm=alg))["key_id"]
     _, enc = await call(api, ctx, "POST", "/v1/kem/encapsulate", {"key_id": kid})
     assert len(base64.b64decode(enc["ciphertext"])) == ALGORITHMS[alg].ciphertext_size
-    _, dec = await call(api, ctx, "POST", "/v1/kem/decapsulate", {"key_id": kid, "ciphertext": enc["ciphertext"]})
+    _, dec = await call(
+        api, ctx, "POST", "/v1/kem/decapsulate", {"key_id": kid, "ciphertext": enc["ciphertext"]}
+    )
     assert dec["shared_secret"] == enc["shared_secret"]
     short = b64(base64.b64decode(enc["ciphertext"])[:-1])
-    assert code(await call(api, ctx, "POST", "/v1/kem/decapsulate", {"key_id": kid, "ciphertext": short})) == (
-        400, "invalid_ciphertext")
+    assert code(
+        await call(api, ctx, "POST", "/v1/kem/decapsulate", {"key_id": kid, "ciphertext": short})
+    ) == (400, "invalid_ciphertext")
 
 
 @pytest.mark.parametrize(("alg", "kem_id"), [("ml-kem-768", 0x41), ("ml-kem-1024", 0x42), ("x-wing", 0x647A)])
@@ -175,8 +189,9 @@ async def test_encrypt_reports_the_hpke_suite_and_decrypt_inverts_it(api: Crypto
         assert (await call(api, ctx, "POST", "/v1/decrypt", dec))[1] == {"plaintext": b64(plaintext)}
         assert code(await call(api, ctx, "POST", "/v1/decrypt", {**dec, "aad": b64(b"other")})) == (
             400, "decryption_failed")
-    assert code(await call(api, ctx, "POST", "/v1/decrypt", {"key_id": kid, "ciphertext": b64(b"short")})) == (
-        400, "invalid_ciphertext")
+    assert code(
+        await call(api, ctx, "POST", "/v1/decrypt", {"key_id": kid, "ciphertext": b64(b"short")})
+    ) == (400, "invalid_ciphertext")
 
 
 @pytest.mark.parametrize("alg", [a.name for a in ALGORITHMS.values() if a.kind is Kind.SIGNATURE])
@@ -187,7 +202,9 @@ async def test_sign_then_verify_with_context(api: CryptoAPI, ctx: TenantContext,
     v = {"key_id": kid, "message": msg, "signature": sig["signature"], "context": context}
     assert (await call(api, ctx, "POST", "/v1/verify", v))[1] == {"valid": True}
     assert (await call(api, ctx, "POST", "/v1/verify", {**v, "context": ""}))[1] == {"valid": False}
-    assert (await call(api, ctx, "POST", "/v1/verify", {**v, "signature": b64(b"\x00")}))[1] == {"valid": False}
+    assert (await call(api, ctx, "POST", "/v1/verify", {**v, "signature": b64(b"\x00")}))[1] == {
+        "valid": False
+    }
     assert code(await call(api, ctx, "POST", "/v1/verify", {**v, "context": b64(b"c" * 256)})) == (
         400, "invalid_context")
 
@@ -231,13 +248,28 @@ async def test_sign_batch_with_mixed_items(api: CryptoAPI, kms: FakeKMS, ctx: Te
     status, out = await call(api, ctx, "POST", "/v1/sign/batch", {"items": items})
     assert status == 200
     got = [r["ok"] if r["ok"] else r["error"]["code"] for r in out["items"]]
-    assert got == [True, "key_not_found", "invalid_base64", "algorithm_mismatch", "key_disabled", "key_not_found",
-                   "invalid_context", "invalid_input", "invalid_input", True]
+    assert got == [
+        True,
+        "key_not_found",
+        "invalid_base64",
+        "algorithm_mismatch",
+        "key_disabled",
+        "key_not_found",
+        "invalid_context",
+        "invalid_input",
+        "invalid_input",
+        True,
+    ]
     assert "items[2].message" in out["items"][2]["error"]["message"]
     # the good items really signed: their signatures verify, item by item, in one verify batch
     checks = [
         {"key_id": sk, "message": b64(b"one"), "signature": out["items"][0]["signature"]},
-        {"key_id": sk, "message": b64(b"two"), "signature": out["items"][9]["signature"], "context": b64(b"ctx")},
+        {
+            "key_id": sk,
+            "message": b64(b"two"),
+            "signature": out["items"][9]["signature"],
+            "context": b64(b"ctx"),
+        },
         {"key_id": sk, "message": b64(b"two"), "signature": out["items"][9]["signature"]},
         {"key_id": sk, "message": b64(b"two"), "signature": "***"},
     ]
@@ -255,7 +287,9 @@ async def test_kem_and_hpke_batches(api: CryptoAPI, ctx: TenantContext) -> None:
     dec_items = [{"key_id": kid, "ciphertext": r["ciphertext"]} for r in enc["items"][:2]]
     dec_items.append({"key_id": kid, "ciphertext": b64(b"short")})
     _, dec = await call(api, ctx, "POST", "/v1/kem/decapsulate/batch", {"items": dec_items})
-    assert [r.get("shared_secret") for r in dec["items"][:2]] == [r["shared_secret"] for r in enc["items"][:2]]
+    assert [r.get("shared_secret") for r in dec["items"][:2]] == [
+        r["shared_secret"] for r in enc["items"][:2]
+    ]
     assert dec["items"][2] == {"ok": False, "error": {"code": "invalid_ciphertext",
                                                      "message": dec["items"][2]["error"]["message"]}}
 
@@ -269,7 +303,9 @@ async def test_kem_and_hpke_batches(api: CryptoAPI, ctx: TenantContext) -> None:
     assert opened["items"][3]["error"]["code"] == "decryption_failed"
 
 
-async def test_kms_outage_fails_the_whole_batch_with_503(api: CryptoAPI, kms: FakeKMS, ctx: TenantContext) -> None:
+async def test_kms_outage_fails_the_whole_batch_with_503(
+    api: CryptoAPI, kms: FakeKMS, ctx: TenantContext
+) -> None:
     kid = (await new_key(api, ctx, kind="signature"))["key_id"]
     kms.unavailable = True
     body = {"items": [{"key_id": kid, "message": ""}, {"key_id": kid, "message": "bad"}]}
@@ -277,8 +313,12 @@ async def test_kms_outage_fails_the_whole_batch_with_503(api: CryptoAPI, kms: Fa
     assert code(await call(api, ctx, "POST", "/v1/sign", body["items"][0])) == (503, "kms_unavailable")
 
 
-async def test_batch_with_only_bad_items_never_calls_the_kms(api: CryptoAPI, kms: FakeKMS, ctx: TenantContext) -> None:
-    _, out = await call(api, ctx, "POST", "/v1/sign/batch", {"items": [{"key_id": "nope", "message": ""}, {}]})
+async def test_batch_with_only_bad_items_never_calls_the_kms(
+    api: CryptoAPI, kms: FakeKMS, ctx: TenantContext
+) -> None:
+    _, out = await call(
+        api, ctx, "POST", "/v1/sign/batch", {"items": [{"key_id": "nope", "message": ""}, {}]}
+    )
     assert [r["error"]["code"] for r in out["items"]] == ["key_not_found", "invalid_input"]
     assert kms.calls == []
 
@@ -305,7 +345,9 @@ async def test_info_without_backend_or_tls(kms: FakeKMS, ctx: TenantContext) -> 
     assert info["policy"] == {"revision": None}
 
 
-async def test_info_reports_the_policy_revision_in_force_at_each_call(kms: FakeKMS, ctx: TenantContext) -> None:
+async def test_info_reports_the_policy_revision_in_force_at_each_call(
+    kms: FakeKMS, ctx: TenantContext
+) -> None:
     revisions = iter(["a" * 64, "b" * 64])
     api = CryptoAPI(kms, policy_revision=lambda: next(revisions))
     assert (await call(api, ctx, "GET", "/v1/info"))[1]["policy"] == {"revision": "a" * 64}
@@ -360,14 +402,18 @@ async def test_encrypt_and_decrypt_use_the_documented_hpke_info(api: CryptoAPI, 
     with pytest.raises(QpherError):
         await kms.decrypt(ctx, kid, ct, info=b"")
     sealed, _ = await kms.encrypt(ctx, kid, b"sealed elsewhere", info=HPKE_INFO)
-    _, out = await call(api, ctx, "POST", "/v1/decrypt/batch", {"items": [{"key_id": kid, "ciphertext": b64(sealed)}]})
+    _, out = await call(
+        api, ctx, "POST", "/v1/decrypt/batch", {"items": [{"key_id": kid, "ciphertext": b64(sealed)}]}
+    )
     assert out["items"][0]["plaintext"] == b64(b"sealed elsewhere")
 
 
 class _BrokenKMS(FakeKMS):
     """Answers crypto calls with malformed results, as a buggy KMS would."""
 
-    async def sign(self, ctx: TenantContext, key_id: str, message: bytes, context: bytes = b"") -> tuple[bytes, int]:
+    async def sign(
+        self, ctx: TenantContext, key_id: str, message: bytes, context: bytes = b""
+    ) -> tuple[bytes, int]:
         return "not bytes", 0  # type: ignore[return-value]
 
     async def batch(self, ctx: TenantContext, items: Any) -> list[Any]:

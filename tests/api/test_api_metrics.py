@@ -56,10 +56,19 @@ def test_product_metrics_render_in_text_format_0_0_4() -> None:
     assert 'qpher_policy_decisions_total{rule="allow-signers",effect="allow"} 3' in lines
     assert "qpher_fail_open_active 1" in lines and "qpher_kms_restarts_total 1" in lines
     assert 'qpher_kms_op_duration_seconds_bucket{op="sign",le="0.0005"} 1' in lines
-    for name in ("qpher_requests_total", "qpher_request_duration_seconds", "qpher_kms_op_duration_seconds",
-                 "qpher_kms_restarts_total", "qpher_tls_handshakes_total", "qpher_tls_handshake_failures_total",
-                 "qpher_policy_decisions_total", "qpher_policy_reload_failures_total", "qpher_fail_open_active",
-                 "qpher_rate_limited_total", "qpher_upstream_requests_total"):
+    for name in (
+        "qpher_requests_total",
+        "qpher_request_duration_seconds",
+        "qpher_kms_op_duration_seconds",
+        "qpher_kms_restarts_total",
+        "qpher_tls_handshakes_total",
+        "qpher_tls_handshake_failures_total",
+        "qpher_policy_decisions_total",
+        "qpher_policy_reload_failures_total",
+        "qpher_fail_open_active",
+        "qpher_rate_limited_total",
+        "qpher_upstream_requests_total",
+    ):
         assert any(line.startswith(f"# TYPE {name} ") for line in lines), name
     assert CONTENT_TYPE == "text/plain; version=0.0.4; charset=utf-8"
 
@@ -73,7 +82,11 @@ def test_a_fresh_registry_renders_unlabelled_metrics_at_zero_and_labelled_ones_e
 def test_no_label_can_carry_a_key_id_because_routes_are_templates() -> None:
     m = Metrics()
     kid = "k_abcdefghijklmnopqrstuvwxyz"
-    for method, path in [("GET", f"/v1/keys/{kid}"), ("POST", f"/v1/keys/{kid}/disable"), ("DELETE", f"/v1/keys/{kid}")]:
+    for method, path in [
+        ("GET", f"/v1/keys/{kid}"),
+        ("POST", f"/v1/keys/{kid}/disable"),
+        ("DELETE", f"/v1/keys/{kid}"),
+    ]:
         route, _ = resolve(method, path)  # type: ignore[misc]
         m.observe_request(route.name, 200, 0.001)
     assert kid not in m.render().decode()
@@ -85,7 +98,9 @@ def test_label_names_that_invite_secrets_or_ids_are_refused(name: str) -> None:
         Counter("x_total", "x", (name,))
 
 
-@pytest.mark.parametrize("names", [("le",), ("quantile",), ("__name",), ("1abc",), ("a-b",), ("a", "a"), ("",)])
+@pytest.mark.parametrize(
+    "names", [("le",), ("quantile",), ("__name",), ("1abc",), ("a-b",), ("a", "a"), ("",)]
+)
 def test_invalid_or_reserved_label_names_are_refused(names: tuple[str, ...]) -> None:
     with pytest.raises(ValueError):
         Histogram("x_seconds", "x", names)

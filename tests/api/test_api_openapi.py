@@ -129,7 +129,9 @@ def test_error_responses_use_the_error_schema() -> None:
     for route in ROUTES:
         for status in operation(route)["responses"]:
             if int(status) >= 400 and documented_codes(route, int(status)):
-                validate_response(route, int(status), {"error": {"code": "x", "message": "m", "request_id": "r"}})
+                validate_response(
+                    route, int(status), {"error": {"code": "x", "message": "m", "request_id": "r"}}
+                )
 
 
 def test_every_component_schema_is_a_valid_json_schema() -> None:
@@ -163,7 +165,9 @@ _CREATE_COMBOS = [
 
 
 @pytest.mark.parametrize("body", _CREATE_COMBOS, ids=lambda b: json.dumps(b))
-def test_create_key_schema_accepts_exactly_what_the_server_accepts(api: CryptoAPI, body: dict[str, str]) -> None:
+def test_create_key_schema_accepts_exactly_what_the_server_accepts(
+    api: CryptoAPI, body: dict[str, str]
+) -> None:
     route = routes_by_operation()["keys.create"]
     try:
         api.parse(route, json.dumps(body).encode())
@@ -176,7 +180,9 @@ def test_create_key_schema_accepts_exactly_what_the_server_accepts(api: CryptoAP
 # The pattern as ECMA-262 reads it: its closing `$` is the end of the string (Python's `$` also
 # matches before a final newline, which the document does not mean).
 _REASON_RE = re.compile(
-    doc()["components"]["schemas"]["FailOpenRequest"]["properties"]["reason"]["pattern"].removesuffix("$") + r"\Z")
+    doc()["components"]["schemas"]["FailOpenRequest"]["properties"]["reason"]["pattern"].removesuffix("$")
+    + r"\Z"
+)
 _PARSER = CryptoAPI(FakeKMS())
 
 
@@ -195,7 +201,9 @@ def test_reason_pattern_in_the_document_agrees_with_the_validator(reason: str) -
         accepted = True
     except QpherError:
         accepted = False
-    assert (bool(_REASON_RE.match(reason)) and 1 <= len(reason) <= MAX_REASON_CHARS) == accepted, ascii(reason)
+    assert (bool(_REASON_RE.match(reason)) and 1 <= len(reason) <= MAX_REASON_CHARS) == accepted, ascii(
+        reason
+    )
 
 
 _B64_RE = re.compile(doc()["components"]["schemas"]["Base64"]["pattern"])

@@ -35,8 +35,15 @@ BATCH_ROUTES = [r for r in ROUTES if r.batch]
 NO_BODY_ROUTES = [r for r in ROUTES if not r.has_body]
 
 
-def _expect(api: CryptoAPI, route: Route, body: bytes | Any, code: str, *, params: dict[str, str] | None = None,
-            query: str | None = None) -> QpherError:
+def _expect(
+    api: CryptoAPI,
+    route: Route,
+    body: bytes | Any,
+    code: str,
+    *,
+    params: dict[str, str] | None = None,
+    query: str | None = None,
+) -> QpherError:
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
     with pytest.raises(QpherError) as info:
         api.parse(route, raw, params if params is not None else {"key_id": KID}, query)
@@ -131,7 +138,9 @@ def test_body_that_is_not_an_object_is_invalid_input(api: CryptoAPI, route: Rout
 
 @pytest.mark.parametrize("route", BODY_ROUTES + BATCH_ROUTES, ids=lambda r: r.name)
 def test_query_parameters_are_refused_on_body_routes(api: CryptoAPI, route: Route) -> None:
-    body = {"items": [VALID[route.operation.removesuffix(".batch")]]} if route.batch else VALID[route.operation]
+    body = (
+        {"items": [VALID[route.operation.removesuffix(".batch")]]} if route.batch else VALID[route.operation]
+    )
     _expect(api, route, body, "invalid_input", query="debug=1")
 
 
@@ -188,15 +197,20 @@ def test_no_body_routes_accept_empty_or_empty_object_and_refuse_fields(api: Cryp
     _expect(api, route, b"[]", "invalid_input", params=params)
 
 
-@pytest.mark.parametrize("route", [r for r in NO_BODY_ROUTES if "{key_id}" in r.template], ids=lambda r: r.name)
+@pytest.mark.parametrize(
+    "route", [r for r in NO_BODY_ROUTES if "{key_id}" in r.template], ids=lambda r: r.name
+)
 @pytest.mark.parametrize("bad_id", ["..", "a" * 65, "%2e%2e", "k.1", "k%00"])
 def test_malformed_path_key_id_is_key_not_found(api: CryptoAPI, route: Route, bad_id: str) -> None:
     exc = _expect(api, route, b"", "key_not_found", params={"key_id": bad_id})
     assert exc.status == 404
 
 
-@pytest.mark.parametrize("route", [r for r in NO_BODY_ROUTES if r.owner == "api" and r.operation != "keys.list"],
-                         ids=lambda r: r.name)
+@pytest.mark.parametrize(
+    "route",
+    [r for r in NO_BODY_ROUTES if r.owner == "api" and r.operation != "keys.list"],
+    ids=lambda r: r.name,
+)
 def test_query_parameters_are_refused_on_routes_without_any(api: CryptoAPI, route: Route) -> None:
     _expect(api, route, b"", "invalid_input", query="x=1")
 
@@ -262,8 +276,10 @@ def test_load_json_duplicate_keys_at_any_depth() -> None:
     assert info.value.code == "invalid_json"
 
 
-@pytest.mark.parametrize("query", ["version=0", "version=x", "version=", "version=2147483648", "version=1&version=2",
-                                   "v=1", "version=01x"])
+@pytest.mark.parametrize(
+    "query",
+    ["version=0", "version=x", "version=", "version=2147483648", "version=1&version=2", "v=1", "version=01x"],
+)
 def test_bad_key_version_query_is_invalid_input(api: CryptoAPI, query: str) -> None:
     route = next(r for r in ROUTES if r.operation == "keys.read")
     _expect(api, route, b"", "invalid_input", query=query)

@@ -29,8 +29,11 @@ def reference_line(seq: int, ts: str, event: str, severity: str, fields: dict[st
 text = st.text(st.characters(codec="utf-8"), max_size=12)
 scalars = st.one_of(st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70),
                     st.floats(allow_nan=False, allow_infinity=False), text)
-values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=3),
-                                                       st.dictionaries(text, inner, max_size=3)), max_leaves=6)
+values = st.recursive(
+    scalars,
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(text, inner, max_size=3)),
+    max_leaves=6,
+)
 names = st.text(st.characters(codec="utf-8"), min_size=1, max_size=10).filter(
     lambda n: n not in ("seq", "ts", "event", "severity", "prev"))
 
@@ -52,7 +55,9 @@ def test_same_names_in_another_order_give_the_same_line() -> None:
 def test_a_reserved_name_given_directly_keeps_dict_semantics() -> None:
     # the writer refuses reserved names before encoding; a direct caller gets what json.dumps gives
     fields = {"seq": 99, "zz": 1}
-    assert encode_record(1, "t", "e", "INFO", fields, "0" * 64) == reference_line(1, "t", "e", "INFO", fields, "0" * 64)
+    assert encode_record(1, "t", "e", "INFO", fields, "0" * 64) == reference_line(
+        1, "t", "e", "INFO", fields, "0" * 64
+    )
 
 
 def test_timestamps_across_second_boundaries() -> None:
@@ -95,5 +100,7 @@ def test_written_lines_match_the_reference_and_verify(tmp_path: Path) -> None:
     for line in lines:
         rec = json.loads(line)
         fields = {k: v for k, v in rec.items() if k not in ("seq", "ts", "event", "severity", "prev")}
-        assert line == reference_line(rec["seq"], rec["ts"], rec["event"], rec["severity"], fields, rec["prev"])
+        assert line == reference_line(
+            rec["seq"], rec["ts"], rec["event"], rec["severity"], fields, rec["prev"]
+        )
     assert verify([path]).ok

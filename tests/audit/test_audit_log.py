@@ -131,7 +131,9 @@ def test_torn_tail_is_kept_and_explained_by_a_recovery_record(tmp_path: Path) ->
     assert raw[2].startswith(b'{"seq":3,"ts"') and parse_record(raw[2]) is None  # kept as evidence
     recovery = parse_record(raw[3])
     assert recovery is not None and recovery.event == RECOVERY_EVENT and recovery.seq == 3
-    assert recovery.fields["torn_sha256"] == line_hash(raw[2]) and recovery.fields["torn_bytes"] == len(raw[2])
+    assert recovery.fields["torn_sha256"] == line_hash(raw[2]) and recovery.fields["torn_bytes"] == len(
+        raw[2]
+    )
     assert recovery.prev == line_hash(raw[1])
     result = verify([path])
     assert result.ok, [str(f) for f in result.findings]
@@ -224,7 +226,9 @@ def test_unknown_severity_and_bad_event_names_are_refused(tmp_path: Path) -> Non
         assert log.last_seq == 0
 
 
-def test_fsync_policy_critical_fsyncs_only_critical_records(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fsync_policy_critical_fsyncs_only_critical_records(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     calls: list[int] = []
     real_fsync = os.fsync
 

@@ -54,7 +54,10 @@ def test_check_key_id_accepts_an_id_and_refuses_a_whole_key_without_showing_it(s
     for bad in ("", "short", "ABCDEFGHIJKL", "abcdefghijk;", "abcdefghijklm", "'; drop table"):
         with pytest.raises(InvalidInput) as info:
             check_key_id(bad)
-        assert info.value.message == "not an API key id (expected 12 characters a-z, 0-9, as `apikey list` shows)"
+        assert (
+            info.value.message
+            == "not an API key id (expected 12 characters a-z, 0-9, as `apikey list` shows)"
+        )
 
 
 def test_check_grants_accepts_declared_plans_and_known_scopes() -> None:

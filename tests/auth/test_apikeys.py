@@ -124,7 +124,10 @@ def test_revoke(store: APIKeyStore, clock: FakeClock) -> None:
 
 
 def test_lifecycle_events_are_audited_and_a_failed_audit_rolls_back(tmp_path: Path, pepper: bytes) -> None:
-    with AuditLog(tmp_path / "audit.log") as audit, APIKeyStore(tmp_path / "g.db", pepper, audit=audit) as store:
+    with (
+        AuditLog(tmp_path / "audit.log") as audit,
+        APIKeyStore(tmp_path / "g.db", pepper, audit=audit) as store,
+    ):
         record, key = store.create("acme", "pro", scopes=["sign"], label="ci")
         store.revoke(record.key_id)
     text = (tmp_path / "audit.log").read_text()
@@ -272,7 +275,9 @@ def test_revocation_by_another_connection_is_seen_within_the_ttl(tmp_path: Path,
         assert proxy.authenticate(other_key) == other  # other keys are unaffected
 
 
-def test_revocation_through_the_same_store_is_seen_within_the_ttl(store: APIKeyStore, clock: FakeClock) -> None:
+def test_revocation_through_the_same_store_is_seen_within_the_ttl(
+    store: APIKeyStore, clock: FakeClock
+) -> None:
     record, key = store.create("acme", "pro")
     auth = Authenticator(store, clock, ttl=0.5)
     auth.authenticate(key)

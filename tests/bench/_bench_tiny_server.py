@@ -109,7 +109,9 @@ class TinyTLSServer:
             conns[sock] = [tls, b"", False]
             sel.register(sock, selectors.EVENT_READ, None)
 
-    def _drop(self, sel: selectors.BaseSelector, conns: dict[socket.socket, list[object]], sock: socket.socket) -> None:
+    def _drop(
+        self, sel: selectors.BaseSelector, conns: dict[socket.socket, list[object]], sock: socket.socket
+    ) -> None:
         sel.unregister(sock)
         del conns[sock]
         sock.close()

@@ -24,7 +24,9 @@ def _lint(root: Path) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.skipif(not LINT_IMPORTS.exists(), reason="lint-imports is not installed next to this Python")
 def test_a_runtime_module_importing_the_benchmarks_breaks_the_contract(tmp_path: Path) -> None:
-    shutil.copytree(ROOT / "qpher_proxy", tmp_path / "qpher_proxy", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        ROOT / "qpher_proxy", tmp_path / "qpher_proxy", ignore=shutil.ignore_patterns("__pycache__")
+    )
     shutil.copy(ROOT / ".importlinter", tmp_path / ".importlinter")
     kept = _lint(tmp_path)
     assert kept.returncode == 0, kept.stdout + kept.stderr

@@ -13,7 +13,9 @@ from qpher_proxy_bench import gateway_bench
 from qpher_proxy_bench.loadgen import ClientTLS, LoadGenerator, LoadSpec, build_request, probe
 from qpher_proxy_bench.nginx import NginxServer, find_nginx
 
-needs_nginx = pytest.mark.skipif(find_nginx() is None, reason="nginx is not installed (apt-get install -y nginx-light)")
+needs_nginx = pytest.mark.skipif(
+    find_nginx() is None, reason="nginx is not installed (apt-get install -y nginx-light)"
+)
 
 
 @needs_nginx
@@ -21,7 +23,13 @@ def test_nginx_serves_healthz_over_tls13_and_reports_its_groups() -> None:
     with NginxServer() as nginx:
         tls = ClientTLS("X25519", cafile=str(nginx.ca_file))
         r = probe(nginx.port, tls, request=build_request("GET", "/healthz"))
-        assert (r.ok, r.version, r.group, r.status, r.body) == (True, "TLSv1.3", "X25519", 200, b'{"status":"ok"}')
+        assert (r.ok, r.version, r.group, r.status, r.body) == (
+            True,
+            "TLSv1.3",
+            "X25519",
+            200,
+            b'{"status":"ok"}',
+        )
         assert len(nginx.worker_pids()) == 1
         pq = probe(nginx.port, ClientTLS("X25519MLKEM768", cafile=str(nginx.ca_file)))
         # Debian's nginx links OpenSSL 3.0 (no ML-KEM): the fallback must be said, not hidden
@@ -83,7 +91,11 @@ def test_gateway_bench_end_to_end_tiny(tmp_path: Path, capsys: pytest.CaptureFix
     for group in ("X25519MLKEM768", "X25519"):
         for kind in ("handshake", "keepalive"):
             row = rows[("tls", kind, group, 2)]
-            assert row["ok"] > 0 and row["errors"] == {} and row["negotiated"] == {group: row["negotiated"][group]}
+            assert (
+                row["ok"] > 0
+                and row["errors"] == {}
+                and row["negotiated"] == {group: row["negotiated"][group]}
+            )
     for op in ("healthz", "sign", "verify", "encapsulate", "decapsulate", "encrypt", "decrypt", "forward"):
         row = rows[("api", op, "X25519MLKEM768", 2)]
         assert row["ok"] > 0 and row["errors"] == {}, row

@@ -42,8 +42,9 @@ def server(tmp_path: Path) -> Iterator[TinyTLSServer]:
 def keepalive(server: TinyTLSServer, path: str, *, group: str = PQ, **kw: object) -> LoadSpec:
     kw.setdefault("warmup", 0.0)
     kw.setdefault("seconds", None)
-    return LoadSpec.keepalive(server.port, ClientTLS(group, cafile=server.ca_file), build_request("GET", path),
-                              **kw)  # type: ignore[arg-type]
+    return LoadSpec.keepalive(
+        server.port, ClientTLS(group, cafile=server.ca_file), build_request("GET", path), **kw
+    )  # type: ignore[arg-type]
 
 
 # ---- pure parts -------------------------------------------------------------------------------
@@ -79,7 +80,8 @@ def test_response_length_refuses_what_it_cannot_frame(bad: bytes) -> None:
 def test_build_request_adds_length_for_bodies() -> None:
     assert build_request("GET", "/healthz") == b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n"
     req = build_request("POST", "/v1/sign", headers={"Authorization": "Bearer k"}, body=b"{}")
-    assert req == b"POST /v1/sign HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer k\r\nContent-Length: 2\r\n\r\n{}"
+    assert req == (b"POST /v1/sign HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer k\r\n"
+                   b"Content-Length: 2\r\n\r\n{}")
 
 
 @pytest.mark.parametrize("host", ["10.0.0.1", "example.com", "0.0.0.0"])
@@ -144,7 +146,9 @@ def test_keepalive_sends_bodies_whole(lg: LoadGenerator, server: TinyTLSServer) 
                               seconds=None)
     r = lg.run(spec)
     assert (r.ok, r.errors) == (20, {})
-    assert probe(server.port, ClientTLS(PQ), request=build_request("POST", "/echo", body=body)).body == b"40000"
+    assert (
+        probe(server.port, ClientTLS(PQ), request=build_request("POST", "/echo", body=body)).body == b"40000"
+    )
 
 
 def test_keepalive_times_out_a_silent_server(lg: LoadGenerator, server: TinyTLSServer) -> None:

@@ -21,7 +21,9 @@ def _load(tmp_path: Path, text: str, **kw: bool) -> object:
     return load_config(path, **kw)
 
 
-@pytest.mark.parametrize("written, loaded", [("1.2", "1.2"), ("1.3", "1.3"), ('"1.2"', "1.2"), ("'1.3'", "1.3")])
+@pytest.mark.parametrize(
+    "written, loaded", [("1.2", "1.2"), ("1.3", "1.3"), ('"1.2"', "1.2"), ("'1.3'", "1.3")]
+)
 def test_min_version_is_accepted_quoted_or_unquoted(tmp_path: Path, written: str, loaded: str) -> None:
     cfg = _load(tmp_path, f"tls: {{min_version: {written}}}\n", check_files=False)
     assert cfg.tls.min_version == loaded  # type: ignore[attr-defined]

@@ -87,7 +87,9 @@ def hpke_labeled_derive(kem_id: int, ikm: bytes, label: bytes, context: bytes, l
     return hashlib.shake_256(data).digest(length)
 
 
-def cryptography_hpke_keys(algorithm: str, private_seed: bytes | None, public_raw: bytes | None) -> tuple[Any, Any]:
+def cryptography_hpke_keys(
+    algorithm: str, private_seed: bytes | None, public_raw: bytes | None
+) -> tuple[Any, Any]:
     """The same keys as ``cryptography`` HPKE objects (for interop both ways)."""
     from cryptography.hazmat.primitives import hpke
     from cryptography.hazmat.primitives.asymmetric import mlkem, x25519

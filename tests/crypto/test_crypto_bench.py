@@ -16,8 +16,9 @@ def test_bench_json_reports_every_operation(capsys: pytest.CaptureFixture[str]) 
     assert crypto_bench.main(argv) == 0
     out: dict[str, Any] = json.loads(capsys.readouterr().out)
     ops = {(r["algorithm"], r["operation"]) for r in out["results"]}
-    assert ops == {("x-wing", op) for op in ("keygen", "encapsulate", "decapsulate", "hpke_seal", "hpke_open")} | {
-        ("ml-dsa-44", op) for op in ("keygen", "sign", "verify")}
+    assert ops == {
+        ("x-wing", op) for op in ("keygen", "encapsulate", "decapsulate", "hpke_seal", "hpke_open")
+    } | {("ml-dsa-44", op) for op in ("keygen", "sign", "verify")}
     assert all(r["ours_ops"] > 0 and r["raw_ops"] > 0 for r in out["results"])
     assert out["versions"]["openssl"]["cryptography"]
     assert out["payload_bytes"] == 1024

@@ -43,7 +43,9 @@ def test_signatures_verify_in_the_other_backend(direction: tuple[str, str], algo
 
 @pytest.mark.parametrize("direction", DIRECTIONS, ids="->".join)
 @pytest.mark.parametrize("algorithm", KEM_ALGORITHMS)
-def test_encapsulations_and_hpke_open_in_the_other_backend(direction: tuple[str, str], algorithm: str) -> None:
+def test_encapsulations_and_hpke_open_in_the_other_backend(
+    direction: tuple[str, str], algorithm: str
+) -> None:
     a, b = _pair(direction)
     key_b = b.generate(algorithm)
     pub_a = a.load_public(algorithm, key_b.public_key().public_bytes())

@@ -44,7 +44,11 @@ def test_xwing_draft10_vector(backend: Any, index: int) -> None:
 def _composite(tc_id: str) -> dict[str, Any]:
     data = vectors("composite_mldsa65_ecdsa_p256_sha512.json")
     (test,) = [t for t in data["tests"] if t["tcId"] == tc_id]
-    return {"m": b64(data["m"]), "ctx": b64(data["ctx"]), **{k: b64(v) for k, v in test.items() if k != "tcId"}}
+    return {
+        "m": b64(data["m"]),
+        "ctx": b64(data["ctx"]),
+        **{k: b64(v) for k, v in test.items() if k != "tcId"},
+    }
 
 
 def test_composite_vector_key_layout_and_signatures(backend: Any) -> None:
@@ -57,7 +61,10 @@ def test_composite_vector_key_layout_and_signatures(backend: Any) -> None:
     assert backend.load_private("ml-dsa-65", v["sk"][:32]).public_key().public_bytes() == v["pk"][:1952]
     assert ecdsa_p256_point(ecdsa_p256_from_sec1(v["sk"][32:]).public_key()) == v["pk"][1952:]
     # PKCS#8 wraps the same 83 raw bytes under OID 1.3.6.1.5.5.7.6.45
-    assert v["sk_pkcs8"].endswith(v["sk"]) and bytes.fromhex("06082b060105050706 2d".replace(" ", "")) in v["sk_pkcs8"]
+    assert (
+        v["sk_pkcs8"].endswith(v["sk"])
+        and bytes.fromhex("06082b060105050706 2d".replace(" ", "")) in v["sk_pkcs8"]
+    )
 
     pub = backend.load_public("ml-dsa-65-ecdsa-p256", v["pk"])
     mldsa_pub = backend.load_public("ml-dsa-65", v["pk"][:1952])
@@ -114,7 +121,9 @@ def _hkdf_vector_indexes() -> list[int]:
     # The one vector with KDF 0x0011 (one-stage SHAKE256) is outside our suite (we offer
     # HKDF-SHA256 only): its KEM part is checked by test_hpke_pq_vector_kem, and it is not
     # collected here at all rather than skipped.
-    return [i for i, v in enumerate(vectors("hpke_pq_mlkem768_xwing.json")) if v["kdf_id"] == hpke.KDF.HKDF_SHA256]
+    return [
+        i for i, v in enumerate(vectors("hpke_pq_mlkem768_xwing.json")) if v["kdf_id"] == hpke.KDF.HKDF_SHA256
+    ]
 
 
 @pytest.mark.parametrize("index", _hkdf_vector_indexes())
@@ -131,5 +140,9 @@ def test_hpke_pq_vector_key_schedule_and_aead(index: int) -> None:
         assert receiver.open(h(enc["aad"]), h(enc["ct"])) == h(enc["pt"])
     # the single-shot path is the sequence-0 message
     first = v["encryptions"][0]
-    assert suite.seal_with_secret(h(v["shared_secret"]), h(first["pt"]), h(first["aad"]), h(v["info"])) == h(first["ct"])
-    assert suite.open_with_secret(h(v["shared_secret"]), h(first["ct"]), h(first["aad"]), h(v["info"])) == h(first["pt"])
+    assert suite.seal_with_secret(h(v["shared_secret"]), h(first["pt"]), h(first["aad"]), h(v["info"])) == h(
+        first["ct"]
+    )
+    assert suite.open_with_secret(h(v["shared_secret"]), h(first["ct"]), h(first["aad"]), h(v["info"])) == h(
+        first["pt"]
+    )

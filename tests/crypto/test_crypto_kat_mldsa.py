@@ -88,7 +88,10 @@ def test_wycheproof_mldsa_65_verify(backend: Any) -> None:
                 assert t["result"] == "invalid"
                 seen.add("bad-ctx")
                 continue
-            assert pub.verify(h(t["sig"]), h(t["msg"]), ctx) is (t["result"] == "valid"), (t["tcId"], t["flags"])
+            assert pub.verify(h(t["sig"]), h(t["msg"]), ctx) is (t["result"] == "valid"), (
+                t["tcId"],
+                t["flags"],
+            )
             seen.add(t["result"])
     assert seen == {"valid", "invalid", "bad-key", "bad-ctx"}
 

@@ -57,7 +57,9 @@ def test_sign_verify_round_trip(backend: Any, algorithm: str, message: bytes, co
 @pytest.mark.parametrize("algorithm", KEM_ALGORITHMS)
 @PROPERTY_SETTINGS
 @given(plaintext=st.binary(max_size=2048), aad=st.binary(max_size=64), info=st.binary(max_size=64))
-def test_kem_and_hpke_round_trip(backend: Any, algorithm: str, plaintext: bytes, aad: bytes, info: bytes) -> None:
+def test_kem_and_hpke_round_trip(
+    backend: Any, algorithm: str, plaintext: bytes, aad: bytes, info: bytes
+) -> None:
     key = key_for(backend, algorithm)
     pub = backend.load_public(algorithm, key.public_key().public_bytes())
     ss, ct = pub.encapsulate()
@@ -82,7 +84,9 @@ def test_keys_round_trip_through_their_stored_forms(backend: Any, algorithm: str
 @pytest.mark.parametrize("algorithm", SIGNATURE_ALGORITHMS)
 @PROPERTY_SETTINGS
 @given(message=st.binary(min_size=1, max_size=200), bit=st.integers(min_value=0))
-def test_any_single_bit_change_fails_verification(backend: Any, algorithm: str, message: bytes, bit: int) -> None:
+def test_any_single_bit_change_fails_verification(
+    backend: Any, algorithm: str, message: bytes, bit: int
+) -> None:
     key = key_for(backend, algorithm)
     pub = key.public_key()
     sig = key.sign(message, b"ctx")
@@ -98,7 +102,11 @@ def _garbage_calls(backend: Any, algorithm: str, data: bytes) -> list[Any]:
     pub = key.public_key()
     calls = [lambda: backend.load_public(algorithm, data), lambda: backend.load_private(algorithm, data)]
     if get_algorithm(algorithm).kind.value == "kem":
-        calls += [lambda: key.decapsulate(data), lambda: key.hpke_open(data), lambda: key.hpke_open(b"", aad=data)]
+        calls += [
+            lambda: key.decapsulate(data),
+            lambda: key.hpke_open(data),
+            lambda: key.hpke_open(b"", aad=data),
+        ]
     else:
         calls += [lambda: pub.verify(data, b"message"), lambda: pub.verify(b"", data, data),
                   lambda: key.sign(data, data)]
@@ -136,7 +144,9 @@ def test_garbage_of_every_length_only_raises_typed_errors(backend: Any, algorith
 
 # ---- the FIPS 203 modulus check ----------------------------------------------------
 
-_coefficient = st.one_of(st.integers(0, 3328), st.sampled_from([3328, 3329, 3330, 0xD00, 0xDFF, 0xE00, 0xFFF]))
+_coefficient = st.one_of(
+    st.integers(0, 3328), st.sampled_from([3328, 3329, 3330, 0xD00, 0xDFF, 0xE00, 0xFFF])
+)
 
 
 @pytest.mark.parametrize("k", [3, 4])

@@ -184,7 +184,9 @@ class Client:
             resp = self.conn.getresponse()
         except (http.client.HTTPException, OSError):
             self.conn.close()
-            self.conn = http.client.HTTPSConnection(self.gw.host, self.gw.port, context=self.gw.context(), timeout=30)
+            self.conn = http.client.HTTPSConnection(
+                self.gw.host, self.gw.port, context=self.gw.context(), timeout=30
+            )
             self.conn.request(method, path, body=data, headers=h)
             resp = self.conn.getresponse()
         payload = resp.read()

@@ -143,7 +143,9 @@ def check_answer(method: str, path: str, status: int, body: Any, headers: http.c
         if errors:
             raise ContractViolation(f"{where}: error body {body!r:.300} violates Error: {errors[0].message}")
         if body["error"]["request_id"] != rid:
-            raise ContractViolation(f"{where}: error.request_id {body['error']['request_id']!r} != X-Request-Id {rid!r}")
+            raise ContractViolation(
+                f"{where}: error.request_id {body['error']['request_id']!r} != X-Request-Id {rid!r}"
+            )
     if status == 401 and not headers.get("WWW-Authenticate"):
         raise ContractViolation(f"{where}: 401 without WWW-Authenticate")
     if status == 429 and not headers.get("Retry-After"):
@@ -161,7 +163,9 @@ def check_answer(method: str, path: str, status: int, body: Any, headers: http.c
         return
     if found is None:  # not a served path (no sidecar upstream here)
         if status not in (401, 404) or (status == 404 and body["error"]["code"] != "route_not_found"):
-            raise ContractViolation(f"{where}: an unserved path must be 401 or 404 route_not_found, not {body!r:.200}")
+            raise ContractViolation(
+                f"{where}: an unserved path must be 401 or 404 route_not_found, not {body!r:.200}"
+            )
         return
     route = found[0]
     if route.operation == "metrics" and status == 200:
@@ -192,7 +196,9 @@ def check_no_private_material(body: Any, where: str = "") -> None:
             for k, v in node.items():
                 low = k.lower()
                 if k not in _ALLOWED_SECRETISH_FIELDS and any(
-                        w == low or w in low.split("_") or (len(w) > 3 and w in low) for w in _FORBIDDEN_FIELD_WORDS):
+                    w == low or w in low.split("_") or (len(w) > 3 and w in low)
+                    for w in _FORBIDDEN_FIELD_WORDS
+                ):
                     raise ContractViolation(f"{where}: field {k!r} in an answer")
                 walk(v, node)
         elif isinstance(node, list):
@@ -218,7 +224,9 @@ def check_sizes(body: Any, where: str = "") -> None:
             alg = ALGORITHMS[k["algorithm"]]
             n = len(unb64(k["public_key"]))
             if n != alg.public_key_size:
-                raise ContractViolation(f"{where}: {alg.name} public key of {n} bytes, not {alg.public_key_size}")
+                raise ContractViolation(
+                    f"{where}: {alg.name} public key of {n} bytes, not {alg.public_key_size}"
+                )
     items = body.get("items") if isinstance(body.get("items"), list) else [body]
     for it in items:
         if not isinstance(it, dict):

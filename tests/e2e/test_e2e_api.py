@@ -91,7 +91,9 @@ def other(gateway: Gateway) -> Iterator[CheckedClient]:
 @pytest.fixture(scope="module")
 def keys(api: CheckedClient) -> dict[str, dict[str, Any]]:
     """One enabled version-1 key of every algorithm for tenant demo; never changed by tests."""
-    return {alg: api.ok("POST", "/v1/keys", {"algorithm": alg, "label": f"e2e-api.{alg}"}) for alg in ALGORITHMS}
+    return {
+        alg: api.ok("POST", "/v1/keys", {"algorithm": alg, "label": f"e2e-api.{alg}"}) for alg in ALGORITHMS
+    }
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +120,11 @@ def test_health_ready_info(api: CheckedClient) -> None:
     assert set(by_name) == set(ALGORITHMS)
     for name, alg in ALGORITHMS.items():
         a = by_name[name]
-        assert (a["kind"], a["mode"], a["public_key_size"]) == (alg.kind.value, alg.mode.value, alg.public_key_size)
+        assert (a["kind"], a["mode"], a["public_key_size"]) == (
+            alg.kind.value,
+            alg.mode.value,
+            alg.public_key_size,
+        )
         if alg.kind is Kind.KEM:
             assert (a["ciphertext_size"], a["shared_secret_size"], a["hpke_kem_id"]) == (
                 alg.ciphertext_size, alg.shared_secret_size, alg.hpke_kem_id)
@@ -176,15 +182,32 @@ def test_encapsulate_decapsulate(api: CheckedClient, keys: dict[str, dict[str, A
     e = api.ok("POST", "/v1/kem/encapsulate", {"key_id": kid})
     ct, ss = unb64(e["ciphertext"]), unb64(e["shared_secret"])
     assert e["key_version"] == 1 and len(ct) == spec.ciphertext_size and len(ss) == spec.shared_secret_size
-    assert unb64(api.ok("POST", "/v1/kem/decapsulate", {"key_id": kid, "ciphertext": e["ciphertext"]})["shared_secret"]) == ss
-    assert unb64(api.ok("POST", "/v1/kem/decapsulate",
-                        {"key_id": kid, "ciphertext": e["ciphertext"], "key_version": 1})["shared_secret"]) == ss
+    assert (
+        unb64(
+            api.ok("POST", "/v1/kem/decapsulate", {"key_id": kid, "ciphertext": e["ciphertext"]})[
+                "shared_secret"
+            ]
+        )
+        == ss
+    )
+    assert (
+        unb64(
+            api.ok(
+                "POST",
+                "/v1/kem/decapsulate",
+                {"key_id": kid, "ciphertext": e["ciphertext"], "key_version": 1},
+            )["shared_secret"]
+        )
+        == ss
+    )
     # a fresh encapsulation is fresh
     e2 = api.ok("POST", "/v1/kem/encapsulate", {"key_id": kid})
     assert e2["ciphertext"] != e["ciphertext"] and e2["shared_secret"] != e["shared_secret"]
     # implicit rejection: a well-sized altered ciphertext gives another secret, not an error
     bad = bytes([ct[0] ^ 1]) + ct[1:]
-    other = unb64(api.ok("POST", "/v1/kem/decapsulate", {"key_id": kid, "ciphertext": b64(bad)})["shared_secret"])
+    other = unb64(
+        api.ok("POST", "/v1/kem/decapsulate", {"key_id": kid, "ciphertext": b64(bad)})["shared_secret"]
+    )
     assert len(other) == 32 and other != ss
     for wrong in (ct[:-1], ct + b"\0", b""):
         status, code, _ = api.error("POST", "/v1/kem/decapsulate", {"key_id": kid, "ciphertext": b64(wrong)})
@@ -198,7 +221,9 @@ def test_encapsulate_decapsulate(api: CheckedClient, keys: dict[str, dict[str, A
 
 @pytest.mark.parametrize("aad", [None, b"e2e associated data"], ids=["no-aad", "aad"])
 @pytest.mark.parametrize("alg", KEMS)
-def test_encrypt_decrypt(api: CheckedClient, keys: dict[str, dict[str, Any]], alg: str, aad: bytes | None) -> None:
+def test_encrypt_decrypt(
+    api: CheckedClient, keys: dict[str, dict[str, Any]], alg: str, aad: bytes | None
+) -> None:
     kid = keys[alg]["key_id"]
     spec = ALGORITHMS[alg]
     plaintext = pt(f"hpke {alg}", 1000)
@@ -210,7 +235,11 @@ def test_encrypt_decrypt(api: CheckedClient, keys: dict[str, dict[str, Any]], al
     assert len(ct) == spec.ciphertext_size + len(plaintext) + 16
     assert r["key_version"] == 1 and r["algorithm"] == alg and r["info"] == b64(HPKE_INFO)
     assert r["hpke_suite"] == {"kem_id": spec.hpke_kem_id, "kdf_id": 1, "aead_id": 2}
-    opened = {"key_id": kid, "ciphertext": r["ciphertext"], **({"aad": req["aad"]} if aad is not None else {})}
+    opened = {
+        "key_id": kid,
+        "ciphertext": r["ciphertext"],
+        **({"aad": req["aad"]} if aad is not None else {}),
+    }
     assert unb64(api.ok("POST", "/v1/decrypt", opened)["plaintext"]) == plaintext
     assert unb64(api.ok("POST", "/v1/decrypt", {**opened, "key_version": 1})["plaintext"]) == plaintext
     assert api.ok("POST", "/v1/encrypt", req)["ciphertext"] != r["ciphertext"]  # fresh enc each time
@@ -251,7 +280,9 @@ def _check_signature_size(alg: str, sig: bytes) -> None:
 
 @pytest.mark.parametrize("context", [None, b"e2e-context"], ids=["no-context", "context"])
 @pytest.mark.parametrize("alg", SIGS)
-def test_sign_verify(api: CheckedClient, keys: dict[str, dict[str, Any]], alg: str, context: bytes | None) -> None:
+def test_sign_verify(
+    api: CheckedClient, keys: dict[str, dict[str, Any]], alg: str, context: bytes | None
+) -> None:
     kid = keys[alg]["key_id"]
     msg = pt(f"sign {alg}", 100)
     ctx = {"context": b64(context)} if context is not None else {}
@@ -324,14 +355,31 @@ def test_rotation_new_ops_use_latest_old_versions_still_work(api: CheckedClient,
         c2 = api.ok("POST", "/v1/encrypt", {"key_id": kid, "plaintext": b64(plaintext)})
         assert e2["key_version"] == c2["key_version"] == 2
         dec = "/v1/kem/decapsulate"
-        assert api.ok("POST", dec, {"key_id": kid, "ciphertext": e2["ciphertext"]})["shared_secret"] == e2["shared_secret"]
+        assert (
+            api.ok("POST", dec, {"key_id": kid, "ciphertext": e2["ciphertext"]})["shared_secret"]
+            == e2["shared_secret"]
+        )
         assert api.ok("POST", dec, {"key_id": kid, "ciphertext": e1["ciphertext"],
                                     "key_version": 1})["shared_secret"] == e1["shared_secret"]
         # without key_version the latest is used: v1's ciphertext gives an unrelated secret
-        assert api.ok("POST", dec, {"key_id": kid, "ciphertext": e1["ciphertext"]})["shared_secret"] != e1["shared_secret"]
-        assert unb64(api.ok("POST", "/v1/decrypt", {"key_id": kid, "ciphertext": c1["ciphertext"], "aad": b64(b"v1"),
-                                                    "key_version": 1})["plaintext"]) == plaintext
-        assert unb64(api.ok("POST", "/v1/decrypt", {"key_id": kid, "ciphertext": c2["ciphertext"]})["plaintext"]) == plaintext
+        assert (
+            api.ok("POST", dec, {"key_id": kid, "ciphertext": e1["ciphertext"]})["shared_secret"]
+            != e1["shared_secret"]
+        )
+        assert (
+            unb64(
+                api.ok(
+                    "POST",
+                    "/v1/decrypt",
+                    {"key_id": kid, "ciphertext": c1["ciphertext"], "aad": b64(b"v1"), "key_version": 1},
+                )["plaintext"]
+            )
+            == plaintext
+        )
+        assert (
+            unb64(api.ok("POST", "/v1/decrypt", {"key_id": kid, "ciphertext": c2["ciphertext"]})["plaintext"])
+            == plaintext
+        )
         assert api.error("POST", "/v1/decrypt", {"key_id": kid, "ciphertext": c1["ciphertext"],
                                                  "aad": b64(b"v1")})[:2] == (400, "decryption_failed")
     else:
@@ -339,9 +387,13 @@ def test_rotation_new_ops_use_latest_old_versions_still_work(api: CheckedClient,
         assert s2["key_version"] == 2
         v = {"key_id": kid, "message": b64(msg)}
         assert api.ok("POST", "/v1/verify", {**v, "signature": s2["signature"]}) == {"valid": True}
-        assert api.ok("POST", "/v1/verify", {**v, "signature": s1["signature"], "key_version": 1}) == {"valid": True}
+        assert api.ok("POST", "/v1/verify", {**v, "signature": s1["signature"], "key_version": 1}) == {
+            "valid": True
+        }
         assert api.ok("POST", "/v1/verify", {**v, "signature": s1["signature"]}) == {"valid": False}
-        assert api.ok("POST", "/v1/verify", {**v, "signature": s2["signature"], "key_version": 1}) == {"valid": False}
+        assert api.ok("POST", "/v1/verify", {**v, "signature": s2["signature"], "key_version": 1}) == {
+            "valid": False
+        }
 
 
 # ---- disable / enable / destroy / cancel --------------------------------------------------------
@@ -365,8 +417,10 @@ def _operations(kid: str, kind: Kind, material: dict[str, str]) -> list[tuple[st
 
 def _material(api: CheckedClient, kid: str, kind: Kind) -> dict[str, str]:
     if kind is Kind.KEM:
-        return {"ct": api.ok("POST", "/v1/kem/encapsulate", {"key_id": kid})["ciphertext"],
-                "sealed": api.ok("POST", "/v1/encrypt", {"key_id": kid, "plaintext": b64(pt("m"))})["ciphertext"]}
+        return {
+            "ct": api.ok("POST", "/v1/kem/encapsulate", {"key_id": kid})["ciphertext"],
+            "sealed": api.ok("POST", "/v1/encrypt", {"key_id": kid, "plaintext": b64(pt("m"))})["ciphertext"],
+        }
     msg = b64(pt("lifecycle message"))
     return {"msg": msg, "signature": api.ok("POST", "/v1/sign", {"key_id": kid, "message": msg})["signature"]}
 
@@ -377,7 +431,10 @@ def _all_refused(api: CheckedClient, ops: list[tuple[str, dict[str, Any]]], stat
         if path.endswith("/batch"):
             items = api.ok("POST", path, body)["items"]
             assert len(items) == 1 and items[0]["ok"] is False, (path, items)
-            assert items[0]["error"]["code"] == code and message_part in items[0]["error"]["message"], (path, items)
+            assert items[0]["error"]["code"] == code and message_part in items[0]["error"]["message"], (
+                path,
+                items,
+            )
         else:
             got, c, err = api.error("POST", path, body)
             assert (got, c) == (status, code) and message_part in err["message"], (path, err)
@@ -493,7 +550,9 @@ def test_destroyed_key_is_a_tombstone(tmp_path: Path) -> None:
         assert len(key_files(kem)) == 2 and len(key_files(sig)) == 1
         for kid, versions in ((kem, 2), (sig, 1)):
             k = c.ok("DELETE", f"/v1/keys/{kid}")
-            assert (k["state"], k["public_key"], k["destroy_at"]) == ("destroyed", None, None) and k["destroyed_at"]
+            assert (k["state"], k["public_key"], k["destroy_at"]) == ("destroyed", None, None) and k[
+                "destroyed_at"
+            ]
             assert [v["state"] for v in k["versions"]] == ["destroyed"] * versions
             assert key_files(kid) == []
             assert c.ok("GET", f"/v1/keys/{kid}") == k
@@ -502,8 +561,13 @@ def test_destroyed_key_is_a_tombstone(tmp_path: Path) -> None:
         assert listed == {kem: "destroyed", sig: "destroyed"}
         for kid, kind in ((kem, Kind.KEM), (sig, Kind.SIGNATURE)):
             _all_refused(c, _operations(kid, kind, material), 410, "key_destroyed", "destroyed")
-            for method, action in (("DELETE", ""), ("POST", "/rotate"), ("POST", "/disable"), ("POST", "/enable"),
-                                   ("POST", "/cancel-destroy")):
+            for method, action in (
+                ("DELETE", ""),
+                ("POST", "/rotate"),
+                ("POST", "/disable"),
+                ("POST", "/enable"),
+                ("POST", "/cancel-destroy"),
+            ):
                 assert c.error(method, f"/v1/keys/{kid}{action}")[:2] == (410, "key_destroyed"), action
             unknown = fake_key_id()
             assert _shape(other.call("GET", f"/v1/keys/{kid}")[1], kid) == \
@@ -559,47 +623,80 @@ def test_batches_mix_good_and_bad_items(api: CheckedClient, other: CheckedClient
 
     # decapsulate
     ct768, ctxw = enc[0]["ciphertext"], enc[1]["ciphertext"]
-    _run_batch(api, "/v1/kem/decapsulate/batch", [
-        Item({"key_id": k768, "ciphertext": ct768}, "ok", lambda r: r["shared_secret"] == enc[0]["shared_secret"]),
-        Item({"key_id": kxw, "ciphertext": ctxw, "key_version": 1}, "ok",
-             lambda r: r["shared_secret"] == enc[1]["shared_secret"]),
-        Item({"key_id": k768, "ciphertext": ctxw}, "invalid_ciphertext"),
-        Item({"key_id": k768, "ciphertext": "not base64!"}, "invalid_base64"),
-        Item({"key_id": k768, "ciphertext": ct768, "key_version": 7}, "key_not_found"),
-        Item({"key_id": k768, "ciphertext": ct768, "key_version": 0}, "invalid_input"),
-        Item({"key_id": disabled["kem"], "ciphertext": disabled["ct"]}, "key_disabled"),
-        Item({"key_id": theirs, "ciphertext": ct768}, "key_not_found"),
-        Item({"key_id": s65, "ciphertext": ct768}, "algorithm_mismatch"),
-        Item({"key_id": k768}, "invalid_input"),
-    ])
+    _run_batch(
+        api,
+        "/v1/kem/decapsulate/batch",
+        [
+            Item(
+                {"key_id": k768, "ciphertext": ct768},
+                "ok",
+                lambda r: r["shared_secret"] == enc[0]["shared_secret"],
+            ),
+            Item(
+                {"key_id": kxw, "ciphertext": ctxw, "key_version": 1},
+                "ok",
+                lambda r: r["shared_secret"] == enc[1]["shared_secret"],
+            ),
+            Item({"key_id": k768, "ciphertext": ctxw}, "invalid_ciphertext"),
+            Item({"key_id": k768, "ciphertext": "not base64!"}, "invalid_base64"),
+            Item({"key_id": k768, "ciphertext": ct768, "key_version": 7}, "key_not_found"),
+            Item({"key_id": k768, "ciphertext": ct768, "key_version": 0}, "invalid_input"),
+            Item({"key_id": disabled["kem"], "ciphertext": disabled["ct"]}, "key_disabled"),
+            Item({"key_id": theirs, "ciphertext": ct768}, "key_not_found"),
+            Item({"key_id": s65, "ciphertext": ct768}, "algorithm_mismatch"),
+            Item({"key_id": k768}, "invalid_input"),
+        ],
+    )
 
     # encrypt
     p1, p2 = pt("batch one"), pt("batch two", 300)
-    sealed = _run_batch(api, "/v1/encrypt/batch", [
-        Item({"key_id": k768, "plaintext": b64(p1)}, "ok"),
-        Item({"key_id": kxw, "plaintext": b64(p2), "aad": b64(b"batch aad")}, "ok", lambda r: r["algorithm"] == "x-wing"),
-        Item({"key_id": k768, "plaintext": 17}, "invalid_input"),
-        Item({"key_id": k768, "plaintext": "YQ"}, "invalid_base64"),
-        Item({"key_id": s44, "plaintext": b64(p1)}, "algorithm_mismatch"),
-        Item({"key_id": disabled["kem"], "plaintext": b64(p1)}, "key_disabled"),
-        Item({"key_id": nobody, "plaintext": b64(p1)}, "key_not_found"),
-        Item([], "invalid_input"),
-    ])
+    sealed = _run_batch(
+        api,
+        "/v1/encrypt/batch",
+        [
+            Item({"key_id": k768, "plaintext": b64(p1)}, "ok"),
+            Item(
+                {"key_id": kxw, "plaintext": b64(p2), "aad": b64(b"batch aad")},
+                "ok",
+                lambda r: r["algorithm"] == "x-wing",
+            ),
+            Item({"key_id": k768, "plaintext": 17}, "invalid_input"),
+            Item({"key_id": k768, "plaintext": "YQ"}, "invalid_base64"),
+            Item({"key_id": s44, "plaintext": b64(p1)}, "algorithm_mismatch"),
+            Item({"key_id": disabled["kem"], "plaintext": b64(p1)}, "key_disabled"),
+            Item({"key_id": nobody, "plaintext": b64(p1)}, "key_not_found"),
+            Item([], "invalid_input"),
+        ],
+    )
 
     # decrypt
     c1, c2 = sealed[0]["ciphertext"], sealed[1]["ciphertext"]
     raw2 = unb64(c2)
-    _run_batch(api, "/v1/decrypt/batch", [
-        Item({"key_id": k768, "ciphertext": c1}, "ok", lambda r: unb64(r["plaintext"]) == p1),
-        Item({"key_id": kxw, "ciphertext": c2, "aad": b64(b"batch aad")}, "ok", lambda r: unb64(r["plaintext"]) == p2),
-        Item({"key_id": kxw, "ciphertext": c2}, "decryption_failed"),
-        Item({"key_id": kxw, "ciphertext": b64(raw2[:-1] + bytes([raw2[-1] ^ 1])), "aad": b64(b"batch aad")},
-             "decryption_failed"),
-        Item({"key_id": k768, "ciphertext": c2}, "decryption_failed"),
-        Item({"key_id": disabled["kem"], "ciphertext": disabled["sealed"]}, "key_disabled"),
-        Item({"key_id": theirs, "ciphertext": c1}, "key_not_found"),
-        Item({"key_id": k768, "ciphertext": c1, "aad": None}, "invalid_input"),
-    ])
+    _run_batch(
+        api,
+        "/v1/decrypt/batch",
+        [
+            Item({"key_id": k768, "ciphertext": c1}, "ok", lambda r: unb64(r["plaintext"]) == p1),
+            Item(
+                {"key_id": kxw, "ciphertext": c2, "aad": b64(b"batch aad")},
+                "ok",
+                lambda r: unb64(r["plaintext"]) == p2,
+            ),
+            Item({"key_id": kxw, "ciphertext": c2}, "decryption_failed"),
+            Item(
+                {
+                    "key_id": kxw,
+                    "ciphertext": b64(raw2[:-1] + bytes([raw2[-1] ^ 1])),
+                    "aad": b64(b"batch aad"),
+                },
+                "decryption_failed",
+            ),
+            Item({"key_id": k768, "ciphertext": c2}, "decryption_failed"),
+            Item({"key_id": disabled["kem"], "ciphertext": disabled["sealed"]}, "key_disabled"),
+            Item({"key_id": theirs, "ciphertext": c1}, "key_not_found"),
+            Item({"key_id": k768, "ciphertext": c1, "aad": None}, "invalid_input"),
+        ],
+    )
 
     # sign
     m = pt("batch message")
@@ -616,21 +713,62 @@ def test_batches_mix_good_and_bad_items(api: CheckedClient, other: CheckedClient
     ])
 
     # verify: a bad signature is an item that succeeded with valid false
-    _run_batch(api, "/v1/verify/batch", [
-        Item({"key_id": s65, "message": b64(m), "signature": signed[0]["signature"]}, "ok", lambda r: r["valid"] is True),
-        Item({"key_id": scomp, "message": b64(m), "signature": signed[1]["signature"], "context": b64(b"ctx")},
-             "ok", lambda r: r["valid"] is True),
-        Item({"key_id": scomp, "message": b64(m), "signature": signed[1]["signature"]}, "ok", lambda r: r["valid"] is False),
-        Item({"key_id": s65, "message": b64(m + b"!"), "signature": signed[0]["signature"]}, "ok",
-             lambda r: r["valid"] is False),
-        Item({"key_id": s65, "message": b64(m), "signature": signed[0]["signature"], "key_version": 2}, "key_not_found"),
-        Item({"key_id": s65, "message": b64(m), "signature": signed[0]["signature"], "context": b64(b"c" * 256)},
-             "invalid_context"),
-        Item({"key_id": disabled["sig"], "message": b64(m), "signature": disabled["signature"]}, "key_disabled"),
-        Item({"key_id": k768, "message": b64(m), "signature": signed[0]["signature"]}, "algorithm_mismatch"),
-        Item({"key_id": theirs_sig, "message": b64(m), "signature": signed[0]["signature"]}, "key_not_found"),
-        Item({"key_id": s65, "message": b64(m), "signature": True}, "invalid_input"),
-    ])
+    _run_batch(
+        api,
+        "/v1/verify/batch",
+        [
+            Item(
+                {"key_id": s65, "message": b64(m), "signature": signed[0]["signature"]},
+                "ok",
+                lambda r: r["valid"] is True,
+            ),
+            Item(
+                {
+                    "key_id": scomp,
+                    "message": b64(m),
+                    "signature": signed[1]["signature"],
+                    "context": b64(b"ctx"),
+                },
+                "ok",
+                lambda r: r["valid"] is True,
+            ),
+            Item(
+                {"key_id": scomp, "message": b64(m), "signature": signed[1]["signature"]},
+                "ok",
+                lambda r: r["valid"] is False,
+            ),
+            Item(
+                {"key_id": s65, "message": b64(m + b"!"), "signature": signed[0]["signature"]},
+                "ok",
+                lambda r: r["valid"] is False,
+            ),
+            Item(
+                {"key_id": s65, "message": b64(m), "signature": signed[0]["signature"], "key_version": 2},
+                "key_not_found",
+            ),
+            Item(
+                {
+                    "key_id": s65,
+                    "message": b64(m),
+                    "signature": signed[0]["signature"],
+                    "context": b64(b"c" * 256),
+                },
+                "invalid_context",
+            ),
+            Item(
+                {"key_id": disabled["sig"], "message": b64(m), "signature": disabled["signature"]},
+                "key_disabled",
+            ),
+            Item(
+                {"key_id": k768, "message": b64(m), "signature": signed[0]["signature"]}, "algorithm_mismatch"
+            ),
+            Item(
+                {"key_id": theirs_sig, "message": b64(m), "signature": signed[0]["signature"]},
+                "key_not_found",
+            ),
+            Item({"key_id": s65, "message": b64(m), "signature": True}, "invalid_input"),
+        ],
+    )
 
 
 @pytest.mark.parametrize("path", [r.template for r in ROUTES if r.batch])
@@ -650,7 +788,9 @@ def test_batch_envelope_errors(api: CheckedClient, keys: dict[str, dict[str, Any
 
 def test_batch_of_the_maximum_size(api: CheckedClient, keys: dict[str, dict[str, Any]]) -> None:
     kid = keys["ml-kem-768"]["key_id"]
-    items = api.ok("POST", "/v1/kem/encapsulate/batch", {"items": [{"key_id": kid}] * MAX_BATCH_ITEMS})["items"]
+    items = api.ok("POST", "/v1/kem/encapsulate/batch", {"items": [{"key_id": kid}] * MAX_BATCH_ITEMS})[
+        "items"
+    ]
     assert len(items) == MAX_BATCH_ITEMS and all(i["ok"] for i in items)
     assert len({i["shared_secret"] for i in items}) == MAX_BATCH_ITEMS
 
@@ -799,10 +939,16 @@ def _bad_cases(route: Route, ctx: dict[str, str]) -> list[Bad]:
                                  body={**valid, fname: wrong}))
             if f.type in (FieldType.BYTES, FieldType.CONTEXT):
                 for bad in _BAD_B64:
-                    cases.append(Bad(f"b64-{fname}-{bad!r}", m, path, 400, "invalid_base64", body={**valid, fname: bad}))
+                    cases.append(
+                        Bad(
+                            f"b64-{fname}-{bad!r}", m, path, 400, "invalid_base64", body={**valid, fname: bad}
+                        )
+                    )
             if f.type is FieldType.VERSION:
                 for bad in _BAD_VERSIONS:
-                    cases.append(Bad(f"version-{bad!r}", m, path, 400, "invalid_input", body={**valid, fname: bad}))
+                    cases.append(
+                        Bad(f"version-{bad!r}", m, path, 400, "invalid_input", body={**valid, fname: bad})
+                    )
                 cases.append(Bad("version-unknown", m, path, 404, "key_not_found", body={**valid, fname: 9}))
             if f.type is FieldType.CONTEXT:
                 cases.append(Bad("context-256", m, path, 400, "invalid_context",
@@ -817,23 +963,64 @@ def _bad_cases(route: Route, ctx: dict[str, str]) -> list[Bad]:
             Bad("wrong-kind-key", m, path, 400, "algorithm_mismatch", body={**valid, "key_id": kind_wrong}),
         ]
         if op != "decrypt" and op != "kem.decapsulate" and op != "verify":
-            cases.append(Bad("disabled-key", m, path, 409, "key_disabled", body={**valid, "key_id": disabled}))
+            cases.append(
+                Bad("disabled-key", m, path, 409, "key_disabled", body={**valid, "key_id": disabled})
+            )
         if op == "kem.decapsulate":
             ct = unb64(ctx["ct"])
-            cases += [Bad("ct-short", m, path, 400, "invalid_ciphertext", body={**valid, "ciphertext": b64(ct[:-1])}),
-                      Bad("ct-long", m, path, 400, "invalid_ciphertext", body={**valid, "ciphertext": b64(ct + b"!")}),
-                      Bad("disabled-key", m, path, 409, "key_disabled",
-                          body={**valid, "key_id": ctx["disabled_kem"], "ciphertext": ctx["disabled_ct"]})]
+            cases += [
+                Bad(
+                    "ct-short", m, path, 400, "invalid_ciphertext", body={**valid, "ciphertext": b64(ct[:-1])}
+                ),
+                Bad(
+                    "ct-long",
+                    m,
+                    path,
+                    400,
+                    "invalid_ciphertext",
+                    body={**valid, "ciphertext": b64(ct + b"!")},
+                ),
+                Bad(
+                    "disabled-key",
+                    m,
+                    path,
+                    409,
+                    "key_disabled",
+                    body={**valid, "key_id": ctx["disabled_kem"], "ciphertext": ctx["disabled_ct"]},
+                ),
+            ]
         if op == "decrypt":
             sealed = unb64(ctx["sealed"])
-            cases += [Bad("ct-altered", m, path, 400, "decryption_failed",
-                          body={**valid, "ciphertext": b64(sealed[:-1] + bytes([sealed[-1] ^ 0x80]))}),
-                      Bad("ct-wrong-aad", m, path, 400, "decryption_failed", body={**valid, "aad": b64(b"x")}),
-                      Bad("disabled-key", m, path, 409, "key_disabled",
-                          body={**valid, "key_id": ctx["disabled_kem"], "ciphertext": ctx["disabled_sealed"]})]
+            cases += [
+                Bad(
+                    "ct-altered",
+                    m,
+                    path,
+                    400,
+                    "decryption_failed",
+                    body={**valid, "ciphertext": b64(sealed[:-1] + bytes([sealed[-1] ^ 0x80]))},
+                ),
+                Bad("ct-wrong-aad", m, path, 400, "decryption_failed", body={**valid, "aad": b64(b"x")}),
+                Bad(
+                    "disabled-key",
+                    m,
+                    path,
+                    409,
+                    "key_disabled",
+                    body={**valid, "key_id": ctx["disabled_kem"], "ciphertext": ctx["disabled_sealed"]},
+                ),
+            ]
         if op == "verify":
-            cases.append(Bad("disabled-key", m, path, 409, "key_disabled",
-                             body={**valid, "key_id": ctx["disabled_sig"], "signature": ctx["disabled_signature"]}))
+            cases.append(
+                Bad(
+                    "disabled-key",
+                    m,
+                    path,
+                    409,
+                    "key_disabled",
+                    body={**valid, "key_id": ctx["disabled_sig"], "signature": ctx["disabled_signature"]},
+                )
+            )
     elif route.batch:
         cases += [Bad("query", m, path + "?x=1", 400, "invalid_input", body={"items": [{}]}),
                   Bad("items-string", m, path, 400, "invalid_input", body={"items": "[]"})]
@@ -848,13 +1035,43 @@ def _bad_cases(route: Route, ctx: dict[str, str]) -> list[Bad]:
             Bad("mode-unknown", m, path, 400, "invalid_input", body={"kind": "kem", "mode": "classic"}),
             Bad("mode-alone", m, path, 400, "invalid_input", body={"mode": "hybrid"}),
             Bad("nothing", m, path, 400, "invalid_input", body={}),
-            Bad("kind-disagrees", m, path, 400, "invalid_input", body={"algorithm": "ml-dsa-65", "kind": "kem"}),
+            Bad(
+                "kind-disagrees",
+                m,
+                path,
+                400,
+                "invalid_input",
+                body={"algorithm": "ml-dsa-65", "kind": "kem"},
+            ),
             Bad("mode-disagrees", m, path, 400, "invalid_input", body={"algorithm": "x-wing", "mode": "pqc"}),
-            Bad("label-space", m, path, 400, "invalid_input", body={"algorithm": "ml-kem-768", "label": "a b"}),
-            Bad("label-leading-dot", m, path, 400, "invalid_input", body={"algorithm": "ml-kem-768", "label": ".a"}),
-            Bad("label-129", m, path, 400, "invalid_input", body={"algorithm": "ml-kem-768", "label": "a" * 129}),
+            Bad(
+                "label-space", m, path, 400, "invalid_input", body={"algorithm": "ml-kem-768", "label": "a b"}
+            ),
+            Bad(
+                "label-leading-dot",
+                m,
+                path,
+                400,
+                "invalid_input",
+                body={"algorithm": "ml-kem-768", "label": ".a"},
+            ),
+            Bad(
+                "label-129",
+                m,
+                path,
+                400,
+                "invalid_input",
+                body={"algorithm": "ml-kem-768", "label": "a" * 129},
+            ),
             Bad("label-number", m, path, 400, "invalid_input", body={"algorithm": "ml-kem-768", "label": 5}),
-            Bad("unknown-field", m, path, 400, "invalid_input", body={"algorithm": "ml-kem-768", "public_key": "AA=="}),
+            Bad(
+                "unknown-field",
+                m,
+                path,
+                400,
+                "invalid_input",
+                body={"algorithm": "ml-kem-768", "public_key": "AA=="},
+            ),
             Bad("query", m, path + "?x=1", 400, "invalid_input", body={"algorithm": "ml-kem-768"}),
         ]
     elif op == "keys.list":
@@ -864,7 +1081,9 @@ def _bad_cases(route: Route, ctx: dict[str, str]) -> list[Bad]:
         cases.append(Bad("query", m, path + "?x=1", 400, "invalid_input"))
     elif "{key_id}" in route.template:
         for bad_id in ("nope", fake_key_id(), ctx["theirs"], "k_" + "A" * 26, "%00", "k_" + "a" * 27):
-            cases.append(Bad(f"key-{bad_id[:8]}", m, route.template.replace("{key_id}", bad_id), 404, "key_not_found"))
+            cases.append(
+                Bad(f"key-{bad_id[:8]}", m, route.template.replace("{key_id}", bad_id), 404, "key_not_found")
+            )
         if m == "GET":
             cases += [Bad(f"query-{q}", m, f"{path}?{q}", 400, "invalid_input")
                       for q in ("version=0", "version=x", "version=2147483648", "x=1", "version=1&version=1")]
@@ -882,12 +1101,19 @@ def bad_ctx(api: CheckedClient, other: CheckedClient, keys: dict[str, dict[str, 
     kem, sig = keys["ml-kem-768"]["key_id"], keys["ml-dsa-65"]["key_id"]
     msg = b64(pt("bad input verify"))
     return {
-        "kem": kem, "sig": sig, "msg": msg,
+        "kem": kem,
+        "sig": sig,
+        "msg": msg,
         "ct": api.ok("POST", "/v1/kem/encapsulate", {"key_id": kem})["ciphertext"],
-        "sealed": api.ok("POST", "/v1/encrypt", {"key_id": kem, "plaintext": b64(pt("bad input"))})["ciphertext"],
+        "sealed": api.ok("POST", "/v1/encrypt", {"key_id": kem, "plaintext": b64(pt("bad input"))})[
+            "ciphertext"
+        ],
         "signature": api.ok("POST", "/v1/sign", {"key_id": sig, "message": msg})["signature"],
-        "disabled_kem": disabled["kem"], "disabled_sig": disabled["sig"], "disabled_ct": disabled["ct"],
-        "disabled_sealed": disabled["sealed"], "disabled_signature": disabled["signature"],
+        "disabled_kem": disabled["kem"],
+        "disabled_sig": disabled["sig"],
+        "disabled_ct": disabled["ct"],
+        "disabled_sealed": disabled["sealed"],
+        "disabled_signature": disabled["signature"],
         "theirs": other.ok("POST", "/v1/keys", {"algorithm": "ml-kem-768"})["key_id"],
         # lifecycle routes act on this one: a request wrongly accepted changes only it
         "throwaway": api.ok("POST", "/v1/keys", {"algorithm": "ml-kem-768"})["key_id"],
@@ -910,11 +1136,15 @@ def test_bad_input_gets_the_documented_4xx(api: CheckedClient, bad_ctx: dict[str
             continue
         got = (status, body["error"]["code"] if status >= 400 else None)
         if got != (case.status, case.code):
-            failures.append(f"{case.name}: want {case.status} {case.code}, got {status} {json.dumps(body)[:200]}")
+            failures.append(
+                f"{case.name}: want {case.status} {case.code}, got {status} {json.dumps(body)[:200]}"
+            )
     assert not failures, f"{route.name}: {len(failures)} of {len(cases)} cases:\n" + "\n".join(failures)
 
 
-_BODY_ROUTES = [r for r in ROUTES if r.method in ("POST", "DELETE") and r.operation != "admin.fail_open.clear"]
+_BODY_ROUTES = [
+    r for r in ROUTES if r.method in ("POST", "DELETE") and r.operation != "admin.fail_open.clear"
+]
 
 
 @pytest.mark.parametrize("route", _BODY_ROUTES, ids=lambda r: r.name)
@@ -932,16 +1162,27 @@ def test_body_of_exactly_the_limit_is_served(api: CheckedClient, keys: dict[str,
     body += b" " * (MAX_BODY_BYTES - len(body))
     assert len(body) == MAX_BODY_BYTES
     r = api.ok("POST", "/v1/encrypt", raw=body)
-    assert unb64(api.ok("POST", "/v1/decrypt", {"key_id": kid, "ciphertext": r["ciphertext"]})["plaintext"]) == plaintext
+    assert (
+        unb64(api.ok("POST", "/v1/decrypt", {"key_id": kid, "ciphertext": r["ciphertext"]})["plaintext"])
+        == plaintext
+    )
 
 
 def test_chunked_body_over_the_limit_is_413(gateway: Gateway) -> None:
     conn = http.client.HTTPSConnection(gateway.host, gateway.port, context=gateway.context(), timeout=30)
     try:
         chunks = iter([b'{"key_id": "k_aaaaaaaaaaaaaaaaaaaaaaaaaa", "plaintext": "'] + [b"A" * 65536] * 17)
-        conn.request("POST", "/v1/encrypt", body=chunks, encode_chunked=True,
-                     headers={"Authorization": f"Bearer {gateway.demo_key}", "Content-Type": "application/json",
-                              "Transfer-Encoding": "chunked"})
+        conn.request(
+            "POST",
+            "/v1/encrypt",
+            body=chunks,
+            encode_chunked=True,
+            headers={
+                "Authorization": f"Bearer {gateway.demo_key}",
+                "Content-Type": "application/json",
+                "Transfer-Encoding": "chunked",
+            },
+        )
         resp = conn.getresponse()
         body = json.loads(resp.read())
         assert resp.status == 413 and body["error"]["code"] == "body_too_large"
@@ -988,7 +1229,10 @@ def test_plan_limits_are_403_policy_denied(gateway: Gateway) -> None:
     try:
         kid = c.ok("POST", "/v1/keys", {"algorithm": "ml-kem-768"})["key_id"]
         assert c.error("POST", "/v1/keys", {"algorithm": "x-wing"})[:2] == (403, "policy_denied")
-        assert c.error("POST", "/v1/kem/encapsulate/batch", {"items": [{"key_id": kid}]})[:2] == (403, "policy_denied")
+        assert c.error("POST", "/v1/kem/encapsulate/batch", {"items": [{"key_id": kid}]})[:2] == (
+            403,
+            "policy_denied",
+        )
         assert c.error("GET", "/metrics")[:2] == (403, "policy_denied")
         assert c.error("POST", "/v1/keys", {"algorithm": "ml-kem-1024"})[:2] == (403, "policy_denied")
         # rate limit 5/s, burst 10: a quick burst of 20 runs out
@@ -1004,7 +1248,9 @@ def test_plan_limits_are_403_policy_denied(gateway: Gateway) -> None:
 def test_api_key_in_x_api_key_header(gateway: Gateway) -> None:
     c = CheckedClient(gateway.client(), TRANSCRIPT)
     try:
-        info = c.ok("GET", "/v1/info", headers={"X-API-Key": gateway.demo_key}, auth=False)  # no Authorization
+        info = c.ok(
+            "GET", "/v1/info", headers={"X-API-Key": gateway.demo_key}, auth=False
+        )  # no Authorization
         assert info["service"]["name"] == "qpher-proxy"
     finally:
         c.close()
@@ -1067,8 +1313,17 @@ def test_metrics_are_prometheus_text_without_ids(api: CheckedClient, other: Chec
     assert {"qpher_requests_total", "qpher_tls_handshakes_total"} <= names, sorted(names)
     served = {r.name for r in ROUTES}
     routes = {lab["route"] for n, lab, _ in samples if n == "qpher_requests_total"}
-    assert "POST /v1/sign" in routes and routes <= served | {"unmatched", "method_not_allowed", "invalid", "upstream"}
-    assert any(v > 0 and lab.get("version") == "TLSv1.3" for n, lab, v in samples if n == "qpher_tls_handshakes_total")
+    assert "POST /v1/sign" in routes and routes <= served | {
+        "unmatched",
+        "method_not_allowed",
+        "invalid",
+        "upstream",
+    }
+    assert any(
+        v > 0 and lab.get("version") == "TLSv1.3"
+        for n, lab, v in samples
+        if n == "qpher_tls_handshakes_total"
+    )
     forbidden = [*API_KEYS, *(k.split("_")[1] for k in API_KEYS if k.count("_") >= 2),
                  "demo", "e2e-api-other", "e2e-api-list", "e2e-api-free"]
     for name, labels, _ in samples:
@@ -1077,8 +1332,14 @@ def test_metrics_are_prometheus_text_without_ids(api: CheckedClient, other: Chec
             assert value not in forbidden and not any(f in value for f in API_KEYS), (name, labels)
     assert other.error("GET", "/metrics")[:2] == (403, "policy_denied")  # pro key: no metrics scope
     helped = {line.split()[2] for line in lines if line.startswith("# HELP ")}
-    assert {"qpher_request_duration_seconds", "qpher_kms_op_duration_seconds", "qpher_kms_restarts_total",
-            "qpher_policy_decisions_total", "qpher_fail_open_active", "qpher_rate_limited_total"} <= helped, helped
+    assert {
+        "qpher_request_duration_seconds",
+        "qpher_kms_op_duration_seconds",
+        "qpher_kms_restarts_total",
+        "qpher_policy_decisions_total",
+        "qpher_fail_open_active",
+        "qpher_rate_limited_total",
+    } <= helped, helped
     assert any(n == "qpher_request_duration_seconds_bucket" for n, _, _ in samples)
     assert any(n == "qpher_policy_decisions_total" and lab.get("effect") == "allow" for n, lab, _ in samples)
 
@@ -1205,6 +1466,8 @@ def test_state_files_hold_no_plaintext_or_shared_secret(gateway: Gateway, traffi
         data = path.read_bytes()
         scanned += 1
         for needle in needles:
-            assert needle not in data, f"{path.relative_to(gateway.directory)} holds a secret ({needle[:6]!r}...)"
+            assert needle not in data, (
+                f"{path.relative_to(gateway.directory)} holds a secret ({needle[:6]!r}...)"
+            )
         assert gateway.demo_key.encode() not in data, path
     assert scanned > 3

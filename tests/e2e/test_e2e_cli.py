@@ -31,7 +31,11 @@ def test_policy_explain_prints_every_rule_and_the_decision(tmp_path: Path) -> No
               "--path", "/v1/sign", "--algorithm", "ml-dsa-65").stdout
     assert "decision: ALLOW by rule" in out
     assert out.count("no match") >= 3  # every rule's outcome is listed, not only the decider
-    free = cli("apikey", "create", "-c", str(cfg), "--tenant", "t", "--plan", "free").stdout.strip().splitlines()[-1]
+    free = (
+        cli("apikey", "create", "-c", str(cfg), "--tenant", "t", "--plan", "free")
+        .stdout.strip()
+        .splitlines()[-1]
+    )
     out = cli("policy", "explain", "-c", str(cfg), "--key-id", free.split("_")[1], "--method", "POST",
               "--path", "/v1/keys", "--algorithm", "x-wing").stdout
     assert "decision: DENY by rule" in out

@@ -70,7 +70,9 @@ def test_init_makes_a_state_and_a_second_run_keeps_every_key(tmp_path: Path) -> 
     demo, kek = (d / "secrets" / "demo-api-key").read_bytes(), (d / "kek" / "kek.b64").read_bytes()
     second = cli("init", "--dir", str(d), "--port", "0")
     assert "created" not in second.stdout
-    assert (d / "secrets" / "demo-api-key").read_bytes() == demo and (d / "kek" / "kek.b64").read_bytes() == kek
+    assert (d / "secrets" / "demo-api-key").read_bytes() == demo and (
+        d / "kek" / "kek.b64"
+    ).read_bytes() == kek
     assert demo.decode().strip() not in first.stdout + first.stderr  # its file is named, not its value
 
 
@@ -130,7 +132,17 @@ def test_apikey_create_then_list_as_a_table(config: str) -> None:
     out = cli("apikey", "list", "-c", config, "--tenant", "table-t").stdout
     header, row, *rest = out.splitlines()
     assert rest == []
-    assert header.split() == ["KEY", "ID", "TENANT", "PLAN", "STATUS", "CREATED", "EXPIRES", "SCOPES", "LABEL"]
+    assert header.split() == [
+        "KEY",
+        "ID",
+        "TENANT",
+        "PLAN",
+        "STATUS",
+        "CREATED",
+        "EXPIRES",
+        "SCOPES",
+        "LABEL",
+    ]
     assert row.split()[:4] == [key_id, "table-t", "pro", "active"]
     assert len(ISO_UTC.findall(row)) == 2 and row.endswith("admin,metrics  ci runner")
     assert key.split("_")[2] not in out
@@ -151,16 +163,20 @@ def test_apikey_list_json_has_status_and_iso_times(config: str) -> None:
 
 
 def test_apikey_create_refuses_an_unknown_plan_or_scope_naming_the_valid_ones(config: str) -> None:
-    err = _one_error_line(cli("apikey", "create", "-c", config, "--tenant", "refused-t", "--plan", "nosuchplan",
-                              check=False), 1)
-    assert err == "qpher-proxy: invalid_input: unknown plan 'nosuchplan' (the policy declares: enterprise, free, pro)"
+    err = _one_error_line(
+        cli("apikey", "create", "-c", config, "--tenant", "refused-t", "--plan", "nosuchplan", check=False), 1
+    )
+    assert err == ("qpher-proxy: invalid_input: unknown plan 'nosuchplan' "
+                   "(the policy declares: enterprise, free, pro)")
     err = _one_error_line(cli("apikey", "create", "-c", config, "--tenant", "refused-t", "--plan", "pro",
                               "--scope", "metrics", "--scope", "bogus", check=False), 1)
     assert err == "qpher-proxy: invalid_input: unknown scope 'bogus' (known scopes: admin, metrics)"
     assert cli("apikey", "list", "-c", config, "--tenant", "refused-t", "--json").stdout.strip() == "[]"
 
 
-def test_apikey_create_takes_scopes_from_the_policy_and_refuses_a_broken_one(gw: Gateway, tmp_path: Path) -> None:
+def test_apikey_create_takes_scopes_from_the_policy_and_refuses_a_broken_one(
+    gw: Gateway, tmp_path: Path
+) -> None:
     policies = tmp_path / "policies"
     shutil.copytree(gw.directory / "policies", policies)
     (policies / "50-billing.yaml").write_text(
@@ -194,7 +210,9 @@ def test_apikey_revoke_stops_the_key_on_the_live_gateway_and_says_when_it_was_al
         c.close()
     again = cli("apikey", "revoke", "-c", config, key_id)
     assert again.returncode == 0
-    assert re.fullmatch(rf"{key_id} was already revoked at {ISO_UTC.pattern}; nothing changed\n", again.stdout)
+    assert re.fullmatch(
+        rf"{key_id} was already revoked at {ISO_UTC.pattern}; nothing changed\n", again.stdout
+    )
     (entry,) = json.loads(cli("apikey", "list", "-c", config, "--tenant", "revoke-t", "--json").stdout)
     assert entry["status"] == "revoked" and ISO_UTC.fullmatch(entry["revoked_at"])
 
@@ -223,9 +241,23 @@ def test_policy_check_of_the_live_policy(gw: Gateway) -> None:
 
 def test_policy_explain_reads_the_whole_key_from_stdin(config: str) -> None:
     key_id, key = _create(config, "--tenant", "explain-t", "--plan", "free")
-    args = ("policy", "explain", "-c", config, "--method", "POST", "--path", "/v1/keys", "--algorithm", "x-wing")
+    args = (
+        "policy",
+        "explain",
+        "-c",
+        config,
+        "--method",
+        "POST",
+        "--path",
+        "/v1/keys",
+        "--algorithm",
+        "x-wing",
+    )
     by_stdin = cli(*args, "--api-key-stdin", input=key + "\n")
-    assert f"key={key_id}" in by_stdin.stdout and "decision: DENY by rule hybrid-needs-paid-plan" in by_stdin.stdout
+    assert (
+        f"key={key_id}" in by_stdin.stdout
+        and "decision: DENY by rule hybrid-needs-paid-plan" in by_stdin.stdout
+    )
     assert key.split("_")[2] not in by_stdin.stdout + by_stdin.stderr
     assert cli(*args, "--key-id", key_id).stdout.splitlines()[2:] == by_stdin.stdout.splitlines()[2:]
 
@@ -256,7 +288,9 @@ def test_kms_rotate_kek_refuses_while_the_proxy_runs(gw: Gateway, config: str) -
     new = gw.directory / "kek" / "kek-next.b64"
     proc = cli("kms", "rotate-kek", "-c", config, "--new-kek-file", str(new), "--generate", check=False)
     err = _one_error_line(proc, 2)
-    assert err == "qpher-proxy: the key store is in use by a running KMS; stop the proxy before rotating the KEK"
+    assert (
+        err == "qpher-proxy: the key store is in use by a running KMS; stop the proxy before rotating the KEK"
+    )
     c = gw.client()
     try:
         assert c.call("GET", "/readyz")[0] == 200  # the KMS kept serving

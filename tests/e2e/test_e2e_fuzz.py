@@ -49,7 +49,9 @@ class Env:
 
     def __init__(self, gateway: Gateway) -> None:
         self.api = CheckedClient(gateway.client())
-        self.key_ids = [self.api.ok("POST", "/v1/keys", {"algorithm": a, "label": "fuzz"})["key_id"] for a in ALGORITHMS]
+        self.key_ids = [
+            self.api.ok("POST", "/v1/keys", {"algorithm": a, "label": "fuzz"})["key_id"] for a in ALGORITHMS
+        ]
         off = self.api.ok("POST", "/v1/keys", {"algorithm": "ml-dsa-65"})["key_id"]
         self.api.ok("POST", f"/v1/keys/{off}/disable")
         pending = self.api.ok("POST", "/v1/keys", {"algorithm": "ml-kem-768"})["key_id"]
@@ -77,7 +79,9 @@ def env(gateway: Gateway) -> Iterator[Env]:
 def _path(route: Route, key_ids: list[str]) -> st.SearchStrategy[str]:
     if "{key_id}" not in route.template:
         return st.just(route.template)
-    ids = st.sampled_from(key_ids) | st.text(min_size=1, max_size=30).map(lambda s: urllib.parse.quote(s, safe=""))
+    ids = st.sampled_from(key_ids) | st.text(min_size=1, max_size=30).map(
+        lambda s: urllib.parse.quote(s, safe="")
+    )
     return ids.map(lambda kid: route.template.replace("{key_id}", kid))
 
 
@@ -99,9 +103,13 @@ def requests(draw: st.DrawFn, key_ids: list[str]) -> tuple[str, str, bytes, dict
     path = draw(_path(route, key_ids))
     query = draw(_query(route))
     wrong_method = draw(st.integers(0, 11)) == 11  # not 0: hypothesis favours small integers
-    method = draw(st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH"])) if wrong_method else route.method
+    method = (
+        draw(st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH"])) if wrong_method else route.method
+    )
     body = draw(strategies.body(route, key_ids, max_batch=MAX_BATCH))
-    headers = draw(st.sampled_from([{"Content-Type": "application/json"}, {}, {"Content-Type": "text/plain"}]))
+    headers = draw(
+        st.sampled_from([{"Content-Type": "application/json"}, {}, {"Content-Type": "text/plain"}])
+    )
     return method, path + (f"?{query}" if query else ""), body, headers
 
 
@@ -110,8 +118,14 @@ def requests(draw: st.DrawFn, key_ids: list[str]) -> tuple[str, str, bytes, dict
 def test_fuzz_every_route_keeps_the_contract(env: Env) -> None:
     env.deadline = time.monotonic() + TIME_BUDGET_S
 
-    @settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize=not _LONG_RUN, database=None, print_blob=True,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @settings(
+        max_examples=MAX_EXAMPLES,
+        deadline=None,
+        derandomize=not _LONG_RUN,
+        database=None,
+        print_blob=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
     @given(req=requests(env.key_ids))
     def run(req: tuple[str, str, bytes, dict[str, str]]) -> None:
         if time.monotonic() > env.deadline:
@@ -130,6 +144,8 @@ def test_fuzz_every_route_keeps_the_contract(env: Env) -> None:
     assert all(s < 500 for s in env.statuses)
     # the fuzzer reached most routes, and both successes and refusals
     assert len(env.routes_hit) >= len(FUZZED) * 2 // 3, sorted(env.routes_hit)
-    assert any(200 <= s < 300 for s in env.statuses) and any(400 <= s < 500 for s in env.statuses), env.statuses
+    assert any(200 <= s < 300 for s in env.statuses) and any(400 <= s < 500 for s in env.statuses), (
+        env.statuses
+    )
     if _LONG_RUN:
         print(f"\nfuzz: {sent} requests; statuses {dict(env.statuses)}; routes {dict(env.routes_hit)}")

@@ -32,15 +32,31 @@ def base_state(tmp_path_factory: pytest.TempPathFactory) -> Path:
     [
         ({"tls": {"min_version": "1.1"}}, 'config.yaml: tls.min_version: expected "1.2" or "1.3", got "1.1"'),
         ({"tls": {"min_versio": "1.3"}}, "config.yaml: tls.min_versio: unknown option"),
-        ({"http": {"max_body_bytes": "10"}}, 'config.yaml: http.max_body_bytes: expected an integer, got "10"'),
+        (
+            {"http": {"max_body_bytes": "10"}},
+            'config.yaml: http.max_body_bytes: expected an integer, got "10"',
+        ),
         ({"http": {"max_header_bytes": 10}}, "config.yaml: http.max_header_bytes: expected a value between"),
         ({"tls": {"cert_file": "certs/missing.crt"}}, "config.yaml: tls.cert_file: file not found"),
-        ({"server": {"listen": ["nowhere"]}}, 'config.yaml: server.listen[0]: expected HOST:PORT, got "nowhere"'),
+        (
+            {"server": {"listen": ["nowhere"]}},
+            'config.yaml: server.listen[0]: expected HOST:PORT, got "nowhere"',
+        ),
         ({"tls": {"require_pq": "yes"}}, 'config.yaml: tls.require_pq: expected true or false, got "yes"'),
     ],
-    ids=["out-of-choices", "unknown-key", "wrong-type", "out-of-range", "missing-file", "bad-listen", "bool-type"],
+    ids=[
+        "out-of-choices",
+        "unknown-key",
+        "wrong-type",
+        "out-of-range",
+        "missing-file",
+        "bad-listen",
+        "bool-type",
+    ],
 )
-def test_config_mistake_is_one_line_and_nonzero_exit(base_state: Path, tmp_path: Path, edit: dict, expected: str) -> None:
+def test_config_mistake_is_one_line_and_nonzero_exit(
+    base_state: Path, tmp_path: Path, edit: dict, expected: str
+) -> None:
     cfg = yaml.safe_load((base_state / "config.yaml").read_text())
     for section, values in edit.items():
         cfg.setdefault(section, {}).update(values)
@@ -144,7 +160,11 @@ def test_every_401_cause_returns_the_same_body(gateway: Gateway) -> None:
 
 def test_revoked_key_stops_working_within_one_second(gateway: Gateway) -> None:
     cfg = str(gateway.directory / "config.yaml")
-    key = cli("apikey", "create", "--config", cfg, "--tenant", "demo", "--plan", "pro").stdout.strip().splitlines()[-1]
+    key = (
+        cli("apikey", "create", "--config", cfg, "--tenant", "demo", "--plan", "pro")
+        .stdout.strip()
+        .splitlines()[-1]
+    )
     c = gateway.client(api_key=key)
     assert c.call("GET", "/v1/info")[0] == 200
     cli("apikey", "revoke", "--config", cfg, key.split("_")[1])
@@ -161,7 +181,11 @@ def test_revoked_key_stops_working_within_one_second(gateway: Gateway) -> None:
 
 def test_tenant_comes_from_the_key_not_from_headers(gateway: Gateway) -> None:
     cfg = str(gateway.directory / "config.yaml")
-    other = cli("apikey", "create", "--config", cfg, "--tenant", "victim", "--plan", "pro").stdout.strip().splitlines()[-1]
+    other = (
+        cli("apikey", "create", "--config", cfg, "--tenant", "victim", "--plan", "pro")
+        .stdout.strip()
+        .splitlines()[-1]
+    )
     cv = gateway.client(api_key=other)
     status, victim_key, _ = cv.call("POST", "/v1/keys", {"algorithm": "ml-dsa-65"})
     assert status == 201
@@ -169,7 +193,9 @@ def test_tenant_comes_from_the_key_not_from_headers(gateway: Gateway) -> None:
     spoof = {"X-Tenant-Id": "victim", "X-Qpher-Tenant": "victim", "Forwarded": "for=1.2.3.4;by=victim"}
     status, body, _ = c.call("GET", f"/v1/keys/{victim_key['key_id']}", headers=spoof)
     assert status == 404 and body["error"]["code"] == "key_not_found"
-    status, body, _ = c.call("POST", "/v1/sign", {"key_id": victim_key["key_id"], "message": "aGk="}, headers=spoof)
+    status, body, _ = c.call(
+        "POST", "/v1/sign", {"key_id": victim_key["key_id"], "message": "aGk="}, headers=spoof
+    )
     assert status == 404 and body["error"]["code"] == "key_not_found"
     status, listing, _ = c.call("GET", "/v1/keys", headers=spoof)
     assert status == 200 and victim_key["key_id"] not in {k["key_id"] for k in listing["keys"]}
@@ -179,7 +205,11 @@ def test_tenant_comes_from_the_key_not_from_headers(gateway: Gateway) -> None:
 
 def test_admin_fail_open_needs_admin_scope_and_closes(gateway: Gateway) -> None:
     cfg = str(gateway.directory / "config.yaml")
-    plain = cli("apikey", "create", "--config", cfg, "--tenant", "demo", "--plan", "pro").stdout.strip().splitlines()[-1]
+    plain = (
+        cli("apikey", "create", "--config", cfg, "--tenant", "demo", "--plan", "pro")
+        .stdout.strip()
+        .splitlines()[-1]
+    )
     c = gateway.client(api_key=plain)
     status, body, _ = c.call("POST", "/admin/fail-open", {"reason": "test", "seconds": 5})
     assert status == 403 and body["error"]["code"] == "policy_denied"

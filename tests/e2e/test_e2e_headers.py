@@ -13,7 +13,11 @@ import pytest
 
 from ._gateway import Client, Gateway
 
-SECURITY = {"cache-control": ["no-store"], "x-content-type-options": ["nosniff"], "strict-transport-security": []}
+SECURITY = {
+    "cache-control": ["no-store"],
+    "x-content-type-options": ["nosniff"],
+    "strict-transport-security": [],
+}
 
 
 def _security(headers: http.client.HTTPMessage) -> dict[str, list[str]]:

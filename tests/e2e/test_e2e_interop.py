@@ -72,7 +72,9 @@ def _other_ctx(ctx: bytes | None) -> bytes:
 
 # ---- ML-DSA ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("ctx", [None, b"interop-context", b"\xff" * 255], ids=["no-context", "context", "context-255"])
+@pytest.mark.parametrize(
+    "ctx", [None, b"interop-context", b"\xff" * 255], ids=["no-context", "context", "context-255"]
+)
 @pytest.mark.parametrize("alg", list(DILITHIUM))
 def test_ml_dsa_signature_verifies_with_dilithium_py_and_cryptography(
         api: CheckedClient, keys: dict[str, dict[str, Any]], alg: str, ctx: bytes | None) -> None:
@@ -106,9 +108,12 @@ def _composite_m_prime(message: bytes, ctx: bytes) -> bytes:
     return COMPOSITE_PREFIX + COMPOSITE_LABEL + bytes([len(ctx)]) + ctx + hashlib.sha512(message).digest()
 
 
-@pytest.mark.parametrize("ctx", [None, b"composite-context", b"\x00" * 255], ids=["no-context", "context", "context-255"])
+@pytest.mark.parametrize(
+    "ctx", [None, b"composite-context", b"\x00" * 255], ids=["no-context", "context", "context-255"]
+)
 def test_composite_signature_verifies_when_rebuilt_from_cryptography(
-        api: CheckedClient, keys: dict[str, dict[str, Any]], ctx: bytes | None) -> None:
+    api: CheckedClient, keys: dict[str, dict[str, Any]], ctx: bytes | None
+) -> None:
     key = keys["ml-dsa-65-ecdsa-p256"]
     pk = unb64(key["public_key"])
     sig = unb64(api.ok("POST", "/v1/sign", {"key_id": key["key_id"], "message": b64(MSG),
@@ -137,7 +142,9 @@ def test_composite_signature_verifies_when_rebuilt_from_cryptography(
 # ---- KEM ---------------------------------------------------------------------------------------
 
 def _decapsulate(api: CheckedClient, key_id: str, ct: bytes) -> bytes:
-    return unb64(api.ok("POST", "/v1/kem/decapsulate", {"key_id": key_id, "ciphertext": b64(ct)})["shared_secret"])
+    return unb64(
+        api.ok("POST", "/v1/kem/decapsulate", {"key_id": key_id, "ciphertext": b64(ct)})["shared_secret"]
+    )
 
 
 @pytest.mark.parametrize("alg", list(KYBER))
@@ -198,7 +205,9 @@ def _hpke_public(alg: str, pk: bytes) -> tuple[hpke.KEM, Any]:
 
 
 @pytest.mark.parametrize("alg", ["ml-kem-768", "ml-kem-1024", "x-wing"])
-def test_hpke_sealed_locally_opens_with_decrypt(api: CheckedClient, keys: dict[str, dict[str, Any]], alg: str) -> None:
+def test_hpke_sealed_locally_opens_with_decrypt(
+    api: CheckedClient, keys: dict[str, dict[str, Any]], alg: str
+) -> None:
     key = keys[alg]
     kem, public = _hpke_public(alg, unb64(key["public_key"]))
     suite = hpke.Suite(kem, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
@@ -208,7 +217,9 @@ def test_hpke_sealed_locally_opens_with_decrypt(api: CheckedClient, keys: dict[s
         opened = api.ok("POST", "/v1/decrypt", {"key_id": key["key_id"], "ciphertext": b64(sealed)})
         assert unb64(opened["plaintext"]) == plaintext
         # an explicit empty aad is the same as none
-        opened = api.ok("POST", "/v1/decrypt", {"key_id": key["key_id"], "ciphertext": b64(sealed), "aad": ""})
+        opened = api.ok(
+            "POST", "/v1/decrypt", {"key_id": key["key_id"], "ciphertext": b64(sealed), "aad": ""}
+        )
         assert unb64(opened["plaintext"]) == plaintext
     # sealed under another info string: the proxy's fixed info does not open it
     other = suite.encrypt(b"x", public, info=b"qpher/v2/encrypt")
@@ -227,5 +238,11 @@ def test_encrypt_output_has_the_rfc9180_single_shot_shape(
     assert len(ct) == ALGORITHMS[alg].ciphertext_size + len(plaintext) + 16  # enc || ct || tag
     assert r["hpke_suite"] == {"kem_id": ALGORITHMS[alg].hpke_kem_id, "kdf_id": 1, "aead_id": 2}
     assert unb64(r["info"]) == HPKE_INFO
-    assert unb64(api.ok("POST", "/v1/decrypt", {"key_id": key["key_id"], "ciphertext": r["ciphertext"]})["plaintext"]) \
+    assert (
+        unb64(
+            api.ok("POST", "/v1/decrypt", {"key_id": key["key_id"], "ciphertext": r["ciphertext"]})[
+                "plaintext"
+            ]
+        )
         == plaintext
+    )

@@ -52,7 +52,18 @@ def test_check_explain_readyz_and_info_agree_on_the_revision_and_follow_a_reload
     }
     assert len(checked) == 1
     short = checked.pop()
-    explain = ("policy", "explain", "-c", str(cfg), "--key-id", key_id, "--method", "GET", "--path", "/v1/info")
+    explain = (
+        "policy",
+        "explain",
+        "-c",
+        str(cfg),
+        "--key-id",
+        key_id,
+        "--method",
+        "GET",
+        "--path",
+        "/v1/info",
+    )
     assert _revision_printed(*explain, cwd=tmp_path) == short
     assert _revision_printed(*explain, "--policy-dir", str(copy), cwd=tmp_path) == short
 

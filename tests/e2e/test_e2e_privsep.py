@@ -38,7 +38,9 @@ from qpher_proxy.server.confine import gateway_grants
 from ._gateway import Gateway, cli, gateway_pids, init_state, kms_worker_pids, start_gateway
 
 pytestmark = [
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root: it checks the uid drop and creates system users"),
+    pytest.mark.skipif(
+        os.geteuid() != 0, reason="needs root: it checks the uid drop and creates system users"
+    ),
     pytest.mark.skipif(landlock_abi() <= 0, reason="this kernel offers no Landlock"),
 ]
 
@@ -177,8 +179,10 @@ def test_missing_user_is_a_one_line_error(tmp_path: Path) -> None:
     proc = cli("serve", "--config", str(d / "config.yaml"), check=False, timeout=60)
     assert proc.returncode == 2
     lines = [ln for ln in proc.stderr.splitlines() if not ln.startswith("{")]
-    assert lines == ["qpher-proxy: server.user: user 'no-such-qpher-user' does not exist (run `qpher-proxy init` "
-                     "as root to create it, or set server.user: null to keep this process's user)"]
+    assert lines == [
+        "qpher-proxy: server.user: user 'no-such-qpher-user' does not exist (run `qpher-proxy init` "
+        "as root to create it, or set server.user: null to keep this process's user)"
+    ]
 
 
 # ---- Landlock (same uid) --------------------------------------------------------------------
@@ -207,7 +211,11 @@ def test_landlock_rules_of_the_gateway_refuse_the_kms_files(tmp_path: Path) -> N
             denied = _denied_all(material)
             if denied:
                 return denied
-            for needed in (d / "certs" / "server.key", d / "policies" / "00-plans.yaml", d / "secrets" / "pepper"):
+            for needed in (
+                d / "certs" / "server.key",
+                d / "policies" / "00-plans.yaml",
+                d / "secrets" / "pepper",
+            ):
                 with open(needed, "rb"):
                     pass
             with open(d / "audit" / "probe", "wb"):  # and it may write where the audit log lives
@@ -235,7 +243,9 @@ def test_a_policy_symlink_to_the_kek_is_unreadable_by_the_live_gateway(tmp_path:
                 break
             time.sleep(0.1)
         text = gw.raw_log_text()
-        assert "50-evil.yaml" in text and re.search(r"[Pp]ermission denied|EACCES|Errno 13", text), text[-2000:]
+        assert "50-evil.yaml" in text and re.search(r"[Pp]ermission denied|EACCES|Errno 13", text), text[
+            -2000:
+        ]
         kek_text = (d / "kek" / "kek.b64").read_text().strip()
         assert kek_text not in text
     finally:
@@ -358,7 +368,9 @@ def test_a_killed_gateway_is_restarted_and_keys_survive(tmp_path: Path) -> None:
                 break
             time.sleep(0.1)
         c = gw.client()
-        status, sig, _ = _retry(lambda: c.call("POST", "/v1/sign", {"key_id": key["key_id"], "message": "aGk="}))
+        status, sig, _ = _retry(
+            lambda: c.call("POST", "/v1/sign", {"key_id": key["key_id"], "message": "aGk="})
+        )
         assert status == 200 and sig["signature"]
         c.close()
         assert any(r.get("msg") == "the gateway process exited; restarting it" for r in gw.log_lines)
@@ -443,7 +455,10 @@ def test_rotate_kek_as_root_writes_files_the_kms_user_owns(shared_dir: Path) -> 
     finally:
         assert gw.stop() == 0
     new_kek = shared_dir / "kek" / "kek-2.b64"
-    assert "KEK rotated" in cli("kms", "rotate-kek", "-c", str(cfg), "--new-kek-file", str(new_kek), "--generate").stdout
+    assert (
+        "KEK rotated"
+        in cli("kms", "rotate-kek", "-c", str(cfg), "--new-kek-file", str(new_kek), "--generate").stdout
+    )
     kms_uid = pwd.getpwnam("qpher-kms").pw_uid
     written = [new_kek, *(p for p in (shared_dir / "kms").rglob("*") if p.is_file())]
     assert {p.stat().st_uid for p in written} == {kms_uid}

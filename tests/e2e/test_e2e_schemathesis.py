@@ -171,7 +171,9 @@ def test_schemathesis_finds_no_difference_between_the_document_and_the_server(li
     assert not findings, f"{len(findings)} finding(s):\n\n" + "\n\n".join(findings)
     assert not errors, "\n\n".join(errors)
     assert finished is not None, "the engine stopped without finishing"
-    assert finished.stop_reason == "completed", \
-        f"stopped ({finished.stop_reason}) after {elapsed:.1f} s of a {TIME_BUDGET_S} s budget: {dict(requests)}"
+    assert finished.stop_reason == "completed", (
+        f"stopped ({finished.stop_reason}) after {elapsed:.1f} s of a {TIME_BUDGET_S} s budget: "
+        f"{dict(requests)}"
+    )
     assert {"coverage", "fuzzing", "stateful"} <= {p for p, n in requests.items() if n}, requests
     print(f"\nschemathesis: {sum(requests.values())} requests in {elapsed:.1f} s; by phase {dict(requests)}")

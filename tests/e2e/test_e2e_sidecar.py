@@ -25,8 +25,11 @@ HSTS_MAX_AGE = 600
 # Upstream paths that answer with these response headers (besides Content-Type/-Length).
 UPSTREAM_HEADERS = {
     "/static/logo.svg": [("Cache-Control", "public, max-age=60"), ("ETag", '"v1"')],
-    "/app/own-security-headers": [("Cache-Control", "private, max-age=5"), ("X-Content-Type-Options", "nosniff"),
-                                  ("Strict-Transport-Security", "max-age=1")],
+    "/app/own-security-headers": [
+        ("Cache-Control", "private, max-age=5"),
+        ("X-Content-Type-Options", "nosniff"),
+        ("Strict-Transport-Security", "max-age=1"),
+    ],
 }
 
 

@@ -54,7 +54,9 @@ class RawClient:
     async def connect_tls(cls, port: int, cafile: Path) -> RawClient:
         """TLS with Python's ``ssl`` (an implementation other than the server's pyOpenSSL)."""
         ctx = ssl.create_default_context(cafile=str(cafile))
-        stream = trio.SSLStream(await trio.open_tcp_stream("127.0.0.1", port), ctx, server_hostname="localhost")
+        stream = trio.SSLStream(
+            await trio.open_tcp_stream("127.0.0.1", port), ctx, server_hostname="localhost"
+        )
         await stream.do_handshake()
         return cls(stream)
 
@@ -142,7 +144,9 @@ async def running_server(
     """An HTTPServer on 127.0.0.1:<ephemeral>; shut down (gracefully) on exit."""
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     port = listeners[0].socket.getsockname()[1]
-    server = HTTPServer(handler, limits=limits, shutdown_grace=shutdown_grace, on_request_done=on_request_done)
+    server = HTTPServer(
+        handler, limits=limits, shutdown_grace=shutdown_grace, on_request_done=on_request_done
+    )
     async with trio.open_nursery() as nursery:
         await nursery.start(server.serve, listeners)
         try:

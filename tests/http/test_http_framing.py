@@ -82,7 +82,8 @@ async def test_transfer_encoding_alone_still_serves_the_next_request(port: int, 
     client = await RawClient.connect_tls(port, pki.ca_cert)
     with trio.fail_after(AT_ONCE):
         await client.send(
-            b"POST /body HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n" + get("/next")
+            b"POST /body HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+            + get("/next")
         )
         first = await client.read_response()
         second = await client.read_response()
@@ -158,7 +159,9 @@ CHUNKED = b"POST /body HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n
     ],
     ids=["2^63-1", "20-hex-digits", "limit-plus-one", "partial-chunk"],
 )
-async def test_a_chunk_declared_past_the_body_limit_is_413_at_once(port: int, pki: DevPKI, body: bytes) -> None:
+async def test_a_chunk_declared_past_the_body_limit_is_413_at_once(
+    port: int, pki: DevPKI, body: bytes
+) -> None:
     resp, closed = await refused(port, pki, CHUNKED + body)
     assert_json_error(resp, 413, "body_too_large")
     assert closed

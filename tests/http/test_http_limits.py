@@ -53,7 +53,9 @@ async def test_declared_body_over_the_limit_gets_413_before_the_body_is_sent() -
     limits = HTTPLimits(max_body_bytes=1000)
     async with running_server(echo_info, limits=limits) as (_, port):
         client = await RawClient.connect(port)
-        await client.send(b"POST /body HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\nExpect: 100-continue\r\n\r\n")
+        await client.send(
+            b"POST /body HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\nExpect: 100-continue\r\n\r\n"
+        )
         resp = await client.read_response()
         assert resp.status == 413  # and no "100 Continue" before it
         assert resp.json()["error"]["code"] == "body_too_large"

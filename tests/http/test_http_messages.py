@@ -61,7 +61,13 @@ def test_request_header_lookup() -> None:
 
 @pytest.mark.parametrize(
     ("value", "expected"),
-    [(b"abc-123_x.y:z", "abc-123_x.y:z"), (b"", None), (b"has space", None), (b"x" * 129, None), (b"\xff", None)],
+    [
+        (b"abc-123_x.y:z", "abc-123_x.y:z"),
+        (b"", None),
+        (b"has space", None),
+        (b"x" * 129, None),
+        (b"\xff", None),
+    ],
 )
 def test_client_request_id_is_recorded_only_when_sane(value: bytes, expected: str | None) -> None:
     assert _request(headers=[(b"x-request-id", value)]).client_request_id == expected
@@ -80,7 +86,9 @@ def test_request_ids_are_16_hex_and_distinct() -> None:
 
 
 def test_reprs_hold_no_headers_query_or_body() -> None:
-    req = _request(query="api_key=sekrit", target="/a?api_key=sekrit", headers=[(b"authorization", b"Bearer sekrit")])
+    req = _request(
+        query="api_key=sekrit", target="/a?api_key=sekrit", headers=[(b"authorization", b"Bearer sekrit")]
+    )
     resp = Response.json(200, {"shared_secret": "sekrit"})
     assert "sekrit" not in repr(req) and "/a" in repr(req)
     assert "sekrit" not in repr(resp) and "200" in repr(resp)

@@ -82,7 +82,9 @@ async def test_content_length_body_is_read() -> None:
 async def test_chunked_body_is_read_across_writes() -> None:
     async with running_server(echo_info) as (_, port):
         client = await RawClient.connect(port)
-        await client.send(b"POST /body HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        await client.send(
+            b"POST /body HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+        )
         await trio.sleep(0)
         await client.send(b"6;ext=1\r\n world\r\n0\r\n\r\n")
         assert (await client.read_response()).json() == {"len": 11, "body": "hello world"}
@@ -95,7 +97,9 @@ async def test_chunked_body_is_read_across_writes() -> None:
 async def test_expect_100_continue_is_sent_when_the_handler_reads_the_body() -> None:
     async with running_server(echo_info) as (_, port):
         client = await RawClient.connect(port)
-        await client.send(b"POST /body HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n")
+        await client.send(
+            b"POST /body HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n"
+        )
         interim = await client.read_response()
         assert interim.status == 100
         await client.send(b"data")
@@ -133,7 +137,9 @@ async def test_unread_body_is_drained_and_the_connection_reused() -> None:
 
 async def test_head_has_the_get_content_length_and_no_body() -> None:
     async def page(request: Request) -> Response:
-        return Response(200, [(b"content-type", b"text/plain")], b"x" * 1234 if request.path == "/h" else b"next")
+        return Response(
+            200, [(b"content-type", b"text/plain")], b"x" * 1234 if request.path == "/h" else b"next"
+        )
 
     async with running_server(page) as (_, port):
         client = await RawClient.connect(port)

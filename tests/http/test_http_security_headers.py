@@ -56,8 +56,12 @@ async def _forwarded_own_security(request: Request) -> Response:
     async def body() -> AsyncIterator[bytes]:
         yield b"streamed"
 
-    return Response(200, [(b"X-Content-Type-Options", b"nosniff"), (b"strict-transport-security", b"max-age=5")],
-                    body(), forwarded=True)
+    return Response(
+        200,
+        [(b"X-Content-Type-Options", b"nosniff"), (b"strict-transport-security", b"max-age=5")],
+        body(),
+        forwarded=True,
+    )
 
 
 @pytest.mark.parametrize("hsts", [None, 31536000], ids=["no-hsts", "hsts"])
@@ -81,18 +85,26 @@ async def test_the_servers_own_answers_carry_the_security_headers(
 
 
 async def test_a_forwarded_response_keeps_its_caching_and_gets_what_it_lacks() -> None:
-    response = await _exchange(_forwarded_cached, get("/static/a.css"), SecurityHeaders(hsts_max_age=31536000))
+    response = await _exchange(
+        _forwarded_cached, get("/static/a.css"), SecurityHeaders(hsts_max_age=31536000)
+    )
     assert response.body == b"a{}"
     assert _security(response) == [(b"cache-control", b"public, max-age=60"),
                                    (b"x-content-type-options", b"nosniff"), HSTS]
     response = await _exchange(_forwarded_cached, get("/static/a.css"), SecurityHeaders())
-    assert _security(response) == [(b"cache-control", b"public, max-age=60"), (b"x-content-type-options", b"nosniff")]
+    assert _security(response) == [
+        (b"cache-control", b"public, max-age=60"),
+        (b"x-content-type-options", b"nosniff"),
+    ]
 
 
 async def test_a_forwarded_responses_own_security_headers_win() -> None:
     response = await _exchange(_forwarded_own_security, get("/app"), SecurityHeaders(hsts_max_age=31536000))
     assert response.body == b"streamed"
-    assert _security(response) == [(b"x-content-type-options", b"nosniff"), (b"strict-transport-security", b"max-age=5")]
+    assert _security(response) == [
+        (b"x-content-type-options", b"nosniff"),
+        (b"strict-transport-security", b"max-age=5"),
+    ]
 
 
 async def test_without_security_headers_nothing_is_added() -> None:
@@ -103,8 +115,14 @@ async def test_without_security_headers_nothing_is_added() -> None:
 
 def test_security_headers_are_prebuilt_once() -> None:
     sh = SecurityHeaders(hsts_max_age=0)  # max-age=0 tells browsers to forget the host
-    assert [(name, value) for _, name, value in sh.own] == [*OWN, (b"strict-transport-security", b"max-age=0")]
-    assert [(name, value) for _, name, value in sh.forwarded] == [OWN[1], (b"strict-transport-security", b"max-age=0")]
+    assert [(name, value) for _, name, value in sh.own] == [
+        *OWN,
+        (b"strict-transport-security", b"max-age=0"),
+    ]
+    assert [(name, value) for _, name, value in sh.forwarded] == [
+        OWN[1],
+        (b"strict-transport-security", b"max-age=0"),
+    ]
     assert sh.own_block == (b"cache-control: no-store\r\nx-content-type-options: nosniff\r\n"
                                      b"strict-transport-security: max-age=0\r\n")
 

@@ -76,7 +76,10 @@ def spawn_raw_worker() -> tuple[subprocess.Popen[bytes], socket.socket]:
     parent, child = socket.socketpair()
     proc = subprocess.Popen(
         [sys.executable, "-m", "qpher_proxy.kms.worker", "--fd", str(child.fileno())],
-        pass_fds=[child.fileno()], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        pass_fds=[child.fileno()],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     child.close()
     parent.settimeout(20)

@@ -18,7 +18,9 @@ KMS_ONLY = (
 
 @pytest.mark.skipif(not LINT_IMPORTS.exists(), reason="lint-imports is not installed next to this Python")
 def test_import_linter_contracts_are_kept() -> None:
-    r = subprocess.run([str(LINT_IMPORTS), "--no-cache"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [str(LINT_IMPORTS), "--no-cache"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "Gateway-side modules never import" in r.stdout and " 0 broken" in r.stdout
 

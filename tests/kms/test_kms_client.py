@@ -85,14 +85,18 @@ def test_every_error_of_errors_py_the_kms_side_raises_is_in_the_table() -> None:
     kms_side = [root / "kms" / "worker" / f"{m}.py" for m in (
         "service", "keystore", "keydb", "tenant_keys", "kek_rotation", "keyfile", "kek")]
     kms_side += [root / "kms" / "wire" / "model.py"]
-    kms_side += sorted((root / "crypto").rglob("*.py")) + sorted((root / "kms" / "worker" / "backends").rglob("*.py"))
+    kms_side += sorted((root / "crypto").rglob("*.py")) + sorted(
+        (root / "kms" / "worker" / "backends").rglob("*.py")
+    )
     raised = set().union(*(_raised_names(p) for p in kms_side))
     ours = {
         name for name in raised
         if isinstance(getattr(errors, name, None), type) and issubclass(getattr(errors, name), QpherError)
     }
     assert ours, "the scan found nothing: the KMS modules moved?"
-    missing = {name for name in ours if getattr(errors, name) is not QpherError} - {c.__name__ for c in KMS_ERRORS.values()}
+    missing = {name for name in ours if getattr(errors, name) is not QpherError} - {
+        c.__name__ for c in KMS_ERRORS.values()
+    }
     assert missing == set()
 
 
@@ -119,7 +123,9 @@ def test_only_a_frame_over_the_limit_is_frame_too_large() -> None:
 # ---- the client: 413 for the caller's fault, 503 for the worker's --------------------------------
 
 
-def _serving_pair(max_frame_size: int = protocol.DEFAULT_MAX_FRAME_SIZE) -> tuple[ClientConnection, ServerConnection]:
+def _serving_pair(
+    max_frame_size: int = protocol.DEFAULT_MAX_FRAME_SIZE,
+) -> tuple[ClientConnection, ServerConnection]:
     c = ClientConnection(TOKEN, max_frame_size=max_frame_size)
     s = ServerConnection()
     s.receive_data(c.hello({}))
@@ -130,7 +136,9 @@ def _serving_pair(max_frame_size: int = protocol.DEFAULT_MAX_FRAME_SIZE) -> tupl
 
 
 @contextmanager
-def _channel(conn: ClientConnection, ops: list[tuple[str, str | None]]) -> Iterator[tuple[KMSClient, WorkerChannel, socket.socket]]:
+def _channel(
+    conn: ClientConnection, ops: list[tuple[str, str | None]]
+) -> Iterator[tuple[KMSClient, WorkerChannel, socket.socket]]:
     ours, theirs = socket.socketpair()
     theirs.setblocking(False)
     client = KMSClient(on_op=lambda op, _seconds, code: ops.append((op, code)))

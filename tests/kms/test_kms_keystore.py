@@ -125,7 +125,11 @@ def test_rotation_signs_with_the_latest_and_accepts_older_versions(store: KeySto
     with pytest.raises(InvalidInput):
         t.private_key(kk.key_id, 0)
     info = t.get(sk.key_id, version=1)
-    assert info.version == 1 and info.public_key == pub1.public_bytes() and [v.version for v in info.versions] == [1, 2]
+    assert (
+        info.version == 1
+        and info.public_key == pub1.public_bytes()
+        and [v.version for v in info.versions] == [1, 2]
+    )
 
 
 def test_disable_and_enable(store: KeyStore) -> None:
@@ -186,7 +190,9 @@ def test_destruction_is_scheduled_cancelled_and_done_when_due(
     assert t.list().keys[0].state is KeyState.DESTROYED  # the tombstone stays listed
 
 
-def test_a_due_key_is_destroyed_on_access_before_any_sweep(store: KeyStore, clock: FakeClock, kms_dir: Path) -> None:
+def test_a_due_key_is_destroyed_on_access_before_any_sweep(
+    store: KeyStore, clock: FakeClock, kms_dir: Path
+) -> None:
     t = store.tenant("tenant-a")
     k = t.create(kind="signature")
     t.private_key(k.key_id)
@@ -195,7 +201,9 @@ def test_a_due_key_is_destroyed_on_access_before_any_sweep(store: KeyStore, cloc
     with pytest.raises(KeyDestroyed):
         t.private_key(k.key_id)
     assert list((kms_dir / "keys").rglob("*.qkey")) == []
-    assert t.schedule_destroy(store.tenant("tenant-a").create(kind="kem").key_id, 0).state is KeyState.DESTROYED
+    assert (
+        t.schedule_destroy(store.tenant("tenant-a").create(kind="kem").key_id, 0).state is KeyState.DESTROYED
+    )
 
 
 def test_schema_constraints_guard_the_metadata(store: KeyStore) -> None:
@@ -224,7 +232,8 @@ def _file_of(kms_dir: Path, store: KeyStore, tenant: str, key_id: str, version: 
     db = store.db
     assert db is not None
     (rel,) = db.execute(
-        "SELECT file FROM key_versions WHERE tenant_id = ? AND key_id = ? AND version = ?", (tenant, key_id, version)
+        "SELECT file FROM key_versions WHERE tenant_id = ? AND key_id = ? AND version = ?",
+        (tenant, key_id, version),
     ).fetchone()
     return kms_dir / rel
 
@@ -339,7 +348,9 @@ def test_a_crash_between_key_file_and_metadata_leaves_no_usable_orphan_and_no_da
     k = s.tenant("t").create(kind="signature").key_id
     s.close()
     files_before = set((kms_dir / "keys").rglob("*.qkey"))
-    r = subprocess.run([sys.executable, "-c", CRASH, str(kms_dir), str(kek_path), what, k], capture_output=True)
+    r = subprocess.run(
+        [sys.executable, "-c", CRASH, str(kms_dir), str(kek_path), what, k], capture_output=True
+    )
     assert r.returncode == 9, r.stderr.decode()
     files_after = set((kms_dir / "keys").rglob("*.qkey"))
     if what == "destroy":
@@ -351,7 +362,9 @@ def test_a_crash_between_key_file_and_metadata_leaves_no_usable_orphan_and_no_da
         assert s.exclusive_start
         db = s.db
         assert db is not None
-        referenced = {kms_dir / f for (f,) in db.execute("SELECT file FROM key_versions WHERE file IS NOT NULL")}
+        referenced = {
+            kms_dir / f for (f,) in db.execute("SELECT file FROM key_versions WHERE file IS NOT NULL")
+        }
         assert set((kms_dir / "keys").rglob("*.qkey")) == referenced  # no orphan, nothing dangling
         assert s.check_files() == 0
         t = s.tenant("t")
@@ -370,7 +383,9 @@ def test_a_crash_between_key_file_and_metadata_leaves_no_usable_orphan_and_no_da
 # ---- rotate-kek ------------------------------------------------------------------------------
 
 
-def test_rotate_kek_interrupted_then_rerun(kms_dir: Path, kek_path: Path, backend: Backend, tmp_path: Path) -> None:
+def test_rotate_kek_interrupted_then_rerun(
+    kms_dir: Path, kek_path: Path, backend: Backend, tmp_path: Path
+) -> None:
     s = reopen(kms_dir, kek_path, backend)
     ids = [s.tenant(f"t{i % 2}").create(kind="kem" if i % 3 else "signature").key_id for i in range(6)]
     s.tenant("t0").rotate(ids[0])

@@ -147,7 +147,9 @@ async def test_lifecycle_and_errors_through_a_worker(kms: KMSSupervisor) -> None
     assert len((await client.list_keys(a, limit=1, cursor=page.next_cursor)).keys) == 1
 
 
-async def test_a_disable_through_one_worker_holds_at_once_in_every_worker(kms_dir: Path, kek_path: Path) -> None:
+async def test_a_disable_through_one_worker_holds_at_once_in_every_worker(
+    kms_dir: Path, kek_path: Path
+) -> None:
     async with open_kms(**settings(kms_dir, kek_path, workers=2)) as sup:  # type: ignore[arg-type]
         client = sup.client
         a = ctx("tenant-a")
@@ -245,7 +247,9 @@ def test_a_truncated_frame_ends_that_connection_cleanly(kms_dir: Path, kek_path:
     assert "middle of a frame" in err
 
 
-def test_an_oversized_frame_is_refused_at_its_length_and_ends_the_connection(kms_dir: Path, kek_path: Path) -> None:
+def test_an_oversized_frame_is_refused_at_its_length_and_ends_the_connection(
+    kms_dir: Path, kek_path: Path
+) -> None:
     proc, sock, conn = _bootstrap_raw(kms_dir, kek_path)
     sock.sendall(struct.pack(">IBI", 2**31, 3, 1) + b"x" * 100)  # claims 2 GiB; we never send it
     ev = _next(sock, conn)
@@ -472,7 +476,9 @@ async def test_no_private_seed_appears_in_the_state_dir_responses_or_logs(
                         except QpherError as exc:
                             seen.append(repr(exc))
                 seen.append(await client.list_keys(c))
-                seen.append(await client.schedule_destroy(c, seen[0].key_id, delay=0) if t == "tenant-a" else None)  # type: ignore[attr-defined]
+                seen.append(
+                    await client.schedule_destroy(c, seen[0].key_id, delay=0) if t == "tenant-a" else None
+                )  # type: ignore[attr-defined]
     finally:
         qlog.removeHandler(caplog.handler)
         qlog.setLevel(old_level)

@@ -65,8 +65,14 @@ def test_request_and_response_round_trip_with_every_value_type() -> None:
     (req,) = drain(s)
     assert isinstance(req, Request)
     assert (req.rid, req.token, req.context, req.op, req.args) == (rid, TOKEN, CTX, "sign", ARGS)
-    c.receive_data(s.response(rid, {"signature": b"sig", "version": 1}) + s.error(rid + 1, "key_not_found", 404, "no key 'k_x'"))
-    assert drain(c) == [Response(rid, {"signature": b"sig", "version": 1}), Error(rid + 1, "key_not_found", 404, "no key 'k_x'")]
+    c.receive_data(
+        s.response(rid, {"signature": b"sig", "version": 1})
+        + s.error(rid + 1, "key_not_found", 404, "no key 'k_x'")
+    )
+    assert drain(c) == [
+        Response(rid, {"signature": b"sig", "version": 1}),
+        Error(rid + 1, "key_not_found", 404, "no key 'k_x'"),
+    ]
 
 
 @pytest.mark.parametrize("chunking", ["whole", "one_byte_at_a_time", "odd_chunks"])
@@ -88,7 +94,9 @@ def test_many_frames_decode_however_the_bytes_arrive(chunking: str) -> None:
     assert [e.args["blob"] for e in events] == [bytes([i]) * i for i in range(1, 40)]  # type: ignore[attr-defined]
 
 
-@pytest.mark.parametrize("garbage", [b"\x00\x00\x00\x01", b"\xff\xff\xff\xffrest", b"\x00\x00\x00\x06\x09\x00\x00\x00\x01x"])
+@pytest.mark.parametrize(
+    "garbage", [b"\x00\x00\x00\x01", b"\xff\xff\xff\xffrest", b"\x00\x00\x00\x06\x09\x00\x00\x00\x01x"]
+)
 def test_trailing_garbage_after_valid_frames_is_a_protocol_error_after_them(garbage: bytes) -> None:
     c, s = serving_pair()
     _, frame = c.request(CTX, "ping", {})
@@ -174,7 +182,9 @@ def test_undecodable_args_and_lying_counts_are_rejected_without_allocating() -> 
     head = TOKEN + b"\x01t\x01r\x01a\x04ping"
     lying_list = bytes([7]) + struct.pack(">I", 2**31)  # a list claiming two billion items
     lying_bytes = bytes([5]) + struct.pack(">I", 2**31)
-    for i, payload in enumerate([head + lying_list, head + lying_bytes, head + b"\x63", head + b"\x08\x00\x00\x00\x01"], 1):
+    for i, payload in enumerate(
+        [head + lying_list, head + lying_bytes, head + b"\x63", head + b"\x08\x00\x00\x00\x01"], 1
+    ):
         s.receive_data(struct.pack(">IBI", 5 + len(payload), 3, i) + payload)
         (ev,) = drain(s)
         assert isinstance(ev, RejectedRequest) and ev.rid == i and ev.code == "bad_request"
@@ -222,7 +232,9 @@ def test_a_fatal_bootstrap_error_reaches_the_client() -> None:
     s.receive_data(c.hello({}))
     s.next_event()
     c.receive_data(s.error(0, "kek_mismatch", 500, "the configured KEK is not the KEK of this key store"))
-    assert c.next_event() == Error(0, "kek_mismatch", 500, "the configured KEK is not the KEK of this key store")
+    assert c.next_event() == Error(
+        0, "kek_mismatch", 500, "the configured KEK is not the KEK of this key store"
+    )
 
 
 def test_request_ids_wrap_within_range() -> None:
@@ -244,9 +256,15 @@ def test_values_nest_only_so_deep() -> None:
 
 
 values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.binary(max_size=64)
-    | st.text(max_size=20) | st.floats(allow_nan=False),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.binary(max_size=64)
+    | st.text(max_size=20)
+    | st.floats(allow_nan=False),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
     max_leaves=20,
 )
 

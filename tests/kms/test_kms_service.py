@@ -73,8 +73,13 @@ def test_batches_are_bounded_and_refuse_lifecycle_ops(store: KeyStore) -> None:
     service = KMSService(store, TOKEN, max_batch=3)
     key = store.tenant("tenant-a").create(kind="kem").key_id
     too_many = {"items": [{"op": "encapsulate", "args": {"key_id": key}}] * 4}
-    mixed = {"items": [{"op": "create_key", "args": {"kind": "kem"}}, {"op": "encapsulate", "args": {"key_id": key}},
-                       "not an item"]}
+    mixed = {
+        "items": [
+            {"op": "create_key", "args": {"kind": "kem"}},
+            {"op": "encapsulate", "args": {"key_id": key}},
+            "not an item",
+        ]
+    }
     a, b = _roundtrip(
         service,
         encode_raw_request(1, TOKEN, "tenant-a", "r", "a", "batch", too_many)

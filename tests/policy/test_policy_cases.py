@@ -30,7 +30,10 @@ def _decision_params() -> list[Any]:
             continue
         assert set(doc) <= _DOC_KEYS, (name, set(doc) - _DOC_KEYS)
         for case in doc["cases"]:
-            assert set(case) <= _CASE_KEYS and {"name", "want_decision", "want_rule"} <= set(case), (name, case)
+            assert set(case) <= _CASE_KEYS and {"name", "want_decision", "want_rule"} <= set(case), (
+                name,
+                case,
+            )
             out.append(pytest.param(name, case, id=f"{Path(name).stem}::{case['name']}"))
     return out
 
@@ -73,7 +76,9 @@ def test_policy_case(doc_name: str, case: dict[str, Any], tmp_path_factory: pyte
     # explain walks every rule with no index: it must reach the same decision
     exp = explain(ps, f)
     assert exp.decision == decision
-    assert [o.rule_id for o in exp.outcomes if o.deciding] == ([] if decision.rule_id is None else [decision.rule_id])
+    assert [o.rule_id for o in exp.outcomes if o.deciding] == (
+        [] if decision.rule_id is None else [decision.rule_id]
+    )
 
 
 def test_every_case_file_is_used() -> None:

@@ -63,7 +63,9 @@ class SteppingClock:
         return self.t
 
 
-def make_engine(tmp_path: Path, files: dict[str, str] | None = None, **kw: Any) -> tuple[PolicyEngine, RecordingAudit]:
+def make_engine(
+    tmp_path: Path, files: dict[str, str] | None = None, **kw: Any
+) -> tuple[PolicyEngine, RecordingAudit]:
     d = write_files(tmp_path / "policies", files if files is not None else {"50-p.yaml": GOOD})
     audit = RecordingAudit()
     kw.setdefault("clock", FakeClock())
@@ -109,7 +111,9 @@ def test_invalid_policy_at_start_means_nothing_is_allowed(tmp_path: Path) -> Non
         engine.decide(facts())
 
 
-def test_reload_with_a_broken_file_keeps_the_last_good(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_reload_with_a_broken_file_keeps_the_last_good(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     engine, audit = make_engine(tmp_path)
     good = engine.reload()
     (tmp_path / "policies" / "50-p.yaml").write_text(BROKEN)
@@ -268,8 +272,9 @@ def test_uses_usage_follows_the_policy_in_force(tmp_path: Path) -> None:
     (tmp_path / "policies" / "50-p.yaml").write_text(without)
     assert engine.reload().changed
     assert engine.uses_usage is False
-    in_unless = without.replace("match: {plan: pro}",
-                                "match: {plan: pro}\n    unless: {usage_over: {operation: sign, at_least: 5}}")
+    in_unless = without.replace(
+        "match: {plan: pro}", "match: {plan: pro}\n    unless: {usage_over: {operation: sign, at_least: 5}}"
+    )
     (tmp_path / "policies" / "50-p.yaml").write_text(in_unless)
     assert engine.reload().changed
     assert engine.uses_usage is True
@@ -306,7 +311,9 @@ def test_fail_open_admits_what_would_be_unavailable(tmp_path: Path) -> None:
 
 
 def test_fail_open_changes_nothing_while_the_policy_decides(tmp_path: Path) -> None:
-    engine, audit = make_engine(tmp_path, files={"50-p.yaml": GOOD.replace("match: {plan: pro}", "match: {tenant: acme}")})
+    engine, audit = make_engine(
+        tmp_path, files={"50-p.yaml": GOOD.replace("match: {plan: pro}", "match: {tenant: acme}")}
+    )
     engine.reload()
     engine.open_fail_open("maintenance", "k_admin", 60)
     with pytest.raises(PolicyDenied) as info:  # explicit deny still denies
@@ -386,7 +393,11 @@ def test_close_early_and_restart_forgets(tmp_path: Path) -> None:
     state = engine.close_fail_open("k_other_admin")
     assert not state.active
     (_, severity, closed), = audit.events("policy.fail_open.closed")
-    assert severity == "critical" and closed["closed_by"] == "k_other_admin" and closed["cause"] == "closed by admin"
+    assert (
+        severity == "critical"
+        and closed["closed_by"] == "k_other_admin"
+        and closed["cause"] == "closed by admin"
+    )
     with pytest.raises(PolicyUnavailable):
         engine.decide(facts())
     assert not engine.close_fail_open("k_admin").active  # closing a closed window: nothing happens
@@ -410,7 +421,9 @@ def test_close_early_and_restart_forgets(tmp_path: Path) -> None:
     ("ok", True, "more than 0"),
     ("ok", "60", "more than 0"),
 ])
-def test_fail_open_refused_without_reason_or_over_max(tmp_path: Path, reason: Any, seconds: Any, message: str) -> None:
+def test_fail_open_refused_without_reason_or_over_max(
+    tmp_path: Path, reason: Any, seconds: Any, message: str
+) -> None:
     engine, audit = make_engine(tmp_path, fail_open_max_seconds=300)
     with pytest.raises(InvalidInput) as info:
         engine.open_fail_open(reason, "k_admin", seconds)
@@ -443,7 +456,9 @@ def test_audit_sink_failing_refuses_to_open_and_to_admit(tmp_path: Path) -> None
     assert not engine.fail_open_state().active
 
 
-async def test_run_starts_the_timer_and_the_watcher(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+async def test_run_starts_the_timer_and_the_watcher(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
     engine, audit = make_engine(tmp_path, clock=None)
     assert (await engine.areload()).changed
     async with trio.open_nursery() as nursery:

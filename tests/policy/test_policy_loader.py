@@ -27,17 +27,24 @@ ALLOW_ALL = "version: 1\nrules:\n  - id: {id}\n    effect: allow\n    match: {{}
 
 
 def test_files_load_in_name_order_and_only_yaml(tmp_path: Path) -> None:
-    write_files(tmp_path, {
-        "20-b.yaml": ALLOW_ALL.format(id="b"),
-        "10-a.yaml": "version: 1\nrules:\n  - id: a\n    effect: allow\n    match: {tenant: x}\n    reason: r\n",
-        ".#10-a.yaml": "garbage: [",  # editor lock file: skipped
-        "30-c.yml": "garbage: [",  # wrong extension: ignored with a warning
-        "notes.txt": "garbage",
-    })
+    write_files(
+        tmp_path,
+        {
+            "20-b.yaml": ALLOW_ALL.format(id="b"),
+            "10-a.yaml": (
+                "version: 1\nrules:\n  - id: a\n    effect: allow\n    match: {tenant: x}\n    reason: r\n"
+            ),
+            ".#10-a.yaml": "garbage: [",  # editor lock file: skipped
+            "30-c.yml": "garbage: [",  # wrong extension: ignored with a warning
+            "notes.txt": "garbage",
+        },
+    )
     ps = load_policy_dir(tmp_path)
     assert [r.id for r in ps.rules] == ["a", "b"]
     assert [Path(f).name for f in ps.files] == ["10-a.yaml", "20-b.yaml"]
-    assert len(ps.warnings) == 1 and "30-c.yml" in str(ps.warnings[0]) and "only *.yaml" in str(ps.warnings[0])
+    assert (
+        len(ps.warnings) == 1 and "30-c.yml" in str(ps.warnings[0]) and "only *.yaml" in str(ps.warnings[0])
+    )
 
 
 def test_revision_changes_with_content_and_names(tmp_path: Path) -> None:
@@ -54,11 +61,20 @@ def test_revision_changes_with_content_and_names(tmp_path: Path) -> None:
 
 def test_revision_does_not_depend_on_how_the_directory_is_spelled(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    write_files(tmp_path / "state" / "policies", {"10.yaml": ALLOW_ALL.format(id="x"), "20.yaml": "version: 1\n"})
+    write_files(
+        tmp_path / "state" / "policies", {"10.yaml": ALLOW_ALL.format(id="x"), "20.yaml": "version: 1\n"}
+    )
     (tmp_path / "link").symlink_to(tmp_path / "state")
     monkeypatch.chdir(tmp_path / "state")
-    spellings = ["policies", "policies/", "./policies", "../state/policies", str(tmp_path / "state" / "policies"),
-                 str(tmp_path / "link" / "policies"), "policies/../policies"]
+    spellings = [
+        "policies",
+        "policies/",
+        "./policies",
+        "../state/policies",
+        str(tmp_path / "state" / "policies"),
+        str(tmp_path / "link" / "policies"),
+        "policies/../policies",
+    ]
     revisions = {load_policy_dir(s).revision for s in spellings}
     assert len(revisions) == 1
     assert {check(s)[1][-1].rsplit(" ", 1)[1] for s in spellings} == {revisions.pop()[:12]}
@@ -104,12 +120,18 @@ def test_oversized_file_refused(tmp_path: Path) -> None:
 
 
 def test_anchors_and_aliases_are_fine(tmp_path: Path) -> None:
-    write_files(tmp_path, {"10.yaml": (
-        "version: 1\n"
-        "plans:\n"
-        "  a: {rate_limit: &rl {requests_per_second: 1, burst: 2}, algorithms: &algs [ml-dsa-65], operations: [sign]}\n"
-        "  b: {rate_limit: *rl, algorithms: *algs, operations: [verify]}\n"
-    )})
+    write_files(
+        tmp_path,
+        {
+            "10.yaml": (
+                "version: 1\n"
+                "plans:\n"
+                "  a: {rate_limit: &rl {requests_per_second: 1, burst: 2}, "
+                "algorithms: &algs [ml-dsa-65], operations: [sign]}\n"
+                "  b: {rate_limit: *rl, algorithms: *algs, operations: [verify]}\n"
+            )
+        },
+    )
     ps = load_policy_dir(tmp_path)
     assert ps.plans["b"].rate_limit == ps.plans["a"].rate_limit
     assert ps.plans["b"].algorithms == frozenset({"ml-dsa-65"})
@@ -167,8 +189,13 @@ def test_policy_denied_message_names_rule_and_reason() -> None:
     d = evaluate(ps, facts(plan="free", algorithm="ml-dsa-87"))
     err = PolicyDenied(d.rule_id, d.reason)
     assert (err.code, err.status) == ("policy_denied", 403)
-    assert err.message == "denied by rule outside-plan: this operation or algorithm is not included in your plan"
-    assert PolicyDenied(None, "no rule allowed this request").message == "denied by default: no rule allowed this request"
+    assert (
+        err.message == "denied by rule outside-plan: this operation or algorithm is not included in your plan"
+    )
+    assert (
+        PolicyDenied(None, "no rule allowed this request").message
+        == "denied by default: no rule allowed this request"
+    )
 
 
 def test_operation_vocabulary_matches_the_route_table() -> None:

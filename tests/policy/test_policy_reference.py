@@ -25,7 +25,16 @@ PLANS = {
 }
 SCOPES = ["admin", "a", "b"]
 METHODS = ["GET", "POST", "DELETE"]
-OPERATIONS = ["sign", "verify", "sign.batch", "keys.create", "keys.read", "info", "forward", "kem.encapsulate"]
+OPERATIONS = [
+    "sign",
+    "verify",
+    "sign.batch",
+    "keys.create",
+    "keys.read",
+    "info",
+    "forward",
+    "kem.encapsulate",
+]
 OPERATION_PATTERNS = OPERATIONS + ["keys.*", "*.batch", "sign*"]
 ALGORITHMS = ["ml-dsa-65", "x-wing", "ml-kem-768", "ml-dsa-65-ecdsa-p256"]
 HYBRID = {"x-wing", "ml-dsa-65-ecdsa-p256"}
@@ -103,7 +112,9 @@ def ref_one(name: str, value: Any, r: dict[str, Any]) -> bool:
             ip = ip.ipv4_mapped
         return any(ip.version == n.version and ip in n for n in map(ipaddress.ip_network, as_list(value)))
     if name == "tls_group":
-        return r.get("tls_group") is not None and r["tls_group"].lower() in [g.lower() for g in as_list(value)]
+        return r.get("tls_group") is not None and r["tls_group"].lower() in [
+            g.lower() for g in as_list(value)
+        ]
     if name == "tls_pq":
         return r["tls_pq"] == value
     if name == "time":
@@ -190,8 +201,9 @@ MATCHER_STRATEGIES: dict[str, st.SearchStrategy[Any]] = {
 
 
 def conditions(min_size: int) -> st.SearchStrategy[dict[str, Any]]:
-    return st.lists(st.sampled_from(sorted(MATCHER_STRATEGIES)), min_size=min_size, max_size=3, unique=True).flatmap(
-        lambda names: st.fixed_dictionaries({n: MATCHER_STRATEGIES[n] for n in names}))
+    return st.lists(
+        st.sampled_from(sorted(MATCHER_STRATEGIES)), min_size=min_size, max_size=3, unique=True
+    ).flatmap(lambda names: st.fixed_dictionaries({n: MATCHER_STRATEGIES[n] for n in names}))
 
 
 @st.composite

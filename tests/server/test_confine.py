@@ -36,7 +36,9 @@ def test_the_allow_list_names_the_gateways_files_and_never_the_kms_ones(tmp_path
     assert protected_paths(cfg) == [str(tmp_path / "kms"), str(tmp_path / "kek" / "kek.b64")]
 
 
-def test_an_import_root_that_holds_the_state_is_left_out_not_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_import_root_that_holds_the_state_is_left_out_not_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cfg = load_config(_config(tmp_path))
     monkeypatch.setattr("sys.path", [str(tmp_path.parent), *__import__("sys").path])
     assert str(tmp_path.parent) not in {g.path for g in gateway_grants(cfg)}
@@ -44,7 +46,9 @@ def test_an_import_root_that_holds_the_state_is_left_out_not_refused(tmp_path: P
 
 def test_a_policy_dir_holding_the_kek_is_refused(tmp_path: Path) -> None:
     cfg = load_config(_config(tmp_path, "policy: {dir: kek}\n"))
-    with pytest.raises(ConfigError, match=r"cannot confine the gateway: .*/kek would give it access to .*kek\.b64"):
+    with pytest.raises(
+        ConfigError, match=r"cannot confine the gateway: .*/kek would give it access to .*kek\.b64"
+    ):
         gateway_grants(cfg)
 
 
@@ -61,7 +65,9 @@ def test_without_landlock_auto_warns_once_and_required_refuses(
         Confinement(None, "required").apply(cfg)
 
 
-def test_sandbox_off_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+def test_sandbox_off_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     cfg = load_config(_config(tmp_path))
     monkeypatch.setattr(confine, "landlock_restrict", lambda grants: pytest.fail("off must not restrict"))
     with caplog.at_level(logging.WARNING, logger="qpher.server"):

@@ -86,7 +86,11 @@ class Sidecar:
         """The path the policy decided on for ``req``, from its audited decision."""
         for line in self.audit_path.read_bytes().split(b"\n")[:-1]:
             rec = parse_record(line)
-            if rec is not None and rec.event == "policy.decision" and rec.fields["request_id"] == req.request_id:
+            if (
+                rec is not None
+                and rec.event == "policy.decision"
+                and rec.fields["request_id"] == req.request_id
+            ):
                 return str(rec.fields["path"])
         return None
 

@@ -122,8 +122,11 @@ def _pipeline(
     for name, text in policy_files.items():
         (policies / name).write_text(text)
     audit_path = tmp_path / "audit.log"
-    with AuditLog(audit_path, probe_interval=audit_probe_interval) as audit, APIKeyStore(tmp_path / "g.db", secrets.token_bytes(32)) as store, \
-            QuotaCounter(tmp_path / "g.db") as quotas:
+    with (
+        AuditLog(audit_path, probe_interval=audit_probe_interval) as audit,
+        APIKeyStore(tmp_path / "g.db", secrets.token_bytes(32)) as store,
+        QuotaCounter(tmp_path / "g.db") as quotas,
+    ):
         _, key = store.create("acme", "pro")
         policy = PolicyEngine(policies, audit)
         assert policy.reload().ok
@@ -140,7 +143,9 @@ open_pipeline = contextmanager(_pipeline)
 
 @pytest.fixture
 def guarded(tmp_path: Path) -> Iterator[Pipeline]:
-    yield from _pipeline(tmp_path, {"00-plans.yaml": PLANS, "10-guard.yaml": USAGE_GUARD, "90-allow.yaml": ALLOW})
+    yield from _pipeline(
+        tmp_path, {"00-plans.yaml": PLANS, "10-guard.yaml": USAGE_GUARD, "90-allow.yaml": ALLOW}
+    )
 
 
 @pytest.fixture
@@ -169,7 +174,9 @@ async def test_a_usage_rule_sees_this_months_counts(guarded: Pipeline) -> None:
     for _ in range(3):
         req, resp = await _encapsulate(guarded, kid)
         statuses.append(resp.status)
-        assert _decisions(guarded.audit_path).get(req.request_id) == ("allow" if resp.status == 200 else "deny")
+        assert _decisions(guarded.audit_path).get(req.request_id) == (
+            "allow" if resp.status == 200 else "deny"
+        )
     assert statuses == [200, 200, 403]  # the third one sees kem usage 2
     assert json.loads(bytes(resp.body))["error"]["code"] == "policy_denied"  # type: ignore[arg-type]
     assert guarded.quotas.usage(guarded.tenant) == {"kem": 2}  # the denied one was not counted
@@ -232,8 +239,14 @@ async def test_readiness_follows_the_audit_log_and_recovers_without_traffic(tmp_
             resp = await gateway.handle(pipeline.request("GET", "/readyz"))
             return resp.status, json.loads(resp.body)  # type: ignore[arg-type]
 
-        assert await readyz() == (200, {"status": "ready", "checks": {"kms": True, "policy": True, "audit": True},
-                                        "policy": {"revision": gateway.policy.revision}})
+        assert await readyz() == (
+            200,
+            {
+                "status": "ready",
+                "checks": {"kms": True, "policy": True, "audit": True},
+                "policy": {"revision": gateway.policy.revision},
+            },
+        )
         moved = pipeline.audit_path.rename(tmp_path / "moved-away.log")
         pipeline.audit_path.mkdir()  # no audit record can be written now
         refused = await gateway.handle(pipeline.request("GET", "/v1/info"))
@@ -283,4 +296,6 @@ async def test_readiness_without_a_policy_has_no_revision(tmp_path: Path) -> Non
         assert not pipeline.gateway.policy.reload().ok
         resp = await pipeline.gateway.handle(pipeline.request("GET", "/readyz"))
         body = json.loads(resp.body)  # type: ignore[arg-type]
-        assert resp.status == 503 and body["checks"]["policy"] is False and body["policy"] == {"revision": None}
+        assert (
+            resp.status == 503 and body["checks"]["policy"] is False and body["policy"] == {"revision": None}
+        )

@@ -187,7 +187,11 @@ def pyopenssl_request(port: int, ctx: SSL.Context, request: bytes = HTTP_REQUEST
         peer = conn.get_peer_certificate(as_cryptography=True)
         assert peer is not None
         return ClientResult(
-            conn.get_protocol_version_name(), conn.get_cipher_name() or "", conn.get_group_name(), peer, response
+            conn.get_protocol_version_name(),
+            conn.get_cipher_name() or "",
+            conn.get_group_name(),
+            peer,
+            response,
         )
 
 
@@ -205,7 +209,9 @@ def stdlib_context(
     return ctx
 
 
-def stdlib_request(port: int, ctx: ssl.SSLContext, request: bytes = HTTP_REQUEST) -> tuple[str, str, bytes, bytes]:
+def stdlib_request(
+    port: int, ctx: ssl.SSLContext, request: bytes = HTTP_REQUEST
+) -> tuple[str, str, bytes, bytes]:
     """A blocking client on Python's ssl (system OpenSSL 3.0, no ML-KEM): version, cipher,
     DER of the server certificate, response."""
     with socket.create_connection(("127.0.0.1", port), timeout=CLIENT_TIMEOUT) as raw:

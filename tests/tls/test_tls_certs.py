@@ -33,7 +33,9 @@ def test_creates_ca_and_server_certificates_with_private_modes(tmp_path: Path) -
     keys = [pki.ca_key, pki.server_key, pki.mldsa_ca_key, pki.mldsa_server_key]
     assert all(k is not None and _mode(k) == 0o600 for k in keys)
     assert len(pki.created) == 8
-    assert sorted(p.name for p in pki.directory.iterdir()) == sorted(p.name for p in pki.created)  # no temp files
+    assert sorted(p.name for p in pki.directory.iterdir()) == sorted(
+        p.name for p in pki.created
+    )  # no temp files
 
     ca, server = _cert(pki.ca_cert), _cert(pki.server_cert)
     assert isinstance(server.public_key(), ec.EllipticCurvePublicKey)

@@ -18,21 +18,29 @@ from qpher_proxy.tls.certs import DevPKI
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"min_version": "1.1"}, "tls.min_version: expected \"1.2\" or \"1.3\", got '1.1'"),
+        ({"min_version": "1.1"}, 'tls.min_version: expected "1.2" or "1.3", got \'1.1\''),
         ({"groups": ()}, "tls.groups: expected at least one group"),
         ({"groups": ("X25519:secp256r1",)}, "tls.groups: expected plain group names"),
         ({"groups": ("X25519", "x25519")}, "tls.groups: group 'x25519' is listed twice"),
         ({"groups": ("DEFAULT",)}, "tls.groups: expected group names, got the keyword 'DEFAULT'"),
-        ({"require_pq": True, "groups": ("X25519",)}, "tls.require_pq: expected tls.groups to contain a hybrid"),
+        (
+            {"require_pq": True, "groups": ("X25519",)},
+            "tls.require_pq: expected tls.groups to contain a hybrid",
+        ),
         ({"client_auth": "sometimes"}, "tls.client_auth: expected"),
         ({"client_auth": "required"}, 'tls.client_ca: expected a CA file when client_auth is "required"'),
-        ({"mldsa_cert_file": "x.crt"}, "tls.mldsa_cert_file: expected mldsa_cert_file and mldsa_key_file together"),
+        (
+            {"mldsa_cert_file": "x.crt"},
+            "tls.mldsa_cert_file: expected mldsa_cert_file and mldsa_key_file together",
+        ),
         ({"handshake_timeout": 0}, "tls.handshake_timeout: expected a positive number of seconds, got 0"),
         ({"handshake_timeout": float("nan")}, "tls.handshake_timeout: expected a positive number"),
         ({"alpn": ()}, "tls.alpn: expected protocol names"),
     ],
 )
-def test_settings_refuse_bad_values_with_one_line(pki: DevPKI, overrides: dict[str, object], message: str) -> None:
+def test_settings_refuse_bad_values_with_one_line(
+    pki: DevPKI, overrides: dict[str, object], message: str
+) -> None:
     with pytest.raises(ConfigError) as caught:
         settings_for(pki, **overrides)
     assert caught.value.message.startswith(message)
@@ -48,10 +56,17 @@ def test_other_hybrid_groups_are_accepted(pki: DevPKI) -> None:
     build_server_context(settings_for(pki, groups=("SecP256r1MLKEM768", "SecP384r1MLKEM1024", "X25519")))
 
 
-def test_tls12_is_limited_to_ecdhe_with_aead_and_no_renegotiation_compression_or_resumption(pki: DevPKI) -> None:
+def test_tls12_is_limited_to_ecdhe_with_aead_and_no_renegotiation_compression_or_resumption(
+    pki: DevPKI,
+) -> None:
     ctx = build_server_context(settings_for(pki))
     options = ctx.set_options(0)  # returns the options in force (before the context is used)
-    for flag in (SSL.OP_NO_RENEGOTIATION, SSL.OP_NO_COMPRESSION, SSL.OP_NO_TICKET, SSL.OP_CIPHER_SERVER_PREFERENCE):
+    for flag in (
+        SSL.OP_NO_RENEGOTIATION,
+        SSL.OP_NO_COMPRESSION,
+        SSL.OP_NO_TICKET,
+        SSL.OP_CIPHER_SERVER_PREFERENCE,
+    ):
         assert options & flag == flag
     ciphers = SSL.Connection(ctx, None).get_cipher_list()
     tls12 = [c for c in ciphers if not c.startswith("TLS_")]
@@ -97,10 +112,18 @@ def test_garbage_key_file_message_holds_no_file_content(pki: DevPKI, tmp_path: P
 
 def test_certificate_slots_hold_the_right_key_types(pki: DevPKI) -> None:
     assert pki.mldsa_server_cert is not None and pki.mldsa_server_key is not None
-    with pytest.raises(ConfigError, match="tls.cert_file: expected an ECDSA or RSA certificate, got ML-DSA-65"):
-        build_server_context(settings_for(pki, cert_file=pki.mldsa_server_cert, key_file=pki.mldsa_server_key))
-    with pytest.raises(ConfigError, match="tls.mldsa_cert_file: expected an ML-DSA-65 certificate, got ECDSA"):
-        build_server_context(settings_for(pki, mldsa_cert_file=pki.server_cert, mldsa_key_file=pki.server_key))
+    with pytest.raises(
+        ConfigError, match="tls.cert_file: expected an ECDSA or RSA certificate, got ML-DSA-65"
+    ):
+        build_server_context(
+            settings_for(pki, cert_file=pki.mldsa_server_cert, key_file=pki.mldsa_server_key)
+        )
+    with pytest.raises(
+        ConfigError, match="tls.mldsa_cert_file: expected an ML-DSA-65 certificate, got ECDSA"
+    ):
+        build_server_context(
+            settings_for(pki, mldsa_cert_file=pki.server_cert, mldsa_key_file=pki.server_key)
+        )
 
 
 def test_client_ca_must_be_a_certificate(pki: DevPKI) -> None:

@@ -75,7 +75,9 @@ def test_handshake_fed_one_byte_at_a_time(contexts: tuple[SSL.Context, SSL.Conte
     assert server.info.cipher == client.info.cipher
 
 
-def test_server_holds_session_tickets_until_it_sends_something(contexts: tuple[SSL.Context, SSL.Context]) -> None:
+def test_server_holds_session_tickets_until_it_sends_something(
+    contexts: tuple[SSL.Context, SSL.Context],
+) -> None:
     server, client = _pair(*contexts)
     _handshake(server, client)
     assert server.data_to_send() == b""  # tickets held back, not sent on their own
@@ -120,7 +122,9 @@ def test_transport_eof_without_close_notify_is_truncation(contexts: tuple[SSL.Co
     assert caught.value.reason == "truncated"
 
 
-def test_trailing_garbage_after_the_handshake_is_a_record_error(contexts: tuple[SSL.Context, SSL.Context]) -> None:
+def test_trailing_garbage_after_the_handshake_is_a_record_error(
+    contexts: tuple[SSL.Context, SSL.Context],
+) -> None:
     server, client = _pair(*contexts)
     _handshake(server, client)
     client.write(b"fine")
@@ -140,11 +144,19 @@ def test_trailing_garbage_after_the_handshake_is_a_record_error(contexts: tuple[
         (b"\x16\x03\x01\x00\x05hello", errors.TLSHandshakeFailed, "protocol_error"),
         (b"SSH-2.0-OpenSSH_9.6\r\n", errors.TLSHandshakeFailed, "not_tls"),
         # an SSLv2 ClientHello (scanners probe for SSLv2 with one): a version, not noise
-        (b"\x80\x2e\x01\x00\x02\x00\x15\x00\x00\x00\x10" + b"\x07\x00\xc0" * 7 + b"\x00" * 16,
-         errors.TLSHandshakeFailed, "unsupported_version"),
+        (
+            b"\x80\x2e\x01\x00\x02\x00\x15\x00\x00\x00\x10" + b"\x07\x00\xc0" * 7 + b"\x00" * 16,
+            errors.TLSHandshakeFailed,
+            "unsupported_version",
+        ),
         # an SSLv3 ClientHello
-        (b"\x16\x03\x00\x00\x2f\x01\x00\x00\x2b\x03\x00" + b"\x00" * 32 + b"\x00\x00\x04\x00\x2f\x00\x35\x01\x00",
-         errors.TLSHandshakeFailed, "unsupported_version"),
+        (
+            b"\x16\x03\x00\x00\x2f\x01\x00\x00\x2b\x03\x00"
+            + b"\x00" * 32
+            + b"\x00\x00\x04\x00\x2f\x00\x35\x01\x00",
+            errors.TLSHandshakeFailed,
+            "unsupported_version",
+        ),
     ],
     ids=["http-get", "http-post", "bad-record", "ssh", "sslv2-hello", "sslv3-hello"],
 )

@@ -44,7 +44,9 @@ def _summaries(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
     return [r for r in caplog.records if r.name == "qpher.tls" and r.levelno == logging.INFO]
 
 
-def test_first_failure_is_logged_at_once_and_a_burst_once_per_interval(caplog: pytest.LogCaptureFixture) -> None:
+def test_first_failure_is_logged_at_once_and_a_burst_once_per_interval(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     caplog.set_level(logging.INFO, logger="qpher.tls")
     clock = _Clock()
     summary = HandshakeFailureSummary(10.0, clock=clock)
@@ -100,7 +102,9 @@ async def test_handshake_cut_off_from_outside_is_reported_as_cancelled(
     assert len(failures) == 1
 
 
-async def test_handshake_timeout_is_reported_once(pki: DevPKI, autojump_clock: trio.testing.MockClock) -> None:
+async def test_handshake_timeout_is_reported_once(
+    pki: DevPKI, autojump_clock: trio.testing.MockClock
+) -> None:
     failures: list[errors.TLSHandshakeFailed] = []
     _client, transport = trio.testing.memory_stream_pair()
     stream = TLSStream(transport, build_server_context(settings_for(pki)), handshake_timeout=2,
@@ -110,7 +114,9 @@ async def test_handshake_timeout_is_reported_once(pki: DevPKI, autojump_clock: t
     assert [f.reason for f in failures] == ["timeout"]
 
 
-async def test_closing_the_stream_is_not_a_failure(pki: DevPKI, autojump_clock: trio.testing.MockClock) -> None:
+async def test_closing_the_stream_is_not_a_failure(
+    pki: DevPKI, autojump_clock: trio.testing.MockClock
+) -> None:
     failures: list[errors.TLSHandshakeFailed] = []
     _client, transport = trio.testing.memory_stream_pair()
     stream = TLSStream(transport, build_server_context(settings_for(pki)), handshake_timeout=60,

@@ -95,7 +95,9 @@ async def test_tls12_client_gets_ecdhe_with_aead_by_default(pki: DevPKI) -> None
 
 async def test_client_offering_only_tls11_is_refused(pki: DevPKI) -> None:
     async with running_server(ServerTLSContextHolder(settings_for(pki))) as srv:
-        ctx = pyopenssl_client_context(pki.ca_cert, min_version=SSL.TLS1_1_VERSION, max_version=SSL.TLS1_1_VERSION)
+        ctx = pyopenssl_client_context(
+            pki.ca_cert, min_version=SSL.TLS1_1_VERSION, max_version=SSL.TLS1_1_VERSION
+        )
         with pytest.raises(SSL.Error, match="protocol version"):
             await trio.to_thread.run_sync(pyopenssl_request, srv.port, ctx)
         failure = _failure(await srv.next_outcome())
@@ -121,13 +123,17 @@ async def test_require_pq_refuses_classical_client_and_serves_pq_client(
         with pytest.raises(ssl.SSLError, match="HANDSHAKE_FAILURE|handshake failure"):
             await trio.to_thread.run_sync(stdlib_request, srv.port, stdlib_context(pki.ca_cert))
         failure = _failure(await srv.next_outcome())
-        result = await trio.to_thread.run_sync(pyopenssl_request, srv.port, pyopenssl_client_context(pki.ca_cert))
+        result = await trio.to_thread.run_sync(
+            pyopenssl_request, srv.port, pyopenssl_client_context(pki.ca_cert)
+        )
         info = _info(await srv.next_outcome())
     assert isinstance(failure, errors.TLSNotPostQuantum) and failure.code == "tls_pq_required"
     assert result.group == "X25519MLKEM768" and result.response == HTTP_RESPONSE
     assert info.group == "X25519MLKEM768"
     # one DEBUG line per refusal (the server sums them up at INFO, rate-limited)
-    refusals = [r for r in caplog.records if r.name == "qpher.tls" and r.getMessage() == "tls handshake failed"]
+    refusals = [
+        r for r in caplog.records if r.name == "qpher.tls" and r.getMessage() == "tls handshake failed"
+    ]
     assert len(refusals) == 1 and refusals[0].levelno == logging.DEBUG
     assert refusals[0].fields["reason"] == "pq_required" and "post-quantum" in refusals[0].fields["detail"]
 
@@ -140,12 +146,18 @@ async def test_mldsa65_only_client_gets_the_mldsa_certificate_and_others_get_ecd
     async with running_server(ServerTLSContextHolder(settings)) as srv:
         pq_ctx = pyopenssl_client_context(pki.mldsa_ca_cert, sigalgs=("mldsa65",))
         pq = await trio.to_thread.run_sync(pyopenssl_request, srv.port, pq_ctx)
-        ec_ctx = pyopenssl_client_context(pki.ca_cert, sigalgs=("ecdsa_secp256r1_sha256", "rsa_pss_rsae_sha256"))
+        ec_ctx = pyopenssl_client_context(
+            pki.ca_cert, sigalgs=("ecdsa_secp256r1_sha256", "rsa_pss_rsae_sha256")
+        )
         classical = await trio.to_thread.run_sync(pyopenssl_request, srv.port, ec_ctx)
         # Server preference: offering mldsa65 at all (here after ECDSA) gets post-quantum auth.
-        both_ctx = pyopenssl_client_context(pki.ca_cert, pki.mldsa_ca_cert, sigalgs=("ecdsa_secp256r1_sha256", "mldsa65"))
+        both_ctx = pyopenssl_client_context(
+            pki.ca_cert, pki.mldsa_ca_cert, sigalgs=("ecdsa_secp256r1_sha256", "mldsa65")
+        )
         both = await trio.to_thread.run_sync(pyopenssl_request, srv.port, both_ctx)
-        _v, _c, der, response = await trio.to_thread.run_sync(stdlib_request, srv.port, stdlib_context(pki.ca_cert))
+        _v, _c, der, response = await trio.to_thread.run_sync(
+            stdlib_request, srv.port, stdlib_context(pki.ca_cert)
+        )
     assert isinstance(pq.peer_cert.public_key(), MLDSA65PublicKey) and pq.response == HTTP_RESPONSE
     assert isinstance(both.peer_cert.public_key(), MLDSA65PublicKey)
     assert isinstance(classical.peer_cert.public_key(), ec.EllipticCurvePublicKey)
@@ -158,10 +170,12 @@ def client_cas(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("client-pki")
     good, other = trustme.CA(), trustme.CA()
     good.cert_pem.write_to_path(str(d / "client-ca.pem"))
-    good.issue_cert("client-1@example.test", common_name="client-1").private_key_and_cert_chain_pem.write_to_path(
-        str(d / "good.pem"))
-    other.issue_cert("intruder@example.test", common_name="intruder").private_key_and_cert_chain_pem.write_to_path(
-        str(d / "other.pem"))
+    good.issue_cert(
+        "client-1@example.test", common_name="client-1"
+    ).private_key_and_cert_chain_pem.write_to_path(str(d / "good.pem"))
+    other.issue_cert(
+        "intruder@example.test", common_name="intruder"
+    ).private_key_and_cert_chain_pem.write_to_path(str(d / "other.pem"))
     return {"ca": d / "client-ca.pem", "good": d / "good.pem", "other": d / "other.pem"}
 
 
@@ -230,7 +244,9 @@ async def test_reload_serves_new_certificate_to_new_connections_while_old_one_ke
             assert new_cert == x509.load_pem_x509_certificate(fresh.server_cert.read_bytes())
 
             # A broken file on the next reload: refused, generation 2 stays in force.
-            (live.directory / "server.key").write_bytes(b"-----BEGIN " + b"PRIVATE KEY-----\nnope\n")  # garbage, not a key
+            (live.directory / "server.key").write_bytes(
+                b"-----BEGIN " + b"PRIVATE KEY-----\nnope\n"
+            )  # garbage, not a key
             with pytest.raises(errors.ConfigError, match="tls.key_file"):
                 holder.reload()
             assert holder.current.generation == 2
@@ -241,7 +257,9 @@ async def test_reload_serves_new_certificate_to_new_connections_while_old_one_ke
 
 # ---- misbehaving clients ----------------------------------------------------------------------
 
-async def test_handshake_timeout_closes_a_silent_client(pki: DevPKI, autojump_clock: trio.testing.MockClock) -> None:
+async def test_handshake_timeout_closes_a_silent_client(
+    pki: DevPKI, autojump_clock: trio.testing.MockClock
+) -> None:
     holder = ServerTLSContextHolder(settings_for(pki, handshake_timeout=10.0))
     async with running_server(holder) as srv:
         silent = await trio.open_tcp_stream("127.0.0.1", srv.port)
@@ -257,7 +275,9 @@ async def test_silent_client_does_not_block_the_next_one(pki: DevPKI) -> None:
     async with running_server(ServerTLSContextHolder(settings_for(pki))) as srv:
         silent = await trio.open_tcp_stream("127.0.0.1", srv.port)
         async with silent:
-            result = await trio.to_thread.run_sync(pyopenssl_request, srv.port, pyopenssl_client_context(pki.ca_cert))
+            result = await trio.to_thread.run_sync(
+                pyopenssl_request, srv.port, pyopenssl_client_context(pki.ca_cert)
+            )
             assert result.response == HTTP_RESPONSE
 
 

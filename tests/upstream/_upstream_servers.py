@@ -95,7 +95,9 @@ class H11Peer:
             elif isinstance(event, h11.EndOfMessage):
                 return total
 
-    async def respond(self, status: int, body: bytes = b"", headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    async def respond(
+        self, status: int, body: bytes = b"", headers: list[tuple[bytes, bytes]] | None = None
+    ) -> None:
         hdrs = list(headers or [])
         if not any(n.lower() in (b"content-length", b"transfer-encoding") for n, _ in hdrs):
             hdrs.append((b"content-length", str(len(body)).encode()))

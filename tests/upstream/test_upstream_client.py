@@ -211,7 +211,9 @@ def _dies_on_second_request() -> object:
 
 
 @pytest.mark.parametrize(("method", "body"), [("GET", None), ("PUT", b"data"), ("DELETE", None)])
-async def test_stale_pooled_connection_is_retried_once_for_idempotent_requests(method: str, body: object) -> None:
+async def test_stale_pooled_connection_is_retried_once_for_idempotent_requests(
+    method: str, body: object
+) -> None:
     async with serve_upstream(_dies_on_second_request()) as up, UpstreamClient(up.url) as client:  # type: ignore[arg-type]
         await get_json(client)
         doc = await get_json(client, method, body=body)
@@ -300,7 +302,9 @@ async def test_upstream_that_stops_reading_the_body_is_504(mock_clock: trio.test
             await client.send("POST", "/", [], body=lazy_body(1 << 30))
 
 
-async def test_slow_client_upload_does_not_start_the_response_timeout(mock_clock: trio.testing.MockClock) -> None:
+async def test_slow_client_upload_does_not_start_the_response_timeout(
+    mock_clock: trio.testing.MockClock,
+) -> None:
     # The body producer (the downstream client) takes 100 virtual seconds; the upstream is fine.
     mock_clock.autojump_threshold = 0.2
 
@@ -309,7 +313,10 @@ async def test_slow_client_upload_does_not_start_the_response_timeout(mock_clock
             await trio.sleep(40)
             yield b"x" * 10
 
-    async with serve_upstream(keep_alive(echo_request)) as up, UpstreamClient(up.url, read_timeout=5) as client:
+    async with (
+        serve_upstream(keep_alive(echo_request)) as up,
+        UpstreamClient(up.url, read_timeout=5) as client,
+    ):
         start = trio.current_time()
         assert (await get_json(client, "POST", body=slow_body()))["body_length"] == 30
         assert trio.current_time() - start >= 120
@@ -437,8 +444,10 @@ async def test_head_response_has_no_body_and_keeps_the_connection() -> None:
 async def test_informational_responses_are_skipped() -> None:
     async def early_hints(stream: trio.abc.Stream, up: Upstream) -> None:
         await H11Peer(stream).next_event()
-        await stream.send_all(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n"
-                              b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok")
+        await stream.send_all(
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n"
+            b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok"
+        )
         await trio.sleep_forever()
 
     async with serve_upstream(early_hints) as up, UpstreamClient(up.url) as client:

@@ -21,7 +21,11 @@ def ca() -> trustme.CA:
 @pytest.fixture
 def files(ca: trustme.CA, tmp_path: Path) -> dict[str, str]:
     client = ca.issue_cert("gateway.qpher.test")
-    paths = {"ca_file": tmp_path / "ca.pem", "client_cert": tmp_path / "client.pem", "client_key": tmp_path / "client.key"}
+    paths = {
+        "ca_file": tmp_path / "ca.pem",
+        "client_cert": tmp_path / "client.pem",
+        "client_key": tmp_path / "client.key",
+    }
     ca.cert_pem.write_to_path(str(paths["ca_file"]))
     client.cert_chain_pems[0].write_to_path(str(paths["client_cert"]))
     for pem in client.cert_chain_pems[1:]:
@@ -40,7 +44,9 @@ def server_context(ca: trustme.CA, *, require_client_cert: bool) -> ssl.SSLConte
 
 
 async def test_https_upstream_with_required_client_certificate(ca: trustme.CA, files: dict[str, str]) -> None:
-    async with serve_upstream(keep_alive(echo_request), tls=server_context(ca, require_client_cert=True)) as up:
+    async with serve_upstream(
+        keep_alive(echo_request), tls=server_context(ca, require_client_cert=True)
+    ) as up:
         async with UpstreamClient(up.url, **files) as client:
             for _ in range(2):
                 async with client.request("POST", "/tls", [], body=b"over tls") as resp:
@@ -66,7 +72,9 @@ async def test_tls_exchange_is_full_duplex(ca: trustme.CA, files: dict[str, str]
 
 async def test_upstream_requiring_a_client_certificate_refuses_one_without(
         ca: trustme.CA, files: dict[str, str]) -> None:
-    async with serve_upstream(keep_alive(echo_request), tls=server_context(ca, require_client_cert=True)) as up:
+    async with serve_upstream(
+        keep_alive(echo_request), tls=server_context(ca, require_client_cert=True)
+    ) as up:
         async with UpstreamClient(up.url, ca_file=files["ca_file"]) as client:
             with pytest.raises(UpstreamUnavailable) as info:
                 await client.send("GET", "/", [])
@@ -77,7 +85,9 @@ async def test_upstream_requiring_a_client_certificate_refuses_one_without(
 async def test_upstream_certificate_from_an_unknown_ca_is_refused(ca: trustme.CA, tmp_path: Path) -> None:
     other = tmp_path / "other-ca.pem"
     trustme.CA().cert_pem.write_to_path(str(other))
-    async with serve_upstream(keep_alive(echo_request), tls=server_context(ca, require_client_cert=False)) as up:
+    async with serve_upstream(
+        keep_alive(echo_request), tls=server_context(ca, require_client_cert=False)
+    ) as up:
         async with UpstreamClient(up.url, ca_file=str(other)) as client:
             with pytest.raises(UpstreamUnavailable, match="tls handshake") as info:
                 await client.send("GET", "/", [])
