@@ -209,15 +209,14 @@ def _become_kms_user(name: str) -> None:
 
 
 def kms_command(args: argparse.Namespace) -> int:
-    from .kms.wire.model import KEKSettings
     from .kms.worker.admin import rotate_kek_command
+    from .server.settings import kek_settings
 
     cfg = load_config(args.config)
     if os.geteuid() == 0 and cfg.kms.user:
         _become_kms_user(cfg.kms.user)
-    k = cfg.kms.kek
     result, old_id, new_id = rotate_kek_command(
-        cfg.kms.dir, KEKSettings(provider=k.provider, file=k.file, env=k.env), args.new_kek_file,
+        cfg.kms.dir, kek_settings(cfg.kms.kek), args.new_kek_file,
         generate=args.generate,
         progress=lambda done, total: print(f"\rre-wrapped {done}/{total}", end="", file=sys.stderr),
     )

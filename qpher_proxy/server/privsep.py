@@ -61,10 +61,10 @@ import trio
 from ..config import Config
 from ..errors import ConfigError
 from ..kms.client import KMSClient, OpHook, WorkerChannel
-from ..kms.launcher import KMSSupervisor, WorkerHandoff, default_worker_count
-from ..kms.wire.model import KEKSettings
+from ..kms.launcher import WorkerHandoff
 from ..kms.wire.protocol import ClientConnection, Value
 from ..sandbox import RunAs, lookup_user
+from .settings import kms_supervisor
 
 log = logging.getLogger("qpher.supervisor")
 
@@ -248,21 +248,9 @@ class Supervisor:
         self.config_path = os.path.abspath(config_path)
         self.python = python
         self.users = resolve_users(cfg)
-        k = cfg.kms
-        self.kms = KMSSupervisor(
-            kms_dir=k.dir,
-            kek=KEKSettings(provider=k.kek.provider, file=k.kek.file, env=k.kek.env),
-            workers=k.workers or default_worker_count(),
-            backend=cfg.crypto.backend,
-            destroy_delay=k.destroy_delay,
-            request_timeout=k.request_timeout,
-            restart_backoff_max=k.restart_backoff_max,
-            max_batch=max(cfg.api.max_batch_items, 1),
-            on_restart=self._worker_restarted,
-            python=python,
-            worker_user=self.users.kms,
-            handoff=self._handoff,
-            kek_fd=kek_fd,
+        self.kms = kms_supervisor(
+            cfg, on_restart=self._worker_restarted, python=python, worker_user=self.users.kms,
+            handoff=self._handoff, kek_fd=kek_fd,
         )
         self._control: trio.socket.SocketType | None = None
         self._control_ready = trio.Event()

@@ -24,7 +24,6 @@ import os
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import trio
@@ -34,20 +33,20 @@ from ..audit import AuditLog
 from ..auth.apikeys import APIKeyStore, Authenticator, load_pepper
 from ..config import Config, parse_listen
 from ..errors import ConfigError, QpherError
-from ..http import HTTPLimits, HTTPServer, SecurityHeaders
-from ..kms.launcher import KMSSupervisor, default_worker_count
-from ..kms.wire.model import KEKSettings
+from ..http import HTTPServer, SecurityHeaders
+from ..kms.launcher import KMSSupervisor
 from ..logs import configure_logging
 from ..metrics import Metrics
 from ..policy.engine import PolicyEngine
 from ..ratelimit import QuotaCounter, TokenBucketLimiter
-from ..tls.context import ServerTLSContextHolder, TLSSettings
+from ..tls.context import ServerTLSContextHolder
 from ..tls.failures import SUMMARY_INTERVAL, HandshakeFailureSummary, failure_reason
 from ..tls.listener import TLSListener
 from ..upstream import UpstreamClient
 from .confine import Confinement
 from .gateway import Gateway
 from .privsep import SupervisedKMS
+from .settings import http_limits, kms_supervisor, tls_settings, upstream_client
 
 log = logging.getLogger("qpher.server")
 
@@ -62,29 +61,6 @@ class Running:
     supervisor: KMSSupervisor
     tls: ServerTLSContextHolder
     reload: Callable[[], Awaitable[None]] = field(repr=False, default=None)  # type: ignore[assignment]
-
-
-def _optional_path(path: str | None) -> Path | None:
-    return None if path is None else Path(path)
-
-
-def tls_settings(cfg: Config) -> TLSSettings:
-    t = cfg.tls
-    return TLSSettings(
-        cert_file=Path(t.cert_file), key_file=Path(t.key_file),
-        mldsa_cert_file=_optional_path(t.mldsa_cert_file), mldsa_key_file=_optional_path(t.mldsa_key_file),
-        min_version=t.min_version, groups=t.groups, require_pq=t.require_pq, client_auth=t.client_auth,
-        client_ca=_optional_path(t.client_ca), handshake_timeout=t.handshake_timeout,
-    )
-
-
-def http_limits(cfg: Config) -> HTTPLimits:
-    h = cfg.http
-    return HTTPLimits(
-        max_header_bytes=h.max_header_bytes, max_body_bytes=h.max_body_bytes,
-        header_timeout=h.header_timeout, idle_timeout=h.idle_timeout,
-        max_connections=cfg.limits.max_connections,
-    )
 
 
 async def _bind(cfg: Config) -> list[trio.SocketListener]:
@@ -115,7 +91,7 @@ async def serve(
     try:
         if confinement is not None:
             confinement.apply(cfg)
-        holder = ServerTLSContextHolder(tls_settings(cfg))
+        holder = ServerTLSContextHolder(tls_settings(cfg.tls))
         os.makedirs(os.path.dirname(cfg.audit.file), mode=0o700, exist_ok=True)
         audit = AuditLog(cfg.audit.file, rotate_bytes=cfg.audit.rotate_bytes)
     except BaseException:
@@ -153,14 +129,7 @@ async def serve(
             kms.on_restart = on_restart
             supervisor = kms
         else:
-            supervisor = KMSSupervisor(
-                kms_dir=k.dir,
-                kek=KEKSettings(provider=k.kek.provider, file=k.kek.file, env=k.kek.env),
-                workers=k.workers or default_worker_count(),
-                backend=cfg.crypto.backend, destroy_delay=k.destroy_delay,
-                request_timeout=k.request_timeout, restart_backoff_max=k.restart_backoff_max,
-                max_batch=max(cfg.api.max_batch_items, 1), on_restart=on_restart, on_op=on_op,
-            )
+            supervisor = kms_supervisor(cfg, on_restart=on_restart, on_op=on_op)
 
         def backend_info() -> dict[str, Any]:
             facts = next(iter(supervisor.info.values()), {})
@@ -184,13 +153,10 @@ async def serve(
             metrics.tls_handshake_failures.labels(reason).inc()
             handshake_failures.record(reason)
 
-        upstream_cm: Any = contextlib.nullcontext(None)
-        u = cfg.upstream
-        if u.url:
-            upstream_cm = UpstreamClient(
-                u.url, connect_timeout=u.connect_timeout, read_timeout=u.read_timeout,
-                pool_size=u.pool_size, ca_file=u.ca_file, client_cert=u.client_cert, client_key=u.client_key,
-            )
+        client = upstream_client(cfg.upstream)
+        upstream_cm: contextlib.AbstractAsyncContextManager[UpstreamClient | None] = (
+            contextlib.nullcontext(None) if client is None else client
+        )
         async with upstream_cm as upstream, trio.open_nursery() as nursery:
             await nursery.start(supervisor.run)
             gateway = Gateway(

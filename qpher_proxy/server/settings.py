@@ -1,0 +1,89 @@
+"""Each subsystem's settings built from the config, in one place.
+
+The config model (``config/model.py``) mirrors the YAML file: one dataclass per section, paths
+as the strings the loader resolved against the config file's directory. The layers below the
+composition never see a config object; like ``h11.Connection(max_incomplete_event_size=...)``
+they take their limits and paths as arguments (``TLSSettings``, ``HTTPLimits``, ``KEKSettings``,
+the ``KMSSupervisor`` and ``UpstreamClient`` arguments). This module is the one place that reads
+the config sections and builds those, with the types each subsystem declares (a TLS path is a
+``Path``). The one-process ``serve()``, the privilege-separated supervisor and the offline KEK
+rotation all build theirs here, so the modes cannot drift apart field by field.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from ..config import Config
+from ..config.model import KEKConfig, TLSConfig, UpstreamConfig
+from ..http import HTTPLimits
+from ..kms.client import OpHook
+from ..kms.launcher import HandoffHook, KMSSupervisor, default_worker_count
+from ..kms.launcher.supervisor import RestartHook
+from ..kms.wire.model import KEKSettings
+from ..sandbox import RunAs
+from ..tls.context import TLSSettings
+from ..upstream import UpstreamClient
+
+__all__ = ["http_limits", "kek_settings", "kms_supervisor", "tls_settings", "upstream_client"]
+
+
+def _optional_path(path: str | None) -> Path | None:
+    return None if path is None else Path(path)
+
+
+def tls_settings(t: TLSConfig) -> TLSSettings:
+    return TLSSettings(
+        cert_file=Path(t.cert_file), key_file=Path(t.key_file),
+        mldsa_cert_file=_optional_path(t.mldsa_cert_file), mldsa_key_file=_optional_path(t.mldsa_key_file),
+        min_version=t.min_version, groups=t.groups, require_pq=t.require_pq, client_auth=t.client_auth,
+        client_ca=_optional_path(t.client_ca), handshake_timeout=t.handshake_timeout,
+    )
+
+
+def http_limits(cfg: Config) -> HTTPLimits:
+    """The ``http:`` section and the connection cap of ``limits:``."""
+    h = cfg.http
+    return HTTPLimits(
+        max_header_bytes=h.max_header_bytes, max_body_bytes=h.max_body_bytes,
+        header_timeout=h.header_timeout, idle_timeout=h.idle_timeout,
+        max_connections=cfg.limits.max_connections,
+    )
+
+
+def kek_settings(k: KEKConfig) -> KEKSettings:
+    # KEKSettings travels to the workers in their HELLO frame: its file stays a string.
+    return KEKSettings(provider=k.provider, file=k.file, env=k.env)
+
+
+def kms_supervisor(
+    cfg: Config,
+    *,
+    on_restart: RestartHook | None = None,
+    on_op: OpHook | None = None,
+    python: str = sys.executable,
+    worker_user: RunAs | None = None,
+    handoff: HandoffHook | None = None,
+    kek_fd: int | None = None,
+) -> KMSSupervisor:
+    """The KMS workers the ``kms:`` section describes; the hooks and the process details are the
+    caller's (the defaults are ``KMSSupervisor``'s own)."""
+    k = cfg.kms
+    return KMSSupervisor(
+        kms_dir=k.dir, kek=kek_settings(k.kek), workers=k.workers or default_worker_count(),
+        backend=cfg.crypto.backend, destroy_delay=k.destroy_delay, request_timeout=k.request_timeout,
+        restart_backoff_max=k.restart_backoff_max, max_batch=max(cfg.api.max_batch_items, 1),
+        on_restart=on_restart, on_op=on_op, python=python, worker_user=worker_user, handoff=handoff,
+        kek_fd=kek_fd,
+    )
+
+
+def upstream_client(u: UpstreamConfig) -> UpstreamClient | None:
+    """The sidecar's client, or None when no ``upstream.url`` is set."""
+    if not u.url:
+        return None
+    return UpstreamClient(
+        u.url, connect_timeout=u.connect_timeout, read_timeout=u.read_timeout, pool_size=u.pool_size,
+        ca_file=u.ca_file, client_cert=u.client_cert, client_key=u.client_key,
+    )
