@@ -15,10 +15,13 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TypeAlias
 
 from .errors import ConfigError, QpherError
 
 DEFAULT_STATE_DIR = ".qpher"
+
+_Commands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 # `qpher-proxy bench NAME`: each runs a module of the qpher_proxy_bench package (see _bench).
 BENCHMARKS = {
@@ -44,7 +47,21 @@ def _add_config(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qpher-proxy", description="Post-quantum crypto gateway")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_init(sub)
+    _add_serve(sub)
+    sub.add_parser("version", help="print versions of the product, its backend and libraries")
+    _add_check_config(sub)
+    _add_apikey(sub)
+    _add_policy(sub)
+    _add_audit(sub)
+    _add_kms(sub)
+    _add_fail_open(sub)
+    _add_bench(sub)
+    return parser
 
+
+def _add_init(sub: _Commands) -> None:
+    """``init``."""
     p = sub.add_parser("init", help="create a working dev state (PKI, KEK, pepper, config, demo API key)")
     p.add_argument("--dir", default=DEFAULT_STATE_DIR, help="state directory (default: .qpher)")
     p.add_argument("--port", type=int, default=8443, help="port written to the new config (default 8443)")
@@ -52,12 +69,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--renew-certs", action="store_true",
                    help="issue new server certificates from the dev CA (kept in DIR/ca/) even if still valid")
 
+
+def _add_serve(sub: _Commands) -> None:
+    """``serve``."""
     p = sub.add_parser("serve", help="run the gateway and its KMS workers")
     _add_config(p)
     p.add_argument("--kek-fd", type=int, default=None, help=argparse.SUPPRESS)  # set by serve's own re-exec
 
-    sub.add_parser("version", help="print versions of the product, its backend and libraries")
 
+def _add_check_config(sub: _Commands) -> None:
+    """``check-config``."""
     p = sub.add_parser("check-config", help="validate a config file and exit",
                        description="Validate a config file as `serve` would load it, and exit: 0 and one "
                                    "line if it is valid, 2 and one line naming the mistake if not.")
@@ -66,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not check that the files it names exist (certificates, policy directory): "
                         "validate a config written for another machine, or config.example.yaml")
 
+
+def _add_apikey(sub: _Commands) -> None:
+    """``apikey create|list|revoke``."""
     p = sub.add_parser("apikey", help="manage API keys")
     asub = p.add_subparsers(dest="apikey_command", required=True, metavar="ACTION")
     c = asub.add_parser("create", help="create a key; it is printed exactly once",
@@ -92,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("key_id", metavar="KEY_ID",
                    help="the key id: the 12 characters between qph_ and the second _ (see `apikey list`)")
 
+
+def _add_policy(sub: _Commands) -> None:
+    """``policy check|explain``."""
     p = sub.add_parser("policy", help="policy tooling")
     psub = p.add_subparsers(dest="policy_command", required=True, metavar="ACTION")
     c = psub.add_parser("check", help="validate a policy directory (exit non-zero on any error)")
@@ -112,12 +139,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="negotiated TLS key-exchange group (default X25519MLKEM768)")
     c.add_argument("--policy-dir", help="explain against this directory instead of the configured one")
 
+
+def _add_audit(sub: _Commands) -> None:
+    """``audit verify``."""
     p = sub.add_parser("audit", help="audit log tooling")
     ausub = p.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
     c = ausub.add_parser("verify", help="verify the hash chain of audit files; exit 1 on any finding")
     c.add_argument("files", nargs="+", metavar="FILE",
                    help="an audit log and its rotated files (audit.log*): they are put in rotation order")
 
+
+def _add_kms(sub: _Commands) -> None:
+    """``kms rotate-kek``."""
     p = sub.add_parser("kms", help="KMS administration (offline)")
     ksub = p.add_subparsers(dest="kms_command", required=True, metavar="ACTION")
     c = ksub.add_parser("rotate-kek", help="re-wrap every key file under a new KEK (safe to re-run)")
@@ -125,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--new-kek-file", required=True, help="file with the new KEK (32 bytes, base64, 0600)")
     c.add_argument("--generate", action="store_true", help="create --new-kek-file first if it does not exist")
 
+
+def _add_fail_open(sub: _Commands) -> None:
+    """``fail-open open|close``."""
     p = sub.add_parser("fail-open", help="emergency fail-open window on a running proxy (admin key)",
                        description="Open or close the emergency fail-open window of a running proxy: while "
                                    "it is open, requests the policy cannot decide are admitted (explicit "
@@ -142,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
             c.add_argument("--seconds", type=float, default=300.0,
                            help="how long, at most policy.fail_open.max_seconds (default 300)")
 
+
+def _add_bench(sub: _Commands) -> None:
+    """``bench NAME``: one sub-command per entry of ``BENCHMARKS``."""
     p = sub.add_parser("bench", help="benchmarks that print figures",
                        description="Benchmarks that print figures, each with ratios against the raw library "
                                    "measured in the same run. `qpher-proxy bench NAME --help` lists a "
@@ -152,7 +191,6 @@ def build_parser() -> argparse.ArgumentParser:
         # goes to the benchmark's own parser.
         c = bsub.add_parser(name, help=what, add_help=False, prefix_chars="\0")
         c.add_argument("options", nargs=argparse.REMAINDER, help="the benchmark's own options")
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -157,79 +157,120 @@ def _give(path: Path, user: str | None) -> None:
 
 def init_state(directory: Path, *, port: int = 8443, mldsa_cert: bool = False, renew_certs: bool = False,
                out: TextIO) -> None:
-    from .auth.apikeys import APIKeyStore, generate_pepper_file, load_pepper
-    from .kms.worker.kek import generate_kek_file
     from .tls.certs import make_dev_pki
 
     directory = directory.resolve()
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    separate = os.geteuid() == 0 and reachable_by_others(directory)
-    gw_user, kms_user = (GATEWAY_USER, KMS_USER) if separate else (None, None)
-    if separate:
-        ensure_system_user(GATEWAY_USER)
-        ensure_system_user(KMS_USER)
+    users = _system_users(directory)
+    separate = users != (None, None)
     os.chmod(directory, 0o711 if separate else 0o700)  # others may pass through, never list
-    secrets_dir = _private_dir(directory / "secrets")
-    kek_dir = _private_dir(directory / "kek")
-    _private_dir(directory / "kms")
-    _private_dir(directory / "data")
-    _private_dir(directory / "audit")
+    for sub in ("secrets", "kek", "kms", "data", "audit"):
+        _private_dir(directory / sub)
 
     pki = make_dev_pki(directory / "certs", mldsa=mldsa_cert, ca_key_dir=directory / "ca", renew=renew_certs)
     for p in pki.created:
         print(f"created {p}", file=out)
+    _create_kek(directory / "kek" / "kek.b64", out)
+    pepper_path = directory / "secrets" / "pepper"
+    _create_pepper(pepper_path, out)
+    _create_policies(directory / "policies", out)
+    config_path = directory / "config.yaml"
+    _create_config(config_path, port, mldsa_cert, users, out)
+    demo_path = directory / "secrets" / "demo-api-key"
+    _create_demo_key(demo_path, directory / "data" / "gateway.db", pepper_path, out)
+    _hand_over(directory, users)
+    _print_users(directory, users, out)
+    print(f"\nready: qpher-proxy serve --config {config_path}", file=out)
+    print(f"try:   curl --cacert {pki.ca_cert} -H \"Authorization: Bearer $(cat {demo_path})\" "
+          f"https://localhost:{port}/v1/info", file=out)
 
-    kek_path = kek_dir / "kek.b64"
+
+def _system_users(directory: Path) -> tuple[str | None, str | None]:
+    """(gateway user, KMS user): the system users, created if need be, when running as root in
+    a directory other users can reach; (None, None) -- one user for every process -- otherwise."""
+    if not (os.geteuid() == 0 and reachable_by_others(directory)):
+        return None, None
+    ensure_system_user(GATEWAY_USER)
+    ensure_system_user(KMS_USER)
+    return GATEWAY_USER, KMS_USER
+
+
+def _create_kek(kek_path: Path, out: TextIO) -> None:
+    from .kms.worker.kek import generate_kek_file
+
     if not kek_path.exists():
         kek_id = generate_kek_file(kek_path)
         print(f"created {kek_path} (KEK id {kek_id})", file=out)
-    pepper_path = secrets_dir / "pepper"
+
+
+def _create_pepper(pepper_path: Path, out: TextIO) -> None:
+    from .auth.apikeys import generate_pepper_file
+
     if not pepper_path.exists():
         generate_pepper_file(pepper_path)
         print(f"created {pepper_path}", file=out)
 
-    policies = directory / "policies"
-    if not policies.exists():
-        src = _examples_dir()
-        if src is not None:
-            shutil.copytree(src, policies)
-        else:
-            policies.mkdir(mode=0o755)
-            (policies / "00-default.yaml").write_text(_BUILTIN_POLICY)
-        print(f"created {policies}/", file=out)
 
-    config_path = directory / "config.yaml"
-    if not config_path.exists():
-        text = (
-            "# Written by `qpher-proxy init`. Every option, with its default, is documented in\n"
-            "# config.example.yaml at the repository root.\n"
-            + yaml.safe_dump(default_config(port, mldsa_cert, (gw_user, kms_user)), sort_keys=False)
+def _create_policies(policies: Path, out: TextIO) -> None:
+    """A copy of the repository's example policies, or the built-in minimal one without them."""
+    if policies.exists():
+        return
+    src = _examples_dir()
+    if src is not None:
+        shutil.copytree(src, policies)
+    else:
+        policies.mkdir(mode=0o755)
+        (policies / "00-default.yaml").write_text(_BUILTIN_POLICY)
+    print(f"created {policies}/", file=out)
+
+
+def _create_config(
+    config_path: Path, port: int, mldsa: bool, users: tuple[str | None, str | None], out: TextIO
+) -> None:
+    """``config.yaml``, written whole through a temporary file."""
+    if config_path.exists():
+        return
+    text = (
+        "# Written by `qpher-proxy init`. Every option, with its default, is documented in\n"
+        "# config.example.yaml at the repository root.\n"
+        + yaml.safe_dump(default_config(port, mldsa, users), sort_keys=False)
+    )
+    tmp = config_path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, config_path)
+    print(f"created {config_path}", file=out)
+
+
+def _create_demo_key(demo_path: Path, db: Path, pepper_path: Path, out: TextIO) -> None:
+    """The demo tenant's API key, stored in ``db`` and its value kept in ``demo_path`` (0600)."""
+    from .auth.apikeys import APIKeyStore, load_pepper
+
+    if demo_path.exists():
+        return
+    with APIKeyStore(db, load_pepper(pepper_path)) as store:
+        record, full_key = store.create(
+            DEMO_TENANT, DEMO_PLAN, DEMO_SCOPES, label="demo (qpher-proxy init)"
         )
-        tmp = config_path.with_suffix(".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, config_path)
-        print(f"created {config_path}", file=out)
+    _write_private(demo_path, full_key.encode("ascii") + b"\n")
+    print(f"created demo API key {record.key_id} for tenant {DEMO_TENANT!r} (plan {DEMO_PLAN}, "
+          f"scopes {', '.join(DEMO_SCOPES)}); its value is in {demo_path}", file=out)
 
-    demo_path = secrets_dir / "demo-api-key"
-    if not demo_path.exists():
-        with APIKeyStore(directory / "data" / "gateway.db", load_pepper(pepper_path)) as store:
-            record, full_key = store.create(
-                DEMO_TENANT, DEMO_PLAN, DEMO_SCOPES, label="demo (qpher-proxy init)"
-            )
-        _write_private(demo_path, full_key.encode("ascii") + b"\n")
-        print(f"created demo API key {record.key_id} for tenant {DEMO_TENANT!r} (plan {DEMO_PLAN}, "
-              f"scopes {', '.join(DEMO_SCOPES)}); its value is in {demo_path}", file=out)
+
+def _hand_over(directory: Path, users: tuple[str | None, str | None]) -> None:
+    """The gateway's directories to the gateway user, the KEK and key store to the KMS user."""
+    gw_user, kms_user = users
     for sub in ("certs", "secrets", "data", "audit"):
         _give(directory / sub, gw_user)
     for sub in ("kek", "kms"):
         _give(directory / sub, kms_user)
-    if separate:
+
+
+def _print_users(directory: Path, users: tuple[str | None, str | None], out: TextIO) -> None:
+    gw_user, kms_user = users
+    if gw_user is not None:
         print(f"users: the gateway runs as {gw_user!r}, the KMS workers as {kms_user!r}; "
-              f"{kek_dir} and {directory / 'kms'} are readable by {kms_user!r} only", file=out)
+              f"{directory / 'kek'} and {directory / 'kms'} are readable by {kms_user!r} only", file=out)
     elif os.geteuid() == 0:
         print(f"note: {directory} is inside a directory other users cannot enter, so every process runs "
               "as root; the gateway is kept from the KMS files by Landlock alone. For separate users, "
               "run init in a directory other users can reach (e.g. /var/lib/qpher-proxy).", file=out)
-    print(f"\nready: qpher-proxy serve --config {config_path}", file=out)
-    print(f"try:   curl --cacert {pki.ca_cert} -H \"Authorization: Bearer $(cat {demo_path})\" "
-          f"https://localhost:{port}/v1/info", file=out)

@@ -267,6 +267,17 @@ def _key_kind(cert: x509.Certificate) -> str:
 def build_server_context(settings: TLSSettings) -> SSL.Context:
     """A fresh server context for ``settings``; ``ConfigError`` (one line) if anything is wrong."""
     ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+    _set_protocol(ctx, settings)
+    _set_groups(ctx, settings)
+    _load_certificates(ctx, settings)
+    if settings.client_auth != "none":
+        _require_client_certificates(ctx, settings)
+    ctx.set_alpn_select_callback(_alpn_selector(tuple(p.encode() for p in settings.alpn)))
+    return ctx
+
+
+def _set_protocol(ctx: SSL.Context, settings: TLSSettings) -> None:
+    """Versions, options, no session resumption, the TLS 1.2 cipher list."""
     min_version = "1.3" if settings.require_pq else settings.min_version
     ctx.set_min_proto_version(_VERSIONS[min_version])
     ctx.set_max_proto_version(SSL.TLS1_3_VERSION)
@@ -280,6 +291,9 @@ def build_server_context(settings: TLSSettings) -> SSL.Context:
     ctx.set_session_id(_SESSION_ID_CONTEXT)
     ctx.set_cipher_list(_TLS12_CIPHERS)
 
+
+def _set_groups(ctx: SSL.Context, settings: TLSSettings) -> None:
+    """The key-exchange groups; ``ConfigError`` for a group this OpenSSL does not know."""
     for group in settings.groups:
         if not _openssl.group_is_known(group):
             raise ConfigError(
@@ -289,6 +303,9 @@ def build_server_context(settings: TLSSettings) -> SSL.Context:
     if not _openssl.set_groups(ctx, settings.offered_groups):
         raise ConfigError(f"tls.groups: OpenSSL refused the group list {list(settings.offered_groups)!r}")
 
+
+def _load_certificates(ctx: SSL.Context, settings: TLSSettings) -> None:
+    """The classical (ECDSA or RSA) chain, and the ML-DSA-65 one when configured."""
     leaf = _load_chain(ctx, settings.cert_file, settings.key_file, "tls.cert_file", "tls.key_file")
     kind = _key_kind(leaf)
     if kind not in ("ECDSA", "RSA"):
@@ -307,24 +324,23 @@ def build_server_context(settings: TLSSettings) -> SSL.Context:
             raise ConfigError(f"tls.mldsa_cert_file: expected an ML-DSA-65 certificate, got {pq_kind}")
         _warn_if_expired(pq_leaf, "tls.mldsa_cert_file")
 
-    if settings.client_auth != "none":
-        assert settings.client_ca is not None  # checked by TLSSettings
-        _read_certificate(settings.client_ca, "tls.client_ca")
-        try:
-            ctx.load_verify_locations(os.fsencode(settings.client_ca))
-            ctx.load_client_ca(os.fsencode(settings.client_ca))
-        except SSL.Error as exc:
-            raise ConfigError(
-                f"tls.client_ca: OpenSSL cannot load CA certificates from {str(settings.client_ca)!r}"
-            ) from exc
-        mode = SSL.VERIFY_PEER
-        if settings.client_auth == "required":
-            mode |= SSL.VERIFY_FAIL_IF_NO_PEER_CERT
-        ctx.set_verify(mode)
-        ctx.set_verify_depth(_VERIFY_DEPTH)
 
-    ctx.set_alpn_select_callback(_alpn_selector(tuple(p.encode() for p in settings.alpn)))
-    return ctx
+def _require_client_certificates(ctx: SSL.Context, settings: TLSSettings) -> None:
+    """Ask for (``optional``) or demand (``required``) a client certificate from ``tls.client_ca``."""
+    assert settings.client_ca is not None  # checked by TLSSettings
+    _read_certificate(settings.client_ca, "tls.client_ca")
+    try:
+        ctx.load_verify_locations(os.fsencode(settings.client_ca))
+        ctx.load_client_ca(os.fsencode(settings.client_ca))
+    except SSL.Error as exc:
+        raise ConfigError(
+            f"tls.client_ca: OpenSSL cannot load CA certificates from {str(settings.client_ca)!r}"
+        ) from exc
+    mode = SSL.VERIFY_PEER
+    if settings.client_auth == "required":
+        mode |= SSL.VERIFY_FAIL_IF_NO_PEER_CERT
+    ctx.set_verify(mode)
+    ctx.set_verify_depth(_VERIFY_DEPTH)
 
 
 def _alpn_selector(ours: tuple[bytes, ...]) -> Callable[[SSL.Connection, list[bytes]], bytes]:
