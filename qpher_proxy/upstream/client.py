@@ -6,39 +6,14 @@ One ``UpstreamClient`` serves the whole gateway. It owns a pool of keep-alive co
 one upstream (``http://`` or ``https://``) and a nursery, entered with ``async with client:``,
 in which the request-body pumps and the idle reaper run.
 
-**One exchange = one connection, two tasks.** ``send()`` checks a connection out of the pool
-(or connects a new one), writes the request head, and, if there is a body, starts a *pump*
-task in the client's nursery that writes the body while the calling task reads the response.
-Both directions must run at once: an upstream that answers while it is still reading (an echo
-server, a 413 sent early) would otherwise deadlock against a client that insisted on writing
-the whole body first, as soon as both TCP windows are full. h11 is full-duplex by design and
-trio streams allow one concurrent sender and one concurrent receiver, so the two tasks share
-the h11 ``Connection`` and the stream without a lock (h11 calls are synchronous; trio is
-single-threaded). ``send()`` returns as soon as the response head has arrived; the response
-body is then pulled on demand by iterating ``resp.body_chunks()``. Nothing is buffered whole:
-at most ``chunk_bytes`` (64 KiB) is read per ``receive_some`` and written per ``send_all``,
-and at most one chunk per direction is in flight.
+``send()`` runs one exchange (``_exchange.py``: the request-body pump, the response reader and
+the reuse rule) on one connection (``_connection.py``, where foreign errors become ours). This
+module holds the pool and what ``send()`` decides before and around an exchange.
 
-The exchange outlives ``send()`` on purpose: the gateway returns a response whose body *is*
-our chunk iterator, and the HTTP server drains it after the handler has returned. The
-connection is released when the body iterator is exhausted (or fails), or by
-``resp.aclose()`` (also reachable as ``resp.body_chunks().aclose()``), which is idempotent and
-safe under cancellation; call it in a ``finally``.
-
-The request body iterator belongs to the exchange once the pump has pulled from it: it is read
-in the pump task (so a ``Cancelled`` aimed at the exchange may land inside its ``__anext__``),
-and if the exchange ends before it is exhausted, its ``aclose()`` (if any) is called. Callers
-must not touch it afterwards.
-
-**Reuse rule.** A connection goes back to the pool only if, at the end of the response body,
-h11 says both sides are ``DONE`` (the request was fully written, the response fully read,
-neither side asked to close), the pump finished without error, and no unread byte is left in
-h11's buffer (bytes after a complete response are garbage or an attack on response framing).
-Anything else - early response while the body was still uploading, ``aclose()`` before the
-end, an error, ``Connection: close``, HTTP/1.0 - closes it. Idle connections expire after
-``idle_timeout`` (a reaper task closes them) and the pool keeps at most ``max_idle``. Before
-a pooled connection is reused it is polled: an idle HTTP/1.1 connection must have nothing to
-read, so a pending EOF (the upstream closed it) or stray bytes discard it.
+**Idle connections** expire after ``idle_timeout`` (a reaper task closes them) and the pool
+keeps at most ``max_idle``. Before a pooled connection is reused it is polled: an idle HTTP/1.1
+connection must have nothing to read, so a pending EOF (the upstream closed it) or stray bytes
+discard it.
 
 **Stale-connection retry.** The poll cannot see a close that races with our request. If a
 *reused* connection fails before a single response byte arrived, the request is sent once more
@@ -53,14 +28,6 @@ keep up). ``read_timeout`` bounds each single write to the upstream and each sin
 it - an inactivity timeout, not a total. While the request body is still being uploaded the
 response read has no deadline (a slow *client* is not the upstream's fault; the HTTP server
 times the client out); the moment the upload ends the read deadline starts.
-
-**Errors are mapped at one boundary** (``_io`` and ``_translate``): DNS failure, refused or
-reset connections and TLS failures become ``UpstreamUnavailable`` (502), expired deadlines
-``UpstreamTimeout`` (504), h11's ``RemoteProtocolError`` ``UpstreamBadResponse`` (502); the
-foreign exception is kept as ``__cause__`` for the log, and no message names the upstream's
-address. An exception raised by the caller's body iterator (the client went away mid-upload)
-aborts the exchange and is re-raised, unchanged, in the task reading the response. A body that
-disagrees with its declared ``content_length`` gives ``BadRequest`` (400).
 
 **Concurrency.** No lock is held across I/O: the pool is touched only by synchronous code, and
 a ``trio.Semaphore(pool_size)`` bounds concurrent exchanges. A slow upstream response holds
@@ -77,10 +44,8 @@ leg negotiates classical key exchange; the sidecar leg is normally loopback or i
 from __future__ import annotations
 
 import contextlib
-import math
-import select
 import ssl
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Self
@@ -89,14 +54,21 @@ from urllib.parse import urlsplit
 import h11
 import trio
 
-from qpher_proxy.errors import (
-    BadRequest,
-    ConfigError,
-    UpstreamBadResponse,
-    UpstreamError,
-    UpstreamTimeout,
-    UpstreamUnavailable,
-)
+from qpher_proxy.errors import BadRequest, ConfigError, UpstreamUnavailable
+from qpher_proxy.upstream._connection import UpstreamConnection, io_step
+from qpher_proxy.upstream._exchange import Headers, UpstreamResponse
+
+__all__ = [
+    "DEFAULT_CHUNK_BYTES",
+    "DEFAULT_IDLE_TIMEOUT",
+    "DEFAULT_MAX_RESPONSE_HEAD_BYTES",
+    "DEFAULT_POOL_SIZE",
+    "IDEMPOTENT_METHODS",
+    "PoolStats",
+    "UpstreamClient",
+    "UpstreamResponse",
+    "UpstreamTarget",
+]
 
 KiB = 1024
 
@@ -113,48 +85,7 @@ DEFAULT_POOL_SIZE = 64
 IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 _BODY_EXPECTED = frozenset({b"POST", b"PUT", b"PATCH"})
 
-Headers = list[tuple[bytes, bytes]]
 Body = bytes | bytearray | memoryview | AsyncIterable[bytes] | None
-
-
-# ---- the one error boundary ----------------------------------------------------------
-
-_FOREIGN = (
-    OSError,
-    ssl.SSLError,
-    trio.BrokenResourceError,
-    trio.ClosedResourceError,
-    h11.RemoteProtocolError,
-)
-
-# phase -> (message when the connection failed, message when the deadline expired)
-_MESSAGES = {
-    "pool": ("", "timed out waiting for a free upstream connection"),
-    "connect": ("could not connect to the upstream", "timed out connecting to the upstream"),
-    "tls": ("tls handshake with the upstream failed", "timed out in the tls handshake with the upstream"),
-    "send": ("the upstream connection failed while sending the request",
-             "timed out sending the request to the upstream"),
-    "head": ("the upstream closed the connection before responding", "the upstream did not respond in time"),
-    "body": ("the upstream connection failed mid-response", "the upstream stalled mid-response"),
-}
-
-
-def _translate(exc: BaseException, phase: str) -> UpstreamError:
-    if isinstance(exc, h11.RemoteProtocolError):
-        return UpstreamBadResponse("the upstream sent an invalid response")
-    return UpstreamUnavailable(_MESSAGES[phase][0])
-
-
-@contextlib.contextmanager
-def _io(phase: str, deadline: float) -> Iterator[trio.CancelScope]:
-    """Run one I/O step under ``deadline``; foreign failures leave as ``UpstreamError``."""
-    try:
-        with trio.CancelScope(deadline=deadline) as scope:
-            yield scope
-    except _FOREIGN as exc:
-        raise _translate(exc, phase) from exc
-    if scope.cancelled_caught:
-        raise UpstreamTimeout(_MESSAGES[phase][1])
 
 
 # ---- configuration --------------------------------------------------------------------
@@ -216,37 +147,6 @@ def _client_tls_context(
     return ctx
 
 
-# ---- connections ----------------------------------------------------------------------
-
-class _Connection:
-    """One TCP (+TLS) connection to the upstream and its h11 state machine."""
-
-    __slots__ = ("stream", "raw", "h11", "requests", "idle_since")
-
-    def __init__(self, stream: trio.abc.Stream, raw: trio.SocketStream, max_head: int) -> None:
-        self.stream = stream
-        self.raw = raw
-        self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=max_head)
-        self.requests = 0
-        self.idle_since = 0.0
-
-    def looks_dropped(self) -> bool:
-        """True if the idle socket is readable: EOF from the upstream, or bytes nobody asked for."""
-        try:
-            poller = select.poll()
-            poller.register(self.raw.socket.fileno(), select.POLLIN)
-            return bool(poller.poll(0))
-        except (OSError, ValueError):
-            return True
-
-    def close(self) -> None:
-        # Synchronous on purpose: closing the socket is all there is to do (no close_notify is
-        # owed in https_compatible mode), trio wakes any task blocked on it with
-        # ClosedResourceError, and a cleanup path that cannot checkpoint cannot be cancelled
-        # half-way - the pool's bookkeeping stays exact whatever is being cancelled around it.
-        self.raw.socket.close()
-
-
 @dataclass(frozen=True, slots=True)
 class PoolStats:
     connections_opened: int  # total TCP connections made since start
@@ -291,8 +191,8 @@ class UpstreamClient:
         self.max_response_head_bytes = max_response_head_bytes
 
         self._slots = trio.Semaphore(pool_size)
-        self._idle: list[_Connection] = []  # oldest first; reuse takes the newest (warmest)
-        self._busy: set[_Connection] = set()
+        self._idle: list[UpstreamConnection] = []  # oldest first; reuse takes the newest (warmest)
+        self._busy: set[UpstreamConnection] = set()
         self._idle_added = trio.Event()
         self._opened = 0
         self._nursery: trio.Nursery | None = None
@@ -348,7 +248,7 @@ class UpstreamClient:
         while self._idle and self._idle[0].idle_since + self.idle_timeout <= now:
             self._idle.pop(0).close()
 
-    async def _checkout(self, deadline: float, *, fresh: bool) -> _Connection:
+    async def _checkout(self, deadline: float, *, fresh: bool) -> UpstreamConnection:
         if not fresh:
             self._prune(trio.current_time())
             while self._idle:
@@ -360,25 +260,25 @@ class UpstreamClient:
                 return conn
         stream, raw = await self._open_stream(deadline)
         self._opened += 1
-        conn = _Connection(stream, raw, self.max_response_head_bytes)
+        conn = UpstreamConnection(stream, raw, self.max_response_head_bytes)
         self._busy.add(conn)
         return conn
 
     async def _open_stream(self, deadline: float) -> tuple[trio.abc.Stream, trio.SocketStream]:
-        with _io("connect", deadline):
+        with io_step("connect", deadline):
             raw = await trio.open_tcp_stream(self.target.host, self.target.port)
         if self._tls is None:
             return raw, raw
         stream = trio.SSLStream(raw, self._tls, server_hostname=self.target.host, https_compatible=True)
         try:
-            with _io("tls", deadline):
+            with io_step("tls", deadline):
                 await stream.do_handshake()
         except BaseException:
             raw.socket.close()
             raise
         return stream, raw
 
-    def _checkin(self, conn: _Connection) -> None:
+    def _checkin(self, conn: UpstreamConnection) -> None:
         """Return a connection whose exchange ended cleanly (the caller checked h11's states)."""
         self._busy.discard(conn)
         if self._closed or self.max_idle == 0 or self.idle_timeout == 0:
@@ -390,7 +290,7 @@ class UpstreamClient:
         while len(self._idle) > self.max_idle:
             self._idle.pop(0).close()
 
-    def _discard(self, conn: _Connection) -> None:
+    def _discard(self, conn: UpstreamConnection) -> None:
         self._busy.discard(conn)
         conn.close()
 
@@ -414,6 +314,26 @@ class UpstreamClient:
         """
         if self._nursery is None or self._closed:
             raise RuntimeError("UpstreamClient.send() needs the client entered with 'async with'")
+        method_b, target_b = self._request_line(method, target)
+        data, content_length = _framed_body(method_b, body, content_length)
+        try:
+            head = h11.Request(method=method_b, target=target_b,
+                               headers=self._head_headers(headers, content_length, data is not None))
+        except h11.LocalProtocolError as exc:  # h11 validates method, target and every header
+            raise BadRequest("the request cannot be forwarded: invalid method, target or header") from exc
+
+        idempotent = method_b.upper() in IDEMPOTENT_METHODS
+        deadline = trio.current_time() + self.connect_timeout
+        with io_step("pool", deadline):
+            await self._slots.acquire()
+        try:
+            return await self._exchange(head, data, deadline, idempotent=idempotent)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def _request_line(self, method: bytes | str, target: bytes | str) -> tuple[bytes, bytes]:
+        """The method and the origin-form target (under the upstream's path prefix) to send."""
         try:
             method_b = method.encode("ascii") if isinstance(method, str) else bytes(method)
             target_b = target.encode("ascii") if isinstance(target, str) else bytes(target)
@@ -425,55 +345,38 @@ class UpstreamClient:
             raise BadRequest("only origin-form request targets are forwarded")
         if target_b != b"*":
             target_b = self.target.path_prefix + target_b
+        return method_b, target_b
 
-        if isinstance(body, (bytes, bytearray, memoryview)):
-            body = memoryview(body).cast("B")
-            if content_length is not None and content_length != len(body):
-                raise ValueError(f"content_length is {content_length} but the body has {len(body)} bytes")
-            content_length = len(body)
-            if content_length == 0:
-                body = None
-        elif body is None and content_length:
-            raise ValueError(f"content_length is {content_length} but there is no body")
-        if body is None and content_length is None and method_b.upper() in _BODY_EXPECTED:
-            content_length = 0
-        try:
-            head = h11.Request(method=method_b, target=target_b,
-                               headers=self._head_headers(headers, content_length, body is not None))
-        except h11.LocalProtocolError as exc:  # h11 validates method, target and every header
-            raise BadRequest("the request cannot be forwarded: invalid method, target or header") from exc
+    async def _exchange(
+        self, head: h11.Request, body: memoryview | AsyncIterable[bytes] | None, deadline: float,
+        *, idempotent: bool,
+    ) -> UpstreamResponse:
+        """Run the exchange on a pooled connection, and once more on a fresh one when the
+        stale-connection retry allows it. The caller holds a pool slot; on success the response
+        owns it."""
         replayable = body is None or isinstance(body, memoryview)
-        idempotent = method_b.upper() in IDEMPOTENT_METHODS
-
-        deadline = trio.current_time() + self.connect_timeout
-        with _io("pool", deadline):
-            await self._slots.acquire()
-        try:
-            for attempt in (1, 2):
-                conn = await self._checkout(
-                    deadline if attempt == 1 else trio.current_time() + self.connect_timeout,
-                    fresh=attempt == 2,
-                )
-                reused = conn.requests > 0
-                conn.requests += 1
-                ex = UpstreamResponse(self, conn)
-                try:
-                    await ex._start(head, body)
-                    ex._owns_slot = True  # from here on, ex._finish() gives the slot back
-                    return ex
-                except UpstreamUnavailable:
-                    ex._finish(reusable=False)
-                    retry = (attempt == 1 and reused and not ex._received_any and idempotent
-                             and (replayable or not ex._body_pulled))
-                    if not retry:
-                        raise
-                except BaseException:
-                    ex._finish(reusable=False)
+        for attempt in (1, 2):
+            conn = await self._checkout(
+                deadline if attempt == 1 else trio.current_time() + self.connect_timeout,
+                fresh=attempt == 2,
+            )
+            reused = conn.requests > 0
+            conn.requests += 1
+            ex = UpstreamResponse(self, conn)
+            try:
+                await ex._start(head, body)
+                ex._owns_slot = True  # from here on, ex._finish() gives the slot back
+                return ex
+            except UpstreamUnavailable:
+                ex._finish(reusable=False)
+                retry = (attempt == 1 and reused and not ex._received_any and idempotent
+                         and (replayable or not ex._body_pulled))
+                if not retry:
                     raise
-            raise AssertionError("unreachable")  # pragma: no cover
-        except BaseException:
-            self._slots.release()
-            raise
+            except BaseException:
+                ex._finish(reusable=False)
+                raise
+        raise AssertionError("unreachable")  # pragma: no cover
 
     @contextlib.asynccontextmanager
     async def request(
@@ -511,271 +414,21 @@ class UpstreamClient:
         return out
 
 
-class UpstreamResponse:
-    """The response to one forwarded request, and the exchange that produces it.
+def _framed_body(
+    method: bytes, body: Body, content_length: int | None
+) -> tuple[memoryview | AsyncIterable[bytes] | None, int | None]:
+    """The body to send (bytes as a byte view, an empty one as ``None``) and its length, if known.
 
-    ``status``, ``reason``, ``http_version``, ``headers`` (as the upstream sent them, names
-    lower-cased: pass them through ``prepare_downstream_headers``) and ``content_length`` are
-    set when ``send()`` returns. ``body_chunks()`` yields the body in pieces of at most
-    ``chunk_bytes``; ``aclose()`` releases the connection (idempotent).
-    """
-
-    status: int
-    reason: bytes
-    http_version: bytes
-    headers: Headers
-    content_length: int | None
-
-    def __init__(self, client: UpstreamClient, conn: _Connection) -> None:
-        self._client = client
-        self._conn = conn
-        self._upload_done = False  # the request's last byte was handed to the kernel
-        self._pump_scope: trio.CancelScope | None = None
-        self._pump_finished = trio.Event()
-        self._send_error: UpstreamError | None = None  # write failed; an early response may still come
-        self._abort: BaseException | None = None  # fatal; raised in the reading task
-        self._recv_scope: trio.CancelScope | None = None
-        self._received_any = False
-        self._body_pulled = False
-        self._finished = False
-        self._owns_slot = False
-        self._body = _BodyIterator(self)
-
-    # -- what the caller uses -----------------------------------------------------------
-
-    def body_chunks(self) -> AsyncIterator[bytes]:
-        """The response body; exhausting it releases the connection. One iterator per response."""
-        return self._body
-
-    async def aclose(self) -> None:
-        """Release the connection; if the body was not read to its end, the connection is closed.
-
-        Safe to call any number of times and under cancellation (the release itself is synchronous)."""
-        self._finish(reusable=False)
-        await trio.lowlevel.cancel_shielded_checkpoint()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
-
-    def __repr__(self) -> str:
-        status = getattr(self, "status", None)
-        return f"<UpstreamResponse status={status} finished={self._finished}>"
-
-    # -- the exchange -------------------------------------------------------------------
-
-    async def _start(self, head: h11.Request, body: memoryview | AsyncIterable[bytes] | None) -> None:
-        conn = self._conn
-        data = conn.h11.send(head) or b""
-        if body is None:
-            data += conn.h11.send(h11.EndOfMessage()) or b""
-        await self._send_bytes(data)
-        if body is None:
-            self._upload_done = True
-        else:
-            self._pump_scope = trio.CancelScope()
-            nursery = self._client._nursery
-            assert nursery is not None
-            nursery.start_soon(self._pump, body)
-        while True:
-            event = await self._next_event("head")
-            if isinstance(event, h11.Response):
-                break
-            if not isinstance(event, h11.InformationalResponse):  # 100, 102, 103: not forwarded
-                raise UpstreamBadResponse("the upstream sent an invalid response")
-        self.status = event.status_code
-        self.reason = bytes(event.reason)
-        self.http_version = bytes(event.http_version)
-        self.headers = [(bytes(n), bytes(v)) for n, v in event.headers]
-        self.content_length = None
-        if not any(n == b"transfer-encoding" for n, _ in self.headers):
-            for n, v in self.headers:
-                if n == b"content-length":
-                    self.content_length = int(v)  # h11 has validated it
-
-    async def _send_bytes(self, data: bytes) -> None:
-        with _io("send", trio.current_time() + self._client.read_timeout):
-            await self._conn.stream.send_all(data)
-
-    async def _pump(self, body: memoryview | AsyncIterable[bytes]) -> None:
-        """Write the request body (runs in the client's nursery; never raises out of it)."""
-        scope = self._pump_scope
-        assert scope is not None
-        with scope:
-            if scope.cancel_called:
-                return  # the exchange ended before we ran: leave the caller's iterator untouched
-            iterator: AsyncIterator[bytes] | None = None
-            exhausted = False
-            try:
-                step = self._client.chunk_bytes
-                if isinstance(body, memoryview):
-                    for i in range(0, len(body), step):
-                        await self._send_data(body[i:i + step])
-                else:
-                    iterator = aiter(body)
-                    while True:
-                        self._body_pulled = True
-                        try:
-                            chunk = await anext(iterator)
-                        except StopAsyncIteration:
-                            exhausted = True
-                            break
-                        view = memoryview(chunk).cast("B")
-                        for i in range(0, len(view), step):
-                            await self._send_data(view[i:i + step])
-                await self._send_bytes(self._conn.h11.send(h11.EndOfMessage()) or b"")
-                self._upload_done = True
-                self._start_read_deadline()
-            except h11.LocalProtocolError as exc:
-                self._abort_with(BadRequest("the request body does not match its declared length"), exc)
-            except UpstreamTimeout as exc:
-                self._abort_with(exc)
-            except UpstreamError as exc:
-                # The upstream may have answered early (413) and closed: let the reader see it.
-                self._send_error = exc
-                self._start_read_deadline()
-            except Exception as exc:
-                # The caller's body iterator failed (client went away, ...) or gave a non-bytes
-                # chunk: hand the exception to the task reading the response, which re-raises it.
-                self._abort_with(exc)
-            finally:
-                # From the first pull on, the body iterator is ours: if the exchange ends before
-                # it is exhausted, close it (an async generator left suspended would otherwise be
-                # finalised by the garbage collector, with a ResourceWarning).
-                try:
-                    if iterator is not None and not exhausted and hasattr(iterator, "aclose"):
-                        # trio types its argument as its AsyncResource ABC; it only calls aclose().
-                        await trio.aclose_forcefully(iterator)  # type: ignore[arg-type]
-                except Exception as exc:
-                    self._abort_with(exc)
-                finally:
-                    self._pump_finished.set()
-
-    async def _send_data(self, piece: memoryview) -> None:
-        if piece:
-            # h11 types Data.data as bytes but frames any bytes-like object: a view sends the
-            # caller's chunk without copying it.
-            await self._send_bytes(self._conn.h11.send(h11.Data(data=piece)) or b"")  # type: ignore[arg-type]
-
-    def _abort_with(self, exc: BaseException, cause: BaseException | None = None) -> None:
-        if cause is not None:
-            exc.__cause__ = cause
-        if self._abort is None:
-            self._abort = exc
-        if self._recv_scope is not None:
-            self._recv_scope.cancel()
-
-    def _start_read_deadline(self) -> None:
-        if self._recv_scope is not None:
-            self._recv_scope.deadline = min(self._recv_scope.deadline,
-                                            trio.current_time() + self._client.read_timeout)
-
-    def _raise_if_aborted(self) -> None:
-        if self._abort is not None:
-            raise self._abort
-
-    async def _next_event(self, phase: str) -> h11.Event:
-        conn = self._conn
-        while True:
-            self._raise_if_aborted()
-            try:
-                event = conn.h11.next_event()
-            except h11.RemoteProtocolError as exc:
-                raise _translate(exc, phase) from exc
-            if event is not h11.NEED_DATA:
-                if event is h11.PAUSED or isinstance(event, h11.ConnectionClosed):
-                    raise UpstreamBadResponse("the upstream sent an invalid response")
-                return event  # type: ignore[return-value]
-            uploading = not self._upload_done and self._send_error is None
-            deadline = math.inf if uploading else trio.current_time() + self._client.read_timeout
-            try:
-                with _io(phase, deadline) as scope:
-                    self._recv_scope = scope
-                    data = await conn.stream.receive_some(self._client.chunk_bytes)
-            except UpstreamError:
-                self._raise_if_aborted()
-                if self._send_error is not None and not self._received_any:
-                    raise self._send_error from None
-                raise
-            finally:
-                self._recv_scope = None
-            if not data and not self._received_any:
-                raise UpstreamUnavailable(_MESSAGES["head"][0])
-            self._received_any = True
-            # h11 types receive_data's argument as bytes; it appends it to a bytearray, so the
-            # bytearray a trio stream may return needs no copy.
-            conn.h11.receive_data(data)  # type: ignore[arg-type]
-
-    async def _end_of_body(self) -> None:
-        """The response's EndOfMessage arrived: reuse the connection if the exchange was clean."""
-        h = self._conn.h11
-        if h.our_state is h11.DONE and not self._pump_finished.is_set() and self._pump_scope is not None:
-            await self._pump_finished.wait()  # its last send_all is in flight (bounded by read_timeout)
-        clean = (
-            h.our_state is h11.DONE and h.their_state is h11.DONE
-            and self._abort is None and self._send_error is None and self._upload_done
-            and not h.trailing_data[0]
-        )
-        if clean:
-            h.start_next_cycle()
-        self._finish(reusable=clean)
-
-    def _finish(self, *, reusable: bool) -> None:
-        if self._finished:
-            return
-        self._finished = True
-        if self._pump_scope is not None:
-            self._pump_scope.cancel()
-        try:
-            if reusable:
-                self._client._checkin(self._conn)
-            else:
-                self._client._discard(self._conn)
-        finally:
-            if self._owns_slot:
-                self._owns_slot = False
-                self._client._slots.release()
-
-
-class _BodyIterator:
-    """``async for chunk in resp.body_chunks()``: a plain iterator class, not an async generator,
-    so that releasing the connection never depends on generator finalisation."""
-
-    __slots__ = ("_resp", "_done")
-
-    def __init__(self, resp: UpstreamResponse) -> None:
-        self._resp = resp
-        self._done = False
-
-    def __aiter__(self) -> _BodyIterator:
-        return self
-
-    async def __anext__(self) -> bytes:
-        resp = self._resp
-        if self._done or resp._finished:
-            self._done = True
-            raise StopAsyncIteration
-        try:
-            while True:
-                event = await resp._next_event("body")
-                if isinstance(event, h11.Data):
-                    if event.data:
-                        return bytes(event.data)
-                elif isinstance(event, h11.EndOfMessage):
-                    self._done = True
-                    await resp._end_of_body()
-                    raise StopAsyncIteration
-                else:
-                    raise UpstreamBadResponse("the upstream sent an invalid response")
-        except StopAsyncIteration:
-            raise
-        except BaseException:
-            self._done = True
-            resp._finish(reusable=False)
-            raise
-
-    async def aclose(self) -> None:
-        self._done = True
-        await self._resp.aclose()
+    A method that expects a body and has none is sent with ``Content-Length: 0``."""
+    if isinstance(body, (bytes, bytearray, memoryview)):
+        body = memoryview(body).cast("B")
+        if content_length is not None and content_length != len(body):
+            raise ValueError(f"content_length is {content_length} but the body has {len(body)} bytes")
+        content_length = len(body)
+        if content_length == 0:
+            body = None
+    elif body is None and content_length:
+        raise ValueError(f"content_length is {content_length} but there is no body")
+    if body is None and content_length is None and method.upper() in _BODY_EXPECTED:
+        content_length = 0
+    return body, content_length

@@ -135,13 +135,31 @@ def prepare_upstream_headers(
     """
     if proto not in ("https", "http"):
         raise ValueError(f"proto must be 'https' or 'http', not {proto!r}")
-    client_headers = [(name.lower(), value) for name, value in client_headers]
-    connection_named = _connection_tokens(client_headers)
+    out, client_host, forwarded_chain = _kept_client_headers(
+        client_headers, preserve_host=preserve_host, pass_api_key=pass_api_key
+    )
+    out.append((b"x-forwarded-for", _forwarded_for(client_ip, forwarded_chain, trust_forwarded_for)))
+    out.append((b"x-forwarded-proto", proto.encode("ascii")))
+    forwarded_host = host if host is not None else client_host
+    if forwarded_host:
+        out.append((b"x-forwarded-host", forwarded_host))
+    out.append((b"x-qpher-tenant", _value("the tenant id", tenant_id)))
+    out.append((b"x-qpher-key-id", _value("the key id", api_key_id)))
+    out.append((b"x-request-id", _value("the request id", request_id)))
+    return out
 
+
+def _kept_client_headers(
+    client_headers: Iterable[tuple[bytes, bytes]], *, preserve_host: bool, pass_api_key: bool
+) -> tuple[Headers, bytes | None, list[bytes]]:
+    """The client's headers that may travel on (names lower-cased), its first ``Host`` value and
+    its ``X-Forwarded-For`` values, which are taken out to be rebuilt by ``_forwarded_for``."""
+    headers = [(name.lower(), value) for name, value in client_headers]
+    connection_named = _connection_tokens(headers)
     out: Headers = []
     client_host: bytes | None = None
     forwarded_chain: list[bytes] = []
-    for name, value in client_headers:
+    for name, value in headers:
         if name == b"host":
             if client_host is None:
                 client_host = value
@@ -158,21 +176,15 @@ def prepare_upstream_headers(
         if not pass_api_key and _is_api_key_header(name, value):
             continue
         out.append((name, value))
+    return out, client_host, forwarded_chain
 
+
+def _forwarded_for(client_ip: str, forwarded_chain: list[bytes], trust_forwarded_for: bool) -> bytes:
+    """``X-Forwarded-For``: the client's address, after the client's own chain only if trusted."""
     peer = _value("the client address", client_ip)
     if trust_forwarded_for and any(forwarded_chain):
-        xff = b", ".join(v for v in forwarded_chain if v) + b", " + peer
-    else:
-        xff = peer
-    out.append((b"x-forwarded-for", xff))
-    out.append((b"x-forwarded-proto", proto.encode("ascii")))
-    forwarded_host = host if host is not None else client_host
-    if forwarded_host:
-        out.append((b"x-forwarded-host", forwarded_host))
-    out.append((b"x-qpher-tenant", _value("the tenant id", tenant_id)))
-    out.append((b"x-qpher-key-id", _value("the key id", api_key_id)))
-    out.append((b"x-request-id", _value("the request id", request_id)))
-    return out
+        return b", ".join(v for v in forwarded_chain if v) + b", " + peer
+    return peer
 
 
 def prepare_downstream_headers(upstream_headers: Iterable[tuple[bytes, bytes]]) -> Headers:
