@@ -39,12 +39,10 @@ Payload encodings::
     RESPONSE  value(result)
     ERROR     status:u16 || str8 code || str16 message
 
-``strN`` is a uN length then UTF-8. ``value`` is a tiny self-describing tagged encoding (a
-strict subset of what msgpack does, written here so that it is bytes-safe, dependency-free
-and cheap): ``None``, ``bool``, ``int`` (i64), ``float`` (f64), ``bytes`` and ``str`` (u32
-length), ``list`` (u32 count) and ``dict`` with ``str8`` keys (u32 count), nested at most
-``MAX_DEPTH`` deep. Decoding checks every length against what is left of the frame first,
-so a lying count cannot make us allocate.
+``strN`` is a uN length then UTF-8. ``value`` is a tiny self-describing tagged encoding of
+``None``, ``bool``, ``int``, ``float``, ``bytes``, ``str``, ``list`` and ``dict``: its own theory
+of operation is in :mod:`._values`, beside the code. Decoding checks every length against what
+is left of the frame first, so a lying count cannot make us allocate.
 
 State machine
 -------------
@@ -75,11 +73,19 @@ the expected token.
 
 What a Request is
 -----------------
-A :class:`Request` cannot be constructed without a 32-byte service token and a
-:class:`~qpher_proxy.context.TenantContext` whose ``tenant_id``, ``request_id`` and
-``api_key_id`` are non-empty; :meth:`ClientConnection.request` takes the token from the
-connection (given once at construction) and the context from the caller, so the gateway has
-no way to emit a frame without either. There is no second path to the KMS.
+A :class:`Request` cannot be constructed without a 32-byte service token and a tenant context
+(see :mod:`._events`); :meth:`ClientConnection.request` takes the token from the connection and
+the context from the caller, so the gateway has no way to emit a frame without either.
+
+Where the code is
+-----------------
+This module holds the framing and the two connections (the state machine). The pieces it is
+built from are private modules of this package, and every name the rest of the code uses is
+re-exported here::
+
+    _values    the ``value`` encoding (encode_value, decode_value, Value)
+    _events    the events (Hello, Ready, Request, RejectedRequest, Response, Error, ...)
+    _trusted   trusted_request, trusted_response: the decoder's unchecked constructors
 
 Secrets
 -------
@@ -92,33 +98,51 @@ from __future__ import annotations
 
 import enum
 import struct
-from dataclasses import dataclass, field
-from typing import Any, Final, Literal, Union
 
 from ...context import TenantContext
 from ...errors import QpherError
+from ._events import (
+    MAX_RID,
+    NEED_DATA,
+    TOKEN_BYTES,
+    ConnectionClosed,
+    Error,
+    Event,
+    Hello,
+    NeedData,
+    Ready,
+    RejectedRequest,
+    Request,
+    Response,
+    _check_token,
+    _context_parts,
+)
+from ._trusted import trusted_request, trusted_response
+from ._values import (
+    _MAX_CACHED_KEYS,
+    MAX_DEPTH,
+    Value,
+    _decode_at,
+    _encode_value,
+    _str8,
+    _str8_at,
+    decode_value,
+    encode_value,
+)
 
 KiB = 1024
 MiB = 1024 * KiB
 
-TOKEN_BYTES = 32  # 256-bit service token, fresh per worker start (secrets.token_bytes)
 DEFAULT_MAX_FRAME_SIZE = 16 * MiB  # above the default 1 MiB HTTP body limit with room for batches
 MIN_FRAME_SIZE = 64 * KiB  # smallest max_frame_size we accept: a maximal error frame must fit
-MAX_DEPTH = 8  # nesting of lists/dicts in a value: a batch is depth 3
-MAX_RID = 0xFFFF_FFFF
 
 _LEN = struct.Struct(">I")
 _HDR = struct.Struct(">IBI")  # length, type, rid
 _HDR_SIZE = 9
 _BODY_HDR = 5  # type + rid: the minimum value of ``length``
-_U8 = struct.Struct(">B")
 _U16 = struct.Struct(">H")
-_U32 = struct.Struct(">I")
-_I64 = struct.Struct(">q")
-_F64 = struct.Struct(">d")
-_TAG_LEN = struct.Struct(">BI")
+_OPS: dict[str, bytes] = {}  # op name -> its str8 encoding
 
-Value = Union[None, bool, int, float, bytes, str, "list[Value]", "dict[str, Value]"]
 
 
 class FrameType(enum.IntEnum):
@@ -160,310 +184,6 @@ class FrameTooLarge(ProtocolError):
     framing error; refused while sending, nothing was sent and the connection is unharmed,
     so the caller can tell "this request is too large" from "this connection is gone". Its
     code stays ``kms_protocol_error``: the distinction is for the gateway's own code, by type."""
-
-
-class _Sentinel(enum.Enum):
-    NEED_DATA = "NEED_DATA"
-
-    def __repr__(self) -> str:
-        return self.value
-
-
-NEED_DATA: Final = _Sentinel.NEED_DATA  # "feed me more bytes"; ``event is NEED_DATA`` narrows the type
-
-
-# ---- events ------------------------------------------------------------------------------
-
-
-def _check_token(token: object) -> bytes:
-    if type(token) is not bytes or len(token) != TOKEN_BYTES:
-        raise ValueError(f"service token must be {TOKEN_BYTES} bytes")
-    return token
-
-
-_LEN8 = [bytes((i,)) for i in range(256)]  # the length byte of a str8, by length
-
-
-def _context_parts(context: object) -> tuple[bytes, bytes, bytes, bytes, bytes, bytes]:
-    """The pieces of ``str8 tenant || str8 request_id || str8 api_key_id``, checking each is present."""
-    if type(context) is not TenantContext:
-        raise TypeError(f"context must be a TenantContext, not {type(context).__name__}")
-    t, r, a = context.tenant_id, context.request_id, context.api_key_id
-    if type(t) is str and type(r) is str and type(a) is str:
-        tb, rb, ab = t.encode(), r.encode(), a.encode()
-        if 0 < len(tb) <= 255 and 0 < len(rb) <= 255 and 0 < len(ab) <= 255:
-            return _LEN8[len(tb)], tb, _LEN8[len(rb)], rb, _LEN8[len(ab)], ab
-    for name, v in (("tenant_id", t), ("request_id", r), ("api_key_id", a)):
-        if type(v) is not str or not v:
-            raise ValueError(f"context.{name} must be a non-empty string")
-        if len(v.encode()) > 255:
-            raise ValueError(f"context.{name} must be at most 255 bytes of UTF-8")
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
-def _check_context(context: object) -> TenantContext:
-    _context_parts(context)
-    return context  # type: ignore[return-value]
-
-
-@dataclass(frozen=True, slots=True)
-class Hello:
-    """First frame gateway -> KMS: the per-start service token and the worker's settings."""
-
-    token: bytes = field(repr=False)
-    config: dict[str, Value]
-
-    def __post_init__(self) -> None:
-        _check_token(self.token)
-
-
-@dataclass(frozen=True, slots=True)
-class Ready:
-    """KMS -> gateway after a successful bootstrap: non-secret facts about the worker."""
-
-    info: dict[str, Value]
-
-
-@dataclass(frozen=True, slots=True)
-class Request:
-    """One operation, always with the service token and the tenant context."""
-
-    rid: int
-    token: bytes = field(repr=False)
-    context: TenantContext
-    op: str
-    args: dict[str, Value] = field(repr=False)
-
-    def __post_init__(self) -> None:
-        _check_token(self.token)
-        _check_context(self.context)
-        if type(self.op) is not str or not 0 < len(self.op) <= 64:
-            raise ValueError("op must be a non-empty string of at most 64 characters")
-        if type(self.rid) is not int or not 0 < self.rid <= MAX_RID:
-            raise ValueError(f"rid must be in 1..{MAX_RID}")
-
-
-@dataclass(frozen=True, slots=True)
-class RejectedRequest:
-    """A well-framed REQUEST whose contents are not acceptable; answer with an ERROR frame."""
-
-    rid: int
-    code: str
-    message: str
-
-
-@dataclass(frozen=True, slots=True)
-class Response:
-    rid: int
-    value: Value = field(repr=False)
-
-
-@dataclass(frozen=True, slots=True)
-class Error:
-    """An error answer. ``rid == 0`` is about the connection itself (a failed bootstrap)."""
-
-    rid: int
-    code: str
-    status: int
-    message: str
-
-
-@dataclass(frozen=True, slots=True)
-class ConnectionClosed:
-    """The peer closed its end cleanly, between frames."""
-
-
-Event = Hello | Ready | Request | RejectedRequest | Response | Error | ConnectionClosed
-NeedData = Literal[_Sentinel.NEED_DATA]
-
-
-# ---- value codec -------------------------------------------------------------------------
-
-_T_NONE, _T_TRUE, _T_FALSE, _T_INT, _T_FLOAT, _T_BYTES, _T_STR, _T_LIST, _T_DICT = range(9)
-_NONE_B = bytes([_T_NONE])
-_TRUE_B = bytes([_T_TRUE])
-_FALSE_B = bytes([_T_FALSE])
-_TAG_I64 = struct.Struct(">Bq")
-_TAG_F64 = struct.Struct(">Bd")
-_KEYS: dict[str, bytes] = {}  # dict key -> its str8 encoding; keys come from our code, a small set
-_MAX_CACHED_KEYS = 1024
-_OPS: dict[str, bytes] = {}  # op name -> its str8 encoding
-
-
-def _key_bytes(k: object) -> bytes:
-    if type(k) is not str:
-        raise TypeError(f"dict keys must be str, not {type(k).__name__}")
-    b = k.encode()
-    if len(b) > 255:
-        raise ValueError("dict keys must be at most 255 bytes")
-    kb = bytes((len(b),)) + b
-    if len(_KEYS) < _MAX_CACHED_KEYS:
-        _KEYS[k] = kb
-    return kb
-
-
-def _encode_value(v: Any, out: list[bytes], depth: int = 0) -> None:
-    # Hot path: the leaf types of a typical request or answer are handled inline in the dict
-    # loop below (no recursive call); everything else goes through the general branches.
-    t = type(v)
-    if t is dict:
-        if depth >= MAX_DEPTH:
-            raise ValueError(f"values nest at most {MAX_DEPTH} deep")
-        out.append(_TAG_LEN.pack(_T_DICT, len(v)))
-        keys = _KEYS
-        for k, item in v.items():
-            out.append(keys.get(k) or _key_bytes(k))
-            ti = type(item)
-            if ti is bytes:
-                out.append(_TAG_LEN.pack(_T_BYTES, len(item)))
-                out.append(item)
-            elif item is None:
-                out.append(_NONE_B)
-            elif ti is int:
-                try:
-                    out.append(_TAG_I64.pack(_T_INT, item))
-                except struct.error:
-                    raise ValueError("integers on the wire must fit in 64 bits") from None
-            else:
-                _encode_value(item, out, depth + 1)
-    elif t is bytes:
-        out.append(_TAG_LEN.pack(_T_BYTES, len(v)))
-        out.append(v)
-    elif t is str:
-        b = v.encode()
-        out.append(_TAG_LEN.pack(_T_STR, len(b)))
-        out.append(b)
-    elif t is int:
-        try:
-            out.append(_TAG_I64.pack(_T_INT, v))
-        except struct.error:
-            raise ValueError("integers on the wire must fit in 64 bits") from None
-    elif v is None:
-        out.append(_NONE_B)
-    elif v is True:
-        out.append(_TRUE_B)
-    elif v is False:
-        out.append(_FALSE_B)
-    elif t is list or t is tuple:
-        if depth >= MAX_DEPTH:
-            raise ValueError(f"values nest at most {MAX_DEPTH} deep")
-        out.append(_TAG_LEN.pack(_T_LIST, len(v)))
-        for item in v:
-            _encode_value(item, out, depth + 1)
-    elif t is float:
-        out.append(_TAG_F64.pack(_T_FLOAT, v))
-    elif t is bytearray or t is memoryview:
-        b = bytes(v)
-        out.append(_TAG_LEN.pack(_T_BYTES, len(b)))
-        out.append(b)
-    else:
-        raise TypeError(f"cannot encode a {t.__name__} value")
-
-
-def encode_value(v: Any) -> bytes:
-    out: list[bytes] = []
-    _encode_value(v, out)
-    return b"".join(out)
-
-
-def _decode_at(buf: bytes, p: int, depth: int) -> tuple[Value, int]:
-    """Decode the value starting at ``buf[p]``; returns it and the offset after it.
-
-    ``buf`` is exactly one frame's payload, so ``len(buf)`` is the frame's end; every length
-    is checked against it before anything is sliced or allocated."""
-    end = len(buf)
-    if p >= end:
-        raise ValueError("value runs past the end of the frame")
-    tag = buf[p]
-    if tag == _T_BYTES or tag == _T_STR:
-        if end - p < 5:
-            raise ValueError("value runs past the end of the frame")
-        n = _U32.unpack_from(buf, p + 1)[0]
-        p += 5
-        q = p + n
-        if q > end:
-            raise ValueError("value runs past the end of the frame")
-        return (buf[p:q] if tag == _T_BYTES else buf[p:q].decode()), q
-    if tag == _T_INT:
-        if end - p < 9:
-            raise ValueError("value runs past the end of the frame")
-        return _I64.unpack_from(buf, p + 1)[0], p + 9
-    if tag == _T_NONE:
-        return None, p + 1
-    if tag == _T_TRUE:
-        return True, p + 1
-    if tag == _T_FALSE:
-        return False, p + 1
-    if tag == _T_DICT or tag == _T_LIST:
-        if depth >= MAX_DEPTH:
-            raise ValueError(f"values nest at most {MAX_DEPTH} deep")
-        if end - p < 5:
-            raise ValueError("value runs past the end of the frame")
-        n = _U32.unpack_from(buf, p + 1)[0]
-        p += 5
-        # every item takes at least one byte (a dict item two), so a count larger than what is
-        # left is a lie: refuse it before building anything
-        if n > end - p:
-            raise ValueError("count runs past the end of the frame")
-        depth += 1
-        if tag == _T_LIST:
-            items: list[Value] = []
-            for _ in range(n):
-                v, p = _decode_at(buf, p, depth)
-                items.append(v)
-            return items, p
-        d: dict[str, Value] = {}
-        for _ in range(n):
-            if p >= end:
-                raise ValueError("key runs past the end of the frame")
-            q = p + 1 + buf[p]
-            if q >= end:
-                raise ValueError("key runs past the end of the frame")
-            k = buf[p + 1 : q].decode()
-            tag = buf[q]
-            if tag == _T_BYTES and end - q >= 5:  # the common leaves, inline
-                p = q + 5 + _U32.unpack_from(buf, q + 1)[0]
-                if p > end:
-                    raise ValueError("value runs past the end of the frame")
-                d[k] = buf[q + 5 : p]
-            elif tag == _T_NONE:
-                d[k] = None
-                p = q + 1
-            elif tag == _T_INT and end - q >= 9:
-                d[k] = _I64.unpack_from(buf, q + 1)[0]
-                p = q + 9
-            else:
-                d[k], p = _decode_at(buf, q, depth)
-        return d, p
-    if tag == _T_FLOAT:
-        if end - p < 9:
-            raise ValueError("value runs past the end of the frame")
-        return _F64.unpack_from(buf, p + 1)[0], p + 9
-    raise ValueError(f"unknown value tag {tag}")
-
-
-def _str8_at(buf: bytes, p: int) -> tuple[str, int]:
-    if p >= len(buf):
-        raise ValueError("string runs past the end of the frame")
-    q = p + 1 + buf[p]
-    if q > len(buf):
-        raise ValueError("string runs past the end of the frame")
-    return buf[p + 1 : q].decode(), q
-
-
-def decode_value(data: bytes) -> Value:
-    """Decode exactly one value; raises ``ValueError`` (or ``UnicodeDecodeError``) if malformed."""
-    v, p = _decode_at(data, 0, 0)
-    if p != len(data):
-        raise ValueError("trailing bytes after the value")
-    return v
-
-
-def _str8(s: str) -> bytes:
-    b = s.encode()
-    if len(b) > 255:
-        raise ValueError("string too long for a str8 field")
-    return bytes([len(b)]) + b
 
 
 def _frame(ftype: int, rid: int, payload: list[bytes], max_frame_size: int) -> bytes:
@@ -680,50 +400,6 @@ class ServerConnection(_Connection):
         return self.error(rid, exc.code, exc.status, exc.message)
 
 
-# ---- trusted constructors ------------------------------------------------------------------
-#
-# The decoder builds a Request (and its TenantContext) or a Response for every frame, and it has
-# already checked every field as the dataclasses' own __init__/__post_init__ would. These build
-# the same frozen objects without running those checks again: the slots are filled through their
-# descriptors (what the generated __init__ does by name, at twice the cost). Only for fields
-# checked by the caller; ``tests/kms/test_kms_wire_trusted.py`` proves they build exactly what
-# the checked constructors build.
-
-_new = object.__new__
-_set_tenant, _set_request_id, _set_api_key_id = (
-    TenantContext.__dict__[f].__set__ for f in ("tenant_id", "request_id", "api_key_id")
-)
-_set_rid, _set_token, _set_context, _set_op, _set_args = (
-    Request.__dict__[f].__set__ for f in ("rid", "token", "context", "op", "args")
-)
-_set_resp_rid, _set_resp_value = (Response.__dict__[f].__set__ for f in ("rid", "value"))
-
-
-def trusted_request(
-    rid: int, token: bytes, tenant_id: str, request_id: str, api_key_id: str, op: str, args: dict[str, Value]
-) -> Request:
-    """``Request(rid, token, TenantContext(tenant_id, request_id, api_key_id), op, args)`` for
-    fields the caller has checked (non-empty context strings and op, a 32-byte token, rid > 0)."""
-    ctx = _new(TenantContext)
-    _set_tenant(ctx, tenant_id)
-    _set_request_id(ctx, request_id)
-    _set_api_key_id(ctx, api_key_id)
-    req = _new(Request)
-    _set_rid(req, rid)
-    _set_token(req, token)
-    _set_context(req, ctx)
-    _set_op(req, op)
-    _set_args(req, args)
-    return req
-
-
-def trusted_response(rid: int, value: Value) -> Response:
-    """``Response(rid, value)`` (which checks nothing itself, but costs a generated __init__)."""
-    resp = _new(Response)
-    _set_resp_rid(resp, rid)
-    _set_resp_value(resp, value)
-    return resp
-
 
 class ClientConnection(_Connection):
     """The gateway's side of one worker: sends HELLO then REQUESTs; receives READY/RESPONSE/ERROR.
@@ -813,3 +489,33 @@ class ClientConnection(_Connection):
         except (ValueError, UnicodeDecodeError) as exc:
             raise ProtocolError(f"malformed {FrameType(ftype).name} frame") from exc
 
+
+__all__ = [
+    "DEFAULT_MAX_FRAME_SIZE",
+    "MAX_DEPTH",
+    "MAX_RID",
+    "MIN_FRAME_SIZE",
+    "NEED_DATA",
+    "TOKEN_BYTES",
+    "ClientConnection",
+    "ConnectionClosed",
+    "Error",
+    "Event",
+    "FrameTooLarge",
+    "FrameType",
+    "Hello",
+    "NeedData",
+    "ProtocolError",
+    "Ready",
+    "RejectedRequest",
+    "Request",
+    "Response",
+    "Role",
+    "ServerConnection",
+    "State",
+    "Value",
+    "decode_value",
+    "encode_value",
+    "trusted_request",
+    "trusted_response",
+]
