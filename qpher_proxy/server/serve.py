@@ -88,77 +88,19 @@ async def serve(
     mode); without it, this process starts its own workers. ``confinement``: applied once the
     ports are bound and before any other file is opened."""
     raw_listeners = await _bind(cfg)
-    try:
-        if confinement is not None:
-            confinement.apply(cfg)
-        holder = ServerTLSContextHolder(tls_settings(cfg.tls))
-        os.makedirs(os.path.dirname(cfg.audit.file), mode=0o700, exist_ok=True)
-        audit = AuditLog(cfg.audit.file, rotate_bytes=cfg.audit.rotate_bytes)
-    except BaseException:
-        for ln in raw_listeners:
-            ln.socket.close()
-        raise
+    holder, audit = _confine_and_open(cfg, raw_listeners, confinement)  # steps 1 and 2
     metrics = Metrics()
-    store = APIKeyStore(cfg.auth.db, load_pepper(cfg.auth.pepper_file))
+    store = APIKeyStore(cfg.auth.db, load_pepper(cfg.auth.pepper_file))  # step 2
     quotas = QuotaCounter(cfg.auth.db, flush_interval=cfg.quotas.flush_interval)
     try:
-        policy = PolicyEngine(
-            cfg.policy.dir, audit, eval_budget_s=cfg.policy.eval_budget_ms / 1e3,
-            fail_open_max_seconds=cfg.policy.fail_open.max_seconds,
-        )
-        first = policy.reload()
-        if not first.ok:
-            log.error("no valid policy loaded from %s: requests fail closed (503 policy_unavailable) "
-                      "until the files are fixed", cfg.policy.dir)
-
-        def on_restart(index: int, exit_code: int | None) -> None:
-            metrics.kms_restarts.inc()
-            try:
-                audit.record("kms.restart", "warning", worker=index, exit_code=exit_code)
-            except QpherError:
-                log.error("could not audit a KMS restart", exc_info=True)
-
-        def on_op(op: str, seconds: float, error: str | None) -> None:
-            metrics.kms_op_duration.labels(op).observe(seconds)
-
-        k = cfg.kms
-        supervisor: KMSSupervisor | SupervisedKMS
-        if kms is not None:
-            kms.client.request_timeout = k.request_timeout
-            kms.client.on_op = on_op
-            kms.on_restart = on_restart
-            supervisor = kms
-        else:
-            supervisor = kms_supervisor(cfg, on_restart=on_restart, on_op=on_op)
-
-        def backend_info() -> dict[str, Any]:
-            facts = next(iter(supervisor.info.values()), {})
-            versions = facts.get("versions")
-            return {"name": facts.get("backend", "unknown"),
-                    "versions": dict(versions) if isinstance(versions, dict) else {}}
-
-        api = CryptoAPI(supervisor.client, max_batch_items=cfg.api.max_batch_items, backend_info=backend_info,
+        policy = _load_policy(cfg, audit)  # step 3
+        supervisor = _kms_side(cfg, kms, metrics, audit)
+        api = CryptoAPI(supervisor.client, max_batch_items=cfg.api.max_batch_items,
+                        backend_info=functools.partial(_backend_info, supervisor),
                         policy_revision=lambda: policy.revision)
-
-        def on_handshake(info: Any) -> None:
-            metrics.tls_handshakes.labels(info.group or "none", info.version).inc()
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug("tls handshake", extra={"fields": {
-                    "version": info.version, "cipher": info.cipher, "group": info.group, "alpn": info.alpn}})
-
-        handshake_failures = HandshakeFailureSummary()
-
-        def on_handshake_error(exc: Any) -> None:
-            reason = failure_reason(exc)
-            metrics.tls_handshake_failures.labels(reason).inc()
-            handshake_failures.record(reason)
-
-        client = upstream_client(cfg.upstream)
-        upstream_cm: contextlib.AbstractAsyncContextManager[UpstreamClient | None] = (
-            contextlib.nullcontext(None) if client is None else client
-        )
-        async with upstream_cm as upstream, trio.open_nursery() as nursery:
-            await nursery.start(supervisor.run)
+        handshakes = _HandshakeMetrics(metrics)
+        async with _upstream(cfg) as upstream, trio.open_nursery() as nursery:
+            await nursery.start(supervisor.run)  # step 4: every worker answers READY
             gateway = Gateway(
                 kms=supervisor.client, api=api, authenticator=Authenticator(store, ttl=cfg.auth.cache_ttl),
                 limiter=TokenBucketLimiter(), quotas=quotas, policy=policy, audit=audit, metrics=metrics,
@@ -166,32 +108,21 @@ async def serve(
                 allow_path_params=cfg.upstream.allow_path_params,
             )
             listeners = [
-                TLSListener(ln, holder, on_handshake=on_handshake, on_handshake_error=on_handshake_error)
+                TLSListener(ln, holder, on_handshake=handshakes.on_handshake,
+                            on_handshake_error=handshakes.on_handshake_error)
                 for ln in raw_listeners
             ]
             addresses = [tuple(ln.socket.getsockname()[:2]) for ln in raw_listeners]
-            server = HTTPServer(gateway.handle, limits=http_limits(cfg), on_request_done=gateway.request_done,
-                                shutdown_grace=cfg.server.shutdown_grace,
-                                security_headers=SecurityHeaders(hsts_max_age=cfg.http.hsts_max_age))
-
-            async def reload() -> None:
-                try:
-                    holder.reload()
-                    log.info("TLS certificates reloaded")
-                except QpherError as exc:
-                    log.error("TLS reload rejected, keeping the current certificates: %s", exc.message)
-                await policy.areload()
-
+            server = _http_server(cfg, gateway)
+            reload = _reloader(holder, policy)
             running = Running(addresses, gateway, server, supervisor, holder, reload)  # type: ignore[arg-type]
             nursery.start_soon(policy.run, cfg.policy.reload_interval)
             nursery.start_soon(_flush_quotas, quotas, cfg.quotas.flush_interval)
-            nursery.start_soon(_summarise_handshake_failures, handshake_failures)
+            nursery.start_soon(_summarise_handshake_failures, handshakes.failures)
             if handle_signals:
                 nursery.start_soon(_signals, server, reload)
-            await nursery.start(server.serve, listeners)
-            log.info("serving", extra={"fields": {
-                "listen": [f"{h}:{p}" for h, p in addresses], "kms_workers": supervisor.workers,
-                "backend": backend_info()["name"], "upstream": upstream is not None}})
+            await nursery.start(server.serve, listeners)  # step 5
+            _log_serving(addresses, supervisor, upstream is not None)
             task_status.started(running)
             if isinstance(supervisor, SupervisedKMS):
                 await supervisor.tell({"t": "serving"})
@@ -204,6 +135,123 @@ async def serve(
         _close(audit)
         for ln in raw_listeners:
             ln.socket.close()
+
+
+def _confine_and_open(
+    cfg: Config, raw_listeners: list[trio.SocketListener], confinement: Confinement | None
+) -> tuple[ServerTLSContextHolder, AuditLog]:
+    """Confine the process, then build the TLS contexts and open the audit log; on any failure
+    the bound sockets are closed before the error goes on."""
+    try:
+        if confinement is not None:
+            confinement.apply(cfg)
+        holder = ServerTLSContextHolder(tls_settings(cfg.tls))
+        os.makedirs(os.path.dirname(cfg.audit.file), mode=0o700, exist_ok=True)
+        audit = AuditLog(cfg.audit.file, rotate_bytes=cfg.audit.rotate_bytes)
+    except BaseException:
+        for ln in raw_listeners:
+            ln.socket.close()
+        raise
+    return holder, audit
+
+
+def _load_policy(cfg: Config, audit: AuditLog) -> PolicyEngine:
+    """The policy engine with its first load done; an invalid policy is logged, not raised: the
+    gateway then fails closed until a valid one loads."""
+    policy = PolicyEngine(
+        cfg.policy.dir, audit, eval_budget_s=cfg.policy.eval_budget_ms / 1e3,
+        fail_open_max_seconds=cfg.policy.fail_open.max_seconds,
+    )
+    first = policy.reload()
+    if not first.ok:
+        log.error("no valid policy loaded from %s: requests fail closed (503 policy_unavailable) "
+                  "until the files are fixed", cfg.policy.dir)
+    return policy
+
+
+def _kms_side(
+    cfg: Config, kms: SupervisedKMS | None, metrics: Metrics, audit: AuditLog
+) -> KMSSupervisor | SupervisedKMS:
+    """The KMS workers' supervisor, not yet started: ``kms`` (run by the privilege-separated
+    supervisor process) wired to this process's metrics and audit log, or workers of our own."""
+
+    def on_restart(index: int, exit_code: int | None) -> None:
+        metrics.kms_restarts.inc()
+        try:
+            audit.record("kms.restart", "warning", worker=index, exit_code=exit_code)
+        except QpherError:
+            log.error("could not audit a KMS restart", exc_info=True)
+
+    def on_op(op: str, seconds: float, error: str | None) -> None:
+        metrics.kms_op_duration.labels(op).observe(seconds)
+
+    if kms is None:
+        return kms_supervisor(cfg, on_restart=on_restart, on_op=on_op)
+    kms.client.request_timeout = cfg.kms.request_timeout
+    kms.client.on_op = on_op
+    kms.on_restart = on_restart
+    return kms
+
+
+def _backend_info(supervisor: KMSSupervisor | SupervisedKMS) -> dict[str, Any]:
+    """The crypto backend's name and library versions, as the first KMS worker reported them."""
+    facts = next(iter(supervisor.info.values()), {})
+    versions = facts.get("versions")
+    return {"name": facts.get("backend", "unknown"),
+            "versions": dict(versions) if isinstance(versions, dict) else {}}
+
+
+class _HandshakeMetrics:
+    """TLS handshake outcomes into the metrics, and failures into a periodic log summary."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+        self.failures = HandshakeFailureSummary()
+
+    def on_handshake(self, info: Any) -> None:
+        self._metrics.tls_handshakes.labels(info.group or "none", info.version).inc()
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("tls handshake", extra={"fields": {
+                "version": info.version, "cipher": info.cipher, "group": info.group, "alpn": info.alpn}})
+
+    def on_handshake_error(self, exc: Any) -> None:
+        reason = failure_reason(exc)
+        self._metrics.tls_handshake_failures.labels(reason).inc()
+        self.failures.record(reason)
+
+
+def _upstream(cfg: Config) -> contextlib.AbstractAsyncContextManager[UpstreamClient | None]:
+    """The upstream client when one is configured, else a context that gives None."""
+    client = upstream_client(cfg.upstream)
+    return contextlib.nullcontext(None) if client is None else client
+
+
+def _http_server(cfg: Config, gateway: Gateway) -> HTTPServer:
+    return HTTPServer(gateway.handle, limits=http_limits(cfg), on_request_done=gateway.request_done,
+                      shutdown_grace=cfg.server.shutdown_grace,
+                      security_headers=SecurityHeaders(hsts_max_age=cfg.http.hsts_max_age))
+
+
+def _reloader(holder: ServerTLSContextHolder, policy: PolicyEngine) -> Callable[[], Awaitable[None]]:
+    """SIGHUP's action: new TLS certificates (a bad set keeps the current one), then the policy."""
+
+    async def reload() -> None:
+        try:
+            holder.reload()
+            log.info("TLS certificates reloaded")
+        except QpherError as exc:
+            log.error("TLS reload rejected, keeping the current certificates: %s", exc.message)
+        await policy.areload()
+
+    return reload
+
+
+def _log_serving(
+    addresses: list[tuple[str, int]], supervisor: KMSSupervisor | SupervisedKMS, upstream: bool
+) -> None:
+    log.info("serving", extra={"fields": {
+        "listen": [f"{h}:{p}" for h, p in addresses], "kms_workers": supervisor.workers,
+        "backend": _backend_info(supervisor)["name"], "upstream": upstream}})
 
 
 async def _wait_for_shutdown(server: HTTPServer) -> None:
