@@ -379,21 +379,8 @@ class KMSClient:
                     w, n = other, m
         try:
             rid, frame = w.conn.request(ctx, op, args)
-        except FrameTooLarge as exc:
-            if hook is not None:
-                hook(op, time.perf_counter() - t0, BodyTooLarge.code)
-            raise BodyTooLarge(f"the request is too large for the KMS ({exc.message})") from exc
-        except ProtocolError as exc:
-            # The connection is no longer serving (its worker died or sent garbage). The reader
-            # retires a channel the moment it sees that, so this is a backstop, and it is what
-            # it means: the worker is gone, not the request at fault.
-            if hook is not None:
-                hook(op, time.perf_counter() - t0, KMSUnavailable.code)
-            raise KMSUnavailable("the KMS worker for this request stopped") from exc
-        except (TypeError, ValueError) as exc:
-            # a gateway bug (no tenant in the context, an unencodable value); the text names
-            # only the field, never its value
-            raise QpherError(f"bad KMS request: {exc}", code="internal_error", status=500) from exc
+        except (ProtocolError, TypeError, ValueError) as exc:
+            raise self._unsendable(op, t0, exc) from exc
         inflight = w.inflight
         spin = self.spin
         lone: _LoneTrips | None = None
@@ -428,6 +415,24 @@ class KMSClient:
         if hook is not None:
             hook(op, time.perf_counter() - t0, None)
         return value
+
+    def _unsendable(self, op: str, t0: float, exc: ProtocolError | TypeError | ValueError) -> QpherError:
+        """What :meth:`call` raises for a request its connection refused to encode (nothing was sent)."""
+        hook = self.on_op
+        if isinstance(exc, FrameTooLarge):
+            if hook is not None:
+                hook(op, time.perf_counter() - t0, BodyTooLarge.code)
+            return BodyTooLarge(f"the request is too large for the KMS ({exc.message})")
+        if isinstance(exc, ProtocolError):
+            # The connection is no longer serving (its worker died or sent garbage). The reader
+            # retires a channel the moment it sees that, so this is a backstop, and it is what
+            # it means: the worker is gone, not the request at fault.
+            if hook is not None:
+                hook(op, time.perf_counter() - t0, KMSUnavailable.code)
+            return KMSUnavailable("the KMS worker for this request stopped")
+        # a gateway bug (no tenant in the context, an unencodable value); the text names only
+        # the field, never its value
+        return QpherError(f"bad KMS request: {exc}", code="internal_error", status=500)
 
     def _lone_trips(self, op: str) -> _LoneTrips:
         if len(self._lone) >= _MAX_OPS_TRACKED:  # op names come from our code; this is a backstop

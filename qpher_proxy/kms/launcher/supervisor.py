@@ -306,18 +306,8 @@ class KMSSupervisor:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         token = secrets.token_bytes(32)
         conn = ClientConnection(token, self.max_frame_size)
-        cmd = [self.python, "-m", WORKER_MODULE, "--fd", str(child.fileno())]
-        if self.worker_user is not None:
-            cmd += ["--user", self.worker_user.arg()]
-        pass_fds = [child.fileno()]
-        if self._kek_fd is not None:
-            cmd += ["--kek-fd", str(self._kek_fd)]
-            pass_fds.append(self._kek_fd)
         try:
-            proc = await trio.lowlevel.open_process(
-                cmd, pass_fds=pass_fds, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE, start_new_session=True,  # a terminal's Ctrl-C is for the gateway
-            )
+            proc = await self._spawn(child)
         except OSError as exc:
             parent.close()
             return _Ended("failed", f"cannot start {self.python!r}: {exc.strerror}")
@@ -366,6 +356,20 @@ class KMSSupervisor:
         if ended.kind != "fatal":
             ended = _Ended(ended.kind, ended.message, code)
         return ended
+
+    async def _spawn(self, child: socket.socket) -> trio.Process:
+        """Start a worker process holding ``child`` (and the KEK descriptor, if there is one)."""
+        cmd = [self.python, "-m", WORKER_MODULE, "--fd", str(child.fileno())]
+        if self.worker_user is not None:
+            cmd += ["--user", self.worker_user.arg()]
+        pass_fds = [child.fileno()]
+        if self._kek_fd is not None:
+            cmd += ["--kek-fd", str(self._kek_fd)]
+            pass_fds.append(self._kek_fd)
+        return await trio.lowlevel.open_process(
+            cmd, pass_fds=pass_fds, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, start_new_session=True,  # a terminal's Ctrl-C is for the gateway
+        )
 
     def kill(self, pid: int) -> bool:
         """SIGKILL the live worker ``pid`` (one of ours only); its slot restarts it."""

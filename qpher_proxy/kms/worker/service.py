@@ -469,50 +469,16 @@ def run_worker(
             return EXIT_PROTOCOL
         cfg = hello.config
         try:
-            max_frame = _setting(cfg, "max_frame_size", int, protocol.DEFAULT_MAX_FRAME_SIZE)
-            conn.max_frame_size = max(max_frame, protocol.MIN_FRAME_SIZE)
-            from .backends import select_backend
-
-            # The backend loads its libraries while they are readable, before the user change;
-            # the KEK is read after it, as the user that owns the KEK file.
-            backend: Backend = select_backend(_setting(cfg, "backend", str, "auto"))
-            kms_dir = _setting(cfg, "dir", str, None)
-            if not kms_dir:
-                raise InvalidInput("bootstrap setting 'dir' is required")
-            if user is not None:
-                notes = {**(notes or {}), "memory_locked": _become(user)}
-            kek = _kek_from_config(cfg.get("kek"), kek_fd)
-            kek_fd = None
-            store = KeyStore(
-                kms_dir,
-                kek,
-                backend,
-                destroy_delay=_setting(cfg, "destroy_delay", float, 86_400.0),
-                cache_size=_setting(cfg, "cache_size", int, 1024),
-            )
+            store, notes = _open_store(conn, cfg, kek_fd, user, notes)
         except QpherError as exc:
             log.error("start-up failed", extra={"fields": {"code": exc.code, "reason": exc.message}})
             _best_effort(sock, conn.error(0, exc.code, exc.status, exc.message))
             return EXIT_CONFIG
-        finally:
-            if kek_fd is not None:
-                try:
-                    os.close(kek_fd)
-                except OSError:
-                    pass
         service = KMSService(store, hello.token, max_batch=_setting(cfg, "max_batch", int, DEFAULT_MAX_BATCH))
-        info: dict[str, Value] = {
-            "pid": os.getpid(),
-            "backend": backend.name,
-            "kek_id": kek.kek_id,
-            "exclusive_start": store.exclusive_start,
-            "worker": _setting(cfg, "worker", int, 0),
-            "versions": dict(backend.versions()),
-        }
-        info.update(notes or {})
-        if not _best_effort(sock, conn.ready(info)):
+        if not _best_effort(sock, conn.ready(_ready_info(store, cfg, notes))):
             return EXIT_OK
-        log.info("KMS worker ready", extra={"fields": {"backend": backend.name, "kek_id": kek.kek_id}})
+        log.info("KMS worker ready",
+                 extra={"fields": {"backend": store.backend.name, "kek_id": store.kek.kek_id}})
         try:
             return serve(
                 sock, conn, service, _setting(cfg, "sweep_interval", float, DEFAULT_SWEEP_INTERVAL_S)
@@ -521,6 +487,57 @@ def run_worker(
             store.close()
     finally:
         sock.close()
+
+
+def _open_store(
+    conn: ServerConnection, cfg: dict[str, Value], kek_fd: int | None, user: RunAs | None,
+    notes: dict[str, Value] | None,
+) -> tuple[KeyStore, dict[str, Value] | None]:
+    """The key store HELLO's settings describe, opened as the KMS user (``notes`` gains whether
+    memory is locked). ``kek_fd`` is consumed either way: handed to the KEK provider, or closed."""
+    try:
+        max_frame = _setting(cfg, "max_frame_size", int, protocol.DEFAULT_MAX_FRAME_SIZE)
+        conn.max_frame_size = max(max_frame, protocol.MIN_FRAME_SIZE)
+        from .backends import select_backend
+
+        # The backend loads its libraries while they are readable, before the user change;
+        # the KEK is read after it, as the user that owns the KEK file.
+        backend: Backend = select_backend(_setting(cfg, "backend", str, "auto"))
+        kms_dir = _setting(cfg, "dir", str, None)
+        if not kms_dir:
+            raise InvalidInput("bootstrap setting 'dir' is required")
+        if user is not None:
+            notes = {**(notes or {}), "memory_locked": _become(user)}
+        kek = _kek_from_config(cfg.get("kek"), kek_fd)
+        kek_fd = None
+        store = KeyStore(
+            kms_dir,
+            kek,
+            backend,
+            destroy_delay=_setting(cfg, "destroy_delay", float, 86_400.0),
+            cache_size=_setting(cfg, "cache_size", int, 1024),
+        )
+        return store, notes
+    finally:
+        if kek_fd is not None:
+            try:
+                os.close(kek_fd)
+            except OSError:
+                pass
+
+
+def _ready_info(store: KeyStore, cfg: dict[str, Value], notes: dict[str, Value] | None) -> dict[str, Value]:
+    """What READY tells the gateway: non-secret facts about this worker."""
+    info: dict[str, Value] = {
+        "pid": os.getpid(),
+        "backend": store.backend.name,
+        "kek_id": store.kek.kek_id,
+        "exclusive_start": store.exclusive_start,
+        "worker": _setting(cfg, "worker", int, 0),
+        "versions": dict(store.backend.versions()),
+    }
+    info.update(notes or {})
+    return info
 
 
 def _best_effort(sock: socket.socket, data: bytes) -> bool:
