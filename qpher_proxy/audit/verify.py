@@ -143,180 +143,216 @@ def verify(
     ``GENESIS`` is reported as removed records."""
     names = [os.fspath(f) for f in files]
     findings: list[Finding] = []
-    notes: list[Finding] = []
     src = _Ahead(_read(names, findings), max(1, lookahead))
-
-    last_seq, last_hash, last_prev = 0, GENESIS, ""
-    last_loc: tuple[str, int] | None = None
-    resync = from_middle
-    relaxed = False  # the anchor's bytes were reported altered: accept the next link unchecked
-    records = 0
-    late: set[int] = set()  # seqs seen ahead when a reordering was reported
-    missing: list[tuple[int, int, str]] = []  # (lo, hi, where) reported as removed
-    hash_of_seq: dict[int, str] = {}  # recent accepted records
-    claimed_prev_of: dict[int, str] = {}  # seq -> hash its successor says it has
-
-    def report(loc: tuple[str, int], seq: int | None, kind: str, detail: str) -> None:
-        findings.append(Finding(loc[0], loc[1], seq, kind, detail))
-
-    def accept(line: _Line, seq: int) -> None:
-        nonlocal last_seq, last_hash, last_prev, last_loc
-        assert line.rec is not None
-        last_seq, last_hash, last_prev, last_loc = seq, line.digest, line.rec.prev, (line.file, line.lineno)
-        hash_of_seq[seq] = line.digest
-        if len(hash_of_seq) > _RECENT_HASHES:
-            del hash_of_seq[next(iter(hash_of_seq))]
-
-    def continues_anchor(x: _Line | None) -> bool:
-        return x is not None and x.rec is not None and x.rec.seq == last_seq + 1 and x.rec.prev == last_hash
-
+    chain = _Chain(src, findings, resync=from_middle)
     while (cur := src.next()) is not None:
-        loc = (cur.file, cur.lineno)
-        nxt = src.peek()
+        chain.check(cur, src.peek())
+    return VerifyResult(
+        tuple(findings), tuple(chain.notes), chain.records, len(names), chain.last_seq, chain.last_hash
+    )
+
+
+class _Chain:
+    """The verifier's state: the anchor (the last accepted record) and what earlier findings
+    leave to check. ``check`` takes one line and the line after it; each kind of break has a
+    method of its own."""
+
+    def __init__(self, src: _Ahead, findings: list[Finding], *, resync: bool) -> None:
+        self._src = src
+        self.findings = findings
+        self.notes: list[Finding] = []
+        self.records = 0
+        self.last_seq, self.last_hash, self._last_prev = 0, GENESIS, ""
+        self._last_loc: tuple[str, int] | None = None
+        self._resync = resync  # accept the next record as the anchor, unchecked
+        self._relaxed = False  # the anchor's bytes were reported altered: accept the next link unchecked
+        self._late: set[int] = set()  # seqs seen ahead when a reordering was reported
+        self._missing: list[tuple[int, int, str]] = []  # (lo, hi, where) reported as removed
+        self._hash_of_seq: dict[int, str] = {}  # recent accepted records
+        self._claimed_prev_of: dict[int, str] = {}  # seq -> hash its successor says it has
+
+    def _report(self, loc: tuple[str, int], seq: int | None, kind: str, detail: str) -> None:
+        self.findings.append(Finding(loc[0], loc[1], seq, kind, detail))
+
+    def _accept(self, line: _Line, seq: int) -> None:
+        assert line.rec is not None
+        self.last_seq, self.last_hash, self._last_prev = seq, line.digest, line.rec.prev
+        self._last_loc = (line.file, line.lineno)
+        self._hash_of_seq[seq] = line.digest
+        if len(self._hash_of_seq) > _RECENT_HASHES:
+            del self._hash_of_seq[next(iter(self._hash_of_seq))]
+
+    def _continues_anchor(self, x: _Line | None) -> bool:
+        return (
+            x is not None
+            and x.rec is not None
+            and x.rec.seq == self.last_seq + 1
+            and x.rec.prev == self.last_hash
+        )
+
+    def _report_skipped(self, loc: tuple[str, int], seq: int) -> None:
+        self._report(
+            loc,
+            seq,
+            "inserted",
+            "this record does not belong here: the next record continues the chain from "
+            f"seq {self.last_seq}",
+        )
+
+    def check(self, cur: _Line, nxt: _Line | None) -> None:
         r = cur.rec
         if r is None:
-            if (
-                nxt is not None and nxt.rec is not None and nxt.rec.event == RECOVERY_EVENT
-                and nxt.rec.fields.get("torn_sha256") == cur.digest and continues_anchor(nxt)
-            ):
-                notes.append(
-                    Finding(
-                        *loc,
-                        None,
-                        "torn",
-                        f"partial line of {cur.size} bytes from an "
-                        f"interrupted write, accounted for by the recovery record at line {nxt.lineno}",
-                    )
-                )
-            elif nxt is None and not cur.complete:
-                notes.append(Finding(*loc, None, "torn", "incomplete last line (interrupted write); "
-                                     "the writer records its recovery when it next starts"))
-            elif continues_anchor(nxt):
-                report(loc, None, "inserted", "this line is not an audit record and the chain skips over it")
-            else:
-                report(loc, None, "altered", "this line is not a valid audit record")
-                resync = True
-            continue
-
-        records += 1
-        if resync:
-            resync = False
-            accept(cur, r.seq)
-            continue
-        if r.seq == last_seq + 1 and (r.prev == last_hash or relaxed):
-            relaxed = False
-            accept(cur, r.seq)
-            continue
-        relaxed = False
-
+            self._not_a_record(cur, nxt)
+            return
+        self.records += 1
+        if self._resync:
+            self._resync = False
+            self._accept(cur, r.seq)
+            return
+        if r.seq == self.last_seq + 1 and (r.prev == self.last_hash or self._relaxed):
+            self._relaxed = False
+            self._accept(cur, r.seq)
+            return
+        self._relaxed = False
         # ---- a break in the chain -------------------------------------------------------
-        if r.seq > last_seq + 1:
-            lo, hi = last_seq + 1, r.seq - 1
-            ahead = src.window()
-            ahead_missing = [x for x in ahead if x.rec is not None and lo <= x.rec.seq <= hi]
-            if any(x.rec is not None and x.rec.seq == r.seq for x in ahead):
-                report(
-                    loc, r.seq, "inserted", f"record seq {r.seq} appears again further on: this one is extra"
-                )
-                continue
-            # its predecessor is ahead, or (it was kept but its predecessor changed) its
-            # successor is ahead: a genuine record that came early
-            if any(x.digest == r.prev for x in ahead_missing) or (
-                ahead_missing and any(x.rec is not None and x.rec.prev == cur.digest for x in ahead)
-            ):
-                late.update(x.rec.seq for x in ahead_missing if x.rec is not None)
-                report(
-                    loc, r.seq, "reordered", f"record seq {r.seq} comes before seq {lo}, which follows later"
-                )
-                claimed_prev_of[r.seq - 1] = r.prev
-                accept(cur, r.seq)
-            elif continues_anchor(nxt):
-                report(
-                    loc,
-                    r.seq,
-                    "inserted",
-                    "this record does not belong here: the next record continues the chain from "
-                    f"seq {last_seq}",
-                )
-            elif (
-                r.prev == last_hash
-                and nxt is not None
-                and nxt.rec is not None
-                and nxt.rec.seq == last_seq + 2
-            ):
-                report(loc, r.seq, "altered", f"record seq {last_seq + 1} was altered: its seq reads {r.seq}")
-                accept(cur, last_seq + 1)
-                relaxed = True
-            else:
-                what = f"record seq {lo} is" if lo == hi else f"records seq {lo}..{hi} are"
-                report(loc, r.seq, "removed", f"{what} missing before this record")
-                missing.append((lo, hi, f"{cur.file}:{cur.lineno}"))
-                claimed_prev_of[r.seq - 1] = r.prev
-                accept(cur, r.seq)
-            continue
+        if r.seq > self.last_seq + 1:
+            self._seq_jumps(cur, r, nxt)
+        elif r.seq == self.last_seq + 1:
+            self._wrong_link(cur, r, nxt)
+        else:
+            self._seq_passed(cur, r, nxt)
 
-        if r.seq == last_seq + 1:  # the right number, the wrong link
-            if continues_anchor(nxt):
-                report(
-                    loc,
-                    r.seq,
-                    "inserted",
-                    "this record does not belong here: the next record continues the chain from "
-                    f"seq {last_seq}",
+    def _not_a_record(self, cur: _Line, nxt: _Line | None) -> None:
+        """A line that does not parse: a torn write (a note), an inserted line, or an altered one."""
+        loc = (cur.file, cur.lineno)
+        if (
+            nxt is not None and nxt.rec is not None and nxt.rec.event == RECOVERY_EVENT
+            and nxt.rec.fields.get("torn_sha256") == cur.digest and self._continues_anchor(nxt)
+        ):
+            self.notes.append(
+                Finding(
+                    *loc,
+                    None,
+                    "torn",
+                    f"partial line of {cur.size} bytes from an "
+                    f"interrupted write, accounted for by the recovery record at line {nxt.lineno}",
                 )
-                continue
-            if last_loc is not None and (nxt is None or (nxt.rec is not None and nxt.rec.prev == cur.digest)):
-                report(last_loc, last_seq, "altered",
-                       f"record seq {last_seq} was altered: its hash is not the prev recorded by seq {r.seq}")
-            else:
-                report(
-                    loc,
-                    r.seq,
-                    "altered",
-                    f"record seq {r.seq} was altered: it does not link to seq {last_seq}",
-                )
-                relaxed = True  # its successor cannot link to its changed bytes: one report is enough
-            accept(cur, r.seq)
-            continue
-
-        # r.seq <= last_seq: a number already passed
-        if r.seq in late:
-            late.discard(r.seq)
-            ok_before = hash_of_seq.get(r.seq - 1) in (None, r.prev)
-            ok_after = claimed_prev_of.get(r.seq) in (None, cur.digest)
-            if not (ok_before and ok_after):
-                report(
-                    loc,
-                    r.seq,
-                    "altered",
-                    f"record seq {r.seq} (out of order) does not match its neighbours' hashes",
-                )
-            hash_of_seq[r.seq] = cur.digest
-            continue
-        if r.seq == last_seq and r.prev == last_prev and last_loc is not None:
-            report(last_loc, last_seq, "inserted",
-                   f"record seq {last_seq} was inserted: the next record has the same seq and predecessor")
-            accept(cur, r.seq)
-            continue
-        moved = next((m for m in missing if m[0] <= r.seq <= m[1]), None)
-        if moved is not None:
-            report(
-                loc, r.seq, "reordered", f"record seq {r.seq}, reported missing at {moved[2]}, turns up here"
             )
-            continue
-        if continues_anchor(nxt):
-            report(
+        elif nxt is None and not cur.complete:
+            self.notes.append(Finding(*loc, None, "torn", "incomplete last line (interrupted write); "
+                                      "the writer records its recovery when it next starts"))
+        elif self._continues_anchor(nxt):
+            self._report(
+                loc, None, "inserted", "this line is not an audit record and the chain skips over it"
+            )
+        else:
+            self._report(loc, None, "altered", "this line is not a valid audit record")
+            self._resync = True
+
+    def _seq_jumps(self, cur: _Line, r: AuditRecord, nxt: _Line | None) -> None:
+        """``seq`` jumps forward: a duplicate, a record that came early, an inserted or an
+        altered record, or records removed."""
+        loc = (cur.file, cur.lineno)
+        lo, hi = self.last_seq + 1, r.seq - 1
+        ahead = self._src.window()
+        ahead_missing = [x for x in ahead if x.rec is not None and lo <= x.rec.seq <= hi]
+        if any(x.rec is not None and x.rec.seq == r.seq for x in ahead):
+            self._report(
+                loc, r.seq, "inserted", f"record seq {r.seq} appears again further on: this one is extra"
+            )
+            return
+        # its predecessor is ahead, or (it was kept but its predecessor changed) its
+        # successor is ahead: a genuine record that came early
+        if any(x.digest == r.prev for x in ahead_missing) or (
+            ahead_missing and any(x.rec is not None and x.rec.prev == cur.digest for x in ahead)
+        ):
+            self._late.update(x.rec.seq for x in ahead_missing if x.rec is not None)
+            self._report(
+                loc, r.seq, "reordered", f"record seq {r.seq} comes before seq {lo}, which follows later"
+            )
+            self._claimed_prev_of[r.seq - 1] = r.prev
+            self._accept(cur, r.seq)
+        elif self._continues_anchor(nxt):
+            self._report_skipped(loc, r.seq)
+        elif (
+            r.prev == self.last_hash
+            and nxt is not None
+            and nxt.rec is not None
+            and nxt.rec.seq == self.last_seq + 2
+        ):
+            self._report(
+                loc, r.seq, "altered", f"record seq {self.last_seq + 1} was altered: its seq reads {r.seq}"
+            )
+            self._accept(cur, self.last_seq + 1)
+            self._relaxed = True
+        else:
+            what = f"record seq {lo} is" if lo == hi else f"records seq {lo}..{hi} are"
+            self._report(loc, r.seq, "removed", f"{what} missing before this record")
+            self._missing.append((lo, hi, f"{cur.file}:{cur.lineno}"))
+            self._claimed_prev_of[r.seq - 1] = r.prev
+            self._accept(cur, r.seq)
+
+    def _wrong_link(self, cur: _Line, r: AuditRecord, nxt: _Line | None) -> None:
+        """The right number, the wrong link: an inserted record, or the anchor or this record altered."""
+        loc = (cur.file, cur.lineno)
+        if self._continues_anchor(nxt):
+            self._report_skipped(loc, r.seq)
+            return
+        if self._last_loc is not None and (
+            nxt is None or (nxt.rec is not None and nxt.rec.prev == cur.digest)
+        ):
+            self._report(self._last_loc, self.last_seq, "altered",
+                         f"record seq {self.last_seq} was altered: its hash is not the prev recorded "
+                         f"by seq {r.seq}")
+        else:
+            self._report(
                 loc,
                 r.seq,
-                "inserted",
-                f"this record does not belong here: the next record continues the chain from seq {last_seq}",
+                "altered",
+                f"record seq {r.seq} was altered: it does not link to seq {self.last_seq}",
             )
-            continue
-        report(
+            self._relaxed = True  # its successor cannot link to its changed bytes: one report is enough
+        self._accept(cur, r.seq)
+
+    def _seq_passed(self, cur: _Line, r: AuditRecord, nxt: _Line | None) -> None:
+        """A number already passed: a late record of a reordering, a duplicate, a record reported
+        missing that turns up, or an inserted one."""
+        loc = (cur.file, cur.lineno)
+        if r.seq in self._late:
+            self._check_late(cur, r)
+            return
+        if r.seq == self.last_seq and r.prev == self._last_prev and self._last_loc is not None:
+            self._report(self._last_loc, self.last_seq, "inserted",
+                         f"record seq {self.last_seq} was inserted: the next record has the same seq "
+                         "and predecessor")
+            self._accept(cur, r.seq)
+            return
+        moved = next((m for m in self._missing if m[0] <= r.seq <= m[1]), None)
+        if moved is not None:
+            self._report(
+                loc, r.seq, "reordered", f"record seq {r.seq}, reported missing at {moved[2]}, turns up here"
+            )
+            return
+        if self._continues_anchor(nxt):
+            self._report_skipped(loc, r.seq)
+            return
+        self._report(
             loc,
             r.seq,
             "inserted",
-            f"record seq {r.seq} repeats a sequence number already passed (last seq {last_seq})",
+            f"record seq {r.seq} repeats a sequence number already passed (last seq {self.last_seq})",
         )
 
-    return VerifyResult(tuple(findings), tuple(notes), records, len(names), last_seq, last_hash)
+    def _check_late(self, cur: _Line, r: AuditRecord) -> None:
+        """A record that turns up after a reordering: it must match its neighbours' hashes."""
+        self._late.discard(r.seq)
+        ok_before = self._hash_of_seq.get(r.seq - 1) in (None, r.prev)
+        ok_after = self._claimed_prev_of.get(r.seq) in (None, cur.digest)
+        if not (ok_before and ok_after):
+            self._report(
+                (cur.file, cur.lineno),
+                r.seq,
+                "altered",
+                f"record seq {r.seq} (out of order) does not match its neighbours' hashes",
+            )
+        self._hash_of_seq[r.seq] = cur.digest
