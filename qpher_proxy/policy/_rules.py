@@ -136,15 +136,7 @@ def _check(name: str, value: object, plans: Mapping[str, Plan]) -> Check:
         want_pq = bool(value)
         return lambda f: bool(f.tls_pq) is want_pq
     if name == "plan_allows":
-        want = bool(value)
-
-        def plan_allows(f: RequestFacts) -> bool:
-            p = plans.get(f.plan)
-            ok = (p is not None and f.operation in p.operations
-                  and (f.algorithm is None or f.algorithm in p.algorithms))
-            return ok is want
-
-        return plan_allows
+        return _plan_allows_check(bool(value), plans)
     if name == "path":
         rx = compile_alternatives([path_glob_regex(p) for p in cast("tuple[str, ...]", value)]).fullmatch
         return lambda f: rx(f.path) is not None
@@ -152,52 +144,73 @@ def _check(name: str, value: object, plans: Mapping[str, Plan]) -> Check:
         lrx = compile_alternatives([label_glob_regex(p) for p in cast("tuple[str, ...]", value)]).fullmatch
         return lambda f: f.key_label is not None and lrx(f.key_label) is not None
     if name == "source_cidr":
-        nets = cast("tuple[Network, ...]", value)
-        v4 = tuple(n for n in nets if n.version == 4)
-        v6 = tuple(n for n in nets if n.version == 6)
-
-        def in_cidr(f: RequestFacts) -> bool:
-            ip = f.ip
-            if ip is None:
-                return False
-            return any(ip in n for n in (v4 if ip.version == 4 else v6))
-
-        return in_cidr
+        return _cidr_check(cast("tuple[Network, ...]", value))
     if name == "time":
         assert isinstance(value, TimeWindow)
-        zone, days, start, end = value.zone(), value.days, value.start, value.end
-
-        def in_window(f: RequestFacts) -> bool:
-            local = f.now.astimezone(zone)
-            if days is not None and local.weekday() not in days:
-                return False
-            if start is None or end is None:
-                return True
-            m = local.hour * 60 + local.minute
-            return start <= m < end if start < end else (m >= start or m < end)
-
-        return in_window
+        return _time_check(value)
     if name == "usage_over":
         assert isinstance(value, UsageOver)
-        classes, percent, at_least = tuple(sorted(value.classes)), value.percent, value.at_least
-
-        def over(f: RequestFacts) -> bool:
-            for c in classes:
-                used = f.usage.get(c, 0)
-                if at_least is not None:
-                    if used >= at_least:
-                        return True
-                    continue
-                limit = f.quota.get(c)
-                if limit is None:
-                    p = plans.get(f.plan)
-                    limit = p.quotas.get(c) if p is not None else None
-                if limit is not None and percent is not None and used * 100 >= percent * limit:
-                    return True
-            return False
-
-        return over
+        return _usage_check(value, plans)
     raise AssertionError(f"unknown matcher {name!r}")
+
+
+def _plan_allows_check(want: bool, plans: Mapping[str, Plan]) -> Check:
+    def plan_allows(f: RequestFacts) -> bool:
+        p = plans.get(f.plan)
+        ok = (p is not None and f.operation in p.operations
+              and (f.algorithm is None or f.algorithm in p.algorithms))
+        return ok is want
+
+    return plan_allows
+
+
+def _cidr_check(nets: tuple[Network, ...]) -> Check:
+    v4 = tuple(n for n in nets if n.version == 4)
+    v6 = tuple(n for n in nets if n.version == 6)
+
+    def in_cidr(f: RequestFacts) -> bool:
+        ip = f.ip
+        if ip is None:
+            return False
+        return any(ip in n for n in (v4 if ip.version == 4 else v6))
+
+    return in_cidr
+
+
+def _time_check(window: TimeWindow) -> Check:
+    zone, days, start, end = window.zone(), window.days, window.start, window.end
+
+    def in_window(f: RequestFacts) -> bool:
+        local = f.now.astimezone(zone)
+        if days is not None and local.weekday() not in days:
+            return False
+        if start is None or end is None:
+            return True
+        m = local.hour * 60 + local.minute
+        return start <= m < end if start < end else (m >= start or m < end)
+
+    return in_window
+
+
+def _usage_check(usage: UsageOver, plans: Mapping[str, Plan]) -> Check:
+    classes, percent, at_least = tuple(sorted(usage.classes)), usage.percent, usage.at_least
+
+    def over(f: RequestFacts) -> bool:
+        for c in classes:
+            used = f.usage.get(c, 0)
+            if at_least is not None:
+                if used >= at_least:
+                    return True
+                continue
+            limit = f.quota.get(c)
+            if limit is None:
+                p = plans.get(f.plan)
+                limit = p.quotas.get(c) if p is not None else None
+            if limit is not None and percent is not None and used * 100 >= percent * limit:
+                return True
+        return False
+
+    return over
 
 
 @dataclass(frozen=True, slots=True, eq=False)
