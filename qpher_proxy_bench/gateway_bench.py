@@ -963,9 +963,15 @@ def profiled_main() -> None:
 
     signal.signal(signal.SIGUSR1, on)
     signal.signal(signal.SIGUSR2, off)
-    from qpher_proxy.cli import main as cli_main
+    # `qpher-proxy serve` is a supervisor that serves no request: profile the gateway itself, run
+    # in this process by serve() with its own KMS workers (the same request path, minus the uid
+    # change and Landlock, which cost nothing per request).
+    from qpher_proxy.config import load_config
+    from qpher_proxy.server.serve import run
 
-    raise SystemExit(cli_main(argv))
+    if argv[:2] != ["serve", "--config"] or len(argv) != 3:
+        raise SystemExit(f"profiled_main: expected serve --config FILE, got {argv!r}")
+    raise SystemExit(run(load_config(argv[2])))
 
 
 def format_profile(path: Path, requests: int) -> str:
