@@ -53,6 +53,7 @@ import json
 import logging
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -376,7 +377,7 @@ class KMSSupervisor:
         if pid not in self.pids.values():
             return False
         try:
-            os.kill(pid, 9)
+            os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             return False
         return True
