@@ -167,6 +167,31 @@ def _check(cfg: Config, ld: _Loader) -> None:
         ld.fail("upstream.url", f"expected an http:// or https:// URL, got {_show(url)}")
     if (cfg.upstream.client_cert is None) != (cfg.upstream.client_key is None):
         ld.fail("upstream.client_cert", "expected client_cert and client_key together")
+    _check_scale_out(cfg, ld)
+
+
+_ROLE_PREFIX_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_")
+
+
+def _check_scale_out(cfg: Config, ld: _Loader) -> None:
+    """storage.* and ratelimit.*: a DSN or URL is never shown (it may hold a password)."""
+    st = cfg.storage
+    for name in ("dsn", "gateway_dsn", "kms_dsn"):
+        dsn = getattr(st, name)
+        if dsn is not None and not (dsn.startswith("postgresql://") or dsn.startswith("postgres://")):
+            ld.fail(f"storage.{name}", "expected a postgresql:// URL (value not shown: it may hold a password)")
+    if st.backend == "postgresql":
+        if st.dsn is None and (st.gateway_dsn is None or st.kms_dsn is None):
+            ld.fail("storage.dsn", 'expected a DSN (or both gateway_dsn and kms_dsn) when backend is "postgresql"')
+    prefix = st.role_prefix
+    if not (1 <= len(prefix) <= 40 and prefix[0].isalpha() and set(prefix) <= _ROLE_PREFIX_CHARS):
+        ld.fail("storage.role_prefix", f"expected 1..40 characters a-z, 0-9, _ starting with a letter, got {_show(prefix)}")
+    rl = cfg.ratelimit
+    url = rl.redis_url
+    if url is not None and not url.startswith(("redis://", "rediss://", "unix://")):
+        ld.fail("ratelimit.redis_url", "expected a redis://, rediss:// or unix:// URL (value not shown)")
+    if rl.backend == "redis" and url is None:
+        ld.fail("ratelimit.redis_url", 'expected a URL when backend is "redis"')
 
 
 def parse_listen(addr: str, ld: _Loader | None = None, path: str = "listen") -> tuple[str, int]:

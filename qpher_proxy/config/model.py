@@ -43,6 +43,7 @@ class ServerConfig:
     shutdown_grace: float = opt(10.0, min=0, max=3600)
     user: str | None = opt("qpher", doc="started as root: the gateway drops to this user after binding")
     sandbox: Literal["auto", "required", "off"] = opt("auto")
+    workers: int = opt(1, min=1, max=256, doc="gateway processes on SO_REUSEPORT listeners")
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +123,32 @@ class QuotaConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class StorageConfig:
+    backend: Literal["sqlite", "postgresql"] = opt("sqlite")
+    dsn: str | None = opt(None, doc="postgresql://user@host:5432/db; both processes SET ROLE")
+    gateway_dsn: str | None = opt(None)
+    kms_dsn: str | None = opt(None)
+    role_prefix: str = opt("qpher", doc="roles <prefix>_gateway, <prefix>_kms, <prefix>_admin")
+    pool_size: int = opt(8, min=1, max=1000)
+    connect_timeout: float = opt(3.0, min=0.1, max=120)
+    statement_timeout: float = opt(5.0, min=0.01, max=600)
+    pool_timeout: float = opt(2.0, min=0.01, max=600)
+    lease_ttl: float = opt(15.0, min=1, max=3600)
+    sweep_interval: float = opt(5.0, min=0.1, max=3600)
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitConfig:
+    backend: Literal["local", "redis"] = opt("local")
+    redis_url: str | None = opt(None, doc="redis://[:password@]host:port/db (rediss:// for TLS)")
+    on_backend_failure: Literal["local", "deny"] = opt("local")
+    expected_nodes: int = opt(1, min=1, max=10_000)
+    timeout: float = opt(0.25, min=0.001, max=30)
+    retry_interval: float = opt(1.0, min=0.05, max=600)
+    key_prefix: str = opt("qpher")
+
+
+@dataclass(frozen=True, slots=True)
 class AuditConfig:
     file: str = opt("audit/audit.log", path=True)
     rotate_bytes: int = opt(64 * MiB, min=4 * KiB, max=64 * 1024 * MiB)
@@ -162,6 +189,8 @@ class Config:
     auth: AuthConfig = field(default_factory=AuthConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     quotas: QuotaConfig = field(default_factory=QuotaConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    ratelimit: RateLimitConfig = field(default_factory=RateLimitConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     api: APIConfig = field(default_factory=APIConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
