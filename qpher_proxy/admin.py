@@ -226,6 +226,50 @@ def kms_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _owner_dsn(cfg: Config) -> str:
+    if cfg.storage.backend != "postgresql":
+        raise ConfigError("storage.backend is not postgresql: the `db` commands manage the PostgreSQL schema")
+    if cfg.storage.dsn is None:
+        raise ConfigError("storage.dsn: the `db` commands need a DSN whose user owns the schema")
+    return cfg.storage.dsn
+
+
+def db_command(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, check_files=False)
+    dsn = _owner_dsn(cfg)
+    prefix = cfg.storage.role_prefix
+    timeout = cfg.storage.connect_timeout
+    if args.db_command == "migrate":
+        from .storage.migrations import migrate
+
+        before, after = migrate(dsn, prefix, connect_timeout=timeout)
+        print(f"schema version {before} -> {after}" if after != before
+              else f"schema version {after}: up to date")
+        return 0
+    if args.db_command == "status":
+        from .storage.migrations import SCHEMA_VERSION, current_version
+        from .storage.postgres import connect_owner, mapped
+
+        conn = connect_owner(dsn, timeout)
+        try:
+            with mapped("reading the schema version"), conn.transaction():
+                version = current_version(conn)
+        finally:
+            conn.close()
+        print(f"database schema version {version}; this build: {SCHEMA_VERSION}")
+        return 0 if version == SCHEMA_VERSION else 1
+    from .storage.import_sqlite import import_sqlite
+
+    src = load_config(args.from_config, check_files=False) if args.from_config else cfg
+    report = import_sqlite(dsn=dsn, role_prefix=prefix, auth_db=src.auth.db, kms_dir=src.kms.dir,
+                           connect_timeout=timeout)
+    skipped = ", ".join(f"{n} {k}" for k, n in sorted(report.skipped.items())) or "nothing"
+    print(f"imported {report.api_keys} API keys, {report.usage_rows} usage rows, {report.keys} keys with "
+          f"{report.versions} sealed versions{', the KEK check' if report.canary else ''}; "
+          f"skipped (already present): {skipped}")
+    return 0
+
+
 def fail_open_command(args: argparse.Namespace) -> int:
     key = os.environ.get(args.api_key_env)
     if not key:

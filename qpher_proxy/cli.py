@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_policy(sub)
     _add_audit(sub)
     _add_kms(sub)
+    _add_db(sub)
     _add_fail_open(sub)
     _add_bench(sub)
     return parser
@@ -159,6 +160,22 @@ def _add_kms(sub: _Commands) -> None:
     c.add_argument("--generate", action="store_true", help="create --new-kek-file first if it does not exist")
 
 
+def _add_db(sub: _Commands) -> None:
+    """``db migrate|status|import-sqlite`` (storage.backend: postgresql)."""
+    p = sub.add_parser("db", help="the PostgreSQL schema (storage.backend: postgresql)")
+    dsub = p.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    c = dsub.add_parser("migrate",
+                        help="create or upgrade the schema, its roles, GRANTs and row-level security")
+    _add_config(c)
+    c = dsub.add_parser("status", help="print the schema version of the database and of this build")
+    _add_config(c)
+    c = dsub.add_parser("import-sqlite",
+                        help="move this config's SQLite state (auth.db, kms.dir) to its PostgreSQL database")
+    _add_config(c)
+    c.add_argument("--from-config", default=None,
+                   help="read auth.db and kms.dir from this (single-node) config instead")
+
+
 def _add_fail_open(sub: _Commands) -> None:
     """``fail-open open|close``."""
     p = sub.add_parser("fail-open", help="emergency fail-open window on a running proxy (admin key)",
@@ -253,6 +270,10 @@ def _dispatch(args: argparse.Namespace) -> int | None:
         from . import admin
 
         return admin.kms_command(args)
+    if cmd == "db":
+        from . import admin
+
+        return admin.db_command(args)
     if cmd == "fail-open":
         from . import admin
 

@@ -107,7 +107,8 @@ def _v1(n: dict[str, str]) -> list[str]:
             kind           text NOT NULL CHECK (kind IN ('kem', 'signature')),
             algorithm      text NOT NULL CHECK (algorithm IN ({algs})),
             label          text CHECK (label IS NULL OR length(label) <= 256),
-            state          text NOT NULL CHECK (state IN ('enabled', 'disabled', 'pending_destruction', 'destroyed')),
+            state          text NOT NULL
+                           CHECK (state IN ('enabled', 'disabled', 'pending_destruction', 'destroyed')),
             resume_state   text CHECK (resume_state IS NULL OR resume_state IN ('enabled', 'disabled')),
             latest_version integer NOT NULL CHECK (latest_version >= 1),
             created_at     double precision NOT NULL,
@@ -150,7 +151,8 @@ def _v1(n: dict[str, str]) -> list[str]:
             END IF;
             RETURN NEW;
         END $$""",
-        f"CREATE TRIGGER kms_keys_monotonic BEFORE UPDATE ON kms_keys FOR EACH ROW EXECUTE FUNCTION {p}_kms_monotonic()",
+        f"CREATE TRIGGER kms_keys_monotonic BEFORE UPDATE ON kms_keys FOR EACH ROW "
+        f"EXECUTE FUNCTION {p}_kms_monotonic()",
         f"""CREATE FUNCTION {p}_kms_version_monotonic() RETURNS trigger LANGUAGE plpgsql AS $$
         BEGIN
             IF OLD.state = 'destroyed' AND (NEW.state <> 'destroyed' OR NEW.sealed IS NOT NULL) THEN
@@ -174,8 +176,9 @@ def _v1(n: dict[str, str]) -> list[str]:
         f"FOR EACH STATEMENT EXECUTE FUNCTION {p}_bump_counter('kms_keys')",
         # ---- the cross-tenant reads, as narrow functions ----
         f"""CREATE FUNCTION {p}_api_key_lookup(p_key_id text)
-            RETURNS TABLE (key_id text, tenant_id text, plan text, scopes text, created_at double precision,
-                           expires_at double precision, revoked_at double precision, label text, secret_mac bytea)
+            RETURNS TABLE (key_id text, tenant_id text, plan text, scopes text,
+                           created_at double precision, expires_at double precision,
+                           revoked_at double precision, label text, secret_mac bytea)
             LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, public AS $$
             SELECT key_id, tenant_id, plan, scopes, created_at, expires_at, revoked_at, label, secret_mac
             FROM api_keys WHERE api_keys.key_id = p_key_id
@@ -209,10 +212,11 @@ def _v1(n: dict[str, str]) -> list[str]:
         f"CREATE POLICY quota_gateway ON quota_usage TO {gw} USING ({tenant_is}) WITH CHECK ({tenant_is})",
         f"CREATE POLICY quota_admin ON quota_usage TO {admin} USING (true)",
         f"CREATE POLICY kms_keys_kms ON kms_keys TO {kms} USING ({tenant_is}) WITH CHECK ({tenant_is})",
-        f"CREATE POLICY kms_versions_kms ON kms_key_versions TO {kms} USING ({tenant_is}) WITH CHECK ({tenant_is})",
+        f"CREATE POLICY kms_versions_kms ON kms_key_versions TO {kms} "
+        f"USING ({tenant_is}) WITH CHECK ({tenant_is})",
         # ---- GRANTs: exactly what each process needs ----
-        f"REVOKE ALL ON api_keys, quota_usage, kms_keys, kms_key_versions, kms_meta, leases, change_counters "
-        f"FROM PUBLIC",
+        "REVOKE ALL ON api_keys, quota_usage, kms_keys, kms_key_versions, kms_meta, leases, change_counters "
+        "FROM PUBLIC",
         f"GRANT USAGE ON SCHEMA public TO {gw}, {kms}, {admin}",
         f"GRANT SELECT ON api_keys TO {gw}",
         f"GRANT SELECT, INSERT, UPDATE ON quota_usage TO {gw}",
@@ -223,7 +227,8 @@ def _v1(n: dict[str, str]) -> list[str]:
         f"GRANT SELECT, INSERT, UPDATE ON kms_keys, kms_key_versions TO {kms}",
         f"GRANT SELECT, INSERT ON kms_meta TO {kms}",
         f"GRANT SELECT, INSERT, UPDATE ON leases TO {kms}",
-        f"GRANT EXECUTE ON FUNCTION {p}_kms_due(double precision, integer), {p}_kms_sample_version() TO {kms}",
+        f"GRANT EXECUTE ON FUNCTION {p}_kms_due(double precision, integer), {p}_kms_sample_version() "
+        f"TO {kms}",
     ]
     return out
 
@@ -244,7 +249,8 @@ def _names(prefix: str) -> dict[str, str]:
 
 
 def _lock_id(prefix: str) -> int:
-    return int.from_bytes(hashlib.sha256(b"qpher-migrate:" + prefix.encode()).digest()[:8], "big", signed=True)
+    digest = hashlib.sha256(b"qpher-migrate:" + prefix.encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
 
 
 _VERSION_TABLE = """CREATE TABLE IF NOT EXISTS qpher_schema (
@@ -293,10 +299,13 @@ def migrate(dsn: str, role_prefix: str, *, connect_timeout: float = 5.0) -> tupl
                 if before > SCHEMA_VERSION:
                     check_schema(before)
                 if before:
-                    row = conn.execute("SELECT role_prefix FROM qpher_schema ORDER BY version LIMIT 1").fetchone()
+                    row = conn.execute(
+                        "SELECT role_prefix FROM qpher_schema ORDER BY version LIMIT 1"
+                    ).fetchone()
                     if row and row[0] != role_prefix:
                         raise StorageUnavailable(
-                            f"this database was set up with storage.role_prefix {row[0]!r}, not {role_prefix!r}"
+                            f"this database was set up with storage.role_prefix {row[0]!r}, "
+                            f"not {role_prefix!r}"
                         )
             for m in MIGRATIONS:
                 if m.version <= before:
@@ -306,7 +315,7 @@ def migrate(dsn: str, role_prefix: str, *, connect_timeout: float = 5.0) -> tupl
                     if current_version(conn) >= m.version:
                         continue  # another node got here first
                     for statement in m.statements(names):
-                        conn.execute(sql.SQL(statement))  # type: ignore[arg-type]  # our own text
+                        conn.execute(sql.SQL(statement))  # our own text, no parameters
                     conn.execute(
                         "INSERT INTO qpher_schema (version, name, role_prefix) VALUES (%s, %s, %s)",
                         (m.version, m.name, role_prefix),

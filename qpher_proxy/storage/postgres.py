@@ -156,7 +156,9 @@ class Database:
             self._pool.wait(timeout=timeout)
 
     @contextmanager
-    def transaction(self, tenant: str | None = None, what: str = "querying") -> Iterator[psycopg.Connection[Any]]:
+    def transaction(
+        self, tenant: str | None = None, what: str = "querying"
+    ) -> Iterator[psycopg.Connection[Any]]:
         """One transaction on a pooled connection: committed when the block ends, rolled back
         (and the error mapped, see ``mapped``) when it raises. ``tenant`` sets the row-level
         security context for this transaction only."""
