@@ -214,6 +214,9 @@ def error_body(code: str, message: str, request_id: str) -> bytes:
     return _dumps({"error": {"code": code, "message": message, "request_id": request_id}}).encode("utf-8")
 
 
+_RETRY_AFTER_503 = (b"retry-after", b"1")
+
+
 def error_response(exc: QpherError, request_id: str) -> Response:
     """The one rendering of an error for clients: ``{"error": {code, message, request_id}}``.
 
@@ -222,5 +225,10 @@ def error_response(exc: QpherError, request_id: str) -> Response:
     headers = [_JSON_CT, (REQUEST_ID_HEADER, request_id.encode("ascii"))]
     # Errors that need a response header carry it (WWW-Authenticate on 401, Retry-After on
     # 429, Allow on 405) as ``exc.headers``: fixed, safe values set where the error is raised.
-    headers.extend(getattr(exc, "headers", ()))
+    extra = getattr(exc, "headers", ())
+    headers.extend(extra)
+    if exc.status == 503 and not any(name == b"retry-after" for name, _ in extra):
+        # every 503 is temporary here (a database, Redis, a KMS worker or the audit log is
+        # away): say when to try again rather than let clients hammer or give up
+        headers.append(_RETRY_AFTER_503)
     return Response(exc.status, headers, error_body(exc.code, exc.message, request_id))

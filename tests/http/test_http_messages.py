@@ -92,3 +92,12 @@ def test_reprs_hold_no_headers_query_or_body() -> None:
     resp = Response.json(200, {"shared_secret": "sekrit"})
     assert "sekrit" not in repr(req) and "/a" in repr(req)
     assert "sekrit" not in repr(resp) and "200" in repr(resp)
+
+
+def test_every_503_says_when_to_retry_and_a_429_keeps_its_own() -> None:
+    from qpher_proxy.errors import QuotaExceeded, StorageUnavailable
+
+    resp = error_response(StorageUnavailable("database error while querying"), "r1")
+    assert (b"retry-after", b"1") in resp.headers
+    resp = error_response(QuotaExceeded("x", retry_after=30), "r1")
+    assert [v for k, v in resp.headers if k == b"retry-after"] == [b"30"]
