@@ -13,9 +13,13 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import socket
+import subprocess
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -92,3 +96,61 @@ def redis_url() -> str:
 @pytest.fixture
 def redis_prefix() -> str:
     return f"qt{secrets.token_hex(5)}"
+
+
+# ---- a PostgreSQL server of the test's own, to stop and start (outage tests) ----
+
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class OwnPostgres:
+    """``initdb`` + ``pg_ctl`` as the ``postgres`` user (PostgreSQL refuses to run as root), in a
+    temporary directory, on a free loopback port, trust auth. ``stop()`` / ``start()`` at will."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.data = base / "data"
+        self.port = _free_port()
+        base.mkdir(parents=True, exist_ok=True)
+        shutil.chown(base, "postgres", "postgres")
+        self._as_postgres(str(PG_BIN / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres",
+                          "--no-sync", "-E", "UTF8")
+        self.start()
+        self.dsn = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _as_postgres(self, *cmd: str) -> None:
+        subprocess.run(["runuser", "-u", "postgres", "--", *cmd], check=True, capture_output=True, timeout=60)
+
+    def start(self) -> None:
+        opts = f"-p {self.port} -k {self.base} -c listen_addresses=127.0.0.1 -c fsync=off"
+        self._as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-o", opts, "-w", "-t", "30",
+                          "-l", str(self.base / "log"), "start")
+
+    def stop(self) -> None:
+        self._as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+
+@pytest.fixture
+def own_postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OwnPostgres]:
+    if not (PG_BIN / "initdb").exists() or shutil.which("runuser") is None:
+        reason = f"PostgreSQL server binaries are not in {PG_BIN}"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    base = Path(tempfile.mkdtemp(prefix="qpher-pg-", dir="/tmp"))
+    os.chmod(base, 0o755)
+    server = OwnPostgres(base)
+    try:
+        yield server
+    finally:
+        try:
+            server.stop()
+        except subprocess.CalledProcessError:
+            pass  # already stopped
+        shutil.rmtree(base, ignore_errors=True)
