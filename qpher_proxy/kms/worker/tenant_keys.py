@@ -19,41 +19,25 @@ import sqlite3
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ...crypto.algorithms import (
-    ALGORITHMS,
-    DEFAULT_KEM,
-    DEFAULT_SIGNATURE,
-    HYBRID_KEM,
-    HYBRID_SIGNATURE,
-    Algorithm,
-    Kind,
-    get_algorithm,
-)
+from ...crypto.algorithms import ALGORITHMS, Algorithm, get_algorithm
 from ...crypto.interface import PrivateKey, PublicKey
-from ...errors import (
-    BackendUnavailable,
-    InvalidInput,
-    InvalidKeyState,
-    KeyCorrupt,
-    KeyDestroyed,
-    KeyDisabled,
-    KeyNotFound,
-    QpherError,
-)
-from ..wire.model import (
-    DEFAULT_LIST_LIMIT,
-    KEY_ID_RE,
-    MAX_DESTROY_DELAY,
-    MAX_LABEL_CHARS,
-    MAX_LIST_LIMIT,
-    KeyInfo,
-    KeyPage,
-    KeyState,
-    VersionInfo,
-    key_not_found,
-    new_key_id,
-)
+from ...errors import BackendUnavailable, KeyCorrupt, KeyDestroyed, KeyDisabled, KeyNotFound, QpherError
+from ..wire.model import DEFAULT_LIST_LIMIT, KeyInfo, KeyPage, KeyState, key_not_found, new_key_id
 from . import keyfile
+from .key_rules import (
+    KEY_COLUMNS,
+    build_info,
+    check_delay,
+    check_key_id,
+    check_label,
+    check_list_args,
+    check_schedulable,
+    check_tenant,
+    check_version,
+    choose_algorithm,
+    require_usable,
+    transition,
+)
 from .keydb import StoreUnavailable, mapped_errors
 from .keyfile import KeyBinding
 
@@ -64,9 +48,7 @@ log = logging.getLogger("qpher.kms.keystore")
 
 HOT_CACHE_SIZE = 4096  # resolved (tenant, key, version) entries kept between data_version changes
 
-_KEY_COLS = (
-    "key_id, kind, algorithm, label, state, latest_version, created_at, updated_at, destroy_at, destroyed_at"
-)
+_KEY_COLS = KEY_COLUMNS
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,10 +68,8 @@ class TenantKeys:
     __slots__ = ("_store", "_tenant")
 
     def __init__(self, store: KeyStore, tenant_id: str) -> None:
-        if type(tenant_id) is not str or not tenant_id or len(tenant_id.encode()) > 255:
-            raise InvalidInput("a tenant id (1..255 bytes) is required for every key store call")
         self._store = store
-        self._tenant = tenant_id
+        self._tenant = check_tenant(tenant_id)
 
     @property
     def tenant_id(self) -> str:
@@ -98,9 +78,7 @@ class TenantKeys:
     # ---- helpers ----
 
     def _check_id(self, key_id: object) -> str:
-        if type(key_id) is not str or KEY_ID_RE.match(key_id) is None:
-            raise key_not_found(key_id)
-        return key_id
+        return check_key_id(key_id)
 
     def _row(self, key_id: str) -> tuple[Any, ...]:
         row = self._store._db.execute(
@@ -112,29 +90,19 @@ class TenantKeys:
         return tuple(row)
 
     def _info(self, row: tuple[Any, ...], version: int | None = None) -> KeyInfo:
-        (key_id, kind, algorithm, label, state, latest, created, updated, destroy_at, destroyed_at) = row[:10]
+        key_id, latest = row[0], row[5]
         db = self._store._db
-        versions = tuple(
-            VersionInfo(v, s, c)
-            for v, s, c in db.execute(
-                "SELECT version, state, created_at FROM key_versions WHERE tenant_id = ? AND key_id = ? "
-                "ORDER BY version",
-                (self._tenant, key_id),
-            )
-        )
+        versions = db.execute(
+            "SELECT version, state, created_at FROM key_versions WHERE tenant_id = ? AND key_id = ? "
+            "ORDER BY version",
+            (self._tenant, key_id),
+        ).fetchall()
         want = latest if version is None else version
         pub_row = db.execute(
             "SELECT public_key, state FROM key_versions WHERE tenant_id = ? AND key_id = ? AND version = ?",
             (self._tenant, key_id, want),
         ).fetchone()
-        if pub_row is None:
-            raise KeyNotFound(f"key {key_id!r} has no version {want}")
-        public = bytes(pub_row[0]) if state != KeyState.DESTROYED.value else None
-        return KeyInfo(
-            key_id=key_id, kind=kind, algorithm=algorithm, label=label, state=KeyState(state),
-            version=want, latest_version=latest, public_key=public, created_at=created,
-            updated_at=updated, destroy_at=destroy_at, destroyed_at=destroyed_at, versions=versions,
-        )
+        return build_info(row, versions, want, None if pub_row is None else pub_row[0], pub_row is not None)
 
     def _lazy_destroy(self, key_id: str, row: tuple[Any, ...]) -> tuple[Any, ...]:
         """A key past its destruction time is destroyed now, whatever the sweep's schedule."""
@@ -163,12 +131,8 @@ class TenantKeys:
         self, *, algorithm: str | None = None, kind: str | None = None, mode: str | None = None,
         label: str | None = None,
     ) -> KeyInfo:
-        alg = _choose_algorithm(algorithm, kind, mode)
-        if label is not None:
-            if type(label) is not str or len(label) > MAX_LABEL_CHARS or not label.isprintable():
-                raise InvalidInput(
-                    f"label must be a printable string of at most {MAX_LABEL_CHARS} characters"
-                )
+        alg = choose_algorithm(algorithm, kind, mode)
+        label = check_label(label)
         store = self._store
         key_id = new_key_id()
         public, rel, priv = self._write_version(key_id, 1, alg)
@@ -199,15 +163,12 @@ class TenantKeys:
     def get(self, key_id: str, version: int | None = None) -> KeyInfo:
         key_id = self._check_id(key_id)
         if version is not None:
-            _check_version(version)
+            check_version(version)
         with mapped_errors("reading a key"):
             return self._info(self._lazy_destroy(key_id, self._row(key_id)), version)
 
     def list(self, limit: int = DEFAULT_LIST_LIMIT, cursor: str | None = None) -> KeyPage:
-        if type(limit) is not int or not 1 <= limit <= MAX_LIST_LIMIT:
-            raise InvalidInput(f"limit must be an integer in 1..{MAX_LIST_LIMIT}")
-        if cursor is not None and (type(cursor) is not str or KEY_ID_RE.match(cursor) is None):
-            raise InvalidInput("cursor is not one this service returned")
+        limit, cursor = check_list_args(limit, cursor)
         with mapped_errors("listing keys"):
             rows = self._store._db.execute(
                 f"SELECT {_KEY_COLS} FROM keys WHERE tenant_id = ? AND key_id > ? ORDER BY key_id LIMIT ?",
@@ -223,13 +184,13 @@ class TenantKeys:
         store = self._store
         with mapped_errors("rotating a key"):
             row = self._lazy_destroy(key_id, self._row(key_id))
-            _require_usable(key_id, row[4])
+            require_usable(key_id, row[4])
             alg = get_algorithm(row[2])
             # the write lock is held from reading latest_version to the commit: concurrent
             # rotations (other workers) serialise and never pick the same version number
             with store._transaction():
                 row = self._row(key_id)
-                _require_usable(key_id, row[4])
+                require_usable(key_id, row[4])
                 version = row[5] + 1
                 public, rel, priv = self._write_version(key_id, version, alg)
                 try:
@@ -255,20 +216,7 @@ class TenantKeys:
             row = self._row(key_id)
             state = row[4]
             now = store.clock()
-            if state == KeyState.DESTROYED.value:
-                raise KeyDestroyed(f"key {key_id!r} was destroyed")
-            if op == "disable":
-                if state == KeyState.PENDING_DESTRUCTION.value:
-                    raise InvalidKeyState(f"key {key_id!r} is scheduled for destruction; cancel that first")
-                new = KeyState.DISABLED.value
-            elif op == "enable":
-                if state == KeyState.PENDING_DESTRUCTION.value:
-                    raise InvalidKeyState(f"key {key_id!r} is scheduled for destruction; cancel that first")
-                new = KeyState.ENABLED.value
-            else:  # cancel_destroy
-                if state != KeyState.PENDING_DESTRUCTION.value:
-                    raise InvalidKeyState(f"key {key_id!r} is not scheduled for destruction")
-                new = row[10]
+            new = transition(key_id, op, state, row[10])
             if new != state:
                 store._db.execute(
                     "UPDATE keys SET state = ?, resume_state = NULL, destroy_at = NULL, updated_at = ? "
@@ -289,18 +237,13 @@ class TenantKeys:
     def schedule_destroy(self, key_id: str, delay: float | None = None) -> KeyInfo:
         key_id = self._check_id(key_id)
         store = self._store
-        if delay is None:
-            delay = store.destroy_delay
-        if type(delay) not in (int, float) or not 0 <= delay <= MAX_DESTROY_DELAY:
-            raise InvalidInput(f"delay must be a number of seconds in 0..{MAX_DESTROY_DELAY:.0f}")
+        delay = check_delay(delay, store.destroy_delay)
         with mapped_errors("scheduling a destruction"):
             self._lazy_destroy(key_id, self._row(key_id))  # outside the transaction: it commits
         with mapped_errors("scheduling a destruction"), store._transaction():
             row = self._row(key_id)
             state = row[4]
-            if state == KeyState.DESTROYED.value:
-                raise KeyDestroyed(f"key {key_id!r} was destroyed")
-            if state != KeyState.PENDING_DESTRUCTION.value:  # already scheduled: keep the first date
+            if check_schedulable(key_id, state):  # already scheduled: keep the first date
                 now = store.clock()
                 store._db.execute(
                     "UPDATE keys SET state = 'pending_destruction', resume_state = ?, destroy_at = ?, "
@@ -363,7 +306,7 @@ class TenantKeys:
                 return hot
         key_id = self._check_id(key_id)
         if version is not None:
-            _check_version(version)
+            check_version(version)
         db = store._db
         try:
             row = db.execute(self._RESOLVE, (version, self._tenant, key_id)).fetchone()
@@ -442,36 +385,7 @@ class TenantKeys:
         return priv
 
 
-def _check_version(version: object) -> int:
-    if type(version) is not int or not 1 <= version <= 2**31:
-        raise InvalidInput("key_version must be a positive integer")
-    return version
-
-
-def _require_usable(key_id: str, state: str) -> None:
-    if state == KeyState.DESTROYED.value:
-        raise KeyDestroyed(f"key {key_id!r} was destroyed")
-    if state == KeyState.DISABLED.value:
-        raise KeyDisabled(f"key {key_id!r} is disabled")
-    if state == KeyState.PENDING_DESTRUCTION.value:
-        raise KeyDisabled(f"key {key_id!r} is scheduled for destruction")
-
-
-def _choose_algorithm(algorithm: object, kind: object, mode: object) -> Algorithm:
-    if kind is not None and kind not in (Kind.KEM.value, Kind.SIGNATURE.value):
-        raise InvalidInput(f"kind must be 'kem' or 'signature', not {str(kind)[:20]!r}")
-    if mode is not None and mode not in ("pqc", "hybrid"):
-        raise InvalidInput(f"mode must be 'pqc' or 'hybrid', not {str(mode)[:20]!r}")
-    if algorithm is not None:
-        alg = get_algorithm(algorithm)
-        if kind is not None and alg.kind.value != kind:
-            raise InvalidInput(f"algorithm {alg.name!r} is a {alg.kind.value} algorithm, not {kind}")
-        if mode is not None and alg.mode.value != mode:
-            raise InvalidInput(f"algorithm {alg.name!r} is {alg.mode.value}, not {mode}")
-        return alg
-    if kind is None:
-        raise InvalidInput("give an algorithm, or a kind ('kem' or 'signature')")
-    hybrid = mode == "hybrid"
-    if kind == Kind.KEM.value:
-        return ALGORITHMS[HYBRID_KEM if hybrid else DEFAULT_KEM]
-    return ALGORITHMS[HYBRID_SIGNATURE if hybrid else DEFAULT_SIGNATURE]
+# the names this module used before the rules moved to key_rules
+_check_version = check_version
+_require_usable = require_usable
+_choose_algorithm = choose_algorithm

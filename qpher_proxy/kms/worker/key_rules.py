@@ -1,0 +1,167 @@
+"""The key lifecycle rules both key stores enforce, free of any storage.  KMS only.
+
+:class:`~.tenant_keys.TenantKeys` (SQLite + key files) and :class:`~.pg_keystore.PgTenantKeys`
+(PostgreSQL) differ in how they read and write; what a request may do, which error it gets and
+what a key's metadata looks like on the wire are decided here, once, so the two cannot drift:
+
+* argument checks: key id, version, label, list limit and cursor, destruction delay;
+* :func:`choose_algorithm` (``algorithm`` / ``kind`` / ``mode`` -> an algorithm);
+* :func:`require_usable` (the state of a key that must do crypto or be rotated);
+* :func:`transition` (disable / enable / cancel_destroy: the state a key moves to, or the error);
+* :func:`build_info` (a key row and its versions -> :class:`KeyInfo`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from ...crypto.algorithms import (
+    ALGORITHMS,
+    DEFAULT_KEM,
+    DEFAULT_SIGNATURE,
+    HYBRID_KEM,
+    HYBRID_SIGNATURE,
+    Algorithm,
+    Kind,
+    get_algorithm,
+)
+from ...errors import InvalidInput, InvalidKeyState, KeyDestroyed, KeyDisabled, KeyNotFound
+from ..wire.model import (
+    KEY_ID_RE,
+    MAX_DESTROY_DELAY,
+    MAX_LABEL_CHARS,
+    MAX_LIST_LIMIT,
+    KeyInfo,
+    KeyState,
+    VersionInfo,
+    key_not_found,
+)
+
+# The key columns both stores select, in this order (``build_info`` reads the first ten).
+KEY_COLUMNS = (
+    "key_id, kind, algorithm, label, state, latest_version, created_at, updated_at, destroy_at, destroyed_at"
+)
+
+TransitionOp = str  # "disable" | "enable" | "cancel_destroy"
+
+
+def check_tenant(tenant_id: object) -> str:
+    if type(tenant_id) is not str or not tenant_id or len(tenant_id.encode()) > 255:
+        raise InvalidInput("a tenant id (1..255 bytes) is required for every key store call")
+    return tenant_id
+
+
+def check_key_id(key_id: object) -> str:
+    """A key id of this service's shape; anything else misses like an unknown id (404)."""
+    if type(key_id) is not str or KEY_ID_RE.match(key_id) is None:
+        raise key_not_found(key_id)
+    return key_id
+
+
+def check_version(version: object) -> int:
+    if type(version) is not int or not 1 <= version <= 2**31:
+        raise InvalidInput("key_version must be a positive integer")
+    return version
+
+
+def check_label(label: object) -> str | None:
+    if label is not None and (
+        type(label) is not str or len(label) > MAX_LABEL_CHARS or not label.isprintable()
+    ):
+        raise InvalidInput(f"label must be a printable string of at most {MAX_LABEL_CHARS} characters")
+    return label
+
+
+def check_list_args(limit: object, cursor: object) -> tuple[int, str | None]:
+    if type(limit) is not int or not 1 <= limit <= MAX_LIST_LIMIT:
+        raise InvalidInput(f"limit must be an integer in 1..{MAX_LIST_LIMIT}")
+    if cursor is not None and (type(cursor) is not str or KEY_ID_RE.match(cursor) is None):
+        raise InvalidInput("cursor is not one this service returned")
+    return limit, cursor
+
+
+def check_delay(delay: object, default: float) -> float:
+    if delay is None:
+        delay = default
+    if type(delay) not in (int, float) or not 0 <= delay <= MAX_DESTROY_DELAY:  # type: ignore[operator]
+        raise InvalidInput(f"delay must be a number of seconds in 0..{MAX_DESTROY_DELAY:.0f}")
+    return float(delay)  # type: ignore[arg-type]
+
+
+def require_usable(key_id: str, state: str) -> None:
+    """Raise unless a key in ``state`` may do crypto or be rotated."""
+    if state == KeyState.DESTROYED.value:
+        raise KeyDestroyed(f"key {key_id!r} was destroyed")
+    if state == KeyState.DISABLED.value:
+        raise KeyDisabled(f"key {key_id!r} is disabled")
+    if state == KeyState.PENDING_DESTRUCTION.value:
+        raise KeyDisabled(f"key {key_id!r} is scheduled for destruction")
+
+
+def transition(key_id: str, op: TransitionOp, state: str, resume_state: str | None) -> str:
+    """The state ``op`` moves a key in ``state`` to (maybe the same), or the error it answers."""
+    if state == KeyState.DESTROYED.value:
+        raise KeyDestroyed(f"key {key_id!r} was destroyed")
+    if op in ("disable", "enable"):
+        if state == KeyState.PENDING_DESTRUCTION.value:
+            raise InvalidKeyState(f"key {key_id!r} is scheduled for destruction; cancel that first")
+        return KeyState.DISABLED.value if op == "disable" else KeyState.ENABLED.value
+    # cancel_destroy: back to the state before the schedule
+    if state != KeyState.PENDING_DESTRUCTION.value or resume_state is None:
+        raise InvalidKeyState(f"key {key_id!r} is not scheduled for destruction")
+    return resume_state
+
+
+def check_schedulable(key_id: str, state: str) -> bool:
+    """Whether ``schedule_destroy`` writes (an already scheduled key keeps its first date)."""
+    if state == KeyState.DESTROYED.value:
+        raise KeyDestroyed(f"key {key_id!r} was destroyed")
+    return state != KeyState.PENDING_DESTRUCTION.value
+
+
+def choose_algorithm(algorithm: object, kind: object, mode: object) -> Algorithm:
+    if kind is not None and kind not in (Kind.KEM.value, Kind.SIGNATURE.value):
+        raise InvalidInput(f"kind must be 'kem' or 'signature', not {str(kind)[:20]!r}")
+    if mode is not None and mode not in ("pqc", "hybrid"):
+        raise InvalidInput(f"mode must be 'pqc' or 'hybrid', not {str(mode)[:20]!r}")
+    if algorithm is not None:
+        alg = get_algorithm(algorithm)
+        if kind is not None and alg.kind.value != kind:
+            raise InvalidInput(f"algorithm {alg.name!r} is a {alg.kind.value} algorithm, not {kind}")
+        if mode is not None and alg.mode.value != mode:
+            raise InvalidInput(f"algorithm {alg.name!r} is {alg.mode.value}, not {mode}")
+        return alg
+    if kind is None:
+        raise InvalidInput("give an algorithm, or a kind ('kem' or 'signature')")
+    hybrid = mode == "hybrid"
+    if kind == Kind.KEM.value:
+        return ALGORITHMS[HYBRID_KEM if hybrid else DEFAULT_KEM]
+    return ALGORITHMS[HYBRID_SIGNATURE if hybrid else DEFAULT_SIGNATURE]
+
+
+def build_info(
+    row: tuple[Any, ...],
+    versions: Iterable[tuple[int, str, float]],
+    want: int,
+    public: bytes | None,
+    found: bool,
+) -> KeyInfo:
+    """``row``: the :data:`KEY_COLUMNS` of a key; ``versions``: (version, state, created_at) in
+    order; ``public``/``found``: the public key of version ``want`` and whether that version exists."""
+    (key_id, kind, algorithm, label, state, latest, created, updated, destroy_at, destroyed_at) = row[:10]
+    if not found:
+        raise KeyNotFound(f"key {key_id!r} has no version {want}")
+    return KeyInfo(
+        key_id=key_id, kind=kind, algorithm=algorithm, label=label, state=KeyState(state),
+        version=want, latest_version=latest,
+        public_key=bytes(public) if public is not None and state != KeyState.DESTROYED.value else None,
+        created_at=created, updated_at=updated, destroy_at=destroy_at, destroyed_at=destroyed_at,
+        versions=tuple(VersionInfo(v, s, c) for v, s, c in versions),
+    )
+
+
+__all__ = [
+    "KEY_COLUMNS", "build_info", "check_delay", "check_key_id", "check_label", "check_list_args",
+    "check_schedulable", "check_tenant", "check_version", "choose_algorithm", "require_usable", "transition",
+]
