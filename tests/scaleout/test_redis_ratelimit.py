@@ -329,6 +329,7 @@ class OwnRedis:
         self.password = password
         self.dir = tempfile.mkdtemp(prefix="qpher-redis-")
         self.proc: subprocess.Popen[bytes] | None = None
+        self.socket_path = os.path.join(self.dir, "redis.sock")
 
     def url(self, db: int = 0, *, user: str = "") -> str:
         auth = f"{user}:{self.password}@" if self.password else ""
@@ -339,6 +340,7 @@ class OwnRedis:
                 "--appendonly", "no", "--dir", self.dir, "--logfile", ""]
         if self.password:
             argv += ["--requirepass", self.password]
+        argv += ["--unixsocket", self.socket_path, "--unixsocketperm", "700"]
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         with trio.fail_after(5):
             while True:
@@ -404,6 +406,36 @@ async def test_auth_with_password_and_with_user(
         await wrong.aclose()
     assert [r.levelname for r in caplog.records] == ["WARNING"]
     assert "WRONGPASS" in caplog.text and SECRET not in caplog.text
+
+
+async def test_unix_socket_and_a_bounded_pool(own_redis: OwnRedis) -> None:
+    await own_redis.start()
+    url = f"unix://:{SECRET}@{own_redis.socket_path}?db=2"
+    rl = RedisRateLimiter(_config(url, "qt"), pool_size=3)
+    limits = RateLimits(key_rate=1.0, key_burst=20, tenant_rate=None, tenant_burst=1)
+    admitted = 0
+
+    async def one() -> None:
+        nonlocal admitted
+        try:
+            await rl.acquire("k1", "acme", limits)
+            admitted += 1
+        except RateLimited:
+            pass
+
+    check = RedisClient(parse_redis_url(url))
+    try:
+        async with trio.open_nursery() as nursery:
+            for _ in range(40):
+                nursery.start_soon(one)
+        assert admitted == 20 and not rl.degraded
+        assert await check.execute("EXISTS", redis_key("qt", "k", "k1")) == 1
+        clients = await check.execute("CLIENT", "LIST")
+        assert isinstance(clients, bytes)
+        assert len(clients.strip().splitlines()) <= 3 + 1  # the pool's, and ours
+    finally:
+        await rl.aclose()
+        await check.aclose()
 
 
 async def test_outage_falls_back_locally_with_one_warning_then_recovers(
