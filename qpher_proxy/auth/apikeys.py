@@ -38,21 +38,25 @@ forces a re-validation.
 from __future__ import annotations
 
 import calendar
+import dataclasses
 import datetime as _dt
 import enum
 import hmac
 import json
+import logging
 import math
 import os
 import re
 import secrets
 import stat
 import time
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Hashable, Iterable
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, Protocol
 
-from ..errors import ConfigError, InvalidInput, NotFound, Unauthenticated
+import trio
+
+from ..errors import ConfigError, InvalidInput, NotFound, StorageUnavailable, Unauthenticated
 from ..storage import sqlite as db
 
 __all__ = [
@@ -78,6 +82,7 @@ SECRET_CHARS = 43  # 43 × log2(62) ≈ 256 bits
 SECRET_ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 PEPPER_BYTES = 32
 MAX_CACHE_TTL_S = 1.0  # a revoked key stops working within one second
+MIN_POLL_INTERVAL_S = 0.01  # the change poller with ttl 0
 
 # What a secret scanner should look for (documented in the README).
 KEY_SCAN_PATTERN = r"qph_[a-z0-9]{12}_[A-Za-z0-9]{32,}"
@@ -114,6 +119,7 @@ _SCHEMA = (
 _COLUMNS = "key_id, tenant, plan, scopes, created_at, expires_at, revoked_at, label, secret_mac"
 
 AuditFn = Callable[..., object]
+log = logging.getLogger("qpher.auth")
 Clock = Callable[[], float]
 
 
@@ -320,6 +326,88 @@ def parse_expiry(text: str, now: float) -> float:
     raise InvalidInput("expiry must be a duration like '90d' or a UTC date like '2030-01-31'")
 
 
+# ---- shared by the SQLite and the PostgreSQL stores -------------------------------------
+
+CREATE_ATTEMPTS = 8
+COLUMNS = _COLUMNS  # the column order ``row_to_record`` reads (both backends' tables)
+
+
+def validate_new_key(
+    tenant: object, plan: object, scopes: Iterable[str], expires_at: float | None, label: object, now: float
+) -> tuple[str, str, tuple[str, ...], float | None, str | None]:
+    """What ``create`` checks, in order: tenant, plan, scopes (de-duplicated, order kept), label,
+    expiry (a finite number after ``now``). Returns the values to store; ``InvalidInput`` else."""
+    tenant = _check_name("tenant", tenant)
+    plan = _check_name("plan", plan)
+    if isinstance(scopes, str):
+        raise InvalidInput("scopes must be a list of strings, not one string")
+    scope_tuple = tuple(dict.fromkeys(_check_name("scope", s, _SCOPE_RE) for s in scopes))
+    checked_label = _check_label(label)
+    if expires_at is not None:
+        if (
+            isinstance(expires_at, bool)
+            or not isinstance(expires_at, (int, float))
+            or not math.isfinite(expires_at)
+        ):
+            raise InvalidInput("expires_at must be a number of seconds since the epoch")
+        if expires_at <= now:
+            raise InvalidInput("expires_at is in the past")
+        expires_at = float(expires_at)
+    return tenant, plan, scope_tuple, expires_at, checked_label
+
+
+def new_key_material() -> tuple[str, str]:
+    """A fresh random (key_id, secret)."""
+    key_id = "".join(secrets.choice(KEY_ID_ALPHABET) for _ in range(KEY_ID_CHARS))
+    secret = "".join(secrets.choice(SECRET_ALPHABET) for _ in range(SECRET_CHARS))
+    return key_id, secret
+
+
+def full_key(key_id: str, secret: str) -> str:
+    return f"{KEY_PREFIX}{key_id}_{secret}"
+
+
+def key_not_found(key_id: str) -> NotFound:
+    """``NotFound`` naming ``key_id`` only if it is shaped like an id: never echo a pasted key."""
+    shown = repr(key_id) if re.fullmatch(r"[a-z0-9]{12}", key_id) else "(not a key id)"
+    return NotFound(f"no API key with id {shown}")
+
+
+def row_to_record(row: tuple[Any, ...]) -> tuple[APIKeyRecord, bytes]:
+    """A row in ``COLUMNS`` order -> (record, stored MAC)."""
+    return _row_to_record(row)
+
+
+def check_pepper(pepper: object) -> bytes:
+    if not isinstance(pepper, bytes) or len(pepper) != PEPPER_BYTES:
+        raise ConfigError(f"the pepper must be {PEPPER_BYTES} bytes")
+    return pepper
+
+
+def key_mac(pepper: bytes, key_id: str, secret: str) -> bytes:
+    """``HMAC-SHA256(pepper, "qph-v1:" + key_id + ":" + secret)``; hmac.digest is the one-shot C
+    fast path (~1 µs)."""
+    return hmac.digest(pepper, _MAC_DOMAIN + key_id.encode("ascii") + b":" + secret.encode("ascii"), "sha256")
+
+
+class KeyStore(Protocol):
+    """What ``Authenticator`` needs of a store (``APIKeyStore``, ``PgAPIKeyStore``).
+
+    ``blocking`` is True when ``lookup``/``change_token`` may wait on the network (PostgreSQL):
+    ``Authenticator.authenticate_async`` then runs them in threads, at most ``pool_size`` at a
+    time, and treats a change token older than ``2 × ttl + statement_timeout`` as unknown."""
+
+    blocking: bool
+    pool_size: int
+    statement_timeout: float
+
+    def lookup(self, key_id: str) -> tuple[APIKeyRecord, bytes] | None: ...
+
+    def mac(self, key_id: str, secret: str) -> bytes: ...
+
+    def change_token(self) -> Hashable: ...
+
+
 # ---- store -----------------------------------------------------------------------------
 
 class APIKeyStore:
@@ -329,6 +417,10 @@ class APIKeyStore:
     events (``apikey.created``, ``apikey.revoked``) inside the write transaction: if auditing
     fails, the change is rolled back and the error propagates."""
 
+    blocking = False  # SQLite reads are local and short: the Authenticator calls them inline
+    pool_size = 1
+    statement_timeout = 0.0
+
     def __init__(
         self,
         db_path: str | os.PathLike[str],
@@ -337,9 +429,7 @@ class APIKeyStore:
         clock: Clock = time.time,
         audit: AuditFn | None = None,
     ) -> None:
-        if not isinstance(pepper, bytes) or len(pepper) != PEPPER_BYTES:
-            raise ConfigError(f"the pepper must be {PEPPER_BYTES} bytes")
-        self._pepper = pepper
+        self._pepper = check_pepper(pepper)
         self._clock = clock
         self._audit = audit
         self._local_writes = 0
@@ -364,9 +454,7 @@ class APIKeyStore:
 
     # The MAC of a presented secret. hmac.digest is the one-shot C fast path (~1 µs).
     def mac(self, key_id: str, secret: str) -> bytes:
-        return hmac.digest(
-            self._pepper, _MAC_DOMAIN + key_id.encode("ascii") + b":" + secret.encode("ascii"), "sha256"
-        )
+        return key_mac(self._pepper, key_id, secret)
 
     def create(
         self,
@@ -378,26 +466,12 @@ class APIKeyStore:
     ) -> tuple[APIKeyRecord, str]:
         """Create a key; returns its record and the full key, which exists nowhere else: print
         it once and forget it."""
-        _check_name("tenant", tenant)
-        _check_name("plan", plan)
-        if isinstance(scopes, str):
-            raise InvalidInput("scopes must be a list of strings, not one string")
-        scope_tuple = tuple(dict.fromkeys(_check_name("scope", s, _SCOPE_RE) for s in scopes))
-        label = _check_label(label)
         now = self._clock()
-        if expires_at is not None:
-            if (
-                isinstance(expires_at, bool)
-                or not isinstance(expires_at, (int, float))
-                or not math.isfinite(expires_at)
-            ):
-                raise InvalidInput("expires_at must be a number of seconds since the epoch")
-            if expires_at <= now:
-                raise InvalidInput("expires_at is in the past")
-            expires_at = float(expires_at)
-        for _attempt in range(8):  # 60-bit ids: a collision is a curiosity, not a failure
-            key_id = "".join(secrets.choice(KEY_ID_ALPHABET) for _ in range(KEY_ID_CHARS))
-            secret = "".join(secrets.choice(SECRET_ALPHABET) for _ in range(SECRET_CHARS))
+        tenant, plan, scope_tuple, expires_at, label = validate_new_key(
+            tenant, plan, scopes, expires_at, label, now
+        )
+        for _attempt in range(CREATE_ATTEMPTS):  # 60-bit ids: a collision is a curiosity, not a failure
+            key_id, secret = new_key_material()
             record = APIKeyRecord(key_id, tenant, plan, scope_tuple, now, expires_at, None, label)
             with db.transaction(self._conn, "creating an API key"):
                 inserted = self._conn.execute(
@@ -414,7 +488,7 @@ class APIKeyStore:
                         scopes=list(scope_tuple), expires_at=expires_at, label=label,
                     )
             self._local_writes += 1
-            return record, f"{KEY_PREFIX}{key_id}_{secret}"
+            return record, full_key(key_id, secret)
         raise InvalidInput("could not allocate a unique key id")  # pragma: no cover
 
     def get(self, key_id: str) -> APIKeyRecord | None:
@@ -453,8 +527,7 @@ class APIKeyStore:
         with db.transaction(self._conn, "revoking an API key"):
             row = db.one(self._conn.execute(f"SELECT {_COLUMNS} FROM api_keys WHERE key_id = ?", (key_id,)))
             if row is None:
-                shown = repr(key_id) if re.fullmatch(r"[a-z0-9]{12}", key_id) else "(not a key id)"
-                raise NotFound(f"no API key with id {shown}")  # never echo a pasted full key
+                raise key_not_found(key_id)
             record, _ = _row_to_record(row)
             if record.revoked_at is not None:
                 return record
@@ -462,10 +535,7 @@ class APIKeyStore:
             if self._audit is not None:
                 self._audit("apikey.revoked", "WARNING", key_id=key_id, tenant=record.tenant)
         self._local_writes += 1
-        return APIKeyRecord(
-            record.key_id, record.tenant, record.plan, record.scopes, record.created_at,
-            record.expires_at, now, record.label,
-        )
+        return dataclasses.replace(record, revoked_at=now)
 
     def change_token(self) -> tuple[int, int]:
         """Changes whenever the key table may have changed: (SQLite data_version, local writes)."""
@@ -487,15 +557,32 @@ class Authenticator:
     """Turns a presented API key into its ``APIKeyRecord`` or raises ``Unauthenticated``.
 
     ``clock`` is wall time (expiry is wall time); ``ttl`` (≤ 1 s) bounds how long a change made
-    by another process (revocation) can go unseen. See the module docstring."""
+    by another process (revocation) can go unseen. See the module docstring.
+
+    **Blocking stores (PostgreSQL).** ``authenticate`` calls the store inline, which would stall
+    the trio loop on a network round trip. ``authenticate_async`` does the same work without
+    blocking: a cache miss runs ``store.lookup`` in a worker thread (at most ``store.pool_size``
+    at once; concurrent misses of one key id share one lookup), and the change token is not read
+    by requests at all but taken from ``run_change_poller``, a background task that reads it in
+    a thread every ``ttl / 2``. A request compares the polled token with the one its cache was
+    filled under and drops the cache when they differ, so a change committed anywhere is seen
+    within ``ttl / 2`` plus one poll round trip (≤ 1 s while the database answers).
+
+    Fail closed: when the token has not been read successfully for longer than ``stale_after``
+    (default ``2 × ttl + store.statement_timeout``; before the first successful poll too),
+    ``authenticate_async`` raises ``StorageUnavailable`` (503), cache hits included — a revocation
+    must not go unseen because the database stopped answering. A lookup that fails raises the
+    same error; each lookup is bounded by the pool and statement timeouts, so a request never
+    hangs. With a non-blocking store (SQLite) ``authenticate_async`` is ``authenticate``."""
 
     def __init__(
         self,
-        store: APIKeyStore,
+        store: KeyStore,
         clock: Clock = time.time,
         *,
         ttl: float = MAX_CACHE_TTL_S,
         max_cache_entries: int = 100_000,
+        stale_after: float | None = None,
     ) -> None:
         if not 0 <= ttl <= MAX_CACHE_TTL_S:
             raise ConfigError(f"auth cache ttl must be between 0 and {MAX_CACHE_TTL_S} s, not {ttl!r}")
@@ -505,34 +592,58 @@ class Authenticator:
         self._max_entries = max_cache_entries
         # key_id -> (record, mac), or None for "no such key" (negative entries bound DB load).
         self._cache: dict[str, tuple[APIKeyRecord, bytes] | None] = {}
-        self._token: tuple[int, int] | None = None
+        self._token: Hashable | None = None
         self._validated_at = -math.inf
         self._dummy_mac = secrets.token_bytes(32)
+        # ---- blocking stores only (authenticate_async, run_change_poller) ----
+        self._blocking = bool(getattr(store, "blocking", False))
+        self.poll_interval = max(ttl / 2, MIN_POLL_INTERVAL_S)
+        self.stale_after = (
+            max(2 * ttl, 2 * self.poll_interval) + float(getattr(store, "statement_timeout", 0.0))
+            if stale_after is None else stale_after
+        )
+        self._threads = max(1, int(getattr(store, "pool_size", 1)))
+        self._limiter: trio.CapacityLimiter | None = None
+        self._polled_token: Hashable | None = None
+        self._polled_at = -math.inf  # trio.current_time() when the polled token was read
+        self._generation = 0  # bumped whenever the cache is dropped
+        self._inflight: dict[str, _Lookup] = {}
+
+    @property
+    def blocking(self) -> bool:
+        return self._blocking
 
     def _revalidate(self, now: float) -> None:
         token = self._store.change_token()
         if token != self._token:
-            self._cache.clear()
+            self._drop_cache()
             self._token = token
         self._validated_at = now
 
+    def _drop_cache(self) -> None:
+        self._cache.clear()
+        self._generation += 1
+
+    def _remember(self, key_id: str, entry: tuple[APIKeyRecord, bytes] | None) -> None:
+        if len(self._cache) >= self._max_entries:
+            self._drop_cache()
+        self._cache[key_id] = entry
+
     def authenticate(self, api_key: str | None) -> APIKeyRecord:
         """``api_key`` is what ``auth.headers.extract_api_key`` returned (None if absent)."""
-        if api_key is None:
-            raise Unauthenticated("missing")
-        m = _KEY_RE.fullmatch(api_key)
-        if m is None:
-            raise Unauthenticated("malformed")
-        key_id, secret = m.group(1), m.group(2)
+        key_id, secret = _parse_presented(api_key)
         now = self._clock()
         if now - self._validated_at >= self._ttl or now < self._validated_at:
             self._revalidate(now)
         entry = self._cache.get(key_id, _MISSING)
         if entry is _MISSING:
             entry = self._store.lookup(key_id)
-            if len(self._cache) >= self._max_entries:
-                self._cache.clear()
-            self._cache[key_id] = entry
+            self._remember(key_id, entry)
+        return self._check(key_id, secret, entry, now)
+
+    def _check(
+        self, key_id: str, secret: str, entry: tuple[APIKeyRecord, bytes] | None, now: float
+    ) -> APIKeyRecord:
         presented = self._store.mac(key_id, secret)
         if entry is None:
             hmac.compare_digest(presented, self._dummy_mac)  # same work as a wrong secret
@@ -545,3 +656,104 @@ class Authenticator:
         if record.expires_at is not None and now >= record.expires_at:
             raise Unauthenticated("expired", key_id=key_id)
         return record
+
+    async def authenticate_async(self, api_key: str | None) -> APIKeyRecord:
+        """``authenticate`` for the trio loop (see the class docstring): same results, same
+        errors, same work per outcome; plus ``StorageUnavailable`` (503) when the store is
+        blocking and its change token is stale or a lookup fails."""
+        if not self._blocking:
+            return self.authenticate(api_key)
+        key_id, secret = _parse_presented(api_key)
+        if trio.current_time() - self._polled_at > self.stale_after:
+            raise StorageUnavailable("API keys cannot be validated: the key database is not answering")
+        if self._polled_token != self._token:
+            self._drop_cache()
+            self._token = self._polled_token
+        entry = self._cache.get(key_id, _MISSING)
+        while entry is _MISSING:
+            entry = await self._lookup_shared(key_id)
+        return self._check(key_id, secret, entry, self._clock())
+
+    async def _lookup_shared(self, key_id: str) -> tuple[APIKeyRecord, bytes] | None | _Missing:
+        """Look ``key_id`` up in a thread, or wait for the lookup already running for it and
+        share its answer or its error (so N requests of one key cost one query, and with the
+        database down they fail together rather than one after another). ``_MISSING`` only
+        when the lookup waited for was cancelled: the caller tries itself."""
+        running = self._inflight.get(key_id)
+        if running is not None:
+            await running.done.wait()
+            if running.error is not None:
+                raise StorageUnavailable(running.error.message) from running.error
+            return running.result
+        if self._limiter is None:
+            self._limiter = trio.CapacityLimiter(self._threads)
+        lookup = self._inflight[key_id] = _Lookup()
+        generation = self._generation
+        try:
+            entry = await trio.to_thread.run_sync(self._store.lookup, key_id, limiter=self._limiter)
+            lookup.result = entry
+        except StorageUnavailable as exc:
+            lookup.error = exc
+            raise
+        finally:
+            del self._inflight[key_id]
+            lookup.done.set()
+        # A change seen while the lookup ran may be newer than what it read: the answer serves
+        # the requests waiting for it (it was read after they arrived) but is cached only if the
+        # cache was not dropped meanwhile.
+        if generation == self._generation and self._polled_token == self._token:
+            self._remember(key_id, entry)
+        return entry
+
+    async def poll_once(self) -> bool:
+        """Read the change token in a thread; True if it was read (the poller's step)."""
+        started = trio.current_time()
+        try:
+            token = await trio.to_thread.run_sync(self._store.change_token)
+        except StorageUnavailable:
+            return False
+        self._polled_token = token
+        self._polled_at = max(self._polled_at, started)
+        return True
+
+    async def run_change_poller(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Keep the change token fresh (every ``poll_interval`` = ``ttl / 2``), forever; start it
+        with ``nursery.start``: it reports started after its first attempt, successful or not
+        (a database that is down at start-up gives 503s, not a failed start). A failed poll
+        keeps the old token and is logged once per outage. Returns at once for a non-blocking
+        store (nothing to poll)."""
+        if not self._blocking:
+            task_status.started()
+            return
+        ok = await self.poll_once()
+        task_status.started()
+        failing = False
+        while True:
+            if not ok and not failing:
+                log.warning("cannot read the API key change counter; keys are refused (503) after %.1f s",
+                            self.stale_after)
+            elif ok and failing:
+                log.warning("API key change counter readable again")
+            failing = not ok
+            await trio.sleep(self.poll_interval)
+            ok = await self.poll_once()
+
+
+class _Lookup:
+    """One lookup in a thread, shared by the requests that want the same key id meanwhile."""
+
+    __slots__ = ("done", "error", "result")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.result: tuple[APIKeyRecord, bytes] | None | _Missing = _MISSING
+        self.error: StorageUnavailable | None = None
+
+
+def _parse_presented(api_key: str | None) -> tuple[str, str]:
+    if api_key is None:
+        raise Unauthenticated("missing")
+    m = _KEY_RE.fullmatch(api_key)
+    if m is None:
+        raise Unauthenticated("malformed")
+    return m.group(1), m.group(2)
