@@ -68,7 +68,7 @@ import trio
 from ...errors import ConfigError
 from ...sandbox import RunAs
 from ..client import KMSClient, OpHook, WorkerChannel
-from ..wire.model import DEFAULT_DESTROY_DELAY, DEFAULT_MAX_BATCH, KEKSettings
+from ..wire.model import DEFAULT_DESTROY_DELAY, DEFAULT_MAX_BATCH, KEKSettings, KMSStorageSettings
 from ..wire.protocol import (
     DEFAULT_MAX_FRAME_SIZE,
     NEED_DATA,
@@ -175,6 +175,7 @@ class KMSSupervisor:
         worker_user: RunAs | None = None,
         handoff: HandoffHook | None = None,
         kek_fd: int | None = None,
+        storage: KMSStorageSettings | None = None,
     ) -> None:
         if workers < 1:
             raise ConfigError("kms.workers must be at least 1 here (resolve 0 with default_worker_count())")
@@ -197,6 +198,7 @@ class KMSSupervisor:
         self.worker_user = worker_user
         self.handoff = handoff
         self.kek_fd = kek_fd  # provider env: a memfd with the KEK, already out of the environment
+        self.storage = storage  # storage.backend postgresql: the DSN goes to the workers in HELLO only
         self.stopping = False  # set by the owner at shutdown: workers then end without a restart
         self.client = KMSClient(request_timeout=request_timeout, on_op=on_op)
         self.restarts = 0
@@ -290,7 +292,7 @@ class KMSSupervisor:
         kek: dict[str, Value] = {"provider": self.kek.provider, "env": self.kek.env}
         if self.kek.provider == "file":
             kek["path"] = os.path.abspath(self.kek.file or "")
-        return {
+        cfg: dict[str, Value] = {
             "dir": self.kms_dir,
             "kek": kek,
             "backend": self.backend,
@@ -301,6 +303,9 @@ class KMSSupervisor:
             "sweep_interval": float(self.sweep_interval),
             "worker": index,
         }
+        if self.storage is not None:  # the key store is PostgreSQL (kms.dir then holds no key)
+            cfg["storage"] = dict(self.storage.hello())
+        return cfg
 
     async def _run_worker(self, index: int, first: bool) -> _Ended:
         """One life of worker ``index``: spawn, bootstrap, serve until it dies or we stop."""

@@ -10,7 +10,7 @@ import enum
 import re
 import secrets
 from base64 import b32encode
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ...errors import KeyNotFound
@@ -131,3 +131,28 @@ class KEKSettings:
     provider: Literal["file", "env"] = "file"
     file: str | None = None  # provider "file": path of the base64 KEK file (0600)
     env: str = "QPHER_KEK"  # provider "env": the variable holding the base64 KEK
+
+
+@dataclass(frozen=True, slots=True)
+class KMSStorageSettings:
+    """Where the KMS keeps its keys when ``storage.backend`` is ``postgresql`` (the SQLite store
+    needs nothing beyond the KMS directory). Travels to the workers in their HELLO frame only:
+    ``dsn`` may hold a password, so it is never in argv, the environment, a log line or a repr."""
+
+    dsn: str = field(repr=False)
+    role_prefix: str = "qpher"
+    pool_size: int = 8
+    connect_timeout: float = 3.0
+    statement_timeout: float = 5.0
+    pool_timeout: float = 2.0
+    lease_ttl: float = 15.0
+    sweep_interval: float = 5.0
+
+    def hello(self) -> dict[str, str | int | float]:
+        """The ``storage`` entry of the HELLO settings."""
+        return {
+            "backend": "postgresql", "dsn": self.dsn, "role_prefix": self.role_prefix,
+            "pool_size": self.pool_size, "connect_timeout": float(self.connect_timeout),
+            "statement_timeout": float(self.statement_timeout), "pool_timeout": float(self.pool_timeout),
+            "lease_ttl": float(self.lease_ttl), "sweep_interval": float(self.sweep_interval),
+        }

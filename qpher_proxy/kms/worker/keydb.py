@@ -196,6 +196,24 @@ def _check_rotation_marker(kms_dir: Path) -> None:
         )
 
 
+def check_kek_opens(provider: KEKProvider, binding: KeyBinding, sealed: bytes) -> None:
+    """:class:`KEKMismatch` unless ``provider`` opens the sealed key version ``sealed`` (the bytes
+    of a key file); :class:`KeyCorrupt` if ``sealed`` is not a key blob at all."""
+    header = keyfile.parse_header(sealed, binding.describe())
+    if header.kek_id != provider.kek_id:
+        raise KEKMismatch(
+            f"the configured KEK (id {provider.kek_id!r}) is not the KEK of this key store "
+            f"(key files are wrapped by {header.kek_id!r}); nothing was written"
+        )
+    try:
+        provider.unwrap(sealed[header.body_offset :], binding.aad(header.kek_id))
+    except UnwrapFailed as exc:
+        raise KEKMismatch(
+            f"the configured KEK (id {provider.kek_id!r}) does not open this key store's key files; "
+            "nothing was written"
+        ) from exc
+
+
 def verify_store_kek(kms_dir: Path, provider: KEKProvider, db: sqlite3.Connection) -> None:
     """Stop with :class:`KEKError` unless ``provider`` is this store's KEK (see kek.py).
 
@@ -217,18 +235,7 @@ def verify_store_kek(kms_dir: Path, provider: KEKProvider, db: sqlite3.Connectio
         binding = KeyBinding(tenant_id, key_id, version, algorithm)
         try:
             raw = keyfile.read_key_file(kms_dir / rel, binding.describe())
-            header = keyfile.parse_header(raw, binding.describe())
-            if header.kek_id != provider.kek_id:
-                raise KEKMismatch(
-                    f"the configured KEK (id {provider.kek_id!r}) is not the KEK of this key store "
-                    f"(key files are wrapped by {header.kek_id!r}); nothing was written"
-                )
-            provider.unwrap(raw[header.body_offset :], binding.aad(header.kek_id))
-        except UnwrapFailed as exc:
-            raise KEKMismatch(
-                f"the configured KEK (id {provider.kek_id!r}) does not open this key store's key files; "
-                "nothing was written"
-            ) from exc
+            check_kek_opens(provider, binding, raw)
         except QpherError as exc:
             if isinstance(exc, KEKError):
                 raise
@@ -242,5 +249,6 @@ def verify_store_kek(kms_dir: Path, provider: KEKProvider, db: sqlite3.Connectio
 
 __all__ = [
     "BUSY_TIMEOUT_S", "DB_FILE", "LOCK_FILE", "LOCK_WAIT_S", "SCHEMA_VERSION", "StoreLock",
-    "StoreUnavailable", "connect", "mapped_errors", "verify_store_kek", "write_transaction",
+    "StoreUnavailable", "check_kek_opens", "connect", "mapped_errors", "verify_store_kek",
+    "write_transaction",
 ]

@@ -43,7 +43,7 @@ import select
 import socket
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, Union
 
 from ...crypto.interface import Backend
 from ...errors import InvalidInput, QpherError
@@ -62,6 +62,9 @@ from ..wire.protocol import (
 from .keystore import KeyStore
 from .tenant_keys import TenantKeys
 
+if TYPE_CHECKING:  # imported at run time only with storage.backend postgresql (it needs psycopg)
+    from .pg_keystore import PgKeyStore, PgTenantKeys
+
 log = logging.getLogger("qpher.kms.service")
 
 RECV_BYTES = 256 * 1024
@@ -72,7 +75,9 @@ EXIT_CONFIG = 2
 EXIT_PROTOCOL = 3
 EXIT_INTERNAL = 4
 
-Handler = Callable[[TenantKeys, dict[str, Value]], Value]
+AnyStore = Union[KeyStore, "PgKeyStore"]
+AnyKeys = Union[TenantKeys, "PgTenantKeys"]
+Handler = Callable[[AnyKeys, dict[str, Value]], Value]
 
 
 # ---- argument helpers: typed errors for wrong types, never a KeyError/TypeError ------------
@@ -124,7 +129,7 @@ class KMSService:
 
     def __init__(
         self,
-        store: KeyStore,
+        store: AnyStore,
         token: bytes,
         *,
         max_batch: int = DEFAULT_MAX_BATCH,
@@ -134,7 +139,7 @@ class KMSService:
         self._token = token
         self.max_batch = max_batch
         self._clock = clock
-        self._tenants: dict[str, TenantKeys] = {}  # repositories are stateless; reuse them
+        self._tenants: dict[str, AnyKeys] = {}  # repositories are stateless; reuse them
         self._ops: dict[str, Handler] = {
             "ping": self._ping,
             "create_key": self._create_key,
@@ -197,10 +202,10 @@ class KMSService:
 
     # ---- lifecycle ----
 
-    def _ping(self, keys: TenantKeys, args: dict[str, Value]) -> Value:
+    def _ping(self, keys: AnyKeys, args: dict[str, Value]) -> Value:
         return {"data": _opt_bytes(args, "data"), "pid": os.getpid()}
 
-    def _create_key(self, keys: TenantKeys, args: dict[str, Value]) -> Value:
+    def _create_key(self, keys: AnyKeys, args: dict[str, Value]) -> Value:
         return keys.create(
             algorithm=_opt_str(args, "algorithm"),
             kind=_opt_str(args, "kind"),
@@ -208,57 +213,57 @@ class KMSService:
             label=_opt_str(args, "label"),
         ).to_wire()
 
-    def _get_key(self, keys: TenantKeys, args: dict[str, Value]) -> Value:
+    def _get_key(self, keys: AnyKeys, args: dict[str, Value]) -> Value:
         return keys.get(args.get("key_id"), _opt_int(args, "version")).to_wire()  # type: ignore[arg-type]
 
-    def _list_keys(self, keys: TenantKeys, args: dict[str, Value]) -> Value:
+    def _list_keys(self, keys: AnyKeys, args: dict[str, Value]) -> Value:
         limit = _opt_int(args, "limit")
         page = keys.list(limit if limit is not None else 50, _opt_str(args, "cursor"))
         return {"keys": [k.to_wire() for k in page.keys], "next_cursor": page.next_cursor}
 
-    def _schedule_destroy(self, keys: TenantKeys, args: dict[str, Value]) -> Value:
+    def _schedule_destroy(self, keys: AnyKeys, args: dict[str, Value]) -> Value:
         return keys.schedule_destroy(args.get("key_id"), _opt_number(args, "delay")).to_wire()  # type: ignore[arg-type]
 
     # ---- crypto ----
 
-    def _encapsulate(self, keys: TenantKeys, args: dict[str, Value]) -> Value:
+    def _encapsulate(self, keys: AnyKeys, args: dict[str, Value]) -> Value:
         pub, version = keys.public_key(args.get("key_id"))
         ss, ct = pub.encapsulate()
         return {"shared_secret": ss, "ciphertext": ct, "version": version}
 
-    def _decapsulate(self, keys: TenantKeys, args: dict[str, Value]) -> Value:
+    def _decapsulate(self, keys: AnyKeys, args: dict[str, Value]) -> Value:
         ct = _req_bytes(args, "ciphertext")
         priv, version = keys.private_key(args.get("key_id"), args.get("version"))
         return {"shared_secret": priv.decapsulate(ct), "version": version}
 
-    def _sign(self, keys: TenantKeys, args: dict[str, Value]) -> Value:
+    def _sign(self, keys: AnyKeys, args: dict[str, Value]) -> Value:
         msg = _req_bytes(args, "message")
         ctx = _opt_bytes(args, "context")
         priv, version = keys.private_key(args.get("key_id"))
         return {"signature": priv.sign(msg, ctx), "version": version}
 
-    def _verify(self, keys: TenantKeys, args: dict[str, Value]) -> Value:
+    def _verify(self, keys: AnyKeys, args: dict[str, Value]) -> Value:
         msg = _req_bytes(args, "message")
         sig = _req_bytes(args, "signature")
         ctx = _opt_bytes(args, "context")
         pub, version = keys.public_key(args.get("key_id"), args.get("version"))
         return {"valid": bool(pub.verify(sig, msg, ctx)), "version": version}
 
-    def _encrypt(self, keys: TenantKeys, args: dict[str, Value]) -> Value:
+    def _encrypt(self, keys: AnyKeys, args: dict[str, Value]) -> Value:
         pt = _req_bytes(args, "plaintext")
         aad = _opt_bytes(args, "aad")
         info = _opt_bytes(args, "info")
         pub, version = keys.public_key(args.get("key_id"))
         return {"ciphertext": pub.hpke_seal(pt, aad=aad, info=info), "version": version}
 
-    def _decrypt(self, keys: TenantKeys, args: dict[str, Value]) -> Value:
+    def _decrypt(self, keys: AnyKeys, args: dict[str, Value]) -> Value:
         ct = _req_bytes(args, "ciphertext")
         aad = _opt_bytes(args, "aad")
         info = _opt_bytes(args, "info")
         priv, version = keys.private_key(args.get("key_id"), args.get("version"))
         return {"plaintext": priv.hpke_open(ct, aad=aad, info=info), "version": version}
 
-    def _batch(self, keys: TenantKeys, args: dict[str, Value]) -> Value:
+    def _batch(self, keys: AnyKeys, args: dict[str, Value]) -> Value:
         items = args.get("items")
         if type(items) is not list:
             raise InvalidInput("items must be a list")
@@ -427,13 +432,20 @@ PRELOAD_SKIP = (
     "qpher_proxy.kms.client",
     "qpher_proxy.kms.launcher",
     "qpher_proxy.kms.worker.backends.liboqs",
+    "qpher_proxy.kms.worker.pg_keystore",
 )
+# With storage.backend postgresql, also the PostgreSQL store and its driver (psycopg loads its
+# libpq at import; a run of every store operation, a failed connection included, imports nothing
+# more after these).
+PRELOAD_PG = ("qpher_proxy.kms.worker.pg_keystore", "qpher_proxy.storage.postgres", "psycopg_pool")
 
 
-def _become(user: RunAs) -> bool:
+def _become(user: RunAs, *, postgresql: bool = False) -> bool:
     """Drop to the KMS user before the key store is opened, so that every file it creates
     belongs to that user; the modules it will need are imported first, while readable."""
     preload(PRELOAD, skip=PRELOAD_SKIP)
+    if postgresql:
+        preload(PRELOAD_PG)
     import encodings.idna  # noqa: F401  (looked up lazily by str.encode("idna"))
 
     from . import _hardening
@@ -478,11 +490,13 @@ def run_worker(
         if not _best_effort(sock, conn.ready(_ready_info(store, cfg, notes))):
             return EXIT_OK
         log.info("KMS worker ready",
-                 extra={"fields": {"backend": store.backend.name, "kek_id": store.kek.kek_id}})
+                 extra={"fields": {"backend": store.backend.name, "kek_id": store.kek.kek_id,
+                                   "storage": _storage_kind(store)}})
+        interval = getattr(store, "tick_interval", None)  # PostgreSQL: lease renewal + sweep cadence
+        if interval is None:
+            interval = _setting(cfg, "sweep_interval", float, DEFAULT_SWEEP_INTERVAL_S)
         try:
-            return serve(
-                sock, conn, service, _setting(cfg, "sweep_interval", float, DEFAULT_SWEEP_INTERVAL_S)
-            )
+            return serve(sock, conn, service, interval)
         finally:
             store.close()
     finally:
@@ -492,9 +506,14 @@ def run_worker(
 def _open_store(
     conn: ServerConnection, cfg: dict[str, Value], kek_fd: int | None, user: RunAs | None,
     notes: dict[str, Value] | None,
-) -> tuple[KeyStore, dict[str, Value] | None]:
+) -> tuple[AnyStore, dict[str, Value] | None]:
     """The key store HELLO's settings describe, opened as the KMS user (``notes`` gains whether
-    memory is locked). ``kek_fd`` is consumed either way: handed to the KEK provider, or closed."""
+    memory is locked). ``kek_fd`` is consumed either way: handed to the KEK provider, or closed.
+
+    ``storage`` (present when ``storage.backend`` is ``postgresql``): the DSN, role prefix, pool
+    and timeouts, lease TTL and sweep interval -- the DSN reaches the worker only in this frame,
+    never in argv, the environment or a log line. The KMS directory then holds nothing
+    key-related (keys, canary and sweep coordination are all in the database)."""
     try:
         max_frame = _setting(cfg, "max_frame_size", int, protocol.DEFAULT_MAX_FRAME_SIZE)
         conn.max_frame_size = max(max_frame, protocol.MIN_FRAME_SIZE)
@@ -503,13 +522,25 @@ def _open_store(
         # The backend loads its libraries while they are readable, before the user change;
         # the KEK is read after it, as the user that owns the KEK file.
         backend: Backend = select_backend(_setting(cfg, "backend", str, "auto"))
+        storage = cfg.get("storage")
+        if storage is not None and (type(storage) is not dict or storage.get("backend") != "postgresql"):
+            raise InvalidInput("bootstrap setting 'storage' must describe the postgresql backend")
         kms_dir = _setting(cfg, "dir", str, None)
-        if not kms_dir:
+        if not kms_dir and storage is None:
             raise InvalidInput("bootstrap setting 'dir' is required")
         if user is not None:
-            notes = {**(notes or {}), "memory_locked": _become(user)}
+            notes = {**(notes or {}), "memory_locked": _become(user, postgresql=storage is not None)}
         kek = _kek_from_config(cfg.get("kek"), kek_fd)
         kek_fd = None
+        if storage is not None:
+            from .pg_keystore import open_from_settings
+
+            pg = open_from_settings(
+                storage, kek, backend,
+                destroy_delay=_setting(cfg, "destroy_delay", float, 86_400.0),
+                cache_size=_setting(cfg, "cache_size", int, 1024),
+            )
+            return pg, notes
         store = KeyStore(
             kms_dir,
             kek,
@@ -526,13 +557,18 @@ def _open_store(
                 pass
 
 
-def _ready_info(store: KeyStore, cfg: dict[str, Value], notes: dict[str, Value] | None) -> dict[str, Value]:
+def _storage_kind(store: AnyStore) -> str:
+    return "sqlite" if isinstance(store, KeyStore) else "postgresql"
+
+
+def _ready_info(store: AnyStore, cfg: dict[str, Value], notes: dict[str, Value] | None) -> dict[str, Value]:
     """What READY tells the gateway: non-secret facts about this worker."""
     info: dict[str, Value] = {
         "pid": os.getpid(),
         "backend": store.backend.name,
         "kek_id": store.kek.kek_id,
         "exclusive_start": store.exclusive_start,
+        "storage": _storage_kind(store),
         "worker": _setting(cfg, "worker", int, 0),
         "versions": dict(store.backend.versions()),
     }

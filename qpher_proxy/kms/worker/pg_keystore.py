@@ -1,0 +1,736 @@
+"""The key store on PostgreSQL (``storage.backend: postgresql``).  KMS process only.
+
+:class:`PgKeyStore` offers what the worker (``service``) uses of :class:`~.keystore.KeyStore`,
+and :class:`PgTenantKeys` the methods and errors of :class:`~.tenant_keys.TenantKeys`; the rules
+both follow are ``key_rules``. What differs is where things live and how nodes coordinate.
+
+Theory of operation
+===================
+
+Where keys live
+---------------
+Tables ``kms_keys`` (metadata) and ``kms_key_versions`` (one row per version: the public key and
+``sealed``, the exact bytes a key file would hold -- ``keyfile.seal(kek, binding, seed)`` with the
+same AEAD associated data binding tenant, key id, version and algorithm). Nothing key-related is
+written to the KMS directory on this backend. Creating or rotating a key is one transaction
+(metadata and sealed version together), so the file/metadata ordering of the SQLite store has no
+counterpart here: a crash leaves either both or neither.
+
+Tenant scoping
+--------------
+Every statement of :class:`PgTenantKeys` runs in ``Database.transaction(tenant=...)``: the
+connection acts as ``<prefix>_kms`` (``SET ROLE``) and row-level security shows it that tenant's
+rows only; each statement also binds ``tenant_id`` itself. The two cross-tenant reads, the
+destruction sweep and the KEK check, go through the schema's ``SECURITY DEFINER`` functions
+``<prefix>_kms_due(now, limit)`` and ``<prefix>_kms_sample_version()``.
+
+State freshness across nodes
+----------------------------
+The state of a key is read from the database when a request needs it, and the resolved state of
+an *enabled* key is reused for at most ``state_ttl`` seconds (0.5 by default, 0 = read for every
+request), measured from *before* the read. A disable or destruction committed on any node is
+therefore refused by every worker of every node within ``state_ttl`` plus one read -- well inside
+a second. Writes of this worker drop the reuse at once. Private key objects stay in a per-worker
+LRU cache, but are only handed out after such a state check; sealed versions never change (a
+destruction sets ``sealed`` to NULL and the state to ``destroyed``, never the other way: a
+trigger refuses it), so a cached object is always the one the row describes.
+
+Destruction
+-----------
+``UPDATE ... SET state = 'destroyed' ... WHERE state = 'pending_destruction' AND destroy_at <=
+now`` and, in the same transaction, ``sealed = NULL`` on its versions; never a ``DELETE``. Under
+READ COMMITTED the second of two racing transactions re-checks the condition after the first
+commits and changes nothing, so each destruction happens (and is logged) exactly once, whoever
+does it: the periodic sweep, or any request touching the key once it is due (lazy destruction,
+committed even when that request is then refused with ``key_destroyed``).
+
+Only one worker in the cluster sweeps: the holder of the lease ``kms-sweep`` (``lease``),
+renewed every ``lease_ttl / 3``; each destruction by the sweep is fenced by the lease token in its
+own transaction, so a sweeper that lost its lease while paused cannot write.
+
+Concurrency
+-----------
+Every lifecycle change reads the key row ``FOR UPDATE``: concurrent rotations on any nodes
+serialise on it and never pick the same version number (the primary key would refuse it anyway).
+
+The KEK
+-------
+``kms_meta('kek_canary')`` holds the canary (``kek.seal_canary``). At start-up: verify it if
+present; if absent but a sealed version exists, unseal that one (a wrong KEK: ``KEKMismatch``);
+else write it (``ON CONFLICT DO NOTHING``, then re-read and verify: of two nodes racing with
+different KEKs the second stops).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg import sql
+
+from ...crypto.algorithms import ALGORITHMS, Algorithm, get_algorithm
+from ...crypto.interface import Backend, PrivateKey, PublicKey
+from ...errors import BackendUnavailable, InvalidInput, KeyCorrupt, KeyDestroyed, KeyNotFound, QpherError
+from ...storage.migrations import check_schema, current_version
+from ...storage.postgres import Database, role_name
+from ..wire.model import (
+    DEFAULT_DESTROY_DELAY,
+    DEFAULT_LIST_LIMIT,
+    MAX_DESTROY_DELAY,
+    KeyInfo,
+    KeyPage,
+    KeyState,
+    key_not_found,
+    new_key_id,
+)
+from . import keyfile
+from .kek import KEKError, KEKProvider, seal_canary, verify_canary
+from .key_rules import (
+    KEY_COLUMNS,
+    build_info,
+    check_delay,
+    check_key_id,
+    check_label,
+    check_list_args,
+    check_schedulable,
+    check_tenant,
+    check_version,
+    choose_algorithm,
+    require_usable,
+    transition,
+)
+from .keydb import check_kek_opens
+from .keyfile import KeyBinding
+from .lease import Lease, LeaseLost
+
+log = logging.getLogger("qpher.kms.keystore")
+
+DEFAULT_CACHE_SIZE = 1024  # loaded private keys per worker
+DEFAULT_STATE_TTL = 0.5  # seconds an enabled key's resolved state is reused (see the docstring)
+MAX_STATE_TTL = 0.5
+HOT_CACHE_SIZE = 4096
+SWEEP_BATCH = 100  # due keys read per sweep round
+CANARY = "kek_canary"
+
+_T = TypeVar("_T")
+Conn = psycopg.Connection[Any]
+
+_ROW = f"SELECT {KEY_COLUMNS}, resume_state FROM kms_keys WHERE tenant_id = %s AND key_id = %s"
+_RESOLVE = (
+    "SELECT k.state, k.destroy_at, v.version, v.algorithm, v.state "
+    "FROM kms_keys k LEFT JOIN kms_key_versions v ON v.tenant_id = k.tenant_id AND v.key_id = k.key_id "
+    "AND v.version = COALESCE(%s::integer, k.latest_version) WHERE k.tenant_id = %s AND k.key_id = %s"
+)
+_VERSIONS = (
+    "SELECT version, state, created_at, CASE WHEN version = %s THEN public_key END "
+    "FROM kms_key_versions WHERE tenant_id = %s AND key_id = %s ORDER BY version"
+)
+_DESTROY_KEY = (
+    "UPDATE kms_keys SET state = 'destroyed', resume_state = NULL, destroy_at = NULL, destroyed_at = %s, "
+    "updated_at = %s WHERE tenant_id = %s AND key_id = %s AND state = 'pending_destruction' "
+    "AND destroy_at <= %s RETURNING key_id"
+)
+_DESTROY_VERSIONS = (
+    "UPDATE kms_key_versions SET state = 'destroyed', sealed = NULL, kek_id = NULL "
+    "WHERE tenant_id = %s AND key_id = %s AND state = 'active'"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class PgResolved:
+    """An enabled key's version, resolved for one request."""
+
+    key_id: str
+    algorithm: Algorithm
+    version: int
+
+
+@dataclass(slots=True)
+class _Tx:
+    """One tenant transaction and what to do once it has committed."""
+
+    conn: Conn
+    wrote: bool = False
+    destroyed: list[tuple[str, int]] = field(default_factory=list)  # (key id, versions)
+
+
+class PgKeyStore:
+    """The whole PostgreSQL key store of one worker; hand out :class:`PgTenantKeys` per request."""
+
+    exclusive_start = False  # no directory lock: every worker of every node starts alike
+    dir = None  # nothing key-related lives in the KMS directory on this backend
+
+    def __init__(
+        self,
+        db: Database,
+        kek: KEKProvider,
+        backend: Backend,
+        *,
+        role_prefix: str,
+        clock: Callable[[], float] = time.time,
+        destroy_delay: float = DEFAULT_DESTROY_DELAY,
+        cache_size: int = DEFAULT_CACHE_SIZE,
+        state_ttl: float = DEFAULT_STATE_TTL,
+        lease_ttl: float = 15.0,
+        sweep_interval: float = 5.0,
+        monotonic: Callable[[], float] = time.monotonic,
+        owns_db: bool = True,
+        lease_holder: str | None = None,
+    ) -> None:
+        if not 0 <= destroy_delay <= MAX_DESTROY_DELAY:
+            raise InvalidInput(f"destroy delay must be between 0 and {MAX_DESTROY_DELAY:.0f} s")
+        if not 0 <= state_ttl <= MAX_STATE_TTL:
+            raise InvalidInput(f"the key state cache lasts 0..{MAX_STATE_TTL} s")
+        role_name(role_prefix, "kms")  # checks the prefix: it is spliced into function names
+        self.db = db
+        self.kek = kek
+        self.backend = backend
+        self.clock = clock
+        self.destroy_delay = float(destroy_delay)
+        self.cache_size = cache_size
+        self.state_ttl = float(state_ttl)
+        self.sweep_interval = float(sweep_interval)
+        self.monotonic = monotonic
+        self._owns_db = owns_db
+        self._due_fn = sql.Identifier(f"{role_prefix}_kms_due")
+        self._sample_fn = sql.Identifier(f"{role_prefix}_kms_sample_version")
+        self._hot: dict[tuple[str, str, int | None], tuple[PgResolved, float]] = {}
+        self._private: OrderedDict[tuple[str, str, int], PrivateKey] = OrderedDict()
+        self._public: OrderedDict[tuple[str, str, int], PublicKey] = OrderedDict()
+        self.lease = Lease(db, lease_ttl, holder=lease_holder, monotonic=monotonic)
+        self._next_sweep = 0.0
+        self._closed = False
+        try:
+            self._check_schema_and_kek()
+        except BaseException:
+            self.close()
+            raise
+
+    @classmethod
+    def open(
+        cls,
+        dsn: str,
+        kek: KEKProvider,
+        backend: Backend,
+        *,
+        role_prefix: str = "qpher",
+        pool_size: int = 8,
+        connect_timeout: float = 3.0,
+        statement_timeout: float = 5.0,
+        pool_timeout: float = 2.0,
+        **kw: Any,
+    ) -> PgKeyStore:
+        """Connect as ``<role_prefix>_kms`` and open the store (``kw``: see ``__init__``)."""
+        db = Database(
+            dsn, role=role_name(role_prefix, "kms"), pool_size=pool_size, connect_timeout=connect_timeout,
+            statement_timeout=statement_timeout, pool_timeout=pool_timeout, name="qpher-kms",
+        )
+        try:
+            db.wait_ready(connect_timeout + pool_timeout)
+            return cls(db, kek, backend, role_prefix=role_prefix, owns_db=True, **kw)
+        except BaseException:
+            db.close()
+            raise
+
+    def __repr__(self) -> str:
+        return f"<PgKeyStore {self.db!r} kek_id={self.kek.kek_id!r}>"
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.lease.release()
+        self._private.clear()
+        self._public.clear()
+        self._hot.clear()
+        if self._owns_db:
+            self.db.close()
+
+    def tenant(self, tenant_id: str) -> PgTenantKeys:
+        """The repository for one tenant; there is no other way to reach keys."""
+        return PgTenantKeys(self, tenant_id)
+
+    # ---- start-up: schema version and KEK ----
+
+    def _check_schema_and_kek(self) -> None:
+        with self.db.transaction(what="checking the schema and the KEK") as conn:
+            check_schema(current_version(conn))
+            row = conn.execute("SELECT value FROM kms_meta WHERE name = %s", (CANARY,)).fetchone()
+            sample = None
+            if row is None:
+                sample = conn.execute(
+                    sql.SQL("SELECT tenant_id, key_id, version, algorithm, sealed FROM {}()").format(
+                        self._sample_fn
+                    )
+                ).fetchone()
+        if row is not None:
+            verify_canary(self.kek, bytes(row[0]))
+            return
+        if sample is not None:
+            tenant_id, key_id, version, algorithm, sealed = sample
+            try:
+                check_kek_opens(self.kek, KeyBinding(tenant_id, key_id, version, algorithm), bytes(sealed))
+            except QpherError as exc:
+                if isinstance(exc, KEKError):
+                    raise
+                raise KEKError(
+                    "the KEK check is missing from the database and a sealed key version could not be "
+                    f"read to check the KEK: {exc.message}"
+                ) from exc
+        with self.db.transaction(what="writing the KEK check") as conn:
+            conn.execute(
+                "INSERT INTO kms_meta (name, value) VALUES (%s, %s) ON CONFLICT (name) DO NOTHING",
+                (CANARY, seal_canary(self.kek)),
+            )
+            row = conn.execute("SELECT value FROM kms_meta WHERE name = %s", (CANARY,)).fetchone()
+        assert row is not None
+        verify_canary(self.kek, bytes(row[0]))  # another node may have written its canary first
+
+    # ---- caches ----
+
+    def _cache_get(self, cache: OrderedDict[tuple[str, str, int], Any], k: tuple[str, str, int]) -> Any:
+        obj = cache.get(k)
+        if obj is not None:
+            cache.move_to_end(k)
+        return obj
+
+    def _cache_put(
+        self, cache: OrderedDict[tuple[str, str, int], Any], k: tuple[str, str, int], obj: Any
+    ) -> None:
+        cache[k] = obj
+        cache.move_to_end(k)
+        while len(cache) > self.cache_size:
+            cache.popitem(last=False)
+
+    def _evict(self, tenant_id: str, key_id: str) -> None:
+        self._hot.clear()
+        for cache in (self._private, self._public):
+            for k in [k for k in cache if k[0] == tenant_id and k[1] == key_id]:
+                del cache[k]
+
+    def begin_batch(self) -> None:
+        """Nothing to do per batch: state reuse is bounded by time (``state_ttl``), not by batch."""
+
+    def end_batch(self) -> None:
+        pass
+
+    # ---- the destruction sweep (across tenants; never answers a request) ----
+
+    @property
+    def tick_interval(self) -> float:
+        """How often the worker should call :meth:`sweep_due` (lease renewal and sweep cadence)."""
+        return max(0.05, min(self.sweep_interval, self.lease.ttl / 3))
+
+    def sweep_due(self) -> int:
+        """Keep (or try to take) the sweep lease; as its holder, destroy every due key once per
+        ``sweep_interval``. Returns how many keys were destroyed."""
+        if not self.lease.tick():
+            return 0
+        mono = self.monotonic()
+        if mono < self._next_sweep:
+            return 0
+        self._next_sweep = mono + self.sweep_interval
+        now = self.clock()
+        with self.db.transaction(what="finding due destructions") as conn:
+            due = conn.execute(
+                sql.SQL("SELECT tenant_id, key_id FROM {}(%s, %s)").format(self._due_fn), (now, SWEEP_BATCH)
+            ).fetchall()
+        n = 0
+        for tenant_id, key_id in due:
+            try:
+                if self.tenant(tenant_id)._destroy_if_due(key_id, now, fenced=True):
+                    n += 1
+            except LeaseLost:
+                log.warning("sweep lease lost; stopping this sweep", extra={"fields": {"destroyed": n}})
+                break
+        return n
+
+
+class PgTenantKeys:
+    """Every key operation of one tenant, each in a transaction scoped to that tenant."""
+
+    __slots__ = ("_store", "_tenant")
+
+    def __init__(self, store: PgKeyStore, tenant_id: str) -> None:
+        self._store = store
+        self._tenant = check_tenant(tenant_id)
+
+    @property
+    def tenant_id(self) -> str:
+        return self._tenant
+
+    # ---- transactions ----
+
+    @contextmanager
+    def _tx(self, what: str) -> Iterator[_Tx]:
+        store = self._store
+        with store.db.transaction(tenant=self._tenant, what=what) as conn:
+            tx = _Tx(conn)
+            yield tx
+        # committed
+        if tx.wrote:
+            store._hot.clear()
+        for key_id, versions in tx.destroyed:
+            store._evict(self._tenant, key_id)
+            log.info("key destroyed", extra={"fields": {"key_id": key_id, "versions": versions}})
+
+    def _run(self, what: str, fn: Callable[[_Tx], _T]) -> _T:
+        """``fn`` in one transaction. A refusal it raises (a ``QpherError``) is raised after the
+        commit, so that a due destruction it did on the way is kept; a lost lease rolls back."""
+        refusal: QpherError | None = None
+        result: _T | None = None
+        with self._tx(what) as tx:
+            try:
+                result = fn(tx)
+            except LeaseLost:
+                raise
+            except QpherError as exc:
+                refusal = exc
+        if refusal is not None:
+            raise refusal
+        return result  # type: ignore[return-value]  # set when fn returned
+
+    def _row(self, tx: _Tx, key_id: str, *, lock: bool = False) -> tuple[Any, ...]:
+        row = tx.conn.execute(_ROW + (" FOR UPDATE" if lock else ""), (self._tenant, key_id)).fetchone()
+        if row is None:
+            raise key_not_found(key_id)
+        return tuple(row)
+
+    def _update(self, tx: _Tx, key_id: str, assignments: str, params: tuple[Any, ...]) -> tuple[Any, ...]:
+        """``UPDATE kms_keys SET <assignments>`` on a key row this transaction has locked; the new row."""
+        row = tx.conn.execute(
+            f"UPDATE kms_keys SET {assignments} WHERE tenant_id = %s AND key_id = %s "  # our own SQL text
+            f"RETURNING {KEY_COLUMNS}, resume_state",
+            (*params, self._tenant, key_id),
+        ).fetchone()
+        if row is None:  # pragma: no cover - the row is locked by this transaction
+            raise key_not_found(key_id)
+        tx.wrote = True
+        return tuple(row)
+
+    def _lazy(self, tx: _Tx, key_id: str, row: tuple[Any, ...], *, lock: bool = False) -> tuple[Any, ...]:
+        """A key past its destruction time is destroyed now, whatever the sweep's schedule."""
+        if row[4] == KeyState.PENDING_DESTRUCTION.value and row[8] is not None:
+            now = self._store.clock()
+            if row[8] <= now:
+                self._destroy(tx, key_id, now)
+                return self._row(tx, key_id, lock=lock)
+        return row
+
+    def _destroy(self, tx: _Tx, key_id: str, now: float) -> bool:
+        """Destroy ``key_id`` if it is due; True only for the transaction that did it."""
+        conn = tx.conn
+        if conn.execute(_DESTROY_KEY, (now, now, self._tenant, key_id, now)).fetchone() is None:
+            return False
+        cur = conn.execute(_DESTROY_VERSIONS, (self._tenant, key_id))
+        tx.wrote = True
+        tx.destroyed.append((key_id, cur.rowcount))
+        return True
+
+    def _destroy_if_due(self, key_id: str, now: float, *, fenced: bool = False) -> bool:
+        """The sweep's destruction of one key (``fenced``: under the sweep lease, or LeaseLost)."""
+        lease = self._store.lease
+
+        def fn(tx: _Tx) -> bool:
+            if fenced:
+                lease.fence(tx.conn)
+            return self._destroy(tx, key_id, now)
+
+        return self._run("destroying a key", fn)
+
+    def _info(self, tx: _Tx, row: tuple[Any, ...], version: int | None = None) -> KeyInfo:
+        want = row[5] if version is None else version
+        rows = tx.conn.execute(_VERSIONS, (want, self._tenant, row[0])).fetchall()
+        pub = next((r for r in rows if r[0] == want), None)
+        return build_info(
+            row, [(v, s, c) for v, s, c, _p in rows], want, None if pub is None else pub[3], pub is not None
+        )
+
+    # ---- lifecycle ----
+
+    def create(
+        self, *, algorithm: str | None = None, kind: str | None = None, mode: str | None = None,
+        label: str | None = None,
+    ) -> KeyInfo:
+        alg = choose_algorithm(algorithm, kind, mode)
+        label = check_label(label)
+        store = self._store
+        key_id = new_key_id()
+        priv, public, sealed = self._new_version(key_id, 1, alg)
+        now = store.clock()
+
+        def fn(tx: _Tx) -> KeyInfo:
+            tx.conn.execute(
+                "INSERT INTO kms_keys (tenant_id, key_id, kind, algorithm, label, state, latest_version, "
+                "created_at, updated_at) VALUES (%s, %s, %s, %s, %s, 'enabled', 1, %s, %s)",
+                (self._tenant, key_id, alg.kind.value, alg.name, label, now, now),
+            )
+            self._insert_version(tx, key_id, 1, alg, public, sealed, now)
+            tx.wrote = True
+            row = (key_id, alg.kind.value, alg.name, label, KeyState.ENABLED.value, 1, now, now, None, None)
+            return build_info(row, [(1, "active", now)], 1, public, True)
+
+        info = self._run("creating a key", fn)
+        store._cache_put(store._private, (self._tenant, key_id, 1), priv)
+        return info
+
+    def _new_version(self, key_id: str, version: int, alg: Algorithm) -> tuple[PrivateKey, bytes, bytes]:
+        store = self._store
+        if not store.backend.supports(alg):
+            raise BackendUnavailable(f"the {store.backend.name} backend does not offer {alg.name}")
+        priv = store.backend.generate(alg)
+        public = priv.public_key().public_bytes()
+        binding = KeyBinding(self._tenant, key_id, version, alg.name)
+        sealed = keyfile.seal(store.kek, binding, priv.private_bytes())
+        return priv, public, sealed
+
+    def _insert_version(
+        self, tx: _Tx, key_id: str, version: int, alg: Algorithm, public: bytes, sealed: bytes, now: float
+    ) -> None:
+        tx.conn.execute(
+            "INSERT INTO kms_key_versions (tenant_id, key_id, version, algorithm, state, public_key, sealed, "
+            "kek_id, created_at) VALUES (%s, %s, %s, %s, 'active', %s, %s, %s, %s)",
+            (self._tenant, key_id, version, alg.name, public, sealed, self._store.kek.kek_id, now),
+        )
+
+    def get(self, key_id: str, version: int | None = None) -> KeyInfo:
+        key_id = check_key_id(key_id)
+        if version is not None:
+            check_version(version)
+
+        def fn(tx: _Tx) -> KeyInfo:
+            return self._info(tx, self._lazy(tx, key_id, self._row(tx, key_id)), version)
+
+        return self._run("reading a key", fn)
+
+    def list(self, limit: int = DEFAULT_LIST_LIMIT, cursor: str | None = None) -> KeyPage:
+        limit, cursor = check_list_args(limit, cursor)
+
+        def fn(tx: _Tx) -> KeyPage:
+            rows = [
+                tuple(r)
+                for r in tx.conn.execute(
+                    f"SELECT {KEY_COLUMNS}, resume_state FROM kms_keys WHERE tenant_id = %s AND key_id > %s "
+                    "ORDER BY key_id LIMIT %s",
+                    (self._tenant, cursor or "", limit + 1),
+                )
+            ]
+            more = len(rows) > limit
+            rows = [self._lazy(tx, r[0], r) for r in rows[:limit]]
+            by_key: dict[str, list[tuple[Any, ...]]] = {r[0]: [] for r in rows}
+            if rows:
+                for v in tx.conn.execute(
+                    "SELECT v.key_id, v.version, v.state, v.created_at, "
+                    "CASE WHEN v.version = k.latest_version THEN v.public_key END "
+                    "FROM kms_key_versions v JOIN kms_keys k "
+                    "ON k.tenant_id = v.tenant_id AND k.key_id = v.key_id "
+                    "WHERE v.tenant_id = %s AND v.key_id = ANY(%s) ORDER BY v.key_id, v.version",
+                    (self._tenant, list(by_key)),
+                ):
+                    by_key[v[0]].append(tuple(v[1:]))
+            infos = []
+            for r in rows:
+                vs = by_key[r[0]]
+                pub = next((v for v in vs if v[0] == r[5]), None)
+                infos.append(build_info(r, [v[:3] for v in vs], r[5], None if pub is None else pub[3],
+                                        pub is not None))
+            return KeyPage(tuple(infos), rows[-1][0] if more and rows else None)
+
+        return self._run("listing keys", fn)
+
+    def rotate(self, key_id: str) -> KeyInfo:
+        key_id = check_key_id(key_id)
+        made: list[tuple[int, PrivateKey]] = []
+
+        def fn(tx: _Tx) -> KeyInfo:
+            # FOR UPDATE: concurrent rotations anywhere serialise here and never reuse a version
+            row = self._lazy(tx, key_id, self._row(tx, key_id, lock=True), lock=True)
+            require_usable(key_id, row[4])
+            alg = get_algorithm(row[2])
+            version = row[5] + 1
+            priv, public, sealed = self._new_version(key_id, version, alg)
+            now = self._store.clock()
+            self._insert_version(tx, key_id, version, alg, public, sealed, now)
+            updated = self._update(tx, key_id, "latest_version = %s, updated_at = %s", (version, now))
+            made.append((version, priv))
+            return self._info(tx, updated)
+
+        info = self._run("rotating a key", fn)
+        store = self._store
+        for version, priv in made:
+            store._cache_put(store._private, (self._tenant, key_id, version), priv)
+        return info
+
+    def _transition(self, key_id: str, op: str) -> KeyInfo:
+        key_id = check_key_id(key_id)
+
+        def fn(tx: _Tx) -> KeyInfo:
+            row = self._lazy(tx, key_id, self._row(tx, key_id, lock=True), lock=True)
+            new = transition(key_id, op, row[4], row[10])
+            if new != row[4]:
+                row = self._update(
+                    tx, key_id, "state = %s, resume_state = NULL, destroy_at = NULL, updated_at = %s",
+                    (new, self._store.clock()),
+                )
+            return self._info(tx, row)
+
+        info = self._run(f"{op} a key", fn)
+        self._store._evict(self._tenant, key_id)
+        return info
+
+    def disable(self, key_id: str) -> KeyInfo:
+        return self._transition(key_id, "disable")
+
+    def enable(self, key_id: str) -> KeyInfo:
+        return self._transition(key_id, "enable")
+
+    def cancel_destroy(self, key_id: str) -> KeyInfo:
+        return self._transition(key_id, "cancel_destroy")
+
+    def schedule_destroy(self, key_id: str, delay: float | None = None) -> KeyInfo:
+        key_id = check_key_id(key_id)
+        delay = check_delay(delay, self._store.destroy_delay)
+
+        def fn(tx: _Tx) -> KeyInfo:
+            row = self._lazy(tx, key_id, self._row(tx, key_id, lock=True), lock=True)
+            if check_schedulable(key_id, row[4]):  # already scheduled: keep the first date
+                now = self._store.clock()
+                row = self._update(
+                    tx, key_id,
+                    "state = 'pending_destruction', resume_state = %s, destroy_at = %s, updated_at = %s",
+                    (row[4], now + delay, now),
+                )
+            row = self._lazy(tx, key_id, row, lock=True)  # delay 0: destroyed at once
+            return self._info(tx, row)
+
+        info = self._run("scheduling a destruction", fn)
+        self._store._evict(self._tenant, key_id)
+        return info
+
+    # ---- key objects for the crypto operations ----
+
+    def _resolve(self, key_id: object, version: object) -> PgResolved:
+        store = self._store
+        if store.state_ttl > 0 and type(key_id) is str and (version is None or type(version) is int):
+            hit = store._hot.get((self._tenant, key_id, version))
+            if hit is not None and hit[1] > store.monotonic():
+                return hit[0]
+        key_id = check_key_id(key_id)
+        want = None if version is None else check_version(version)
+        read_at = store.monotonic()
+
+        def fn(tx: _Tx) -> PgResolved:
+            row = tx.conn.execute(_RESOLVE, (want, self._tenant, key_id)).fetchone()
+            if row is None:
+                raise key_not_found(key_id)
+            state, destroy_at, v, alg, v_state = row
+            if state == KeyState.PENDING_DESTRUCTION.value and destroy_at <= store.clock():
+                self._destroy(tx, key_id, store.clock())
+                state = KeyState.DESTROYED.value
+            require_usable(key_id, state)
+            if v is None:
+                raise KeyNotFound(f"key {key_id!r} has no version {version}")
+            if v_state != "active":  # pragma: no cover - the CHECK constraint ties state and sealed
+                raise KeyDestroyed(f"key {key_id!r} version {v} was destroyed")
+            return PgResolved(key_id, ALGORITHMS[alg], v)
+
+        resolved = self._run("reading a key", fn)
+        if store.state_ttl > 0:
+            if len(store._hot) >= HOT_CACHE_SIZE:
+                store._hot.clear()
+            store._hot[(self._tenant, key_id, want)] = (resolved, read_at + store.state_ttl)
+        return resolved
+
+    def private_key(self, key_id: object, version: object = None) -> tuple[PrivateKey, int]:
+        """The loaded private key of an enabled key (latest version unless given)."""
+        r = self._resolve(key_id, version)
+        store = self._store
+        ck = (self._tenant, r.key_id, r.version)
+        priv = store._cache_get(store._private, ck)
+        if priv is None:
+            priv = self._load_private(r)
+            store._cache_put(store._private, ck, priv)
+        return priv, r.version
+
+    def public_key(self, key_id: object, version: object = None) -> tuple[PublicKey, int]:
+        """The public key of an enabled key (latest version unless given)."""
+        r = self._resolve(key_id, version)
+        store = self._store
+        ck = (self._tenant, r.key_id, r.version)
+        pub = store._cache_get(store._public, ck)
+        if pub is None:
+            priv = store._cache_get(store._private, ck)
+            if priv is not None:
+                pub = priv.public_key()
+            else:
+                raw = self._version_blobs(r)[0]
+                pub = store.backend.load_public(r.algorithm, raw)
+            store._cache_put(store._public, ck, pub)
+        return pub, r.version
+
+    def _version_blobs(self, r: PgResolved) -> tuple[bytes, bytes]:
+        """(public key, sealed) of a resolved version."""
+        with self._tx("reading a key") as tx:
+            row = tx.conn.execute(
+                "SELECT public_key, sealed FROM kms_key_versions WHERE tenant_id = %s AND key_id = %s "
+                "AND version = %s",
+                (self._tenant, r.key_id, r.version),
+            ).fetchone()
+        if row is None or row[1] is None:  # destroyed since it was resolved
+            raise KeyDestroyed(f"key {r.key_id!r} version {r.version} was destroyed")
+        return bytes(row[0]), bytes(row[1])
+
+    def _load_private(self, r: PgResolved) -> PrivateKey:
+        store = self._store
+        public, sealed = self._version_blobs(r)
+        binding = KeyBinding(self._tenant, r.key_id, r.version, r.algorithm.name)
+        what = binding.describe()
+        seed = keyfile.unseal(store.kek, binding, sealed)
+        try:
+            priv = store.backend.load_private(r.algorithm, seed)
+        except QpherError as exc:
+            raise KeyCorrupt(f"{what}: the sealed version holds no valid {r.algorithm.name} key") from exc
+        del seed
+        if priv.public_key().public_bytes() != public:
+            raise KeyCorrupt(f"{what}: the sealed version does not match the key's public key")
+        return priv
+
+
+def open_from_settings(
+    storage: dict[str, Any], kek: KEKProvider, backend: Backend, *, destroy_delay: float, cache_size: int,
+) -> PgKeyStore:
+    """The store HELLO's ``storage`` settings describe (see ``kms/launcher/supervisor.py``)."""
+
+    def get(name: str, kind: type, default: Any = None) -> Any:
+        v = storage.get(name, default)
+        if kind is float and type(v) is int:
+            v = float(v)
+        if type(v) is not kind:
+            raise InvalidInput(f"bootstrap setting 'storage.{name}' must be {kind.__name__}")
+        return v
+
+    dsn = get("dsn", str)
+    if not dsn:
+        raise InvalidInput("bootstrap setting 'storage.dsn' is required for storage backend postgresql")
+    return PgKeyStore.open(
+        dsn, kek, backend,
+        role_prefix=get("role_prefix", str, "qpher"),
+        pool_size=get("pool_size", int, 8),
+        connect_timeout=get("connect_timeout", float, 3.0),
+        statement_timeout=get("statement_timeout", float, 5.0),
+        pool_timeout=get("pool_timeout", float, 2.0),
+        lease_ttl=get("lease_ttl", float, 15.0),
+        sweep_interval=get("sweep_interval", float, 5.0),
+        state_ttl=get("state_ttl", float, DEFAULT_STATE_TTL),
+        destroy_delay=destroy_delay,
+        cache_size=cache_size,
+    )
+
+
+__all__ = ["DEFAULT_STATE_TTL", "PgKeyStore", "PgResolved", "PgTenantKeys", "open_from_settings"]
