@@ -26,19 +26,20 @@ from .errors import ConfigError, InvalidInput, NotFound, QpherError
 
 if TYPE_CHECKING:
     from .audit import AuditLog
-    from .auth.apikeys import APIKeyRecord
+    from .auth.apikeys import APIKeyRecord, APIKeyStore
+    from .auth.pg_apikeys import PgAPIKeyStore
     from .config import Config
 
 
 def apikey_command(args: argparse.Namespace) -> int:
-    from .auth.apikeys import APIKeyStore, check_grants, check_key_id, iso_time, load_pepper, parse_expiry
+    from .auth.apikeys import check_grants, check_key_id, iso_time, parse_expiry
 
     cfg = load_config(args.config)
     if args.apikey_command == "create":
         plans, scopes = _policy_grants(cfg.policy.dir)
         check_grants(args.plan, args.scopes, plans=plans, known_scopes=scopes)
     key_id = check_key_id(args.key_id) if args.apikey_command == "revoke" else None
-    with APIKeyStore(cfg.auth.db, load_pepper(cfg.auth.pepper_file), audit=_audit(cfg)) as store:
+    with _key_store(cfg, audit=_audit(cfg)) as store:
         if args.apikey_command == "create":
             expires = parse_expiry(args.expires, time.time()) if args.expires else None
             record, full_key = store.create(args.tenant, args.plan, args.scopes, expires_at=expires,
@@ -75,6 +76,19 @@ def apikey_command(args: argparse.Namespace) -> int:
             print(f"revoked {key_id} (a running proxy refuses it within auth.cache_ttl, at most 1 s)")
             return 0
     raise AssertionError(args.apikey_command)  # pragma: no cover
+
+
+def _key_store(cfg: Config, audit: AuditLog | None = None) -> APIKeyStore | PgAPIKeyStore:
+    """The API key records of ``cfg``: the SQLite file (``storage.backend: sqlite``), or
+    PostgreSQL as the admin role (``<storage.role_prefix>_admin``, one connection)."""
+    from .auth.apikeys import APIKeyStore, load_pepper
+
+    pepper = load_pepper(cfg.auth.pepper_file)
+    if cfg.storage.backend == "postgresql":
+        from .auth.pg_apikeys import PgAPIKeyStore
+
+        return PgAPIKeyStore.from_config(cfg.storage, pepper, kind="admin", pool_size=1, audit=audit)
+    return APIKeyStore(cfg.auth.db, pepper, audit=audit)
 
 
 def _key_table(records: list[APIKeyRecord], now: float) -> str:
@@ -145,7 +159,7 @@ def policy_command(args: argparse.Namespace) -> int:
         return 0 if ok else 1
 
     from .api import RouteMethodNotAllowed, resolve
-    from .auth.apikeys import APIKeyStore, check_key_id, load_pepper, split_api_key
+    from .auth.apikeys import check_key_id, split_api_key
     from .policy.loader import check_policy_dir
     from .policy.model import RequestFacts
 
@@ -155,7 +169,7 @@ def policy_command(args: argparse.Namespace) -> int:
         key_id, secret = split_api_key(_read_api_key())
     else:
         key_id = check_key_id(args.key_id)
-    with APIKeyStore(cfg.auth.db, load_pepper(cfg.auth.pepper_file)) as store:
+    with _key_store(cfg) as store:
         found = store.lookup(key_id)
         if found is None:
             raise NotFound(f"no API key with id {key_id!r}")

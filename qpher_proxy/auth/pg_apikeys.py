@@ -29,6 +29,7 @@ import time
 from collections.abc import Iterable
 from typing import Any, Literal
 
+from ..config.model import StorageConfig
 from ..errors import ConfigError, InvalidInput, QpherError
 from ..storage.postgres import Database, role_name
 from .apikeys import (
@@ -46,13 +47,22 @@ from .apikeys import (
     validate_new_key,
 )
 
-__all__ = ["PgAPIKeyStore", "ReadOnlyStore", "StoreKind"]
+__all__ = ["PgAPIKeyStore", "ReadOnlyStore", "StoreKind", "store_dsn"]
 
 StoreKind = Literal["gateway", "admin"]
 
 # api_keys calls the tenant column tenant_id; COLUMNS names it "tenant" (the SQLite table)
 _PG_COLUMNS = COLUMNS.replace("tenant,", "tenant_id,")
 _PLACEHOLDERS = ", ".join(["%s"] * 9)
+
+
+def store_dsn(storage: StorageConfig, kind: StoreKind) -> str:
+    """The DSN a process of ``kind`` connects with (``ConfigError`` if there is none)."""
+    dsn = (storage.gateway_dsn if kind == "gateway" else None) or storage.dsn
+    if not dsn:
+        names = "storage.gateway_dsn or storage.dsn" if kind == "gateway" else "storage.dsn"
+        raise ConfigError(f"storage.backend is postgresql but {names} is not set")
+    return dsn
 
 
 class ReadOnlyStore(QpherError, PermissionError):
@@ -125,6 +135,26 @@ class PgAPIKeyStore:
         )
         return cls(database, pepper, role_prefix=role_prefix, kind=kind, clock=clock, audit=audit,
                    pool_size=pool_size, statement_timeout=statement_timeout, owns_database=True)
+
+    @classmethod
+    def from_config(
+        cls,
+        storage: StorageConfig,
+        pepper: bytes,
+        *,
+        kind: StoreKind,
+        pool_size: int | None = None,
+        clock: Clock = time.time,
+        audit: AuditFn | None = None,
+    ) -> PgAPIKeyStore:
+        """``open`` with ``storage.*``: the gateway uses ``storage.gateway_dsn`` (else
+        ``storage.dsn``), the CLI ``storage.dsn``; ``pool_size`` defaults to ``storage.pool_size``."""
+        return cls.open(
+            store_dsn(storage, kind), pepper, role_prefix=storage.role_prefix, kind=kind,
+            pool_size=storage.pool_size if pool_size is None else pool_size,
+            connect_timeout=storage.connect_timeout, statement_timeout=storage.statement_timeout,
+            pool_timeout=storage.pool_timeout, clock=clock, audit=audit,
+        )
 
     def __repr__(self) -> str:  # never the pepper nor the DSN
         return f"{type(self).__name__}(kind={self.kind!r})"

@@ -69,7 +69,8 @@ from collections.abc import Callable, Iterable
 
 import trio
 
-from ..errors import InvalidInput, QuotaExceeded, QuotaUnavailable, StorageUnavailable
+from ..config.model import StorageConfig
+from ..errors import ConfigError, InvalidInput, QuotaExceeded, QuotaUnavailable, StorageUnavailable
 from ..storage.postgres import Database, role_name
 from .quotas import DEFAULT_FLUSH_INTERVAL_S, _month_bounds, month_of, seconds_to_next_month
 
@@ -164,6 +165,21 @@ class PgQuotaCounter:
             statement_timeout=statement_timeout, pool_timeout=pool_timeout, name="qpher-quotas",
         )
         return cls(database, clock, flush_interval=flush_interval, pool_size=pool_size, owns_database=True)
+
+    @classmethod
+    def from_config(
+        cls, storage: StorageConfig, *, flush_interval: float = DEFAULT_FLUSH_INTERVAL_S,
+        clock: Callable[[], float] = time.time,
+    ) -> PgQuotaCounter:
+        """``open`` with ``storage.*`` (``storage.gateway_dsn``, else ``storage.dsn``)."""
+        dsn = storage.gateway_dsn or storage.dsn
+        if not dsn:
+            raise ConfigError("storage.backend is postgresql but neither storage.gateway_dsn nor dsn is set")
+        return cls.open(
+            dsn, role_prefix=storage.role_prefix, pool_size=storage.pool_size,
+            connect_timeout=storage.connect_timeout, statement_timeout=storage.statement_timeout,
+            pool_timeout=storage.pool_timeout, clock=clock, flush_interval=flush_interval,
+        )
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(month={self._month!r}, tenants={len(self._counts)})"

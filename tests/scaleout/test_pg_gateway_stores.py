@@ -496,3 +496,23 @@ async def test_quota_load_with_the_database_unreachable() -> None:
     finally:
         counter.close()  # nothing pending: no query
         database.close()
+
+
+def test_the_apikey_cli_store_follows_storage_backend(schema: PgDatabase, tmp_path: Any) -> None:
+    from qpher_proxy.admin import _key_store
+    from qpher_proxy.auth.apikeys import APIKeyStore
+    from qpher_proxy.config import config_from_dict
+
+    (tmp_path / "pepper").write_bytes(PEPPER)
+    (tmp_path / "pepper").chmod(0o600)
+    storage = {"backend": "postgresql", "dsn": schema.dsn, "role_prefix": schema.role_prefix}
+    cfg = config_from_dict({"auth": {"pepper_file": "pepper"}, "storage": storage}, tmp_path,
+                           check_files=False)
+    with _key_store(cfg) as store:
+        assert isinstance(store, PgAPIKeyStore) and store.kind == "admin"
+        record, _ = store.create("t1", "pro")
+    with _store(schema, "gateway") as gateway:
+        assert gateway.get(record.key_id) == record
+    cfg = config_from_dict({"auth": {"pepper_file": "pepper", "db": "g.db"}}, tmp_path, check_files=False)
+    with _key_store(cfg) as store:
+        assert isinstance(store, APIKeyStore)
