@@ -17,6 +17,19 @@ from ._json import compact_encoder, iso_millis
 
 _STD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
+# Fields on every line of this process (a gateway's index when server.workers > 1), and the
+# same as a JSON fragment (``"gateway":1,``) for the access log's fast path.
+_process_fields: dict[str, Any] = {}
+_process_json = ""
+
+
+def set_process_fields(fields: dict[str, Any]) -> None:
+    """Add ``fields`` to every log line this process writes from now on."""
+    global _process_json
+    _process_fields.clear()
+    _process_fields.update(fields)
+    _process_json = json.dumps(fields, separators=(",", ":"), default=str)[1:-1] + "," if fields else ""
+
 
 class JSONFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
@@ -27,6 +40,7 @@ class JSONFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        obj.update(_process_fields)
         fields = record.__dict__.get("fields")
         if isinstance(fields, dict):
             obj.update(fields)
@@ -45,6 +59,8 @@ class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         base = super().format(record)
         fields = record.__dict__.get("fields")
+        if _process_fields:
+            fields = {**_process_fields, **(fields if isinstance(fields, dict) else {})}
         if isinstance(fields, dict) and fields:
             base += " " + " ".join(f"{k}={v}" for k, v in fields.items())
         return base
@@ -76,7 +92,7 @@ class AccessLog:
             return
         head = f'{{"ts":"{iso_millis(time.time())}","level":"info","logger":"qpher.access","msg":"request",'
         try:
-            stream.write(head + _dumps_line(fields)[1:] + "\n")
+            stream.write(head + _process_json + _dumps_line(fields)[1:] + "\n")
             stream.flush()
         except (OSError, ValueError):
             pass  # as logging.Handler.handleError would: a log line never fails a request

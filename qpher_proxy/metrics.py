@@ -33,6 +33,7 @@ machines it sits beside.
 from __future__ import annotations
 
 import math
+import os
 import re
 from bisect import bisect_left
 from collections.abc import Iterable, Sequence
@@ -381,6 +382,11 @@ class Metrics:
         self.upstream_requests = r.counter(
             "qpher_upstream_requests_total", "Requests forwarded to the upstream, by upstream status.",
             ("status",))
+        # server.workers > 1: the processes share the port and each scrape reaches one of them.
+        self.process_info = r.gauge(
+            "qpher_process_info", "1, labelled with the pid of the gateway process that answered.",
+            ("pid",))
+        self.process_info.labels(str(os.getpid())).set(1.0)
 
     def observe_request(self, route: str, status: int, seconds: float) -> None:
         """The per-request hot path: two dict lookups and two additions."""

@@ -1,14 +1,16 @@
-"""Privilege separation: ``qpher-proxy serve`` as a supervisor, a gateway process and KMS workers.
+"""Privilege separation: ``qpher-proxy serve`` as a supervisor, gateway processes and KMS workers.
 
 Theory of operation
 ===================
 
 As OpenSSH and nginx do, the process that is started is not the one that serves traffic::
 
-    supervisor (qpher-proxy serve)  reads the config and the KEK; spawns, watches, restarts
+    supervisor (qpher-proxy serve)  reads the config and the KEK; binds the ports; spawns,
+      |                             watches, restarts
       |- KMS worker x M             python -m qpher_proxy.kms.worker  (uid kms.user when root)
       '- gateway                    python -m qpher_proxy.server      (uid server.user when root,
                                                                        Landlock, clean environment)
+    ... and with ``server.workers: N``, N such gateways, each with its own M KMS workers.
 
 * The **supervisor** never accepts a client connection. It starts the KMS workers with
   :class:`~qpher_proxy.kms.launcher.KMSSupervisor` (which moves an env-provided KEK into a
@@ -20,26 +22,46 @@ As OpenSSH and nginx do, the process that is started is not the one that serves 
   would to a worker it had started itself.
 * The **gateway** is started from a clean environment (the KEK variable is gone from it before
   the exec, so ``/proc/<pid>/environ`` cannot show it), inherits no descriptor but its control
-  socket, binds its listening ports, then drops to ``server.user`` (when root) and confines
+  socket and its listening sockets, then drops to ``server.user`` (when root) and confines
   itself with Landlock (see :mod:`qpher_proxy.sandbox`) before it opens any other file.
+* **Listening sockets** are bound by the supervisor (:func:`bind_listeners`), one set per
+  gateway process, and passed at spawn (``pass_fds``, ``--listen-fds``). The supervisor keeps
+  its copies: a restarted gateway gets the same sockets back, and connections that arrived
+  while it was down wait in their queue for it instead of being refused.
+* **Several gateway processes** (``server.workers: N``, N > 1): gateway ``i`` has its own
+  sockets, all with SO_REUSEPORT on the one port (for port 0, the one the kernel picked for
+  gateway 0), so the kernel spreads new connections over the N processes; its own
+  :class:`~qpher_proxy.kms.launcher.KMSSupervisor` (``kms.workers`` workers per gateway, or for
+  0 the spare cores shared out, see :func:`.settings.kms_worker_count`) and its own control
+  socket. Each gateway and its workers are restarted independently of the others. Readiness
+  (``/readyz``) and metrics (``/metrics``, with ``qpher_process_info{pid}``) are per process: a
+  request reaches whichever process the kernel picked, so sum the counters over the processes
+  that answer. Log lines carry ``"gateway": i``. With ``ratelimit.backend: local`` the
+  supervisor creates one shared-memory limiter table
+  (:class:`~qpher_proxy.ratelimit.shared.SharedLimiterTable`) and sends its descriptor to each
+  gateway (``ratelimit_fd``), so that a plan's limits hold for the host.
 * **Restarts.** A worker that dies is restarted by its supervisor slot, with back-off, and the
   new socket is handed to the gateway; the gateway closes a worker's socket when it stops
   trusting it (a malformed frame, a hung request) and asks the supervisor to kill that pid.
   A gateway that dies after it has served is restarted too; its workers see EOF on their
   sockets, exit, and are restarted for the new gateway. A gateway that fails during start-up
-  (a port in use, a bad certificate) ends the supervisor with its exit code: the gateway has
-  already printed the one-line reason.
-* **Signals.** SIGTERM/SIGINT/SIGHUP sent to the supervisor are forwarded to the gateway
-  (graceful shutdown, or reload); the supervisor stops the workers once the gateway has exited.
+  (a bad certificate) stops the others and ends the supervisor with its exit code: the
+  gateway has already printed the one-line reason. A port that cannot be bound stops the
+  supervisor before anything is started.
+* **Signals.** SIGTERM/SIGINT/SIGHUP sent to the supervisor are forwarded to every gateway
+  (graceful shutdown, or reload); the supervisor stops each gateway's workers once that
+  gateway has exited.
   Should the supervisor die, the gateway sees its control socket close and shuts down, which
   closes the workers' sockets, and they exit. (``PR_SET_PDEATHSIG`` is no help here: it fires
   when the *thread* that forked exits, and trio starts processes from worker threads.)
 
 Control messages are one JSON object per datagram, at most :data:`MAX_MESSAGE` bytes:
 
-supervisor -> gateway: ``{"t": "hello", "workers": M}``, ``{"t": "worker", "index", "pid",
-"token" (hex), "info", "max_frame_size"}`` with the socket attached, ``{"t": "restart",
-"index", "exit_code"}``. gateway -> supervisor: ``{"t": "serving"}``, ``{"t": "kill", "pid"}``.
+supervisor -> gateway: ``{"t": "hello", "workers": M}``, ``{"t": "ratelimit_fd"}`` with the
+shared limiter table's memfd attached (N > 1 only; before the workers), ``{"t": "worker",
+"index", "pid", "token" (hex), "info", "max_frame_size"}`` with the socket attached,
+``{"t": "restart", "index", "exit_code"}``. gateway -> supervisor: ``{"t": "serving"}``,
+``{"t": "kill", "pid"}``.
 """
 
 from __future__ import annotations
@@ -52,16 +74,16 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import trio
 
-from ..config import Config
+from ..config import Config, parse_listen
 from ..errors import ConfigError
 from ..kms.client import KMSClient, OpHook, WorkerChannel
-from ..kms.launcher import WorkerHandoff
+from ..kms.launcher import KMSSupervisor, WorkerHandoff
 from ..kms.wire.protocol import ClientConnection, Value
 from ..sandbox import RunAs, lookup_user
 from .settings import kms_supervisor
@@ -135,6 +157,9 @@ class SupervisedKMS:
         self.restarts = 0
         self.pids: dict[int, int] = {}
         self.info: dict[int, dict[str, Value]] = {}
+        # server.workers > 1: the shared rate-limit table's descriptor (the supervisor's
+        # ``ratelimit_fd`` message), here before ``run`` reports started; None otherwise.
+        self.ratelimit_fd: int | None = None
         self._send_lock = trio.Lock()
 
     def __repr__(self) -> str:
@@ -180,6 +205,10 @@ class SupervisedKMS:
                         started = True
                         log.info("KMS ready", extra={"fields": {"workers": self.workers}})
                         task_status.started(self)
+                elif kind == "ratelimit_fd" and fd is not None:
+                    if self.ratelimit_fd is not None:
+                        os.close(self.ratelimit_fd)
+                    self.ratelimit_fd = fd
                 elif kind == "restart":
                     self.restarts += 1
                     if self.on_restart is not None:
@@ -213,6 +242,12 @@ class SupervisedKMS:
         await self.tell({"t": "kill", "pid": channel.pid})
 
 
+def inherited_listeners(fds: str) -> list[trio.SocketListener]:
+    """The listening sockets the supervisor passed (``--listen-fds 5,6``), ready to serve on."""
+    return [trio.SocketListener(trio.socket.from_stdlib_socket(socket.socket(fileno=int(fd))))
+            for fd in fds.split(",")]
+
+
 # --- the supervisor -------------------------------------------------------------------------
 
 
@@ -239,88 +274,140 @@ def gateway_environment(cfg: Config) -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != cfg.kms.kek.env}
 
 
-class Supervisor:
-    """The ``serve`` process: KMS workers and one gateway, neither of which it serves traffic for."""
+LISTEN_BACKLOG = 65535  # as trio.open_tcp_listeners asks; the kernel caps it at net.core.somaxconn
 
-    def __init__(self, cfg: Config, config_path: str, *, python: str = sys.executable,
-                 kek_fd: int | None = None) -> None:
-        self.cfg = cfg
-        self.config_path = os.path.abspath(config_path)
-        self.python = python
-        self.users = resolve_users(cfg)
-        self.kms = kms_supervisor(
-            cfg, on_restart=self._worker_restarted, python=python, worker_user=self.users.kms,
+
+def bind_listeners(listen: Sequence[str], copies: int) -> list[list[socket.socket]]:
+    """For each of ``copies`` gateway processes, its own listening sockets: one per address of
+    each ``server.listen`` entry (as ``trio.open_tcp_listeners`` makes them: SO_REUSEADDR,
+    IPv6-only for IPv6). With ``copies > 1`` every socket also has SO_REUSEPORT and the copies
+    of an address share its port, so the kernel spreads new connections over the processes;
+    a port of 0 is the one the kernel picked for the first copy."""
+    out: list[list[socket.socket]] = [[] for _ in range(copies)]
+    try:
+        for addr in listen:
+            host, port = parse_listen(addr)
+            try:
+                infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+                for family, kind, proto, _name, sockaddr in infos:
+                    for copy in out:
+                        s = socket.socket(family, kind, proto)
+                        copy.append(s)
+                        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                        if copies > 1:
+                            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                        if family == socket.AF_INET6:
+                            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                        s.bind(sockaddr)
+                        s.listen(LISTEN_BACKLOG)
+                        sockaddr = (sockaddr[0], s.getsockname()[1], *sockaddr[2:])
+            except OSError as exc:
+                raise ConfigError(f"server.listen: cannot listen on {addr}: {exc.strerror}") from None
+    except BaseException:
+        for copy in out:
+            for s in copy:
+                s.close()
+        raise
+    return out
+
+
+def _shared_limiter(cfg: Config) -> tuple[Any, int | None]:
+    """``server.workers > 1`` with ``ratelimit.backend: local``: a shared-memory limiter table
+    (kept by the supervisor) and its descriptor, which every gateway gets in a ``ratelimit_fd``
+    control message and attaches to, so that the limits hold host-wide. ``(None, None)`` while
+    :mod:`qpher_proxy.ratelimit.shared` is not there: each process then limits on its own."""
+    if cfg.server.workers <= 1 or cfg.ratelimit.backend != "local":
+        return None, None
+    try:
+        from ..ratelimit import shared
+    except ImportError:
+        return None, None
+    table, fd = shared.SharedLimiterTable.create()  # it owns the descriptor
+    return table, fd
+
+
+class _GatewaySlot:
+    """Gateway process ``index``: its KMS workers, its listening sockets (kept here across its
+    restarts, so connections queued meanwhile wait for the next process), its control socket."""
+
+    def __init__(self, sup: Supervisor, index: int, listeners: list[socket.socket],
+                 kek_fd: int | None) -> None:
+        self.sup = sup
+        self.index = index
+        self.listeners = listeners
+        self.kms: KMSSupervisor = kms_supervisor(
+            sup.cfg, on_restart=self._worker_restarted, python=sup.python, worker_user=sup.users.kms,
             handoff=self._handoff, kek_fd=kek_fd,
         )
-        self._control: trio.socket.SocketType | None = None
-        self._control_ready = trio.Event()
-        self._send_lock = trio.Lock()
-        self._gateway: trio.Process | None = None
-        self._notes_in, self._notes_out = trio.open_memory_channel[dict[str, Any]](256)
-        self._stopping = False
-        self._scope: trio.CancelScope | None = None
-        self.exit_code = 0
-
-    async def run(self) -> int:
-        async with trio.open_nursery() as nursery:
-            self._scope = nursery.cancel_scope
-            nursery.start_soon(self._signals)
-            await nursery.start(self.kms.run)
-            self.exit_code = await self._gateway_loop()
-            nursery.cancel_scope.cancel()
-        return self.exit_code
+        self.control: trio.socket.SocketType | None = None
+        self.control_ready = trio.Event()
+        self.send_lock = trio.Lock()
+        self.proc: trio.Process | None = None
+        self.scope = trio.CancelScope()
+        self.notes_in, self.notes_out = trio.open_memory_channel[dict[str, Any]](256)
 
     # -- worker hand-over --
 
     async def _handoff(self, h: WorkerHandoff) -> None:
         while True:
-            while self._control is None:
-                await self._control_ready.wait()
-            control = self._control
+            while self.control is None:
+                await self.control_ready.wait()
+            control = self.control
             msg = {"t": "worker", "index": h.index, "pid": h.pid, "token": h.token.hex(), "info": h.info,
                    "max_frame_size": h.max_frame_size}
             try:
-                async with self._send_lock:
+                async with self.send_lock:
                     await send_message(control, msg, h.sock.fileno())
                 return
             except OSError:
-                if self._control is control:  # that gateway is gone; wait for the next one
-                    self._control = None
-                    self._control_ready = trio.Event()
+                if self.control is control:  # that gateway is gone; wait for the next one
+                    self.control = None
+                    self.control_ready = trio.Event()
 
     def _worker_restarted(self, index: int, exit_code: int | None) -> None:
         try:  # the gateway counts and audits restarts; a full queue only loses a count
-            self._notes_in.send_nowait({"t": "restart", "index": index, "exit_code": exit_code})
+            self.notes_in.send_nowait({"t": "restart", "index": index, "exit_code": exit_code})
         except trio.WouldBlock:
             pass
 
     async def _forward_notes(self, control: trio.socket.SocketType) -> None:
-        async for note in self._notes_out:
+        async for note in self.notes_out:
             try:
-                async with self._send_lock:
+                async with self.send_lock:
                     await send_message(control, note)
             except OSError:
                 return
 
-    # -- the gateway --
+    # -- the gateway process --
 
-    def _gateway_command(self, fd: int) -> list[str]:
-        cmd = [self.python, "-m", "qpher_proxy.server", "--config", self.config_path, "--control-fd", str(fd)]
-        if self.users.gateway is not None:
-            cmd += ["--user", self.users.gateway.arg()]
+    def _command(self, fd: int, listen_fds: list[int]) -> list[str]:
+        cmd = [self.sup.python, "-m", "qpher_proxy.server", "--config", self.sup.config_path,
+               "--control-fd", str(fd), "--listen-fds", ",".join(map(str, listen_fds)),
+               "--gateway-index", str(self.index)]
+        if self.sup.users.gateway is not None:
+            cmd += ["--user", self.sup.users.gateway.arg()]
         return cmd
 
-    async def _gateway_loop(self) -> int:
+    async def _hello(self, control: trio.socket.SocketType) -> None:
+        async with self.send_lock:
+            await send_message(control, {"t": "hello", "workers": self.kms.workers})
+            if self.sup.ratelimit_fd is not None:
+                await send_message(control, {"t": "ratelimit_fd"}, self.sup.ratelimit_fd)
+
+    async def run(self) -> int:
+        """The gateway's life, restarts included; its exit code once it is to stay down."""
         backoff = RESTART_BACKOFF[0]
         served_once = False
+        sup = self.sup
         while True:
             parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            listen_fds = [s.fileno() for s in self.listeners]
             try:
                 proc = await trio.lowlevel.open_process(
-                    self._gateway_command(child.fileno()),
-                    pass_fds=[child.fileno()],
+                    self._command(child.fileno(), listen_fds),
+                    pass_fds=[child.fileno(), *listen_fds],
                     stdin=subprocess.DEVNULL,
-                    env=gateway_environment(self.cfg),
+                    env=gateway_environment(sup.cfg),
                     start_new_session=True,
                 )
             except OSError as exc:
@@ -328,33 +415,32 @@ class Supervisor:
                 raise ConfigError(f"cannot start the gateway process: {exc.strerror}") from None
             finally:
                 child.close()
-            self._gateway = proc
+            self.proc = proc
             parent.setblocking(False)
             control = trio.socket.from_stdlib_socket(parent)
             served = trio.Event()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._listen, control, served)
                 nursery.start_soon(self._forward_notes, control)
-                async with self._send_lock:
-                    await send_message(control, {"t": "hello", "workers": self.kms.workers})
-                self._control = control
-                self._control_ready.set()
+                await self._hello(control)
+                self.control = control
+                self.control_ready.set()
                 code = await proc.wait()
                 nursery.cancel_scope.cancel()
-            self._gateway = None
-            if self._control is control:
-                self._control = None
-                self._control_ready = trio.Event()
+            self.proc = None
+            if self.control is control:
+                self.control = None
+                self.control_ready = trio.Event()
             control.close()
             if served.is_set():
                 served_once = True
                 backoff = RESTART_BACKOFF[0]
-            if self._stopping:
+            if sup.stopping:
                 return 0 if code in (0, -signal.SIGTERM, -signal.SIGINT) else code
             if not served_once:
                 return code if code > 0 else 1  # the gateway printed why
             log.error("the gateway process exited; restarting it",
-                      extra={"fields": {"exit_code": code, "backoff_s": backoff}})
+                      extra={"fields": {"exit_code": code, "backoff_s": backoff, "gateway": self.index}})
             await trio.sleep(backoff)
             backoff = min(backoff * 2, RESTART_BACKOFF[1])
 
@@ -377,17 +463,89 @@ class Supervisor:
             elif msg["t"] == "kill" and isinstance(msg.get("pid"), int):
                 self.kms.kill(msg["pid"])
 
+    def signal(self, signum: int) -> None:
+        """Forward ``signum``; a stop with no process to stop ends the slot at once."""
+        if signum != signal.SIGHUP:
+            self.kms.stopping = True  # the workers end with the gateway: no restarts
+        proc = self.proc
+        if proc is not None and proc.returncode is None:
+            proc.send_signal(signum)
+        elif signum != signal.SIGHUP:
+            self.scope.cancel()  # no gateway to wait for (start-up, or between restarts)
+
+    async def supervise(self) -> None:
+        """Its KMS workers (ready before the gateway starts), then the gateway; when the gateway
+        is to stay down, its exit code goes to the supervisor and the workers stop."""
+        code = 0
+        with self.scope:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.kms.run)
+                code = await self.run()
+                nursery.cancel_scope.cancel()
+        self.sup.gateway_ended(self.index, code)
+
+
+class Supervisor:
+    """The ``serve`` process: KMS workers and ``server.workers`` gateway processes, none of
+    which it serves traffic for."""
+
+    def __init__(self, cfg: Config, config_path: str, *, python: str = sys.executable,
+                 kek_fd: int | None = None) -> None:
+        self.cfg = cfg
+        self.config_path = os.path.abspath(config_path)
+        self.python = python
+        self.users = resolve_users(cfg)
+        self._kek_fd = kek_fd
+        self.slots: list[_GatewaySlot] = []
+        self.ratelimit_fd: int | None = None
+        self._ratelimit_table: Any = None
+        self.stopping = False
+        self.exit_code = 0
+
+    async def run(self) -> int:
+        n = self.cfg.server.workers
+        listeners = bind_listeners(self.cfg.server.listen, n)
+        try:
+            # Each gateway's KMS supervisor owns (and closes) its own copy of the KEK memfd.
+            kek_fds = [self._kek_fd] + [None if self._kek_fd is None else os.dup(self._kek_fd)
+                                        for _ in range(n - 1)]
+            self.slots = [_GatewaySlot(self, i, listeners[i], kek_fds[i]) for i in range(n)]
+            self._ratelimit_table, self.ratelimit_fd = _shared_limiter(self.cfg)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._signals)
+                async with trio.open_nursery() as gateways:
+                    for slot in self.slots:
+                        gateways.start_soon(slot.supervise)
+                nursery.cancel_scope.cancel()
+        finally:
+            for copy in listeners:
+                for s in copy:
+                    s.close()
+            if self._ratelimit_table is not None:
+                self._ratelimit_table.close()
+        return self.exit_code
+
+    def gateway_ended(self, index: int, code: int) -> None:
+        """A gateway that is to stay down: at shutdown, or one that failed before it ever
+        served (a bad certificate): then the others are stopped and its code is ours."""
+        if code != 0 and self.exit_code == 0:
+            self.exit_code = code
+        if not self.stopping:
+            self.stop(signal.SIGTERM)
+
+    def stop(self, signum: int) -> None:
+        self.stopping = True
+        for slot in self.slots:
+            slot.signal(signum)
+
     async def _signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
-                if signum != signal.SIGHUP:
-                    self._stopping = True
-                    self.kms.stopping = True  # the workers end with the gateway: no restarts
-                proc = self._gateway
-                if proc is not None and proc.returncode is None:
-                    proc.send_signal(signum)
-                elif self._stopping and self._scope is not None:
-                    self._scope.cancel()  # no gateway to wait for (start-up, or between restarts)
+                if signum == signal.SIGHUP:
+                    for slot in self.slots:
+                        slot.signal(signum)
+                else:
+                    self.stop(signum)
 
 
 def reexec_without_env_kek(cfg: Config, config_path: str) -> None:

@@ -82,12 +82,14 @@ async def serve(
     handle_signals: bool = True,
     kms: SupervisedKMS | None = None,
     confinement: Confinement | None = None,
+    inherited: list[trio.SocketListener] | None = None,
     task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the gateway. ``kms``: KMS workers run by a supervisor process (privilege-separated
     mode); without it, this process starts its own workers. ``confinement``: applied once the
-    ports are bound and before any other file is opened."""
-    raw_listeners = await _bind(cfg)
+    ports are bound and before any other file is opened. ``inherited``: listening sockets the
+    supervisor bound (``server.workers``, see :mod:`.privsep`), used instead of binding here."""
+    raw_listeners = await _bind(cfg) if inherited is None else inherited
     holder, audit = _confine_and_open(cfg, raw_listeners, confinement)  # steps 1 and 2
     metrics = Metrics()
     store = APIKeyStore(cfg.auth.db, load_pepper(cfg.auth.pepper_file))  # step 2

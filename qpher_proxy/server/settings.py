@@ -12,6 +12,7 @@ rotation all build theirs here, so the modes cannot drift apart field by field.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -19,14 +20,15 @@ from ..config import Config
 from ..config.model import KEKConfig, TLSConfig, UpstreamConfig
 from ..http import HTTPLimits
 from ..kms.client import OpHook
-from ..kms.launcher import HandoffHook, KMSSupervisor, default_worker_count
+from ..kms.launcher import HandoffHook, KMSSupervisor
 from ..kms.launcher.supervisor import RestartHook
 from ..kms.wire.model import KEKSettings
 from ..sandbox import RunAs
 from ..tls.context import TLSSettings
 from ..upstream import UpstreamClient
 
-__all__ = ["http_limits", "kek_settings", "kms_supervisor", "tls_settings", "upstream_client"]
+__all__ = ["http_limits", "kek_settings", "kms_supervisor", "kms_worker_count", "tls_settings",
+           "upstream_client"]
 
 
 def _optional_path(path: str | None) -> Path | None:
@@ -57,6 +59,16 @@ def kek_settings(k: KEKConfig) -> KEKSettings:
     return KEKSettings(provider=k.provider, file=k.file, env=k.env)
 
 
+def kms_worker_count(cfg: Config) -> int:
+    """KMS workers per gateway process: ``kms.workers``, or for 0 the spare cores (one per core
+    less one per gateway process) shared out among the ``server.workers`` gateways, at least 1
+    each. With one gateway that is ``default_worker_count()``."""
+    if cfg.kms.workers:
+        return cfg.kms.workers
+    gateways = cfg.server.workers
+    return max(1, ((os.cpu_count() or 1) - gateways) // gateways)
+
+
 def kms_supervisor(
     cfg: Config,
     *,
@@ -71,7 +83,7 @@ def kms_supervisor(
     caller's (the defaults are ``KMSSupervisor``'s own)."""
     k = cfg.kms
     return KMSSupervisor(
-        kms_dir=k.dir, kek=kek_settings(k.kek), workers=k.workers or default_worker_count(),
+        kms_dir=k.dir, kek=kek_settings(k.kek), workers=kms_worker_count(cfg),
         backend=cfg.crypto.backend, destroy_delay=k.destroy_delay, request_timeout=k.request_timeout,
         restart_backoff_max=k.restart_backoff_max, max_batch=max(cfg.api.max_batch_items, 1),
         on_restart=on_restart, on_op=on_op, python=python, worker_user=worker_user, handoff=handoff,

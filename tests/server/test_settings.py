@@ -6,12 +6,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
 from qpher_proxy.config import config_from_dict
 from qpher_proxy.kms.wire.model import KEKSettings
 from qpher_proxy.server.settings import (
     http_limits,
     kek_settings,
     kms_supervisor,
+    kms_worker_count,
     tls_settings,
     upstream_client,
 )
@@ -58,6 +61,20 @@ def test_kms_supervisor_follows_the_kms_section(tmp_path: Path) -> None:
     assert supervisor.kms_dir == os.path.abspath(tmp_path / "kms")
     assert (supervisor.workers, supervisor.max_batch, supervisor.backend) == (3, 7, cfg.crypto.backend)
     assert supervisor.kek == kek_settings(cfg.kms.kek)
+
+
+def test_kms_workers_0_shares_the_spare_cores_out_among_the_gateways(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    one = config_from_dict({}, tmp_path, check_files=False)
+    assert kms_worker_count(one) == 7  # one gateway: default_worker_count()
+    four = config_from_dict({"server": {"workers": 4}}, tmp_path, check_files=False)
+    assert kms_worker_count(four) == 1  # (8 cores - 4 gateways) // 4
+    many = config_from_dict({"server": {"workers": 16}}, tmp_path, check_files=False)
+    assert kms_worker_count(many) == 1  # at least one each
+    fixed = config_from_dict({"server": {"workers": 4}, "kms": {"workers": 3}}, tmp_path, check_files=False)
+    assert kms_worker_count(fixed) == 3  # per gateway process, as configured
 
 
 def test_no_upstream_url_means_no_upstream_client(tmp_path: Path) -> None:
