@@ -486,3 +486,22 @@ async def test_a_worker_process_serves_keys_from_postgresql(db: PgDatabase, tmp_
     finally:
         s.close()
     assert os.environ.get("PGPASSWORD") is None
+
+
+def test_the_supervisor_settings_carry_the_kms_dsn_in_hello_only() -> None:
+    from qpher_proxy.config.model import Config, StorageConfig
+    from qpher_proxy.server.settings import kms_supervisor
+
+    dsn, kms_dsn = "postgresql://gw:pw1@db/q", "postgresql://kms:pw2@db/q"
+    cfg = Config(storage=StorageConfig(backend="postgresql", dsn=dsn, kms_dsn=kms_dsn, role_prefix="acme",
+                                       lease_ttl=9.0, sweep_interval=2.0))
+    sup = kms_supervisor(cfg)
+    hello = sup._hello_config(0)
+    assert hello["storage"] == {
+        "backend": "postgresql", "dsn": kms_dsn, "role_prefix": "acme", "pool_size": 8,
+        "connect_timeout": 3.0, "statement_timeout": 5.0, "pool_timeout": 2.0, "lease_ttl": 9.0,
+        "sweep_interval": 2.0,
+    }
+    assert "pw2" not in repr(sup.storage) and "pw2" not in repr(sup)
+    sqlite = kms_supervisor(Config())
+    assert sqlite.storage is None and "storage" not in sqlite._hello_config(0)
