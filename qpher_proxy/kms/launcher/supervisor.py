@@ -42,6 +42,11 @@ that (the bytes object read from the environment is dropped at once; CPython can
 and the copy in the process's original environment block stays until exit: use the file
 provider where that matters).
 
+The database DSN (``storage.backend: postgresql``) travels the same way as every other
+setting: in the HELLO frame of each start (``storage`` in :meth:`KMSSupervisor._hello_config`),
+never in argv or the environment, and :class:`~qpher_proxy.kms.wire.model.KMSStorageSettings`
+keeps it out of its ``repr``.
+
 Workers write JSON log lines to stderr; the supervisor re-emits each through the logger
 ``qpher.kms.worker`` with the worker's index, so KMS logs land in the gateway's log stream.
 """

@@ -5,6 +5,10 @@
 ``keystore``   the key store: metadata + sealed key files (theory of operation), ``KeyStore``
 ``tenant_keys``  the tenant-scoped repository (``TenantKeys``): every key operation
 ``keydb``      the store's database, directory lock and KEK check
+``key_rules``  the lifecycle rules both stores share (checks, transitions, ``KeyInfo``)
+``pg_keystore``  the store on PostgreSQL (``storage.backend: postgresql``): ``PgKeyStore``,
+               ``PgTenantKeys``; imported only with that backend (it needs psycopg)
+``lease``      the cluster-wide sweep lease with a fencing token (PostgreSQL)
 ``kek_rotation``  the offline re-wrap of every key file under a new KEK
 ``keyfile``    the sealed key-file format; ``kek``: KEK providers and the canary
 ``admin``      offline commands (``init``, ``kms rotate-kek``), imported lazily by the CLI

@@ -1,5 +1,8 @@
 """The key store: SQLite metadata + sealed key files, scoped per tenant.  KMS process only.
 
+(With ``storage.backend: postgresql`` the worker opens ``pg_keystore.PgKeyStore`` instead: the
+same sealed bytes, in the database; see its theory of operation.)
+
 Three modules beside this one hold its parts: ``keydb`` (the database, the lock, the KEK check),
 ``tenant_keys`` (:class:`TenantKeys`, the tenant-scoped repository) and ``kek_rotation`` (the
 offline ``rotate-kek``). This one holds :class:`KeyStore`: opening the store, the key caches,
