@@ -505,3 +505,40 @@ def test_the_supervisor_settings_carry_the_kms_dsn_in_hello_only() -> None:
     assert "pw2" not in repr(sup.storage) and "pw2" not in repr(sup)
     sqlite = kms_supervisor(Config())
     assert sqlite.storage is None and "storage" not in sqlite._hello_config(0)
+
+
+def test_keys_imported_from_a_sqlite_store_serve_from_postgresql(
+    db: PgDatabase, open_store: Opener, tmp_path: Path, backend: Backend
+) -> None:
+    from qpher_proxy.kms.worker.keystore import KeyStore
+    from qpher_proxy.storage.import_sqlite import import_sqlite
+
+    kek_path = tmp_path / "kek.b64"
+    generate_kek_file(kek_path)
+    old = KeyStore(tmp_path / "kms", FileKEKProvider(kek_path), backend)
+    try:
+        t = old.tenant("t1")
+        k = t.create(kind="signature").key_id
+        t.rotate(k)
+        pub1 = t.public_key(k, 1)[0].public_bytes()
+    finally:
+        old.close()
+    report = import_sqlite(dsn=db.dsn, role_prefix=db.role_prefix, auth_db=tmp_path / "none.db",
+                           kms_dir=tmp_path / "kms")
+    assert (report.keys, report.versions, report.canary) == (1, 2, True)
+    with pytest.raises(KEKMismatch):  # the imported canary: another KEK is refused
+        open_store()
+    s = open_store(kek=FileKEKProvider(kek_path))
+    priv, version = s.tenant("t1").private_key(k, 1)
+    assert version == 1 and s.tenant("t1").public_key(k, 1)[0].verify(priv.sign(b"m"), b"m")
+    assert priv.public_key().public_bytes() == pub1
+    assert s.tenant("t1").private_key(k)[1] == 2
+
+
+def test_with_state_ttl_zero_every_request_reads_the_state(db: PgDatabase, open_store: Opener) -> None:
+    a, b = open_store(), open_store(state_ttl=0.0)
+    k = a.tenant("t1").create(kind="kem").key_id
+    b.tenant("t1").private_key(k)
+    a.tenant("t1").disable(k)
+    with pytest.raises(KeyDisabled):
+        b.tenant("t1").private_key(k)  # at once: nothing reused
