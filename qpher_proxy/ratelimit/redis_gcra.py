@@ -53,8 +53,9 @@ to one extra burst.
 **Headers.** A refusal raises ``RateLimited`` carrying ``scope`` (``"api_key"`` or
 ``"tenant"``: the scope that must wait longer) and the headers ``Retry-After``,
 ``RateLimit-Limit`` (that scope's burst), ``RateLimit-Remaining: 0`` and ``RateLimit-Reset``
-(seconds until this request would be admitted, equal to ``Retry-After``). :class:`LocalRateLimiter`
-puts the per-node ``TokenBucketLimiter`` behind the same ``acquire`` with the same headers.
+(whole seconds until that scope's bucket is full again, at least ``Retry-After``), as
+``shared.py`` does. :class:`LocalRateLimiter` puts the per-node ``TokenBucketLimiter`` behind the
+same ``acquire`` with the same headers.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import trio
 
@@ -75,6 +77,7 @@ from ._resp import DEFAULT_POOL_SIZE, RedisClient, RedisError, parse_redis_url, 
 from .buckets import RateLimits, TokenBucketLimiter
 
 __all__ = [
+    "BucketLimiter",
     "GCRA_SCRIPT",
     "GCRADecision",
     "LocalRateLimiter",
@@ -106,8 +109,8 @@ class RateLimitUnavailable(QpherError):
 # KEYS[1], KEYS[2]: the API key's and the tenant's TAT (whole microseconds, Redis's clock).
 # ARGV: key_rate, key_burst, tenant_rate, tenant_burst, cost; a rate of "" is "not limited".
 # Returns {allowed, retry_after_ms, remaining, reset_ms, scope}. Refused: scope (1 key,
-# 2 tenant) is the one that must wait longer, reset_ms = retry_after_ms. Admitted: scope is the
-# one with fewer tokens left, remaining its whole tokens, reset_ms the time until it is full.
+# 2 tenant) is the one that must wait longer. Admitted: scope is the one with fewer tokens left,
+# remaining its whole tokens. reset_ms: the time until that scope's bucket is full again.
 GCRA_SCRIPT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -127,8 +130,7 @@ for i = 1, 2 do
   end
 end
 if scope > 0 then
-  local ms = math.ceil(wait / 1000)
-  return {0, ms, 0, ms, scope}
+  return {0, math.ceil(wait / 1000), 0, math.ceil((tat[scope] - now) / 1000), scope}
 end
 local remaining, reset = -1, 0
 for i = 1, 2 do
@@ -173,8 +175,9 @@ class GCRADecision:
     limit: int
 
 
-def _refusal(scope: str, limit: int, retry_after: int) -> RateLimited:
-    """``RateLimited`` with ``scope`` and the RateLimit-* headers beside ``Retry-After``."""
+def _refusal(scope: str, limit: int, retry_after: int, reset: int) -> RateLimited:
+    """``RateLimited`` with ``scope`` and the RateLimit-* headers beside ``Retry-After``
+    (``reset``: whole seconds until the scope's bucket is full, at least ``retry_after``)."""
     exc = RateLimited(
         f"rate limit exceeded for this {'API key' if scope == 'api_key' else 'tenant'}",
         retry_after=retry_after,
@@ -183,17 +186,25 @@ def _refusal(scope: str, limit: int, retry_after: int) -> RateLimited:
     exc.headers = exc.headers + (
         (b"ratelimit-limit", str(limit).encode("ascii")),
         (b"ratelimit-remaining", b"0"),
-        (b"ratelimit-reset", str(exc.retry_after).encode("ascii")),
+        (b"ratelimit-reset", str(max(exc.retry_after, reset)).encode("ascii")),
     )
     return exc
 
 
-class LocalRateLimiter:
-    """A per-node ``TokenBucketLimiter`` behind the same ``acquire`` as ``RedisRateLimiter``,
-    raising ``RateLimited`` with the same ``scope`` and RateLimit-* headers."""
+class BucketLimiter(Protocol):
+    """In-memory buckets: ``TokenBucketLimiter`` (one process) or ``SharedRateLimiter`` (one host).
 
-    def __init__(self, buckets: TokenBucketLimiter | None = None) -> None:
-        self.buckets = buckets if buckets is not None else TokenBucketLimiter()
+    ``check`` raises ``RateLimited`` whose message ends with ``API key`` or ``tenant``."""
+
+    def check(self, key_id: str, tenant: str, plan_limits: RateLimits, cost: int = 1, /) -> None: ...
+
+
+class LocalRateLimiter:
+    """Per-node buckets behind the same ``acquire`` as ``RedisRateLimiter``, raising
+    ``RateLimited`` with the same ``scope`` and RateLimit-* headers."""
+
+    def __init__(self, buckets: BucketLimiter | None = None) -> None:
+        self.buckets: BucketLimiter = buckets if buckets is not None else TokenBucketLimiter()
 
     def check(self, key_id: str, tenant: str, limits: RateLimits, cost: int = 1) -> None:
         """The synchronous form of :meth:`acquire`."""
@@ -203,8 +214,13 @@ class LocalRateLimiter:
             # TokenBucketLimiter names the scope that must wait longer at the end of its message
             # (tests/scaleout/test_redis_ratelimit.py holds it to that).
             scope = "tenant" if exc.message.endswith("tenant") else "api_key"
-            limit = limits.tenant_burst if scope == "tenant" else limits.key_burst
-            raise _refusal(scope, limit, exc.retry_after) from None
+            rate, burst = ((limits.tenant_rate, limits.tenant_burst) if scope == "tenant"
+                           else (limits.key_rate, limits.key_burst))
+            assert rate is not None  # a scope without a rate never refuses
+            # full again = the wait for this request + the time to refill what it leaves; the
+            # wait is known rounded up only, so this may be up to a second late
+            reset = math.ceil(exc.retry_after + (burst - min(cost, burst)) / rate - 1e-9)
+            raise _refusal(scope, burst, exc.retry_after, reset) from None
 
     async def acquire(self, key_id: str, tenant: str, limits: RateLimits, cost: int = 1) -> None:
         """Take ``cost`` from the key's and the tenant's buckets, or raise ``RateLimited``."""
@@ -228,8 +244,11 @@ class RedisRateLimiter:
     """Per-key and per-tenant limits shared by all nodes through one Redis (module docstring).
 
     ``backend_failures`` counts failed Redis calls; ``degraded`` is true from a failure until the
-    next success. ``clock`` (seconds, monotonic) paces the retries and drives the fallback
-    buckets; tests inject one. Construct it anywhere; use it inside one ``trio.run``."""
+    next success. ``clock`` (seconds, monotonic) paces the retries and drives the default
+    fallback buckets; tests inject one. ``fallback``: the buckets used while Redis is away
+    (default: a ``TokenBucketLimiter`` of this process; with several gateway processes per host,
+    pass the host's ``SharedRateLimiter`` so that ``expected_nodes`` counts hosts). Construct it
+    anywhere; use it inside one ``trio.run``."""
 
     def __init__(
         self,
@@ -237,6 +256,7 @@ class RedisRateLimiter:
         *,
         clock: Callable[[], float] = time.monotonic,
         pool_size: int = DEFAULT_POOL_SIZE,
+        fallback: BucketLimiter | None = None,
     ) -> None:
         if config.redis_url is None:
             raise ConfigError("ratelimit.redis_url is required when ratelimit.backend is redis")
@@ -252,7 +272,7 @@ class RedisRateLimiter:
         self._on_failure = config.on_backend_failure
         self._nodes = config.expected_nodes
         self._clock = clock
-        self._local = LocalRateLimiter(TokenBucketLimiter(clock))
+        self._local = LocalRateLimiter(fallback if fallback is not None else TokenBucketLimiter(clock))
         self._derived: dict[RateLimits, RateLimits] = {}
         self._next_try = 0.0  # while degraded: the clock time after which Redis is tried again
         self.backend_failures = 0
@@ -308,7 +328,7 @@ class RedisRateLimiter:
                      self.url.redacted())
         if not decision.allowed:
             raise _refusal(decision.scope or "api_key", decision.limit,
-                           math.ceil(decision.retry_after_ms / 1000))
+                           math.ceil(decision.retry_after_ms / 1000), math.ceil(decision.reset_ms / 1000))
 
     def _failed(self, exc: Exception) -> None:
         self.backend_failures += 1

@@ -177,7 +177,7 @@ async def test_local_limiter_emits_ratelimit_headers_and_scope() -> None:
         await local.acquire("k3", "acme", limits)
     assert info.value.scope == "tenant"  # type: ignore[attr-defined]
     assert _headers(info.value) == {b"retry-after": b"2", b"ratelimit-limit": b"2",
-                                    b"ratelimit-remaining": b"0", b"ratelimit-reset": b"2"}
+                                    b"ratelimit-remaining": b"0", b"ratelimit-reset": b"4"}
     for _ in range(3):
         await local.acquire("k9", "other", KEY_ONLY)
     with pytest.raises(RateLimited) as info:
@@ -219,7 +219,7 @@ async def test_burst_then_refusal_with_retry_after_and_headers(redis_url: str, r
         assert (e.code, e.status, e.retry_after) == ("rate_limited", 429, 1)
         assert e.scope == "api_key"  # type: ignore[attr-defined]
         assert _headers(e) == {b"retry-after": b"1", b"ratelimit-limit": b"3",
-                               b"ratelimit-remaining": b"0", b"ratelimit-reset": b"1"}
+                               b"ratelimit-remaining": b"0", b"ratelimit-reset": b"3"}
         decision = await rl.evaluate("k1", "acme", KEY_ONLY)
         assert not decision.allowed and 0 < decision.retry_after_ms <= 1000
         assert not rl.degraded and rl.backend_failures == 0
@@ -294,9 +294,11 @@ async def test_cost_above_burst_is_admitted_when_full_and_leaves_debt(
         assert first.allowed and first.remaining == 0 and first.reset_ms == 500
         again = await rl.evaluate("batch", "acme", limits, cost=5)  # needs 2 tokens: 500 ms
         assert not again.allowed and 250 < again.retry_after_ms <= 500
+        assert again.reset_ms == again.retry_after_ms  # it waits for a full bucket
         one = await rl.evaluate("batch", "acme", limits)  # needs 1 token: 400 ms
         # 100 ms less than for cost 5 (minus the time between the two calls)
         assert not one.allowed and 150 < one.retry_after_ms <= again.retry_after_ms - 100
+        assert one.reset_ms == one.retry_after_ms + 100
         with pytest.raises(ValueError):
             await rl.evaluate("batch", "acme", limits, cost=0)
     finally:
@@ -497,6 +499,26 @@ async def test_outage_in_deny_mode_refuses_with_503(own_redis: OwnRedis) -> None
             assert (e.code, e.status) == ("ratelimit_unavailable", 503)
             assert _headers(e) == {b"retry-after": b"3"}
         assert rl.degraded
+    finally:
+        await rl.aclose()
+
+
+async def test_injected_fallback_buckets_get_the_per_node_share() -> None:
+    with socket.socket() as s:  # a port nobody listens on: connects are refused at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    buckets = TokenBucketLimiter(FakeClock())
+    rl = RedisRateLimiter(_config(f"redis://127.0.0.1:{port}/0", "qt", expected_nodes=3),
+                          fallback=buckets)
+    limits = RateLimits(key_rate=3.0, key_burst=7, tenant_rate=None, tenant_burst=1)
+    try:
+        await rl.acquire("k1", "acme", limits)
+        await rl.acquire("k1", "acme", limits)  # burst 7 // 3 nodes = 2
+        with pytest.raises(RateLimited) as info:
+            await rl.acquire("k1", "acme", limits)
+        assert len(buckets) == 1 and rl.degraded and rl.backend_failures == 1
+        assert _headers(info.value)[b"ratelimit-limit"] == b"2"
+        assert info.value.retry_after == 1  # 1 token at 1/s
     finally:
         await rl.aclose()
 
