@@ -179,17 +179,20 @@ def _check_scale_out(cfg: Config, ld: _Loader) -> None:
     for name in ("dsn", "gateway_dsn", "kms_dsn"):
         dsn = getattr(st, name)
         if dsn is not None and not (dsn.startswith("postgresql://") or dsn.startswith("postgres://")):
-            ld.fail(f"storage.{name}", "expected a postgresql:// URL (value not shown: it may hold a password)")
+            ld.fail(f"storage.{name}",
+                    "expected a postgresql:// URL (value not shown: it may hold a password)")
     if st.backend == "postgresql":
         if st.dsn is None and (st.gateway_dsn is None or st.kms_dsn is None):
-            ld.fail("storage.dsn", 'expected a DSN (or both gateway_dsn and kms_dsn) when backend is "postgresql"')
+            ld.fail("storage.dsn",
+                    'expected a DSN (or both gateway_dsn and kms_dsn) when backend is "postgresql"')
     prefix = st.role_prefix
     if not (1 <= len(prefix) <= 40 and prefix[0].isalpha() and set(prefix) <= _ROLE_PREFIX_CHARS):
-        ld.fail("storage.role_prefix", f"expected 1..40 characters a-z, 0-9, _ starting with a letter, got {_show(prefix)}")
+        ld.fail("storage.role_prefix",
+                f"expected 1..40 characters a-z, 0-9, _ starting with a letter, got {_show(prefix)}")
     rl = cfg.ratelimit
     url = rl.redis_url
-    if url is not None and not url.startswith(("redis://", "rediss://", "unix://")):
-        ld.fail("ratelimit.redis_url", "expected a redis://, rediss:// or unix:// URL (value not shown)")
+    if url is not None and not url.startswith(("redis://", "unix://")):
+        ld.fail("ratelimit.redis_url", "expected a redis:// or unix:// URL (value not shown)")
     if rl.backend == "redis" and url is None:
         ld.fail("ratelimit.redis_url", 'expected a URL when backend is "redis"')
 

@@ -140,10 +140,10 @@ class StorageConfig:
 @dataclass(frozen=True, slots=True)
 class RateLimitConfig:
     backend: Literal["local", "redis"] = opt("local")
-    redis_url: str | None = opt(None, doc="redis://[:password@]host:port/db (rediss:// for TLS)")
+    redis_url: str | None = opt(None, doc="redis://[[user]:password@]host:port/db or unix:///path?db=N")
     on_backend_failure: Literal["local", "deny"] = opt("local")
     expected_nodes: int = opt(1, min=1, max=10_000)
-    timeout: float = opt(0.25, min=0.001, max=30)
+    timeout: float = opt(0.5, min=0.001, max=30)
     retry_interval: float = opt(1.0, min=0.05, max=600)
     key_prefix: str = opt("qpher")
 
