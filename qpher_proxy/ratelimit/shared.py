@@ -276,12 +276,12 @@ class SharedLimiterTable:
         # admitted: see _write) the slot of the one nearest to full, forgiving its debt.
         return (free if free >= 0 else victim), 0.0, True
 
-    def _write(self, at: int, new: bool, h: bytes, tat: float, now: float) -> None:
+    def _write(self, at: int, h: bytes, tat: float, now: float) -> None:
+        """Give the new slot whose tat is at ``at`` to hash ``h``."""
         mm = self._mm
-        if new:
-            if _TAT.unpack_from(mm, at)[0] > now:
-                self.evictions += 1
-            mm[at - _TATS_AT:at - _TATS_AT + 8] = h
+        if _TAT.unpack_from(mm, at)[0] > now:
+            self.evictions += 1
+        mm[at - _TATS_AT:at - _TATS_AT + 8] = h
         _TAT.pack_into(mm, at, tat)
 
     def gcra(self, clock: Callable[[], float],
@@ -291,11 +291,12 @@ class SharedLimiterTable:
         Returns None when admitted, else (index, wait, full_in) of the refusing scope that must
         wait longest: ``wait`` seconds until the request would fit, ``full_in`` until that bucket
         is full. The clock is read under the lock."""
-        refs = [self._ref(name) for name, _, _ in scopes]
+        cache = self._refs
+        refs = [cache.get(name) or self._ref(name) for name, _, _ in scopes]
         # ascending order: two checks never wait for each other's second stripe
         locks = _WHOLE_TABLE if self._stripes == 1 else sorted({ref[2] for ref in refs})
-        fd = self._fd
-        lockf = fcntl.lockf
+        fd, mm = self._fd, self._mm
+        lockf, tat_at = fcntl.lockf, _TAT.unpack_from
         with self._tlock:
             for at in locks:
                 lockf(fd, fcntl.LOCK_EX, 1, at)
@@ -305,10 +306,14 @@ class SharedLimiterTable:
                 refused: tuple[int, float, float] | None = None
                 taken = -1
                 for i, (h, base, _) in enumerate(refs):
-                    _, rate, burst = scopes[i]
-                    slot = self._find(h, base, now, taken)
+                    pos = mm.find(h, base, base + _TATS_AT)  # the hit, inline: one search in C
+                    if pos >= 0 and not (pos - base) & 7:
+                        slot = (pos + _TATS_AT, tat_at(mm, pos + _TATS_AT)[0], False)
+                    else:
+                        slot = self._find(h, base, now, taken)
                     taken = slot[0]
                     found.append(slot)
+                    _, rate, burst = scopes[i]
                     debt = slot[1] - now  # seconds until full (<= 0: full)
                     wait = debt - (burst - cost) / rate if cost < burst else debt
                     if wait > _EPS and (refused is None or wait > refused[1]):
@@ -316,7 +321,11 @@ class SharedLimiterTable:
                 if refused is not None:
                     return refused
                 for i, (at, tat, new) in enumerate(found):
-                    self._write(at, new, refs[i][0], (tat if tat > now else now) + cost / scopes[i][1], now)
+                    tat = (tat if tat > now else now) + cost / scopes[i][1]
+                    if new:
+                        self._write(at, refs[i][0], tat, now)
+                    else:
+                        _TAT.pack_into(mm, at, tat)
                 return None
             finally:
                 for at in locks:

@@ -7,6 +7,7 @@ import fcntl
 import os
 import random
 import select
+import struct
 import subprocess
 import sys
 import textwrap
@@ -476,3 +477,20 @@ def test_striped_locks_give_the_same_answers() -> None:
         rl.check("k3", "acme", limits)
     finally:
         table.close()
+
+
+def test_a_hash_straddling_two_slots_is_not_a_match(table: SharedLimiterTable) -> None:
+    rl, clock = _limiter(table)
+    one = RateLimits(key_rate=1.0, key_burst=1, tenant_rate=None, tenant_burst=1)
+    h, base, _ = table._ref("kvictim")  # the key "victim"
+    # slots 0 and 1 of the block hold other live buckets whose hashes spell h across their border
+    table._mm[base:base + 16] = b"\xaa" * 4 + h + b"\xbb" * 4
+    struct.pack_into("<2d", table._mm, base + 64, clock() + 100, clock() + 100)
+    rl.check("victim", "acme", one)  # a new bucket, in slot 2: the straddling bytes are skipped
+    assert table._mm[base + 16:base + 24] == h
+    assert table._mm[base:base + 16] == b"\xaa" * 4 + h + b"\xbb" * 4  # the others are untouched
+    with pytest.raises(RateLimited):  # and found again past the straddling match
+        rl.check("victim", "acme", one)
+    clock.advance(1.0)
+    rl.check("victim", "acme", one)
+    assert table.evictions == 0
