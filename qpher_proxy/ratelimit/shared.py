@@ -344,7 +344,8 @@ class SharedRateLimiter:
 
     def check(self, key_id: str, tenant: str, plan_limits: RateLimits, cost: int = 1) -> None:
         """Take ``cost`` from the key's and the tenant's buckets, or raise ``RateLimited`` (with
-        ``retry-after`` and the ``ratelimit-*`` headers of the refusing scope)."""
+        ``retry-after`` and the ``ratelimit-*`` headers of the refusing scope, and ``scope``:
+        ``"api_key"`` or ``"tenant"``, as ``redis_gcra`` sets it for the metric label)."""
         lim = plan_limits
         scopes: list[tuple[str, float, int]] = []
         kinds: list[str] = []
@@ -363,6 +364,7 @@ class SharedRateLimiter:
         burst, scope = scopes[i][2], kinds[i]
         # 1e-9: float noise must not turn an exact 2.0 s into 3 s
         exc = RateLimited(f"rate limit exceeded for this {scope}", retry_after=math.ceil(wait - 1e-9))
+        exc.scope = "api_key" if scope == "API key" else "tenant"  # type: ignore[attr-defined]
         reset = max(exc.retry_after, math.ceil(full_in - 1e-9))
         exc.headers = exc.headers + (
             (b"ratelimit-limit", str(burst).encode("ascii")),

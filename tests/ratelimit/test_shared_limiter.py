@@ -69,7 +69,7 @@ def test_burst_then_rate_limited_with_retry_after_and_ratelimit_headers(table: S
         (b"ratelimit-remaining", b"0"),
         (b"ratelimit-reset", b"2"),  # 2 s until the 4 tokens are all back
     )
-    assert "API key" in e.message
+    assert "API key" in e.message and e.scope == "api_key"  # type: ignore[attr-defined]
     clock.advance(0.5)  # one token back: an exact boundary must fit
     rl.check("k1", "acme", KEY_ONLY)
     with pytest.raises(RateLimited):
@@ -116,7 +116,7 @@ def test_keys_are_independent_but_share_the_tenant_bucket(table: SharedLimiterTa
     rl.check("k2", "acme", limits)  # tenant bucket now empty (5 taken)
     with pytest.raises(RateLimited) as info:
         rl.check("k3", "acme", limits)
-    assert "tenant" in info.value.message
+    assert "tenant" in info.value.message and info.value.scope == "tenant"  # type: ignore[attr-defined]
     assert info.value.retry_after == 1
     assert dict(info.value.headers)[b"ratelimit-limit"] == b"5"
     rl.check("k3", "other", limits)  # another tenant is unaffected
@@ -494,3 +494,16 @@ def test_a_hash_straddling_two_slots_is_not_a_match(table: SharedLimiterTable) -
     clock.advance(1.0)
     rl.check("victim", "acme", one)
     assert table.evictions == 0
+
+
+def test_it_is_a_bucket_limiter_for_the_redis_fallback(table: SharedLimiterTable) -> None:
+    from qpher_proxy.ratelimit.redis_gcra import BucketLimiter, LocalRateLimiter
+
+    rl, _clock = _limiter(table)
+    buckets: BucketLimiter = rl
+    local = LocalRateLimiter(buckets)
+    for _ in range(4):
+        local.check("k1", "acme", KEY_ONLY)
+    with pytest.raises(RateLimited) as info:
+        local.check("k1", "acme", KEY_ONLY)
+    assert info.value.scope == "api_key"  # type: ignore[attr-defined]
