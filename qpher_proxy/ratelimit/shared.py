@@ -373,6 +373,8 @@ class SharedRateLimiter:
         )
         raise exc
 
-    async def acquire(self, key_id: str, tenant: str, plan_limits: RateLimits, cost: int = 1) -> None:
-        """The same as :meth:`check` (never waits): lets the gateway await any limiter alike."""
-        self.check(key_id, tenant, plan_limits, cost)
+    async def acquire(self, key_id: str, tenant: str, limits: RateLimits, cost: int = 1) -> None:
+        """The same as :meth:`check` (never waits): lets the gateway await any limiter alike
+        (the gateway's ``RateLimiter`` protocol, as ``RedisRateLimiter`` and ``LocalRateLimiter``).
+        Use it directly, not wrapped in ``LocalRateLimiter``: its headers are exact already."""
+        self.check(key_id, tenant, limits, cost)
