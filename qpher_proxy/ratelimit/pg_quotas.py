@@ -28,36 +28,44 @@ followed by one read of the tenant's other rows of the month. The tenants writte
 ``ensure_loaded`` saw since the last flush, then take the database's totals (plus what was
 admitted locally while the flush ran): every flush is also how a node learns the increments of
 the other nodes. A failed flush puts its increments back into pending (nothing is lost; the
-next flush retries) and synchronises nobody; once a tenant has not been synchronised for longer
-than ``5 × flush_interval`` — e.g. no flush succeeded for that long — its requests get
-``QuotaUnavailable`` (503 ``quota_unavailable``) instead of being counted on a stale view.
+next flush retries) and synchronises nobody. Fail closed: once no flush has succeeded for
+longer than ``5 × flush_interval`` (or the flusher is not running), or a tenant has not been
+synchronised for that long, ``check_and_count`` / ``usage`` raise ``QuotaUnavailable`` (503
+``quota_unavailable``) instead of counting on a stale view or piling up increments that only
+this node knows.
 ``close()`` flushes synchronously (shutdown). ``maybe_flush()`` does nothing: ``run_flusher``
 is the periodic flush, and a blocking write must not run on the trio loop.
 
 **Worst-case overshoot across N nodes** (per tenant, month and operation class, with a limit
-``L``). A node admits ``n`` operations only while its in-memory count ``c`` satisfies
-``c + n ≤ L``, and after each synchronisation at time ``s`` its ``c`` equals the database total
-at ``s`` plus its own operations the database did not yet hold; so whatever node ``k`` admits
-since ``s_k`` stays within ``L − (total in the database at s_k)``. Taking ``k`` as the node that
-admitted last, the final total ``F`` satisfies::
+``L``; ``S = 5 × flush_interval``, the staleness limit). A node admits ``n`` operations only
+while its in-memory count ``c`` satisfies ``c + n ≤ L``, only while its last synchronisation of
+the tenant *started* at most ``S`` ago, and only while its last successful flush started at
+most ``S`` ago (and committed already). After a synchronisation starting at ``s``, ``c`` is at
+least the database total at ``s`` plus the node's own operations the database did not hold.
+Let ``k`` be the node that admitted last, at ``t*``, and ``s_k`` its synchronisation before
+that. Whatever ``k`` admitted in all stays within ``L − (others' operations in the database at
+s_k)``, so the final total ``F`` satisfies::
 
     F ≤ L + Σ_{j ≠ k} (operations admitted by node j that were not in the database at s_k)
 
-Each node ``j`` contributes at most ``L − U`` there (``U``: the usage all nodes had loaded when
-they started admitting; a node never admits past ``L`` on its own view), and at most the
-operations it admits in a window of ``W = 2 × 5 × flush_interval`` (+ one flush's duration): its
-own unflushed operations at ``s_k`` are younger than its staleness limit, and ``k``'s last
-admission is at most that limit after ``s_k``. Hence, exactly for this implementation::
+For each ``j`` that term is at most ``L − U`` (``U``: the usage every node had loaded before it
+started admitting; no node admits past ``L`` on its own view). It is also at most what ``j``
+admits in two windows of length ``S``: operations ``j`` had not yet written at ``s_k`` were
+admitted after the start ``f`` of its last flush committed before ``s_k``, and at most ``S``
+after ``f`` (``j`` refuses once its last successful flush is older); operations after ``s_k``
+are admitted before ``t* ≤ s_k + S``. Hence, exactly for this implementation::
 
     overshoot = F − L ≤ (N − 1) × min(L − U, R)
 
-where ``R`` is the number of operations one node admits for that row within ``W``. In normal
-operation (each node flushes every interval and the tenant is active everywhere) the relevant
-window is about ``2 × (flush_interval + flush duration)``. ``overshoot_bound()`` computes it;
-the scale-out tests check it with two counters on one database, each admitting up to the limit
-between flushes, and that both refuse after a flush. With one node the bound is 0: the limit is
-exact. Increments are never lost by a failed flush; a crashed node loses (under-counts) at most
-its last interval's admissions, as with ``QuotaCounter``.
+where ``R`` is the most operations of that row one node admits within two windows of ``S``.
+In normal operation (every node flushes every interval; the tenant is in use everywhere, so
+each flush synchronises it) both windows shrink to about one flush interval each.
+``overshoot_bound()`` computes the bound; the scale-out tests check it with two counters on one
+database, each admitting up to the limit between flushes (``F = L + (L − U)``: reached, not
+exceeded) and that both refuse after a flush. With one node the bound is 0: the limit is
+exact. A failed flush loses no increment; a crashed node loses (under-counts) what it admitted
+since its last successful flush, at most ``S`` worth, as ``QuotaCounter`` loses its last
+interval.
 """
 
 from __future__ import annotations
@@ -220,6 +228,8 @@ class PgQuotaCounter:
             if tenant not in self._synced_at:
                 raise QuotaUnavailable("quota usage of this tenant is not loaded")
             raise QuotaUnavailable("quota usage cannot be synchronised with the database")
+        if self._mono() - self.last_flush_ok > self.max_staleness:
+            raise QuotaUnavailable("quota usage cannot be recorded")
         return self._counts.setdefault(tenant, {})
 
     def _thread_limiter(self) -> trio.CapacityLimiter:
