@@ -387,6 +387,17 @@ class Metrics:
             "qpher_process_info", "1, labelled with the pid of the gateway process that answered.",
             ("pid",))
         self.process_info.labels(str(os.getpid())).set(1.0)
+        self.ratelimit_backend_failures = r.counter(
+            "qpher_ratelimit_backend_failures_total",
+            "Calls to the shared rate-limit backend (Redis) that failed or timed out.")
+        self.ratelimit_degraded = r.gauge(
+            "qpher_ratelimit_degraded",
+            "1 while the shared rate-limit backend is unreachable and the fallback decides, else 0.")
+        self._limiter: object | None = None
+
+    def watch_rate_limiter(self, limiter: object) -> None:
+        """Read the limiter's ``backend_failures`` and ``degraded`` (Redis) at each scrape."""
+        self._limiter = limiter if hasattr(limiter, "backend_failures") else None
 
     def observe_request(self, route: str, status: int, seconds: float) -> None:
         """The per-request hot path: two dict lookups and two additions."""
@@ -394,4 +405,11 @@ class Metrics:
         self.request_duration.labels(route).observe(seconds)
 
     def render(self) -> bytes:
+        lim = self._limiter
+        if lim is not None:
+            failures = float(getattr(lim, "backend_failures", 0))
+            seen = self.ratelimit_backend_failures.value()
+            if failures > seen:
+                self.ratelimit_backend_failures.inc(failures - seen)
+            self.ratelimit_degraded.set(1.0 if getattr(lim, "degraded", False) else 0.0)
         return self.registry.render()

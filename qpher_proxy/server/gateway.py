@@ -35,7 +35,7 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Protocol
 
 from ..api import CryptoAPI, ParsedRequest, Route, RouteMethodNotAllowed, resolve
 from ..audit import AuditLog
@@ -62,6 +62,7 @@ from ..metrics import Metrics
 from ..policy.engine import PolicyEngine
 from ..policy.model import RequestFacts
 from ..ratelimit import QuotaCounter, RateLimits, TokenBucketLimiter
+from ..ratelimit.redis_gcra import LocalRateLimiter
 from ..upstream import (
     ForwardTarget,
     UpstreamClient,
@@ -86,6 +87,20 @@ _LIFECYCLE_EVENTS = {
 }
 
 
+class RateLimiter(Protocol):
+    async def acquire(self, key_id: str, tenant: str, limits: RateLimits, cost: int = 1) -> None: ...
+
+
+class BlockingQuotas(Protocol):
+    """A quota counter on a remote database (``PgQuotaCounter``): ``ensure_loaded`` first."""
+
+    blocking: bool
+
+    async def ensure_loaded(self, tenant: str) -> None: ...
+    def usage(self, tenant: str) -> dict[str, int]: ...
+    def check_and_count(self, tenant: str, op_class: str, limit: int | None, n: int = 1) -> int: ...
+
+
 class Gateway:
     def __init__(
         self,
@@ -93,8 +108,8 @@ class Gateway:
         kms: KMSClient,
         api: CryptoAPI,
         authenticator: Authenticator,
-        limiter: TokenBucketLimiter,
-        quotas: QuotaCounter,
+        limiter: TokenBucketLimiter | RateLimiter,
+        quotas: QuotaCounter | BlockingQuotas,
         policy: PolicyEngine,
         audit: AuditLog,
         metrics: Metrics,
@@ -106,8 +121,16 @@ class Gateway:
         self.kms = kms
         self.api = api
         self.auth = authenticator
-        self.limiter = limiter
+        # every limiter is awaited alike: in-process buckets (one process), the host's shared
+        # memory (server.workers > 1) or Redis (ratelimit.backend: redis)
+        self.limiter: RateLimiter = (
+            LocalRateLimiter(limiter) if isinstance(limiter, TokenBucketLimiter) else limiter
+        )
         self.quotas = quotas
+        # PostgreSQL counters load a tenant's month in a thread before its first count
+        self._quotas_load: Any = (
+            getattr(quotas, "ensure_loaded", None) if getattr(quotas, "blocking", False) else None
+        )
         self.policy = policy
         self.audit = audit
         self.metrics = metrics
@@ -160,10 +183,12 @@ class Gateway:
 
     async def _handle(self, req: Request) -> Response:
         route, params = self._route(req)
-        record = self._authenticate(req)
+        record = await self._authenticate(req)
         if route is None and self.upstream is None:
             raise NotFound(f"no route for {req.method} {redact_target(req.path)}", code="route_not_found")
-        self._rate_limit(record)
+        await self._rate_limit(record)
+        if self._quotas_load is not None:
+            await self._quotas_load(record.tenant)
         if route is None:
             return await self._forward(req, record)
         if route.owner == "api":
@@ -187,12 +212,12 @@ class Gateway:
         req.state["route"] = route.name
         return route, params
 
-    def _authenticate(self, req: Request) -> APIKeyRecord:
+    async def _authenticate(self, req: Request) -> APIKeyRecord:
         """The key's record, named in ``req.state``; 401 unauthenticated (or 400 api_key_in_url),
         audited either way."""
         try:
             api_key = extract_api_key(req.headers, req.query, path=req.path)
-            record = self.auth.authenticate(api_key)
+            record = await self.auth.authenticate_async(api_key)
         except Unauthenticated as exc:
             self._audit_auth_failure(
                 req, exc.code, getattr(exc, "reason", None), getattr(exc, "key_id", None)
@@ -238,13 +263,13 @@ class Gateway:
             cached = self._scope_sets[record.scopes] = frozenset(record.scopes)
         return cached
 
-    def _rate_limit(self, record: APIKeyRecord) -> None:
+    async def _rate_limit(self, record: APIKeyRecord) -> None:
         """429 rate_limited when the key or its tenant is over the plan's rate."""
         limits = self._plan_limits(record.plan)
         if limits is None:
             return  # an unknown plan is denied by policy (default deny / plan rules)
         try:
-            self.limiter.check(record.key_id, record.tenant, limits)
+            await self.limiter.acquire(record.key_id, record.tenant, limits)
         except RateLimited as exc:
             self.metrics.rate_limited.labels(getattr(exc, "scope", None) or "api_key").inc()
             raise

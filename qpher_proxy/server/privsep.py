@@ -568,6 +568,9 @@ def run(cfg: Config, config_path: str, kek_fd: int | None = None) -> int:
     if cfg.kms.kek.provider == "env" and kek_fd is None and cfg.kms.kek.env in os.environ:
         reexec_without_env_kek(cfg, config_path)
     configure_logging(cfg.logging.level, cfg.logging.format)
+    from .state import prepare_database
+
+    prepare_database(cfg)  # storage.backend postgresql: migrate (or check) before any child starts
     try:
         return trio.run(Supervisor(cfg, config_path, kek_fd=kek_fd).run)
     except BaseExceptionGroup as group:

@@ -3,7 +3,8 @@
 Start-up order matters for failing early and failing closed:
 
 1. TLS contexts are built from the config (a bad certificate or key stops start-up);
-2. the audit log, the gateway database (API keys, quotas) and the pepper are opened;
+2. the audit log, the gateway's stores (API keys, quotas: SQLite or PostgreSQL, see
+   ``state``) and the pepper are opened;
 3. the policy directory is loaded (an invalid policy does not stop start-up: the gateway then
    fails closed, 503 policy_unavailable, and /readyz says not ready until a valid one loads);
 4. the KMS workers are started and each answers READY (a wrong or unreadable KEK stops
@@ -30,7 +31,7 @@ import trio
 
 from ..api import CryptoAPI
 from ..audit import AuditLog
-from ..auth.apikeys import APIKeyStore, Authenticator, load_pepper
+from ..auth.apikeys import Authenticator, load_pepper
 from ..config import Config, parse_listen
 from ..errors import ConfigError, QpherError
 from ..http import HTTPServer, SecurityHeaders
@@ -38,15 +39,15 @@ from ..kms.launcher import KMSSupervisor
 from ..logs import configure_logging
 from ..metrics import Metrics
 from ..policy.engine import PolicyEngine
-from ..ratelimit import QuotaCounter, TokenBucketLimiter
 from ..tls.context import ServerTLSContextHolder
 from ..tls.failures import SUMMARY_INTERVAL, HandshakeFailureSummary, failure_reason
 from ..tls.listener import TLSListener
 from ..upstream import UpstreamClient
 from .confine import Confinement
-from .gateway import Gateway
+from .gateway import Gateway, RateLimiter
 from .privsep import SupervisedKMS
 from .settings import http_limits, kms_supervisor, tls_settings, upstream_client
+from .state import open_limiter, open_stores, run_background
 
 log = logging.getLogger("qpher.server")
 
@@ -92,8 +93,14 @@ async def serve(
     raw_listeners = await _bind(cfg) if inherited is None else inherited
     holder, audit = _confine_and_open(cfg, raw_listeners, confinement)  # steps 1 and 2
     metrics = Metrics()
-    store = APIKeyStore(cfg.auth.db, load_pepper(cfg.auth.pepper_file))  # step 2
-    quotas = QuotaCounter(cfg.auth.db, flush_interval=cfg.quotas.flush_interval)
+    try:
+        stores = open_stores(cfg, load_pepper(cfg.auth.pepper_file))  # step 2
+    except BaseException:
+        _close(audit)
+        for ln in raw_listeners:
+            ln.socket.close()
+        raise
+    limiter: RateLimiter | None = None
     try:
         policy = _load_policy(cfg, audit)  # step 3
         supervisor = _kms_side(cfg, kms, metrics, audit)
@@ -103,9 +110,13 @@ async def serve(
         handshakes = _HandshakeMetrics(metrics)
         async with _upstream(cfg) as upstream, trio.open_nursery() as nursery:
             await nursery.start(supervisor.run)  # step 4: every worker answers READY
+            authenticator = Authenticator(stores.store, ttl=cfg.auth.cache_ttl)
+            limiter = open_limiter(cfg, getattr(supervisor, "ratelimit_fd", None))
+            metrics.watch_rate_limiter(limiter)
+            await run_background(nursery, cfg, stores, authenticator)
             gateway = Gateway(
-                kms=supervisor.client, api=api, authenticator=Authenticator(store, ttl=cfg.auth.cache_ttl),
-                limiter=TokenBucketLimiter(), quotas=quotas, policy=policy, audit=audit, metrics=metrics,
+                kms=supervisor.client, api=api, authenticator=authenticator,
+                limiter=limiter, quotas=stores.quotas, policy=policy, audit=audit, metrics=metrics,
                 upstream=upstream, pass_api_key=cfg.upstream.pass_api_key,
                 allow_path_params=cfg.upstream.allow_path_params,
             )
@@ -119,7 +130,6 @@ async def serve(
             reload = _reloader(holder, policy)
             running = Running(addresses, gateway, server, supervisor, holder, reload)  # type: ignore[arg-type]
             nursery.start_soon(policy.run, cfg.policy.reload_interval)
-            nursery.start_soon(_flush_quotas, quotas, cfg.quotas.flush_interval)
             nursery.start_soon(_summarise_handshake_failures, handshakes.failures)
             if handle_signals:
                 nursery.start_soon(_signals, server, reload)
@@ -132,8 +142,13 @@ async def serve(
             await _wait_for_shutdown(server)
             nursery.cancel_scope.cancel()
     finally:
-        quotas.close()
-        store.close()
+        if limiter is not None and hasattr(limiter, "aclose"):
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await limiter.aclose()
+        try:
+            stores.close()
+        except QpherError:
+            log.error("could not flush quota usage at shutdown", exc_info=True)
         _close(audit)
         for ln in raw_listeners:
             ln.socket.close()
@@ -261,15 +276,6 @@ async def _wait_for_shutdown(server: HTTPServer) -> None:
         await trio.sleep(0.05)
     while server.active_connections:
         await trio.sleep(0.02)
-
-
-async def _flush_quotas(quotas: QuotaCounter, interval: float) -> None:
-    while True:
-        await trio.sleep(interval)
-        try:
-            quotas.maybe_flush()
-        except QpherError:
-            log.error("quota flush failed; will retry", exc_info=True)
 
 
 async def _summarise_handshake_failures(summary: HandshakeFailureSummary) -> None:
