@@ -61,10 +61,11 @@ process dies, so a crash never leaves the table locked. Since they do not exclud
 process, a ``threading.Lock`` is taken first. With ``stripes=1`` (the default) the whole table
 has one lock: two ``fcntl`` calls per check. Measured with ``qpher-proxy bench shared-limiter``
 on the development machine (2 vCPUs of a shared VM, Python 3.11; on a quiet moment, best of 3,
-CPU time): a check costs about 8 µs (``TokenBucketLimiter``: about 2 µs), of which the lock
-and unlock are about 2 µs; with two processes hammering the same key each check still costs
-about 8 µs of CPU, and the host completes one every ~13 µs (the lock serialises them). Under
-heavy load of the same VM every figure about doubles. More stripes (byte-range locks, taken
+CPU time): an admitted check costs about 8 µs (``TokenBucketLimiter``: about 2 µs), of which
+the lock and unlock are about 2 µs; a refused one about 14 µs (building the 429 and its
+headers). With two processes hammering the same key each check still costs 7-8 µs of CPU and
+the host completes one every 12-15 µs of wall time (the lock serialises them). Under heavy load
+of that VM, wall-clock figures are two to three times these. More stripes (byte-range locks, taken
 in ascending order when a check needs two: up to four ``fcntl`` calls) cost more per check and
 would only pay off with many processes contending; the whole-table lock is the default. A
 holder preempted by the scheduler makes the others wait in ``fcntl`` (their event loop blocks
