@@ -112,6 +112,8 @@ async def serve(
             await nursery.start(supervisor.run)  # step 4: every worker answers READY
             authenticator = Authenticator(stores.store, ttl=cfg.auth.cache_ttl)
             limiter = open_limiter(cfg, getattr(supervisor, "ratelimit_fd", None))
+            if isinstance(supervisor, SupervisedKMS):
+                supervisor.ratelimit_fd = None  # the shared table owns that descriptor now
             metrics.watch_rate_limiter(limiter)
             await run_background(nursery, cfg, stores, authenticator)
             gateway = Gateway(

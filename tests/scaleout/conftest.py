@@ -11,6 +11,7 @@ project runs on provide both (see README "Running several nodes").
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -73,8 +74,8 @@ def drop_roles(prefix: str) -> None:
             conn.execute(f'DROP ROLE IF EXISTS "{role}"')  # type: ignore[arg-type]
 
 
-@pytest.fixture
-def pg() -> Iterator[PgDatabase]:
+@contextlib.contextmanager
+def pg_database() -> Iterator[PgDatabase]:
     require_service("PostgreSQL", PG_HOST, PG_PORT)
     tag = secrets.token_hex(5)
     name = f"qpher_t_{tag}"
@@ -85,6 +86,19 @@ def pg() -> Iterator[PgDatabase]:
     finally:
         _admin_exec(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         drop_roles(prefix)
+
+
+@pytest.fixture
+def pg() -> Iterator[PgDatabase]:
+    with pg_database() as db:
+        yield db
+
+
+@pytest.fixture(scope="module")
+def pg_module() -> Iterator[PgDatabase]:
+    """One database for a whole test module (tests that share live nodes)."""
+    with pg_database() as db:
+        yield db
 
 
 @pytest.fixture
