@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
-from ._gateway import Gateway, gateway_pids, init_state, kms_worker_pids, start_gateway
+from ._gateway import Gateway, cli, gateway_pids, init_state, kms_worker_pids, start_gateway
 
 _PID = re.compile(rb'^qpher_process_info\{pid="(\d+)"\} 1', re.M)
 
@@ -66,6 +67,7 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """One supervisor for the three tests below, which run in this order (the last stops it)."""
     d = tmp_path_factory.mktemp("workers") / "state"
     init_state(d, **{"crypto.backend": "openssl", "server.workers": 2, "server.listen": ["127.0.0.1:0"]})
+    (d / "policies" / "05-host.yaml").write_text(yaml.safe_dump(HOST_PLAN, sort_keys=False))
     gw = start_gateway(d)
     try:
         _wait("both gateways serving", lambda: len(_logged(gw, "serving")) >= 2)
@@ -92,6 +94,40 @@ def test_two_gateways_share_one_port_and_both_serve(gw: Gateway) -> None:
         if seen == set(pids):
             break
     assert seen == set(pids)
+
+
+HOST_RATE, HOST_BURST = 20, 5
+HOST_PLAN = {
+    "version": 1,
+    "plans": {"host": {"rate_limit": {"requests_per_second": HOST_RATE, "burst": HOST_BURST},
+                       "operations": ["info"], "algorithms": ["ml-dsa-65"]}},
+}
+
+
+def test_a_plans_rate_limit_holds_for_the_host_not_per_process(gw: Gateway) -> None:
+    # ratelimit.backend local with two processes: one table in shared memory for the host.
+    out = cli("apikey", "create", "--config", str(gw.directory / "config.yaml"), "--tenant", "t-host",
+              "--plan", "host").stdout
+    key = next(w for w in out.split() if w.startswith("qph_"))
+    statuses: dict[int, int] = {}
+    served_by: set[int] = set()
+    seconds = 2.0
+    start = time.monotonic()
+    while time.monotonic() - start < seconds:
+        c = gw.client(key)  # a fresh connection each time: the kernel spreads them
+        try:
+            status, _, _ = c.call("GET", "/v1/info")
+        finally:
+            c.close()
+        statuses[status] = statuses.get(status, 0) + 1
+        if len(served_by) < 2:
+            served_by.add(_answered_by(gw))
+    elapsed = time.monotonic() - start
+    expected = HOST_RATE * elapsed + HOST_BURST
+    assert set(statuses) == {200, 429}, statuses
+    assert served_by == set(gateway_pids(gw.proc.pid))
+    # per-process buckets would admit twice as many
+    assert abs(statuses[200] - expected) <= 0.15 * expected, (statuses, expected)
 
 
 def test_a_killed_gateway_is_restarted_on_the_same_port_while_the_other_serves(gw: Gateway) -> None:
