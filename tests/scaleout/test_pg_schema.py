@@ -20,12 +20,13 @@ def _seed(pg: PgDatabase) -> None:
     with psycopg.connect(pg.dsn, autocommit=True) as c:  # the owner: no RLS
         for key_id, tenant in (("aaaaaaaaaaa1", "t1"), ("aaaaaaaaaaa2", "t2")):
             c.execute(
-                "INSERT INTO api_keys VALUES (%s, %s, 'free', '[]', 1, NULL, NULL, NULL, %s)", (key_id, tenant, MAC)
+                "INSERT INTO api_keys VALUES (%s, %s, 'free', '[]', 1, NULL, NULL, NULL, %s)",
+                (key_id, tenant, MAC),
             )
         for key_id, tenant in (("k_" + "a" * 26, "t1"), ("k_" + "b" * 26, "t2")):
             c.execute(
-                "INSERT INTO kms_keys (tenant_id, key_id, kind, algorithm, state, latest_version, created_at, "
-                "updated_at) VALUES (%s, %s, 'signature', 'ml-dsa-65', 'enabled', 1, 1, 1)",
+                "INSERT INTO kms_keys (tenant_id, key_id, kind, algorithm, state, latest_version, "
+                "created_at, updated_at) VALUES (%s, %s, 'signature', 'ml-dsa-65', 'enabled', 1, 1, 1)",
                 (tenant, key_id),
             )
             c.execute(
@@ -47,7 +48,8 @@ def test_migrate_is_idempotent_and_versioned(pg: PgDatabase) -> None:
     assert migrate(pg.dsn, pg.role_prefix) == (SCHEMA_VERSION, SCHEMA_VERSION)
     with psycopg.connect(pg.dsn, autocommit=True) as c:
         roles = c.execute(
-            "SELECT rolname, rolsuper, rolbypassrls, rolcanlogin FROM pg_roles WHERE rolname LIKE %s ORDER BY 1",
+            "SELECT rolname, rolsuper, rolbypassrls, rolcanlogin FROM pg_roles WHERE rolname LIKE %s "
+            "ORDER BY 1",
             (pg.role_prefix + "\\_%",),
         ).fetchall()
         owners = {r[0] for r in c.execute("SELECT tableowner FROM pg_tables WHERE schemaname = 'public'")}
@@ -106,8 +108,9 @@ def test_row_level_security_scopes_every_tenant_table(pg: PgDatabase) -> None:
         # nor can it write a row of another tenant
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             c.execute(
-                "INSERT INTO kms_keys (tenant_id, key_id, kind, algorithm, state, latest_version, created_at, "
-                "updated_at) VALUES ('t2', %s, 'kem', 'ml-kem-768', 'enabled', 1, 1, 1)", ("k_" + "c" * 26,)
+                "INSERT INTO kms_keys (tenant_id, key_id, kind, algorithm, state, latest_version, "
+                "created_at, updated_at) VALUES ('t2', %s, 'kem', 'ml-kem-768', 'enabled', 1, 1, 1)",
+                ("k_" + "c" * 26,),
             )
 
 
