@@ -216,7 +216,6 @@ def test_two_nodes_share_keys_and_a_disable_holds_everywhere_within_a_second(
             break
         assert time.monotonic() - start < 1.0, "B still signs with a key disabled on A"
         time.sleep(0.02)
-    assert time.monotonic() - start <= 0.5 + 0.25
     with pytest.raises(KeyDisabled):
         a.tenant("t1").private_key(k)  # the writer itself at once
     # a rotation on B is seen by A's next resolve of the latest version (after the reuse window)
