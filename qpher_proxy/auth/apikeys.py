@@ -33,6 +33,14 @@ the database is touched once per ``ttl`` (plus once per key after a change), and
 through the same ``APIKeyStore`` object bump a local counter that the check includes too
 (``data_version`` only reports *other* connections' commits). A clock that steps backwards
 forces a re-validation.
+
+**On PostgreSQL** (``pg_apikeys.PgAPIKeyStore``, several nodes) the change token is a counter
+that a trigger bumps on every change of ``api_keys``, on any node, and every store call is a
+network round trip: the gateway uses ``Authenticator.authenticate_async``, which runs lookups in
+worker threads and takes the token from ``run_change_poller`` (every ``ttl / 2``); it refuses
+with 503 once that token is older than ``2 × ttl + statement_timeout`` (see ``Authenticator``).
+``validate_new_key``, ``new_key_material``, ``key_mac`` and ``row_to_record`` are shared by both
+stores, so keys, MACs and validation are the same whatever the backend.
 """
 
 from __future__ import annotations

@@ -84,6 +84,8 @@ def seconds_to_next_month(now: float) -> int:
 
 
 class QuotaCounter:
+    blocking = False  # see pg_quotas.PgQuotaCounter, whose loads and flushes run in threads
+
     def __init__(
         self,
         db_path: str | os.PathLike[str],
@@ -133,6 +135,10 @@ class QuotaCounter:
         """``month_of(now)``, without a gmtime while ``now`` is inside the current month."""
         start, end = self._month_bounds
         return self._month if start <= now < end else month_of(now)
+
+    async def ensure_loaded(self, tenant: str) -> None:
+        """Nothing to do: every tenant of the month is in memory (``PgQuotaCounter`` loads each
+        tenant on first use; the gateway awaits this before ``usage`` / ``check_and_count``)."""
 
     def check_and_count(self, tenant: str, op_class: str, limit: int | None, n: int = 1) -> int:
         """Count ``n`` operations of ``op_class`` for ``tenant`` this month and return the new

@@ -139,3 +139,11 @@ def test_month_helpers() -> None:
     dec_31 = calendar.timegm((2025, 12, 31, 23, 59, 0, 0, 0, 0))
     assert seconds_to_next_month(dec_31) == 60
     assert seconds_to_next_month(dec_31 + 59.5) == 1
+
+
+async def test_ensure_loaded_is_a_no_op_on_sqlite(tmp_path: Path) -> None:
+    # the gateway awaits it before usage()/check_and_count() whatever the backend
+    with QuotaCounter(tmp_path / "g.db") as q:
+        assert not q.blocking
+        await q.ensure_loaded("acme")
+        assert q.check_and_count("acme", "sign", 2) == 1
