@@ -720,6 +720,9 @@ class Authenticator:
             token = await trio.to_thread.run_sync(self._store.change_token)
         except StorageUnavailable:
             return False
+        except Exception:  # a bug must not end the poller: the staleness window refuses instead
+            log.exception("reading the API key change token failed")
+            return False
         self._polled_token = token
         self._polled_at = max(self._polled_at, started)
         return True

@@ -63,9 +63,10 @@ each flush synchronises it) both windows shrink to about one flush interval each
 ``overshoot_bound()`` computes the bound; the scale-out tests check it with two counters on one
 database, each admitting up to the limit between flushes (``F = L + (L − U)``: reached, not
 exceeded) and that both refuse after a flush. With one node the bound is 0: the limit is
-exact. A failed flush loses no increment; a crashed node loses (under-counts) what it admitted
-since its last successful flush, at most ``S`` worth, as ``QuotaCounter`` loses its last
-interval.
+exact. A failed flush loses no increment (one whose commit succeeded but whose answer was
+lost with the connection is written again: an over-count, never an under-count); a crashed
+node loses (under-counts) what it admitted since its last successful flush, at most ``S``
+worth, as ``QuotaCounter`` loses its last interval.
 """
 
 from __future__ import annotations
@@ -107,10 +108,14 @@ def overshoot_bound(nodes: int, limit: int, known_usage: int = 0, per_node_admit
     return max(0, nodes - 1) * room
 
 
-def _check_names(tenant: object, op_class: object) -> None:
+def _check_tenant(tenant: object) -> None:
     # what the table's CHECKs accept: a value they refused would poison every later flush
     if not isinstance(tenant, str) or not 1 <= len(tenant) <= 255 or "\x00" in tenant:
         raise InvalidInput("a tenant must be 1..255 characters")
+
+
+def _check_names(tenant: object, op_class: object) -> None:
+    _check_tenant(tenant)
     if not isinstance(op_class, str) or not 1 <= len(op_class) <= 64 or "\x00" in op_class:
         raise InvalidInput("an operation class must be 1..64 characters")
 
@@ -244,6 +249,7 @@ class PgQuotaCounter:
         they are fresh, else after one query in a thread. ``QuotaUnavailable`` if it fails."""
         if self._closed:
             raise QuotaUnavailable("quota counter is closed")
+        _check_tenant(tenant)
         month = self._current_month(self._clock())
         self._touched.add(tenant)
         if self._fresh(tenant):
@@ -259,7 +265,9 @@ class PgQuotaCounter:
         try:
             rows = await trio.to_thread.run_sync(self._read_tenant, tenant, month,
                                                  limiter=self._thread_limiter())
-        except StorageUnavailable as exc:
+        except Exception as exc:  # StorageUnavailable, or a bug: either way this request cannot count
+            if not isinstance(exc, StorageUnavailable):
+                log.exception("loading quota usage failed")
             raise QuotaUnavailable("quota usage cannot be read") from exc
         finally:
             del self._loading[tenant]
@@ -382,7 +390,9 @@ class PgQuotaCounter:
             views = await trio.to_thread.run_sync(
                 self._write, batch, sync, month, limiter=self._thread_limiter()
             )
-        except StorageUnavailable as exc:
+        except Exception as exc:  # StorageUnavailable, or a bug: the flusher must go on (and retry)
+            if not isinstance(exc, StorageUnavailable):
+                log.exception("recording quota usage failed")
             raise QuotaUnavailable("quota usage cannot be recorded") from exc
         finally:
             self._settle(batch, sync, month, started, views)
