@@ -32,6 +32,7 @@ BENCHMARKS = {
     "tls": "full TLS 1.3 handshakes per second per key-exchange group",
     "http": "keep-alive HTTP/1.1 requests per second over plain TCP",
     "gateway": "the whole gateway over TLS, and nginx beside it when installed",
+    "scaleout": "sign/encapsulate on SQLite vs PostgreSQL + Redis vs 2 processes; cross-node rate limit",
     "shared-limiter": "rate-limit checks: per-process buckets vs the host-wide shared table",
 }
 

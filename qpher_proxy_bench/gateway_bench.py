@@ -140,6 +140,10 @@ class GatewayProcess:
     generous_limits: bool = True
     profile_to: Path | None = None  # run serve under cProfile, writing here at exit
     keep_state: bool = False
+    # dotted config keys set after init (``{"storage.backend": "postgresql"}``), and a hook run
+    # between init and serve (a database migration or import, a policy file)
+    overrides: dict[str, Any] = field(default_factory=dict)
+    before_start: Callable[[GatewayProcess], None] | None = None
     directory: Path = field(init=False)
     port: int = field(init=False, default=0)
     api_key: str = field(init=False, default="", repr=False)
@@ -164,6 +168,8 @@ class GatewayProcess:
         self.directory = Path(tempfile.mkdtemp(prefix="qpher-bench-"))
         try:
             self._init()
+            if self.before_start is not None:
+                self.before_start(self)
             self._start()
         except BaseException:
             self.__exit__(None, None, None)
@@ -198,6 +204,12 @@ class GatewayProcess:
             cfg.setdefault("crypto", {})["backend"] = self.backend
         if self.log_level:
             cfg.setdefault("logging", {})["level"] = self.log_level
+        for dotted, value in self.overrides.items():
+            node = cfg
+            *parents, last = dotted.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[last] = value
         cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         if self.generous_limits:
             from qpher_proxy.init import DEMO_PLAN
