@@ -22,7 +22,7 @@ from ..http import HTTPLimits
 from ..kms.client import OpHook
 from ..kms.launcher import HandoffHook, KMSSupervisor
 from ..kms.launcher.supervisor import RestartHook
-from ..kms.wire.model import KEKSettings
+from ..kms.wire.model import KEKSettings, KMSStorageSettings
 from ..sandbox import RunAs
 from ..tls.context import TLSSettings
 from ..upstream import UpstreamClient
@@ -82,12 +82,18 @@ def kms_supervisor(
     """The KMS workers the ``kms:`` section describes; the hooks and the process details are the
     caller's (the defaults are ``KMSSupervisor``'s own)."""
     k = cfg.kms
+    st = cfg.storage
+    storage = None if st.backend != "postgresql" else KMSStorageSettings(  # the DSN travels in HELLO only
+        dsn=st.kms_dsn or st.dsn or "", role_prefix=st.role_prefix, pool_size=st.pool_size,
+        connect_timeout=st.connect_timeout, statement_timeout=st.statement_timeout,
+        pool_timeout=st.pool_timeout, lease_ttl=st.lease_ttl, sweep_interval=st.sweep_interval,
+    )
     return KMSSupervisor(
         kms_dir=k.dir, kek=kek_settings(k.kek), workers=kms_worker_count(cfg),
         backend=cfg.crypto.backend, destroy_delay=k.destroy_delay, request_timeout=k.request_timeout,
         restart_backoff_max=k.restart_backoff_max, max_batch=max(cfg.api.max_batch_items, 1),
         on_restart=on_restart, on_op=on_op, python=python, worker_user=worker_user, handoff=handoff,
-        kek_fd=kek_fd,
+        kek_fd=kek_fd, storage=storage,
     )
 
 
