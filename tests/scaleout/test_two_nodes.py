@@ -56,24 +56,30 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def readme_config() -> dict[str, Any]:
+    """The storage and ratelimit sections of README "Running several nodes", as written there."""
+    text = README.read_text()
+    section = text[text.index("## Running several nodes"):]
+    block = section[section.index("```yaml\n") + 8 : section.index("```\n", section.index("```yaml"))]
+    doc = yaml.safe_load(block)
+    assert set(doc) == {"storage", "ratelimit"}, doc
+    return doc
+
+
 def _node(tmp: Path, name: str, pg: PgDatabase, redis_url: str, redis_prefix: str, twin: Path | None) -> Path:
     directory = tmp / name
-    cfg = init_state(
-        directory,
-        **{
-            "storage.backend": "postgresql",
-            "storage.dsn": pg.dsn,
-            "storage.role_prefix": pg.role_prefix,
-            "storage.lease_ttl": 2.0,
-            "storage.sweep_interval": 0.5,
-            "ratelimit.backend": "redis",
-            "ratelimit.redis_url": redis_url,
-            "ratelimit.key_prefix": redis_prefix,
-            "ratelimit.expected_nodes": 2,
-            "quotas.flush_interval": 0.2,
-            "kms.destroy_delay": 3.0,
-        },
-    )
+    doc = readme_config()
+    overrides = {f"{section}.{k}": v for section, values in doc.items() for k, v in values.items()}
+    overrides.update({  # this test's own database, Redis prefix, and a short lease
+        "storage.dsn": pg.dsn, "storage.role_prefix": pg.role_prefix,
+        "storage.lease_ttl": 2.0, "storage.sweep_interval": 0.5,
+        "ratelimit.redis_url": redis_url, "ratelimit.key_prefix": redis_prefix,
+        "quotas.flush_interval": 0.2, "kms.destroy_delay": 3.0,
+    })
+    cfg = init_state(directory, **overrides)
     (directory / "policies" / "05-scale.yaml").write_text(yaml.safe_dump(SCALE_PLAN, sort_keys=False))
     if twin is not None:  # every node shares the KEK and the pepper (README: Running several nodes)
         for rel in ("kek/kek.b64", "secrets/pepper"):
