@@ -541,3 +541,20 @@ def test_with_state_ttl_zero_every_request_reads_the_state(db: PgDatabase, open_
     a.tenant("t1").disable(k)
     with pytest.raises(KeyDisabled):
         b.tenant("t1").private_key(k)  # at once: nothing reused
+
+
+def test_a_sqlite_worker_preloads_no_psycopg_and_a_postgresql_one_all_it_needs() -> None:
+    import subprocess
+
+    code = (
+        "import sys\n"
+        "from qpher_proxy.sandbox import preload\n"
+        "from qpher_proxy.kms.worker.service import PRELOAD, PRELOAD_SKIP, PRELOAD_PG\n"
+        "preload(PRELOAD, skip=PRELOAD_SKIP)\n"
+        "print('psycopg' in sys.modules)\n"
+        "preload(PRELOAD_PG)\n"
+        "print('qpher_proxy.kms.worker.pg_keystore' in sys.modules and 'psycopg_pool' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "True"]
