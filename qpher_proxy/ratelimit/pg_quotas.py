@@ -156,6 +156,7 @@ class PgQuotaCounter:
         self._touched: set[str] = set()  # tenants to synchronise at the next flush
         self._loading: dict[str, trio.Event] = {}
         self._flushing = False
+        self._flush_done: trio.Event | None = None  # set while flush_async runs
         self._closed = False
         self.last_flush_ok = monotonic()
 
@@ -379,12 +380,13 @@ class PgQuotaCounter:
     async def flush_async(self) -> None:
         """Write the pending increments and synchronise the tenants in use, in a thread (see the
         module docstring). ``QuotaUnavailable`` if that fails (the increments stay pending)."""
-        if self._flushing:
-            return  # the running flush will do; the next one takes what arrived meanwhile
+        while self._flush_done is not None:  # one flush at a time: wait, then flush what is left
+            await self._flush_done.wait()
         if not self._pending and not self._touched:
             self.last_flush_ok = self._mono()
             return
         batch, sync, month, started = self._take_batch()
+        done = self._flush_done = trio.Event()
         views: dict[str, dict[str, int]] | None = None
         try:
             views = await trio.to_thread.run_sync(
@@ -396,6 +398,8 @@ class PgQuotaCounter:
             raise QuotaUnavailable("quota usage cannot be recorded") from exc
         finally:
             self._settle(batch, sync, month, started, views)
+            self._flush_done = None
+            done.set()
 
     def flush(self) -> None:
         """``flush_async`` in the calling thread (it blocks: shutdown and tests only)."""
@@ -439,12 +443,19 @@ class PgQuotaCounter:
                 failing = False
 
     def close(self) -> None:
-        """Flush (blocking) and close (call at shutdown, after ``run_flusher`` ended). Idempotent."""
+        """Flush (blocking; a second attempt if the first fails) and close (call at shutdown,
+        after ``run_flusher`` ended). Idempotent; ``QuotaUnavailable`` if the increments could
+        not be written (they are lost: an under-count)."""
         if self._closed:
             return
         self._touched.clear()  # write what is pending; synchronising is pointless now
         try:
-            self.flush()
+            try:
+                self.flush()
+            except QuotaUnavailable:
+                # once more: after an outage the pool may hand out a connection the server
+                # closed, which the failed attempt discarded
+                self.flush()
         finally:
             self._closed = True
             if self._owns:
