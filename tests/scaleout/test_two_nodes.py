@@ -144,6 +144,18 @@ def test_two_nodes_share_keys_api_keys_limits_quotas_and_the_sweep(
     opened = _ok(b, key, "POST", "/v1/decrypt", {"key_id": kem, "ciphertext": sealed["ciphertext"]})
     assert base64.b64decode(opened["plaintext"]) == b"secret"
 
+    # -- a key disabled through A is refused through B within 1 s (and enabled again) --
+    spare = _ok(a, key, "POST", "/v1/keys", {"algorithm": "ml-kem-768"})["key_id"]
+    assert b.client(key).call("POST", "/v1/kem/encapsulate", {"key_id": spare})[0] == 200
+    _ok(a, key, "POST", f"/v1/keys/{spare}/disable")
+    disabled_at = time.monotonic()
+    client_b = b.client(key)
+    while (answer := client_b.call("POST", "/v1/kem/encapsulate", {"key_id": spare}))[0] != 409:
+        assert answer[0] == 200, answer
+        assert time.monotonic() - disabled_at < 1.0, "B still uses a key disabled through A"
+        time.sleep(0.02)
+    assert answer[1]["error"]["code"] == "key_disabled"
+
     # -- quotas count across both nodes: 4 signs so far (1 on B above, then 3 more here) --
     for gw in (a, b, a):
         _ok(gw, key, "POST", "/v1/sign", {"key_id": sig, "message": b64(b"q")})
