@@ -229,9 +229,12 @@ def kms_command(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     if os.geteuid() == 0 and cfg.kms.user:
         _become_kms_user(cfg.kms.user)
+    dsn = None
+    if cfg.storage.backend == "postgresql":
+        dsn = _owner_dsn(cfg)
     result, old_id, new_id = rotate_kek_command(
         cfg.kms.dir, kek_settings(cfg.kms.kek), args.new_kek_file,
-        generate=args.generate,
+        generate=args.generate, dsn=dsn, connect_timeout=cfg.storage.connect_timeout,
         progress=lambda done, total: print(f"\rre-wrapped {done}/{total}", end="", file=sys.stderr),
     )
     print(file=sys.stderr)

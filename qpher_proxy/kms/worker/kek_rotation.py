@@ -146,4 +146,83 @@ def _rewrap(path: Path, binding: KeyBinding, old: KEKProvider, new: KEKProvider)
     return True
 
 
-__all__ = ["RotationResult", "rotate_kek"]
+
+
+# ---- PostgreSQL (storage.backend: postgresql) ----------------------------------------------
+
+APPLICATION_NAME = "qpher-proxy"  # what every node's connections call themselves (storage.postgres)
+
+
+def rotate_kek_postgresql(
+    dsn: str,
+    old: KEKProvider,
+    new: KEKProvider,
+    *,
+    connect_timeout: float = 5.0,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> RotationResult:
+    """Re-wrap every sealed key version in the database under ``new``, in ONE transaction.
+
+    Atomic where the file store needs a marker: a crash or an error anywhere leaves every blob
+    and the KEK check as they were. Refused while any node is connected (every node's
+    connections carry ``application_name`` qpher-proxy): a running KMS holding only the old KEK
+    could not open what this writes. The tables are locked against writers for the duration.
+    A re-run after success finds every version under ``new`` (checked by opening each, not by
+    trusting its header) and changes nothing."""
+    from ...storage.postgres import connect_owner, mapped
+
+    if old.kek_id == new.kek_id:
+        raise KEKError(f"the new KEK has the same id ({new.kek_id!r}) as the current one")
+    conn = connect_owner(dsn, connect_timeout)
+    try:
+        with mapped("rotating the KEK"), conn.transaction():
+            conn.execute("LOCK TABLE kms_key_versions, kms_meta IN EXCLUSIVE MODE")
+            (others,) = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND application_name = %s AND pid <> pg_backend_pid()", (APPLICATION_NAME,)
+            ).fetchone() or (0,)
+            if others:
+                raise KEKError(
+                    f"{others} connection(s) of running qpher-proxy nodes use this database: stop every "
+                    "node before rotating the KEK (a KMS with only the old KEK could not open the new blobs)"
+                )
+            row = conn.execute("SELECT value FROM kms_meta WHERE name = 'kek_canary'").fetchone()
+            if row is not None:
+                data = bytes(row[0])
+                verify_canary(new if canary_kek_id(data) == new.kek_id else old, data)
+            rows = conn.execute(
+                "SELECT tenant_id, key_id, version, algorithm, sealed FROM kms_key_versions "
+                "WHERE sealed IS NOT NULL ORDER BY tenant_id, key_id, version"
+            ).fetchall()
+            rewrapped = already = 0
+            for done, (tenant_id, key_id, version, algorithm, sealed) in enumerate(rows, 1):
+                binding = KeyBinding(tenant_id, key_id, version, algorithm)
+                blob = bytes(sealed)
+                header = keyfile.parse_header(blob, binding.describe())
+                if header.kek_id == new.kek_id:
+                    keyfile.unseal(new, binding, blob)  # verify, do not trust the header alone
+                    already += 1
+                elif header.kek_id != old.kek_id:
+                    raise KEKError(f"{binding.describe()}: wrapped by a third KEK {header.kek_id!r}; "
+                                   "nothing was written")
+                else:
+                    seed = keyfile.unseal(old, binding, blob)
+                    conn.execute(
+                        "UPDATE kms_key_versions SET sealed = %s, kek_id = %s WHERE tenant_id = %s "
+                        "AND key_id = %s AND version = %s",
+                        (keyfile.seal(new, binding, seed), new.kek_id, tenant_id, key_id, version),
+                    )
+                    del seed
+                    rewrapped += 1
+                if on_progress is not None:
+                    on_progress(done, len(rows))
+            conn.execute(
+                "INSERT INTO kms_meta (name, value) VALUES ('kek_canary', %s) "
+                "ON CONFLICT (name) DO UPDATE SET value = excluded.value", (seal_canary(new),)
+            )
+        return RotationResult(rewrapped=rewrapped, already=already, total=len(rows))
+    finally:
+        conn.close()
+
+
+__all__ = ["RotationResult", "rotate_kek", "rotate_kek_postgresql"]
