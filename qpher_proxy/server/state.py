@@ -60,14 +60,25 @@ def open_stores(cfg: Config, pepper: bytes) -> GatewayStores:
             store.close()
             raise
         return GatewayStores(store, quotas, postgresql=False)
-    from ..auth.pg_apikeys import PgAPIKeyStore
+    from ..auth.pg_apikeys import PgAPIKeyStore, store_dsn
     from ..ratelimit.pg_quotas import PgQuotaCounter
+    from ..storage.postgres import Database, role_name
 
-    pg_store = PgAPIKeyStore.from_config(cfg.storage, pepper, kind="gateway")
+    st = cfg.storage
+    # one pool of storage.pool_size connections for the whole gateway process, closed by the
+    # API key store (the quota counter closes after it, see GatewayStores.close)
+    database = Database(
+        store_dsn(st, "gateway"), role=role_name(st.role_prefix, "gateway"), pool_size=st.pool_size,
+        connect_timeout=st.connect_timeout, statement_timeout=st.statement_timeout,
+        pool_timeout=st.pool_timeout, name="qpher-gateway",
+    )
     try:
-        pg_quotas = PgQuotaCounter.from_config(cfg.storage, flush_interval=cfg.quotas.flush_interval)
+        pg_store = PgAPIKeyStore(database, pepper, role_prefix=st.role_prefix, kind="gateway",
+                                 pool_size=st.pool_size, statement_timeout=st.statement_timeout,
+                                 owns_database=True)
+        pg_quotas = PgQuotaCounter(database, flush_interval=cfg.quotas.flush_interval, pool_size=st.pool_size)
     except BaseException:
-        pg_store.close()
+        database.close()
         raise
     return GatewayStores(pg_store, pg_quotas, postgresql=True)
 
