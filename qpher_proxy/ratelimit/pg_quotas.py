@@ -13,8 +13,10 @@ which runs the query in a worker thread (at most ``pool_size`` at once, one quer
 however many requests wait for it) — and again whenever its counts have not been synchronised
 for longer than the staleness limit ``5 × flush_interval``. The gateway awaits ``ensure_loaded``
 before ``usage`` / ``check_and_count``; for a tenant whose counts are fresh it returns at once
-(no checkpoint, no thread). ``check_and_count`` / ``usage`` of a tenant that is not loaded, or
-whose counts are older than the staleness limit, raise ``QuotaUnavailable`` (503): fail closed.
+(no checkpoint, no thread). While the last flush failed (database down) it does not try: it
+raises ``QuotaUnavailable`` at once, and the flush that succeeds next synchronises the tenant.
+``check_and_count`` / ``usage`` of a tenant that is not loaded, or whose counts are older than
+the staleness limit, raise ``QuotaUnavailable`` (503): fail closed.
 
 **Flushing.** Admitted operations accumulate in a *pending* table. ``run_flusher(interval)``
 (a background task) calls ``flush_async`` every interval: the pending table is swapped out and
@@ -157,6 +159,7 @@ class PgQuotaCounter:
         self._loading: dict[str, trio.Event] = {}
         self._flushing = False
         self._flush_done: trio.Event | None = None  # set while flush_async runs
+        self._flush_failing = False  # the last flush failed (no success since)
         self._closed = False
         self.last_flush_ok = monotonic()
 
@@ -255,6 +258,11 @@ class PgQuotaCounter:
         self._touched.add(tenant)
         if self._fresh(tenant):
             return
+        if self._flush_failing:
+            # the database did not answer the last flush: fail fast rather than make this
+            # request wait a pool timeout; the next flush that succeeds synchronises the tenant
+            # (it is in ``_touched``), so requests resume within one interval of its return
+            raise QuotaUnavailable("quota usage cannot be read")
         running = self._loading.get(tenant)
         if running is not None:
             await running.wait()
@@ -349,6 +357,7 @@ class PgQuotaCounter:
     ) -> None:
         self._inflight = {}
         self._flushing = False
+        self._flush_failing = views is None
         if views is None:  # failed: put everything back for the next flush
             for key, n in batch.items():
                 self._pending[key] = self._pending.get(key, 0) + n

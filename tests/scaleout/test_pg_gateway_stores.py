@@ -470,6 +470,8 @@ async def test_quota_flusher_fails_closed_and_loses_nothing(schema: PgDatabase) 
                 await trio.sleep(0.01)
             refused_after = trio.current_time() - broke
             assert counter.max_staleness - 0.1 <= refused_after <= counter.max_staleness + 0.1
+            with trio.fail_after(0.1), pytest.raises(QuotaUnavailable):
+                await counter.ensure_loaded("t2")  # flushes fail: no load tried, no wait
             counter._write = real_write  # type: ignore[method-assign]
             with trio.fail_after(1):
                 while _db_count(schema, "t1", "sign") < 3:
@@ -477,6 +479,7 @@ async def test_quota_flusher_fails_closed_and_loses_nothing(schema: PgDatabase) 
             counted = _db_count(schema, "t1", "sign")
             await counter.ensure_loaded("t1")
             counter.check_and_count("t1", "sign", 100)  # synchronised again: served
+            assert counter.usage("t2") == {}  # synchronised by the flush that succeeded
             nursery.cancel_scope.cancel()
         assert counted >= 3
         counter.close()  # flushes what is left
