@@ -123,6 +123,9 @@ class Database:
             max_size=pool_size,
             kwargs=_connect_kwargs(connect_timeout, statement_timeout),
             configure=self._configure,
+            # one round trip when a connection is handed out: a connection the server dropped
+            # (a restart) is replaced then, instead of failing the request that got it
+            check=psycopg_pool.ConnectionPool.check_connection,
             timeout=pool_timeout,
             reconnect_timeout=max(60.0, 10 * connect_timeout),
             max_waiting=max(64, pool_size * 64),
