@@ -1,4 +1,5 @@
-"""``qpher-proxy db import-sqlite``: a single node's state moves to PostgreSQL and keeps working.
+"""``qpher-proxy db import-sqlite``, then ``kms rotate-kek`` on PostgreSQL: a single node's state moves
+to PostgreSQL and keeps working, then its KEK is rotated in one transaction and it still does.
 
 A real node on SQLite makes keys (a rotated KEM key with a ciphertext of its first version, a
 signing key with a signature) and API keys (one revoked); it is stopped, its config switched to
@@ -23,12 +24,13 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def test_a_single_node_moves_to_postgresql_and_every_key_keeps_working(
+def test_a_single_node_moves_to_postgresql_keeps_working_and_survives_a_kek_rotation(
     tmp_path: Path, pg: PgDatabase
 ) -> None:
     d = tmp_path / "state"
     cfg_path = init_state(d, **{"crypto.backend": "openssl"})
     cfg = str(cfg_path)
+    new_kek = d / "kek" / "kek-2.b64"
     gw = start_gateway(d)
     try:
         api = gw.client()
@@ -80,5 +82,37 @@ def test_a_single_node_moves_to_postgresql_and_every_key_keeps_working(
         status, body, _ = api.call("GET", f"/v1/keys/{sig}")
         assert (status, body["label"]) == (200, "signer"), body
         assert gw.client(gone).call("GET", "/v1/info")[0] == 401  # still revoked
+        refused = cli("kms", "rotate-kek", "--config", cfg, "--new-kek-file", str(new_kek), "--generate",
+                      check=False)
+        assert refused.returncode != 0 and "stop every node" in refused.stderr, refused.stderr
+    finally:
+        assert gw.stop() == 0
+
+    # ---- then the KEK of the PostgreSQL store is rotated (the node stopped) ----
+    with psycopg.connect(pg.dsn) as c:
+        before = dict(c.execute("SELECT key_id || version, sealed FROM kms_key_versions").fetchall())
+    assert "KEK rotated" in cli("kms", "rotate-kek", "--config", cfg, "--new-kek-file", str(new_kek)).stdout
+    with psycopg.connect(pg.dsn) as c:
+        after = dict(c.execute("SELECT key_id || version, sealed FROM kms_key_versions").fetchall())
+        kek_ids = {r[0] for r in c.execute("SELECT kek_id FROM kms_key_versions WHERE sealed IS NOT NULL")}
+    assert before.keys() == after.keys() and len(after) == 3
+    assert all(bytes(before[k]) != bytes(after[k]) for k in after)  # every blob re-wrapped...
+    assert len(kek_ids) == 1  # ...under one KEK
+    # a re-run finds every version under the new KEK (opening each) and changes nothing
+    again = cli("kms", "rotate-kek", "--config", cfg, "--new-kek-file", str(new_kek)).stdout
+    assert "rewrapped=0, already=3, total=3" in again, again
+    with psycopg.connect(pg.dsn) as c:
+        assert dict(c.execute("SELECT key_id || version, sealed FROM kms_key_versions").fetchall()) == after
+    doc = yaml.safe_load(cfg_path.read_text())
+    doc["kms"]["kek"]["file"] = str(new_kek)  # kms.kek now names the new KEK
+    cfg_path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    gw = start_gateway(d)
+    try:
+        api = gw.client()
+        status, body, _ = api.call("POST", "/v1/verify", {"key_id": sig, "message": b64(b"signed on sqlite"),
+                                                          "signature": signature})
+        assert (status, body["valid"]) == (200, True), body
+        status, body, _ = api.call("POST", "/v1/decrypt", opened)
+        assert (status, base64.b64decode(body["plaintext"])) == (200, b"under v1"), body
     finally:
         assert gw.stop() == 0
