@@ -9,8 +9,9 @@ prefix on its Redis (``--redis-url``):
 
 1. **Throughput and latency** of ``POST /v1/sign`` (ML-DSA-65, 1 KiB) and
    ``POST /v1/kem/encapsulate`` (ML-KEM-768) at ``--concurrency`` keep-alive connections, for
-   (a) one gateway process on SQLite (the embedded default), (b) one gateway process on
-   PostgreSQL + Redis (rate limits in Redis), (c) ``server.workers: 2`` on PostgreSQL + Redis.
+   (a) one gateway process on SQLite (the embedded default), (b0) one gateway process on
+   PostgreSQL with local rate limits, (b) one gateway process on PostgreSQL + Redis (rate limits
+   in Redis), (c) ``server.workers: 2`` on PostgreSQL + Redis.
    Each row gives requests/s, p50, p99, and CPU microseconds per request of the proxy's
    processes (supervisor, gateways, KMS workers), of the PostgreSQL server processes and of
    redis-server over the measured window: the CPU that PostgreSQL and Redis add per request.
@@ -179,16 +180,24 @@ def throughput(args: argparse.Namespace) -> list[dict[str, Any]]:
     with LoadGenerator(args.clients).start() as lg:
         with GatewayProcess(backend=args.backend) as gw:
             rows += measure_config("a: 1 process, sqlite", gw, lg, args)
-        for label, workers in (("b: 1 process, pg+redis", 1), ("c: 2 processes, pg+redis", 2)):
-            with (
-                database(args.admin_dsn) as (dsn, prefix),
-                GatewayProcess(
-                    backend=args.backend,
-                    overrides=_pg_overrides(dsn, prefix, args.redis_url, redis_prefix, workers),
-                    before_start=_import_state,
-                ) as gw,
-            ):
-                rows += measure_config(label, gw, lg, args)
+        configs = (
+            # PostgreSQL alone (local limits): splits what PostgreSQL and Redis each add
+            ("b0: 1 process, pg only", 1, False),
+            ("b: 1 process, pg+redis", 1, True),
+            ("c: 2 processes, pg+redis", 2, True),
+        )
+        for label, workers, redis in configs:
+            overrides = _pg_overrides(dsn="", prefix="", redis_url=args.redis_url, redis_prefix=redis_prefix,
+                                      workers=workers)
+            if not redis:
+                overrides["ratelimit.backend"] = "local"
+            with database(args.admin_dsn) as (dsn, prefix):
+                overrides.update({"storage.dsn": dsn, "storage.role_prefix": prefix})
+                gateway = GatewayProcess(
+                    backend=args.backend, overrides=overrides, before_start=_import_state
+                )
+                with gateway as gw:
+                    rows += measure_config(label, gw, lg, args)
     return rows
 
 
