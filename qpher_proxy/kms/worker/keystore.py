@@ -81,13 +81,13 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 from ...crypto.interface import Backend, PrivateKey, PublicKey
 from ...errors import InvalidInput
 from ..wire.model import DEFAULT_DESTROY_DELAY, MAX_DESTROY_DELAY
 from . import keyfile
 from .kek import KEKProvider
+from .key_objects import KeyCaches
 from .keydb import StoreLock, StoreUnavailable, connect, mapped_errors, verify_store_kek, write_transaction
 from .tenant_keys import ResolvedVersion, TenantKeys
 
@@ -96,7 +96,7 @@ log = logging.getLogger("qpher.kms.keystore")
 DEFAULT_CACHE_SIZE = 1024  # loaded private keys per worker
 
 
-class KeyStore:
+class KeyStore(KeyCaches):
     """The whole store of one KMS directory; hand out :class:`TenantKeys` per request."""
 
     def __init__(
@@ -163,21 +163,7 @@ class KeyStore:
             raise StoreUnavailable("the key store is closed")
         return self.db
 
-    # ---- caches ----
-
-    def _cache_get(self, cache: OrderedDict[tuple[str, str, int], Any], k: tuple[str, str, int]) -> Any:
-        obj = cache.get(k)
-        if obj is not None:
-            cache.move_to_end(k)
-        return obj
-
-    def _cache_put(
-        self, cache: OrderedDict[tuple[str, str, int], Any], k: tuple[str, str, int], obj: Any
-    ) -> None:
-        cache[k] = obj
-        cache.move_to_end(k)
-        while len(cache) > self.cache_size:
-            cache.popitem(last=False)
+    # ---- caches (KeyCaches: _cache_get, _cache_put) ----
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:

@@ -80,7 +80,7 @@ from psycopg import sql
 
 from ...crypto.algorithms import ALGORITHMS, Algorithm, get_algorithm
 from ...crypto.interface import Backend, PrivateKey, PublicKey
-from ...errors import BackendUnavailable, InvalidInput, KeyCorrupt, KeyDestroyed, KeyNotFound, QpherError
+from ...errors import BackendUnavailable, InvalidInput, KeyDestroyed, KeyNotFound, QpherError
 from ...storage.migrations import check_schema, current_version
 from ...storage.postgres import Database, role_name
 from ..wire.model import (
@@ -95,6 +95,7 @@ from ..wire.model import (
 )
 from . import keyfile
 from .kek import KEKError, KEKProvider, seal_canary, verify_canary
+from .key_objects import KeyCaches, KeyObjects, open_sealed
 from .key_rules import (
     KEY_COLUMNS,
     build_info,
@@ -164,7 +165,7 @@ class _Tx:
     destroyed: list[tuple[str, int]] = field(default_factory=list)  # (key id, versions)
 
 
-class PgKeyStore:
+class PgKeyStore(KeyCaches):
     """The whole PostgreSQL key store of one worker; hand out :class:`PgTenantKeys` per request."""
 
     exclusive_start = False  # no directory lock: every worker of every node starts alike
@@ -296,21 +297,7 @@ class PgKeyStore:
         assert row is not None
         verify_canary(self.kek, bytes(row[0]))  # another node may have written its canary first
 
-    # ---- caches ----
-
-    def _cache_get(self, cache: OrderedDict[tuple[str, str, int], Any], k: tuple[str, str, int]) -> Any:
-        obj = cache.get(k)
-        if obj is not None:
-            cache.move_to_end(k)
-        return obj
-
-    def _cache_put(
-        self, cache: OrderedDict[tuple[str, str, int], Any], k: tuple[str, str, int], obj: Any
-    ) -> None:
-        cache[k] = obj
-        cache.move_to_end(k)
-        while len(cache) > self.cache_size:
-            cache.popitem(last=False)
+    # ---- caches (KeyCaches: _cache_get, _cache_put) ----
 
     def _evict(self, tenant_id: str, key_id: str) -> None:
         self._hot.clear()
@@ -356,10 +343,11 @@ class PgKeyStore:
         return n
 
 
-class PgTenantKeys:
+class PgTenantKeys(KeyObjects):
     """Every key operation of one tenant, each in a transaction scoped to that tenant."""
 
     __slots__ = ("_store", "_tenant")
+    _store: PgKeyStore
 
     def __init__(self, store: PgKeyStore, tenant_id: str) -> None:
         self._store = store
@@ -653,32 +641,8 @@ class PgTenantKeys:
             store._hot[(self._tenant, key_id, want)] = (resolved, read_at + store.state_ttl)
         return resolved
 
-    def private_key(self, key_id: object, version: object = None) -> tuple[PrivateKey, int]:
-        """The loaded private key of an enabled key (latest version unless given)."""
-        r = self._resolve(key_id, version)
-        store = self._store
-        ck = (self._tenant, r.key_id, r.version)
-        priv = store._cache_get(store._private, ck)
-        if priv is None:
-            priv = self._load_private(r)
-            store._cache_put(store._private, ck, priv)
-        return priv, r.version
-
-    def public_key(self, key_id: object, version: object = None) -> tuple[PublicKey, int]:
-        """The public key of an enabled key (latest version unless given)."""
-        r = self._resolve(key_id, version)
-        store = self._store
-        ck = (self._tenant, r.key_id, r.version)
-        pub = store._cache_get(store._public, ck)
-        if pub is None:
-            priv = store._cache_get(store._private, ck)
-            if priv is not None:
-                pub = priv.public_key()
-            else:
-                raw = self._version_blobs(r)[0]
-                pub = store.backend.load_public(r.algorithm, raw)
-            store._cache_put(store._public, ck, pub)
-        return pub, r.version
+    def _stored_public(self, r: PgResolved) -> bytes:
+        return self._version_blobs(r)[0]
 
     def _version_blobs(self, r: PgResolved) -> tuple[bytes, bytes]:
         """(public key, sealed) of a resolved version."""
@@ -693,20 +657,9 @@ class PgTenantKeys:
         return bytes(row[0]), bytes(row[1])
 
     def _load_private(self, r: PgResolved) -> PrivateKey:
-        store = self._store
         public, sealed = self._version_blobs(r)
         binding = KeyBinding(self._tenant, r.key_id, r.version, r.algorithm.name)
-        what = binding.describe()
-        seed = keyfile.unseal(store.kek, binding, sealed)
-        try:
-            priv = store.backend.load_private(r.algorithm, seed)
-        except QpherError as exc:
-            raise KeyCorrupt(f"{what}: the sealed version holds no valid {r.algorithm.name} key") from exc
-        del seed
-        if priv.public_key().public_bytes() != public:
-            raise KeyCorrupt(f"{what}: the sealed version does not match the key's public key")
-        return priv
-
+        return open_sealed(self._store, binding, r.algorithm, sealed, public, "sealed version")
 
 def open_from_settings(
     storage: dict[str, Any], kek: KEKProvider, backend: Backend, *, destroy_delay: float, cache_size: int,

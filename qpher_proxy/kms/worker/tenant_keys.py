@@ -20,10 +20,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ...crypto.algorithms import ALGORITHMS, Algorithm, get_algorithm
-from ...crypto.interface import PrivateKey, PublicKey
-from ...errors import BackendUnavailable, KeyCorrupt, KeyDestroyed, KeyDisabled, KeyNotFound, QpherError
+from ...crypto.interface import PrivateKey
+from ...errors import BackendUnavailable, KeyDestroyed, KeyDisabled, KeyNotFound
 from ..wire.model import DEFAULT_LIST_LIMIT, KeyInfo, KeyPage, KeyState, key_not_found, new_key_id
 from . import keyfile
+from .key_objects import KeyObjects, open_sealed
 from .key_rules import (
     KEY_COLUMNS,
     build_info,
@@ -62,10 +63,11 @@ class ResolvedVersion:
 
 
 
-class TenantKeys:
+class TenantKeys(KeyObjects):
     """Every key operation of one tenant. Each SQL statement binds ``tenant_id``."""
 
     __slots__ = ("_store", "_tenant")
+    _store: KeyStore
 
     def __init__(self, store: KeyStore, tenant_id: str) -> None:
         self._store = store
@@ -335,54 +337,23 @@ class TenantKeys:
             store._hot[(self._tenant, key_id, version)] = resolved  # type: ignore[index]  # checked above
         return resolved
 
-    def private_key(self, key_id: object, version: object = None) -> tuple[PrivateKey, int]:
-        """The loaded private key of an enabled key (latest version unless given)."""
-        r = self._resolve(key_id, version)
-        store = self._store
-        ck = (self._tenant, r.key_id, r.version)
-        priv = store._cache_get(store._private, ck)
-        if priv is None:
-            priv = self._load_private(r.key_id, r)
-            store._cache_put(store._private, ck, priv)
-        return priv, r.version
+    def _stored_public(self, r: ResolvedVersion) -> bytes:
+        row = self._store._db.execute(
+            "SELECT public_key FROM key_versions WHERE tenant_id = ? AND key_id = ? AND version = ?",
+            (self._tenant, r.key_id, r.version),
+        ).fetchone()
+        return bytes(row[0])
 
-    def public_key(self, key_id: object, version: object = None) -> tuple[PublicKey, int]:
-        """The public key of an enabled key (latest version unless given)."""
-        r = self._resolve(key_id, version)
+    def _load_private(self, r: ResolvedVersion) -> PrivateKey:
         store = self._store
-        ck = (self._tenant, r.key_id, r.version)
-        pub = store._cache_get(store._public, ck)
-        if pub is None:
-            priv = store._cache_get(store._private, ck)
-            if priv is not None:
-                pub = priv.public_key()
-            else:
-                row = store._db.execute(
-                    "SELECT public_key FROM key_versions WHERE tenant_id = ? AND key_id = ? AND version = ?",
-                    (self._tenant, r.key_id, r.version),
-                ).fetchone()
-                pub = store.backend.load_public(r.algorithm, bytes(row[0]))
-            store._cache_put(store._public, ck, pub)
-        return pub, r.version
-
-    def _load_private(self, key_id: str, r: ResolvedVersion) -> PrivateKey:
-        store = self._store
-        binding = KeyBinding(self._tenant, key_id, r.version, r.algorithm.name)
-        what = binding.describe()
-        data = keyfile.read_key_file(store.dir / r.file, what)
-        seed = keyfile.unseal(store.kek, binding, data)
-        try:
-            priv = store.backend.load_private(r.algorithm, seed)
-        except QpherError as exc:
-            raise KeyCorrupt(f"{what}: the key file holds no valid {r.algorithm.name} key") from exc
-        del seed
+        binding = KeyBinding(self._tenant, r.key_id, r.version, r.algorithm.name)
+        data = keyfile.read_key_file(store.dir / r.file, binding.describe())
         row = store._db.execute(
             "SELECT public_key FROM key_versions WHERE tenant_id = ? AND key_id = ? AND version = ?",
-            (self._tenant, key_id, r.version),
+            (self._tenant, r.key_id, r.version),
         ).fetchone()
-        if row is None or priv.public_key().public_bytes() != bytes(row[0]):
-            raise KeyCorrupt(f"{what}: the key file does not match the key's public key")
-        return priv
+        public = None if row is None else bytes(row[0])
+        return open_sealed(store, binding, r.algorithm, data, public, "key file")
 
 
 # the names this module used before the rules moved to key_rules
