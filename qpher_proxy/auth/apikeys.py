@@ -68,6 +68,7 @@ from ..errors import ConfigError, InvalidInput, NotFound, StorageUnavailable, Un
 from ..storage import sqlite as db
 
 __all__ = [
+    "create_key",
     "APIKeyRecord",
     "APIKeyStore",
     "Authenticator",
@@ -418,6 +419,40 @@ class KeyStore(Protocol):
 
 # ---- store -----------------------------------------------------------------------------
 
+def create_key(
+    now: float,
+    mac: Callable[[str, str], bytes],
+    audit: AuditFn | None,
+    insert: Callable[[tuple[Any, ...], Callable[[], None]], bool],
+    tenant: str,
+    plan: str,
+    scopes: Iterable[str],
+    expires_at: float | None,
+    label: str | None,
+) -> tuple[APIKeyRecord, str]:
+    """``create`` of both stores: validate, pick a key id and a secret, and ``insert(row, then)``
+    -- the store's own INSERT … ON CONFLICT DO NOTHING in its write transaction, returning whether
+    the row went in, calling ``then()`` (the audit record) inside that transaction if it did. A
+    taken key id (60 random bits: a curiosity, not a failure) draws again."""
+    tenant, plan, scope_tuple, expires_at, label = validate_new_key(
+        tenant, plan, scopes, expires_at, label, now
+    )
+    for _attempt in range(CREATE_ATTEMPTS):
+        key_id, secret = new_key_material()
+        row = (key_id, tenant, plan, json.dumps(list(scope_tuple)), now, expires_at, None, label,
+               mac(key_id, secret))
+
+        def audited(key_id: str = key_id) -> None:
+            if audit is not None:
+                audit("apikey.created", "NOTICE", key_id=key_id, tenant=tenant, plan=plan,
+                      scopes=list(scope_tuple), expires_at=expires_at, label=label)
+
+        if insert(row, audited):
+            record = APIKeyRecord(key_id, tenant, plan, scope_tuple, now, expires_at, None, label)
+            return record, full_key(key_id, secret)
+    raise InvalidInput("could not allocate a unique key id")  # pragma: no cover
+
+
 class APIKeyStore:
     """API key records in the gateway database (see the module docstring).
 
@@ -474,30 +509,21 @@ class APIKeyStore:
     ) -> tuple[APIKeyRecord, str]:
         """Create a key; returns its record and the full key, which exists nowhere else: print
         it once and forget it."""
-        now = self._clock()
-        tenant, plan, scope_tuple, expires_at, label = validate_new_key(
-            tenant, plan, scopes, expires_at, label, now
-        )
-        for _attempt in range(CREATE_ATTEMPTS):  # 60-bit ids: a collision is a curiosity, not a failure
-            key_id, secret = new_key_material()
-            record = APIKeyRecord(key_id, tenant, plan, scope_tuple, now, expires_at, None, label)
+        def insert(row: tuple[Any, ...], then: Callable[[], None]) -> bool:
             with db.transaction(self._conn, "creating an API key"):
                 inserted = self._conn.execute(
                     f"INSERT INTO api_keys ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                    "ON CONFLICT(key_id) DO NOTHING",
-                    (key_id, tenant, plan, json.dumps(list(scope_tuple)), now, expires_at, None, label,
-                     self.mac(key_id, secret)),
-                ).rowcount
-                if inserted != 1:
-                    continue  # leaves the transaction: nothing was written
-                if self._audit is not None:
-                    self._audit(
-                        "apikey.created", "NOTICE", key_id=key_id, tenant=tenant, plan=plan,
-                        scopes=list(scope_tuple), expires_at=expires_at, label=label,
-                    )
-            self._local_writes += 1
-            return record, full_key(key_id, secret)
-        raise InvalidInput("could not allocate a unique key id")  # pragma: no cover
+                    "ON CONFLICT(key_id) DO NOTHING", row,
+                ).rowcount == 1
+                if inserted:
+                    then()
+            return inserted
+
+        created = create_key(
+            self._clock(), self.mac, self._audit, insert, tenant, plan, scopes, expires_at, label
+        )
+        self._local_writes += 1
+        return created
 
     def get(self, key_id: str) -> APIKeyRecord | None:
         found = self.lookup(key_id)

@@ -24,27 +24,23 @@ the network: ``blocking`` is True, and ``Authenticator.authenticate_async`` call
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 from ..config.model import StorageConfig
-from ..errors import ConfigError, InvalidInput, QpherError
+from ..errors import ConfigError, QpherError
 from ..storage.postgres import Database, role_name
 from .apikeys import (
     COLUMNS,
-    CREATE_ATTEMPTS,
     APIKeyRecord,
     AuditFn,
     Clock,
     check_pepper,
-    full_key,
+    create_key,
     key_mac,
     key_not_found,
-    new_key_material,
     row_to_record,
-    validate_new_key,
 )
 
 __all__ = ["PgAPIKeyStore", "ReadOnlyStore", "StoreKind", "store_dsn"]
@@ -191,30 +187,22 @@ class PgAPIKeyStore:
         """Create a key; returns its record and the full key, which exists nowhere else: print
         it once and forget it."""
         self._require_admin("creating an API key")
-        now = self._clock()
-        tenant, plan, scope_tuple, expires_at, label = validate_new_key(
-            tenant, plan, scopes, expires_at, label, now
-        )
-        for _attempt in range(CREATE_ATTEMPTS):  # 60-bit ids: a collision is a curiosity, not a failure
-            key_id, secret = new_key_material()
-            record = APIKeyRecord(key_id, tenant, plan, scope_tuple, now, expires_at, None, label)
-            with self._db.transaction(tenant=tenant, what="creating an API key") as conn:
+
+        def insert(row: tuple[Any, ...], then: Callable[[], None]) -> bool:
+            with self._db.transaction(tenant=row[1], what="creating an API key") as conn:
                 inserted = conn.execute(
                     f"INSERT INTO api_keys ({_PG_COLUMNS}) VALUES ({_PLACEHOLDERS}) "
-                    "ON CONFLICT (key_id) DO NOTHING",
-                    (key_id, tenant, plan, json.dumps(list(scope_tuple)), now, expires_at, None, label,
-                     self.mac(key_id, secret)),
-                ).rowcount
-                if inserted != 1:
-                    continue  # leaves the transaction: nothing was written
-                if self._audit is not None:
-                    self._audit(
-                        "apikey.created", "NOTICE", key_id=key_id, tenant=tenant, plan=plan,
-                        scopes=list(scope_tuple), expires_at=expires_at, label=label,
-                    )
-            self._local_writes += 1
-            return record, full_key(key_id, secret)
-        raise InvalidInput("could not allocate a unique key id")  # pragma: no cover
+                    "ON CONFLICT (key_id) DO NOTHING", row,
+                ).rowcount == 1
+                if inserted:
+                    then()
+            return inserted
+
+        created = create_key(
+            self._clock(), self.mac, self._audit, insert, tenant, plan, scopes, expires_at, label
+        )
+        self._local_writes += 1
+        return created
 
     def revoke(self, key_id: str) -> APIKeyRecord:
         """Revoke ``key_id`` (idempotent: revoking twice keeps the first time). ``NotFound`` if
