@@ -18,6 +18,7 @@ from ...crypto.algorithms import Algorithm
 from ...crypto.interface import PrivateKey, PublicKey
 from ...errors import KeyCorrupt, QpherError
 from . import keyfile
+from .key_rules import check_tenant
 from .keyfile import KeyBinding
 
 CacheKey = tuple[str, str, int]
@@ -55,9 +56,17 @@ class KeyCaches:
 class KeyObjects:
     """``private_key`` / ``public_key`` of a tenant repository (see the module docstring)."""
 
-    __slots__ = ()
+    __slots__ = ("_store", "_tenant")
     _store: Any
     _tenant: str
+
+    def __init__(self, store: Any, tenant_id: str) -> None:
+        self._store = store
+        self._tenant = check_tenant(tenant_id)
+
+    @property
+    def tenant_id(self) -> str:
+        return self._tenant
 
     def _resolve(self, key_id: object, version: object) -> Resolved:
         raise NotImplementedError

@@ -104,7 +104,6 @@ from .key_rules import (
     check_label,
     check_list_args,
     check_schedulable,
-    check_tenant,
     check_version,
     choose_algorithm,
     require_usable,
@@ -346,16 +345,8 @@ class PgKeyStore(KeyCaches):
 class PgTenantKeys(KeyObjects):
     """Every key operation of one tenant, each in a transaction scoped to that tenant."""
 
-    __slots__ = ("_store", "_tenant")
-    _store: PgKeyStore
-
-    def __init__(self, store: PgKeyStore, tenant_id: str) -> None:
-        self._store = store
-        self._tenant = check_tenant(tenant_id)
-
-    @property
-    def tenant_id(self) -> str:
-        return self._tenant
+    __slots__ = ()
+    _store: PgKeyStore  # set by KeyObjects.__init__, with the tenant id checked
 
     # ---- transactions ----
 

@@ -33,7 +33,6 @@ from .key_rules import (
     check_label,
     check_list_args,
     check_schedulable,
-    check_tenant,
     check_version,
     choose_algorithm,
     require_usable,
@@ -66,16 +65,8 @@ class ResolvedVersion:
 class TenantKeys(KeyObjects):
     """Every key operation of one tenant. Each SQL statement binds ``tenant_id``."""
 
-    __slots__ = ("_store", "_tenant")
-    _store: KeyStore
-
-    def __init__(self, store: KeyStore, tenant_id: str) -> None:
-        self._store = store
-        self._tenant = check_tenant(tenant_id)
-
-    @property
-    def tenant_id(self) -> str:
-        return self._tenant
+    __slots__ = ()
+    _store: KeyStore  # set by KeyObjects.__init__, with the tenant id checked
 
     # ---- helpers ----
 
