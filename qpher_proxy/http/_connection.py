@@ -218,11 +218,17 @@ class Connection(BodyReader, ResponseWriter):
     async def _receive_head(self, first: bool) -> h11.Request | None:
         """The next request head, or None for a clean end (EOF, idle close, shutdown)."""
         h = self._h
-        checked = self._check_head(0)
-        event = h.next_event()
+        if _receive_buffer(h) or self._eof:
+            checked = self._check_head(0)
+            event = h.next_event()
+        else:
+            # Nothing buffered and no EOF seen: h11 could only answer NEED_DATA (both sides
+            # IDLE after start_next_cycle, or the first head). Skip asking.
+            checked = 0
+            event = h11.NEED_DATA
         if event is h11.NEED_DATA:
             shutdown = self._shutdown
-            buffered = bool(h.trailing_data[0])
+            buffered = bool(_receive_buffer(h))
             if not buffered:
                 if shutdown is not None and shutdown.is_set:
                     return None

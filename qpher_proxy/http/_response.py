@@ -35,7 +35,7 @@ import h11
 from .._json import http_date
 from ..errors import ClientDisconnected, QpherError
 from ._deadlines import NO_DEADLINE
-from ._h11_shortcuts import Headers
+from ._h11_shortcuts import Headers, can_finish_response, client_closes, finish_response
 from .messages import REQUEST_ID_HEADER, Request, Response, error_response, new_request_id
 from .security_headers import SecurityHeaders
 
@@ -54,6 +54,12 @@ _CONTENT_LENGTH = re.compile(rb"[0-9]{1,19}")
 _VALID_CACHE_MAX = 4096
 _valid_items: dict[tuple[Any, Any], _Item] = {}
 _ours = frozenset({b"transfer-encoding", b"connection", b"date"})  # framing and connection are ours
+_can_finish = can_finish_response
+_client_closes = client_closes
+_finish = finish_response
+_CLOSE = b"connection: close\r\n"
+_H11_CLOSE = b"Connection: close\r\n"
+_HEADS_MAX = 256  # pre-built heads kept per SecurityHeaders (one per status and header tuple)
 
 
 class ResponseWriter:
@@ -83,6 +89,35 @@ class ResponseWriter:
         h = self._h
         status = response.status
         body = response.body
+        security = self._security
+        if (
+            type(body) is bytes
+            and security is not None
+            and not response.forwarded
+            and _can_finish(h)
+            and status.__class__ is int
+            and 200 <= status <= 599
+            and status not in _NO_BODY_STATUSES
+        ):
+            head = _prebuilt_head(security, status, response.headers)
+            if head is not None:
+                # Connection: close as the h11 path writes it: ours when we close, h11's (its
+                # spelling) when only the client asked for it.
+                if not keep_alive:
+                    close = _CLOSE
+                elif _client_closes(h):
+                    close = _H11_CLOSE
+                else:
+                    close = b""
+                _finish(h, bool(close))
+                await self._send(b"".join((
+                    head,
+                    b"content-length: %d\r\nx-request-id: %s\r\ndate: %s\r\n%s\r\n" % (
+                        len(body), request.request_id.encode("ascii"), http_date(), close
+                    ),
+                    body,
+                )))
+                return
         streaming = not isinstance(body, (bytes, bytearray, memoryview))
         try:
             if streaming and not hasattr(body, "__aiter__"):
@@ -103,7 +138,6 @@ class ResponseWriter:
             fallback = error_response(QpherError("internal server error"), request.request_id)
             await self._send_response(request, fallback, keep_alive)
             return
-        security = self._security
         if security is not None:
             if response.forwarded:
                 items += security.missing_from(items)
@@ -193,6 +227,40 @@ class ResponseWriter:
             return
         self._done(request, error.status, started)
         await self._linger()
+
+
+def _prebuilt_head(
+    security: SecurityHeaders, status: int, headers: Iterable[tuple[bytes, bytes]]
+) -> bytes | None:
+    """The status line and the fixed headers of a server response (the handler's, then the
+    security set), as bytes, built once per ``(status, headers)`` when ``headers`` is a tuple
+    (the handlers' constants); None when the headers carry ``X-Request-Id`` or ``Content-Length``
+    of their own or fail validation (the h11 path then sends, or refuses, the response). The
+    caller adds ``Content-Length``, ``X-Request-Id``, ``Date`` and ``Connection: close``, in the
+    order the h11 path writes them."""
+    heads = security.heads
+    key = (status, headers) if type(headers) is tuple else None
+    if key is not None:
+        head = heads.get(key)
+        if head is not None:
+            return head
+    try:
+        items, has_id = _response_items(headers, False)
+    except (h11.LocalProtocolError, TypeError, ValueError, UnicodeError):
+        return None
+    if has_id:
+        return None
+    head = b"HTTP/1.1 %d %s\r\n%s%s" % (
+        status,
+        _REASONS.get(status, b""),
+        b"".join(raw + b": " + value + b"\r\n" for raw, _, value in items),
+        security.own_block,
+    )
+    if key is not None:
+        if len(heads) >= _HEADS_MAX:
+            heads.clear()
+        heads[key] = head
+    return head
 
 
 def _response_items(headers: Iterable[tuple[bytes, bytes]], streaming: bool) -> tuple[list[_Item], bool]:

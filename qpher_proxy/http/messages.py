@@ -162,7 +162,7 @@ class Response:
     ) -> Response:
         text = _dumps_flat(obj) if obj.__class__ is dict else None
         body = (text if text is not None else _dumps(obj)).encode("utf-8")
-        return cls(status, [_JSON_CT, *headers] if headers else [_JSON_CT], body)
+        return cls(status, (_JSON_CT, *headers) if headers else (_JSON_CT,), body)
 
 
 class Base64Text(str):

@@ -46,6 +46,10 @@ class SecurityHeaders:
     own: tuple[Item, ...] = field(init=False, repr=False, compare=False)
     own_block: bytes = field(init=False, repr=False, compare=False)
     forwarded: tuple[Item, ...] = field(init=False, repr=False, compare=False)
+    # pre-built response heads by (status, handler headers), filled by the response writer
+    heads: dict[tuple[int, tuple[tuple[bytes, bytes], ...]], bytes] = field(
+        init=False, repr=False, compare=False, hash=False
+    )
 
     def __post_init__(self) -> None:
         age = self.hsts_max_age
@@ -63,6 +67,7 @@ class SecurityHeaders:
             self, "own_block", b"".join(name + b": " + value + b"\r\n" for name, _, value in own)
         )
         object.__setattr__(self, "forwarded", tuple(forwarded))
+        object.__setattr__(self, "heads", {})
 
     def missing_from(self, items: list[Item]) -> list[Item]:
         """The ``forwarded`` headers that ``items`` (a forwarded response's) lacks."""

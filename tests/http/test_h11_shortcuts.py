@@ -4,6 +4,7 @@ API gives. When h11 changes its internals, the first test fails and names the ve
 from __future__ import annotations
 
 import h11
+import pytest
 
 from qpher_proxy.http import _h11_shortcuts
 
@@ -11,7 +12,9 @@ CHUNKED = b"POST /body HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n
 
 
 def test_the_h11_shortcuts_are_live_with_the_installed_h11() -> None:
-    assert _h11_shortcuts.LIVE == {"headers": True, "buffer": True, "chunks": True}, h11.__version__
+    assert _h11_shortcuts.LIVE == {
+        "headers": True, "buffer": True, "chunks": True, "finish": True
+    }, h11.__version__
 
 
 def test_chunk_position_follows_a_chunked_body() -> None:
@@ -56,3 +59,68 @@ def test_prebuilt_headers_serialise_as_the_public_api_does() -> None:
         h.next_event()
     head = ours.send(h11.Response(status_code=200, headers=_h11_shortcuts.Headers(items), reason=b"OK"))
     assert head == public.send(h11.Response(status_code=200, headers=pairs, reason=b"OK"))
+
+
+def _exchange(head: bytes) -> h11.Connection:
+    h = h11.Connection(h11.SERVER)
+    h.receive_data(head)
+    assert type(h.next_event()) is h11.Request
+    while type(h.next_event()) is not h11.EndOfMessage:
+        pass
+    return h
+
+
+def _public_send(h: h11.Connection, close: bool) -> None:
+    headers = [(b"content-length", b"2")] + ([(b"connection", b"close")] if close else [])
+    h.send(h11.Response(status_code=200, headers=headers))
+    h.send(h11.Data(data=b"ok"))
+    h.send(h11.EndOfMessage())
+
+
+def _state(h: h11.Connection) -> tuple[object, ...]:
+    return (h.our_state, h.their_state, h._cstate.keep_alive, h._writer, type(h._reader),
+            h.they_are_waiting_for_100_continue)
+
+
+NEXT = b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    ("head", "close"),
+    [
+        (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", False),
+        (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", True),  # we close
+        (b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", True),  # the client closes
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc", False),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\nabc", False),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n", False),
+    ],
+)
+def test_finish_response_moves_h11_as_the_public_send_path_does(head: bytes, close: bool) -> None:
+    ours, public = _exchange(head + NEXT), _exchange(head + NEXT)
+    assert _h11_shortcuts.can_finish_response(ours)
+    close = close or _h11_shortcuts.client_closes(ours)
+    _h11_shortcuts.finish_response(ours, close)
+    _public_send(public, close)
+    assert _state(ours) == _state(public)
+    if not close:  # the pipelined next request is parsed the same way by both
+        ours.start_next_cycle()
+        public.start_next_cycle()
+        a, b = ours.next_event(), public.next_event()
+        assert type(a) is type(b) is h11.Request and a.target == b.target == b"/next"
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\n",  # no body may follow: h11's path
+        b"GET / HTTP/1.0\r\n\r\n",  # an HTTP/1.0 client: h11 decides the framing
+        b"GET / HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",  # switch pending
+    ],
+)
+def test_finish_response_is_refused_where_h11_must_write(head: bytes) -> None:
+    assert not _h11_shortcuts.can_finish_response(_exchange(head))
+
+
+def test_finish_response_is_refused_before_a_request() -> None:
+    assert not _h11_shortcuts.can_finish_response(h11.Connection(h11.SERVER))
