@@ -94,6 +94,38 @@ def test_many_frames_decode_however_the_bytes_arrive(chunking: str) -> None:
     assert [e.args["blob"] for e in events] == [bytes([i]) * i for i in range(1, 40)]  # type: ignore[attr-defined]
 
 
+def test_the_receive_buffer_keeps_its_storage_and_frames_of_any_size_in_any_chunks_decode() -> None:
+    """Large frames (batches) and small ones, fed in chunks that split headers and bodies, as
+    memoryviews of one reused receive buffer (what both sides do): every frame decodes, and the
+    storage is reused rather than given back between frames."""
+    c, s = serving_pair()
+    sizes = [10, 300_000, 5, 70_000, 1, 300_000, 64, 200_000]
+    frames = [c.request(CTX, f"op{i}", {"blob": bytes([i]) * n})[1] for i, n in enumerate(sizes)]
+    data = b"".join(frames)
+    rbuf = bytearray(256 * 1024)
+    events: list[object] = []
+    pos = 0
+    for i, step in enumerate([3, 9, 100_000, 1, 256 * 1024, 77_777] * 50):
+        if pos >= len(data):
+            break
+        chunk = data[pos : pos + step]
+        rbuf[: len(chunk)] = chunk
+        s.receive_data(memoryview(rbuf)[: len(chunk)])
+        pos += len(chunk)
+        events += drain(s)
+        if i == 4:
+            storage = len(s._buf)
+    assert [e.args["blob"] for e in events] == [bytes([i]) * n for i, n in enumerate(sizes)]  # type: ignore[attr-defined]
+    assert s.buffered == 0
+    assert len(s._buf) >= storage >= 300_000  # kept, not given back and regrown per frame
+    # a frame far larger than what is kept between frames: afterwards the storage shrinks again
+    big = c.request(CTX, "big", {"blob": b"x" * (protocol._KEEP_BUFFER + 10)})[1]
+    s.receive_data(big)
+    assert drain(s)[0].args["blob"] == b"x" * (protocol._KEEP_BUFFER + 10)  # type: ignore[attr-defined]
+    s.receive_data(frames[0])
+    assert len(drain(s)) == 1 and len(s._buf) <= protocol._KEEP_BUFFER
+
+
 @pytest.mark.parametrize(
     "garbage", [b"\x00\x00\x00\x01", b"\xff\xff\xff\xffrest", b"\x00\x00\x00\x06\x09\x00\x00\x00\x01x"]
 )

@@ -199,6 +199,7 @@ def _frame(ftype: int, rid: int, payload: list[bytes], max_frame_size: int) -> b
 
 _NOTHING: frozenset[int] = frozenset()
 _SMALL_BODY = 4096
+_KEEP_BUFFER = 4 * MiB  # receive storage kept between frames; more only while a larger frame needs it
 
 
 class _Connection:
@@ -213,8 +214,11 @@ class _Connection:
         self._state = state
         self._accepting = self._accepts.get(state, _NOTHING)  # frame types valid in ``state``
         self.max_frame_size = max_frame_size
+        # Received bytes are ``_buf[_pos:_end]``; ``len(_buf)`` is the storage, kept between frames
+        # (see receive_data).
         self._buf = bytearray()
         self._pos = 0
+        self._end = 0
         self._eof = False
         self._error: ProtocolError | None = None
 
@@ -231,27 +235,40 @@ class _Connection:
         """Feed bytes read from the socket (copied); empty means the peer closed its end."""
         if self._eof and data:
             self._fail(ProtocolError("bytes received after end of stream"))
-        if not data:
+        n = len(data)
+        if not n:
             self._eof = True
             return
-        if self._pos:
-            if self._pos == len(self._buf):
-                self._buf.clear()
-            else:
-                del self._buf[: self._pos]
-            self._pos = 0
-        self._buf += data
+        # The storage is reused from frame to frame: emptying or trimming a bytearray gives its
+        # memory back, and a large frame (a batch) would then fault fresh pages in for every
+        # frame -- worse in a worker whose memory is locked (mlockall), where each is locked too.
+        buf, pos, end = self._buf, self._pos, self._end
+        if pos == end:
+            pos = end = 0
+        if end + n > len(buf):
+            if pos:  # move what is left of a frame to the front first
+                buf[: end - pos] = buf[pos:end]
+                end -= pos
+                pos = 0
+            if end + n > len(buf):
+                buf.extend(bytes(max(end + n, 2 * len(buf)) - len(buf)))
+        elif pos == 0 and end == 0 and len(buf) > _KEEP_BUFFER and n <= _KEEP_BUFFER:
+            # an unusually large frame once: do not hold its storage for the connection's life
+            self._buf = buf = bytearray(max(_KEEP_BUFFER, n))
+        buf[end : end + n] = data
+        self._pos = pos
+        self._end = end + n
 
     @property
     def buffered(self) -> int:
         """Bytes received but not yet turned into events."""
-        return len(self._buf) - self._pos
+        return self._end - self._pos
 
     def _fail(self, exc: ProtocolError) -> None:
         self.state = State.CLOSED
         self._error = exc
-        self._buf.clear()
-        self._pos = 0
+        self._buf = bytearray()
+        self._pos = self._end = 0
         raise exc
 
     def next_event(self) -> Event | NeedData:
@@ -262,7 +279,7 @@ class _Connection:
             raise self._error
         buf = self._buf
         pos = self._pos
-        avail = len(buf) - pos
+        avail = self._end - pos
         if avail < _HDR_SIZE:
             if avail >= 4:
                 self._check_length(_LEN.unpack_from(buf, pos)[0])
@@ -276,7 +293,7 @@ class _Connection:
         if n < _BODY_HDR or n > self.max_frame_size:
             self._check_length(n)
         end = pos + 4 + n
-        if end > len(buf):
+        if end > self._end:
             if self._eof:
                 self._fail(
                     ProtocolError(f"connection closed in the middle of a frame ({avail} of {n + 4} bytes)")
