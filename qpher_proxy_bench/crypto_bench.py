@@ -381,6 +381,18 @@ def _our_ops(backend: Any, alg_name: str, key: Any) -> dict[str, Callable[[], An
     }
 
 
+def raw_table(backend_name: str, alg_name: str) -> tuple[Any, dict[str, Callable[[], Any]]]:
+    """A fresh key of ``alg_name`` on ``backend_name`` and the raw library calls on it (the table
+    ``run`` compares with). Keep the key as long as the calls: liboqs' raw calls use objects the
+    key frees on collection."""
+    from qpher_proxy.kms.worker.backends import select_backend
+
+    backend = select_backend(backend_name)
+    key = backend.generate(ALGORITHMS[alg_name])
+    factory = _openssl_raw if backend.name == "openssl" else _liboqs_raw
+    return key, factory(alg_name, key)
+
+
 def run(backends: Sequence[str], algorithms: Sequence[str], seconds: float, rounds: int,
         progress: Callable[[str], None] | None = None) -> tuple[list[Result], dict[str, dict[str, str]]]:
     from qpher_proxy.kms.worker.backends import select_backend

@@ -17,7 +17,8 @@ In one run, for 1 and 64 requests in flight (``--inflight``):
   (``--workers``, default 1), next to ``in-process``: the same backend call in this process.
 
 Requests per second are over the whole measurement; p50/p99 are per request; ``cpu us`` is
-the CPU time of this process (the gateway side) per request. On a machine shared with other
+the CPU time of this process (the gateway side) per request, ``kms cpu`` that of the KMS
+worker processes (from /proc, at clock-tick resolution). On a machine shared with other
 work, treat the numbers as relative to each other within one run. ``--spin-us 0`` measures
 the client (and the echo baseline) without the spin.
 """
@@ -58,6 +59,21 @@ def _echo_child(fd: int) -> int:
 # ---- measurement -------------------------------------------------------------------------
 
 
+def _worker_cpu(pids: list[int]) -> float:
+    """CPU seconds (user + system) the KMS worker processes ``pids`` used so far (0 without /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / tick
+
+
 def _stats(name: str, latencies: list[float], elapsed: float, cpu: float, *, inflight: int) -> dict[str, Any]:
     lat = sorted(latencies)
     n = len(lat)
@@ -74,7 +90,8 @@ def _stats(name: str, latencies: list[float], elapsed: float, cpu: float, *, inf
 
 
 async def _drive(
-    op: Callable[[], Awaitable[Any]], inflight: int, duration: float
+    op: Callable[[], Awaitable[Any]], inflight: int, duration: float,
+    on_start: Callable[[], None] | None = None,
 ) -> tuple[list[float], float, float]:
     import trio
 
@@ -84,6 +101,8 @@ async def _drive(
     warm_until = perf() + min(0.3, duration / 4)
     while perf() < warm_until:
         await op()
+    if on_start is not None:
+        on_start()
     stop = perf() + duration
 
     async def worker() -> None:
@@ -251,11 +270,24 @@ async def _bench(args: argparse.Namespace) -> list[dict[str, Any]]:
             async def decap() -> None:
                 await client.decapsulate(ctx, kk.key_id, ct)
 
+            pids = [w.pid for w in client._live if w.pid is not None]
+
+            async def measured(name: str, op: Callable[[], Awaitable[Any]], n: int) -> dict[str, Any]:
+                w0 = [0.0]
+
+                def start() -> None:
+                    w0[0] = _worker_cpu(pids)
+
+                row = _stats(name, *await _drive(op, n, d, start), inflight=n)
+                spent = _worker_cpu(pids) - w0[0]  # clock ticks: ~10 ms resolution
+                row["worker_cpu_us_per_req"] = spent / row["requests"] * 1e6 if row["requests"] else 0.0
+                return row
+
             for n in levels:
-                results.append(_stats("kms ping (protocol only)", *await _drive(ping, n, d), inflight=n))
+                results.append(await measured("kms ping (protocol only)", ping, n))
             for name, op in (("kms sign ml-dsa-65", sign), ("kms decapsulate ml-kem-768", decap)):
                 for n in levels:
-                    results.append(_stats(name, *await _drive(op, n, d), inflight=n))
+                    results.append(await measured(name, op, n))
 
     # 3. in-process, same backend
     priv_sig = backend.generate(ML_DSA_65)
@@ -284,12 +316,13 @@ def _print(results: list[dict[str, Any]], workers: int) -> None:
     )
     print(
         f"{'operation':36} {'inflight':>8} {'req/s':>10} {'us/req':>9} {'p50 us':>9} {'p99 us':>9} "
-        f"{'cpu us':>7}"
+        f"{'cpu us':>7} {'kms cpu':>7}"
     )
     for r in results:
         print(
             f"{r['name']:36} {r['inflight']:>8} {r['rps']:>10.0f} {r['us_per_req']:>9.1f} "
-            f"{r['p50_us']:>9.1f} {r['p99_us']:>9.1f} {r['cpu_us_per_req']:>7.1f}"
+            f"{r['p50_us']:>9.1f} {r['p99_us']:>9.1f} {r['cpu_us_per_req']:>7.1f} "
+            f"{r['worker_cpu_us_per_req'] if 'worker_cpu_us_per_req' in r else float('nan'):>7.1f}"
         )
     by: dict[tuple[str, int], dict[str, Any]] = {(r["name"], r["inflight"]): r for r in results}
     for n in sorted({r["inflight"] for r in results if r["name"] == "socketpair echo"}):
