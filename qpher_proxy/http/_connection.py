@@ -191,6 +191,7 @@ class Connection(BodyReader, ResponseWriter):
                 # Cut off mid-request (a timeout, or the shutdown grace ran out): still log it.
                 timed_out = self._deadline <= trio.current_time()
                 self._done(self._request, 408 if timed_out else 503, self._started)
+            self._request = None  # it refers back to us: no cycle left for the GC to find
             if shutdown is not None:
                 shutdown._connections.discard(self)
 
@@ -211,7 +212,12 @@ class Connection(BodyReader, ResponseWriter):
             if event is None:
                 return
             first = False
-            if not await self._exchange(event):
+            reuse = await self._exchange(event)
+            # The request refers back to this connection (its body reader): let it go now, so
+            # that an idle connection holds no request and a closed one is freed by reference
+            # counting at once, not at the cyclic GC's next full pass.
+            self._request = None
+            if not reuse:
                 return
             h.start_next_cycle()
 

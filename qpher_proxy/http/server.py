@@ -37,6 +37,7 @@ import trio
 
 from ._connection import TRANSPORT_ERRORS, Connection, Handler, RequestDoneHook
 from ._deadlines import DeadlineWheel, ShutdownSignal
+from ._memory import MemoryReleaser
 from .limits import DEFAULT_SHUTDOWN_GRACE, HTTPLimits
 from .messages import new_request_id
 from .security_headers import SecurityHeaders
@@ -153,6 +154,8 @@ class HTTPServer:
         self.active_connections = 0
         self.accepted_connections = 0
         self.rejected_connections = 0  # over max_connections
+        self.memory = MemoryReleaser()  # hands the heap back after waves of closed connections
+        self._background: trio.Nursery | None = None
 
     @property
     def shutting_down(self) -> bool:
@@ -170,6 +173,7 @@ class HTTPServer:
     ) -> None:
         """Serve until ``shutdown()``; takes ownership of (and closes) the listeners."""
         async with trio.open_nursery() as outer:
+            self._background = outer
             outer.start_soon(self._wheel.run)
             async with trio.open_nursery() as connections:
                 try:
@@ -201,6 +205,7 @@ class HTTPServer:
                     continue
                 self.active_connections += 1
                 self.accepted_connections += 1
+                self.memory.opened(self.active_connections)
                 nursery.start_soon(self._run_connection, stream)
 
     async def _run_connection(self, stream: trio.abc.Stream) -> None:
@@ -216,3 +221,5 @@ class HTTPServer:
             logger.error("connection task failed", exc_info=True)
         finally:
             self.active_connections -= 1
+            if self._background is not None:
+                self.memory.closed(self.active_connections, self._background)

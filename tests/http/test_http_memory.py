@@ -1,0 +1,97 @@
+"""Memory of connections: an idle keep-alive connection holds no request, a closed one is freed
+by reference counting at once (no cycle waiting for the GC), and after a wave of closed
+connections the server hands the heap's free pages back to the OS."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Iterator
+
+import pytest
+import trio
+import trio.testing
+
+from qpher_proxy.http import Request, Response, SecurityHeaders, _memory, serve_connection
+from qpher_proxy.http._connection import Connection
+
+
+@pytest.fixture
+def no_automatic_gc() -> Iterator[None]:
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+
+
+async def _ok(request: Request) -> Response:
+    await request.read_body()
+    return Response(200, ((b"content-type", b"text/plain"),), b"ok")
+
+
+def _alive(kind: type) -> list[object]:
+    return [o for o in gc.get_objects() if type(o) is kind]
+
+
+async def test_an_idle_connection_holds_no_request_and_a_closed_one_no_cycle(no_automatic_gc: None) -> None:
+    client, server = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: serve_connection(server, _ok, security_headers=SecurityHeaders()))
+        await client.send_all(b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi")
+        received = b""
+        while not received.endswith(b"ok"):
+            received += await client.receive_some(65536)
+        await trio.testing.wait_all_tasks_blocked()
+        # idle, waiting for the next request: the served connection keeps no Request
+        connections = [c for c in _alive(Connection) if isinstance(c, Connection)]
+        assert len(connections) == 1
+        assert connections[0]._request is None
+        assert _alive(Request) == []
+        await client.aclose()
+    del connections
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    gc.collect()
+    leaked = {type(o).__name__ for o in gc.garbage} & {"Connection", "Request", "ConnectionState"}
+    assert leaked == set(), "a closed connection was left in a reference cycle"
+
+
+async def test_the_heap_is_trimmed_once_after_a_wave_of_closes() -> None:
+    trims: list[int] = []
+    releaser = _memory.MemoryReleaser(after_closes=4, min_interval=10.0, trim=lambda: trims.append(1) or True)
+    async with trio.open_nursery() as nursery:
+        for active in range(1, 9):
+            releaser.opened(active)  # a peak of 8
+        for active in (7, 6, 5):
+            releaser.closed(active, nursery)
+        await trio.testing.wait_all_tasks_blocked()
+        assert trims == []  # three closes: not yet
+        releaser.closed(4, nursery)  # the fourth, and half the peak
+        with trio.fail_after(10):
+            while releaser.trims < 1:  # the trim runs in a worker thread
+                await trio.sleep(0.01)
+        assert trims == [1]
+        for active in range(5, 9):
+            releaser.opened(active)
+        for active in (3, 2, 1, 0):
+            releaser.closed(active, nursery)
+        await trio.testing.wait_all_tasks_blocked()
+        assert trims == [1]  # within min_interval: no second trim
+
+
+async def test_no_trim_while_the_connection_count_stays_high() -> None:
+    trims: list[int] = []
+    releaser = _memory.MemoryReleaser(after_closes=2, min_interval=0.0, trim=lambda: trims.append(1) or True)
+    async with trio.open_nursery() as nursery:
+        releaser.opened(10)
+        for _ in range(20):  # connections come and go around 9-10 active: nothing to give back
+            releaser.closed(9, nursery)
+            releaser.opened(10)
+        await trio.testing.wait_all_tasks_blocked()
+    assert trims == []
+
+
+def test_malloc_trim_runs_on_this_machine() -> None:
+    assert _memory.malloc_trim() is True  # glibc, as on every machine this product supports
