@@ -89,6 +89,52 @@ async def test_a_thousand_concurrent_requests_are_all_answered_correctly(
         assert len({w["pid"] for w in sup.info.values()}) == 2
 
 
+async def test_a_batch_of_one_operation_travels_in_columns_answered_item_by_item(kms: KMSSupervisor) -> None:
+    """An API batch (one op, the same argument names): each item succeeds or fails on its own,
+    exactly as the same items sent one by one would."""
+    from qpher_proxy.crypto.algorithms import MAX_CONTEXT_BYTES
+    from qpher_proxy.errors import InvalidContext, InvalidInput
+
+    client = kms.client
+    a = ctx("tenant-a")
+    s = await client.create_key(a, algorithm="ml-dsa-65")
+    k = await client.create_key(a, algorithm="ml-kem-768")
+    messages = [bytes([i]) * (i + 1) for i in range(6)]
+    items: list[tuple[str, dict[str, Any]]] = [
+        ("sign", {"key_id": s.key_id, "message": m, "context": b""}) for m in messages
+    ]
+    too_long = b"x" * (MAX_CONTEXT_BYTES + 1)
+    items[2] = ("sign", {"key_id": s.key_id, "message": messages[2], "context": too_long})
+    items[3] = ("sign", {"key_id": k.key_id, "message": messages[3], "context": b""})
+    items[4] = ("sign", {"key_id": "k_" + "z" * 26, "message": messages[4], "context": b""})
+    items[5] = ("sign", {"key_id": s.key_id, "message": "not bytes", "context": b""})
+    results = await client.batch(a, items)
+    assert isinstance(results[2], InvalidContext)
+    assert isinstance(results[3], AlgorithmMismatch)
+    assert isinstance(results[4], KeyNotFound)
+    assert isinstance(results[5], InvalidInput)
+    for i in (0, 1):
+        r = results[i]
+        assert isinstance(r, dict) and set(r) == {"signature", "version"} and r["version"] == 1
+        assert await client.verify(a, s.key_id, messages[i], r["signature"])  # type: ignore[arg-type]
+    # the same items one by one, for the errors: the same classes and messages
+    for i in (2, 3, 4, 5):
+        with pytest.raises(QpherError) as one:
+            await client.sign(a, items[i][1]["key_id"], items[i][1]["message"], items[i][1]["context"])
+        assert (type(one.value), one.value.message) == (type(results[i]), results[i].message)  # type: ignore[union-attr]
+
+    _ss, ct, _v = await client.encapsulate(a, k.key_id)
+    await client.rotate_key(a, k.key_id)
+    decaps = await client.batch(a, [
+        ("decapsulate", {"key_id": k.key_id, "ciphertext": ct, "version": 1}),
+        ("decapsulate", {"key_id": k.key_id, "ciphertext": ct[:-1], "version": None}),
+        ("decapsulate", {"key_id": k.key_id, "ciphertext": ct, "version": 9}),
+    ])
+    assert decaps[0] == {"shared_secret": _ss, "version": 1}
+    assert isinstance(decaps[1], InvalidCiphertext) and isinstance(decaps[2], KeyNotFound)
+    assert await client.batch(a, [("sign", {"key_id": s.key_id, "message": b"m"})] * 0) == []
+
+
 async def test_lifecycle_and_errors_through_a_worker(kms: KMSSupervisor) -> None:
     client = kms.client
     a, b = ctx("tenant-a"), ctx("tenant-b")

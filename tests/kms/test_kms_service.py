@@ -93,6 +93,71 @@ def test_batches_are_bounded_and_refuse_lifecycle_ops(store: KeyStore) -> None:
     assert [i.key_id for i in store.tenant("tenant-a").list().keys] == [key]  # no key was created
 
 
+def test_a_batch_in_columns_is_checked_and_bounded_like_one_in_rows(store: KeyStore) -> None:
+    service = KMSService(store, TOKEN, max_batch=3)
+    key = store.tenant("tenant-a").create(kind="kem").key_id
+    good = {"op": "encapsulate", "n": 2, "same": {"key_id": key}, "each": {}}
+    bad = [
+        {"op": "encapsulate", "n": 4, "same": {"key_id": key}, "each": {}},  # over max_batch
+        {"op": "create_key", "n": 1, "same": {"kind": "kem"}, "each": {}},  # not a batch op
+        {"op": "encapsulate", "n": 2, "same": {}, "each": {"key_id": [key]}},  # a column too short
+        {"op": "encapsulate", "n": 2, "same": {}, "each": {"key_id": key}},  # not a list
+        {"op": "encapsulate", "n": "2", "same": {}, "each": {}},
+        {"op": "encapsulate", "n": 2, "same": [], "each": {}},
+    ]
+    frames = encode_raw_request(1, TOKEN, "tenant-a", "r", "a", "batch", good)
+    for i, args in enumerate(bad, start=2):
+        frames += encode_raw_request(i, TOKEN, "tenant-a", "r", "a", "batch", args)
+    first, *rest = _roundtrip(service, frames)
+    assert isinstance(first, Response)
+    v = first.value
+    assert v["n"] == 2 and v["errors"] == []  # type: ignore[index]
+    assert set(v["ok"]) == {"shared_secret", "ciphertext", "version"}  # type: ignore[index]
+    assert all(len(col) == 2 for col in v["ok"].values())  # type: ignore[index]
+    assert [(type(e), getattr(e, "code", None)) for e in rest] == [(Error, "invalid_input")] * len(bad)
+    assert [i.key_id for i in store.tenant("tenant-a").list().keys] == [key]  # no key was created
+
+
+def test_the_client_sends_shared_small_arguments_once_and_data_always_per_item() -> None:
+    from qpher_proxy.kms.client.pool import _columns
+
+    msg = b"m" * 100
+    same_data = [("sign", {"key_id": "k1", "message": msg, "context": b""})] * 3
+    assert _columns(same_data) == ("sign", {"key_id": "k1", "context": b""}, {"message": [msg] * 3})
+    mixed_keys = [("verify", {"key_id": f"k{i}", "message": b"m", "signature": b"s", "version": None})
+                  for i in range(2)]
+    assert _columns(mixed_keys) == ("verify", {"version": None},
+                                    {"key_id": ["k0", "k1"], "message": [b"m"] * 2, "signature": [b"s"] * 2})
+    assert _columns([("sign", {"key_id": "k", "version": 1}), ("sign", {"key_id": "k", "version": True})]) \
+        == ("sign", {"key_id": "k"}, {"version": [1, True]})  # equal is not enough: the same type too
+    assert _columns(same_data[:1]) is None  # one item: rows
+    assert _columns([("sign", {"key_id": "k"}), ("verify", {"key_id": "k"})]) is None  # two ops: rows
+    assert _columns([("sign", {"key_id": "k"}), ("sign", {"key_id": "k", "context": b""})]) is None
+
+
+def test_a_malformed_answer_to_a_batch_in_columns_is_the_worker_s_fault() -> None:
+    from qpher_proxy.errors import KeyNotFound
+    from qpher_proxy.kms.client.pool import _rows
+
+    good = {"n": 2, "ok": {"signature": [b"s", None], "version": [1, None]},
+            "errors": [[1, "key_not_found", 404, "no such key"]]}
+    first, second = _rows(good, 2)
+    assert first == {"signature": b"s", "version": 1}
+    assert isinstance(second, KeyNotFound) and second.message == "no such key"
+    for bad in (
+        {**good, "n": 3},
+        {**good, "ok": {"signature": [b"s"]}},
+        {**good, "errors": [[1, "key_not_found", 404, "x"], [1, "key_not_found", 404, "x"]]},
+        {**good, "errors": [[2, "key_not_found", 404, "x"]]},
+        {**good, "errors": [[-1, "key_not_found", 404, "x"]]},
+        {**good, "errors": [[1, "key_not_found", 404]]},
+        {"results": []},
+        None,
+    ):
+        with pytest.raises(KMSUnavailable):
+            _rows(bad, 2)
+
+
 def test_the_periodic_sweep_destroys_due_keys(store: KeyStore, clock: FakeClock, kms_dir: Path) -> None:
     service = KMSService(store, TOKEN)
     t = store.tenant("tenant-a")

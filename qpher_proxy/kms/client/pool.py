@@ -569,9 +569,19 @@ class KMSClient:
 
         ``items`` are ``(op, args)`` with the same args as the single calls (``sign``:
         ``key_id, message, context``; ...). The result has one entry per item: the op's
-        result dict (``{"signature": ..., "version": ...}``) or the item's error."""
+        result dict (``{"signature": ..., "version": ...}``) or the item's error.
+
+        Items of one operation with the same argument names (an API batch) travel in columns:
+        one list per argument, an argument every item gives the same small value (the key id,
+        an empty context, no version) once, and the answers likewise; see ``_batch_columns``."""
+        columns = _columns(items)
+        if columns is not None:
+            op, same, each = columns
+            n = len(items)
+            v: Any = await self.call(ctx, "batch", {"op": op, "n": n, "same": same, "each": each})
+            return _rows(v, n)
         wire: list[Value] = [{"op": op, "args": dict(args)} for op, args in items]
-        v: Any = await self.call(ctx, "batch", {"items": wire})
+        v = await self.call(ctx, "batch", {"items": wire})
         results = v["results"]
         if type(results) is not list or len(results) != len(items):
             raise KMSUnavailable("the KMS answered a batch with the wrong number of results")
@@ -588,6 +598,59 @@ class KMSClient:
         """A round trip through the protocol with no key work (health checks, benchmarks)."""
         v: Any = await self.call(ctx, "ping", {"data": data})
         return v["data"]  # type: ignore[no-any-return]
+
+
+_SAME_TYPES = (str, int, type(None))
+
+
+def _columns(
+    items: Sequence[tuple[str, Mapping[str, Value]]],
+) -> tuple[str, dict[str, Value], dict[str, Value]] | None:
+    """``(op, same, each)`` for items of one operation with the same argument names, else None.
+
+    ``same``: the arguments every item gives the same str, int, None or empty bytes (sent once);
+    ``each``: a list per other argument. Data (messages, ciphertexts) always goes per item, even
+    when equal: the frame carries what the items carry."""
+    if len(items) < 2:
+        return None
+    op, first = items[0]
+    names = first.keys()
+    for o, a in items:
+        if o != op or a.keys() != names:
+            return None
+    same: dict[str, Value] = {}
+    each: dict[str, Value] = {}
+    for name, v0 in first.items():
+        col = [a[name] for _o, a in items]
+        t = type(v0)
+        if (t in _SAME_TYPES or v0 == b"") and all(type(x) is t and x == v0 for x in col):
+            same[name] = v0
+        else:
+            each[name] = col
+    return op, same, each
+
+
+def _rows(v: Any, n: int) -> list[dict[str, Value] | QpherError]:
+    """The per-item answers of a batch sent in columns (the worker's ``_batch_columns``)."""
+    try:
+        ok, errors = v["ok"], v["errors"]
+        if v["n"] != n or type(ok) is not dict or type(errors) is not list:
+            raise ValueError
+        out: list[Any] = [None] * n
+        for i, code, status, message in errors:
+            if type(i) is not int or not 0 <= i < n or out[i] is not None:
+                raise ValueError
+            out[i] = error_from_frame(code, status, message)
+        pairs = list(ok.items())
+        for _f, col in pairs:
+            if type(col) is not list or len(col) != n:
+                raise ValueError
+        for i in range(n):
+            if out[i] is None:
+                out[i] = {f: col[i] for f, col in pairs}
+    except (KeyError, TypeError, ValueError, IndexError):
+        raise KMSUnavailable("the KMS answered a batch in columns malformed") from None
+    return out
 
 
 __all__ = ["KMS_ERRORS", "KMSClient", "WorkerChannel", "error_from_frame"]

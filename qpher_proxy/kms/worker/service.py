@@ -264,6 +264,16 @@ class KMSService:
         return {"plaintext": priv.hpke_open(ct, aad=aad, info=info), "version": version}
 
     def _batch(self, keys: AnyKeys, args: dict[str, Value]) -> Value:
+        """Several crypto operations in one frame, each performed and failing on its own.
+
+        Two shapes (see ``KMSClient.batch``): rows, ``{"items": [{"op", "args"}, ...]}``
+        answered ``{"results": [{"ok": result} | {"error": {code, status, message}}, ...]}``;
+        or columns, for items of one operation (an API batch), ``{"op", "n", "same": {arg:
+        value}, "each": {arg: [value] * n}}`` answered ``{"n", "ok": {field: [value or None] *
+        n}, "errors": [[index, code, status, message], ...]}``: no dict per item on the wire, and
+        what every item shares (the key id, the context) travels once."""
+        if "items" not in args and "op" in args:
+            return self._batch_columns(keys, args)
         items = args.get("items")
         if type(items) is not list:
             raise InvalidInput("items must be a list")
@@ -295,6 +305,43 @@ class KMSService:
                     }
                 )
         return {"results": results}
+
+    def _batch_columns(self, keys: AnyKeys, args: dict[str, Value]) -> Value:
+        op, n, same, each = args.get("op"), args.get("n"), args.get("same"), args.get("each")
+        if type(op) is not str or type(n) is not int or type(same) is not dict or type(each) is not dict:
+            raise InvalidInput("a batch in columns is {op: str, n: int, same: dict, each: dict}")
+        if not 0 <= n <= self.max_batch:
+            raise InvalidInput(f"a batch holds at most {self.max_batch} items, not {n}")
+        if op not in BATCH_OPS:
+            raise InvalidInput(f"operation {op[:40]!r} is not allowed in a batch")
+        columns = list(each.items())
+        for _name, col in columns:
+            if type(col) is not list or len(col) != n:
+                raise InvalidInput("every column of a batch must hold n values")
+        handler = self._ops[op]
+        ok: dict[str, Value] = {}
+        errors: list[Value] = []
+        for i in range(n):
+            item = same.copy()
+            for name, col in columns:
+                item[name] = col[i]  # type: ignore[index]  # checked above: a list of n values
+            try:
+                result = handler(keys, item)
+            except QpherError as exc:
+                errors.append([i, exc.code, exc.status, exc.message])
+                continue
+            except Exception as exc:
+                log.error(
+                    "internal error in a batch item", extra={"fields": {"exc_type": type(exc).__name__}}
+                )
+                errors.append([i, "internal_error", 500, "internal error in the KMS"])
+                continue
+            for field, value in result.items():  # type: ignore[union-attr]  # every batch op answers a dict
+                out = ok.get(field)
+                if out is None:
+                    out = ok[field] = [None] * n
+                out[i] = value  # type: ignore[index]
+        return {"n": n, "ok": ok, "errors": errors}
 
     # ---- periodic work ----
 
