@@ -21,6 +21,7 @@ other (the server's handshake cost does not matter here, only what it keeps afte
 
 from __future__ import annotations
 
+import functools
 import resource
 import socket
 import time
@@ -65,7 +66,7 @@ def _open_one(port: int, ctx: Any, timeout: float = 10.0) -> tuple[socket.socket
         _blocking(conn.do_handshake, sock, deadline)
         view = memoryview(HEALTHZ)
         while view:
-            view = view[_blocking(lambda: conn.send(view), sock, deadline):]
+            view = view[_blocking(functools.partial(conn.send, view), sock, deadline):]
         buf = b""
         while True:
             buf += _blocking(lambda: conn.recv(_RECV), sock, deadline)

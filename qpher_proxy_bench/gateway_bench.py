@@ -164,6 +164,18 @@ class GatewayProcess:
         """The gateway and its KMS workers."""
         return process_tree(self.pid) if self._proc is not None else []
 
+    def serving_pids(self) -> list[int]:
+        """The gateway processes that accept connections (not the supervisor, not the KMS)."""
+        out = []
+        for pid in self.pids():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if b"qpher_proxy.server" in f.read():
+                        out.append(pid)
+            except OSError:
+                continue
+        return out or [self.pid]  # profiled_main: the gateway runs in the started process
+
     def __enter__(self) -> GatewayProcess:
         self.directory = Path(tempfile.mkdtemp(prefix="qpher-bench-"))
         try:
@@ -475,24 +487,36 @@ class Row:
     server_cpu_s: float = 0.0
     server_cores: float = 0.0
     skipped: str = ""
-    raw_rate: float | None = None  # api: raw single-core library rate
+    raw_rate: float | None = None  # api: raw single-core library rate (per item)
     healthz_rate: float | None = None  # api: the gateway's keep-alive /healthz rate, same concurrency
+    backend: str | None = None  # api: the gateway's crypto backend
+    items: int = 1  # operations per request (a batch): rate and CPU are per item
 
     @property
     def rate(self) -> float:
+        """Operations per second: requests/s times ``items``."""
+        return self.result.rate * self.items if self.result else 0.0
+
+    @property
+    def request_rate(self) -> float:
         return self.result.rate if self.result else 0.0
 
     @property
     def cpu_us_per_op(self) -> float | None:
         if not self.result or not self.result.ok:
             return None
-        return self.server_cpu_s / self.result.ok * 1e6
+        return self.server_cpu_s / (self.result.ok * self.items) * 1e6
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "suite": self.suite, "server": self.server, "kind": self.kind, "group": self.group,
             "concurrency": self.concurrency,
         }
+        if self.backend is not None:
+            out["backend"] = self.backend
+        if self.items != 1:
+            out["items_per_request"] = self.items
+            out["items_per_s"] = round(self.rate, 1)
         if self.skipped:
             out["skipped"] = self.skipped
             return out
@@ -507,7 +531,9 @@ class Row:
             out["ratio_to_raw"] = round(self.rate / self.raw_rate, 4) if self.raw_rate else None
         if self.healthz_rate is not None:
             out["healthz_rate"] = round(self.healthz_rate, 1)
-            out["ratio_to_healthz"] = round(self.rate / self.healthz_rate, 4) if self.healthz_rate else None
+            out["ratio_to_healthz"] = (
+                round(self.request_rate / self.healthz_rate, 4) if self.healthz_rate else None
+            )
         return out
 
 
@@ -636,8 +662,13 @@ def _error_text(doc: dict[str, Any]) -> str:
     return f"{err.get('code')}: {err.get('message')}" if isinstance(err, dict) else "(no error body)"
 
 
+BATCH_ITEMS = 64
+
+
 def api_suite(lg: LoadGenerator, gw: GatewayProcess, st: Settings, raw: dict[str, float],
-              concurrencies: Sequence[int]) -> list[Row]:
+              concurrencies: Sequence[int], backend: str | None = None) -> list[Row]:
+    from .batch_bench import batch_request, check_batch
+
     requests = api_requests(gw)
     forward = build_request("GET", "/app/hello", headers=gw.api_headers(json_body=False))
     tls = ClientTLS("X25519MLKEM768", cafile=gw.ca_file)
@@ -645,16 +676,24 @@ def api_suite(lg: LoadGenerator, gw: GatewayProcess, st: Settings, raw: dict[str
     if not p.ok or p.status != 200:
         raise BenchError(f"GET /app/hello through the sidecar: {p.error or f'status {p.status}'}")
     requests["forward"] = forward
+    status, doc = gw.call("POST", "/v1/keys", {"algorithm": "ml-dsa-65", "label": "bench-batch"})
+    if status != 201 or "key_id" not in doc:
+        raise BenchError(f"POST /v1/keys ml-dsa-65: status {status}: {_error_text(doc)}")
+    batch = batch_request(gw.api_key, doc["key_id"], BATCH_ITEMS, PAYLOAD)
+    check_batch(gw.port, gw.ca_file, batch, BATCH_ITEMS)
+    requests["sign/batch"] = batch
     rows = []
     pids = gw.pids()
     for conc in concurrencies:
-        base = _measure(lg, LoadSpec.keepalive(gw.port, tls, HEALTHZ, connections=conc, seconds=st.seconds,
-                                               warmup=st.warmup), pids, Row("api", "qpher", "healthz",
-                                                                            tls.group, conc), st)
+        spec = LoadSpec.keepalive(gw.port, tls, HEALTHZ, connections=conc, seconds=st.seconds,
+                                  warmup=st.warmup)
+        base = _measure(lg, spec, pids, Row("api", "qpher", "healthz", tls.group, conc, backend=backend), st)
         rows.append(base)
         for op, req in requests.items():
-            row = Row("api", "qpher", op, tls.group, conc, raw_rate=raw.get(op),
-                      healthz_rate=base.rate if base.result else None)
+            items = BATCH_ITEMS if op == "sign/batch" else 1
+            row = Row("api", "qpher", op, tls.group, conc, raw_rate=raw.get(op.split("/")[0]),
+                      healthz_rate=base.request_rate if base.result else None, backend=backend,
+                      items=items)
             rows.append(
                 _measure(
                     lg,
@@ -667,6 +706,207 @@ def api_suite(lg: LoadGenerator, gw: GatewayProcess, st: Settings, raw: dict[str
                 )
             )
     return rows
+
+
+# ---- connection extras: memory per idle connection, first request with Nagle on ---------------------
+
+
+@dataclass
+class Extra:
+    """A figure measured outside the load generator (memory, first-request latency)."""
+
+    kind: str  # "idle_memory" | "first_request"
+    server: str
+    figures: dict[str, Any] = field(default_factory=dict)
+    skipped: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": self.kind, "server": self.server}
+        if self.skipped:
+            out["skipped"] = self.skipped
+        out.update(self.figures)
+        return out
+
+
+def idle_memory_extras(servers: list[tuple[str, int, str, list[int]]], connections: int,
+                       quiet: bool) -> list[Extra]:
+    from .conn_bench import idle_connection_memory
+
+    out = []
+    for name, port, cafile, pids in servers:
+        group = "X25519MLKEM768" if name == "qpher" else "X25519"
+        if not quiet:
+            print(f"  {name:6} idle memory  {group:15} n={connections} ...", end="", file=sys.stderr,
+                  flush=True)
+        try:
+            figures = idle_connection_memory(port, cafile, pids[0], connections=connections, group=group)
+        except (OSError, RuntimeError) as exc:
+            out.append(Extra("idle_memory", name, skipped=f"failed: {type(exc).__name__}: {exc}"))
+        else:
+            out.append(Extra("idle_memory", name, figures))
+            if not quiet:
+                print(f" {figures['bytes_per_idle_connection'] / 1024:.1f} KiB per connection, "
+                      f"{_pct(figures['returned_after_close'])} returned after close", file=sys.stderr)
+    return out
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.0%}"
+
+
+def format_extras(extras: list[Extra]) -> str:
+    lines = []
+    mem = [e for e in extras if e.kind == "idle_memory"]
+    if mem:
+        lines.append("memory per idle TLS connection (after a handshake and one GET /healthz), "
+                     "server process RSS")
+        for e in mem:
+            if e.skipped:
+                lines.append(f"  {e.server:7} {e.skipped}")
+                continue
+            f = e.figures
+            lines.append(f"  {e.server:7} {f['group']:15} {f['connections']:5} connections: "
+                         f"{f['bytes_per_idle_connection'] / 1024:6.1f} KiB each; "
+                         f"RSS {f['rss_before_mb']} -> "
+                         f"{f['rss_idle_mb']} MB idle -> {f['rss_after_close_mb']} MB after close "
+                         f"({_pct(f['returned_after_close'])} returned)")
+    first = [e for e in extras if e.kind == "first_request"]
+    if first:
+        lines.append("first request on a new connection, Nagle-on client (handshake not timed)")
+        for e in first:
+            if e.skipped:
+                lines.append(f"  {e.server:7} {e.skipped}")
+                continue
+            f = e.figures
+            lines.append(f"  {e.server:7} " + ", ".join(f"{k} {v}" for k, v in f.items()))
+    return "\n".join(lines)
+
+
+# ---- the issue's figures, in one table -------------------------------------------------------------
+
+
+def headline(rows: list[Row], extras: list[Extra]) -> list[dict[str, Any]]:
+    """Each figure the performance goals name, from this run's rows, with its reference (measured
+    in the same run) and goal. Missing measurements are left out."""
+    out: list[dict[str, Any]] = []
+    ok = [r for r in rows if r.result is not None and r.result.ok]
+
+    def find(suite: str, server: str, kind: str, group: str | None = None, conc: int | None = None,
+             backend: str | None = None) -> Row | None:
+        for r in ok:
+            if (r.suite, r.server, r.kind) == (suite, server, kind) and group in (None, r.group) \
+                    and conc in (None, r.concurrency) and backend in (None, r.backend):
+                return r
+        return None
+
+    backends = sorted({r.backend for r in ok if r.backend})
+    for b in backends:
+        hz, enc = find("api", "qpher", "healthz", conc=64, backend=b), find("api", "qpher", "encapsulate",
+                                                                            conc=64, backend=b)
+        if hz and enc:
+            out.append({"figure": f"encapsulate e2e / /healthz e2e, c=64 ({b})",
+                        "value": round(enc.request_rate / hz.request_rate, 3), "goal": ">= 0.7"})
+    for mode, goal_text in (("keepalive", "<= 8x nginx"), ("handshake", ">= 0.6")):
+        gw = find("tls", "qpher", mode, "X25519MLKEM768") or find("tls", "qpher", mode, "X25519")
+        ng = find("tls", "nginx", mode, "X25519")
+        if gw and ng and gw.cpu_us_per_op and ng.cpu_us_per_op:
+            if mode == "keepalive":
+                out.append({"figure": f"keep-alive GET /healthz, gateway CPU per request ({gw.group}) "
+                                      "vs nginx (X25519)",
+                            "value": f"{gw.cpu_us_per_op:.0f} us vs {ng.cpu_us_per_op:.0f} us = "
+                                     f"{gw.cpu_us_per_op / ng.cpu_us_per_op:.1f}x", "goal": goal_text})
+            else:
+                out.append({"figure": f"full TLS 1.3 handshake, CPU per handshake nginx/gateway "
+                                      f"({gw.group} vs nginx X25519)",
+                            "value": f"{ng.cpu_us_per_op:.0f} us / {gw.cpu_us_per_op:.0f} us = "
+                                     f"{ng.cpu_us_per_op / gw.cpu_us_per_op:.2f}", "goal": goal_text})
+    for group in ("X25519MLKEM768", "X25519"):
+        full, resumed = find("tls", "qpher", "handshake", group), find("tls", "qpher", "resumed", group)
+        if full and resumed:
+            out.append({"figure": f"resumed / full handshakes per second ({group})",
+                        "value": f"{resumed.rate:.0f} / {full.rate:.0f} = {resumed.rate / full.rate:.2f}x",
+                        "goal": ">= 3x"})
+    for e in extras:
+        if e.skipped:
+            continue
+        f = e.figures
+        if e.kind == "first_request" and "p50_ms" in f:
+            out.append({"figure": f"first request on a new connection, Nagle-on client ({e.server})",
+                        "value": f"p50 {f['p50_ms']} ms, max {f.get('max_ms')} ms", "goal": "<= 1 ms"})
+        if e.kind == "idle_memory":
+            out.append({"figure": f"memory per idle TLS connection ({e.server}, {f['group']})",
+                        "value": f"{f['bytes_per_idle_connection'] / 1024:.1f} KiB, "
+                                 f"{_pct(f['returned_after_close'])} returned after close",
+                        "goal": "<= 16 KiB, returned"})
+    for b in backends:
+        sign = find("api", "qpher", "sign", conc=1, backend=b)
+        if sign and sign.result:
+            out.append({"figure": f"ML-DSA-65 sign p50 at c=1 ({b})", "value": f"{sign.result.p50_ms:.2f} ms",
+                        "goal": "<= 0.4 ms (liboqs)"})
+        batches = [r for r in ok if r.kind == "sign/batch" and r.backend == b and r.raw_rate]
+        if batches:
+            best = max(batches, key=lambda r: r.rate)
+            assert best.raw_rate is not None
+            out.append({"figure": f"sign/batch of {BATCH_ITEMS}, signatures/s vs raw single core ({b}, "
+                                  f"c={best.concurrency})",
+                        "value": f"{best.rate:.0f} / {best.raw_rate:.0f} = {best.rate / best.raw_rate:.2f}",
+                        "goal": ">= 0.9"})
+        hz = find("api", "qpher", "healthz", conc=64, backend=b)
+        for op in ("sign", "encapsulate"):
+            r = find("api", "qpher", op, conc=64, backend=b)
+            if hz and r and r.cpu_us_per_op and hz.cpu_us_per_op and r.raw_rate:
+                crypto_us = 1e6 / r.raw_rate
+                out.append({"figure": f"server CPU per {op} at c=64 ({b}): (op - crypto) / /healthz",
+                            "value": f"({r.cpu_us_per_op:.0f} - {crypto_us:.0f}) / "
+                                     f"{hz.cpu_us_per_op:.0f} us = "
+                                     f"{(r.cpu_us_per_op - crypto_us) / hz.cpu_us_per_op:.2f}",
+                            "goal": "<= 1.4"})
+    return out
+
+
+def format_headline(items: list[dict[str, Any]]) -> str:
+    if not items:
+        return ""
+    width = max(len(i["figure"]) for i in items)
+    lines = ["the performance figures (each against its reference in this run)"]
+    lines += [f"  {i['figure']:{width}}  {i['value']!s:38}  goal {i['goal']}" for i in items]
+    return "\n".join(lines)
+
+
+# ---- server.workers: 1 against 2 ---------------------------------------------------------------------
+
+
+def workers_compare(lg: LoadGenerator, st: Settings, backend: str | None, upstream_url: str | None,
+                    log_level: str | None) -> list[Row]:
+    """/healthz and sign at c=64 with ``server.workers`` 1 and 2 (separate gateways, same run)."""
+    rows = []
+    for workers in (1, 2):
+        with GatewayProcess(upstream_url=upstream_url, backend=backend, log_level=log_level,
+                            overrides={"server.workers": workers}) as gw:
+            tls = ClientTLS("X25519MLKEM768", cafile=gw.ca_file)
+            sign = api_requests(gw)["sign"]
+            pids = gw.pids()
+            for kind, req in (("healthz", HEALTHZ), ("sign", sign)):
+                row = Row("workers", "qpher", kind, tls.group, 64, backend=backend)
+                row.skipped = ""
+                rows.append(_measure(lg, LoadSpec.keepalive(gw.port, tls, req, connections=64,
+                                                            seconds=st.seconds, warmup=st.warmup),
+                                     pids, row, st))
+                row.group = f"workers={workers}"
+    return rows
+
+
+def format_workers(rows: list[Row]) -> str:
+    lines = ["server.workers: 1 against 2 on this machine, keep-alive c=64 (X25519MLKEM768)"]
+    by = {(r.kind, r.group): r for r in rows}
+    for kind in ("healthz", "sign"):
+        one, two = by.get((kind, "workers=1")), by.get((kind, "workers=2"))
+        if one is None or two is None or not one.result or not two.result:
+            continue
+        lines.append(f"  {kind:8} 1 worker {one.rate:7.0f}/s ({one.server_cores:.2f} cores)   "
+                     f"2 workers {two.rate:7.0f}/s ({two.server_cores:.2f} cores)   "
+                     f"ratio {two.rate / one.rate if one.rate else 0:.2f}")
+    return "\n".join(lines)
 
 
 # ---- output -------------------------------------------------------------------------------------------
@@ -736,8 +976,9 @@ def tls_ratios(rows: list[Row]) -> list[dict[str, Any]]:
 
 def format_api(rows: list[Row], backend: str) -> str:
     lines = [f"crypto API over keep-alive TLS (X25519MLKEM768), backend {backend}, 1 KiB payloads; "
-             "raw = library, single core, same run"]
-    h = (f"{'operation':12} {'conc':>4} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'raw/s':>8} {'/raw':>6} "
+             "raw = library, single core, same run; sign/batch: "
+             f"{BATCH_ITEMS} signatures per request, rate and CPU per signature; /healthz: request rates"]
+    h = (f"{'operation':12} {'conc':>4} {'ops/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'raw/s':>8} {'/raw':>6} "
          f"{'/healthz':>8} {'srv cores':>9} {'srv us/op':>9} errors")
     lines += [h, "-" * len(h)]
     for r in rows:
@@ -747,8 +988,8 @@ def format_api(rows: list[Row], backend: str) -> str:
         res = r.result
         assert res is not None
         to_raw = r.rate / r.raw_rate if r.raw_rate else None
-        to_hz = r.rate / r.healthz_rate if r.healthz_rate else None
-        lines.append(f"{r.kind:12} {r.concurrency:>4} {res.rate:8.0f} {res.p50_ms:7.2f} {res.p99_ms:7.2f} "
+        to_hz = r.request_rate / r.healthz_rate if r.healthz_rate else None
+        lines.append(f"{r.kind:12} {r.concurrency:>4} {r.rate:8.0f} {res.p50_ms:7.2f} {res.p99_ms:7.2f} "
                      f"{_f(r.raw_rate):>8} {_f(to_raw, '{:.2f}'):>6} {_f(to_hz, '{:.2f}'):>8} "
                      f"{r.server_cores:9.2f} {_f(r.cpu_us_per_op):>9} {_errors_text(res)}")
     return "\n".join(lines)
@@ -804,8 +1045,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="api suite concurrency (repeatable; default 1, 16, 64)")
     ap.add_argument("--skip-nginx", action="store_true", help="do not start nginx")
     ap.add_argument("--nginx", help="nginx binary (default /usr/sbin/nginx)")
-    ap.add_argument("--backend", choices=("auto", "openssl", "liboqs"),
-                    help="crypto.backend of the gateway (default: the config's, i.e. auto)")
+    ap.add_argument("--backend", choices=("auto", "openssl", "liboqs", "both"),
+                    help="crypto.backend of the gateway (default: the config's, i.e. auto); both: the API "
+                         "suite runs with openssl, then with liboqs (another gateway)")
+    ap.add_argument("--memory-connections", type=int,
+                    help="idle TLS connections for the memory figure (default 2000, --quick 300; 0: skip)")
+    ap.add_argument("--workers-compare", action="store_true",
+                    help="also measure /healthz and sign at c=64 with server.workers 1 and 2")
     ap.add_argument(
         "--raw-seconds", type=float, help="CPU seconds per raw library rate (default 1, --quick 0.3)"
     )
@@ -841,6 +1087,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         keepalive_concurrency=args.connections, quiet=args.quiet,
     )
     raw_seconds = args.raw_seconds or (0.3 if args.quick else 1.0)
+    if args.memory_connections is None:
+        args.memory_connections = 300 if args.quick else 2000
     try:
         return _run(args, suite, st, raw_seconds)
     except BenchError as exc:
@@ -848,6 +1096,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _backends(choice: str | None, notes: list[str]) -> list[str]:
+    """The backends the API suite measures: ``both`` is openssl then liboqs (when installed)."""
+    wanted = ["openssl", "liboqs"] if choice == "both" else [choice or "auto"]
+    out = []
+    for name in wanted:
+        resolved = resolve_backend(name)
+        if name == "liboqs" and resolved != "liboqs":
+            notes.append("liboqs backend not measured: the liboqs shared library is not installed here "
+                         "(set OQS_INSTALL_PATH)")
+            continue
+        if resolved not in out:
+            out.append(resolved)
+    return out
 
 
 def _run(args: argparse.Namespace, suite: str, st: Settings, raw_seconds: float) -> int:
@@ -860,7 +1123,8 @@ def _run(args: argparse.Namespace, suite: str, st: Settings, raw_seconds: float)
                                            "keepalive_connections": st.keepalive_concurrency},
                               "notes": []}
     notes: list[str] = report["notes"]
-    backend = resolve_backend(args.backend or "auto") if suite in ("api", "all") else None
+    backends = _backends(args.backend, notes) if suite in ("api", "all") else []
+    backend = backends[0] if backends else None
     profile_path: Path | None = None
     tmp_profile = None
     if args.profile:
@@ -871,15 +1135,18 @@ def _run(args: argparse.Namespace, suite: str, st: Settings, raw_seconds: float)
         else:
             profile_path = Path(args.profile).resolve()
     rows: list[Row] = []
+    extras: list[Extra] = []
     nginx_meta = None
+    raw_by_backend: dict[str, dict[str, float]] = {}
     with contextlib.ExitStack() as stack:
         upstream_url = None
-        if suite in ("api", "all"):
+        if suite in ("api", "all") or args.workers_compare:
             upstream_url = f"http://127.0.0.1:{stack.enter_context(trivial_upstream())}"
         gw = stack.enter_context(
             GatewayProcess(
                 upstream_url=upstream_url,
-                backend=args.backend,
+                backend=backend if backend is not None else (
+                    args.backend if args.backend not in (None, "both") else None),
                 log_level=args.log_level,
                 generous_limits=not args.keep_limits,
                 profile_to=profile_path,
@@ -892,6 +1159,7 @@ def _run(args: argparse.Namespace, suite: str, st: Settings, raw_seconds: float)
         if not st.quiet:
             print(f"gateway on 127.0.0.1:{gw.port} (pid {gw.pid}), state {gw.directory}", file=sys.stderr)
         servers = [("qpher", gw.port, gw.ca_file, gw.pids())]
+        serving = [("qpher", gw.port, gw.ca_file, gw.serving_pids())]
         if suite in ("tls", "all") and not args.skip_nginx:
             try:
                 ng = stack.enter_context(NginxServer(nginx=args.nginx))
@@ -904,30 +1172,51 @@ def _run(args: argparse.Namespace, suite: str, st: Settings, raw_seconds: float)
                 if not ng.pq_supported:
                     notes.append(f"nginx figures are for X25519 only: {ng.pq_reason}")
                 servers.append(("nginx", ng.port, str(ng.ca_file), [ng.pid, *ng.worker_pids()]))
-        raw: dict[str, float] = {}
-        if suite in ("api", "all") and backend is not None:
+                serving.append(("nginx", ng.port, str(ng.ca_file), ng.worker_pids()))
+        for b in backends:
             if not st.quiet:
-                print(f"raw library rates ({backend}, {raw_seconds:g} CPU s each) ...", file=sys.stderr)
-            raw = raw_rates(backend, raw_seconds)
-            report["raw_rates"] = {k: round(v, 1) for k, v in raw.items()}
+                print(f"raw library rates ({b}, {raw_seconds:g} CPU s each) ...", file=sys.stderr)
+            raw_by_backend[b] = raw_rates(b, raw_seconds)
+        report["raw_rates"] = {b: {k: round(v, 1) for k, v in r.items()} for b, r in raw_by_backend.items()}
         with LoadGenerator(st.clients) as lg:
             if suite in ("tls", "all"):
                 rows += tls_suite(lg, servers, st, args.only)
+                if args.only is None and args.memory_connections > 0 and profile_path is None:
+                    extras += idle_memory_extras(serving, args.memory_connections, st.quiet)
             if suite in ("api", "all"):
-                rows += api_suite(lg, gw, st, raw, args.concurrency or API_CONCURRENCY)
+                for n, b in enumerate(backends):
+                    target = gw
+                    if n > 0:  # another backend: another gateway, same upstream, same machine
+                        target = stack.enter_context(GatewayProcess(
+                            upstream_url=upstream_url, backend=b, log_level=args.log_level,
+                            generous_limits=not args.keep_limits))
+                    rows += api_suite(lg, target, st, raw_by_backend[b], args.concurrency or API_CONCURRENCY,
+                                      backend=b)
+            if args.workers_compare:
+                rows += workers_compare(lg, st, backend, upstream_url, args.log_level)
     # everything stopped here (the gateway wrote its profile on exit)
-    report["environment"] = environment(backend, nginx_meta)
+    report["environment"] = environment(", ".join(backends) or None, nginx_meta)
     report["rows"] = [r.to_json() for r in rows]
+    report["extras"] = [e.to_json() for e in extras]
     report["tls_ratios"] = tls_ratios(rows)
+    report["headline"] = headline(rows, extras)
     report["elapsed_s"] = round(time.time() - started, 1)
 
     out: list[str] = []
     tls_rows = [r for r in rows if r.suite == "tls"]
-    api_rows = [r for r in rows if r.suite == "api"]
     if tls_rows:
         out.append(format_tls(tls_rows))
-    if api_rows:
-        out.append(format_api(api_rows, backend or "?"))
+    if extras:
+        out.append(format_extras(extras))
+    for b in backends:
+        api_rows = [r for r in rows if r.suite == "api" and r.backend == b]
+        if api_rows:
+            out.append(format_api(api_rows, b))
+    worker_rows = [r for r in rows if r.suite == "workers"]
+    if worker_rows:
+        out.append(format_workers(worker_rows))
+    if report["headline"]:
+        out.append(format_headline(report["headline"]))
     if profile_path is not None:
         out.append(format_profile(profile_path, st.profiled_ops))
         if tmp_profile is not None:

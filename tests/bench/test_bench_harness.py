@@ -83,7 +83,7 @@ def test_gateway_bench_end_to_end_tiny(tmp_path: Path, capsys: pytest.CaptureFix
     rc = gateway_bench.main(["--suite", "all", "--skip-nginx", "--seconds", "0.15", "--warmup", "0",
                              "--clients", "1", "--concurrency", "2", "--connections", "2",
                              "--handshake-concurrency", "2", "--raw-seconds", "0.01", "--backend", "openssl",
-                             "--quiet", "--json", str(out)])
+                             "--memory-connections", "20", "--quiet", "--json", str(out)])
     text = capsys.readouterr().out
     assert rc == 0, text
     report = json.loads(out.read_text())
@@ -96,10 +96,20 @@ def test_gateway_bench_end_to_end_tiny(tmp_path: Path, capsys: pytest.CaptureFix
                 and row["errors"] == {}
                 and row["negotiated"] == {group: row["negotiated"][group]}
             )
-    for op in ("healthz", "sign", "verify", "encapsulate", "decapsulate", "encrypt", "decrypt", "forward"):
+    for op in ("healthz", "sign", "verify", "encapsulate", "decapsulate", "encrypt", "decrypt", "forward",
+               "sign/batch"):
         row = rows[("api", op, "X25519MLKEM768", 2)]
-        assert row["ok"] > 0 and row["errors"] == {}, row
+        assert row["ok"] > 0 and row["errors"] == {} and row["backend"] == "openssl", row
         if op in gateway_bench.RAW_OPS:
             assert row["raw_rate"] > 0 and row["ratio_to_raw"] > 0
+    batch = rows[("api", "sign/batch", "X25519MLKEM768", 2)]
+    assert batch["items_per_request"] == gateway_bench.BATCH_ITEMS
+    assert batch["items_per_s"] == pytest.approx(batch["rate"] * gateway_bench.BATCH_ITEMS, rel=0.01)
+    (memory,) = report["extras"]
+    assert memory["kind"] == "idle_memory" and memory["connections"] == 20
+    assert memory["rss_idle_mb"] >= memory["rss_before_mb"] > 0
+    figures = {item["figure"] for item in report["headline"]}
+    assert any(f.startswith("sign/batch of 64") for f in figures), figures
+    assert any(f.startswith("memory per idle TLS connection (qpher") for f in figures), figures
     assert report["environment"]["backend"] == "openssl"
     assert "sign" in text and "handshake" in text
