@@ -69,3 +69,38 @@ def test_concurrent_randomness_consumers_never_see_injected_seed(liboqs_backend:
         stop.set()
         worker.join()
     assert not errors
+
+
+def test_direct_native_calls_sign_and_decapsulate_like_the_standard(liboqs_backend: Any) -> None:
+    """Signing, encapsulation and decapsulation call liboqs directly (not through
+    liboqs-python's methods): the results are checked by cryptography's implementation, for
+    empty and maximal contexts and messages of several sizes, with the buffers reused."""
+    from cryptography.hazmat.primitives.asymmetric import mldsa, mlkem
+
+    from qpher_proxy.crypto.algorithms import ML_DSA_65, ML_KEM_768
+
+    sk = liboqs_backend.generate(ML_DSA_65)
+    ref = mldsa.MLDSA65PrivateKey.from_seed_bytes(sk.private_bytes()).public_key()
+    for message in (b"", b"m", bytes(range(256)) * 40):
+        for context in (b"", b"c", bytes(255)):
+            sig = sk.sign(message, context)
+            assert len(sig) == ML_DSA_65.signature_size
+            ref.verify(sig, message, context)
+    kem = liboqs_backend.generate(ML_KEM_768)
+    ref_kem = mlkem.MLKEM768PrivateKey.from_seed_bytes(kem.private_bytes())
+    pub = kem.public_key()
+    for _ in range(3):
+        ss, ct = pub.encapsulate()
+        assert ref_kem.decapsulate(ct) == ss == kem.decapsulate(ct)
+        ss2, ct2 = ref_kem.public_key().encapsulate()
+        assert kem.decapsulate(ct2) == ss2
+
+
+def test_an_mlkem_public_key_of_the_wrong_length_is_refused(liboqs_backend: Any) -> None:
+    from qpher_proxy.crypto.algorithms import ML_KEM_768
+    from qpher_proxy.errors import InvalidKey
+    from qpher_proxy.kms.worker.backends.liboqs import LiboqsMLKEMPublicKey
+
+    raw = liboqs_backend.generate(ML_KEM_768).public_key().public_bytes()
+    with pytest.raises(InvalidKey):
+        LiboqsMLKEMPublicKey(liboqs_backend, ML_KEM_768, raw[:-1])

@@ -42,8 +42,10 @@ implicit-rejection secret (liboqs does that), never an error.
 *Cost.* liboqs objects are created once: one ``KeyEncapsulation``/``Signature`` per
 private key (holding liboqs' expanded secret, freed and cleansed with
 ``OQS_MEM_cleanse`` when the key object is collected) and one shared context per
-algorithm for the public-key operations, so a call is one Python frame over
-liboqs-python's own method.
+algorithm for the public-key operations. Signing, encapsulation and decapsulation then call
+liboqs' C functions directly through fixed prototypes (:class:`_Native`) on those objects' struct
+and secret-key buffer, with no per-call argument buffers; the other calls go through
+liboqs-python's methods.
 
 Test-only hooks (leading underscore): derandomised ML-KEM encapsulation through the
 public ``OQS_KEM_encaps_derand``, and ML-DSA signing with a chosen ``rnd`` through the
@@ -144,6 +146,37 @@ def import_oqs(probe: LiboqsProbe) -> tuple[ModuleType, list[str]]:
     return oqs, [str(w.message) for w in caught]
 
 
+_c = ctypes
+_SIGN_FN = _c.CFUNCTYPE(_c.c_int, _c.c_void_p, _c.c_void_p, _c.c_void_p, _c.c_char_p, _c.c_size_t,
+                        _c.c_char_p, _c.c_size_t, _c.c_void_p)
+_DECAPS_FN = _c.CFUNCTYPE(_c.c_int, _c.c_void_p, _c.c_void_p, _c.c_char_p, _c.c_void_p)
+_ENCAPS_FN = _c.CFUNCTYPE(_c.c_int, _c.c_void_p, _c.c_void_p, _c.c_void_p, _c.c_char_p)
+
+
+class _Native:
+    """liboqs' signing, decapsulation and encapsulation called directly, with fixed prototypes.
+
+    liboqs-python's methods build ctypes buffers for every argument (a copy of the message and
+    of the ciphertext), read the algorithm's sizes through a fresh struct view and look the
+    function up each time: a few microseconds per call, as much as an ML-KEM operation's tenth.
+    These take the addresses of liboqs-python's own objects (its ``OQS_SIG``/``OQS_KEM`` struct
+    and secret-key buffer, which stay owned and freed by it), pass ``bytes`` arguments without a
+    copy (``c_char_p`` points into the bytes object) and copy each result out once."""
+
+    def __init__(self, native: Any) -> None:
+        self.sign = _SIGN_FN(("OQS_SIG_sign_with_ctx_str", native))
+        self.decaps = _DECAPS_FN(("OQS_KEM_decaps", native))
+        self.encaps = _ENCAPS_FN(("OQS_KEM_encaps", native))
+
+
+def _address(obj: Any) -> int:
+    """The address a ctypes pointer holds (liboqs-python's ``_sig``/``_kem``)."""
+    addr = ctypes.cast(obj, ctypes.c_void_p).value
+    if not addr:
+        raise CryptoError("liboqs returned no algorithm object")
+    return addr
+
+
 class _RandomnessInjector:
     """Makes liboqs' ``OQS_randombytes`` return chosen bytes for the duration of one call.
 
@@ -199,7 +232,7 @@ class _RandomnessInjector:
 # ---- ML-KEM ------------------------------------------------------------------------
 
 class LiboqsMLKEMPublicKey(KEMPublicKey):
-    __slots__ = ("algorithm", "_raw", "_ctx", "_lock", "_native")
+    __slots__ = ("algorithm", "_raw", "_ctx", "_lock", "_native", "_encaps", "_kem_addr", "_ct", "_ss")
 
     def __init__(self, backend: LiboqsBackend, algorithm: Algorithm, raw: bytes) -> None:
         self.algorithm = algorithm
@@ -207,17 +240,24 @@ class LiboqsMLKEMPublicKey(KEMPublicKey):
         self._ctx = backend._kem_context(algorithm)
         self._lock = backend._injector.lock
         self._native = backend._oqs.native()
+        self._encaps = backend._calls.encaps
+        self._kem_addr = _address(self._ctx._kem)
+        sizes = self._ctx._kem.contents
+        if len(raw) != sizes.length_public_key:  # liboqs reads exactly that many bytes
+            raise InvalidKey(f"{algorithm.name} public key must be {sizes.length_public_key} bytes")
+        # output buffers of liboqs' own sizes, reused under the lock (held by every encapsulation)
+        self._ct = ctypes.create_string_buffer(sizes.length_ciphertext)
+        self._ss = ctypes.create_string_buffer(sizes.length_shared_secret)
 
     def public_bytes(self) -> bytes:
         return self._raw
 
     def encapsulate(self) -> tuple[bytes, bytes]:
+        ct, ss = self._ct, self._ss
         with self._lock:
-            try:
-                ciphertext, shared_secret = self._ctx.encap_secret(self._raw)
-            except RuntimeError:
-                raise InvalidKey(f"liboqs refused the {self.algorithm.name} public key") from None
-        return shared_secret, ciphertext
+            if self._encaps(self._kem_addr, ct, ss, self._raw) != 0:
+                raise InvalidKey(f"liboqs refused the {self.algorithm.name} public key")
+            return ss.raw, ct.raw
 
     def _encapsulate_derand(self, m: bytes) -> tuple[bytes, bytes]:
         """Test vectors only: FIPS 203 ``Encaps_internal(ek, m)`` via ``OQS_KEM_encaps_derand``."""
@@ -233,7 +273,8 @@ class LiboqsMLKEMPublicKey(KEMPublicKey):
 
 
 class LiboqsMLKEMPrivateKey(KEMPrivateKey):
-    __slots__ = ("algorithm", "_seed", "_kem", "_pk", "_ct_size", "_backend", "_public")
+    __slots__ = ("algorithm", "_seed", "_kem", "_pk", "_ct_size", "_backend", "_public", "_decaps",
+                 "_kem_addr", "_sk_addr")
 
     def __init__(self, backend: LiboqsBackend, algorithm: Algorithm, seed: bytes) -> None:
         self.algorithm = algorithm
@@ -243,6 +284,12 @@ class LiboqsMLKEMPrivateKey(KEMPrivateKey):
         self._pk = kem.generate_keypair_seed(seed)  # OQS_KEM_keypair_derand(d || z)
         self._ct_size = algorithm.ciphertext_size
         self._public: LiboqsMLKEMPublicKey | None = None
+        self._decaps = backend._calls.decaps
+        self._kem_addr = _address(kem._kem)
+        self._sk_addr = ctypes.addressof(kem.secret_key)  # liboqs-python's buffer, kept alive by _kem
+        sizes = kem._kem.contents
+        if (sizes.length_ciphertext, sizes.length_shared_secret) != (self._ct_size, 32):
+            raise CryptoError(f"liboqs {algorithm.name} sizes differ from FIPS 203")  # pragma: no cover
 
     def __del__(self) -> None:
         # free() cleanses liboqs' expanded secret (OQS_MEM_cleanse) and releases the
@@ -264,11 +311,10 @@ class LiboqsMLKEMPrivateKey(KEMPrivateKey):
     def decapsulate(self, ciphertext: bytes) -> bytes:
         if type(ciphertext) is not bytes or len(ciphertext) != self._ct_size:
             ciphertext = coerce_ciphertext(self.algorithm, ciphertext)
-        try:
-            shared_secret: bytes = self._kem.decap_secret(ciphertext)
-        except RuntimeError:
-            raise CryptoError(f"liboqs {self.algorithm.name} decapsulation failed") from None
-        return shared_secret
+        ss = ctypes.create_string_buffer(32)  # per call: decapsulation takes no lock
+        if self._decaps(self._kem_addr, ss, ciphertext, self._sk_addr) != 0:
+            raise CryptoError(f"liboqs {self.algorithm.name} decapsulation failed")
+        return ss.raw
 
 
 # ---- ML-DSA ------------------------------------------------------------------------
@@ -299,7 +345,8 @@ class LiboqsMLDSAPublicKey(SignaturePublicKey):
 
 
 class LiboqsMLDSAPrivateKey(SignaturePrivateKey):
-    __slots__ = ("algorithm", "_seed", "_sig", "_pk", "_backend", "_lock", "_public")
+    __slots__ = ("algorithm", "_seed", "_sig", "_pk", "_backend", "_lock", "_public", "_sign",
+                 "_sig_addr", "_sk_addr", "_out", "_out_len", "_out_addr", "_sig_size")
 
     def __init__(self, backend: LiboqsBackend, algorithm: Algorithm, seed: bytes) -> None:
         self.algorithm = algorithm
@@ -309,6 +356,14 @@ class LiboqsMLDSAPrivateKey(SignaturePrivateKey):
         self._sig = sig = backend._oqs.Signature(_OQS_NAMES[algorithm.name])
         self._pk = backend._injector.run(seed, sig.generate_keypair)  # KeyGen_internal(xi)
         self._public: LiboqsMLDSAPublicKey | None = None
+        self._sign = backend._calls.sign
+        self._sig_addr = _address(sig._sig)
+        self._sk_addr = ctypes.addressof(sig.secret_key)  # liboqs-python's buffer, kept alive by _sig
+        # the signature and its length, reused under the lock (which every signing holds)
+        self._sig_size = sig._sig.contents.length_signature
+        self._out = ctypes.create_string_buffer(self._sig_size)
+        self._out_addr = ctypes.addressof(self._out)
+        self._out_len = ctypes.c_size_t(0)
 
     def __del__(self) -> None:
         try:  # see LiboqsMLKEMPrivateKey.__del__
@@ -329,9 +384,14 @@ class LiboqsMLDSAPrivateKey(SignaturePrivateKey):
             context = check_context(context)
         if type(message) is not bytes:
             message = as_bytes(message, "message")
+        out_len = self._out_len
         with self._lock:
-            signature: bytes = self._sig.sign_with_ctx_str(message, context)
-        return signature
+            out_len.value = self._sig_size
+            rv = self._sign(self._sig_addr, self._out_addr, ctypes.addressof(out_len), message, len(message),
+                            context or None, len(context), self._sk_addr)
+            if rv != 0 or out_len.value > self._sig_size:
+                raise CryptoError(f"liboqs {self.algorithm.name} signing failed")
+            return ctypes.string_at(self._out_addr, out_len.value)
 
     def _sign_derand(self, message: bytes, context: bytes, rnd: bytes) -> bytes:
         """Test vectors only: FIPS 204 signing with a chosen 32-byte ``rnd``."""
@@ -354,6 +414,7 @@ class LiboqsBackend:
         self._probe = probe
         self._oqs, self._import_warnings = import_oqs(probe)
         self._injector = _RandomnessInjector(self._oqs.native())
+        self._calls = _Native(self._oqs.native())
         self._contexts: dict[str, Any] = {}
         self.unsupported: dict[str, str] = {}  # algorithm name -> why not on this backend
         enabled_kems = set(self._oqs.get_enabled_kem_mechanisms())
