@@ -58,6 +58,8 @@ class TLSConfig:
     client_auth: Literal["none", "optional", "required"] = opt("none")
     client_ca: str | None = opt(None, path=True, must_exist=True)
     handshake_timeout: float = opt(10.0, min=0.1, max=300)
+    session_tickets: bool = opt(True, doc="TLS 1.3 resumption with stateless tickets (psk_dhe_ke, no 0-RTT)")
+    ticket_key_rotation: float = opt(3600.0, min=60, max=86_400, doc="seconds a ticket key issues tickets")
 
 
 @dataclass(frozen=True, slots=True)

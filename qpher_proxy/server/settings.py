@@ -41,6 +41,7 @@ def tls_settings(t: TLSConfig) -> TLSSettings:
         mldsa_cert_file=_optional_path(t.mldsa_cert_file), mldsa_key_file=_optional_path(t.mldsa_key_file),
         min_version=t.min_version, groups=t.groups, require_pq=t.require_pq, client_auth=t.client_auth,
         client_ca=_optional_path(t.client_ca), handshake_timeout=t.handshake_timeout,
+        session_tickets=t.session_tickets, ticket_key_rotation=t.ticket_key_rotation,
     )
 
 

@@ -1,7 +1,8 @@
 """TLS termination: settings and contexts (pure), a sans-I/O engine, and trio adapters.
 
-Layers, bottom up: ``context`` (TLSSettings -> OpenSSL context, reload holder), ``certs`` (dev
-PKI with cryptography), ``engine`` (TLS over memory BIOs, no I/O), ``stream`` and ``listener``
+Layers, bottom up: ``context`` (TLSSettings -> OpenSSL context, reload and ticket-key rotation
+holder), ``clienthello`` (the ticket a ClientHello offers), ``certs`` (dev PKI with
+cryptography), ``engine`` (TLS over memory BIOs, no I/O), ``stream`` and ``listener``
 (trio). The errors raised are in ``qpher_proxy.errors`` (``TLSError`` family); the stream raises
 subclasses that are also ``trio.BrokenResourceError``.
 """

@@ -23,13 +23,28 @@ from OpenSSL import SSL
 from OpenSSL._util import ffi as _ffi
 from OpenSSL._util import lib as _lib
 
-__all__ = ["set_groups", "set_sigalgs", "group_is_known"]
+__all__ = [
+    "disable_tickets",
+    "group_is_known",
+    "refuse_early_data",
+    "session_max_early_data",
+    "session_reused",
+    "set_groups",
+    "set_sigalgs",
+]
 
 
 def _raw_ctx(context: SSL.Context) -> Any:
     raw = getattr(context, "_context", None)
     if raw is None or raw == _ffi.NULL:
         raise RuntimeError("pyOpenSSL Context has no _context: the private binding moved")
+    return raw
+
+
+def _raw_ssl(conn: SSL.Connection) -> Any:
+    raw = getattr(conn, "_ssl", None)
+    if raw is None or raw == _ffi.NULL:
+        raise RuntimeError("pyOpenSSL Connection has no _ssl: the private binding moved")
     return raw
 
 
@@ -58,3 +73,27 @@ def set_sigalgs(context: SSL.Context, sigalgs: tuple[str, ...]) -> bool:
 def group_is_known(name: str) -> bool:
     """Does this OpenSSL know the key-exchange group ``name`` (one plain name)?"""
     return set_groups(SSL.Context(SSL.TLS_METHOD), (name,))
+
+
+def refuse_early_data(context: SSL.Context) -> None:
+    """Never accept TLS 1.3 0-RTT data (replayable): tickets then carry max_early_data 0."""
+    _lib.SSL_CTX_set_max_early_data(_raw_ctx(context), 0)
+
+
+def disable_tickets(conn: SSL.Connection) -> None:
+    """``SSL_OP_NO_TICKET`` on one connection (before its handshake): no stateless ticket is
+    issued or accepted on it."""
+    _lib.SSL_set_options(_raw_ssl(conn), _lib.SSL_OP_NO_TICKET)
+
+
+def session_reused(conn: SSL.Connection) -> bool:
+    """Did the handshake resume a session (a ticket was accepted)?"""
+    return bool(_lib.SSL_session_reused(_raw_ssl(conn)))
+
+
+def session_max_early_data(session: SSL.Session) -> int:
+    """The 0-RTT allowance a (client-side) session got from the server's ticket."""
+    raw = getattr(session, "_session", None)
+    if raw is None or raw == _ffi.NULL:
+        raise RuntimeError("pyOpenSSL Session has no _session: the private binding moved")
+    return int(_lib.SSL_SESSION_get_max_early_data(raw))

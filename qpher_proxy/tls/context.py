@@ -24,16 +24,47 @@ What the context enforces, and why:
   handshake that we would have to tear down afterwards. (The engine checks the group again
   after every handshake, as defence in depth.)
 - Renegotiation off (``OP_NO_RENEGOTIATION``; TLS 1.3 has none), compression off.
-- No session resumption at all: no stateless tickets (``OP_NO_TICKET``) and no server-side
-  cache (``SESS_CACHE_OFF``). Reasons: (1) ticket keys would live, unrotated, for the life of the
-  context, so one leaked key decrypts every ticket ever issued; (2) a resumed session skips the
-  client-certificate check and the group negotiation, so a reload that tightens ``client_ca`` or
-  ``require_pq`` would not apply to resumed sessions; (3) with psk_ke-only resumption there is
-  no key exchange at all, which ``require_pq`` cannot accept. The cost is a full handshake per
-  connection, which is what we measure and optimise. (The bundled OpenSSL still sends two
-  small, useless stateful NewSessionTicket messages after a TLS 1.3 handshake: pyOpenSSL has
-  no binding for ``SSL_CTX_set_num_tickets``. The engine holds them back and sends them with the
-  first response, so they cost no extra packet.)
+- Session resumption: TLS 1.3 stateless tickets (``session_tickets``, default on), no 0-RTT
+  (``SSL_CTX_set_max_early_data(0)``: tickets carry no early-data allowance), no server-side
+  session cache (``SESS_CACHE_OFF``), TLS 1.2 never resumed (the engine sets ``OP_NO_TICKET``
+  on a connection whose ClientHello does not offer TLS 1.3). With ``session_tickets: false``
+  the context sets ``OP_NO_TICKET``: nothing resumes. (The bundled OpenSSL then still sends two
+  small, useless stateful NewSessionTicket messages after a TLS 1.3 handshake: pyOpenSSL has no
+  binding for ``SSL_CTX_set_num_tickets``.) Each of the old objections to resumption is met:
+
+  1. Ticket keys. pyOpenSSL cannot set or read them, but OpenSSL gives every new context its
+     own random key, in memory only. So a rotation is a new context ("generation" of the
+     holder) every ``ticket_key_rotation`` seconds, built from the same settings; the previous
+     context is kept only to *accept* its tickets for one more period, anything older is
+     dropped, and ``SSL_CTX_set_timeout`` makes a ticket's session expire after two periods
+     anyway. A leaked key therefore decrypts at most two periods' worth of tickets, and since
+     resumption is psk_dhe_ke, the traffic of a resumed connection also depends on a fresh key
+     exchange: a ticket key alone does not decrypt it. A connection resumed with the previous
+     key gets its new tickets from that key too (OpenSSL encrypts with the connection's own
+     context): they go with it, and that client's next visit after that is a full handshake.
+  2. Routing a ticket to its key. OpenSSL decrypts with the key of the context a connection
+     was created with, so the context is chosen per connection from the ClientHello, before
+     OpenSSL sees it: an OpenSSL ticket starts with its key's 16-byte name, and the holder
+     learns each new context's key name right after building it (``ticket_key_name``: one
+     in-memory handshake with a throw-away client). The engine reads the first identity of the
+     client's pre_shared_key extension (engine.py, clienthello.py); an unknown name, or a hello
+     it cannot read, gets the current context: a full handshake, never an error. This runs in
+     the connection's task; accept never waits for the client.
+  3. Settings changed by a reload. A resumed session skips the certificate (and a client
+     certificate's verification), so ``reload()`` keeps no earlier context: tickets issued
+     before it are useless, a new ``client_ca`` or ``require_pq`` applies to every connection
+     after it. A rotation that finds the files changed on disk is treated the same way.
+  4. ``require_pq``. Resumption is psk_dhe_ke only: ``SSL_OP_ALLOW_NO_DHE_KEX`` is never set,
+     so OpenSSL refuses psk_ke, every resumed handshake runs a key exchange over the
+     context's groups, and the engine's group check applies to it as to a full handshake.
+
+  Several gateway processes (``server.workers`` > 1): each process has its own keys, and the
+  kernel spreads connections over the processes' SO_REUSEPORT listeners by address and port,
+  so a reconnection (a new source port) lands on a random process and resumes only if that is
+  the one that issued the ticket (about 1 in ``workers``); the others give it a full
+  handshake. Handing such a connection over to the issuing process (its key names announced
+  to the supervisor, the socket and the bytes already read passed with SCM_RIGHTS) is not
+  implemented.
 - Certificates: an ECDSA (or RSA) chain, and optionally an ML-DSA-65 chain beside it. OpenSSL
   keeps one certificate slot per key type and picks the slot from the signature schemes both
   sides accept. We set server preference, so a TLS 1.3 client that offers ``mldsa65`` at all
@@ -48,12 +79,14 @@ What the context enforces, and why:
 from __future__ import annotations
 
 import datetime
+import hashlib
 import logging
 import math
 import os
 import re
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -66,10 +99,12 @@ from OpenSSL import SSL
 
 from ..errors import ConfigError
 from . import _openssl
+from .clienthello import ClientHelloFacts, parse_client_hello
 
 __all__ = [
     "DEFAULT_GROUPS",
     "DEFAULT_HANDSHAKE_TIMEOUT",
+    "DEFAULT_TICKET_KEY_ROTATION",
     "HYBRID_PQ_GROUPS",
     "LoadedTLSContext",
     "ServerTLSContextHolder",
@@ -77,6 +112,7 @@ __all__ = [
     "build_server_context",
     "canonical_group_name",
     "is_hybrid_pq_group",
+    "ticket_key_name",
 ]
 
 log = logging.getLogger("qpher.tls")
@@ -84,6 +120,9 @@ log = logging.getLogger("qpher.tls")
 DEFAULT_GROUPS: tuple[str, ...] = ("X25519MLKEM768", "X25519", "secp256r1")
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0  # seconds; nginx's ssl_handshake_timeout is 60 s, ours is stricter
 DEFAULT_ALPN: tuple[str, ...] = ("http/1.1",)
+DEFAULT_TICKET_KEY_ROTATION = 3600.0  # seconds one ticket key issues tickets (it accepts them twice as long)
+TICKET_KEY_ROTATION_RANGE = (60.0, 86_400.0)
+ROTATION_RETRY = 60.0  # seconds before a failed rotation (unreadable files) is tried again
 
 # Hybrid (classical + ML-KEM) groups of draft-ietf-tls-ecdhe-mlkem, as OpenSSL names them.
 HYBRID_PQ_GROUPS: frozenset[str] = frozenset({"X25519MLKEM768", "SecP256r1MLKEM768", "SecP384r1MLKEM1024"})
@@ -138,6 +177,8 @@ class TLSSettings:
     client_ca: Path | None = None
     alpn: tuple[str, ...] = field(default=DEFAULT_ALPN)
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
+    session_tickets: bool = True
+    ticket_key_rotation: float = DEFAULT_TICKET_KEY_ROTATION
 
     def __post_init__(self) -> None:
         for name in ("cert_file", "key_file", "mldsa_cert_file", "mldsa_key_file", "client_ca"):
@@ -183,6 +224,21 @@ class TLSSettings:
             raise ConfigError(
                 f"tls.handshake_timeout: expected a positive number of seconds, got {timeout!r}"
             )
+        if not isinstance(self.session_tickets, bool):
+            raise ConfigError(f"tls.session_tickets: expected true or false, got {self.session_tickets!r}")
+        rotation = self.ticket_key_rotation
+        low, high = TICKET_KEY_ROTATION_RANGE
+        if isinstance(rotation, bool) or not isinstance(rotation, (int, float)) or not (
+            math.isfinite(rotation) and low <= rotation <= high
+        ):
+            raise ConfigError(
+                f"tls.ticket_key_rotation: expected seconds from {low:g} to {high:g}, got {rotation!r}"
+            )
+
+    @property
+    def ticket_lifetime(self) -> int:
+        """Seconds a ticket may be used: the period its key issues tickets, plus one more."""
+        return int(2 * self.ticket_key_rotation)
 
     @property
     def offered_groups(self) -> tuple[str, ...]:
@@ -277,18 +333,20 @@ def build_server_context(settings: TLSSettings) -> SSL.Context:
 
 
 def _set_protocol(ctx: SSL.Context, settings: TLSSettings) -> None:
-    """Versions, options, no session resumption, the TLS 1.2 cipher list."""
+    """Versions, options, resumption (stateless TLS 1.3 tickets or none), no 0-RTT, idle
+    buffers released, the TLS 1.2 cipher list."""
     min_version = "1.3" if settings.require_pq else settings.min_version
     ctx.set_min_proto_version(_VERSIONS[min_version])
     ctx.set_max_proto_version(SSL.TLS1_3_VERSION)
-    ctx.set_options(
-        SSL.OP_NO_RENEGOTIATION
-        | SSL.OP_NO_COMPRESSION
-        | SSL.OP_NO_TICKET
-        | SSL.OP_CIPHER_SERVER_PREFERENCE
-    )
-    ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+    options = SSL.OP_NO_RENEGOTIATION | SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE
+    if not settings.session_tickets:
+        options |= SSL.OP_NO_TICKET
+    ctx.set_options(options)  # never OP_ALLOW_NO_DHE_KEX: resumption is psk_dhe_ke only
+    ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)  # no stateful cache: tickets are stateless
     ctx.set_session_id(_SESSION_ID_CONTEXT)
+    ctx.set_timeout(settings.ticket_lifetime)  # a session (ticket) older than this is not resumed
+    _openssl.refuse_early_data(ctx)
+    ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)  # free a connection's record buffers while it is idle
     ctx.set_cipher_list(_TLS12_CIPHERS)
 
 
@@ -360,22 +418,130 @@ def _warn_if_expired(cert: x509.Certificate, option: str) -> None:
         log.warning("%s: certificate expired on %s", option, cert.not_valid_after_utc.date().isoformat())
 
 
-# ---- reload ------------------------------------------------------------------------------
+# ---- ticket keys ---------------------------------------------------------------------------
+
+def ticket_key_name(context: SSL.Context, settings: TLSSettings) -> bytes | None:
+    """The name (16 bytes) of the stateless ticket key ``context`` holds, or None if it cannot
+    be learned (then tickets of this context only resume while it is the current one).
+
+    OpenSSL makes a random ticket key for every new context and keeps it in memory; pyOpenSSL
+    cannot read it. Its name is the first 16 bytes of every ticket, so we ask: one in-memory
+    TLS 1.3 handshake of a throw-away client against ``context`` (no client certificate asked,
+    nothing verified), then the ClientHello of a second client offering the ticket, read back
+    with the same parser the server uses for real clients."""
+    if not settings.session_tickets:
+        return None
+    try:
+        client_ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
+        client_ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
+        client_ctx.set_verify(SSL.VERIFY_NONE)
+        if not _openssl.set_groups(client_ctx, settings.offered_groups):
+            return None
+        server = SSL.Connection(context, None)
+        server.set_verify(SSL.VERIFY_NONE)
+        server.set_accept_state()
+        client = SSL.Connection(client_ctx, None)
+        client.set_connect_state()
+        for _ in range(8):
+            client_done = _step(client.do_handshake)
+            _move(client, server)
+            server_done = _step(server.do_handshake)
+            _move(server, client)
+            if client_done and server_done:
+                break
+        _step(lambda: client.recv(1))  # reads the NewSessionTickets
+        session = client.get_session()
+        if session is None:
+            return None
+        again = SSL.Connection(client_ctx, None)
+        again.set_session(session)
+        again.set_connect_state()
+        _step(again.do_handshake)
+        return parse_client_hello(again.bio_read(65536)).ticket_key_name
+    except SSL.Error:
+        return None
+
+
+def _step(op: Callable[[], object]) -> bool:
+    try:
+        op()
+    except SSL.WantReadError:
+        return False
+    return True
+
+
+def _move(src: SSL.Connection, dst: SSL.Connection) -> None:
+    try:
+        data = src.bio_read(65536)
+    except SSL.WantReadError:
+        return
+    dst.bio_write(data)
+
+
+def _files_digest(settings: TLSSettings) -> bytes:
+    """A digest of every file the context is built from: a rotation that finds them changed
+    (new certificates or client CA on disk) is a reload and keeps no previous generation."""
+    h = hashlib.sha256()
+    for path in (settings.cert_file, settings.key_file, settings.mldsa_cert_file,
+                 settings.mldsa_key_file, settings.client_ca):
+        if path is None:
+            h.update(b"\0")
+            continue
+        try:
+            h.update(hashlib.sha256(path.read_bytes()).digest())
+        except OSError:
+            h.update(b"unreadable")
+    return h.digest()
+
+
+# ---- reload and rotation -----------------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
 class LoadedTLSContext:
-    """One generation of server TLS state: the context and the settings it was built from."""
+    """One generation of server TLS state: the context that issues tickets, the settings it
+    was built from and, after a rotation, the previous context, which only accepts its tickets.
+
+    ``generation`` counts reloads; ``rotation`` counts ticket-key rotations since the last one.
+    """
 
     context: SSL.Context
     settings: TLSSettings
     generation: int
+    previous: SSL.Context | None = None
+    key_names: Mapping[bytes, SSL.Context] = field(default_factory=dict)
+    rotation: int = 0
+    started: float = 0.0  # holder clock when ``context`` began issuing tickets
+    key_name: bytes | None = None  # the ticket key name of ``context``, if learned
+    files: bytes = b""  # _files_digest of the files ``context`` was built from
+
+    def select(self, hello: ClientHelloFacts) -> SSL.Context:
+        """The context for a connection whose ClientHello says ``hello``: the one whose key
+        named the offered ticket, else the current one (a full handshake)."""
+        name = hello.ticket_key_name
+        if name is not None:
+            ctx = self.key_names.get(name)
+            if ctx is not None:
+                return ctx
+        return self.context
+
+    @property
+    def server_context(self) -> SSL.Context | Callable[[ClientHelloFacts], SSL.Context]:
+        """What a server connection is created from: the context itself without tickets, else
+        ``select`` (the engine calls it with the client's first record)."""
+        return self.select if self.settings.session_tickets else self.context
 
 
 class ServerTLSContextHolder:
-    """The current server context, swapped atomically by ``reload()`` (e.g. on SIGHUP).
+    """The current server context, swapped atomically by ``reload()`` (e.g. on SIGHUP) and, with
+    session tickets, by ``rotate()`` every ``ticket_key_rotation`` seconds.
 
     ``current`` is read once per accepted connection; a connection keeps the context it started
-    with, so a reload never disturbs running connections.
+    with, so neither a reload nor a rotation disturbs running connections. A rotation falls due
+    when ``current`` is read (the accept loop does, so nothing else needs to run it): it builds
+    a fresh context from the same settings (a fresh random ticket key), keeps the one before as
+    ``previous`` to accept its tickets for one more period, and drops anything older. If the
+    files changed on disk since, the rotation is a reload (no previous kept); if they cannot be
+    read, the current context stays and the rotation is retried after ``ROTATION_RETRY`` s.
     """
 
     def __init__(
@@ -383,13 +549,36 @@ class ServerTLSContextHolder:
         settings: TLSSettings,
         *,
         builder: Callable[[TLSSettings], SSL.Context] = build_server_context,
+        clock: Callable[[], float] = time.monotonic,
+        key_namer: Callable[[SSL.Context, TLSSettings], bytes | None] = ticket_key_name,
     ) -> None:
         self._builder = builder
+        self._clock = clock
+        self._key_namer = key_namer
         self._lock = threading.Lock()  # reload may be called from a signal-handling thread
-        self._current = LoadedTLSContext(builder(settings), settings, 1)
+        self._retry_at = 0.0
+        self._current = self._fresh(settings, 1)
+
+    def _fresh(self, settings: TLSSettings, generation: int) -> LoadedTLSContext:
+        files = _files_digest(settings)
+        context = self._builder(settings)
+        name = self._key_namer(context, settings)
+        return LoadedTLSContext(
+            context, settings, generation, key_names={name: context} if name else {},
+            started=self._clock(), key_name=name, files=files,
+        )
 
     @property
     def current(self) -> LoadedTLSContext:
+        cur = self._current
+        settings = cur.settings
+        if settings.session_tickets:
+            now = self._clock()
+            if now - cur.started >= settings.ticket_key_rotation and now >= self._retry_at:
+                try:
+                    return self.rotate()
+                except ConfigError:
+                    pass  # logged by rotate(); the current context keeps issuing meanwhile
         return self._current
 
     @property
@@ -400,20 +589,51 @@ class ServerTLSContextHolder:
     def settings(self) -> TLSSettings:
         return self._current.settings
 
+    def rotate(self) -> LoadedTLSContext:
+        """A new ticket key now: a fresh context issues tickets, the current one only accepts
+        its own for one more period (unless it is that old already, or the files changed)."""
+        if not self._lock.acquire(blocking=False):
+            return self._current  # a reload or rotation is running: it makes a fresh key anyway
+        try:
+            old = self._current
+            settings = old.settings
+            try:
+                new = self._fresh(settings, old.generation)
+            except ConfigError as exc:
+                self._retry_at = self._clock() + ROTATION_RETRY
+                log.warning("tls ticket key rotation failed, the current key stays for now: %s",
+                            exc.message)
+                raise
+            keep = new.files == old.files and new.started - old.started < 2 * settings.ticket_key_rotation
+            names = dict(new.key_names)
+            if keep and old.key_name is not None:
+                names[old.key_name] = old.context
+            self._current = LoadedTLSContext(
+                new.context, settings, old.generation, previous=old.context if keep else None,
+                key_names=names, rotation=old.rotation + 1, started=new.started,
+                key_name=new.key_name, files=new.files,
+            )
+            log.info("tls ticket key rotated (generation %d, rotation %d)", old.generation,
+                     self._current.rotation)
+            return self._current
+        finally:
+            self._lock.release()
+
     def reload(self, settings: TLSSettings | None = None) -> LoadedTLSContext:
         """Re-read the certificate/key files (and new ``settings`` if given).
 
         On failure the previous context stays in force, a warning is logged and the
-        ``ConfigError`` is raised for the caller to report.
+        ``ConfigError`` is raised for the caller to report. On success no earlier context is
+        kept: tickets issued before the reload are not accepted (a resumed session would skip
+        the new client CA or ``require_pq``), those clients get a full handshake.
         """
         with self._lock:
             old = self._current
             new_settings = settings if settings is not None else old.settings
             try:
-                context = self._builder(new_settings)
+                self._current = self._fresh(new_settings, old.generation + 1)
             except ConfigError as exc:
                 log.warning("tls reload failed, keeping generation %d: %s", old.generation, exc.message)
                 raise
-            self._current = LoadedTLSContext(context, new_settings, old.generation + 1)
             log.info("tls certificates reloaded (generation %d)", self._current.generation)
             return self._current

@@ -34,11 +34,26 @@ which the stream sends in order through the same outgoing queue.
 Details that matter
 -------------------
 - Server session tickets (TLS 1.3). When a server handshake completes, OpenSSL immediately
-  appends NewSessionTicket messages (see context.py: we cannot stop them, only make them
-  useless). Sending them at once costs a packet and can lose data with clients that send and
-  then close without reading (openssl/openssl#7948, trio#819). We hold them back and release
-  them in front of the next bytes we send for any other reason (first response, close_notify,
-  KeyUpdate reply). Order is kept: they are the oldest bytes and go first.
+  appends NewSessionTicket messages. The engine holds them (``_held``) instead of handing them
+  out with the handshake's last bytes; the stream decides when they go (stream.py): over a real
+  socket it takes them (``take_held``) right after the handshake and writes them without
+  blocking, because they are what acknowledges the client's Finished -- without them a client
+  with Nagle on (Python's ssl, Java) holds its first request for the server's delayed ACK,
+  ~40 ms. On any other transport they stay held and go in front of the next bytes we send for
+  another reason (first response, close_notify, KeyUpdate reply): a send there may wait for the
+  peer to read (trio's lockstep test stream), and a client that sends and closes without reading
+  must not make our first send fail (openssl/openssl#7948, trio#819). Order is kept either way:
+  they are the oldest bytes and go first.
+- Choosing the server context (session resumption). A server engine may be given a selector
+  instead of a context: it then buffers the client's bytes until the first TLS record is whole
+  (the ClientHello; bounded by the record length, at most ~18 KiB, and by the stream's handshake
+  timeout), parses it (``clienthello.py``: never raises, "don't know" on any doubt) and creates
+  the OpenSSL connection with the context the selector picks for the ticket the client offers
+  (the one whose ticket key encrypted it, see context.py). A hello that does not offer TLS 1.3
+  gets ``SSL_OP_NO_TICKET`` on its connection: TLS 1.2 resumption would skip the key exchange.
+  ``TLSInfo.resumed`` tells whether a ticket was accepted; a resumed TLS 1.3 handshake is
+  psk_dhe_ke (OpenSSL refuses psk_ke without ``SSL_OP_ALLOW_NO_DHE_KEX``, which we never set),
+  so it has a group and ``require_pq`` checks it like any other.
 - Reads return up to ``max_bytes``, gathering several 16 KiB records when they are already
   buffered, so that a bulk transfer costs one trip through the stream per 64 KiB, not per record.
   An error after some data was gathered is kept and raised by the next ``read``.
@@ -63,6 +78,7 @@ Details that matter
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
@@ -70,9 +86,15 @@ from cryptography import x509
 from OpenSSL import SSL
 
 from ..errors import TLSError, TLSHandshakeFailed, TLSNotPostQuantum, TLSPlaintextOnTLSPort
+from . import _openssl
+from .clienthello import ClientHelloFacts, first_record_length, parse_client_hello
 from .context import canonical_group_name, is_hybrid_pq_group
 
-__all__ = ["NEED_DATA", "NeedData", "TLSEngine", "TLSInfo"]
+__all__ = ["NEED_DATA", "ContextSelector", "NeedData", "TLSEngine", "TLSInfo"]
+
+# A server-side chooser: the server context for a connection, given what its ClientHello says
+# (which ticket key it names). See "Details that matter" and context.py.
+ContextSelector = Callable[[ClientHelloFacts], SSL.Context]
 
 KiB = 1024
 MAX_RECORD_PLAINTEXT = 16 * KiB  # RFC 8446 §5.1: a record carries at most 2^14 bytes
@@ -106,6 +128,7 @@ class TLSInfo:
     group: str | None  # "X25519MLKEM768"; None if no key exchange happened
     alpn: str | None  # "http/1.1"
     client_cert_subject: str | None  # RFC 4514 subject of the verified client certificate
+    resumed: bool = False  # a session ticket was accepted (TLS 1.3 psk_dhe_ke: a fresh key exchange ran)
 
     @property
     def post_quantum(self) -> bool:
@@ -205,6 +228,8 @@ class TLSEngine:
 
     __slots__ = (
         "_conn",
+        "_selector",
+        "_pending",
         "_server_side",
         "_require_pq",
         "_info",
@@ -219,20 +244,29 @@ class TLSEngine:
 
     def __init__(
         self,
-        context: SSL.Context,
+        context: SSL.Context | ContextSelector,
         *,
         server_side: bool,
         server_hostname: str | None = None,
         require_pq: bool = False,
     ) -> None:
-        conn = SSL.Connection(context, None)
-        if server_side:
-            conn.set_accept_state()
+        self._conn: SSL.Connection | None = None
+        self._selector: ContextSelector | None = None
+        # Server with a selector: the peer's bytes until its first record is whole.
+        self._pending = bytearray()
+        if isinstance(context, SSL.Context):
+            conn = SSL.Connection(context, None)
+            if server_side:
+                conn.set_accept_state()
+            else:
+                if server_hostname is not None:
+                    conn.set_tlsext_host_name(server_hostname.encode("idna"))
+                conn.set_connect_state()
+            self._conn = conn
+        elif server_side:
+            self._selector = context
         else:
-            if server_hostname is not None:
-                conn.set_tlsext_host_name(server_hostname.encode("idna"))
-            conn.set_connect_state()
-        self._conn = conn
+            raise TypeError("a context selector is for the server side only")
         self._server_side = server_side
         self._require_pq = require_pq
         self._info: TLSInfo | None = None
@@ -275,9 +309,35 @@ class TLSEngine:
         if data:
             if self._info is None and len(self._head) < _HEAD_BYTES:
                 self._head += bytes(data[: _HEAD_BYTES - len(self._head)])
+            if self._conn is None:
+                self._pending += data
+                end = first_record_length(self._pending)
+                if end is not None and end <= len(self._pending):
+                    self._start_server_connection()
+                return
             self._conn.bio_write(data)
         else:
+            if self._conn is None:
+                self._start_server_connection()
+            assert self._conn is not None
             self._conn.bio_shutdown()
+
+    def _start_server_connection(self) -> None:
+        """Create the server connection with the context the selector picks for the client's
+        first record (or whatever arrived before EOF), and feed it everything received so far."""
+        assert self._selector is not None
+        pending, self._pending = bytes(self._pending), bytearray()
+        facts = parse_client_hello(pending)
+        conn = SSL.Connection(self._selector(facts), None)
+        if not facts.offers_tls13:
+            # TLS 1.2 ticket resumption skips the key exchange (no forward secrecy against a
+            # stolen ticket key, no group for require_pq): tickets are for TLS 1.3 only.
+            _openssl.disable_tickets(conn)
+        conn.set_accept_state()
+        self._conn = conn
+        self._selector = None
+        if pending:
+            conn.bio_write(pending)
 
     def data_to_send(self) -> bytes:
         """Drain the bytes OpenSSL wants on the wire, oldest first (``b""`` if none)."""
@@ -286,8 +346,16 @@ class TLSEngine:
             out, self._held = self._held + out, b""
         return out
 
+    def take_held(self) -> bytes:
+        """The held post-handshake records (session tickets), handed out once: the stream sends
+        them right after the handshake when it can do so without blocking."""
+        held, self._held = self._held, b""
+        return held
+
     def _drain(self) -> bytes:
         conn = self._conn
+        if conn is None:
+            return b""
         try:
             chunk = conn.bio_read(_OUT_CHUNK)
         except SSL.WantReadError:
@@ -311,8 +379,11 @@ class TLSEngine:
         """Advance the handshake: True once complete, False if it needs more data."""
         if self._info is not None:
             return True
+        conn = self._conn
+        if conn is None:
+            return False  # the client's first record is not whole yet
         try:
-            self._conn.do_handshake()
+            conn.do_handshake()
         except SSL.WantReadError:
             return False
         except SSL.Error as exc:
@@ -329,6 +400,7 @@ class TLSEngine:
                 "and tls.require_pq is set"
             )
         self._info = info
+        self._head = b""
         return True
 
     def read(self, max_bytes: int) -> bytes | NeedData:
@@ -337,7 +409,7 @@ class TLSEngine:
             raise self._deferred_error
         if self._peer_closed:
             return b""
-        conn = self._conn
+        conn = self._connection()
         try:
             data = conn.recv(max_bytes)
         except SSL.WantReadError:
@@ -376,7 +448,7 @@ class TLSEngine:
         if self._info is None:
             raise RuntimeError("write() before the handshake completed")
         self._release_held = True
-        conn = self._conn
+        conn = self._connection()
         view = memoryview(data)
         try:
             while view:
@@ -397,6 +469,8 @@ class TLSEngine:
             return
         self._close_notify_sent = True
         self._release_held = True
+        if self._conn is None:
+            return  # nothing was said yet: there is nothing to close
         try:
             self._conn.shutdown()
         except SSL.WantReadError:  # pragma: no cover - only when waiting for the peer's alert
@@ -409,10 +483,16 @@ class TLSEngine:
 
     def peer_certificate(self) -> x509.Certificate | None:
         """The peer's (verified, when verification is on) leaf certificate, if it sent one."""
-        return self._conn.get_peer_certificate(as_cryptography=True)
+        return self._connection().get_peer_certificate(as_cryptography=True)
+
+    def _connection(self) -> SSL.Connection:
+        conn = self._conn
+        if conn is None:
+            raise RuntimeError("the tls connection has not started (no ClientHello yet)")
+        return conn
 
     def _read_info(self) -> TLSInfo:
-        conn = self._conn
+        conn = self._connection()
         group = conn.get_group_name()
         alpn = conn.get_alpn_proto_negotiated()
         subject = None
@@ -426,4 +506,5 @@ class TLSEngine:
             group=canonical_group_name(group) if group else None,
             alpn=alpn.decode("ascii", "replace") if alpn else None,
             client_cert_subject=subject,
+            resumed=_openssl.session_reused(conn),
         )

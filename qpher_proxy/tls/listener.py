@@ -7,7 +7,10 @@ holds its own task, up to ``handshake_timeout``).
 
 Each accepted connection takes the context that is current *at accept time* from the
 ``ServerTLSContextHolder``: after ``reload()`` new connections get the new certificates and
-settings, connections already open keep theirs.
+settings, connections already open keep theirs. With session tickets the stream gets the
+generation's ``select`` instead of a context: the engine creates the OpenSSL connection once the
+client's first record is there, with the context whose ticket key the client's ticket names
+(context.py). That choice happens in the connection's task, so accept still never waits.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ class TLSListener(trio.abc.Listener[TLSStream]):
         current = self._contexts.current
         return TLSStream(
             transport,
-            current.context,
+            current.server_context,
             server_side=True,
             handshake_timeout=current.settings.handshake_timeout,
             require_pq=current.settings.require_pq,

@@ -34,6 +34,17 @@ stream, callers that care read ``code`` and ``reason``. ``ClosedResourceError`` 
 possibly by another task) and trio's own ``BrokenResourceError`` from the transport pass through
 as they are.
 
+Session tickets right after the handshake (server, TLS 1.3). Over a ``trio.SocketStream`` the
+engine's held tickets are written as soon as the handshake completes, before the first
+receive: a non-blocking ``write`` when nothing else is queued or being sent; whatever the socket
+did not take stays first in the outbox and leaves with the next bytes. They acknowledge the
+client's Finished, so a Nagle-on client sends its first request at once instead of after our
+delayed ACK (~40 ms). Other transports keep them until our first send (engine.py).
+
+Memory. Nothing per connection is kept between requests: the outbox is emptied by each send,
+received and decrypted bytes are handed on, not buffered here, and OpenSSL frees its own record
+buffers while a connection is idle (``SSL_MODE_RELEASE_BUFFERS``, context.py).
+
 Handshake timeout. The handshake runs under its own deadline; when it expires the stream is
 broken with ``TLSHandshakeTimeout`` and the caller closes it. A client that connects and says
 nothing therefore costs one file descriptor for ``handshake_timeout`` seconds at most.
@@ -60,6 +71,7 @@ from __future__ import annotations
 import enum
 import logging
 import operator
+import os
 from collections.abc import Callable
 
 import trio
@@ -68,7 +80,7 @@ from OpenSSL import SSL
 
 from .. import errors
 from .context import DEFAULT_HANDSHAKE_TIMEOUT
-from .engine import NEED_DATA, TLSEngine, TLSInfo
+from .engine import NEED_DATA, ContextSelector, TLSEngine, TLSInfo
 
 __all__ = [
     "BrokenTLSConnection",
@@ -167,7 +179,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
     def __init__(
         self,
         transport_stream: trio.abc.Stream,
-        context: SSL.Context,
+        context: SSL.Context | ContextSelector,
         *,
         server_side: bool = True,
         server_hostname: str | None = None,
@@ -319,6 +331,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
                     await self._flush()
                     await self._receive()
                 await self._flush()  # client Finished / TLS 1.2 server Finished
+                self._push_post_handshake_records()
             if deadline.cancelled_caught:
                 self._break()
                 raise errors.TLSHandshakeTimeout(
@@ -356,6 +369,32 @@ class TLSStream(trio.abc.HalfCloseableStream):
             )
         if self._on_handshake is not None:
             self._on_handshake(info)
+
+    def _push_post_handshake_records(self) -> None:
+        """Put the server's held TLS 1.3 session tickets on the wire now, without blocking.
+
+        They are the first thing that acknowledges the client's Finished: a client with Nagle
+        on (Python's ssl, Java) holds its first request until its Finished is acknowledged, and
+        without them that takes the server's delayed ACK (~40 ms). Only on a real socket, with
+        nothing else queued or being sent, and only what the socket takes at once
+        (non-blocking ``write``): the rest stays first in the outbox and leaves with the next
+        bytes. Any other transport (e.g. trio's lockstep test stream, where a send waits for
+        the peer to read: trio#819) keeps them held until our first send, as before."""
+        engine = self._engine
+        transport = self.transport_stream
+        if not engine.server_side or not isinstance(transport, trio.SocketStream):
+            return
+        if self._outbox or self._send_lock.locked():
+            return
+        held = engine.take_held()
+        if not held:
+            return
+        try:
+            sent = os.write(transport.socket.fileno(), held)  # trio sockets are non-blocking
+        except OSError:  # BlockingIOError, or a broken connection the next send reports
+            sent = 0
+        if sent < len(held):
+            self._outbox.append(held[sent:])
 
     def _report_failure(self, failure: errors.TLSError) -> None:
         # DEBUG only: a scan produces one failure per probe. The server sums them up at INFO,

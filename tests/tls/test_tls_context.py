@@ -14,6 +14,8 @@ from qpher_proxy.errors import ConfigError
 from qpher_proxy.tls import ServerTLSContextHolder, TLSSettings, build_server_context
 from qpher_proxy.tls.certs import DevPKI
 
+_SSL_OP_ALLOW_NO_DHE_KEX = 1 << 10  # ssl.h SSL_OP_BIT(10); the binding does not export it
+
 
 @pytest.mark.parametrize(
     ("overrides", "message"),
@@ -36,6 +38,10 @@ from qpher_proxy.tls.certs import DevPKI
         ({"handshake_timeout": 0}, "tls.handshake_timeout: expected a positive number of seconds, got 0"),
         ({"handshake_timeout": float("nan")}, "tls.handshake_timeout: expected a positive number"),
         ({"alpn": ()}, "tls.alpn: expected protocol names"),
+        ({"ticket_key_rotation": 59}, "tls.ticket_key_rotation: expected seconds from 60 to 86400, got 59"),
+        ({"ticket_key_rotation": 86401}, "tls.ticket_key_rotation: expected seconds from 60 to 86400"),
+        ({"ticket_key_rotation": True}, "tls.ticket_key_rotation: expected seconds"),
+        ({"session_tickets": "yes"}, "tls.session_tickets: expected true or false, got 'yes'"),
     ],
 )
 def test_settings_refuse_bad_values_with_one_line(
@@ -56,7 +62,7 @@ def test_other_hybrid_groups_are_accepted(pki: DevPKI) -> None:
     build_server_context(settings_for(pki, groups=("SecP256r1MLKEM768", "SecP384r1MLKEM1024", "X25519")))
 
 
-def test_tls12_is_limited_to_ecdhe_with_aead_and_no_renegotiation_compression_or_resumption(
+def test_tls12_is_limited_to_ecdhe_with_aead_and_no_renegotiation_or_compression(
     pki: DevPKI,
 ) -> None:
     ctx = build_server_context(settings_for(pki))
@@ -64,10 +70,11 @@ def test_tls12_is_limited_to_ecdhe_with_aead_and_no_renegotiation_compression_or
     for flag in (
         SSL.OP_NO_RENEGOTIATION,
         SSL.OP_NO_COMPRESSION,
-        SSL.OP_NO_TICKET,
         SSL.OP_CIPHER_SERVER_PREFERENCE,
     ):
         assert options & flag == flag
+    assert options & SSL.OP_NO_TICKET == 0  # stateless TLS 1.3 tickets (session_tickets: true)
+    assert options & _SSL_OP_ALLOW_NO_DHE_KEX == 0  # resumption is psk_dhe_ke only
     ciphers = SSL.Connection(ctx, None).get_cipher_list()
     tls12 = [c for c in ciphers if not c.startswith("TLS_")]
     assert tls12, ciphers
@@ -140,3 +147,29 @@ def test_reload_failure_keeps_the_previous_context(pki: DevPKI, tmp_path: Path) 
     assert holder.current is first
     second = holder.reload()
     assert second.generation == 2 and second.context is not first.context and holder.context is second.context
+
+
+def test_context_releases_idle_buffers_and_sets_the_ticket_lifetime(pki: DevPKI) -> None:
+    ctx = build_server_context(settings_for(pki, ticket_key_rotation=600))
+    assert ctx.set_mode(0) & SSL.MODE_RELEASE_BUFFERS  # set_mode returns the mode in force
+    assert ctx.get_timeout() == 1200  # a ticket lives two rotation periods
+
+
+def test_session_tickets_off_sets_no_ticket(pki: DevPKI) -> None:
+    ctx = build_server_context(settings_for(pki, session_tickets=False))
+    assert ctx.set_options(0) & SSL.OP_NO_TICKET
+
+
+def test_config_tls_section_reaches_the_ticket_settings(tmp_path: Path) -> None:
+    from qpher_proxy.config import config_from_dict
+    from qpher_proxy.server.settings import tls_settings
+
+    default = tls_settings(config_from_dict({}, tmp_path, check_files=False).tls)
+    assert (default.session_tickets, default.ticket_key_rotation) == (True, 3600.0)
+    cfg = config_from_dict(
+        {"tls": {"session_tickets": False, "ticket_key_rotation": 120}}, tmp_path, check_files=False
+    )
+    tls = tls_settings(cfg.tls)
+    assert (tls.session_tickets, tls.ticket_key_rotation, tls.ticket_lifetime) == (False, 120, 240)
+    with pytest.raises(ConfigError, match="tls.ticket_key_rotation"):
+        config_from_dict({"tls": {"ticket_key_rotation": 30}}, tmp_path, check_files=False)

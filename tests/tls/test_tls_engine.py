@@ -78,6 +78,8 @@ def test_handshake_fed_one_byte_at_a_time(contexts: tuple[SSL.Context, SSL.Conte
 def test_server_holds_session_tickets_until_it_sends_something(
     contexts: tuple[SSL.Context, SSL.Context],
 ) -> None:
+    """The engine alone holds them (the stream over a real socket takes them with take_held()
+    right after the handshake, see test_tls_stream.py; other transports keep this behaviour)."""
     server, client = _pair(*contexts)
     _handshake(server, client)
     assert server.data_to_send() == b""  # tickets held back, not sent on their own
@@ -85,6 +87,19 @@ def test_server_holds_session_tickets_until_it_sends_something(
     out = server.data_to_send()
     assert len(out) > len(b"response") + 100  # tickets, then the record
     client.receive_data(out)
+    assert _read_all(client) == b"response"
+    assert client._conn is not None and client._conn.get_session() is not None
+
+
+def test_take_held_hands_out_the_tickets_once_and_order_is_kept(
+    contexts: tuple[SSL.Context, SSL.Context],
+) -> None:
+    server, client = _pair(*contexts)
+    _handshake(server, client)
+    held = server.take_held()
+    assert len(held) > 100 and server.take_held() == b""
+    server.write(b"response")
+    client.receive_data(held + server.data_to_send())  # the tickets first, then the record
     assert _read_all(client) == b"response"
 
 

@@ -301,9 +301,11 @@ async def test_client_that_disconnects_mid_handshake_is_a_typed_failure(pki: Dev
     assert failure.reason in ("eof", "connection_lost")
 
 
-async def test_sessions_are_never_resumed(pki: DevPKI) -> None:
-    """No tickets that decrypt, no server cache: every connection is a full handshake (so a
-    reload, client_ca or require_pq always applies)."""
+@pytest.mark.parametrize("tickets", [True, False], ids=["tickets-on", "tickets-off"])
+async def test_stdlib_client_resumes_only_with_session_tickets(pki: DevPKI, tickets: bool) -> None:
+    """Python's ssl (system OpenSSL, classical groups) resumes with the saved session when
+    tls.session_tickets is on, with a fresh X25519 key exchange (psk_dhe_ke); with it off every
+    connection is a full handshake."""
     import socket
 
     ctx = stdlib_context(pki.ca_cert)
@@ -316,12 +318,13 @@ async def test_sessions_are_never_resumed(pki: DevPKI) -> None:
                 with ctx.wrap_socket(raw, server_hostname="localhost", session=session) as tls:
                     tls.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
                     while tls.recv(65536):
-                        pass  # read to EOF, so the (useless) NewSessionTickets are processed
+                        pass  # read to EOF, so the NewSessionTickets are processed
                     reused.append(tls.session_reused)
                     session = tls.session
         return reused[0], reused[1]
 
-    async with running_server(ServerTLSContextHolder(settings_for(pki))) as srv:
-        assert await trio.to_thread.run_sync(connect_twice) == (False, False)
-        for _ in range(2):
-            assert _info(await srv.next_outcome()).version == "TLSv1.3"
+    async with running_server(ServerTLSContextHolder(settings_for(pki, session_tickets=tickets))) as srv:
+        assert await trio.to_thread.run_sync(connect_twice) == (False, tickets)
+        first, second = _info(await srv.next_outcome()), _info(await srv.next_outcome())
+    assert not first.resumed and second.resumed == tickets
+    assert second.version == "TLSv1.3" and second.group == "X25519"

@@ -176,3 +176,69 @@ async def test_handshake_failure_is_typed_and_the_stream_stays_broken(pki: DevPK
         # The client saw an alert (7 bytes), then EOF once the server closes.
         alert = await client_sock.receive_some()
         assert alert[:1] == b"\x15"  # content type: alert
+
+
+async def test_server_sends_its_session_tickets_right_after_the_handshake_on_a_socket(pki: DevPKI) -> None:
+    """The first-request stall: a Nagle-on client holds its first request until its Finished is
+    acknowledged. The server's post-handshake records (TLS 1.3 session tickets) do that, so
+    over a real socket they are on the wire as soon as the handshake completes, before the
+    server reads anything: here the client's socket turns readable while the server has not
+    called receive_some and the client has sent nothing after its Finished."""
+    server_ctx, client_ctx = _contexts(pki)
+    server_sock, client_sock = await _socket_pair()
+    server = TLSStream(server_sock, server_ctx)
+    client = TLSStream(client_sock, client_ctx, server_side=False, server_hostname="localhost")
+    async with server, client:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.do_handshake)
+            nursery.start_soon(client.do_handshake)
+        with trio.fail_after(5):
+            await trio.lowlevel.wait_readable(client_sock.socket)
+        assert server._outbox == []  # everything went out at once: nothing retained
+        # The bytes are the tickets: the client reads them as no application data.
+        await server.send_all(b"response")
+        assert await client.receive_some() == b"response"
+        assert client._engine._conn is not None and client._engine._conn.get_session() is not None
+
+
+async def test_stdlib_client_can_read_the_tickets_before_sending_its_request(pki: DevPKI) -> None:
+    """The same with Python's ssl (Nagle on): after the handshake the client receives the
+    server's tickets (a resumable session) without having sent a byte of its request."""
+    import select
+    import ssl
+
+    from _tls_helpers import stdlib_context
+
+    server_ctx = build_server_context(settings_for(pki))
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    ctx = stdlib_context(pki.ca_cert)
+
+    def client() -> bool:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+            with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+                assert isinstance(tls, ssl.SSLSocket)
+                readable, _, _ = select.select([tls], [], [], 5)
+                if not readable:
+                    return False
+                tls.setblocking(False)
+                with contextlib.suppress(ssl.SSLWantReadError):
+                    tls.recv(1)  # processes the tickets; there is no application data
+                session = tls.session
+                return session is not None and session.has_ticket
+
+    async with listeners[0]:
+        async with trio.open_nursery() as nursery:
+            result: list[bool] = []
+
+            async def run_client() -> None:
+                result.append(await trio.to_thread.run_sync(client))
+
+            nursery.start_soon(run_client)
+            server_sock = await listeners[0].accept()
+            server = TLSStream(server_sock, server_ctx, suppress_ragged_eofs=True)
+            async with server:
+                await server.do_handshake()
+                with trio.fail_after(10):
+                    assert await server.receive_some() == b""  # the client closes, having sent nothing
+    assert result == [True]
