@@ -34,8 +34,9 @@ stream, callers that care read ``code`` and ``reason``. ``ClosedResourceError`` 
 possibly by another task) and trio's own ``BrokenResourceError`` from the transport pass through
 as they are.
 
-Session tickets right after the handshake (server, TLS 1.3). Over a ``trio.SocketStream`` the
-engine's held tickets are written as soon as the handshake completes, before the first
+Session tickets right after the handshake (server, TLS 1.3). Over a ``trio.SocketStream`` (or
+a transport with a true ``nonblocking_writes`` and a trio ``socket``, such as http/transport.py's)
+the engine's held tickets are written as soon as the handshake completes, before the first
 receive: a non-blocking ``write`` when nothing else is queued or being sent; whatever the socket
 did not take stays first in the outbox and leaves with the next bytes. They acknowledge the
 client's Finished, so a Nagle-on client sends its first request at once instead of after our
@@ -139,6 +140,19 @@ def _as_stream_error(exc: errors.TLSError) -> errors.TLSError:
         if isinstance(exc, pure):
             return flavoured(exc.message, reason=exc.reason)
     raise AssertionError(f"unmapped tls error {type(exc).__name__}")  # pragma: no cover
+
+
+def _direct_write_socket(transport: trio.abc.Stream) -> trio.socket.SocketType | None:
+    """The transport's non-blocking socket if we may write to it directly (when no send of
+    ours is in progress): a ``trio.SocketStream``, or a stream that says so with a true
+    ``nonblocking_writes`` attribute and has a trio ``socket`` (http/transport.py)."""
+    if isinstance(transport, trio.SocketStream):
+        return transport.socket
+    if getattr(transport, "nonblocking_writes", False):
+        sock = getattr(transport, "socket", None)
+        if isinstance(sock, trio.socket.SocketType):
+            return sock
+    return None
 
 
 class _State(enum.Enum):
@@ -381,8 +395,8 @@ class TLSStream(trio.abc.HalfCloseableStream):
         bytes. Any other transport (e.g. trio's lockstep test stream, where a send waits for
         the peer to read: trio#819) keeps them held until our first send, as before."""
         engine = self._engine
-        transport = self.transport_stream
-        if not engine.server_side or not isinstance(transport, trio.SocketStream):
+        sock = _direct_write_socket(self.transport_stream)
+        if not engine.server_side or sock is None:
             return
         if self._outbox or self._send_lock.locked():
             return
@@ -390,7 +404,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
         if not held:
             return
         try:
-            sent = os.write(transport.socket.fileno(), held)  # trio sockets are non-blocking
+            sent = os.write(sock.fileno(), held)  # trio sockets are non-blocking
         except OSError:  # BlockingIOError, or a broken connection the next send reports
             sent = 0
         if sent < len(held):

@@ -242,3 +242,43 @@ async def test_stdlib_client_can_read_the_tickets_before_sending_its_request(pki
                 with trio.fail_after(10):
                     assert await server.receive_some() == b""  # the client closes, having sent nothing
     assert result == [True]
+
+
+class _DeclaredNonblockingStream(trio.abc.HalfCloseableStream):
+    """Not a trio.SocketStream, but says its trio ``socket`` may be written to directly."""
+
+    nonblocking_writes = True
+
+    def __init__(self, inner: trio.SocketStream) -> None:
+        self.inner = inner
+        self.socket = inner.socket
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        return await self.inner.receive_some(max_bytes)
+
+    async def send_eof(self) -> None:
+        await self.inner.send_eof()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_a_transport_declaring_nonblocking_writes_gets_the_tickets_at_once(pki: DevPKI) -> None:
+    server_ctx, client_ctx = _contexts(pki)
+    server_sock, client_sock = await _socket_pair()
+    server = TLSStream(_DeclaredNonblockingStream(server_sock), server_ctx)
+    client = TLSStream(client_sock, client_ctx, server_side=False, server_hostname="localhost")
+    async with server, client:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.do_handshake)
+            nursery.start_soon(client.do_handshake)
+        with trio.fail_after(5):
+            await trio.lowlevel.wait_readable(client_sock.socket)
+        await server.send_all(b"response")
+        assert await client.receive_some() == b"response"
