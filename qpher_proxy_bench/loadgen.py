@@ -12,6 +12,15 @@ Two modes:
 - ``handshake``: connect, full TLS 1.3 handshake (never a resumption: the client keeps no
   session and sends no ticket), close; ``connections`` of them in flight at once. The figure
   is completed handshakes per second; the latency is connect-to-handshake-done.
+  With ``ClientTLS(resume=True)`` each new connection offers the session (ticket) saved from
+  the last one that completed in this worker, and a connection completes once the server's
+  NewSessionTicket arrived after the handshake (a real client reads it before it can reuse
+  it); ``LoadResult.resumed`` counts the measured handshakes the server actually resumed,
+  the first ones (no session yet) and any the server refused are full handshakes. The
+  latency is still connect-to-handshake-done. ``ClientTLS(await_ticket=True)`` runs the same
+  cycle (wait for the ticket, then close) without offering a session: the full-handshake
+  baseline to compare resumption with (a server that sends no ticket at all leaves such
+  connections waiting until ``timeout``).
 - ``keepalive``: ``connections`` TLS connections, set up before the clock starts, each sending
   one pre-built request, waiting for the whole response, sending the next (one request in
   flight per connection, no pipelining). The figure is 2xx responses per second; latency is
@@ -86,7 +95,7 @@ _TIMEOUT_SCAN = 0.1  # seconds between scans for stuck connections
 _RETRY_DELAY = 0.001  # seconds before a failed connection is replaced (no busy loop on a dead server)
 
 # connection states
-_HANDSHAKE, _IDLE, _SEND, _RECV = range(4)
+_HANDSHAKE, _IDLE, _SEND, _RECV, _TICKET = range(5)
 
 
 # ---- specs and results ---------------------------------------------------------------------
@@ -103,6 +112,8 @@ class ClientTLS:
     server_name: str = "localhost"
     alpn: tuple[str, ...] = ("http/1.1",)
     min_version: Literal["1.2", "1.3"] = "1.3"
+    resume: bool = False  # handshake mode: offer the last saved session (TLS 1.3 ticket)
+    await_ticket: bool = False  # handshake mode: done once the server's ticket arrived (implied by resume)
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +174,7 @@ class LoadResult:
     error_samples: dict[str, str] = field(default_factory=dict)  # one message per error kind
     negotiated: dict[str, int] = field(default_factory=dict)  # group name -> connections
     client_cpu_s: float = 0.0  # CPU seconds the client processes used in the window
+    resumed: int = 0  # of the ``ok`` handshakes, those the server resumed (ClientTLS.resume)
 
     @property
     def rate(self) -> float:
@@ -200,6 +212,7 @@ class LoadResult:
             "statuses": {str(k): v for k, v in sorted(self.statuses.items())},
             "errors": dict(sorted(self.errors.items())), "error_samples": dict(self.error_samples),
             "negotiated": dict(self.negotiated), "client_cpu_s": round(self.client_cpu_s, 3),
+            "resumed": self.resumed,
         }
 
 
@@ -296,9 +309,11 @@ def client_context(tls: ClientTLS) -> Any:
     ctx.set_max_proto_version(SSL.TLS1_3_VERSION)
     if not _openssl.set_groups(ctx, (tls.group,)):
         raise ValueError(f"group: this OpenSSL does not know {tls.group!r}")
-    # Never resume: no session cache, no ticket asked for. Every connection is a full handshake.
+    # No client session cache: with ``resume`` the runner keeps the session itself; without,
+    # no ticket is asked for and every connection is a full handshake.
     ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
-    ctx.set_options(SSL.OP_NO_TICKET)
+    if not (tls.resume or tls.await_ticket):
+        ctx.set_options(SSL.OP_NO_TICKET)
     if tls.cafile:
         ctx.load_verify_locations(os.fsencode(tls.cafile))
         ctx.set_verify(SSL.VERIFY_PEER)
@@ -407,7 +422,7 @@ def _describe(exc: BaseException) -> str:
 
 
 class _Conn:
-    __slots__ = ("sock", "tls", "fd", "state", "mask", "buf", "out", "t0", "deadline")
+    __slots__ = ("sock", "tls", "fd", "state", "mask", "buf", "out", "t0", "deadline", "t1", "session0")
 
     def __init__(self, sock: socket.socket, tls: Any, now: float, timeout: float) -> None:
         self.sock = sock
@@ -419,6 +434,8 @@ class _Conn:
         self.out = b""
         self.t0 = now
         self.deadline = now + timeout
+        self.t1 = 0.0  # resume mode: when the handshake completed
+        self.session0: Any = None  # resume mode: the session pointer right after the handshake
 
 
 class _Poller:
@@ -455,7 +472,10 @@ class _Runner:
     def __init__(self, spec: LoadSpec) -> None:
         from OpenSSL import SSL
 
+        from qpher_proxy.tls import _openssl
+
         self.SSL = SSL
+        self.session_reused = _openssl.session_reused
         self.spec = spec
         self.ctx = client_context(spec.tls)
         self.sni = spec.tls.server_name.encode("idna") if spec.tls.server_name else b""
@@ -465,6 +485,10 @@ class _Runner:
         self.poller = _Poller()
         self.conns: dict[int, _Conn] = {}
         self.keepalive = spec.mode == "keepalive"
+        self.resume = spec.tls.resume and not self.keepalive
+        self.await_ticket = (spec.tls.resume or spec.tls.await_ticket) and not self.keepalive
+        self.session: Any = None  # resume mode: the last session saved, offered by the next connection
+        self.resumed = 0
         self.request = spec.request
         # results (measured window only)
         self.running = False  # between the common start and the end of the window
@@ -501,6 +525,8 @@ class _Runner:
                 self.retry_at.append(now + _RETRY_DELAY)
             return
         tls = SSL.Connection(self.ctx, sock)
+        if self.resume and self.session is not None:
+            tls.set_session(self.session)
         tls.set_connect_state()
         if self.sni:
             tls.set_tlsext_host_name(self.sni)
@@ -513,6 +539,10 @@ class _Runner:
         self._handshake(c, now)
 
     def _close(self, c: _Conn) -> None:
+        if self.resume:
+            # Freed without a close_notify, OpenSSL would mark the session not resumable
+            # (ssl_clear_bad_session); say it was sent, without sending anything.
+            c.tls.set_shutdown(self.SSL.SENT_SHUTDOWN)
         self.conns.pop(c.fd, None)
         try:
             self.poller.unregister(c.fd)
@@ -572,14 +602,44 @@ class _Runner:
                 self._start_request(c, time.monotonic())
             return
         t = time.monotonic()
-        if self.measuring and t <= self.window_end and self.done < self.limit:
+        if self.await_ticket:
+            # Wait for the server's NewSessionTicket: OpenSSL replaces the client's session
+            # object when one arrives.
+            c.t1 = t
+            c.session0 = c.tls.get_session()._session
+            c.state = _TICKET
+            self._want(c, self.poller.IN)
+            self._ticket(c)
+            return
+        self._handshake_done(c, t, t)
+
+    def _handshake_done(self, c: _Conn, t: float, now: float) -> None:
+        if self.measuring and now <= self.window_end and self.done < self.limit:
             self.ok += 1
             self.done += 1
             self.latencies.append(t - c.t0)
             self.negotiated[c.tls.get_group_name() or "?"] += 1
+            if self.resume and self.session_reused(c.tls):
+                self.resumed += 1
         self._close(c)
         if not self.stopping:
             self.to_open += 1
+
+    def _ticket(self, c: _Conn) -> None:
+        SSL = self.SSL
+        try:
+            c.tls.recv(_RECV_SIZE)  # post-handshake messages are consumed inside
+        except SSL.WantReadError:
+            session = c.tls.get_session()
+            if session is not None and session._session != c.session0:
+                if self.resume:
+                    self.session = session
+                self._handshake_done(c, c.t1, time.monotonic())
+            return
+        except (SSL.Error, OSError) as exc:
+            self._fail(c, exc)
+            return
+        self._fail(c, ResponseError("application data after the handshake"))
 
     def _start_request(self, c: _Conn, now: float) -> None:
         c.state = _SEND
@@ -658,6 +718,8 @@ class _Runner:
             self._send(c)
         elif state == _HANDSHAKE:
             self._handshake(c, now)
+        elif state == _TICKET:
+            self._ticket(c)
         else:  # _IDLE: the server closed (or sent something) on an idle connection
             self._receive_idle(c)
 
@@ -751,6 +813,7 @@ class _Runner:
             "ok": self.ok, "elapsed": max(ended - started, 1e-9), "latencies": self.latencies.tobytes(),
             "statuses": dict(self.statuses), "errors": dict(self.errors), "samples": self.samples,
             "negotiated": {(_canonical(k) or k): v for k, v in self.negotiated.items()}, "cpu": cpu1 - cpu0,
+            "resumed": self.resumed,
         }
 
     def close(self) -> None:
@@ -924,7 +987,7 @@ def _merge(spec: LoadSpec, clients: int, results: list[dict[str, Any]]) -> LoadR
         elapsed=max((r["elapsed"] for r in results), default=0.0),
         latencies_ms=tuple(sorted(x * 1e3 for x in lat)),
         statuses=dict(statuses), errors=dict(errors), error_samples=samples, negotiated=dict(negotiated),
-        client_cpu_s=sum(r["cpu"] for r in results),
+        client_cpu_s=sum(r["cpu"] for r in results), resumed=sum(r.get("resumed", 0) for r in results),
     )
 
 
