@@ -25,6 +25,8 @@ from OpenSSL._util import lib as _lib
 
 __all__ = [
     "disable_tickets",
+    "pending_input",
+    "pending_output",
     "group_is_known",
     "refuse_early_data",
     "session_max_early_data",
@@ -97,3 +99,17 @@ def session_max_early_data(session: SSL.Session) -> int:
     if raw is None or raw == _ffi.NULL:
         raise RuntimeError("pyOpenSSL Session has no _session: the private binding moved")
     return int(_lib.SSL_SESSION_get_max_early_data(raw))
+
+
+def pending_output(conn: SSL.Connection) -> int:
+    """Bytes waiting in ``conn``'s outgoing memory BIO (``BIO_get_mem_data``'s length).
+
+    Asking costs a fraction of a ``bio_read`` that finds nothing (pyOpenSSL raises
+    ``WantReadError`` for that, through its error-queue handling), and tells how much one
+    ``bio_read`` should take."""
+    return int(_lib.BIO_get_mem_data(conn._from_ssl, _ffi.NULL))
+
+
+def pending_input(conn: SSL.Connection) -> int:
+    """Bytes fed into ``conn``'s incoming memory BIO that OpenSSL has not consumed yet."""
+    return int(_lib.BIO_get_mem_data(conn._into_ssl, _ffi.NULL))

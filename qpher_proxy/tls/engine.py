@@ -46,7 +46,7 @@ Details that matter
   they are the oldest bytes and go first.
 - Choosing the server context (session resumption). A server engine may be given a selector
   instead of a context: it then buffers the client's bytes until the first TLS record is whole
-  (the ClientHello; bounded by the record length, at most ~18 KiB, and by the stream's handshake
+  (the ClientHello; bounded by the record length, at most 16 KiB, and by the stream's handshake
   timeout), parses it (``clienthello.py``: never raises, "don't know" on any doubt) and creates
   the OpenSSL connection with the context the selector picks for the ticket the client offers
   (the one whose ticket key encrypted it, see context.py). A hello that does not offer TLS 1.3
@@ -87,6 +87,8 @@ from OpenSSL import SSL
 
 from ..errors import TLSError, TLSHandshakeFailed, TLSNotPostQuantum, TLSPlaintextOnTLSPort
 from . import _openssl
+from ._openssl import pending_input as _pending_input
+from ._openssl import pending_output as _pending_output
 from .clienthello import ClientHelloFacts, first_record_length, parse_client_hello
 from .context import canonical_group_name, is_hybrid_pq_group
 
@@ -98,8 +100,6 @@ ContextSelector = Callable[[ClientHelloFacts], SSL.Context]
 
 KiB = 1024
 MAX_RECORD_PLAINTEXT = 16 * KiB  # RFC 8446 §5.1: a record carries at most 2^14 bytes
-# One bio_read per flush for a 64 KiB write: 4 full records of 16 KiB + 22 bytes overhead each.
-_OUT_CHUNK = 80 * KiB
 
 
 class NeedData:
@@ -240,6 +240,7 @@ class TLSEngine:
         "_deferred_error",
         "_failed",
         "_head",
+        "_eof_fed",
     )
 
     def __init__(
@@ -276,6 +277,7 @@ class TLSEngine:
         self._close_notify_sent = False
         self._deferred_error: TLSError | None = None
         self._failed = False
+        self._eof_fed = False  # receive_data(b""): SSL_read must run to report the EOF
         self._head = b""  # the peer's first bytes, to classify a failed handshake
 
     # -- state -----------------------------------------------------------------------------
@@ -320,6 +322,7 @@ class TLSEngine:
             if self._conn is None:
                 self._start_server_connection()
             assert self._conn is not None
+            self._eof_fed = True
             self._conn.bio_shutdown()
 
     def _start_server_connection(self) -> None:
@@ -356,22 +359,13 @@ class TLSEngine:
         conn = self._conn
         if conn is None:
             return b""
-        try:
-            chunk = conn.bio_read(_OUT_CHUNK)
-        except SSL.WantReadError:
+        # Ask the memory BIO how much it holds and take exactly that in one read: no exception
+        # for an empty BIO (most calls: after a read that produced nothing to send) and no
+        # large scratch buffer per call.
+        n = _pending_output(conn)
+        if not n:
             return b""
-        if len(chunk) < _OUT_CHUNK:  # a memory BIO returns all it has up to the size asked
-            return chunk
-        chunks = [chunk]
-        while True:
-            try:
-                chunk = conn.bio_read(_OUT_CHUNK)
-            except SSL.WantReadError:
-                break
-            chunks.append(chunk)
-            if len(chunk) < _OUT_CHUNK:
-                break
-        return b"".join(chunks)
+        return conn.bio_read(n)
 
     # -- operations --------------------------------------------------------------------------
 
@@ -410,6 +404,11 @@ class TLSEngine:
         if self._peer_closed:
             return b""
         conn = self._connection()
+        if not self._eof_fed and not _pending_input(conn) and not conn.pending():
+            # Nothing fed that OpenSSL has not consumed and nothing decrypted left: SSL_read
+            # could only say "want read" (raised as an exception by pyOpenSSL). A partial record
+            # OpenSSL has started on waits for more bytes either way.
+            return NEED_DATA
         try:
             data = conn.recv(max_bytes)
         except SSL.WantReadError:
