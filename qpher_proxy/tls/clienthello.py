@@ -28,7 +28,7 @@ from dataclasses import dataclass
 __all__ = ["ClientHelloFacts", "TICKET_KEY_NAME_BYTES", "first_record_length", "parse_client_hello"]
 
 RECORD_HEADER = 5
-MAX_RECORD = 16384 + 2048  # RFC 8446 §5.2: TLSCiphertext may exceed 2^14 by at most 256 (+ slack)
+MAX_RECORD = 16384  # RFC 8446 §5.1: a plaintext record (a ClientHello is one) carries at most 2^14
 TICKET_KEY_NAME_BYTES = 16  # OpenSSL: key_name(16) || iv(16) || ciphertext || hmac(32)
 
 _HANDSHAKE = 22

@@ -563,6 +563,9 @@ class ServerTLSContextHolder:
         files = _files_digest(settings)
         context = self._builder(settings)
         name = self._key_namer(context, settings)
+        if name is None and settings.session_tickets:
+            log.warning("tls: could not learn the new ticket key's name; its tickets resume only "
+                        "while it is the current key")
         return LoadedTLSContext(
             context, settings, generation, key_names={name: context} if name else {},
             started=self._clock(), key_name=name, files=files,

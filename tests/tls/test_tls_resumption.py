@@ -413,3 +413,79 @@ def test_parser_reads_what_it_needs_and_nothing_on_doubt(offered_hello: bytes) -
     for cut in range(len(offered_hello)):
         partial = parse_client_hello(offered_hello[:cut])
         assert partial.psk_identity is None  # an incomplete record tells nothing
+
+
+def _move(src: SSL.Connection | TLSEngine, dst: SSL.Connection | TLSEngine) -> bytes:
+    if isinstance(src, TLSEngine):
+        data = src.data_to_send() + src.take_held()
+    else:
+        try:
+            data = src.bio_read(65536)
+        except SSL.WantReadError:
+            data = b""
+    if data:
+        (dst.receive_data if isinstance(dst, TLSEngine) else dst.bio_write)(data)
+    return data
+
+
+def test_a_hello_arriving_one_byte_at_a_time_still_resumes(pki: DevPKI) -> None:
+    """TCP may split a (post-quantum, ~1.6 KB) ClientHello: the context is chosen only once the
+    whole first record is there, so the ticket is still found."""
+    holder = ServerTLSContextHolder(settings_for(pki))
+    ctx = pyopenssl_client_context(pki.ca_cert)
+    server = TLSEngine(holder.current.server_context, server_side=True)
+    client = TLSEngine(ctx, server_side=False, server_hostname="localhost")
+    for _ in range(6):
+        client.do_handshake()
+        _move(client, server)
+        server.do_handshake()
+        _move(server, client)
+    assert client.read(10) is not None and client._conn is not None
+    session = client._conn.get_session()
+    assert session is not None
+
+    holder.rotate()  # and from the previous key, so the choice really matters
+    server = TLSEngine(holder.current.server_context, server_side=True)
+    again = SSL.Connection(ctx, None)
+    again.set_session(session)
+    again.set_tlsext_host_name(b"localhost")
+    again.set_connect_state()
+    with pytest.raises(SSL.WantReadError):
+        again.do_handshake()
+    hello = again.bio_read(65536)
+    for i in range(len(hello)):
+        server.receive_data(hello[i : i + 1])
+        assert server.do_handshake() is False
+    for _ in range(4):
+        _move(server, again)
+        try:
+            again.do_handshake()
+        except SSL.WantReadError:
+            pass
+        _move(again, server)
+        if server.do_handshake():
+            break
+    assert server.info is not None and server.info.resumed and server.info.group == "X25519MLKEM768"
+
+
+def test_a_failed_rotation_keeps_the_current_key_and_retries_later(pki: DevPKI) -> None:
+    from qpher_proxy.tls.context import ROTATION_RETRY, build_server_context
+
+    clock = FakeClock()
+    broken = [False]
+
+    def builder(s: object) -> SSL.Context:
+        if broken[0]:
+            raise errors.ConfigError("tls.cert_file: cannot read it")
+        return build_server_context(s)  # type: ignore[arg-type]
+
+    holder = ServerTLSContextHolder(settings_for(pki, ticket_key_rotation=600), builder=builder, clock=clock)
+    first = holder.current
+    broken[0] = True
+    clock.now += 600
+    assert holder.current is first  # rotation failed: the current key keeps issuing
+    broken[0] = False
+    clock.now += ROTATION_RETRY / 2
+    assert holder.current is first  # not retried before ROTATION_RETRY
+    clock.now += ROTATION_RETRY
+    assert holder.current.rotation == 1 and holder.current.previous is first.context
