@@ -17,12 +17,13 @@ from .context import (
     is_hybrid_pq_group,
 )
 from .engine import NEED_DATA, TLSEngine, TLSInfo
-from .listener import TLSListener, open_tls_listeners
+from .listener import HandOverListener, TLSListener, open_tls_listeners
 from .stream import TLSStream
 
 __all__ = [
     "DEFAULT_GROUPS",
     "HYBRID_PQ_GROUPS",
+    "HandOverListener",
     "LoadedTLSContext",
     "NEED_DATA",
     "ServerTLSContextHolder",

@@ -60,11 +60,15 @@ What the context enforces, and why:
 
   Several gateway processes (``server.workers`` > 1): each process has its own keys, and the
   kernel spreads connections over the processes' SO_REUSEPORT listeners by address and port,
-  so a reconnection (a new source port) lands on a random process and resumes only if that is
-  the one that issued the ticket (about 1 in ``workers``); the others give it a full
-  handshake. Handing such a connection over to the issuing process (its key names announced
-  to the supervisor, the socket and the bytes already read passed with SCM_RIGHTS) is not
-  implemented.
+  so a reconnection (a new source port) lands on a random process. On its own a process
+  resumes only its own tickets (about 1 in ``workers`` reconnections); the others get a full
+  handshake. The TLS layer can do better: ``holder.peers`` holds the other processes' key
+  names (as their supervisor tells them), ``select`` then answers ``HandOff(index)`` for a
+  ticket of another process, and the stream passes the socket and the bytes read so far to its
+  ``on_handoff`` callback, for the owner's ``HandOverListener`` (listener.py). The transport
+  between processes (announcing key names: ``on_keys_changed``; passing the descriptor with
+  SCM_RIGHTS) belongs to the supervisor's control socket (server/privsep.py); until it is
+  wired there, tickets resume only on the process that issued them.
 - Certificates: an ECDSA (or RSA) chain, and optionally an ML-DSA-65 chain beside it. OpenSSL
   keeps one certificate slot per key type and picks the slot from the signature schemes both
   sides accept. We set server preference, so a TLS 1.3 client that offers ``mldsa65`` at all
@@ -105,8 +109,10 @@ __all__ = [
     "DEFAULT_GROUPS",
     "DEFAULT_HANDSHAKE_TIMEOUT",
     "DEFAULT_TICKET_KEY_ROTATION",
+    "HandOff",
     "HYBRID_PQ_GROUPS",
     "LoadedTLSContext",
+    "PeerTicketKeys",
     "ServerTLSContextHolder",
     "TLSSettings",
     "build_server_context",
@@ -494,6 +500,37 @@ def _files_digest(settings: TLSSettings) -> bytes:
     return h.digest()
 
 
+# ---- the host's other gateway processes -------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class HandOff:
+    """The ticket a client offers was issued by another gateway process of this host: hand the
+    connection over to ``gateway`` (the stream's ``on_handoff``), or, if that cannot be done,
+    give it a full handshake on ``fallback``."""
+
+    gateway: int
+    fallback: SSL.Context
+
+
+class PeerTicketKeys:
+    """The ticket key names of the host's other gateway processes -> their index, as the
+    supervisor last told us (``server.workers`` > 1). Replaced whole, read per connection."""
+
+    __slots__ = ("_names",)
+
+    def __init__(self) -> None:
+        self._names: Mapping[bytes, int] = {}
+
+    def update(self, names: Mapping[bytes, int]) -> None:
+        self._names = dict(names)
+
+    def get(self, name: bytes) -> int | None:
+        return self._names.get(name)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
 # ---- reload and rotation -----------------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
@@ -513,22 +550,43 @@ class LoadedTLSContext:
     started: float = 0.0  # holder clock when ``context`` began issuing tickets
     key_name: bytes | None = None  # the ticket key name of ``context``, if learned
     files: bytes = b""  # _files_digest of the files ``context`` was built from
+    peers: PeerTicketKeys | None = None  # the other gateway processes' key names (hand-over)
 
-    def select(self, hello: ClientHelloFacts) -> SSL.Context:
+    def select(self, hello: ClientHelloFacts) -> SSL.Context | HandOff:
         """The context for a connection whose ClientHello says ``hello``: the one whose key
-        named the offered ticket, else the current one (a full handshake)."""
+        named the offered ticket; a ``HandOff`` if another gateway process of the host holds
+        that key; else the current one (a full handshake)."""
         name = hello.ticket_key_name
         if name is not None:
             ctx = self.key_names.get(name)
             if ctx is not None:
                 return ctx
+            peers = self.peers
+            gateway = peers.get(name) if peers is not None else None
+            if gateway is not None:
+                return HandOff(gateway, self.context)
         return self.context
 
+    def select_local(self, hello: ClientHelloFacts) -> SSL.Context:
+        """``select`` without hand-over: for a connection another process handed to us."""
+        choice = self.select(hello)
+        return choice.fallback if isinstance(choice, HandOff) else choice
+
     @property
-    def server_context(self) -> SSL.Context | Callable[[ClientHelloFacts], SSL.Context]:
+    def server_context(self) -> SSL.Context | Callable[[ClientHelloFacts], SSL.Context | HandOff]:
         """What a server connection is created from: the context itself without tickets, else
         ``select`` (the engine calls it with the client's first record)."""
         return self.select if self.settings.session_tickets else self.context
+
+    @property
+    def handed_over_context(self) -> SSL.Context | Callable[[ClientHelloFacts], SSL.Context]:
+        """``server_context`` for a connection handed over by another gateway process."""
+        return self.select_local if self.settings.session_tickets else self.context
+
+    @property
+    def accepted_key_names(self) -> list[bytes]:
+        """The ticket key names this generation accepts (to announce to the other processes)."""
+        return list(self.key_names)
 
 
 class ServerTLSContextHolder:
@@ -551,10 +609,15 @@ class ServerTLSContextHolder:
         builder: Callable[[TLSSettings], SSL.Context] = build_server_context,
         clock: Callable[[], float] = time.monotonic,
         key_namer: Callable[[SSL.Context, TLSSettings], bytes | None] = ticket_key_name,
+        on_keys_changed: Callable[[list[bytes]], None] | None = None,
     ) -> None:
         self._builder = builder
         self._clock = clock
         self._key_namer = key_namer
+        self.peers = PeerTicketKeys()
+        # Called (synchronously, from whoever triggered it) with the accepted key names after
+        # every rotation and reload: the gateway announces them to its supervisor.
+        self.on_keys_changed = on_keys_changed
         self._lock = threading.Lock()  # reload may be called from a signal-handling thread
         self._retry_at = 0.0
         self._current = self._fresh(settings, 1)
@@ -568,8 +631,12 @@ class ServerTLSContextHolder:
                         "while it is the current key")
         return LoadedTLSContext(
             context, settings, generation, key_names={name: context} if name else {},
-            started=self._clock(), key_name=name, files=files,
+            started=self._clock(), key_name=name, files=files, peers=self.peers,
         )
+
+    def _keys_changed(self) -> None:
+        if self.on_keys_changed is not None:
+            self.on_keys_changed(self._current.accepted_key_names)
 
     @property
     def current(self) -> LoadedTLSContext:
@@ -614,13 +681,14 @@ class ServerTLSContextHolder:
             self._current = LoadedTLSContext(
                 new.context, settings, old.generation, previous=old.context if keep else None,
                 key_names=names, rotation=old.rotation + 1, started=new.started,
-                key_name=new.key_name, files=new.files,
+                key_name=new.key_name, files=new.files, peers=self.peers,
             )
             log.info("tls ticket key rotated (generation %d, rotation %d)", old.generation,
                      self._current.rotation)
-            return self._current
         finally:
             self._lock.release()
+        self._keys_changed()
+        return self._current
 
     def reload(self, settings: TLSSettings | None = None) -> LoadedTLSContext:
         """Re-read the certificate/key files (and new ``settings`` if given).
@@ -639,4 +707,5 @@ class ServerTLSContextHolder:
                 log.warning("tls reload failed, keeping generation %d: %s", old.generation, exc.message)
                 raise
             log.info("tls certificates reloaded (generation %d)", self._current.generation)
-            return self._current
+        self._keys_changed()
+        return self._current

@@ -90,13 +90,24 @@ from . import _openssl
 from ._openssl import pending_input as _pending_input
 from ._openssl import pending_output as _pending_output
 from .clienthello import ClientHelloFacts, first_record_length, parse_client_hello
-from .context import canonical_group_name, is_hybrid_pq_group
+from .context import HandOff, canonical_group_name, is_hybrid_pq_group
 
-__all__ = ["NEED_DATA", "ContextSelector", "NeedData", "TLSEngine", "TLSInfo"]
+__all__ = ["NEED_DATA", "ContextSelector", "HandOffRequested", "NeedData", "TLSEngine", "TLSInfo"]
 
 # A server-side chooser: the server context for a connection, given what its ClientHello says
-# (which ticket key it names). See "Details that matter" and context.py.
-ContextSelector = Callable[[ClientHelloFacts], SSL.Context]
+# (which ticket key it names), or a HandOff to another gateway process. See "Details that
+# matter" and context.py.
+ContextSelector = Callable[[ClientHelloFacts], SSL.Context | HandOff]
+
+
+class HandOffRequested(Exception):
+    """The client's ticket belongs to gateway process ``gateway``: the stream hands the
+    connection and ``data`` (every byte received so far) over, or calls ``fall_back()``."""
+
+    def __init__(self, gateway: int, data: bytes) -> None:
+        super().__init__(f"hand-over to gateway {gateway}")
+        self.gateway = gateway
+        self.data = data
 
 KiB = 1024
 MAX_RECORD_PLAINTEXT = 16 * KiB  # RFC 8446 §5.1: a record carries at most 2^14 bytes
@@ -230,6 +241,8 @@ class TLSEngine:
         "_conn",
         "_selector",
         "_pending",
+        "_handoff",
+        "_offers_tls13",
         "_server_side",
         "_require_pq",
         "_info",
@@ -255,6 +268,8 @@ class TLSEngine:
         self._selector: ContextSelector | None = None
         # Server with a selector: the peer's bytes until its first record is whole.
         self._pending = bytearray()
+        self._handoff: HandOff | None = None
+        self._offers_tls13 = False
         if isinstance(context, SSL.Context):
             conn = SSL.Connection(context, None)
             if server_side:
@@ -327,18 +342,35 @@ class TLSEngine:
 
     def _start_server_connection(self) -> None:
         """Create the server connection with the context the selector picks for the client's
-        first record (or whatever arrived before EOF), and feed it everything received so far."""
+        first record (or whatever arrived before EOF), and feed it everything received so far.
+        A hand-over choice keeps the bytes (``do_handshake`` raises ``HandOffRequested``)."""
+        if self._handoff is not None:
+            return  # chosen already: the bytes wait for the hand-over or fall_back()
         assert self._selector is not None
+        facts = parse_client_hello(self._pending)
+        self._offers_tls13 = facts.offers_tls13
+        choice = self._selector(facts)
+        self._selector = None
+        if isinstance(choice, HandOff):
+            self._handoff = choice
+            return
+        self._open(choice)
+
+    def fall_back(self) -> None:
+        """After ``HandOffRequested``, when the hand-over cannot happen: a full handshake here."""
+        if self._conn is None and self._handoff is not None:
+            self._open(self._handoff.fallback)
+            self._handoff = None
+
+    def _open(self, context: SSL.Context) -> None:
         pending, self._pending = bytes(self._pending), bytearray()
-        facts = parse_client_hello(pending)
-        conn = SSL.Connection(self._selector(facts), None)
-        if not facts.offers_tls13:
+        conn = SSL.Connection(context, None)
+        if not self._offers_tls13:
             # TLS 1.2 ticket resumption skips the key exchange (no forward secrecy against a
             # stolen ticket key, no group for require_pq): tickets are for TLS 1.3 only.
             _openssl.disable_tickets(conn)
         conn.set_accept_state()
         self._conn = conn
-        self._selector = None
         if pending:
             conn.bio_write(pending)
 
@@ -375,6 +407,8 @@ class TLSEngine:
             return True
         conn = self._conn
         if conn is None:
+            if self._handoff is not None:
+                raise HandOffRequested(self._handoff.gateway, bytes(self._pending))
             return False  # the client's first record is not whole yet
         try:
             conn.do_handshake()

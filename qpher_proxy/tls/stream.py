@@ -81,7 +81,7 @@ from OpenSSL import SSL
 
 from .. import errors
 from .context import DEFAULT_HANDSHAKE_TIMEOUT
-from .engine import NEED_DATA, ContextSelector, TLSEngine, TLSInfo
+from .engine import NEED_DATA, ContextSelector, HandOffRequested, TLSEngine, TLSInfo
 
 __all__ = [
     "BrokenTLSConnection",
@@ -90,6 +90,7 @@ __all__ = [
     "BrokenTLSNotPostQuantum",
     "BrokenTLSPlaintext",
     "DEFAULT_RECEIVE_SIZE",
+    "HandOffCallback",
     "TLSStream",
 ]
 
@@ -181,6 +182,13 @@ class _ConflictDetector:
 
 HandshakeCallback = Callable[[TLSInfo], None]
 HandshakeErrorCallback = Callable[[errors.TLSHandshakeFailed], None]
+# (gateway index, the connection's socket descriptor, every byte received so far) -> whether
+# the connection was taken over: the callee duplicates the descriptor before it returns.
+HandOffCallback = Callable[[int, int, bytes], bool]
+
+
+class _HandedOff(Exception):
+    """The connection went to another gateway process (internal to the handshake)."""
 
 
 class TLSStream(trio.abc.HalfCloseableStream):
@@ -203,11 +211,18 @@ class TLSStream(trio.abc.HalfCloseableStream):
         on_handshake: HandshakeCallback | None = None,
         on_handshake_error: HandshakeErrorCallback | None = None,
         receive_size: int = DEFAULT_RECEIVE_SIZE,
+        on_handoff: HandOffCallback | None = None,
+        initial_data: bytes = b"",
     ) -> None:
         self.transport_stream = transport_stream
         self._engine = TLSEngine(
             context, server_side=server_side, server_hostname=server_hostname, require_pq=require_pq
         )
+        self._on_handoff = on_handoff
+        # Bytes another gateway process already read from this connection (a hand-over).
+        self._has_initial_data = bool(initial_data)
+        if initial_data:
+            self._engine.receive_data(initial_data)
         self._state = _State.OPEN
         self._handshake_timeout = handshake_timeout
         self._suppress_ragged_eofs = suppress_ragged_eofs
@@ -337,11 +352,11 @@ class TLSStream(trio.abc.HalfCloseableStream):
             self._peer_address = self._peer()
         try:
             with trio.move_on_after(self._handshake_timeout) as deadline:
-                if engine.server_side:
+                if engine.server_side and not self._has_initial_data:
                     # The client speaks first: wait for its hello instead of asking OpenSSL
                     # for a step it cannot take yet (a WantRead costs an exception).
                     await self._receive()
-                while not engine.do_handshake():
+                while not self._advance_handshake():
                     await self._flush()
                     await self._receive()
                 await self._flush()  # client Finished / TLS 1.2 server Finished
@@ -351,6 +366,14 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 raise errors.TLSHandshakeTimeout(
                     f"tls handshake not completed within {self._handshake_timeout:g} s"
                 )
+        except _HandedOff:
+            # Not a failure: another process serves this client now. Nothing is sent from here
+            # (no alert, no close_notify) and closing our descriptor leaves the connection open.
+            self._break()
+            handed = BrokenTLSHandshake("tls connection handed over to another gateway process",
+                                        reason="handed_off")
+            self._handshake_error = handed
+            raise handed from None
         except errors.TLSError as exc:
             self._break()
             failure = _as_stream_error(exc)
@@ -383,6 +406,29 @@ class TLSStream(trio.abc.HalfCloseableStream):
             )
         if self._on_handshake is not None:
             self._on_handshake(info)
+
+    def _advance_handshake(self) -> bool:
+        """One handshake step; a client whose ticket another gateway process issued is handed
+        over to it (``on_handoff``) or, failing that, gets a full handshake here."""
+        engine = self._engine
+        try:
+            return engine.do_handshake()
+        except HandOffRequested as request:
+            if self._hand_off(request):
+                raise _HandedOff from None
+            engine.fall_back()
+            return engine.do_handshake()
+
+    def _hand_off(self, request: HandOffRequested) -> bool:
+        callback = self._on_handoff
+        sock = getattr(self.transport_stream, "socket", None)
+        if callback is None or not isinstance(sock, trio.socket.SocketType):
+            return False
+        try:
+            return callback(request.gateway, sock.fileno(), request.data)
+        except Exception:  # a hand-over that fails is a full handshake here, never an error
+            log.warning("tls hand-over to gateway %d failed", request.gateway, exc_info=True)
+            return False
 
     def _push_post_handshake_records(self) -> None:
         """Put the server's held TLS 1.3 session tickets on the wire now, without blocking.
