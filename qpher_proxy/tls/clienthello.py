@@ -71,37 +71,6 @@ def first_record_length(data: bytes | bytearray) -> int | None:
     return RECORD_HEADER + length
 
 
-class _Reader:
-    __slots__ = ("buf", "pos", "end")
-
-    def __init__(self, buf: bytes, pos: int, end: int) -> None:
-        self.buf, self.pos, self.end = buf, pos, end
-
-    def take(self, n: int) -> bytes | None:
-        if n < 0 or self.pos + n > self.end:
-            return None
-        out = self.buf[self.pos : self.pos + n]
-        self.pos += n
-        return out
-
-    def uint(self, n: int) -> int | None:
-        raw = self.take(n)
-        return None if raw is None else int.from_bytes(raw, "big")
-
-    def sub(self, length_bytes: int) -> _Reader | None:
-        """A reader over the next vector (``length_bytes``-byte length prefix)."""
-        n = self.uint(length_bytes)
-        if n is None or self.pos + n > self.end:
-            return None
-        r = _Reader(self.buf, self.pos, self.pos + n)
-        self.pos += n
-        return r
-
-    @property
-    def left(self) -> int:
-        return self.end - self.pos
-
-
 def parse_client_hello(data: bytes | bytearray) -> ClientHelloFacts:
     """The facts of the ClientHello in the first record of ``data``; nothing known on any doubt."""
     try:
@@ -111,42 +80,65 @@ def parse_client_hello(data: bytes | bytearray) -> ClientHelloFacts:
 
 
 def _parse(buf: bytes) -> ClientHelloFacts:
-    end = first_record_length(buf)
-    if end is None or buf[0] != _HANDSHAKE or end > len(buf):
+    """One pass over the hello with plain indexing (a handshake's worth of Python is precious:
+    this runs before every full handshake). Every offset is checked against its enclosing
+    vector's end before it is read; the first doubt gives ``_NOTHING``."""
+    n = len(buf)
+    if n < RECORD_HEADER or buf[0] != _HANDSHAKE:
         return _NOTHING
-    record = _Reader(buf, RECORD_HEADER, end)
-    if record.uint(1) != _CLIENT_HELLO:
+    declared = (buf[3] << 8) | buf[4]
+    end = n if declared > MAX_RECORD else RECORD_HEADER + declared  # as first_record_length
+    if end > n or end < RECORD_HEADER + 4 or buf[5] != _CLIENT_HELLO:
         return _NOTHING
-    body_len = record.uint(3)
-    if body_len is None or body_len > record.left:  # fragmented over several records
+    body_end = RECORD_HEADER + 4 + ((buf[6] << 16) | (buf[7] << 8) | buf[8])
+    if body_end > end:  # fragmented over several records
         return _NOTHING
-    hello = _Reader(buf, record.pos, record.pos + body_len)
-    if hello.take(2 + 32) is None:  # legacy_version, random
+    p = RECORD_HEADER + 4 + 2 + 32  # legacy_version, random
+    if p + 1 > body_end:
         return _NOTHING
-    for length_bytes in (1, 2, 1):  # legacy_session_id, cipher_suites, compression_methods
-        if hello.sub(length_bytes) is None:
-            return _NOTHING
-    extensions = hello.sub(2)
-    if extensions is None:
+    p += 1 + buf[p]  # legacy_session_id
+    if p + 2 > body_end:
         return _NOTHING
+    p += 2 + ((buf[p] << 8) | buf[p + 1])  # cipher_suites
+    if p + 1 > body_end:
+        return _NOTHING
+    p += 1 + buf[p]  # legacy_compression_methods
+    if p + 2 > body_end:
+        return _NOTHING
+    ext_end = p + 2 + ((buf[p] << 8) | buf[p + 1])
+    if ext_end > body_end:
+        return _NOTHING
+    p += 2
     identity: bytes | None = None
     tls13 = False
-    while extensions.left:
-        ext_type = extensions.uint(2)
-        ext = extensions.sub(2)
-        if ext_type is None or ext is None:
+    while p < ext_end:
+        if p + 4 > ext_end:
             return _NOTHING
+        ext_type = (buf[p] << 8) | buf[p + 1]
+        q = p + 4 + ((buf[p + 2] << 8) | buf[p + 3])
+        if q > ext_end:
+            return _NOTHING
+        p += 4
         if ext_type == _EXT_SUPPORTED_VERSIONS:
-            versions = ext.sub(1)
-            if versions is None:
+            if p + 1 > q:
                 return _NOTHING
-            while versions.left >= 2:
-                if versions.take(2) == _TLS13:
+            v, v_end = p + 1, p + 1 + buf[p]
+            if v_end > q:
+                return _NOTHING
+            while v + 2 <= v_end:
+                if buf[v] == 3 and buf[v + 1] == 4:
                     tls13 = True
+                v += 2
         elif ext_type == _EXT_PRE_SHARED_KEY:
-            identities = ext.sub(2)
-            first = identities.sub(2) if identities is not None else None
-            if first is None or first.left == 0:
+            # identities<7..2^16-1>: the first PskIdentity is identity<1..2^16-1>, then its age
+            if p + 2 > q:
                 return ClientHelloFacts(None, tls13)
-            identity = first.take(first.left)
+            ids_end = p + 2 + ((buf[p] << 8) | buf[p + 1])
+            if ids_end > q or p + 4 > ids_end:
+                return ClientHelloFacts(None, tls13)
+            first_end = p + 4 + ((buf[p + 2] << 8) | buf[p + 3])
+            if first_end > ids_end or first_end == p + 4:
+                return ClientHelloFacts(None, tls13)
+            identity = buf[p + 4 : first_end]
+        p = q
     return ClientHelloFacts(identity, tls13)
