@@ -62,11 +62,21 @@ shared limiter table's memfd attached (N > 1 only; before the workers), ``{"t": 
 "index", "pid", "token" (hex), "info", "max_frame_size"}`` with the socket attached,
 ``{"t": "restart", "index", "exit_code"}``. gateway -> supervisor: ``{"t": "serving"}``,
 ``{"t": "kill", "pid"}``.
+
+TLS session tickets across gateways (N > 1; tls/context.py): each gateway announces the
+names of the ticket keys it accepts, ``{"t": "ticket_keys", "names": [hex]}`` (at start, after
+every rotation and reload); the supervisor sends every gateway the others' names,
+``{"t": "ticket_peers", "keys": {hex: index}}``. A gateway that receives a ClientHello with a
+ticket of gateway ``i`` sends ``{"t": "handover", "to": i, "data": base64}`` with the
+connection's socket attached (``data``: the bytes it read from it); the supervisor forwards
+``{"t": "handover", "data"}`` with the socket to gateway ``i``, which resumes the session there.
 """
 
 from __future__ import annotations
 
 import array
+import base64
+import binascii
 import json
 import logging
 import os
@@ -89,6 +99,8 @@ from ..sandbox import RunAs, lookup_user
 from .settings import kms_supervisor
 
 log = logging.getLogger("qpher.supervisor")
+
+MAX_HANDOVER_BYTES = 40 * 1024  # bytes read before a hand-over that fit a control message (base64)
 
 MAX_MESSAGE = 64 * 1024
 GATEWAY_START_TIMEOUT = 120.0  # seconds from exec to "serving" (imports, TLS contexts, policy)
@@ -161,6 +173,11 @@ class SupervisedKMS:
         # ``ratelimit_fd`` message), here before ``run`` reports started; None otherwise.
         self.ratelimit_fd: int | None = None
         self._send_lock = trio.Lock()
+        # TLS tickets across gateways (serve.py sets the hooks when server.workers > 1).
+        self.on_ticket_peers: Callable[[dict[bytes, int]], None] | None = None
+        self.on_handover: Callable[[int, bytes], bool] | None = None
+        queued = trio.open_memory_channel[tuple[dict[str, Any], int | None]](256)
+        self._queued_send, self._queued_receive = queued
 
     def __repr__(self) -> str:
         return (
@@ -178,10 +195,66 @@ class SupervisedKMS:
             except OSError:
                 log.error("the supervisor's control socket is closed")
 
+    def announce_ticket_keys(self, names: list[bytes]) -> None:
+        """Queue ``ticket_keys`` (from the trio thread; dropped if the queue is full)."""
+        self._queue({"t": "ticket_keys", "names": [n.hex() for n in names]}, None)
+
+    def hand_over(self, gateway: int, fd: int, data: bytes) -> bool:
+        """Queue the connection ``fd`` (duplicated here) and the bytes read from it for gateway
+        ``gateway``; False if it cannot go (the caller then serves it itself)."""
+        if len(data) > MAX_HANDOVER_BYTES:
+            return False
+        dup = os.dup(fd)
+        if not self._queue({"t": "handover", "to": gateway, "data": base64.b64encode(data).decode()}, dup):
+            os.close(dup)
+            return False
+        return True
+
+    def _queue(self, msg: dict[str, Any], fd: int | None) -> bool:
+        try:
+            self._queued_send.send_nowait((msg, fd))
+        except trio.WouldBlock:
+            log.warning("control queue full: dropping a %s message", msg["t"])
+            return False
+        return True
+
+    async def _send_queued(self) -> None:
+        async for msg, fd in self._queued_receive:
+            try:
+                async with self._send_lock:
+                    await send_message(self._control, msg, fd)
+            except (OSError, ValueError):
+                log.error("could not send a %s message to the supervisor", msg["t"])
+            finally:
+                if fd is not None:
+                    os.close(fd)
+
+    def _ticket_message(self, kind: str, msg: dict[str, Any], fd: int | None) -> None:
+        if kind == "ticket_peers":
+            keys = msg.get("keys")
+            if self.on_ticket_peers is not None and isinstance(keys, dict):
+                try:
+                    self.on_ticket_peers({bytes.fromhex(k): int(v) for k, v in keys.items()})
+                except (TypeError, ValueError):
+                    log.error("ignoring malformed ticket_peers")
+            return
+        # "handover" with the client's socket: ours now (on_handover takes or closes it)
+        assert fd is not None
+        data = msg.get("data")
+        try:
+            raw = base64.b64decode(data, validate=True) if isinstance(data, str) else None
+        except (binascii.Error, ValueError):
+            raw = None
+        if raw is None or self.on_handover is None:
+            os.close(fd)
+            return
+        self.on_handover(fd, raw)
+
     async def run(self, *, task_status: trio.TaskStatus[SupervisedKMS] = trio.TASK_STATUS_IGNORED) -> None:
         started = False
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.client.watchdog)
+            nursery.start_soon(self._send_queued)
             while True:
                 try:
                     got = await receive_message(self._control)
@@ -209,6 +282,8 @@ class SupervisedKMS:
                     if self.ratelimit_fd is not None:
                         os.close(self.ratelimit_fd)
                     self.ratelimit_fd = fd
+                elif kind == "ticket_peers" or (kind == "handover" and fd is not None):
+                    self._ticket_message(kind, msg, fd)
                 elif kind == "restart":
                     self.restarts += 1
                     if self.on_restart is not None:
@@ -345,6 +420,7 @@ class _GatewaySlot:
         self.proc: trio.Process | None = None
         self.scope = trio.CancelScope()
         self.notes_in, self.notes_out = trio.open_memory_channel[dict[str, Any]](256)
+        self.ticket_keys: list[str] = []  # hex names of the TLS ticket keys the gateway accepts
 
     # -- worker hand-over --
 
@@ -432,6 +508,9 @@ class _GatewaySlot:
                 self.control = None
                 self.control_ready = trio.Event()
             control.close()
+            if self.ticket_keys:  # its keys died with it
+                self.ticket_keys = []
+                await sup.broadcast_ticket_peers()
             if served.is_set():
                 served_once = True
                 backoff = RESTART_BACKOFF[0]
@@ -456,9 +535,15 @@ class _GatewaySlot:
             if got is None:
                 return
             msg, fd = got
+            if msg["t"] == "handover" and fd is not None:
+                await self.sup.forward_handover(msg, fd)  # a TLS client for another gateway
+                continue
             if fd is not None:
-                os.close(fd)  # the gateway never has a reason to send us a descriptor
-            if msg["t"] == "serving":
+                os.close(fd)  # no other message carries a descriptor
+            if msg["t"] == "ticket_keys" and isinstance(msg.get("names"), list):
+                self.ticket_keys = [n for n in msg["names"][:8] if isinstance(n, str) and len(n) == 32]
+                await self.sup.broadcast_ticket_peers()
+            elif msg["t"] == "serving":
                 served.set()
             elif msg["t"] == "kill" and isinstance(msg.get("pid"), int):
                 self.kms.kill(msg["pid"])
@@ -524,6 +609,37 @@ class Supervisor:
             if self._ratelimit_table is not None:
                 self._ratelimit_table.close()
         return self.exit_code
+
+    async def broadcast_ticket_peers(self) -> None:
+        """Tell every gateway the other gateways' TLS ticket key names."""
+        for slot in self.slots:
+            control = slot.control
+            if control is None:
+                continue
+            keys = {name: other.index for other in self.slots if other is not slot
+                    for name in other.ticket_keys}
+            try:
+                async with slot.send_lock:
+                    await send_message(control, {"t": "ticket_peers", "keys": keys})
+            except (OSError, ValueError):
+                pass  # that gateway is gone; it gets the map again when it announces its keys
+
+    async def forward_handover(self, msg: dict[str, Any], fd: int) -> None:
+        """Pass a TLS client's socket from one gateway to the one whose ticket key it names."""
+        try:
+            to, data = msg.get("to"), msg.get("data")
+            if not (isinstance(to, int) and 0 <= to < len(self.slots) and isinstance(data, str)):
+                return
+            target = self.slots[to]
+            control = target.control
+            if control is None:
+                return  # restarting: the client's connection ends; it reconnects
+            async with target.send_lock:
+                await send_message(control, {"t": "handover", "data": data}, fd)
+        except (OSError, ValueError):
+            log.warning("could not hand a TLS connection over", extra={"fields": {"gateway": msg.get("to")}})
+        finally:
+            os.close(fd)
 
     def gateway_ended(self, index: int, code: int) -> None:
         """A gateway that is to stay down: at shutdown, or one that failed before it ever

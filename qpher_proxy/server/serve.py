@@ -41,7 +41,8 @@ from ..metrics import Metrics
 from ..policy.engine import PolicyEngine
 from ..tls.context import ServerTLSContextHolder
 from ..tls.failures import SUMMARY_INTERVAL, HandshakeFailureSummary, failure_reason
-from ..tls.listener import TLSListener
+from ..tls.listener import HandOverListener, TLSListener
+from ..tls.stream import HandOffCallback
 from ..upstream import UpstreamClient
 from .confine import Confinement
 from .gateway import Gateway, RateLimiter
@@ -122,11 +123,14 @@ async def serve(
                 upstream=upstream, pass_api_key=cfg.upstream.pass_api_key,
                 allow_path_params=cfg.upstream.allow_path_params,
             )
-            listeners = [
+            on_handoff, handover = _ticket_handover(cfg, supervisor, holder, handshakes)
+            listeners: list[trio.abc.Listener[Any]] = [
                 TLSListener(ln, holder, on_handshake=handshakes.on_handshake,
-                            on_handshake_error=handshakes.on_handshake_error)
+                            on_handshake_error=handshakes.on_handshake_error, on_handoff=on_handoff)
                 for ln in raw_listeners
             ]
+            if handover is not None:
+                listeners.append(handover)
             addresses = [tuple(ln.socket.getsockname()[:2]) for ln in raw_listeners]
             server = _http_server(cfg, gateway)
             reload = _reloader(holder, policy)
@@ -237,6 +241,26 @@ class _HandshakeMetrics:
         reason = failure_reason(exc)
         self._metrics.tls_handshake_failures.labels(reason).inc()
         self.failures.record(reason)
+
+
+def _ticket_handover(
+    cfg: Config, supervisor: KMSSupervisor | SupervisedKMS, holder: ServerTLSContextHolder,
+    handshakes: _HandshakeMetrics,
+) -> tuple[HandOffCallback | None, HandOverListener | None]:
+    """``server.workers`` > 1 with TLS session tickets: announce our ticket keys through the
+    supervisor, learn the other gateways' keys, hand a client whose ticket another gateway
+    issued over to it, and accept the clients handed to us (privsep.py, tls/context.py)."""
+    if not isinstance(supervisor, SupervisedKMS) or cfg.server.workers < 2:
+        return None, None
+    if not holder.settings.session_tickets:
+        return None, None
+    handover = HandOverListener(holder, on_handshake=handshakes.on_handshake,
+                                on_handshake_error=handshakes.on_handshake_error)
+    supervisor.on_handover = handover.deliver
+    supervisor.on_ticket_peers = holder.peers.update
+    holder.on_keys_changed = supervisor.announce_ticket_keys
+    supervisor.announce_ticket_keys(holder.current.accepted_key_names)
+    return supervisor.hand_over, handover
 
 
 def _upstream(cfg: Config) -> contextlib.AbstractAsyncContextManager[UpstreamClient | None]:
