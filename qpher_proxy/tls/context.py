@@ -60,15 +60,16 @@ What the context enforces, and why:
 
   Several gateway processes (``server.workers`` > 1): each process has its own keys, and the
   kernel spreads connections over the processes' SO_REUSEPORT listeners by address and port,
-  so a reconnection (a new source port) lands on a random process. On its own a process
-  resumes only its own tickets (about 1 in ``workers`` reconnections); the others get a full
-  handshake. The TLS layer can do better: ``holder.peers`` holds the other processes' key
-  names (as their supervisor tells them), ``select`` then answers ``HandOff(index)`` for a
-  ticket of another process, and the stream passes the socket and the bytes read so far to its
-  ``on_handoff`` callback, for the owner's ``HandOverListener`` (listener.py). The transport
-  between processes (announcing key names: ``on_keys_changed``; passing the descriptor with
-  SCM_RIGHTS) belongs to the supervisor's control socket (server/privsep.py); until it is
-  wired there, tickets resume only on the process that issued them.
+  so a reconnection (a new source port) lands on a random process. So the processes tell each
+  other, through their supervisor, which key names they hold (``on_keys_changed`` out,
+  ``holder.peers`` in; server/privsep.py), ``select`` answers ``HandOff(index)`` for a ticket of
+  another process, and the stream passes the socket and the bytes read so far to its
+  ``on_handoff`` callback (sent with SCM_RIGHTS via the supervisor), for the owner's
+  ``HandOverListener`` (listener.py), which resumes the session. A process that receives a
+  handed-over connection never hands it on: if it no longer holds the key, the client gets a
+  full handshake there. If the hand-over cannot be made (control queue full, message too
+  large) the client gets a full handshake where it landed; if the owner went away meanwhile,
+  the connection is lost and the client reconnects.
 - Certificates: an ECDSA (or RSA) chain, and optionally an ML-DSA-65 chain beside it. OpenSSL
   keeps one certificate slot per key type and picks the slot from the signature schemes both
   sides accept. We set server preference, so a TLS 1.3 client that offers ``mldsa65`` at all
