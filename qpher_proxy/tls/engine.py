@@ -51,6 +51,9 @@ Details that matter
   the OpenSSL connection with the context the selector picks for the ticket the client offers
   (the one whose ticket key encrypted it, see context.py). A hello that does not offer TLS 1.3
   gets ``SSL_OP_NO_TICKET`` on its connection: TLS 1.2 resumption would skip the key exchange.
+  The selector may instead answer ``HandOff`` (the ticket is another gateway process's):
+  ``do_handshake`` then raises ``HandOffRequested`` with every byte received so far, and the
+  stream either passes the connection on or calls ``fall_back()`` for a full handshake here.
   ``TLSInfo.resumed`` tells whether a ticket was accepted; a resumed TLS 1.3 handshake is
   psk_dhe_ke (OpenSSL refuses psk_ke without ``SSL_OP_ALLOW_NO_DHE_KEX``, which we never set),
   so it has a group and ``require_pq`` checks it like any other.
