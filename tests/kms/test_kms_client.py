@@ -225,3 +225,28 @@ async def test_a_worker_that_goes_away_under_load_gives_every_caller_an_answer_o
     assert len(outcomes) - len(failures) >= 200 and failures
     assert all(type(exc) is KMSUnavailable for exc in failures), {repr(exc) for exc in failures}
     assert not channel.alive
+
+
+async def test_a_shared_batch_fails_whole_with_the_first_chunk_error_not_a_group(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from types import SimpleNamespace
+
+    from qpher_proxy.kms.client.pool import SPLIT_MIN_ITEMS
+
+    client = KMSClient()
+    client._live = [SimpleNamespace(inflight={}), SimpleNamespace(inflight={})]  # type: ignore[list-item]
+    chunks: list[int] = []
+
+    async def one(_ctx: object, items: list[object]) -> list[object]:
+        chunks.append(len(items))
+        await trio.sleep(0)
+        if len(chunks) == 2:
+            raise KMSUnavailable("the KMS worker handling this request stopped")
+        return [{"i": i} for i in range(len(items))]
+
+    monkeypatch.setattr(client, "_batch_one", one)
+    items = [("encapsulate", {"key_id": "k"})] * (2 * SPLIT_MIN_ITEMS + 1)
+    with pytest.raises(KMSUnavailable):
+        await client.batch(ctx(), items)  # type: ignore[arg-type]
+    assert sorted(chunks) == [SPLIT_MIN_ITEMS, SPLIT_MIN_ITEMS + 1]

@@ -135,6 +135,42 @@ async def test_a_batch_of_one_operation_travels_in_columns_answered_item_by_item
     assert await client.batch(a, [("sign", {"key_id": s.key_id, "message": b"m"})] * 0) == []
 
 
+async def test_a_large_batch_is_shared_among_idle_workers_and_answered_in_order(
+    kms_dir: Path, kek_path: Path
+) -> None:
+    from qpher_proxy.kms.client.pool import SPLIT_MIN_ITEMS
+
+    async with open_kms(**settings(kms_dir, kek_path, workers=2)) as sup:  # type: ignore[arg-type]
+        client = sup.client
+        a = ctx("tenant-a")
+        s = await client.create_key(a, algorithm="ml-dsa-65")
+        used: list[int] = []
+        for w in client._live:
+            send = w.send
+
+            def spy(frame: bytes, w: WorkerChannel = w, send: Any = send) -> None:
+                used.append(w.index)
+                send(frame)
+
+            w.send = spy  # type: ignore[method-assign]
+        n = 3 * SPLIT_MIN_ITEMS + 1
+        messages = [b"message %d" % i for i in range(n)]
+        items: list[tuple[str, dict[str, Any]]] = [
+            ("sign", {"key_id": s.key_id, "message": m, "context": b""}) for m in messages
+        ]
+        bad = n // 2  # in the middle: errors stay with their item whichever chunk carries it
+        items[bad] = ("sign", {"key_id": "k_" + "q" * 26, "message": messages[bad], "context": b""})
+        results = await client.batch(a, items)
+        assert sorted(set(used)) == [0, 1] and len(used) == 2  # one chunk per worker, both idle
+        assert isinstance(results[bad], KeyNotFound)
+        for i, r in enumerate(results):
+            if i != bad:
+                assert isinstance(r, dict) and await client.verify(a, s.key_id, messages[i], r["signature"])  # type: ignore[arg-type]
+        used.clear()
+        small = await client.batch(a, items[: 2 * SPLIT_MIN_ITEMS - 1])  # too small to share
+        assert len(small) == 2 * SPLIT_MIN_ITEMS - 1 and len(used) == 1
+
+
 async def test_lifecycle_and_errors_through_a_worker(kms: KMSSupervisor) -> None:
     client = kms.client
     a, b = ctx("tenant-a"), ctx("tenant-b")

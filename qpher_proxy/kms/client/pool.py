@@ -101,6 +101,7 @@ DEFAULT_SPIN = 200e-6  # seconds the loop stays awake for a lone request's answe
 _MAX_OPS_TRACKED = 64
 _EXPLORE_EVERY = 256
 _EWMA = 0.125
+SPLIT_MIN_ITEMS = 8  # a batch is shared among idle workers in chunks of at least this many items
 
 OpHook = Callable[[str, float, "str | None"], None]  # (op, seconds, error code or None)
 
@@ -573,7 +574,45 @@ class KMSClient:
 
         Items of one operation with the same argument names (an API batch) travel in columns:
         one list per argument, an argument every item gives the same small value (the key id,
-        an empty context, no version) once, and the answers likewise; see ``_batch_columns``."""
+        an empty context, no version) once, and the answers likewise; see ``_batch_columns``.
+
+        With more than one worker idle, a batch of at least ``2 * SPLIT_MIN_ITEMS`` items is
+        cut into consecutive chunks, one per idle worker (each of ``SPLIT_MIN_ITEMS`` or
+        more), sent at once: the workers run them in parallel, and the answers are joined in
+        order. Under load no worker is idle and a batch goes whole to one worker."""
+        live = self._live
+        if len(live) > 1 and len(items) >= 2 * SPLIT_MIN_ITEMS:
+            idle = sum(1 for w in live if not w.inflight)
+            parts = min(idle, len(items) // SPLIT_MIN_ITEMS)
+            if parts > 1:
+                return await self._split_batch(ctx, items, parts)
+        return await self._batch_one(ctx, items)
+
+    async def _split_batch(
+        self, ctx: TenantContext, items: Sequence[tuple[str, Mapping[str, Value]]], parts: int
+    ) -> list[dict[str, Value] | QpherError]:
+        size = -(-len(items) // parts)
+        chunks = [items[i : i + size] for i in range(0, len(items), size)]
+        answers: list[list[dict[str, Value] | QpherError]] = [[] for _ in chunks]
+        failed: list[QpherError] = []
+
+        async def one(i: int) -> None:
+            try:
+                answers[i] = await self._batch_one(ctx, chunks[i])
+            except QpherError as exc:  # the whole batch fails with it (as one frame would)
+                failed.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(len(chunks)):
+                nursery.start_soon(one, i)
+        if failed:
+            raise failed[0]
+        return [a for chunk in answers for a in chunk]
+
+    async def _batch_one(
+        self, ctx: TenantContext, items: Sequence[tuple[str, Mapping[str, Value]]]
+    ) -> list[dict[str, Value] | QpherError]:
+        """One batch frame to one worker (the least busy)."""
         columns = _columns(items)
         if columns is not None:
             op, same, each = columns
