@@ -14,7 +14,9 @@ generated into a temporary directory:
   ``pq_reason``), and the benchmark reports nginx figures for X25519 only;
 - an ECDSA P-256 certificate from a throwaway CA made with ``cryptography`` (the product's
   own dev-PKI maker), or the files passed in (so nginx can serve the gateway's certificate);
-- no session resumption (``ssl_session_cache off``, ``ssl_session_tickets off``), as the gateway;
+- no session resumption (``ssl_session_cache off``, ``ssl_session_tickets off``): nginx is the
+  reference for full handshakes; the gateway's resumed handshakes are compared with its own full
+  handshakes of the same cycle (``gateway_bench``'s ``ticketed`` rows);
 - ``location = /healthz { return 200 '{"status":"ok"}'; }``, everything else 404,
   ``access_log off``, ``keepalive_requests`` and ``keepalive_timeout`` large, so that neither
   ends a benchmark connection.
