@@ -16,7 +16,7 @@ input raises ``ValueError`` (or ``UnicodeDecodeError``); the connections in
 :mod:`.protocol` turn that into their own errors.
 
 Both directions are on the per-frame hot path: the leaf types of a typical request or answer
-(``bytes``, ``None``, ``int`` inside a dict) are handled inline in the dict loops, without a
+(``bytes``, ``str``, ``None``, ``int`` inside a dict) are handled inline in the dict loops, without a
 recursive call; only rare shapes (lists, floats, unknown tags) leave the main function.
 """
 
@@ -71,6 +71,10 @@ def _encode_value(v: Any, out: list[bytes], depth: int = 0) -> None:
             if ti is bytes:
                 out.append(_TAG_LEN.pack(_T_BYTES, len(item)))
                 out.append(item)
+            elif ti is str:  # a key id
+                b = item.encode()
+                out.append(_TAG_LEN.pack(_T_STR, len(b)))
+                out.append(b)
             elif item is None:
                 out.append(_NONE_B)
             elif ti is int:
@@ -172,6 +176,11 @@ def _decode_at(buf: bytes, p: int, depth: int) -> tuple[Value, int]:
                 if p > end:
                     raise ValueError("value runs past the end of the frame")
                 d[k] = buf[q + 5 : p]
+            elif tag == _T_STR and end - q >= 5:
+                p = q + 5 + _U32.unpack_from(buf, q + 1)[0]
+                if p > end:
+                    raise ValueError("value runs past the end of the frame")
+                d[k] = buf[q + 5 : p].decode()
             elif tag == _T_NONE:
                 d[k] = None
                 p = q + 1

@@ -200,6 +200,7 @@ def _frame(ftype: int, rid: int, payload: list[bytes], max_frame_size: int) -> b
 _NOTHING: frozenset[int] = frozenset()
 _SMALL_BODY = 4096
 _KEEP_BUFFER = 4 * MiB  # receive storage kept between frames; more only while a larger frame needs it
+_SMALL_STORAGE = 64 * KiB  # up to this, storage is simply emptied and regrown (cheaper than reuse)
 
 
 class _Connection:
@@ -239,12 +240,18 @@ class _Connection:
         if not n:
             self._eof = True
             return
-        # The storage is reused from frame to frame: emptying or trimming a bytearray gives its
-        # memory back, and a large frame (a batch) would then fault fresh pages in for every
-        # frame -- worse in a worker whose memory is locked (mlockall), where each is locked too.
         buf, pos, end = self._buf, self._pos, self._end
         if pos == end:
+            if len(buf) <= _SMALL_STORAGE:  # the common case: small frames, all consumed
+                buf.clear()
+                buf += data
+                self._pos = 0
+                self._end = n
+                return
             pos = end = 0
+        # Large storage is reused from frame to frame: emptying or trimming a bytearray gives its
+        # memory back, and a large frame (a batch) would then fault fresh pages in for every
+        # frame -- worse in a worker whose memory is locked (mlockall), where each is locked too.
         if end + n > len(buf):
             if pos:  # move what is left of a frame to the front first
                 buf[: end - pos] = buf[pos:end]
