@@ -35,6 +35,7 @@ from ..auth.apikeys import Authenticator, load_pepper
 from ..config import Config, parse_listen
 from ..errors import ConfigError, QpherError
 from ..http import HTTPServer, SecurityHeaders
+from ..http.transport import FastSocketListener
 from ..kms.launcher import KMSSupervisor
 from ..logs import configure_logging
 from ..metrics import Metrics
@@ -125,7 +126,7 @@ async def serve(
             )
             on_handoff, handover = _ticket_handover(cfg, supervisor, holder, handshakes)
             listeners: list[trio.abc.Listener[Any]] = [
-                TLSListener(ln, holder, on_handshake=handshakes.on_handshake,
+                TLSListener(FastSocketListener(ln), holder, on_handshake=handshakes.on_handshake,
                             on_handshake_error=handshakes.on_handshake_error, on_handoff=on_handoff)
                 for ln in raw_listeners
             ]
