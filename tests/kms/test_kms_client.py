@@ -250,3 +250,24 @@ async def test_a_shared_batch_fails_whole_with_the_first_chunk_error_not_a_group
     with pytest.raises(KMSUnavailable):
         await client.batch(ctx(), items)  # type: ignore[arg-type]
     assert sorted(chunks) == [SPLIT_MIN_ITEMS, SPLIT_MIN_ITEMS + 1]
+
+
+async def test_a_shared_batch_cancelled_midway_leaves_nothing_behind(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from qpher_proxy.kms.client.pool import SPLIT_MIN_ITEMS
+
+    client = KMSClient()
+    client._live = [SimpleNamespace(inflight={}), SimpleNamespace(inflight={})]  # type: ignore[list-item]
+    started: list[int] = []
+
+    async def one(_ctx: object, items: list[object]) -> list[object]:
+        started.append(len(items))
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    monkeypatch.setattr(client, "_batch_one", one)
+    items = [("encapsulate", {"key_id": "k"})] * (2 * SPLIT_MIN_ITEMS)
+    with trio.move_on_after(0.05) as scope:
+        await client.batch(ctx(), items)  # type: ignore[arg-type]
+    assert scope.cancelled_caught and started == [SPLIT_MIN_ITEMS, SPLIT_MIN_ITEMS]
