@@ -365,6 +365,10 @@ class Metrics:
         self.tls_handshakes = r.counter(
             "qpher_tls_handshakes_total", "Completed TLS handshakes, by key-exchange group and version.",
             ("group", "version"))
+        self.tls_resumptions = r.counter(
+            "qpher_tls_resumed_handshakes_total",
+            "Completed TLS handshakes that resumed a session (a ticket), by key-exchange group; also "
+            "counted in qpher_tls_handshakes_total.", ("group",))
         self.tls_handshake_failures = r.counter(
             "qpher_tls_handshake_failures_total", "Failed TLS handshakes, by reason (one of a fixed set).",
             ("reason",))

@@ -234,6 +234,8 @@ class _HandshakeMetrics:
 
     def on_handshake(self, info: Any) -> None:
         self._metrics.tls_handshakes.labels(info.group or "none", info.version).inc()
+        if info.resumed:
+            self._metrics.tls_resumptions.labels(info.group or "none").inc()
         if log.isEnabledFor(logging.DEBUG):
             log.debug("tls handshake", extra={"fields": {
                 "version": info.version, "cipher": info.cipher, "group": info.group, "alpn": info.alpn}})

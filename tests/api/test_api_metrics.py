@@ -196,3 +196,18 @@ def test_gauge_without_labels() -> None:
     g.set(4)
     g.dec()
     assert g.value() == 3
+
+
+def test_a_resumed_handshake_counts_in_both_handshake_counters() -> None:
+    from qpher_proxy.server.serve import _HandshakeMetrics
+    from qpher_proxy.tls.engine import TLSInfo
+
+    m = Metrics()
+    hs = _HandshakeMetrics(m)
+    full = TLSInfo("TLSv1.3", "TLS_AES_256_GCM_SHA384", "X25519MLKEM768", "http/1.1", None)
+    resumed = TLSInfo("TLSv1.3", "TLS_AES_256_GCM_SHA384", "X25519MLKEM768", "http/1.1", None, resumed=True)
+    hs.on_handshake(full)
+    hs.on_handshake(resumed)
+    lines = _check_format(m.render().decode("utf-8"))
+    assert 'qpher_tls_handshakes_total{group="X25519MLKEM768",version="TLSv1.3"} 2' in lines
+    assert 'qpher_tls_resumed_handshakes_total{group="X25519MLKEM768"} 1' in lines
