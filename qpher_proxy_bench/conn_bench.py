@@ -11,8 +11,9 @@ worker) on 127.0.0.1:
 2. ``connections`` TLS connections opened from this process, each with a full handshake and
    one keep-alive ``GET /healthz`` answered 200, then left idle (what a browser or a pooled
    client leaves behind); the resident set again: the difference per connection is the figure;
-3. every connection closed, then (after the server noticed: up to ``settle`` seconds, polling)
-   the resident set once more: how much of the growth the server gave back.
+3. every connection closed, then (once the server's resident set stopped shrinking for 1.5 s,
+   at most ``settle`` seconds, polling) the resident set once more: how much of the growth the
+   server gave back.
 
 The client side is plain blocking pyOpenSSL on non-blocking sockets, one connection after the
 other (the server's handshake cost does not matter here, only what it keeps afterwards), with
@@ -81,17 +82,19 @@ def _open_one(port: int, ctx: Any, timeout: float = 10.0) -> tuple[socket.socket
     return sock, conn
 
 
-def _settled_rss(pid: int, settle: float) -> int:
-    """The server's RSS once it stopped shrinking (it frees closed connections as it notices)."""
+def _settled_rss(pid: int, settle: float, quiet: float = 1.5) -> int:
+    """The server's RSS once it stopped shrinking for ``quiet`` seconds (it frees closed
+    connections as it notices them, and may give its heap back a little later), at most
+    ``settle`` seconds after the first reading."""
     deadline = time.monotonic() + settle
-    last = rss_bytes(pid)
-    while time.monotonic() < deadline:
+    low = rss_bytes(pid)
+    low_since = time.monotonic()
+    while time.monotonic() < deadline and time.monotonic() - low_since < quiet:
         time.sleep(0.25)  # polling another process's memory while it releases connections
         now = rss_bytes(pid)
-        if now >= last:
-            return now
-        last = now
-    return last
+        if now < low:
+            low, low_since = now, time.monotonic()
+    return low
 
 
 def idle_connection_memory(port: int, cafile: str | None, pid: int, *, connections: int = 2000,

@@ -8,10 +8,12 @@ shrinks the top of the heap on its own, and the free pages are scattered through
 ``malloc_trim(0)`` hands every whole free page back (``madvise(MADV_DONTNEED)``), as a long
 running server should once its connection count has fallen well below its peak.
 
-:class:`MemoryReleaser` decides when: the HTTP server tells it each close, and it trims once
-at least :data:`TRIM_AFTER_CLOSES` connections closed since the last trim and the active count
-is at most half of the peak seen since then, at most once per :data:`MIN_INTERVAL` seconds, in
-a worker thread (a trim of a large heap takes milliseconds; the allocator's lock makes it safe
+:class:`MemoryReleaser` decides when: the HTTP server tells it each close, and once at least
+:data:`TRIM_AFTER_CLOSES` connections closed since the last trim and the active count is at
+most half of the peak seen since then, it schedules one trim, run when :data:`MIN_INTERVAL`
+seconds have passed since the previous one (so the rest of a wave that is still closing is given
+back by the same trim, and a wave that ends within the interval is not left holding its memory),
+in a worker thread (a trim of a large heap takes milliseconds; the allocator's lock makes it safe
 beside the event loop's allocations). Where the C library has no ``malloc_trim`` (musl, macOS),
 it does nothing.
 """
@@ -60,15 +62,16 @@ def malloc_trim() -> bool:
 class MemoryReleaser:
     """Trims the heap after waves of closed connections; see the module docstring."""
 
-    def __init__(self, *, after_closes: int = TRIM_AFTER_CLOSES, min_interval: float = MIN_INTERVAL,
-                 trim: Callable[[], bool] = malloc_trim) -> None:
+    def __init__(self, active: Callable[[], int], *, after_closes: int = TRIM_AFTER_CLOSES,
+                 min_interval: float = MIN_INTERVAL, trim: Callable[[], bool] = malloc_trim) -> None:
+        self._active = active  # the server's count of open connections
         self._after = after_closes
         self._interval = min_interval
         self._trim = trim
         self._closed = 0
         self._peak = 0
         self._last = -min_interval
-        self._running = False
+        self._scheduled = False
         self.trims = 0
 
     def opened(self, active: int) -> None:
@@ -77,23 +80,21 @@ class MemoryReleaser:
 
     def closed(self, active: int, nursery: trio.Nursery) -> None:
         self._closed += 1
-        if (
-            self._closed >= self._after
-            and active * 2 <= self._peak
-            and not self._running
-            and trio.current_time() - self._last >= self._interval
-        ):
-            self._running = True
-            nursery.start_soon(self._release, active)
+        if not self._scheduled and self._closed >= self._after and active * 2 <= self._peak:
+            self._scheduled = True
+            nursery.start_soon(self._release)
 
-    async def _release(self, active: int) -> None:
+    async def _release(self) -> None:
+        """Trim once ``min_interval`` has passed since the last trim (at once if it has): a wave
+        that is still closing connections meanwhile is given back in the same trim."""
         try:
+            await trio.sleep_until(self._last + self._interval)
             await trio.to_thread.run_sync(self._trim)
         except Exception:  # a trim failing must never take a connection down
             log.debug("malloc_trim failed", exc_info=True)
         finally:
             self.trims += 1
             self._closed = 0
-            self._peak = active
+            self._peak = self._active()
             self._last = trio.current_time()
-            self._running = False
+            self._scheduled = False

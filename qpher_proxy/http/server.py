@@ -154,7 +154,8 @@ class HTTPServer:
         self.active_connections = 0
         self.accepted_connections = 0
         self.rejected_connections = 0  # over max_connections
-        self.memory = MemoryReleaser()  # hands the heap back after waves of closed connections
+        # hands the heap back after waves of closed connections
+        self.memory = MemoryReleaser(lambda: self.active_connections)
         self._background: trio.Nursery | None = None
 
     @property

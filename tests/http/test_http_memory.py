@@ -60,32 +60,42 @@ async def test_an_idle_connection_holds_no_request_and_a_closed_one_no_cycle(no_
     assert leaked == set(), "a closed connection was left in a reference cycle"
 
 
-async def test_the_heap_is_trimmed_once_after_a_wave_of_closes() -> None:
+async def test_the_heap_is_trimmed_once_a_wave_of_closes_is_over(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     trims: list[int] = []
-    releaser = _memory.MemoryReleaser(after_closes=4, min_interval=10.0, trim=lambda: trims.append(1) or True)
+    active = [8]
+    releaser = _memory.MemoryReleaser(lambda: active[0], after_closes=4, min_interval=10.0,
+                                      trim=lambda: trims.append(1) or True)  # runs in a worker thread
     async with trio.open_nursery() as nursery:
-        for active in range(1, 9):
-            releaser.opened(active)  # a peak of 8
-        for active in (7, 6, 5):
-            releaser.closed(active, nursery)
+        for n in range(1, 9):
+            releaser.opened(n)  # a peak of 8
+        for n in (7, 6, 5):
+            active[0] = n
+            releaser.closed(n, nursery)
         await trio.testing.wait_all_tasks_blocked()
         assert trims == []  # three closes: not yet
-        releaser.closed(4, nursery)  # the fourth, and half the peak
-        with trio.fail_after(10):
-            while releaser.trims < 1:  # the trim runs in a worker thread
-                await trio.sleep(0.01)
-        assert trims == [1]
-        for active in range(5, 9):
-            releaser.opened(active)
-        for active in (3, 2, 1, 0):
-            releaser.closed(active, nursery)
-        await trio.testing.wait_all_tasks_blocked()
-        assert trims == [1]  # within min_interval: no second trim
+        active[0] = 4
+        releaser.closed(4, nursery)  # the fourth, and half the peak: a trim now
+        while releaser.trims < 1:
+            await trio.sleep(0.01)
+        assert len(trims) == 1
+        first = trio.current_time()
+        # a second wave right after: one more trim, but only once min_interval has passed
+        for n in range(5, 9):
+            releaser.opened(n)
+        for n in (3, 2, 1, 0):
+            active[0] = n
+            releaser.closed(n, nursery)
+        while releaser.trims < 2:
+            await trio.sleep(0.5)
+        assert len(trims) == 2 and trio.current_time() - first >= 10.0
 
 
 async def test_no_trim_while_the_connection_count_stays_high() -> None:
     trims: list[int] = []
-    releaser = _memory.MemoryReleaser(after_closes=2, min_interval=0.0, trim=lambda: trims.append(1) or True)
+    releaser = _memory.MemoryReleaser(lambda: 10, after_closes=2, min_interval=0.0,
+                                      trim=lambda: trims.append(1) or True)
     async with trio.open_nursery() as nursery:
         releaser.opened(10)
         for _ in range(20):  # connections come and go around 9-10 active: nothing to give back
