@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 import trio
 
-__all__ = ["MIN_INTERVAL", "TRIM_AFTER_CLOSES", "MemoryReleaser", "malloc_trim"]
+__all__ = ["MIN_INTERVAL", "TRIM_AFTER_CLOSES", "MemoryReleaser", "malloc_trim", "tune_heap"]
 
 log = logging.getLogger("qpher.http")
 
@@ -49,6 +49,44 @@ def _load_trim() -> Callable[[int], int] | None:
 
 
 _TRIM = _load_trim()
+
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 4 << 20  # bytes: buffers below this come from the heap, not fresh mmap()s
+TRIM_THRESHOLD = 32 << 20  # bytes of free heap top that free() keeps before shrinking it
+
+
+def _load_mallopt() -> Callable[[int, int], int] | None:
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        fn = ctypes.CDLL(name).mallopt
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn  # type: ignore[no-any-return,unused-ignore]
+
+
+# Looked up at import, before the gateway confines itself (find_library may run ldconfig).
+_MALLOPT = _load_mallopt()
+
+
+def tune_heap() -> bool:
+    """Serve the buffers of large requests and answers (a batch of 64 signatures is ~300 KB of
+    JSON, built and encoded per request) from the heap instead of a fresh ``mmap()`` each time:
+    glibc maps every allocation over 128 KiB anew and the kernel zero-fills each of its pages on
+    first touch, which costs as much as building the JSON. With the threshold at 4 MiB such a
+    buffer reuses heap pages; the heap is still given back after waves of connections
+    (:class:`MemoryReleaser`) and once 32 MiB of its top is free. False where the C library has
+    no ``mallopt`` (nothing changes there)."""
+    mallopt = _MALLOPT
+    if mallopt is None:
+        return False
+    mapped = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    return mapped and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
 def malloc_trim() -> bool:

@@ -35,6 +35,7 @@ from ..auth.apikeys import Authenticator, load_pepper
 from ..config import Config, parse_listen
 from ..errors import ConfigError, QpherError
 from ..http import HTTPServer, SecurityHeaders
+from ..http._memory import tune_heap
 from ..http.transport import FastSocketListener
 from ..kms.launcher import KMSSupervisor
 from ..logs import configure_logging
@@ -92,6 +93,7 @@ async def serve(
     mode); without it, this process starts its own workers. ``confinement``: applied once the
     ports are bound and before any other file is opened. ``inherited``: listening sockets the
     supervisor bound (``server.workers``, see :mod:`.privsep`), used instead of binding here."""
+    tune_heap()  # large request and answer buffers from the heap, not a fresh mmap() each
     raw_listeners = await _bind(cfg) if inherited is None else inherited
     holder, audit = _confine_and_open(cfg, raw_listeners, confinement)  # steps 1 and 2
     metrics = Metrics()

@@ -107,3 +107,7 @@ async def test_no_trim_while_the_connection_count_stays_high() -> None:
 
 def test_malloc_trim_runs_on_this_machine() -> None:
     assert _memory.malloc_trim() is True  # glibc, as on every machine this product supports
+
+
+def test_the_heap_is_tuned_for_large_buffers_on_this_machine() -> None:
+    assert _memory.tune_heap() is True  # glibc's mallopt took both thresholds

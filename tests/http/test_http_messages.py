@@ -101,3 +101,18 @@ def test_every_503_says_when_to_retry_and_a_429_keeps_its_own() -> None:
     assert (b"retry-after", b"1") in resp.headers
     resp = error_response(QuotaExceeded("x", retry_after=30), "r1")
     assert [v for k, v in resp.headers if k == b"retry-after"] == [b"30"]
+
+
+def test_a_batch_answer_renders_exactly_as_the_general_encoder_would() -> None:
+    from qpher_proxy.http.messages import Base64Text, _dumps
+
+    items: list[object] = [
+        {"ok": True, "key_id": "k_1", "signature": Base64Text.of(bytes(range(256)) * 13), "version": 1},
+        {"ok": False, "error": {"code": "key_not_found", "message": "no key \u00e9 \"k_2\"\n"}},
+        {"ok": True, "key_id": "k_\u00fc", "valid": False, "note": None},
+        {"ok": True, "nested": [1, 2]},  # not flat: the general encoder
+    ]
+    obj = {"items": items}
+    body = Response.json(200, obj).body
+    assert body == _dumps(obj).encode("utf-8")
+    assert json.loads(body) == json.loads(json.dumps(obj))
