@@ -157,6 +157,8 @@ def test_two_nodes_share_keys_api_keys_limits_quotas_and_the_sweep(
     assert answer[1]["error"]["code"] == "key_disabled"
 
     # -- quotas count across both nodes: 4 signs so far (1 on B above, then 3 more here) --
+    # (the polling above may have spent the tenant's burst of the 50/s plan: let it refill)
+    time.sleep(BURST / RATE + 0.2)
     for gw in (a, b, a):
         _ok(gw, key, "POST", "/v1/sign", {"key_id": sig, "message": b64(b"q")})
     time.sleep(0.6)  # > flush_interval on both nodes
