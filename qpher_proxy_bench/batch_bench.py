@@ -22,8 +22,6 @@ import argparse
 import base64
 import json
 import sys
-import time
-from collections.abc import Callable
 from typing import Any
 
 from .loadgen import ClientTLS, CPUWatch, LoadGenerator, LoadSpec, build_request, probe
@@ -115,27 +113,14 @@ def batch_rate(
     return out
 
 
-def _per_cpu_second(fn: Callable[[], Any], seconds: float) -> float:
-    fn()
-    n, start = 0, time.process_time()
-    batch = 8
-    while True:
-        for _ in range(batch):
-            fn()
-        n += batch
-        spent = time.process_time() - start
-        if spent >= seconds:
-            return n / spent
-        batch = min(batch * 2, 256)
-
-
 def raw_sign_rate(backend: str, seconds: float = 2.0) -> float:
     """The library's own ML-DSA-65 signatures of the 1 KiB payload per CPU second, single core, in
     this process (``backend``: ``liboqs`` or ``openssl``; ``auto`` picks as the gateway would)."""
     from .crypto_bench import raw_table
+    from .gateway_bench import _ops_per_cpu_second
 
     key, table = raw_table(backend, "ml-dsa-65")
-    rate = _per_cpu_second(table["sign"], seconds)
+    rate = _ops_per_cpu_second(table["sign"], seconds)
     del key  # only now: the raw call uses liboqs objects the key frees
     return rate
 

@@ -39,6 +39,8 @@ from typing import Any
 
 from qpher_proxy.kms.client.pool import DEFAULT_SPIN, _LoneTrips
 
+from .loadgen import process_cpu_seconds
+
 ECHO_BYTES = 64
 
 
@@ -57,21 +59,6 @@ def _echo_child(fd: int) -> int:
 
 
 # ---- measurement -------------------------------------------------------------------------
-
-
-def _worker_cpu(pids: list[int]) -> float:
-    """CPU seconds (user + system) the KMS worker processes ``pids`` used so far (0 without /proc)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(b")") + 2 :].split()
-        total += int(fields[11]) + int(fields[12])
-    return total / tick
 
 
 def _stats(name: str, latencies: list[float], elapsed: float, cpu: float, *, inflight: int) -> dict[str, Any]:
@@ -276,10 +263,10 @@ async def _bench(args: argparse.Namespace) -> list[dict[str, Any]]:
                 w0 = [0.0]
 
                 def start() -> None:
-                    w0[0] = _worker_cpu(pids)
+                    w0[0] = process_cpu_seconds(pids)
 
                 row = _stats(name, *await _drive(op, n, d, start), inflight=n)
-                spent = _worker_cpu(pids) - w0[0]  # clock ticks: ~10 ms resolution
+                spent = process_cpu_seconds(pids) - w0[0]  # clock ticks: ~10 ms resolution
                 row["worker_cpu_us_per_req"] = spent / row["requests"] * 1e6 if row["requests"] else 0.0
                 return row
 

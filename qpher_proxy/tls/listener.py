@@ -26,15 +26,42 @@ from __future__ import annotations
 
 import os
 import socket
+from typing import Any, Protocol
 
 import trio
+from OpenSSL import SSL
 
-from .context import ServerTLSContextHolder
+from .context import ServerTLSContextHolder, TLSSettings
+from .engine import ContextSelector
 from .stream import HandOffCallback, HandshakeCallback, HandshakeErrorCallback, TLSStream
 
 __all__ = ["HandOverListener", "TLSListener", "open_tls_listeners"]
 
 HANDOVER_BACKLOG = 256  # handed-over connections waiting for accept; beyond it they are closed
+
+
+class _Callbacks(Protocol):
+    _suppress_ragged_eofs: bool
+    _on_handshake: HandshakeCallback | None
+    _on_handshake_error: HandshakeErrorCallback | None
+
+
+def _server_stream(
+    listener: _Callbacks, transport: trio.abc.Stream, context: SSL.Context | ContextSelector,
+    settings: TLSSettings, **extra: Any,
+) -> TLSStream:
+    """The server ``TLSStream`` both listeners hand out, with the listener's callbacks."""
+    return TLSStream(
+        transport,
+        context,
+        server_side=True,
+        handshake_timeout=settings.handshake_timeout,
+        require_pq=settings.require_pq,
+        suppress_ragged_eofs=listener._suppress_ragged_eofs,
+        on_handshake=listener._on_handshake,
+        on_handshake_error=listener._on_handshake_error,
+        **extra,
+    )
 
 
 class TLSListener(trio.abc.Listener[TLSStream]):
@@ -58,17 +85,8 @@ class TLSListener(trio.abc.Listener[TLSStream]):
     async def accept(self) -> TLSStream:
         transport = await self.transport_listener.accept()
         current = self._contexts.current
-        return TLSStream(
-            transport,
-            current.server_context,
-            server_side=True,
-            handshake_timeout=current.settings.handshake_timeout,
-            require_pq=current.settings.require_pq,
-            suppress_ragged_eofs=self._suppress_ragged_eofs,
-            on_handshake=self._on_handshake,
-            on_handshake_error=self._on_handshake_error,
-            on_handoff=self._on_handoff,
-        )
+        return _server_stream(self, transport, current.server_context, current.settings,
+                              on_handoff=self._on_handoff)
 
     async def aclose(self) -> None:
         await self.transport_listener.aclose()
@@ -123,17 +141,9 @@ class HandOverListener(trio.abc.Listener[TLSStream]):
                 continue
             transport = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
             current = self._contexts.current
-            return TLSStream(
-                transport,
-                current.handed_over_context,  # chooses among our own keys, never hands on
-                server_side=True,
-                handshake_timeout=current.settings.handshake_timeout,
-                require_pq=current.settings.require_pq,
-                suppress_ragged_eofs=self._suppress_ragged_eofs,
-                on_handshake=self._on_handshake,
-                on_handshake_error=self._on_handshake_error,
-                initial_data=data,
-            )
+            # handed_over_context chooses among our own keys and never hands on
+            return _server_stream(self, transport, current.handed_over_context, current.settings,
+                                  initial_data=data)
 
     async def aclose(self) -> None:
         self._send.close()
