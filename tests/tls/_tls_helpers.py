@@ -167,6 +167,20 @@ def _blocking_socket(port: int) -> socket.socket:
     return sock
 
 
+def read_to_eof(conn: SSL.Connection) -> bytes:
+    """Everything a blocking pyOpenSSL connection receives until the server closes it."""
+    response = b""
+    while True:
+        try:
+            chunk = conn.recv(65536)
+        except (SSL.ZeroReturnError, SSL.SysCallError):
+            break
+        if not chunk:
+            break
+        response += chunk
+    return response
+
+
 def pyopenssl_request(port: int, ctx: SSL.Context, request: bytes = HTTP_REQUEST) -> ClientResult:
     """A blocking pyOpenSSL client (run it in a thread): handshake, one request, read to EOF."""
     with _blocking_socket(port) as sock:
@@ -175,15 +189,7 @@ def pyopenssl_request(port: int, ctx: SSL.Context, request: bytes = HTTP_REQUEST
         conn.set_connect_state()
         conn.do_handshake()
         conn.sendall(request)
-        response = b""
-        while True:
-            try:
-                chunk = conn.recv(65536)
-            except (SSL.ZeroReturnError, SSL.SysCallError):
-                break
-            if not chunk:
-                break
-            response += chunk
+        response = read_to_eof(conn)
         peer = conn.get_peer_certificate(as_cryptography=True)
         assert peer is not None
         return ClientResult(

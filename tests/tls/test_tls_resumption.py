@@ -22,6 +22,7 @@ from _tls_helpers import (
     Outcome,
     copy_pki,
     pyopenssl_client_context,
+    read_to_eof,
     running_server,
     settings_for,
 )
@@ -60,15 +61,7 @@ def visit(port: int, ctx: SSL.Context, session: SSL.Session | None = None) -> Vi
         conn.set_connect_state()
         conn.do_handshake()
         conn.sendall(HTTP_REQUEST)
-        response = b""
-        while True:
-            try:
-                chunk = conn.recv(65536)
-            except (SSL.ZeroReturnError, SSL.SysCallError):
-                break
-            if not chunk:
-                break
-            response += chunk
+        response = read_to_eof(conn)
         try:
             conn.shutdown()
         except SSL.Error:
