@@ -93,8 +93,14 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# The interpreter that runs the gateway's own commands (init, policy check, serve). Another
+# checkout's venv (``--gateway-python``) measures that version of the gateway with this version's
+# benchmark: how the before/after figures of a change are taken.
+GATEWAY_PYTHON = sys.executable
+
+
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "qpher_proxy", *args]
+    return [GATEWAY_PYTHON, "-m", "qpher_proxy", *args]
 
 
 def _tail(path: Path, lines: int = 5) -> str:
@@ -121,7 +127,8 @@ def raise_plan_limits(policy_dir: Path, plan: str, rate: int = GENEROUS_RATE) ->
                 plans[plan][key] = {"requests_per_second": rate, "burst": rate}
         path.write_text(yaml.safe_dump(doc, sort_keys=False))
         check = subprocess.run(
-            _cli("policy", "check", str(policy_dir)), capture_output=True, text=True, timeout=60
+            _cli("policy", "check", str(policy_dir)), capture_output=True, text=True, timeout=60,
+            cwd=policy_dir,
         )
         if check.returncode != 0:
             path.write_text(original)  # the policy language moved on: keep the shipped limits
@@ -194,6 +201,7 @@ class GatewayProcess:
         d = self.directory / "state"
         self.port = _free_port()
         r = subprocess.run(_cli("init", "--dir", str(d), "--port", str(self.port)), capture_output=True,
+                           cwd=self.directory,
                            text=True, timeout=120)
         if r.returncode != 0:
             raise BenchError(
@@ -1102,6 +1110,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="run the gateway under cProfile; print the top functions per request "
                          "(and write the pstats file to FILE)")
     ap.add_argument("--keep-state", action="store_true", help="keep the temporary state directory")
+    ap.add_argument("--gateway-python", metavar="PATH",
+                    help="run the gateway with this interpreter (e.g. OTHER_CHECKOUT/.venv/bin/python): "
+                         "measure another version of the gateway with this benchmark")
     ap.add_argument("--json", metavar="FILE", help="also write every figure as JSON to FILE ('-' = stdout)")
     ap.add_argument("--quiet", action="store_true", help="no progress on stderr")
     return ap
@@ -1126,6 +1137,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         keepalive_concurrency=args.connections, quiet=args.quiet,
     )
     raw_seconds = args.raw_seconds or (0.3 if args.quick else 1.0)
+    if args.gateway_python:
+        global GATEWAY_PYTHON
+        if args.profile:
+            print("qpher-proxy bench gateway: --profile runs this checkout's gateway; drop --gateway-python",
+                  file=sys.stderr)
+            return 2
+        GATEWAY_PYTHON = args.gateway_python
+        args.command_line += f"  (gateway: {args.gateway_python})"
     if args.memory_connections is None:
         args.memory_connections = 300 if args.quick else 2000
     try:
