@@ -377,6 +377,13 @@ class TLSEngine:
         if pending:
             conn.bio_write(pending)
 
+    def has_data_to_send(self) -> bool:
+        """Whether ``data_to_send()`` would return bytes now (cheap: no read, no exception)."""
+        conn = self._conn
+        if conn is not None and _pending_output(conn):
+            return True
+        return bool(self._held) and self._release_held
+
     def data_to_send(self) -> bytes:
         """Drain the bytes OpenSSL wants on the wire, oldest first (``b""`` if none)."""
         out = self._drain()

@@ -504,11 +504,12 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 if max_bytes < 1:
                     raise ValueError("max_bytes must be >= 1")
             self._check_state()
-            yielded = await self._ensure_handshake()
+            engine = self._engine
+            # (the common case costs no coroutine: the handshake is done, nothing is queued)
+            yielded = False if engine.handshake_complete else await self._ensure_handshake()
             if self._eof_received:
                 data: bytes = b""
             else:
-                engine = self._engine
                 while True:
                     try:
                         result = engine.read(max_bytes)
@@ -520,7 +521,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
                             self._break()
                             await self._send_final_bytes()
                             raise _as_stream_error(exc) from exc
-                    if await self._flush():  # a KeyUpdate reply, held tickets, ...
+                    if engine.has_data_to_send() and await self._flush():  # a KeyUpdate reply, ...
                         yielded = True
                     if result is not NEED_DATA:
                         data = result  # type: ignore[assignment]
@@ -541,7 +542,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
             self._check_state()
             if self._eof_sent:
                 raise trio.ClosedResourceError("send_eof() was called on this TLSStream")
-            yielded = await self._ensure_handshake()
+            yielded = False if self._engine.handshake_complete else await self._ensure_handshake()
             if self._eof_sent:  # another task's send_eof ran while we waited for the handshake
                 raise trio.ClosedResourceError("send_eof() was called on this TLSStream")
             size = len(data)
