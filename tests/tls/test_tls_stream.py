@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+from collections.abc import Callable
 
 import pytest
 import trio
@@ -13,6 +14,7 @@ from _tls_helpers import pyopenssl_client_context, settings_for
 from OpenSSL import SSL
 
 from qpher_proxy import errors
+from qpher_proxy.http.transport import FastSocketStream
 from qpher_proxy.tls import TLSInfo, TLSStream, build_server_context
 from qpher_proxy.tls.certs import DevPKI
 from qpher_proxy.tls.stream import CLOSE_NOTIFY_TIMEOUT
@@ -184,9 +186,15 @@ async def test_server_sends_its_session_tickets_right_after_the_handshake_on_a_s
     over a real socket they are on the wire as soon as the handshake completes, before the
     server reads anything: here the client's socket turns readable while the server has not
     called receive_some and the client has sent nothing after its Finished."""
+    await _tickets_arrive_before_any_request(pki, lambda sock: sock)
+
+
+async def _tickets_arrive_before_any_request(
+    pki: DevPKI, transport: Callable[[trio.SocketStream], trio.abc.Stream]
+) -> None:
     server_ctx, client_ctx = _contexts(pki)
     server_sock, client_sock = await _socket_pair()
-    server = TLSStream(server_sock, server_ctx)
+    server = TLSStream(transport(server_sock), server_ctx)
     client = TLSStream(client_sock, client_ctx, server_side=False, server_hostname="localhost")
     async with server, client:
         async with trio.open_nursery() as nursery:
@@ -244,41 +252,6 @@ async def test_stdlib_client_can_read_the_tickets_before_sending_its_request(pki
     assert result == [True]
 
 
-class _DeclaredNonblockingStream(trio.abc.HalfCloseableStream):
-    """Not a trio.SocketStream, but says its trio ``socket`` may be written to directly."""
-
-    nonblocking_writes = True
-
-    def __init__(self, inner: trio.SocketStream) -> None:
-        self.inner = inner
-        self.socket = inner.socket
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self.inner.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.inner.wait_send_all_might_not_block()
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        return await self.inner.receive_some(max_bytes)
-
-    async def send_eof(self) -> None:
-        await self.inner.send_eof()
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
-
-
-async def test_a_transport_declaring_nonblocking_writes_gets_the_tickets_at_once(pki: DevPKI) -> None:
-    server_ctx, client_ctx = _contexts(pki)
-    server_sock, client_sock = await _socket_pair()
-    server = TLSStream(_DeclaredNonblockingStream(server_sock), server_ctx)
-    client = TLSStream(client_sock, client_ctx, server_side=False, server_hostname="localhost")
-    async with server, client:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(server.do_handshake)
-            nursery.start_soon(client.do_handshake)
-        with trio.fail_after(5):
-            await trio.lowlevel.wait_readable(client_sock.socket)
-        await server.send_all(b"response")
-        assert await client.receive_some() == b"response"
+async def test_the_gateways_fast_socket_stream_gets_the_tickets_at_once(pki: DevPKI) -> None:
+    """Not a trio.SocketStream, but it declares ``nonblocking_writes`` (http/transport.py)."""
+    await _tickets_arrive_before_any_request(pki, lambda sock: FastSocketStream(sock.socket))
