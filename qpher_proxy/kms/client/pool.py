@@ -171,6 +171,8 @@ class WorkerChannel:
         self._spin_until = 0.0  # ... until this perf_counter() time at the latest
         self.death_reason = ""
         self.on_close: Callable[[WorkerChannel], None] | None = None
+        # remote KMS nodes (remote.py): each answer's (op, seconds, error code or None), per endpoint
+        self.observe: OpHook | None = None
 
     def __repr__(self) -> str:
         return (f"<WorkerChannel index={self.index} pid={self.pid} alive={self.alive} "
@@ -382,6 +384,9 @@ class KMSClient:
             rid, frame = w.conn.request(ctx, op, args)
         except (ProtocolError, TypeError, ValueError) as exc:
             raise self._unsendable(op, t0, exc) from exc
+        observe = w.observe
+        if observe is not None:
+            return await self._observed(w, observe, rid, frame, op)
         inflight = w.inflight
         spin = self.spin
         lone: _LoneTrips | None = None
@@ -416,6 +421,47 @@ class KMSClient:
         if hook is not None:
             hook(op, time.perf_counter() - t0, None)
         return value
+
+    async def _observed(self, w: WorkerChannel, observe: OpHook, rid: int, frame: bytes, op: str) -> Value:
+        """A call on a channel that reports each answer (a remote node's connection): no spin --
+        the answer crosses a network, the loop has other work meanwhile."""
+        hook = self.on_op
+        t0 = time.perf_counter()
+        try:
+            value = await self._send_and_wait(w, rid, frame)
+        except QpherError as exc:
+            seconds = time.perf_counter() - t0
+            observe(op, seconds, exc.code)
+            if hook is not None:
+                hook(op, seconds, exc.code)
+            raise
+        seconds = time.perf_counter() - t0
+        observe(op, seconds, None)
+        if hook is not None:
+            hook(op, seconds, None)
+        return value
+
+    async def _send_and_wait(self, w: WorkerChannel, rid: int, frame: bytes) -> Value:
+        inflight = w.inflight
+        inflight[rid] = (trio.lowlevel.current_task(), self._tick)
+        w.send(frame)
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            inflight.pop(rid, None)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        value: Value = await trio.lowlevel.wait_task_rescheduled(abort)
+        return value
+
+    async def call_on(self, w: WorkerChannel, ctx: TenantContext, op: str, args: dict[str, Value]) -> Value:
+        """One operation on that channel (health checks of one connection); no hooks, no spin."""
+        if not w.alive:
+            raise KMSUnavailable("that KMS connection is closed")
+        try:
+            rid, frame = w.conn.request(ctx, op, args)
+        except (ProtocolError, TypeError, ValueError) as exc:
+            raise self._unsendable(op, 0.0, exc) from exc
+        return await self._send_and_wait(w, rid, frame)
 
     def _unsendable(self, op: str, t0: float, exc: ProtocolError | TypeError | ValueError) -> QpherError:
         """What :meth:`call` raises for a request its connection refused to encode (nothing was sent)."""
