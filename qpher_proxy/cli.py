@@ -71,6 +71,20 @@ def _add_init(sub: _Commands) -> None:
     p.add_argument("--mldsa-cert", action="store_true", help="also make an ML-DSA-65 server certificate")
     p.add_argument("--renew-certs", action="store_true",
                    help="issue new server certificates from the dev CA (kept in DIR/ca/) even if still valid")
+    g = p.add_argument_group(
+        "internal PKI", "With --internal-pki, init makes only the PKI of the gateway <-> KMS hop (ML-DSA-65 "
+                        "and ECDSA P-256 CAs, gateway and KMS certificates) and prints the config sections "
+                        "that use it; --dir and the dev state are left alone.")
+    g.add_argument("--internal-pki", metavar="DIR", default=None,
+                   help="write the internal CA and the gateway/KMS certificate pairs into DIR")
+    g.add_argument("--trust-domain", default="qpher.internal",
+                   help="the SPIFFE trust domain of the role URIs (default qpher.internal)")
+    g.add_argument("--kms-host", action="append", default=None, dest="kms_hosts", metavar="HOST",
+                   help="a DNS name or IP address for the KMS certificate; repeat for several "
+                        "(default: localhost and 127.0.0.1)")
+    g.add_argument("--kms-listen", default="127.0.0.1:9443", metavar="HOST:PORT",
+                   help="the KMS node address written into the printed config (default 127.0.0.1:9443)")
+    g.add_argument("--force", action="store_true", help="replace an existing internal PKI in DIR")
 
 
 def _add_serve(sub: _Commands) -> None:
@@ -229,8 +243,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int | None:
     cmd = args.command
     if cmd == "init":
-        from .init import init_state
+        from .init import init_internal_pki, init_state
 
+        if args.internal_pki is not None:
+            init_internal_pki(
+                Path(args.internal_pki), trust_domain=args.trust_domain,
+                kms_hosts=tuple(args.kms_hosts) if args.kms_hosts else None,
+                endpoint=args.kms_listen, force=args.force, out=sys.stdout,
+            )
+            return 0
         init_state(Path(args.dir), port=args.port, mldsa_cert=args.mldsa_cert, renew_certs=args.renew_certs,
                    out=sys.stdout)
         return 0

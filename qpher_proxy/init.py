@@ -15,6 +15,11 @@ Creates, each only if it does not exist yet (re-running never overwrites a key):
   value is shown once and kept in ``secrets/demo-api-key`` (0600) for the quickstart;
 - ``audit/``, where the gateway writes the audit log.
 
+``init --internal-pki DIR`` does something else: it writes only the PKI of the gateway <-> KMS
+hop (``qpher_proxy.pki``: two CAs, ML-DSA-65 and ECDSA P-256, and a certificate pair of each
+kind for the gateway and the KMS role) and prints, as YAML, the gateway's ``kms:`` section and a
+KMS node's ``kms_node:`` section that use it. An existing internal PKI is kept unless ``--force``.
+
 Run as root, ``init`` also creates the system users the processes drop to (``qpher`` for the
 gateway, ``qpher-kms`` for the KMS workers; ``useradd --system``) and gives each its files:
 the gateway's uid can read neither ``kek/``, ``kms/`` nor ``ca/``. That needs a state directory
@@ -183,6 +188,38 @@ def init_state(directory: Path, *, port: int = 8443, mldsa_cert: bool = False, r
     print(f"\nready: qpher-proxy serve --config {config_path}", file=out)
     print(f"try:   curl --cacert {pki.ca_cert} -H \"Authorization: Bearer $(cat {demo_path})\" "
           f"https://localhost:{port}/v1/info", file=out)
+
+
+def init_internal_pki(
+    directory: Path,
+    *,
+    trust_domain: str = "qpher.internal",
+    kms_hosts: tuple[str, ...] | None = None,
+    endpoint: str = "127.0.0.1:9443",
+    force: bool = False,
+    out: TextIO,
+) -> None:
+    """``init --internal-pki DIR``: the internal PKI, then the config sections for it.
+
+    Everything printed is YAML (progress lines are comments), so ``init --internal-pki DIR |
+    yaml`` reads the two documents: the gateway's ``kms:`` and the node's ``kms_node:``."""
+    from .pki import DEFAULT_KMS_HOSTS, config_snippets, make_internal_pki
+
+    pki = make_internal_pki(
+        directory.resolve(), trust_domain=trust_domain,
+        kms_hosts=DEFAULT_KMS_HOSTS if kms_hosts is None else kms_hosts, force=force,
+    )
+    for path in pki.files:
+        print(f"# created {path}", file=out)
+    print(f"# the CA keys in {pki.ca_mldsa_key.parent} are needed only to issue more certificates:",
+          file=out)
+    print("# keep them off the gateway and KMS hosts.", file=out)
+    gateway, node = config_snippets(pki, endpoint=endpoint)
+    print("#\n# gateway config.yaml (copy the gateway-* files and ca.pem to every gateway host):",
+          file=out)
+    print(yaml.safe_dump(gateway, sort_keys=False), end="", file=out)
+    print("---\n# KMS node kms.yaml (copy the kms-* files and ca.pem to every KMS node):", file=out)
+    print(yaml.safe_dump(node, sort_keys=False), end="", file=out)
 
 
 def _system_users(directory: Path) -> tuple[str | None, str | None]:
