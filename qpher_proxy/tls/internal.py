@@ -59,6 +59,7 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, mldsa
@@ -173,17 +174,28 @@ def refusal_reason(conn: SSL.Connection, error: BaseException | None = None) -> 
     reason = _refusals.get(conn)
     if reason is not None:
         return reason
-    while error is not None and not isinstance(error, SSL.Error):
-        error = error.__cause__
-    if error is None:
-        return None
-    reasons = _openssl_reasons(error)
+    reasons = _error_reasons(error)
     for r in reasons:
         if r in _REASONS:
             return _REASONS[r]
         if " alert " in r or r.startswith("tls alert "):  # "tls alert bad certificate"
             return f"the peer refused the handshake ({r.split('alert ', 1)[1]})"
     return "; ".join(reasons) or None
+
+
+def _error_reasons(error: BaseException | None) -> list[str]:
+    """OpenSSL's reason strings behind ``error``: from the ``SSL.Error`` it was raised from, or
+    from the message of a ``TLSError`` ("tls handshake failed: reason; reason") that lost it."""
+    seen = 0
+    current = error
+    while current is not None and seen < 8:
+        if isinstance(current, SSL.Error):
+            return _openssl_reasons(current)
+        current = current.__cause__ or current.__context__
+        seen += 1
+    if isinstance(error, TLSError) and ": " in error.message:
+        return [r.strip() for r in error.message.split(": ", 1)[1].split(";") if r.strip()]
+    return []
 
 
 def _verify_error_string(errno: int) -> str:
@@ -225,6 +237,34 @@ def _verifier(peer_uri: str) -> _VerifyCallback:
         return True
 
     return verify
+
+
+def _set_verify(ctx: SSL.Context, mode: int, callback: _VerifyCallback) -> None:
+    """``ctx.set_verify(mode, callback)``, and a refusal by ``callback`` of a chain OpenSSL
+    accepted sends the peer a ``bad_certificate`` alert.
+
+    pyOpenSSL's wrapper returns 0 for such a refusal but leaves the chain's error at
+    ``X509_V_OK``; OpenSSL then reports ``X509_V_ERR_UNSPECIFIED`` and alerts ``internal_error``,
+    which tells the refused peer the wrong story. So pyOpenSSL's C callback is wrapped in one
+    that sets ``X509_V_ERR_CERT_REJECTED`` first (private pyOpenSSL attributes; if they moved,
+    the refusal still happens, with the old alert)."""
+    ctx.set_verify(mode, callback)
+    from OpenSSL._util import ffi, lib
+
+    inner: Any = getattr(ctx, "_verify_callback", None)
+    raw: Any = getattr(ctx, "_context", None)
+    if inner is None or raw is None or not hasattr(lib, "X509_STORE_CTX_set_error"):
+        return
+
+    def verify(ok: int, store_ctx: Any) -> int:
+        result = int(inner(ok, store_ctx))
+        if not result and lib.X509_STORE_CTX_get_error(store_ctx) == lib.X509_V_OK:
+            lib.X509_STORE_CTX_set_error(store_ctx, lib.X509_V_ERR_CERT_REJECTED)
+        return result
+
+    c_callback = ffi.callback("int (*)(int, X509_STORE_CTX *)", verify)
+    setattr(ctx, "_qpher_verify_callback", c_callback)  # noqa: B010 - lives as long as the context
+    lib.SSL_CTX_set_verify(raw, mode, c_callback)
 
 
 # ---- contexts ----------------------------------------------------------------------------
@@ -277,7 +317,7 @@ def _build(settings: InternalTLSSettings, *, server_side: bool) -> SSL.Context:
             f"internal tls: ca_file: OpenSSL cannot load CA certificates from {str(settings.ca_file)!r}"
         ) from exc
     mode = SSL.VERIFY_PEER | (SSL.VERIFY_FAIL_IF_NO_PEER_CERT if server_side else 0)
-    ctx.set_verify(mode, _verifier(settings.peer_uri))
+    _set_verify(ctx, mode, _verifier(settings.peer_uri))
     ctx.set_verify_depth(_VERIFY_DEPTH)
     return ctx
 

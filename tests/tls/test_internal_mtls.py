@@ -168,23 +168,25 @@ def test_client_certificate_from_another_ca_is_refused(pki: InternalPKI, other_p
     settings = client_settings(other_pki, ca_file=pki.ca_bundle)
     server_ctx = build_internal_server_context(server_settings(pki))
     run = handshake(build_internal_client_context(settings), server_ctx)
-    assert_refused(run, server_says="unable to get local issuer certificate")
+    assert_refused(run, server_says="unable to get local issuer certificate", client_says="unknown ca")
 
 
 @pytest.mark.parametrize(
-    ("cert", "reason"),
+    ("cert", "reason", "alert"),
     [
-        ("kms-mldsa", "unsuitable certificate purpose"),  # the KMS role: serverAuth, kms URI
-        ("other", "expected 'spiffe://qpher.internal/gateway'"),  # clientAuth, another URI
-        ("no-uri", "has SAN URIs []"),
+        # the KMS role (serverAuth EKU, kms URI): OpenSSL's purpose check refuses it
+        ("kms-mldsa", "unsuitable certificate purpose", "unsupported certificate"),
+        # clientAuth, another URI or none: our URI check refuses it
+        ("other", "expected 'spiffe://qpher.internal/gateway'", "bad certificate"),
+        ("no-uri", "has SAN URIs []", "bad certificate"),
     ],
 )
 def test_client_certificate_of_the_right_ca_without_the_gateway_role_is_refused(
-    pki: InternalPKI, cert: str, reason: str
+    pki: InternalPKI, cert: str, reason: str, alert: str
 ) -> None:
     run = handshake(build_internal_client_context(client_settings(pki, cert=cert)),
                     build_internal_server_context(server_settings(pki)))
-    assert_refused(run, server_says=reason)
+    assert_refused(run, server_says=reason, client_says=f"the peer refused the handshake ({alert})")
 
 
 def test_gateway_refuses_a_server_without_the_kms_role(pki: InternalPKI) -> None:
@@ -193,7 +195,7 @@ def test_gateway_refuses_a_server_without_the_kms_role(pki: InternalPKI) -> None
         ca_file=pki.ca_bundle, peer_uri=GATEWAY_URI,
     )
     run = handshake(build_internal_client_context(client_settings(pki)), build_internal_server_context(rogue))
-    assert_refused(run, client_says="expected 'spiffe://qpher.internal/kms'")
+    assert_refused(run, client_says="expected 'spiffe://qpher.internal/kms'", server_says="bad certificate")
 
 
 def test_classical_only_client_is_refused(pki: InternalPKI) -> None:
@@ -295,3 +297,18 @@ async def test_internal_contexts_work_through_tls_stream_over_tcp(pki: InternalP
                 assert peer_identity(connection_of(stream)).uri == KMS_URI
     await listeners[0].aclose()
     assert seen["client"] == seen["server"]
+
+
+def test_refusal_reason_reads_through_the_engine_error(pki: InternalPKI) -> None:
+    from qpher_proxy.errors import TLSHandshakeFailed
+
+    client_ctx = build_internal_client_context(client_settings(pki))
+    assert _openssl.set_groups(client_ctx, ("X25519",))
+    run = handshake(client_ctx, build_internal_server_context(server_settings(pki)))
+    no_group = "no common key exchange group (X25519MLKEM768 required)"
+    try:
+        raise TLSHandshakeFailed("tls handshake failed: no suitable key share") from run["server_result"]
+    except TLSHandshakeFailed as wrapped:
+        assert refusal_reason(run["server"], wrapped) == no_group
+    detached = TLSHandshakeFailed("tls handshake failed: no suitable key share")
+    assert refusal_reason(run["server"], detached) == no_group
