@@ -288,8 +288,6 @@ def make_internal_pki(
     _check_days(days, "days")
     _check_days(ca_days, "ca_days")
     pki = InternalPKI.at(Path(directory), trust_domain)
-    _private_dir(pki.directory)
-    _private_dir(pki.ca_mldsa_key.parent)
     if not force:
         existing = [p for p in pki.files if p.exists() or p.is_symlink()]
         if existing:
@@ -297,6 +295,8 @@ def make_internal_pki(
                 f"internal pki: {str(pki.directory)!r} already holds an internal PKI "
                 f"({existing[0].name} exists); pass --force to replace all of it"
             )
+    _private_dir(pki.directory)
+    _private_dir(pki.ca_mldsa_key.parent)
     now = now or datetime.datetime.now(datetime.UTC)
 
     cas: dict[KeyKind, tuple[x509.Certificate, _PrivateKey]] = {}

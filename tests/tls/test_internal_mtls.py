@@ -14,9 +14,11 @@ from _tls13_decrypt import (
     ECDSA_SECP256R1_SHA256,
     MLDSA65,
     X25519MLKEM768,
+    decrypt_handshake,
     handshake_facts,
     run_handshake,
 )
+from cryptography.exceptions import InvalidTag
 from OpenSSL import SSL
 
 from qpher_proxy.errors import ConfigError
@@ -312,3 +314,43 @@ def test_refusal_reason_reads_through_the_engine_error(pki: InternalPKI) -> None
         assert refusal_reason(run["server"], wrapped) == no_group
     detached = TLSHandshakeFailed("tls handshake failed: no suitable key share")
     assert refusal_reason(run["server"], detached) == no_group
+
+
+def test_a_tls12_only_client_is_refused(pki: InternalPKI) -> None:
+    client_ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    client_ctx.set_max_proto_version(SSL.TLS1_2_VERSION)
+    run = handshake(client_ctx, build_internal_server_context(server_settings(pki)))
+    assert_refused(run, server_says="TLS 1.3")
+
+
+# ---- the transcript decryptor itself ------------------------------------------------------
+
+def _only_suite(ctx: SSL.Context, suite: str) -> None:
+    from OpenSSL._util import lib  # pyOpenSSL has no Context.set_ciphersuites
+
+    assert lib.SSL_CTX_set_ciphersuites(ctx._context, suite.encode()) == 1
+
+
+@pytest.mark.parametrize(
+    ("suite", "code"),
+    [("TLS_AES_128_GCM_SHA256", 0x1301), ("TLS_AES_256_GCM_SHA384", 0x1302),
+     ("TLS_CHACHA20_POLY1305_SHA256", 0x1303)],
+)
+def test_the_decryptor_reads_every_tls13_cipher_suite(pki: InternalPKI, suite: str, code: int) -> None:
+    client_ctx = build_internal_client_context(client_settings(pki))
+    _only_suite(client_ctx, suite)
+    facts = handshake_facts(client_ctx, build_internal_server_context(server_settings(pki)))
+    assert facts["cipher_suite"] == code
+    assert facts["group"] == X25519MLKEM768
+    assert facts["server_sigalg"] == facts["client_sigalg"] == MLDSA65
+
+
+def test_the_decryptor_ignores_a_partial_record_and_refuses_wrong_secrets(pki: InternalPKI) -> None:
+    run = handshake(build_internal_client_context(client_settings(pki)),
+                    build_internal_server_context(server_settings(pki)))
+    c2s, s2c, keylog = run["client_to_server"], run["server_to_client"], run["keylog"]
+    whole = decrypt_handshake(c2s, s2c, keylog)
+    assert decrypt_handshake(c2s + b"\x17\x03\x03\x40", s2c + b"\x17", keylog) == whole
+    wrong = [line.replace(line.split()[2], b"00" * (len(line.split()[2]) // 2)) for line in keylog]
+    with pytest.raises(InvalidTag):
+        decrypt_handshake(c2s, s2c, wrong)
