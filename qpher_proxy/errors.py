@@ -327,6 +327,34 @@ class KeyCorrupt(QpherError):
     status = 500
 
 
+# ---- idempotency keys (``Idempotency-Key`` on key creation and rotation) -------------------
+
+class InvalidIdempotencyKey(BadRequest):
+    """An ``Idempotency-Key`` that is not 1..255 visible ASCII characters (or is repeated)."""
+
+    code = "invalid_idempotency_key"
+    status = 400
+
+
+class IdempotencyKeyReused(QpherError):
+    """The idempotency key already answered another request (other arguments, or another
+    operation) of this tenant within its lifetime."""
+
+    code = "idempotency_key_reused"
+    status = 409
+
+
+class IdempotencyKeyInProgress(_RetryAfter):
+    """A request with this idempotency key is still being performed elsewhere (another KMS
+    worker or node has not committed yet): retry after ``retry_after`` seconds to get its answer."""
+
+    code = "idempotency_key_in_progress"
+    status = 409
+
+    def __init__(self, message: str = "", *, retry_after: int = 1) -> None:
+        super().__init__(message, retry_after=retry_after)
+
+
 # ---- TLS termination ----------------------------------------------------------------------
 # Raised by qpher_proxy.tls. ``reason`` is a short fixed failure class (a metrics label and a
 # log field); the message names what went wrong in words, never key material. TLSStream raises

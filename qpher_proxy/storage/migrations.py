@@ -233,8 +233,44 @@ def _v1(n: dict[str, str]) -> list[str]:
     return out
 
 
+def _v2(n: dict[str, str]) -> list[str]:
+    """Idempotency records of key creation and rotation (see ``kms/worker/key_rules``): the KMS
+    role only, row-level security per tenant, and one ``SECURITY DEFINER`` function for the
+    sweep's cross-tenant expiry. The idempotency key itself is never stored, only its SHA-256."""
+    tenant_check = "CHECK (length(tenant_id) BETWEEN 1 AND 255)"
+    tenant_is = "tenant_id = current_setting('qpher.tenant', true)"
+    kms, p = n["kms"], n["prefix"]
+    expire = f"{p}_kms_idempotency_expire(double precision)"
+    return [
+        f"""CREATE TABLE kms_idempotency (
+            tenant_id   text NOT NULL {tenant_check},
+            key_hash    bytea NOT NULL CHECK (length(key_hash) = 32),
+            operation   text NOT NULL CHECK (operation IN ('create_key', 'rotate_key')),
+            fingerprint bytea NOT NULL CHECK (length(fingerprint) = 32),
+            key_id      text NOT NULL,
+            version     integer NOT NULL CHECK (version >= 1),
+            created_at  double precision NOT NULL,
+            PRIMARY KEY (tenant_id, key_hash)
+        )""",
+        "CREATE INDEX kms_idempotency_age ON kms_idempotency (created_at)",
+        f"""CREATE FUNCTION {p}_kms_idempotency_expire(p_before double precision) RETURNS integer
+            LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, public AS $$
+            WITH gone AS (DELETE FROM kms_idempotency WHERE created_at <= p_before RETURNING 1)
+            SELECT count(*)::integer FROM gone
+        $$""",
+        f"REVOKE ALL ON FUNCTION {expire} FROM PUBLIC",
+        "ALTER TABLE kms_idempotency ENABLE ROW LEVEL SECURITY",
+        f"CREATE POLICY kms_idempotency_kms ON kms_idempotency TO {kms} "
+        f"USING ({tenant_is}) WITH CHECK ({tenant_is})",
+        "REVOKE ALL ON kms_idempotency FROM PUBLIC",
+        f"GRANT SELECT, INSERT, UPDATE, DELETE ON kms_idempotency TO {kms}",
+        f"GRANT EXECUTE ON FUNCTION {expire} TO {kms}",
+    ]
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "api keys, usage, KMS keys and sealed versions, leases; roles, grants, RLS", _v1),
+    Migration(2, "idempotency records of key creation and rotation (KMS role, RLS)", _v2),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 

@@ -515,12 +515,12 @@ class KMSClient:
 
     async def create_key(
         self, ctx: TenantContext, algorithm: str | None = None, kind: str | None = None,
-        label: str | None = None, mode: str | None = None,
+        label: str | None = None, mode: str | None = None, *, idempotency_key: str | None = None,
     ) -> KeyInfo:
-        v = await self.call(
-            ctx, "create_key", {"algorithm": algorithm, "kind": kind, "label": label, "mode": mode}
-        )
-        return KeyInfo.from_wire(v)
+        args: dict[str, Value] = {"algorithm": algorithm, "kind": kind, "label": label, "mode": mode}
+        if idempotency_key is not None:
+            args["idempotency_key"] = idempotency_key
+        return KeyInfo.from_wire(await self.call(ctx, "create_key", args))
 
     async def get_key(self, ctx: TenantContext, key_id: str, version: int | None = None) -> KeyInfo:
         return KeyInfo.from_wire(await self.call(ctx, "get_key", {"key_id": key_id, "version": version}))
@@ -531,8 +531,13 @@ class KMSClient:
         v: Any = await self.call(ctx, "list_keys", {"limit": limit, "cursor": cursor})
         return KeyPage(tuple(KeyInfo.from_wire(k) for k in v["keys"]), v["next_cursor"])
 
-    async def rotate_key(self, ctx: TenantContext, key_id: str) -> KeyInfo:
-        return KeyInfo.from_wire(await self.call(ctx, "rotate_key", {"key_id": key_id}))
+    async def rotate_key(
+        self, ctx: TenantContext, key_id: str, *, idempotency_key: str | None = None
+    ) -> KeyInfo:
+        args: dict[str, Value] = {"key_id": key_id}
+        if idempotency_key is not None:
+            args["idempotency_key"] = idempotency_key
+        return KeyInfo.from_wire(await self.call(ctx, "rotate_key", args))
 
     async def disable_key(self, ctx: TenantContext, key_id: str) -> KeyInfo:
         return KeyInfo.from_wire(await self.call(ctx, "disable_key", {"key_id": key_id}))

@@ -19,6 +19,10 @@ KEY_ID_PREFIX = "k_"
 KEY_ID_CHARS = 26  # base32 characters: 130 random bits
 KEY_ID_RE = re.compile(r"k_[a-z2-7]{26}\Z")
 MAX_LABEL_CHARS = 128
+# An idempotency key (the Idempotency-Key header of key creation and rotation, as Stripe's and
+# draft-ietf-httpapi-idempotency-key-header): 1..255 visible ASCII characters (VCHAR, RFC 5234)
+MAX_IDEMPOTENCY_KEY_CHARS = 255
+IDEMPOTENCY_KEY_RE = re.compile(rf"[\x21-\x7e]{{1,{MAX_IDEMPOTENCY_KEY_CHARS}}}\Z")
 DEFAULT_LIST_LIMIT = 50
 MAX_LIST_LIMIT = 100
 DEFAULT_DESTROY_DELAY = 24 * 3600.0  # seconds: a day to notice a mistaken DELETE and cancel it
@@ -79,9 +83,12 @@ class KeyInfo:
     destroy_at: float | None
     destroyed_at: float | None
     versions: tuple[VersionInfo, ...] = ()
+    # True when this answers a repeated request with an idempotency key: nothing was created,
+    # this is the key (and version) the first request created
+    replayed: bool = False
 
     def to_wire(self) -> dict[str, Any]:
-        return {
+        wire: dict[str, Any] = {
             "key_id": self.key_id,
             "kind": self.kind,
             "algorithm": self.algorithm,
@@ -96,6 +103,9 @@ class KeyInfo:
             "destroyed_at": self.destroyed_at,
             "versions": [[v.version, v.state, v.created_at] for v in self.versions],
         }
+        if self.replayed:
+            wire["replayed"] = True
+        return wire
 
     @classmethod
     def from_wire(cls, d: Any) -> KeyInfo:
@@ -115,6 +125,7 @@ class KeyInfo:
             destroy_at=d["destroy_at"],
             destroyed_at=d["destroyed_at"],
             versions=tuple(VersionInfo(v[0], v[1], v[2]) for v in d["versions"]),
+            replayed=d.get("replayed") is True,
         )
 
 

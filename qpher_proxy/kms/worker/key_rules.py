@@ -8,12 +8,34 @@ what a key's metadata looks like on the wire are decided here, once, so the two 
 * :func:`choose_algorithm` (``algorithm`` / ``kind`` / ``mode`` -> an algorithm);
 * :func:`require_usable` (the state of a key that must do crypto or be rotated);
 * :func:`transition` (disable / enable / cancel_destroy: the state a key moves to, or the error);
-* :func:`build_info` (a key row and its versions -> :class:`KeyInfo`).
+* :func:`build_info` (a key row and its versions -> :class:`KeyInfo`);
+* idempotency keys: :func:`idempotency_claim` (what a store records for a request carrying
+  one) and :func:`replay_target` (what a stored record means for a repeated request).
+
+Idempotency keys
+----------------
+``create_key`` and ``rotate_key`` take an optional ``idempotency_key`` (the client's
+``Idempotency-Key`` header). A store records, in the transaction that creates the key or the
+version, ``(tenant, SHA-256 of the idempotency key, operation, fingerprint, key id, version,
+created_at)``; the fingerprint is SHA-256 over the operation's canonical arguments (the resolved
+algorithm and the label, or the key id). The idempotency key itself is never stored. A repeated
+request of the same tenant with the same idempotency key then finds the record and:
+
+* same operation and fingerprint: answers with the recorded key at the recorded version and
+  creates nothing (``KeyInfo.replayed``);
+* anything else: 409 ``idempotency_key_reused``.
+
+A record older than :data:`IDEMPOTENCY_TTL` counts as absent (and is taken over by the next
+request with that key, or deleted by the sweep). Two racing requests are decided by the
+primary key ``(tenant_id, key_hash)``: see each store for how the loser gets the winner's answer.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from ...crypto.algorithms import (
@@ -26,10 +48,20 @@ from ...crypto.algorithms import (
     Kind,
     get_algorithm,
 )
-from ...errors import InvalidInput, InvalidKeyState, KeyDestroyed, KeyDisabled, KeyNotFound
+from ...errors import (
+    IdempotencyKeyReused,
+    InvalidIdempotencyKey,
+    InvalidInput,
+    InvalidKeyState,
+    KeyDestroyed,
+    KeyDisabled,
+    KeyNotFound,
+)
 from ..wire.model import (
+    IDEMPOTENCY_KEY_RE,
     KEY_ID_RE,
     MAX_DESTROY_DELAY,
+    MAX_IDEMPOTENCY_KEY_CHARS,
     MAX_LABEL_CHARS,
     MAX_LIST_LIMIT,
     KeyInfo,
@@ -44,6 +76,9 @@ KEY_COLUMNS = (
 )
 
 TransitionOp = str  # "disable" | "enable" | "cancel_destroy"
+
+IDEMPOTENCY_TTL = 24 * 3600.0  # seconds a record answers repeats (Stripe keeps keys 24 h)
+IDEMPOTENT_OPS = ("create_key", "rotate_key")
 
 
 def check_tenant(tenant_id: object) -> str:
@@ -161,7 +196,66 @@ def build_info(
     )
 
 
+def check_idempotency_key(value: object) -> str | None:
+    """``value`` if it is None or 1..255 visible ASCII characters; else invalid_idempotency_key."""
+    if value is None:
+        return None
+    if type(value) is not str or IDEMPOTENCY_KEY_RE.match(value) is None:
+        raise InvalidIdempotencyKey(
+            f"an idempotency key is 1..{MAX_IDEMPOTENCY_KEY_CHARS} visible ASCII characters"
+        )
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotencyClaim:
+    """What a store records for a request carrying an idempotency key (never the key itself)."""
+
+    key_hash: bytes  # SHA-256 of the idempotency key
+    operation: str  # one of IDEMPOTENT_OPS
+    fingerprint: bytes  # SHA-256 of the operation and its canonical arguments
+
+    def __repr__(self) -> str:
+        return f"IdempotencyClaim(operation={self.operation!r})"
+
+
+def idempotency_claim(
+    idempotency_key: object, operation: str, **args: str | None
+) -> IdempotencyClaim | None:
+    """The claim of one request (None without an idempotency key). ``args`` are the operation's
+    arguments after validation (the resolved algorithm, not the kind or mode that chose it)."""
+    key = check_idempotency_key(idempotency_key)
+    if key is None:
+        return None
+    assert operation in IDEMPOTENT_OPS, operation
+    canonical = json.dumps({"op": operation, **args}, sort_keys=True, separators=(",", ":"))
+    return IdempotencyClaim(
+        hashlib.sha256(key.encode("ascii")).digest(), operation, hashlib.sha256(canonical.encode()).digest()
+    )
+
+
+def replay_target(
+    claim: IdempotencyClaim, record: tuple[Any, ...] | None, now: float
+) -> tuple[str, int] | None:
+    """What a stored ``record`` -- ``(operation, fingerprint, key_id, version, created_at)`` or
+    None -- means for ``claim``: None when there is no live record (absent or expired), the
+    ``(key_id, version)`` to answer with when it is the same request, else
+    ``idempotency_key_reused``."""
+    if record is None:
+        return None
+    operation, fingerprint, key_id, version, created_at = record[:5]
+    if created_at <= now - IDEMPOTENCY_TTL:
+        return None
+    if operation != claim.operation or bytes(fingerprint) != claim.fingerprint:
+        raise IdempotencyKeyReused(
+            "this idempotency key was used for another request; use a new key for a new request"
+        )
+    return str(key_id), int(version)
+
+
 __all__ = [
+    "IDEMPOTENCY_TTL", "IDEMPOTENT_OPS", "IdempotencyClaim", "check_idempotency_key", "idempotency_claim",
+    "replay_target",
     "KEY_COLUMNS", "build_info", "check_delay", "check_key_id", "check_label", "check_list_args",
     "check_schedulable", "check_tenant", "check_version", "choose_algorithm", "require_usable", "transition",
 ]

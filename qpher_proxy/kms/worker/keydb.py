@@ -12,6 +12,11 @@ What lives here is shared by the serving store (``keystore``) and the offline KE
 * :class:`StoreLock`, the ``flock`` that lets a worker know it is alone (exclusive) and keeps
   ``rotate-kek`` away from a running KMS;
 * :func:`verify_store_kek`, which refuses a KEK that is not this store's before anything is written.
+
+Schema versions: ``meta('schema_version')``. Opening a store of an older version upgrades it in
+the opening transaction (every table is ``CREATE ... IF NOT EXISTS``, so a new table simply
+appears; :data:`UPGRADES` holds anything more a version needs); a store of a newer version is
+refused before anything is written. Version 2 added ``idempotency_keys`` (see ``key_rules``).
 """
 
 from __future__ import annotations
@@ -44,7 +49,10 @@ from .keyfile import KeyBinding
 
 DB_FILE = "keys.db"
 LOCK_FILE = "lock"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# version -> statements that bring a store of the version before up to it, beyond the tables
+# and indexes _schema() creates if they do not exist
+UPGRADES: dict[int, tuple[str, ...]] = {2: ()}
 BUSY_TIMEOUT_S = 10.0
 LOCK_WAIT_S = 10.0
 
@@ -90,6 +98,17 @@ CREATE TABLE IF NOT EXISTS key_versions (
     FOREIGN KEY (tenant_id, key_id) REFERENCES keys (tenant_id, key_id)
 );
 CREATE UNIQUE INDEX IF NOT EXISTS key_versions_unique ON key_versions (tenant_id, key_id, version);
+CREATE TABLE IF NOT EXISTS idempotency_keys (
+    tenant_id   TEXT NOT NULL CHECK (length(tenant_id) BETWEEN 1 AND 255),
+    key_hash    BLOB NOT NULL CHECK (length(key_hash) = 32),
+    operation   TEXT NOT NULL CHECK (operation IN ('create_key', 'rotate_key')),
+    fingerprint BLOB NOT NULL CHECK (length(fingerprint) = 32),
+    key_id      TEXT NOT NULL,
+    version     INTEGER NOT NULL CHECK (version >= 1),
+    created_at  REAL NOT NULL,
+    PRIMARY KEY (tenant_id, key_hash)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS idempotency_keys_age ON idempotency_keys (created_at);
 """
 
 
@@ -107,19 +126,45 @@ def connect(kms_dir: Path) -> sqlite3.Connection:
     db.execute("PRAGMA journal_mode = WAL")
     db.execute("PRAGMA synchronous = FULL")
     db.execute("PRAGMA foreign_keys = ON")
-    with write_transaction(db):
-        for statement in _schema().split(";"):
-            if statement.strip():
-                db.execute(statement)
-        db.execute("INSERT OR IGNORE INTO meta (name, value) VALUES ('schema_version', ?)",
-                   (str(SCHEMA_VERSION),))
-    (version,) = db.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone()
-    if version != str(SCHEMA_VERSION):
+    try:
+        with write_transaction(db):
+            found = _stored_version(db)
+            if found is not None and found > SCHEMA_VERSION:
+                raise KEKError(
+                    f"the key store database has schema version {found}; this build reads up to "
+                    f"{SCHEMA_VERSION}: upgrade qpher-proxy"
+                )
+            for statement in _schema().split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            if found is None:
+                db.execute(
+                    "INSERT INTO meta (name, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+                )
+            elif found < SCHEMA_VERSION:
+                for version in range(found + 1, SCHEMA_VERSION + 1):
+                    for statement in UPGRADES[version]:
+                        db.execute(statement)
+                db.execute("UPDATE meta SET value = ? WHERE name = 'schema_version'", (str(SCHEMA_VERSION),))
+    except BaseException:
         db.close()
-        raise KEKError(
-            f"the key store database has schema version {version}; this build reads {SCHEMA_VERSION}"
-        )
+        raise
     return db
+
+
+def _stored_version(db: sqlite3.Connection) -> int | None:
+    """The schema version of an existing store, None for a new one."""
+    if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone() is None:
+        return None
+    row = db.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone()
+    if row is None:
+        return None
+    try:
+        return int(row[0])
+    except (TypeError, ValueError):
+        raise KEKError(
+            f"the key store database has an unreadable schema version {str(row[0])[:20]!r}"
+        ) from None
 
 
 @contextmanager

@@ -88,6 +88,7 @@ from ..wire.model import DEFAULT_DESTROY_DELAY, MAX_DESTROY_DELAY
 from . import keyfile
 from .kek import KEKProvider
 from .key_objects import KeyCaches
+from .key_rules import IDEMPOTENCY_TTL
 from .keydb import StoreLock, StoreUnavailable, connect, mapped_errors, verify_store_kek, write_transaction
 from .tenant_keys import ResolvedVersion, TenantKeys
 
@@ -250,7 +251,20 @@ class KeyStore(KeyCaches):
         for tenant_id, key_id in due:
             if self.tenant(tenant_id)._destroy_if_due(key_id, now):
                 n += 1
+        self.sweep_idempotency(now)
         return n
+
+    def sweep_idempotency(self, now: float) -> int:
+        """Delete the idempotency records past their lifetime (they already count as absent)."""
+        before = now - IDEMPOTENCY_TTL
+        with mapped_errors("expiring idempotency records"):
+            if self._db.execute(
+                "SELECT 1 FROM idempotency_keys WHERE created_at <= ? LIMIT 1", (before,)
+            ).fetchone() is None:
+                return 0  # the common case: no write lock taken
+            with self._transaction():
+                cur = self._db.execute("DELETE FROM idempotency_keys WHERE created_at <= ?", (before,))
+        return cur.rowcount
 
 
 __all__ = ["DEFAULT_CACHE_SIZE", "KeyStore", "StoreUnavailable", "TenantKeys"]

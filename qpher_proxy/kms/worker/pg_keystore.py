@@ -57,6 +57,17 @@ Concurrency
 Every lifecycle change reads the key row ``FOR UPDATE``: concurrent rotations on any nodes
 serialise on it and never pick the same version number (the primary key would refuse it anyway).
 
+Idempotency keys (``key_rules``): the record goes into ``kms_idempotency`` in the transaction
+that writes the key or the version, and its primary key ``(tenant_id, key_hash)`` decides races.
+A creation inserts its record *first* (``INSERT ... ON CONFLICT DO UPDATE ... WHERE expired``):
+of two nodes racing with one idempotency key, the second blocks on the first's uncommitted row,
+and once that commits finds the record (its own insert did nothing), reads it and answers with
+the first one's key -- its own generated key is never written. The wait is bounded by
+``idempotency_wait`` (``lock_timeout`` inside a savepoint); past it the answer is 409
+``idempotency_key_in_progress`` with ``Retry-After``, and the retry gets the winner's answer. A
+rotation looks the record up after locking the key row (``FOR UPDATE``), so a rotation with the
+same idempotency key that committed first is always seen there.
+
 The KEK
 -------
 ``kms_meta('kek_canary')`` holds the canary (``kek.seal_canary``). At start-up: verify it if
@@ -67,6 +78,7 @@ different KEKs the second stops).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import OrderedDict
@@ -80,7 +92,14 @@ from psycopg import sql
 
 from ...crypto.algorithms import ALGORITHMS, Algorithm, get_algorithm
 from ...crypto.interface import Backend, PrivateKey, PublicKey
-from ...errors import BackendUnavailable, InvalidInput, KeyDestroyed, KeyNotFound, QpherError
+from ...errors import (
+    BackendUnavailable,
+    IdempotencyKeyInProgress,
+    InvalidInput,
+    KeyDestroyed,
+    KeyNotFound,
+    QpherError,
+)
 from ...storage.migrations import check_schema, current_version
 from ...storage.postgres import Database, role_name
 from ..wire.model import (
@@ -97,7 +116,9 @@ from . import keyfile
 from .kek import KEKError, KEKProvider, seal_canary, verify_canary
 from .key_objects import KeyCaches, KeyObjects, open_sealed
 from .key_rules import (
+    IDEMPOTENCY_TTL,
     KEY_COLUMNS,
+    IdempotencyClaim,
     build_info,
     check_delay,
     check_key_id,
@@ -106,6 +127,8 @@ from .key_rules import (
     check_schedulable,
     check_version,
     choose_algorithm,
+    idempotency_claim,
+    replay_target,
     require_usable,
     transition,
 )
@@ -121,6 +144,7 @@ MAX_STATE_TTL = 0.5
 HOT_CACHE_SIZE = 4096
 SWEEP_BATCH = 100  # due keys read per sweep round
 CANARY = "kek_canary"
+IDEMPOTENCY_WAIT = 2.0  # seconds a request waits for another node's uncommitted use of its idempotency key
 
 _T = TypeVar("_T")
 Conn = psycopg.Connection[Any]
@@ -139,6 +163,18 @@ _DESTROY_KEY = (
     "UPDATE kms_keys SET state = 'destroyed', resume_state = NULL, destroy_at = NULL, destroyed_at = %s, "
     "updated_at = %s WHERE tenant_id = %s AND key_id = %s AND state = 'pending_destruction' "
     "AND destroy_at <= %s RETURNING key_id"
+)
+_RECORD = (
+    "SELECT operation, fingerprint, key_id, version, created_at FROM kms_idempotency "
+    "WHERE tenant_id = %s AND key_hash = %s"
+)
+# inserts the record, or takes over an expired one; RETURNING nothing: a live record holds the key
+_CLAIM = (
+    "INSERT INTO kms_idempotency (tenant_id, key_hash, operation, fingerprint, key_id, version, created_at) "
+    "VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (tenant_id, key_hash) DO UPDATE SET "
+    "operation = EXCLUDED.operation, fingerprint = EXCLUDED.fingerprint, key_id = EXCLUDED.key_id, "
+    "version = EXCLUDED.version, created_at = EXCLUDED.created_at "
+    "WHERE kms_idempotency.created_at <= %s RETURNING 1"
 )
 _DESTROY_VERSIONS = (
     "UPDATE kms_key_versions SET state = 'destroyed', sealed = NULL, kek_id = NULL "
@@ -186,6 +222,7 @@ class PgKeyStore(KeyCaches):
         monotonic: Callable[[], float] = time.monotonic,
         owns_db: bool = True,
         lease_holder: str | None = None,
+        idempotency_wait: float = IDEMPOTENCY_WAIT,
     ) -> None:
         if not 0 <= destroy_delay <= MAX_DESTROY_DELAY:
             raise InvalidInput(f"destroy delay must be between 0 and {MAX_DESTROY_DELAY:.0f} s")
@@ -204,6 +241,8 @@ class PgKeyStore(KeyCaches):
         self._owns_db = owns_db
         self._due_fn = sql.Identifier(f"{role_prefix}_kms_due")
         self._sample_fn = sql.Identifier(f"{role_prefix}_kms_sample_version")
+        self._expire_fn = sql.Identifier(f"{role_prefix}_kms_idempotency_expire")
+        self.idempotency_wait = float(idempotency_wait)
         self._hot: dict[tuple[str, str, int | None], tuple[PgResolved, float]] = {}
         self._private: OrderedDict[tuple[str, str, int], PrivateKey] = OrderedDict()
         self._public: OrderedDict[tuple[str, str, int], PublicKey] = OrderedDict()
@@ -339,7 +378,16 @@ class PgKeyStore(KeyCaches):
             except LeaseLost:
                 log.warning("sweep lease lost; stopping this sweep", extra={"fields": {"destroyed": n}})
                 break
+        self.sweep_idempotency(now)
         return n
+
+    def sweep_idempotency(self, now: float) -> int:
+        """Delete the idempotency records past their lifetime (they already count as absent)."""
+        with self.db.transaction(what="expiring idempotency records") as conn:
+            row = conn.execute(
+                sql.SQL("SELECT {}(%s)").format(self._expire_fn), (now - IDEMPOTENCY_TTL,)
+            ).fetchone()
+        return int(row[0]) if row else 0
 
 
 class PgTenantKeys(KeyObjects):
@@ -441,16 +489,23 @@ class PgTenantKeys(KeyObjects):
 
     def create(
         self, *, algorithm: str | None = None, kind: str | None = None, mode: str | None = None,
-        label: str | None = None,
+        label: str | None = None, idempotency_key: str | None = None,
     ) -> KeyInfo:
         alg = choose_algorithm(algorithm, kind, mode)
         label = check_label(label)
+        claim = idempotency_claim(idempotency_key, "create_key", algorithm=alg.name, label=label)
         store = self._store
         key_id = new_key_id()
         priv, public, sealed = self._new_version(key_id, 1, alg)
         now = store.clock()
 
         def fn(tx: _Tx) -> KeyInfo:
+            if claim is not None:
+                # first: of two requests racing with this idempotency key, the second waits here
+                # for the first to commit, and has written nothing when it answers with its key
+                earlier = self._claim(tx, claim, key_id, 1, now)
+                if earlier is not None:
+                    return self._replay(tx, *earlier)
             tx.conn.execute(
                 "INSERT INTO kms_keys (tenant_id, key_id, kind, algorithm, label, state, latest_version, "
                 "created_at, updated_at) VALUES (%s, %s, %s, %s, %s, 'enabled', 1, %s, %s)",
@@ -462,8 +517,56 @@ class PgTenantKeys(KeyObjects):
             return build_info(row, [(1, "active", now)], 1, public, True)
 
         info = self._run("creating a key", fn)
-        store._cache_put(store._private, (self._tenant, key_id, 1), priv)
+        if not info.replayed:
+            store._cache_put(store._private, (self._tenant, key_id, 1), priv)
         return info
+
+    # ---- idempotency records (see key_rules and the docstring) ----
+
+    def _recorded(self, tx: _Tx, claim: IdempotencyClaim, now: float) -> tuple[str, int] | None:
+        """The (key id, version) a live record of ``claim``'s idempotency key answers with, None
+        without one; 409 idempotency_key_reused when it recorded another request."""
+        row = tx.conn.execute(_RECORD, (self._tenant, claim.key_hash)).fetchone()
+        return replay_target(claim, row, now)
+
+    def _claim(
+        self, tx: _Tx, claim: IdempotencyClaim, key_id: str, version: int, now: float
+    ) -> tuple[str, int] | None:
+        """Record ``claim`` for ``key_id`` / ``version`` in this transaction (None), or the
+        (key id, version) of the request that holds the idempotency key already (409
+        idempotency_key_reused if that was another request; 409 idempotency_key_in_progress if
+        it has not committed within ``idempotency_wait``)."""
+        conn = tx.conn
+        wait = f"{max(1, int(self._store.idempotency_wait * 1000))}ms"
+        got = conn.execute(
+            "SELECT current_setting('lock_timeout'), set_config('lock_timeout', %s, true)", (wait,)
+        ).fetchone()
+        before = got[0] if got else "0"
+        try:
+            with conn.transaction():  # a savepoint: a lock timeout must not abort the whole transaction
+                row = conn.execute(
+                    _CLAIM,
+                    (self._tenant, claim.key_hash, claim.operation, claim.fingerprint, key_id, version, now,
+                     now - IDEMPOTENCY_TTL),
+                ).fetchone()
+        except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled) as exc:
+            raise IdempotencyKeyInProgress(
+                "a request with this idempotency key is still in progress; retry it shortly"
+            ) from exc
+        finally:
+            conn.execute("SELECT set_config('lock_timeout', %s, true)", (before,))
+        if row is not None:
+            tx.wrote = True
+            return None
+        earlier = self._recorded(tx, claim, now)
+        if earlier is None:  # pragma: no cover - expired or swept between the two statements
+            raise IdempotencyKeyInProgress("a request with this idempotency key is still in progress")
+        return earlier
+
+    def _replay(self, tx: _Tx, key_id: str, version: int) -> KeyInfo:
+        """The answer to a repeated request: the recorded key, at the recorded version, as it is now."""
+        row = self._lazy(tx, key_id, self._row(tx, key_id))
+        return dataclasses.replace(self._info(tx, row, version), replayed=True)
 
     def _new_version(self, key_id: str, version: int, alg: Algorithm) -> tuple[PrivateKey, bytes, bytes]:
         store = self._store
@@ -529,20 +632,32 @@ class PgTenantKeys(KeyObjects):
 
         return self._run("listing keys", fn)
 
-    def rotate(self, key_id: str) -> KeyInfo:
+    def rotate(self, key_id: str, idempotency_key: str | None = None) -> KeyInfo:
         key_id = check_key_id(key_id)
+        claim = idempotency_claim(idempotency_key, "rotate_key", key_id=key_id)
         made: list[tuple[int, PrivateKey]] = []
 
         def fn(tx: _Tx) -> KeyInfo:
             # FOR UPDATE: concurrent rotations anywhere serialise here and never reuse a version
-            row = self._lazy(tx, key_id, self._row(tx, key_id, lock=True), lock=True)
+            row = self._row(tx, key_id, lock=True)
+            now = self._store.clock()
+            if claim is not None:
+                # under the key's lock: a rotation with this idempotency key committed before is seen
+                earlier = self._recorded(tx, claim, now)
+                if earlier is not None:
+                    return self._replay(tx, *earlier)
+            row = self._lazy(tx, key_id, row, lock=True)
             require_usable(key_id, row[4])
             alg = get_algorithm(row[2])
             version = row[5] + 1
             priv, public, sealed = self._new_version(key_id, version, alg)
-            now = self._store.clock()
             self._insert_version(tx, key_id, version, alg, public, sealed, now)
             updated = self._update(tx, key_id, "latest_version = %s, updated_at = %s", (version, now))
+            if claim is not None and self._claim(tx, claim, key_id, version, now) is not None:
+                # this very rotation recorded since the look-up above, which the key's lock rules
+                # out; roll this version back rather than answer twice (a different request
+                # holding the idempotency key raised idempotency_key_reused in _claim)
+                raise IdempotencyKeyInProgress("a request with this idempotency key is still in progress")
             made.append((version, priv))
             return self._info(tx, updated)
 

@@ -145,7 +145,7 @@ class KMSService:
             "create_key": self._create_key,
             "get_key": self._get_key,
             "list_keys": self._list_keys,
-            "rotate_key": lambda k, a: k.rotate(a.get("key_id")).to_wire(),  # type: ignore[arg-type]
+            "rotate_key": self._rotate_key,
             "disable_key": lambda k, a: k.disable(a.get("key_id")).to_wire(),  # type: ignore[arg-type]
             "enable_key": lambda k, a: k.enable(a.get("key_id")).to_wire(),  # type: ignore[arg-type]
             "cancel_destroy": lambda k, a: k.cancel_destroy(a.get("key_id")).to_wire(),  # type: ignore[arg-type]
@@ -211,6 +211,12 @@ class KMSService:
             kind=_opt_str(args, "kind"),
             mode=_opt_str(args, "mode"),
             label=_opt_str(args, "label"),
+            idempotency_key=_opt_str(args, "idempotency_key"),
+        ).to_wire()
+
+    def _rotate_key(self, keys: AnyKeys, args: dict[str, Value]) -> Value:
+        return keys.rotate(
+            args.get("key_id"), idempotency_key=_opt_str(args, "idempotency_key")  # type: ignore[arg-type]
         ).to_wire()
 
     def _get_key(self, keys: AnyKeys, args: dict[str, Value]) -> Value:

@@ -14,6 +14,7 @@ up at call time.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sqlite3
 from dataclasses import dataclass
@@ -26,7 +27,9 @@ from ..wire.model import DEFAULT_LIST_LIMIT, KeyInfo, KeyPage, KeyState, key_not
 from . import keyfile
 from .key_objects import KeyObjects, open_sealed
 from .key_rules import (
+    IDEMPOTENCY_TTL,
     KEY_COLUMNS,
+    IdempotencyClaim,
     build_info,
     check_delay,
     check_key_id,
@@ -35,6 +38,8 @@ from .key_rules import (
     check_schedulable,
     check_version,
     choose_algorithm,
+    idempotency_claim,
+    replay_target,
     require_usable,
     transition,
 )
@@ -122,27 +127,74 @@ class TenantKeys(KeyObjects):
 
     def create(
         self, *, algorithm: str | None = None, kind: str | None = None, mode: str | None = None,
-        label: str | None = None,
+        label: str | None = None, idempotency_key: str | None = None,
     ) -> KeyInfo:
         alg = choose_algorithm(algorithm, kind, mode)
         label = check_label(label)
+        claim = idempotency_claim(idempotency_key, "create_key", algorithm=alg.name, label=label)
         store = self._store
+        if claim is not None:
+            with mapped_errors("reading an idempotency record"):
+                earlier = self._recorded(claim, store.clock())
+            if earlier is not None:
+                return self._replay(*earlier)
         key_id = new_key_id()
         public, rel, priv = self._write_version(key_id, 1, alg)
         now = store.clock()
         try:
             with mapped_errors("creating a key"), store._transaction():
-                store._db.execute(
-                    "INSERT INTO keys (tenant_id, key_id, kind, algorithm, label, state, latest_version, "
-                    "created_at, updated_at) VALUES (?, ?, ?, ?, ?, 'enabled', 1, ?, ?)",
-                    (self._tenant, key_id, alg.kind.value, alg.name, label, now, now),
-                )
-                self._insert_version(key_id, 1, alg, public, rel, now)
+                # another worker may have committed this idempotency key since the read above;
+                # the write lock is held from here to the commit, so this read is the last word
+                earlier = None if claim is None else self._recorded(claim, now)
+                if earlier is None:
+                    store._db.execute(
+                        "INSERT INTO keys (tenant_id, key_id, kind, algorithm, label, state, latest_version, "
+                        "created_at, updated_at) VALUES (?, ?, ?, ?, ?, 'enabled', 1, ?, ?)",
+                        (self._tenant, key_id, alg.kind.value, alg.name, label, now, now),
+                    )
+                    self._insert_version(key_id, 1, alg, public, rel, now)
+                    if claim is not None:
+                        self._record(claim, key_id, 1, now)
         except BaseException:
             keyfile.remove_file(store.dir / rel)
             raise
+        if earlier is not None:
+            keyfile.remove_file(store.dir / rel)
+            return self._replay(*earlier)
         store._cache_put(store._private, (self._tenant, key_id, 1), priv)
         return self._info(self._row(key_id))
+
+    # ---- idempotency records (see key_rules) ----
+
+    def _recorded(self, claim: IdempotencyClaim, now: float) -> tuple[str, int] | None:
+        """The (key id, version) a live record of ``claim``'s idempotency key answers with, None
+        without one; 409 idempotency_key_reused when it recorded another request."""
+        row = self._store._db.execute(
+            "SELECT operation, fingerprint, key_id, version, created_at FROM idempotency_keys "
+            "WHERE tenant_id = ? AND key_hash = ?",
+            (self._tenant, claim.key_hash),
+        ).fetchone()
+        return replay_target(claim, row, now)
+
+    def _record(self, claim: IdempotencyClaim, key_id: str, version: int, now: float) -> None:
+        """Record ``claim`` (inside the transaction that writes ``key_id`` / ``version``),
+        taking over an expired record of the same idempotency key."""
+        db = self._store._db
+        db.execute(
+            "DELETE FROM idempotency_keys WHERE tenant_id = ? AND key_hash = ? AND created_at <= ?",
+            (self._tenant, claim.key_hash, now - IDEMPOTENCY_TTL),
+        )
+        db.execute(
+            "INSERT INTO idempotency_keys (tenant_id, key_hash, operation, fingerprint, key_id, version, "
+            "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (self._tenant, claim.key_hash, claim.operation, claim.fingerprint, key_id, version, now),
+        )
+
+    def _replay(self, key_id: str, version: int) -> KeyInfo:
+        """The answer to a repeated request: the recorded key, at the recorded version, as it is now."""
+        with mapped_errors("reading a key"):
+            info = self._info(self._lazy_destroy(key_id, self._row(key_id)), version)
+        return dataclasses.replace(info, replayed=True)
 
     def _insert_version(
         self, key_id: str, version: int, alg: Algorithm, public: bytes, rel: str, now: float
@@ -172,31 +224,43 @@ class TenantKeys(KeyObjects):
             infos = tuple(self._info(self._lazy_destroy(r[0], tuple(r))) for r in rows)
         return KeyPage(infos, rows[-1][0] if more and rows else None)
 
-    def rotate(self, key_id: str) -> KeyInfo:
+    def rotate(self, key_id: str, idempotency_key: str | None = None) -> KeyInfo:
         key_id = self._check_id(key_id)
+        claim = idempotency_claim(idempotency_key, "rotate_key", key_id=key_id)
         store = self._store
+        earlier: tuple[str, int] | None = None
         with mapped_errors("rotating a key"):
+            if claim is not None:
+                earlier = self._recorded(claim, store.clock())
+                if earlier is not None:
+                    return self._replay(*earlier)
             row = self._lazy_destroy(key_id, self._row(key_id))
             require_usable(key_id, row[4])
             alg = get_algorithm(row[2])
             # the write lock is held from reading latest_version to the commit: concurrent
             # rotations (other workers) serialise and never pick the same version number
             with store._transaction():
-                row = self._row(key_id)
-                require_usable(key_id, row[4])
-                version = row[5] + 1
-                public, rel, priv = self._write_version(key_id, version, alg)
-                try:
-                    now = store.clock()
-                    self._insert_version(key_id, version, alg, public, rel, now)
-                    store._db.execute(
-                        "UPDATE keys SET latest_version = ?, updated_at = ? "
-                        "WHERE tenant_id = ? AND key_id = ?",
-                        (version, now, self._tenant, key_id),
-                    )
-                except BaseException:
-                    keyfile.remove_file(store.dir / rel)
-                    raise
+                now = store.clock()
+                earlier = None if claim is None else self._recorded(claim, now)
+                if earlier is None:
+                    row = self._row(key_id)
+                    require_usable(key_id, row[4])
+                    version = row[5] + 1
+                    public, rel, priv = self._write_version(key_id, version, alg)
+                    try:
+                        self._insert_version(key_id, version, alg, public, rel, now)
+                        store._db.execute(
+                            "UPDATE keys SET latest_version = ?, updated_at = ? "
+                            "WHERE tenant_id = ? AND key_id = ?",
+                            (version, now, self._tenant, key_id),
+                        )
+                        if claim is not None:
+                            self._record(claim, key_id, version, now)
+                    except BaseException:
+                        keyfile.remove_file(store.dir / rel)
+                        raise
+        if earlier is not None:
+            return self._replay(*earlier)
         store._cache_put(store._private, (self._tenant, key_id, version), priv)
         return self._info(self._row(key_id))
 
