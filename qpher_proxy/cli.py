@@ -167,9 +167,14 @@ def _add_audit(sub: _Commands) -> None:
 
 
 def _add_kms(sub: _Commands) -> None:
-    """``kms rotate-kek``."""
-    p = sub.add_parser("kms", help="KMS administration (offline)")
+    """``kms serve``, ``kms rotate-kek``."""
+    p = sub.add_parser("kms", help="a KMS node of a remote KMS tier; KMS administration (offline)")
     ksub = p.add_subparsers(dest="kms_command", required=True, metavar="ACTION")
+    c = ksub.add_parser(
+        "serve", help="run this host as a KMS node: kms.workers workers behind PQ mutual TLS (kms_node:)",
+        description="Run a KMS node: the kms:, crypto:, storage: and kms_node: sections of the config; "
+                    "gateways with kms.mode remote connect to it. SIGHUP reloads its certificates.")
+    c.add_argument("-c", "--config", required=True, help="the node's config file (YAML)")
     c = ksub.add_parser("rotate-kek", help="re-wrap every key file under a new KEK (safe to re-run)")
     _add_config(c)
     c.add_argument("--new-kek-file", required=True, help="file with the new KEK (32 bytes, base64, 0600)")
@@ -289,6 +294,12 @@ def _dispatch(args: argparse.Namespace) -> int | None:
         from .audit.cli import main_verify
 
         return main_verify(args.files)
+    if cmd == "kms" and args.kms_command == "serve":
+        from .config import load_config
+        from .server.kms_node import run as run_node
+
+        # policy:, auth: and tls: belong to gateways; the node checks its own files as it loads them
+        return run_node(load_config(args.config, check_files=False))
     if cmd == "kms":
         from . import admin
 

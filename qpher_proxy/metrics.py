@@ -37,6 +37,7 @@ import os
 import re
 from bisect import bisect_left
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 __all__ = [
     "CONTENT_TYPE",
@@ -397,11 +398,44 @@ class Metrics:
         self.ratelimit_degraded = r.gauge(
             "qpher_ratelimit_degraded",
             "1 while the shared rate-limit backend is unreachable and the fallback decides, else 0.")
+        self.kms_endpoint_duration = r.histogram(
+            "qpher_kms_endpoint_duration_seconds",
+            "kms.mode remote: round-trip time of each answer, by KMS node (HOST:PORT as configured).",
+            ("endpoint",), buckets=KMS_DURATION_BUCKETS)
+        self.kms_endpoint_errors = r.counter(
+            "qpher_kms_endpoint_errors_total", "kms.mode remote: error answers, by KMS node and error code.",
+            ("endpoint", "code"))
+        self.kms_endpoint_in_flight = r.gauge(
+            "qpher_kms_endpoint_in_flight", "kms.mode remote: requests waiting for an answer, by KMS node.",
+            ("endpoint",))
+        self.kms_endpoint_connections = r.gauge(
+            "qpher_kms_endpoint_connections", "kms.mode remote: live TLS connections, by KMS node.",
+            ("endpoint",))
         self._limiter: object | None = None
+        self._kms_endpoints: list[Any] = []
 
     def watch_rate_limiter(self, limiter: object) -> None:
         """Read the limiter's ``backend_failures`` and ``degraded`` (Redis) at each scrape."""
         self._limiter = limiter if hasattr(limiter, "backend_failures") else None
+
+    def watch_kms_endpoints(self, endpoints: Sequence[Any]) -> None:
+        """kms.mode remote: each endpoint's answers feed the histogram and the error counter as
+        they come; its connections and requests in flight are read at each scrape."""
+        self._kms_endpoints = list(endpoints)
+        for ep in self._kms_endpoints:
+            duration = self.kms_endpoint_duration.labels(ep.name)
+            errors = self.kms_endpoint_errors
+            name = ep.name
+
+            def observe(op: str, seconds: float, code: str | None,
+                        duration: Any = duration, errors: Any = errors, name: str = name) -> None:
+                duration.observe(seconds)
+                if code is not None:
+                    errors.labels(name, code).inc()
+
+            ep.observe = observe
+            self.kms_endpoint_connections.labels(name).set(0.0)
+            self.kms_endpoint_in_flight.labels(name).set(0.0)
 
     def observe_request(self, route: str, status: int, seconds: float) -> None:
         """The per-request hot path: two dict lookups and two additions."""
@@ -416,4 +450,7 @@ class Metrics:
             if failures > seen:
                 self.ratelimit_backend_failures.inc(failures - seen)
             self.ratelimit_degraded.set(1.0 if getattr(lim, "degraded", False) else 0.0)
+        for ep in self._kms_endpoints:
+            self.kms_endpoint_connections.labels(ep.name).set(float(ep.connections))
+            self.kms_endpoint_in_flight.labels(ep.name).set(float(ep.in_flight))
         return self.registry.render()

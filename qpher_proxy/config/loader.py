@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -168,8 +169,36 @@ def _check(cfg: Config, ld: _Loader) -> None:
     if (cfg.upstream.client_cert is None) != (cfg.upstream.client_key is None):
         ld.fail("upstream.client_cert", "expected client_cert and client_key together")
     _check_scale_out(cfg, ld)
+    _check_kms_tier(cfg, ld)
 
 
+def _check_kms_tier(cfg: Config, ld: _Loader) -> None:
+    """kms.mode remote (the gateway side) and kms_node (a node): pairs together, URIs well formed."""
+    k = cfg.kms
+    for i, addr in enumerate(k.endpoints):
+        parse_listen(addr, ld, f"kms.endpoints[{i}]")
+    if k.mode == "remote":
+        if not k.endpoints:
+            ld.fail("kms.endpoints", 'expected at least one HOST:PORT when mode is "remote"')
+        for name in ("client_cert_file", "client_key_file", "ca_file"):
+            if getattr(k, name) is None:
+                ld.fail(f"kms.{name}", 'expected a file when mode is "remote"')
+    if (k.client_ecdsa_cert_file is None) != (k.client_ecdsa_key_file is None):
+        ld.fail("kms.client_ecdsa_cert_file",
+                "expected client_ecdsa_cert_file and client_ecdsa_key_file together")
+    n = cfg.kms_node
+    for i, addr in enumerate(n.listen):
+        parse_listen(addr, ld, f"kms_node.listen[{i}]")
+    if (n.cert_file is None) != (n.key_file is None):
+        ld.fail("kms_node.cert_file", "expected cert_file and key_file together")
+    if (n.ecdsa_cert_file is None) != (n.ecdsa_key_file is None):
+        ld.fail("kms_node.ecdsa_cert_file", "expected ecdsa_cert_file and ecdsa_key_file together")
+    for path, uri in (("kms.server_uri", k.server_uri), ("kms_node.client_uri", n.client_uri)):
+        if not _URI.fullmatch(uri):
+            ld.fail(path, f"expected a URI such as spiffe://qpher.internal/kms, got {_show(uri)}")
+
+
+_URI = re.compile(r"[a-z][a-z0-9+.-]*://[!-~]+")
 _ROLE_PREFIX_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_")
 
 

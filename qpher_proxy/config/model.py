@@ -97,6 +97,34 @@ class KMSConfig:
     restart_backoff_max: float = opt(10.0, min=0.1, max=600)
     user: str | None = opt("qpher-kms", doc="started as root: KMS workers run as this user")
     kek: KEKConfig = field(default_factory=KEKConfig)
+    # remote: no local workers; the gateway reaches KMS nodes (`qpher-proxy kms serve`) over PQ mTLS
+    mode: Literal["local", "remote"] = opt("local")
+    endpoints: tuple[str, ...] = opt((), doc="remote: HOST:PORT of each KMS node")
+    client_cert_file: str | None = opt(None, path=True, must_exist=True, doc="remote: ML-DSA-65 chain")
+    client_key_file: str | None = opt(None, path=True, must_exist=True)
+    client_ecdsa_cert_file: str | None = opt(None, path=True, must_exist=True, doc="transition chain")
+    client_ecdsa_key_file: str | None = opt(None, path=True, must_exist=True)
+    ca_file: str | None = opt(None, path=True, must_exist=True, doc="remote: the internal CA bundle")
+    server_uri: str = opt("spiffe://qpher.internal/kms", doc="SAN URI every KMS node must carry")
+    connections_per_endpoint: int = opt(2, min=1, max=64)
+    connect_timeout: float = opt(3.0, min=0.05, max=120)
+    health_interval: float = opt(2.0, min=0.05, max=3600)
+    reconnect_backoff_max: float = opt(5.0, min=0.05, max=600)
+
+
+@dataclass(frozen=True, slots=True)
+class KMSNodeConfig:
+    """``qpher-proxy kms serve``: this host as a KMS node behind PQ mutual TLS."""
+
+    listen: tuple[str, ...] = opt(("127.0.0.1:9443",))
+    cert_file: str | None = opt(None, path=True, must_exist=True, doc="ML-DSA-65 chain of the node")
+    key_file: str | None = opt(None, path=True, must_exist=True)
+    ecdsa_cert_file: str | None = opt(None, path=True, must_exist=True, doc="transition chain")
+    ecdsa_key_file: str | None = opt(None, path=True, must_exist=True)
+    client_ca: str | None = opt(None, path=True, must_exist=True, doc="the internal CA bundle")
+    client_uri: str = opt("spiffe://qpher.internal/gateway", doc="SAN URI a caller must carry")
+    handshake_timeout: float = opt(10.0, min=0.1, max=300)
+    max_connections: int = opt(1024, min=1, max=1_000_000)
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +216,7 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     crypto: CryptoConfig = field(default_factory=CryptoConfig)
     kms: KMSConfig = field(default_factory=KMSConfig)
+    kms_node: KMSNodeConfig = field(default_factory=KMSNodeConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     quotas: QuotaConfig = field(default_factory=QuotaConfig)

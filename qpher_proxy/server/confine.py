@@ -62,9 +62,12 @@ def gateway_grants(cfg: Config) -> list[Grant]:
             code += plan_grants([Grant(root, READ)], protected)
         except ConfigError:
             continue
-    t, u = cfg.tls, cfg.upstream
+    t, u, k = cfg.tls, cfg.upstream, cfg.kms
     files = [t.cert_file, t.key_file, t.mldsa_cert_file, t.mldsa_key_file, t.client_ca,
              u.ca_file, u.client_cert, u.client_key, cfg.auth.pepper_file, cfg.policy.dir]
+    if k.mode == "remote":  # the internal hop's client chains, reread on SIGHUP
+        files += [k.client_cert_file, k.client_key_file, k.client_ecdsa_cert_file, k.client_ecdsa_key_file,
+                  k.ca_file]
     own = [Grant(f, READ) for f in files if f]
     own += [Grant(os.path.dirname(os.path.abspath(cfg.audit.file)), READ_WRITE),
             Grant(os.path.dirname(os.path.abspath(cfg.auth.db)), READ_WRITE),

@@ -272,6 +272,9 @@ class SupervisedKMS:
                 kind = msg["t"]
                 if kind == "hello":
                     self.workers = int(msg["workers"])
+                    if self.workers == 0 and not started:  # kms.mode remote: the control plane only
+                        started = True
+                        task_status.started(self)
                 elif kind == "worker" and fd is not None:
                     self._attach(nursery, msg, fd)
                     if not started and self.client.live_workers >= self.workers > 0:
@@ -410,7 +413,8 @@ class _GatewaySlot:
         self.sup = sup
         self.index = index
         self.listeners = listeners
-        self.kms: KMSSupervisor = kms_supervisor(
+        # kms.mode remote: no local workers; the gateway connects to the KMS nodes itself
+        self.kms: KMSSupervisor | None = None if sup.cfg.kms.mode == "remote" else kms_supervisor(
             sup.cfg, on_restart=self._worker_restarted, python=sup.python, worker_user=sup.users.kms,
             handoff=self._handoff, kek_fd=kek_fd,
         )
@@ -466,9 +470,11 @@ class _GatewaySlot:
 
     async def _hello(self, control: trio.socket.SocketType) -> None:
         async with self.send_lock:
-            await send_message(control, {"t": "hello", "workers": self.kms.workers})
+            # the limiter table first: with no local workers the gateway starts at "hello"
             if self.sup.ratelimit_fd is not None:
                 await send_message(control, {"t": "ratelimit_fd"}, self.sup.ratelimit_fd)
+            workers = 0 if self.kms is None else self.kms.workers
+            await send_message(control, {"t": "hello", "workers": workers})
 
     async def run(self) -> int:
         """The gateway's life, restarts included; its exit code once it is to stay down."""
@@ -546,12 +552,14 @@ class _GatewaySlot:
             elif msg["t"] == "serving":
                 served.set()
             elif msg["t"] == "kill" and isinstance(msg.get("pid"), int):
-                self.kms.kill(msg["pid"])
+                if self.kms is not None:
+                    self.kms.kill(msg["pid"])
 
     def signal(self, signum: int) -> None:
         """Forward ``signum``; a stop with no process to stop ends the slot at once."""
         if signum != signal.SIGHUP:
-            self.kms.stopping = True  # the workers end with the gateway: no restarts
+            if self.kms is not None:
+                self.kms.stopping = True  # the workers end with the gateway: no restarts
         proc = self.proc
         if proc is not None and proc.returncode is None:
             proc.send_signal(signum)
@@ -564,7 +572,8 @@ class _GatewaySlot:
         code = 0
         with self.scope:
             async with trio.open_nursery() as nursery:
-                await nursery.start(self.kms.run)
+                if self.kms is not None:
+                    await nursery.start(self.kms.run)
                 code = await self.run()
                 nursery.cancel_scope.cancel()
         self.sup.gateway_ended(self.index, code)

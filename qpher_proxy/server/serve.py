@@ -37,6 +37,7 @@ from ..errors import ConfigError, QpherError
 from ..http import HTTPServer, SecurityHeaders
 from ..http._memory import tune_heap
 from ..http.transport import FastSocketListener
+from ..kms.client.remote import RemoteKMS
 from ..kms.launcher import KMSSupervisor
 from ..logs import configure_logging
 from ..metrics import Metrics
@@ -49,7 +50,7 @@ from ..upstream import UpstreamClient
 from .confine import Confinement
 from .gateway import Gateway, RateLimiter
 from .privsep import SupervisedKMS
-from .settings import http_limits, kms_supervisor, tls_settings, upstream_client
+from .settings import http_limits, kms_supervisor, remote_kms, tls_settings, upstream_client
 from .state import open_limiter, open_stores, run_background
 
 log = logging.getLogger("qpher.server")
@@ -108,16 +109,19 @@ async def serve(
     try:
         policy = _load_policy(cfg, audit)  # step 3
         supervisor = _kms_side(cfg, kms, metrics, audit)
+        control = kms  # privilege-separated: the supervisor's control socket (None in one process)
         api = CryptoAPI(supervisor.client, max_batch_items=cfg.api.max_batch_items,
                         backend_info=functools.partial(_backend_info, supervisor),
                         policy_revision=lambda: policy.revision)
         handshakes = _HandshakeMetrics(metrics)
         async with _upstream(cfg) as upstream, trio.open_nursery() as nursery:
-            await nursery.start(supervisor.run)  # step 4: every worker answers READY
+            if control is not None and supervisor is not control:  # kms.mode remote
+                await nursery.start(control.run)  # the supervisor's messages, no workers
+            await nursery.start(supervisor.run)  # step 4: every worker answers READY (remote: a node)
             authenticator = Authenticator(stores.store, ttl=cfg.auth.cache_ttl)
-            limiter = open_limiter(cfg, getattr(supervisor, "ratelimit_fd", None))
-            if isinstance(supervisor, SupervisedKMS):
-                supervisor.ratelimit_fd = None  # the shared table owns that descriptor now
+            limiter = open_limiter(cfg, None if control is None else control.ratelimit_fd)
+            if control is not None:
+                control.ratelimit_fd = None  # the shared table owns that descriptor now
             metrics.watch_rate_limiter(limiter)
             await run_background(nursery, cfg, stores, authenticator)
             gateway = Gateway(
@@ -126,7 +130,7 @@ async def serve(
                 upstream=upstream, pass_api_key=cfg.upstream.pass_api_key,
                 allow_path_params=cfg.upstream.allow_path_params,
             )
-            on_handoff, handover = _ticket_handover(cfg, supervisor, holder, handshakes)
+            on_handoff, handover = _ticket_handover(cfg, control, holder, handshakes)
             listeners: list[trio.abc.Listener[Any]] = [
                 TLSListener(FastSocketListener(ln), holder, on_handshake=handshakes.on_handshake,
                             on_handshake_error=handshakes.on_handshake_error, on_handoff=on_handoff)
@@ -136,7 +140,7 @@ async def serve(
                 listeners.append(handover)
             addresses = [tuple(ln.socket.getsockname()[:2]) for ln in raw_listeners]
             server = _http_server(cfg, gateway)
-            reload = _reloader(holder, policy)
+            reload = _reloader(holder, policy, supervisor if isinstance(supervisor, RemoteKMS) else None)
             running = Running(addresses, gateway, server, supervisor, holder, reload)  # type: ignore[arg-type]
             nursery.start_soon(policy.run, cfg.policy.reload_interval)
             nursery.start_soon(_summarise_handshake_failures, handshakes.failures)
@@ -145,8 +149,8 @@ async def serve(
             await nursery.start(server.serve, listeners)  # step 5
             _log_serving(addresses, supervisor, upstream is not None)
             task_status.started(running)
-            if isinstance(supervisor, SupervisedKMS):
-                await supervisor.tell({"t": "serving"})
+            if control is not None:
+                await control.tell({"t": "serving"})
             # server.serve returns after a graceful shutdown; then stop everything else.
             await _wait_for_shutdown(server)
             nursery.cancel_scope.cancel()
@@ -197,7 +201,7 @@ def _load_policy(cfg: Config, audit: AuditLog) -> PolicyEngine:
 
 def _kms_side(
     cfg: Config, kms: SupervisedKMS | None, metrics: Metrics, audit: AuditLog
-) -> KMSSupervisor | SupervisedKMS:
+) -> KMSSupervisor | SupervisedKMS | RemoteKMS:
     """The KMS workers' supervisor, not yet started: ``kms`` (run by the privilege-separated
     supervisor process) wired to this process's metrics and audit log, or workers of our own."""
 
@@ -211,6 +215,10 @@ def _kms_side(
     def on_op(op: str, seconds: float, error: str | None) -> None:
         metrics.kms_op_duration.labels(op).observe(seconds)
 
+    if cfg.kms.mode == "remote":
+        remote = remote_kms(cfg, on_op=on_op)
+        metrics.watch_kms_endpoints(remote.stats)
+        return remote
     if kms is None:
         return kms_supervisor(cfg, on_restart=on_restart, on_op=on_op)
     kms.client.request_timeout = cfg.kms.request_timeout
@@ -219,7 +227,7 @@ def _kms_side(
     return kms
 
 
-def _backend_info(supervisor: KMSSupervisor | SupervisedKMS) -> dict[str, Any]:
+def _backend_info(supervisor: KMSSupervisor | SupervisedKMS | RemoteKMS) -> dict[str, Any]:
     """The crypto backend's name and library versions, as the first KMS worker reported them."""
     facts = next(iter(supervisor.info.values()), {})
     versions = facts.get("versions")
@@ -249,13 +257,13 @@ class _HandshakeMetrics:
 
 
 def _ticket_handover(
-    cfg: Config, supervisor: KMSSupervisor | SupervisedKMS, holder: ServerTLSContextHolder,
+    cfg: Config, supervisor: SupervisedKMS | None, holder: ServerTLSContextHolder,
     handshakes: _HandshakeMetrics,
 ) -> tuple[HandOffCallback | None, HandOverListener | None]:
     """``server.workers`` > 1 with TLS session tickets: announce our ticket keys through the
     supervisor, learn the other gateways' keys, hand a client whose ticket another gateway
     issued over to it, and accept the clients handed to us (privsep.py, tls/context.py)."""
-    if not isinstance(supervisor, SupervisedKMS) or cfg.server.workers < 2:
+    if supervisor is None or cfg.server.workers < 2:
         return None, None
     if not holder.settings.session_tickets:
         return None, None
@@ -280,8 +288,11 @@ def _http_server(cfg: Config, gateway: Gateway) -> HTTPServer:
                       security_headers=SecurityHeaders(hsts_max_age=cfg.http.hsts_max_age))
 
 
-def _reloader(holder: ServerTLSContextHolder, policy: PolicyEngine) -> Callable[[], Awaitable[None]]:
-    """SIGHUP's action: new TLS certificates (a bad set keeps the current one), then the policy."""
+def _reloader(
+    holder: ServerTLSContextHolder, policy: PolicyEngine, remote: RemoteKMS | None = None
+) -> Callable[[], Awaitable[None]]:
+    """SIGHUP's action: new TLS certificates (a bad set keeps the current one), the KMS client
+    certificates (kms.mode remote: for new connections), then the policy."""
 
     async def reload() -> None:
         try:
@@ -289,13 +300,19 @@ def _reloader(holder: ServerTLSContextHolder, policy: PolicyEngine) -> Callable[
             log.info("TLS certificates reloaded")
         except QpherError as exc:
             log.error("TLS reload rejected, keeping the current certificates: %s", exc.message)
+        if remote is not None:
+            try:
+                remote.reload()
+                log.info("KMS client certificates reloaded")
+            except QpherError as exc:
+                log.error("KMS client certificate reload rejected, keeping the current ones: %s", exc.message)
         await policy.areload()
 
     return reload
 
 
 def _log_serving(
-    addresses: list[tuple[str, int]], supervisor: KMSSupervisor | SupervisedKMS, upstream: bool
+    addresses: list[tuple[str, int]], supervisor: KMSSupervisor | SupervisedKMS | RemoteKMS, upstream: bool
 ) -> None:
     log.info("serving", extra={"fields": {
         "listen": [f"{h}:{p}" for h, p in addresses], "kms_workers": supervisor.workers,

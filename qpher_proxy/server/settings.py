@@ -20,14 +20,16 @@ from ..config import Config
 from ..config.model import KEKConfig, TLSConfig, UpstreamConfig
 from ..http import HTTPLimits
 from ..kms.client import OpHook
+from ..kms.client.remote import RemoteKMS
 from ..kms.launcher import HandoffHook, KMSSupervisor
 from ..kms.launcher.supervisor import RestartHook
 from ..kms.wire.model import KEKSettings, KMSStorageSettings
 from ..sandbox import RunAs
 from ..tls.context import TLSSettings
+from ..tls.internal import InternalTLSContextHolder, InternalTLSSettings
 from ..upstream import UpstreamClient
 
-__all__ = ["http_limits", "kek_settings", "kms_supervisor", "kms_worker_count", "tls_settings",
+__all__ = ["http_limits", "kek_settings", "kms_supervisor", "kms_worker_count", "remote_kms", "tls_settings",
            "upstream_client"]
 
 
@@ -95,6 +97,26 @@ def kms_supervisor(
         restart_backoff_max=k.restart_backoff_max, max_batch=max(cfg.api.max_batch_items, 1),
         on_restart=on_restart, on_op=on_op, python=python, worker_user=worker_user, handoff=handoff,
         kek_fd=kek_fd, storage=storage,
+    )
+
+
+def remote_kms(cfg: Config, *, on_op: OpHook | None = None) -> RemoteKMS:
+    """``kms.mode: remote``: the KMS nodes of ``kms.endpoints`` over PQ mutual TLS. The client
+    certificate and key are read here, before the gateway confines itself."""
+    from ..config.loader import parse_listen
+
+    k = cfg.kms
+    assert k.client_cert_file and k.client_key_file and k.ca_file  # the config loader requires them
+    tls = InternalTLSContextHolder.for_client(InternalTLSSettings(
+        cert_file=Path(k.client_cert_file), key_file=Path(k.client_key_file), ca_file=Path(k.ca_file),
+        peer_uri=k.server_uri, ecdsa_cert_file=_optional_path(k.client_ecdsa_cert_file),
+        ecdsa_key_file=_optional_path(k.client_ecdsa_key_file), handshake_timeout=k.connect_timeout,
+    ))
+    endpoints = [parse_listen(e, None, f"kms.endpoints[{i}]") for i, e in enumerate(k.endpoints)]
+    return RemoteKMS(
+        endpoints, tls, connections_per_endpoint=k.connections_per_endpoint,
+        connect_timeout=k.connect_timeout, health_interval=k.health_interval,
+        reconnect_backoff_max=k.reconnect_backoff_max, request_timeout=k.request_timeout, on_op=on_op,
     )
 
 

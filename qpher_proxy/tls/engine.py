@@ -528,6 +528,15 @@ class TLSEngine:
         """The peer's (verified, when verification is on) leaf certificate, if it sent one."""
         return self._connection().get_peer_certificate(as_cryptography=True)
 
+    def export_keying_material(self, label: bytes, length: int, context: bytes | None = None) -> bytes:
+        """RFC 8446 7.5 / RFC 5705 exporter (after the handshake): a secret both ends derive alike
+        and nobody else can, bound to this connection."""
+        return self._connection().export_keying_material(label, length, context)
+
+    def ssl_connection(self) -> SSL.Connection:
+        """The OpenSSL connection, once it exists."""
+        return self._connection()
+
     def _connection(self) -> SSL.Connection:
         conn = self._conn
         if conn is None:

@@ -252,6 +252,17 @@ class TLSStream(trio.abc.HalfCloseableStream):
             return None
         return self._engine.peer_certificate()
 
+    def export_keying_material(self, label: bytes, length: int, context: bytes | None = None) -> bytes:
+        """The TLS exporter of this connection (after the handshake); see ``TLSEngine``."""
+        if self._engine.info is None:
+            raise RuntimeError("the handshake has not completed")
+        return self._engine.export_keying_material(label, length, context)
+
+    def ssl_connection(self) -> SSL.Connection:
+        """The OpenSSL connection, for checks such as the peer's identity (RuntimeError before a
+        server with a context selector has seen the ClientHello)."""
+        return self._engine.ssl_connection()
+
     # ---- plumbing ---------------------------------------------------------------------------
 
     def _check_state(self) -> None:
