@@ -11,6 +11,7 @@ from .handlers import (
     HPKE_AEAD_ID,
     HPKE_INFO,
     HPKE_KDF_ID,
+    APIAnswer,
     CryptoAPI,
     KMSLike,
     ParsedRequest,
@@ -19,6 +20,6 @@ from .handlers import (
 from .routes import ROUTES, Route, RouteMethodNotAllowed, resolve
 
 __all__ = [
-    "CryptoAPI", "ParsedRequest", "KMSLike", "key_json", "Route", "ROUTES", "resolve",
+    "APIAnswer", "CryptoAPI", "ParsedRequest", "KMSLike", "key_json", "Route", "ROUTES", "resolve",
     "RouteMethodNotAllowed", "DEFAULT_MAX_BATCH_ITEMS", "HPKE_INFO", "HPKE_KDF_ID", "HPKE_AEAD_ID",
 ]

@@ -7,9 +7,20 @@ Two steps, so that the pipeline can decide on policy between them:
    ``ParsedRequest.key_ids()`` and its ``fields`` tell the policy what the request is about
    (the keys it names; the algorithm and label of a key being created) without a KMS call,
    and ``ParsedRequest.cost`` how many quota units it uses (the item count of a batch).
-2. ``CryptoAPI.handle(parsed, ctx) -> (status, json_object)`` performs it through the KMS.
+2. ``CryptoAPI.handle(parsed, ctx) -> (status, json_object)`` performs it through the KMS
+   (``CryptoAPI.respond`` gives the same as an :class:`APIAnswer` with response headers).
    Errors are ``QpherError``s: 4xx for the client's mistakes (``key_not_found``,
    ``invalid_ciphertext``, ``decryption_failed``, ...), 5xx when the KMS is unavailable.
+
+Idempotency keys. ``POST /v1/keys`` and ``POST /v1/keys/{key_id}/rotate`` take an optional
+``Idempotency-Key`` header (``parse(..., idempotency_key=<its values>)``), passed to the KMS,
+which records it with the key or version it creates in one transaction. A repeated request
+with the same key and the same arguments is answered with the first one's key and version,
+the first one's status and ``Idempotent-Replayed: true``, and creates nothing; the same key
+with other arguments is 409 ``idempotency_key_reused``, and one whose first request another
+KMS node has not finished yet 409 ``idempotency_key_in_progress`` with ``Retry-After``. So a
+client whose request failed with 503 ``kms_unavailable`` (a KMS connection lost) retries it
+with the same key and gets exactly one key.
 
 Nothing here touches HTTP: the server turns ``(status, obj)`` into a JSON response and a
 ``QpherError`` into ``{"error": {...}}``. Nothing here sees a private key: the KMS answers with
@@ -31,9 +42,10 @@ from __future__ import annotations
 
 import base64
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from .. import __version__
 from ..context import TenantContext
@@ -46,23 +58,32 @@ from ..crypto.algorithms import (
     Algorithm,
     Kind,
 )
-from ..errors import BatchTooLarge, InvalidInput, QpherError
+from ..errors import (
+    BatchTooLarge,
+    IdempotencyKeyInProgress,
+    IdempotencyKeyReused,
+    InvalidInput,
+    QpherError,
+)
 from ..http.messages import Base64Text
 from .routes import Route
 from .validation import (
     DEFAULT_ALGORITHMS,
+    IDEMPOTENT_OPERATIONS,
     NO_BODY_OPERATIONS,
     REQUEST_FIELDS,
     check_key_id,
     json_type,
     load_object,
     parse_fields,
+    parse_idempotency_key,
     parse_list_query,
     parse_version_query,
 )
 
 __all__ = [
-    "CryptoAPI", "ParsedRequest", "KMSLike", "HPKE_KDF_ID", "HPKE_AEAD_ID", "HPKE_INFO",
+    "APIAnswer", "CryptoAPI", "ParsedRequest", "KMSLike", "REPLAYED_HEADER", "HPKE_KDF_ID", "HPKE_AEAD_ID",
+    "HPKE_INFO",
     "DEFAULT_MAX_BATCH_ITEMS", "key_json",
 ]
 
@@ -76,10 +97,12 @@ class KMSLike(Protocol):
     """What the handlers need of :class:`qpher_proxy.kms.client.KMSClient` (same signatures)."""
 
     async def create_key(self, ctx: TenantContext, algorithm: str | None = None, kind: str | None = None,
-                         label: str | None = None, mode: str | None = None) -> Any: ...
+                         label: str | None = None, mode: str | None = None, *,
+                         idempotency_key: str | None = None) -> Any: ...
     async def get_key(self, ctx: TenantContext, key_id: str, version: int | None = None) -> Any: ...
     async def list_keys(self, ctx: TenantContext, limit: int = ..., cursor: str | None = None) -> Any: ...
-    async def rotate_key(self, ctx: TenantContext, key_id: str) -> Any: ...
+    async def rotate_key(self, ctx: TenantContext, key_id: str, *,
+                         idempotency_key: str | None = None) -> Any: ...
     async def disable_key(self, ctx: TenantContext, key_id: str) -> Any: ...
     async def enable_key(self, ctx: TenantContext, key_id: str) -> Any: ...
     async def schedule_destroy(self, ctx: TenantContext, key_id: str, delay: float | None = None) -> Any: ...
@@ -148,6 +171,7 @@ class ParsedRequest:
     route: Route
     fields: Mapping[str, Any] = field(default_factory=dict)
     items: tuple[Mapping[str, Any] | QpherError, ...] = ()
+    idempotency_key: str | None = None  # the client's Idempotency-Key (key creation and rotation)
 
     @property
     def cost(self) -> int:
@@ -163,6 +187,22 @@ class ParsedRequest:
 
     def __repr__(self) -> str:  # fields hold plaintexts and messages: never in a repr
         return f"ParsedRequest(route={self.route.name!r}, items={len(self.items)})"
+
+
+REPLAYED_HEADER = (b"idempotent-replayed", b"true")
+
+
+class APIAnswer(NamedTuple):
+    """What ``CryptoAPI.respond`` answers: the status, the JSON object and response headers."""
+
+    status: int
+    body: dict[str, Any]
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+
+    @property
+    def replayed(self) -> bool:
+        """Whether this repeats the answer to an earlier request with the same idempotency key."""
+        return REPLAYED_HEADER in self.headers
 
 
 # ---- the API --------------------------------------------------------------------------
@@ -199,8 +239,26 @@ class CryptoAPI:
         body: bytes,
         path_params: Mapping[str, str] | None = None,
         query: str | Mapping[str, Any] | None = None,
+        *,
+        idempotency_key: Sequence[bytes] = (),
     ) -> ParsedRequest:
-        """Validate a request for ``route``; raises a 4xx ``QpherError``."""
+        """Validate a request for ``route``; raises a 4xx ``QpherError``. ``idempotency_key``:
+        the values of the request's ``Idempotency-Key`` header (read by key creation and
+        rotation only)."""
+        parsed = self._parse(route, body, path_params, query)
+        if route.operation in IDEMPOTENT_OPERATIONS:
+            key = parse_idempotency_key(idempotency_key)
+            if key is not None:
+                return ParsedRequest(route, parsed.fields, parsed.items, key)
+        return parsed
+
+    def _parse(
+        self,
+        route: Route,
+        body: bytes,
+        path_params: Mapping[str, str] | None,
+        query: str | Mapping[str, Any] | None,
+    ) -> ParsedRequest:
         op = route.operation
         params = path_params or {}
         if route.batch:
@@ -266,22 +324,44 @@ class CryptoAPI:
         tls_group: str | None = None,
     ) -> tuple[int, dict[str, Any]]:
         """Perform a parsed request; returns ``(status, json_object)``."""
+        answer = await self.respond(parsed, ctx, tls_version=tls_version, tls_group=tls_group)
+        return answer.status, answer.body
+
+    async def respond(
+        self,
+        parsed: ParsedRequest,
+        ctx: TenantContext,
+        *,
+        tls_version: str | None = None,
+        tls_group: str | None = None,
+    ) -> APIAnswer:
+        """Perform a parsed request; the answer carries ``Idempotent-Replayed: true`` when it
+        repeats an earlier request's (same idempotency key, same arguments)."""
         route = parsed.route
         op = route.operation
         f = parsed.fields
         kms = self.kms
         if route.batch:
-            return route.status, await self._batch(op.removesuffix(".batch"), ctx, parsed.items)
+            return APIAnswer(route.status, await self._batch(op.removesuffix(".batch"), ctx, parsed.items))
         if op in _KMS_OP:
-            return route.status, await self._crypto(op, ctx, f)
+            return APIAnswer(route.status, await self._crypto(op, ctx, f))
         if op == "keys.create":
-            info = await kms.create_key(ctx, algorithm=f["algorithm"], label=f.get("label"))
+            with _idempotency_errors():
+                if parsed.idempotency_key is None:
+                    info = await kms.create_key(ctx, algorithm=f["algorithm"], label=f.get("label"))
+                else:
+                    info = await kms.create_key(ctx, algorithm=f["algorithm"], label=f.get("label"),
+                                                idempotency_key=parsed.idempotency_key)
         elif op == "keys.list":
-            return route.status, await self._list(ctx, f["limit"], f["cursor"])
+            return APIAnswer(route.status, await self._list(ctx, f["limit"], f["cursor"]))
         elif op == "keys.read":
             info = await kms.get_key(ctx, f["key_id"], version=f["version"])
         elif op == "keys.rotate":
-            info = await kms.rotate_key(ctx, f["key_id"])
+            with _idempotency_errors():
+                if parsed.idempotency_key is None:
+                    info = await kms.rotate_key(ctx, f["key_id"])
+                else:
+                    info = await kms.rotate_key(ctx, f["key_id"], idempotency_key=parsed.idempotency_key)
         elif op == "keys.disable":
             info = await kms.disable_key(ctx, f["key_id"])
         elif op == "keys.enable":
@@ -291,10 +371,12 @@ class CryptoAPI:
         elif op == "keys.cancel_destroy":
             info = await kms.cancel_destroy(ctx, f["key_id"])
         elif op == "info":
-            return route.status, self.info(tls_version=tls_version, tls_group=tls_group)
+            return APIAnswer(route.status, self.info(tls_version=tls_version, tls_group=tls_group))
         else:
             raise QpherError(f"route {route.name!r} is not served by the crypto API")
-        return route.status, key_json(info)
+        if getattr(info, "replayed", False) is True:
+            return APIAnswer(route.status, key_json(info), (REPLAYED_HEADER,))
+        return APIAnswer(route.status, key_json(info))
 
     # -- operations ---------------------------------------------------------------------
 
@@ -383,6 +465,21 @@ class CryptoAPI:
             "limits": {"max_batch_items": self.max_batch_items, "max_context_bytes": MAX_CONTEXT_BYTES},
             "policy": {"revision": self._policy_revision() if self._policy_revision is not None else None},
         }
+
+
+@contextmanager
+def _idempotency_errors() -> Iterator[None]:
+    """The KMS's idempotency refusals as their classes here: the KMS client rebuilds an error it
+    does not know as a plain ``QpherError``, and ``idempotency_key_in_progress`` needs its
+    ``Retry-After``."""
+    try:
+        yield
+    except QpherError as exc:
+        if type(exc) is QpherError and exc.code == IdempotencyKeyInProgress.code:
+            raise IdempotencyKeyInProgress(exc.message) from exc
+        if type(exc) is QpherError and exc.code == IdempotencyKeyReused.code:
+            raise IdempotencyKeyReused(exc.message) from exc
+        raise
 
 
 def _algorithm_json(a: Algorithm) -> dict[str, Any]:

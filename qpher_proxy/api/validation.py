@@ -20,7 +20,9 @@ for each schema and ``tests/api`` checks against it:
   version of ``3.0`` is 3;
 * key ids that cannot be ours are ``key_not_found`` (404) without asking the KMS, exactly what
   an unknown or another tenant's id answers, so the format check reveals nothing;
-* a signature context longer than 255 bytes (FIPS 204 §5.2) is ``invalid_context``.
+* a signature context longer than 255 bytes (FIPS 204 §5.2) is ``invalid_context``;
+* an ``Idempotency-Key`` header (key creation and rotation only) is one header of 1..255
+  visible ASCII characters, else ``invalid_idempotency_key``; its value is never echoed.
 
 Messages name the field (``items[3].ciphertext``) and the expected type; they never echo a
 value other than an identifier (a truncated algorithm name or key id), so no plaintext or
@@ -34,7 +36,7 @@ import enum
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,15 +50,26 @@ from ..crypto.algorithms import (
     Mode,
     get_algorithm,
 )
-from ..errors import InvalidBase64, InvalidContext, InvalidInput, InvalidJSON
-from ..kms.wire.model import DEFAULT_LIST_LIMIT, KEY_ID_RE, MAX_LIST_LIMIT, key_not_found
+from ..errors import InvalidBase64, InvalidContext, InvalidIdempotencyKey, InvalidInput, InvalidJSON
+from ..kms.wire.model import (
+    DEFAULT_LIST_LIMIT,
+    IDEMPOTENCY_KEY_RE,
+    KEY_ID_RE,
+    MAX_IDEMPOTENCY_KEY_CHARS,
+    MAX_LIST_LIMIT,
+    key_not_found,
+)
 
 __all__ = [
     "FieldType", "Field", "REQUEST_FIELDS", "NO_BODY_OPERATIONS", "DEFAULT_ALGORITHMS",
     "load_json", "load_object", "parse_fields", "decode_b64", "check_key_id", "parse_query",
     "parse_list_query", "parse_version_query", "KEY_ID_PATTERN", "LABEL_PATTERN",
     "MAX_KEY_VERSION", "MAX_LIST_LIMIT", "DEFAULT_LIST_LIMIT", "MAX_REASON_CHARS", "REASON_PATTERN",
+    "IDEMPOTENT_OPERATIONS", "parse_idempotency_key",
 ]
+
+# The API operations that honour an Idempotency-Key header; every other route ignores it.
+IDEMPOTENT_OPERATIONS = frozenset({"keys.create", "keys.rotate"})
 
 # Key ids are minted by the KMS (random, 130 bits); anything outside this shape cannot be one.
 KEY_ID_PATTERN = KEY_ID_RE.pattern.removesuffix(r"\Z")
@@ -392,3 +405,20 @@ DEFAULT_ALGORITHMS: dict[tuple[str, str], str] = {
     ("signature", "hybrid"): HYBRID_SIGNATURE,
 }
 
+
+
+def parse_idempotency_key(values: Sequence[bytes]) -> str | None:
+    """The ``Idempotency-Key`` of a request from its header values: None without the header, the
+    key for exactly one value of 1..255 visible ASCII characters, else 400
+    ``invalid_idempotency_key`` (two values: two servers could pick different ones)."""
+    if not values:
+        return None
+    if len(values) > 1:
+        raise InvalidIdempotencyKey("give one Idempotency-Key header, not several")
+    raw = values[0]
+    text = raw.decode("ascii") if raw.isascii() else ""
+    if IDEMPOTENCY_KEY_RE.match(text) is None:
+        raise InvalidIdempotencyKey(
+            f"Idempotency-Key must be 1..{MAX_IDEMPOTENCY_KEY_CHARS} visible ASCII characters"
+        )
+    return text

@@ -38,6 +38,7 @@ from types import MappingProxyType
 from typing import Any, Protocol
 
 from ..api import CryptoAPI, ParsedRequest, Route, RouteMethodNotAllowed, resolve
+from ..api.validation import IDEMPOTENT_OPERATIONS
 from ..audit import AuditLog
 from ..auth.apikeys import APIKeyRecord, Authenticator
 from ..auth.headers import extract_api_key, redact_target
@@ -78,6 +79,7 @@ _JSON = (b"content-type", b"application/json")
 _NO_META: list[tuple[str | None, str | None]] = [(None, None)]  # never mutated
 _NO_USAGE: Mapping[str, int] = MappingProxyType({})
 _HEALTH_BODY = b'{"status":"ok"}'
+_IDEMPOTENCY_KEY = b"idempotency-key"  # read by key creation and rotation (api.validation)
 _KEY_META_CACHE = 100_000  # (tenant, key id) -> (algorithm, label); metadata only, never key bytes
 _FORWARD_MAX_BODY = 1 << 62  # sidecar bodies are streamed, not limited (nginx: client_max_body_size 0)
 _LIFECYCLE_EVENTS = {
@@ -278,6 +280,10 @@ class Gateway:
         """The validated request (4xx on bad input). Routes without fields still take an empty
         body or {} (anything else is refused by parse); GET bodies are never read."""
         body = await req.read_body() if route.method != "GET" or route.has_body else b""
+        if route.operation in IDEMPOTENT_OPERATIONS:
+            return self.api.parse(
+                route, body, params, req.query, idempotency_key=req.header_values(_IDEMPOTENCY_KEY)
+            )
         return self.api.parse(route, body, params, req.query)
 
     def _authorize(
@@ -338,12 +344,12 @@ class Gateway:
             self._authorize(req, record, operation, algorithm, label)
         self._count(record, route.quota, parsed.cost)
         tls = req.tls
-        status, obj = await self.api.handle(
+        answer = await self.api.respond(
             parsed, ctx, tls_version=tls.version if tls is not None else None,
             tls_group=tls.group if tls is not None else None,
         )
-        self._audit_lifecycle(req, record, operation, obj)
-        return Response.json(status, obj)
+        self._audit_lifecycle(req, record, operation, answer.body, replayed=answer.replayed)
+        return Response.json(answer.status, answer.body, answer.headers)
 
     async def _subjects(
         self, ctx: TenantContext, operation: str, parsed: ParsedRequest
@@ -357,15 +363,18 @@ class Gateway:
         return await self._key_metas(ctx, key_ids) if key_ids else _NO_META
 
     def _audit_lifecycle(
-        self, req: Request, record: APIKeyRecord, operation: str, obj: dict[str, Any]
+        self, req: Request, record: APIKeyRecord, operation: str, obj: dict[str, Any], *,
+        replayed: bool = False,
     ) -> None:
-        """A key lifecycle event for the operations that change a key."""
+        """A key lifecycle event for the operations that change a key; ``idempotent_replay``
+        when the answer repeats an earlier request's (nothing changed this time)."""
         event = _LIFECYCLE_EVENTS.get(operation)
         if event is None:
             return
+        extra: dict[str, Any] = {"idempotent_replay": True} if replayed else {}
         self.audit.record(event, "info", request_id=req.request_id, tenant=record.tenant,
                           api_key_id=record.key_id, key_id=obj.get("key_id"),
-                          algorithm=obj.get("algorithm"), version=obj.get("version"))
+                          algorithm=obj.get("algorithm"), version=obj.get("version"), **extra)
         if operation == "keys.create" and isinstance(obj.get("key_id"), str):
             self._remember_key(record.tenant, obj["key_id"], obj.get("algorithm"), obj.get("label"))
 
