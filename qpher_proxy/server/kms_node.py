@@ -331,7 +331,8 @@ async def _signals(tls: InternalTLSContextHolder) -> None:
                     tls.reload()
                     log.info("SIGHUP: KMS node certificates reloaded")
                 except QpherError as exc:
-                    log.error("TLS reload rejected, keeping the current certificates: %s", exc.message)
+                    log.error("TLS reload rejected, keeping the current certificates",
+                              extra={"fields": {"reason": exc.message}})
                 continue
             log.info("%s: graceful shutdown", signal.Signals(signum).name)
             return
