@@ -15,8 +15,9 @@ row-level security):
   transaction (``Database.transaction(tenant=...)``). The roles are neither owner nor
   ``BYPASSRLS``. The two reads that cannot know the tenant in advance are ``SECURITY DEFINER``
   functions returning exactly what they must: ``<p>_api_key_lookup(key_id)`` (authentication
-  derives the tenant *from* the key) and ``<p>_kms_due(now)`` / ``<p>_kms_sample_version()``
-  (the KMS's cross-tenant sweep and KEK check, which answer no request);
+  derives the tenant *from* the key) and ``<p>_kms_due(now)`` / ``<p>_kms_sample_version()`` /
+  ``<p>_kms_idempotency_expire(before)`` (the KMS's cross-tenant sweeps and KEK check, which
+  answer no request);
 * the **gateway role has no privilege at all on the KMS tables** and the **KMS role none on
   the API keys** (the process boundary, enforced again by the database);
 * key state is monotonic: a trigger refuses to bring a destroyed key or version back, and no

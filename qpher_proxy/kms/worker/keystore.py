@@ -44,6 +44,12 @@ The order of every write is: key file first (atomic, fsynced), then the metadata
 Destruction reverses the order: the commit marks the key ``destroyed`` and drops the file
 handles, then the files are unlinked; a crash in between leaves orphans for the sweep.
 
+An idempotency record (``idempotency_keys``, see ``key_rules``) is inserted in the metadata
+commit of the key or version it names, so neither exists without the other. The record is
+looked up before the key is generated (a repeat costs no key generation) and again inside the
+``BEGIN IMMEDIATE`` transaction: another worker that committed the same idempotency key in
+between is seen there, and this worker's key file becomes an orphan it removes at once.
+
 Several workers (processes) share the store: SQLite serialises writers (WAL, busy timeout);
 each worker holds a *shared* ``flock`` on ``lock`` for its lifetime. A worker that obtains the
 lock *exclusively* at start is the only one running, and only then sweeps orphan files (a
