@@ -34,6 +34,7 @@ BENCHMARKS = {
     "gateway": "the whole gateway over TLS, and nginx beside it when installed",
     "scaleout": "sign/encapsulate on SQLite vs PostgreSQL + Redis vs 2 processes; cross-node rate limit",
     "shared-limiter": "rate-limit checks: per-process buckets vs the host-wide shared table",
+    "kms-tier": "sign/encapsulate: local KMS socketpair vs a remote KMS node over PQ mTLS; its handshakes/s",
 }
 
 

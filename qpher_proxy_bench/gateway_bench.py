@@ -137,6 +137,21 @@ def raise_plan_limits(policy_dir: Path, plan: str, rate: int = GENEROUS_RATE) ->
     return False
 
 
+def stop_process(proc: subprocess.Popen[bytes]) -> bool:
+    """SIGTERM a child started in its own session, then SIGKILL its session after
+    ``STOP_TIMEOUT``. True if it stopped on SIGTERM (or had already exited)."""
+    if proc.poll() is not None:
+        return True
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(STOP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return False
+    return True
+
+
 @dataclass
 class GatewayProcess:
     """``qpher-proxy init`` + ``serve`` in a temporary directory, for the length of a ``with``."""
@@ -285,15 +300,8 @@ class GatewayProcess:
 
     def stop(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is not None:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(STOP_TIMEOUT)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
-                    self.notes.append("qpher-proxy serve did not stop on SIGTERM: killed")
+        if proc is not None and not stop_process(proc):
+            self.notes.append("qpher-proxy serve did not stop on SIGTERM: killed")
         if self._log is not None:
             self._log.close()
             self._log = None
@@ -557,7 +565,10 @@ class Settings:
     profiled_ops: int = 0  # completions measured while the gateway's profiler was on
 
 
-def _measure(lg: LoadGenerator, spec: LoadSpec, pids: list[int], row: Row, st: Settings) -> Row:
+def _measure(lg: LoadGenerator, spec: LoadSpec, pids: list[int], row: Row, st: Settings,
+             also: Sequence[Callable[[float | None, float | None], None]] = ()) -> Row:
+    """One load run of ``spec``; ``row`` gets its result and the CPU of the process trees of
+    ``pids`` over the measured window (``also``: more window callbacks, e.g. a CPUWatch of a part)."""
     watch = CPUWatch(pids)
     profiled = st.profile_pid is not None and row.server == "qpher"
 
@@ -565,6 +576,8 @@ def _measure(lg: LoadGenerator, spec: LoadSpec, pids: list[int], row: Row, st: S
         if profiled and start is not None:
             os.kill(st.profile_pid, signal.SIGUSR1)  # type: ignore[arg-type]
         watch(start, end)
+        for extra in also:
+            extra(start, end)
         if profiled and end is not None:
             os.kill(st.profile_pid, signal.SIGUSR2)  # type: ignore[arg-type]
 
