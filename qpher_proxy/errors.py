@@ -438,3 +438,33 @@ class PolicyInvalid(QpherError):
         first = str(issues[0]) if issues else "invalid policy"
         more = f" (and {len(issues) - 1} more)" if len(issues) > 1 else ""
         super().__init__(first + more)
+
+
+# ---- key import (BYOK): import jobs and wrapped key material ----
+
+class ImportJobNotFound(QpherError):
+    """No such import job for this tenant. Another tenant's job id answers exactly like this."""
+
+    code = "import_job_not_found"
+    status = 404
+
+
+class ImportJobExpired(QpherError):
+    """The import job's time is over: its private key is (or is about to be) destroyed."""
+
+    code = "import_job_expired"
+    status = 400
+
+
+class InvalidWrappedKey(QpherError):
+    """The wrapped key does not open under the job's key (tampered, another job's key, wrong info)."""
+
+    code = "invalid_wrapped_key"
+    status = 400
+
+
+class InvalidKeyMaterial(QpherError):
+    """The unwrapped key material is not a valid private key of the stated algorithm and format."""
+
+    code = "invalid_key_material"
+    status = 400
