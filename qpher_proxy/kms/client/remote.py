@@ -64,6 +64,7 @@ from .pool import KMSClient, OpHook, WorkerChannel
 log = logging.getLogger("qpher.kms.remote")
 
 _PUMP_BYTES = 256 * 1024
+_FIRST_BACKOFF = 0.05  # seconds before the first reconnection attempt
 _HEALTH_CONTEXT = TenantContext(tenant_id="qpher-health", request_id="health", api_key_id="-")
 
 
@@ -157,25 +158,25 @@ class RemoteKMS:
             task_status.started(self)
 
     async def _keep_connected(self, e: int, slot: int) -> None:
-        backoff = 0.05
+        """One connection slot of endpoint ``e``, for ever: connect, serve, and after a loss or a
+        failed attempt wait (exponential back-off with jitter, reset once a connection served
+        for a while) and try again. Unreachable is logged on the first failure and then at most
+        once per ``reconnect_backoff_max``."""
+        backoff = _FIRST_BACKOFF
         stats = self.stats[e]
         index = e * 1000 + slot
-        was_up = False
         while True:
             t0 = time.monotonic()
             reason = await self._connection(e, index)
-            if time.monotonic() - t0 > 5.0:
-                backoff = 0.05  # it served for a while: come back quickly
-            if was_up or reason is None:
+            if reason is None:  # it had served: a loss
                 self.restarts += 1
-            was_up = reason is None
-            if reason is not None:
-                if backoff >= self.reconnect_backoff_max or backoff == 0.05:
-                    log.warning("KMS node unreachable", extra={"fields": {
-                        "endpoint": stats.name, "connection": slot, "reason": reason}})
-            else:
+                if time.monotonic() - t0 > 5.0:
+                    backoff = _FIRST_BACKOFF
                 log.warning("KMS node connection lost; reconnecting",
                             extra={"fields": {"endpoint": stats.name, "connection": slot}})
+            elif backoff == _FIRST_BACKOFF or backoff >= self.reconnect_backoff_max:
+                log.warning("KMS node unreachable", extra={"fields": {
+                    "endpoint": stats.name, "connection": slot, "reason": reason}})
             await trio.sleep(backoff * random.uniform(0.5, 1.0))
             backoff = min(backoff * 2, self.reconnect_backoff_max)
 
