@@ -42,13 +42,13 @@ from pathlib import Path
 from typing import Literal
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.mldsa import MLDSA65PrivateKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .errors import ConfigError
-from .tls.certs import _create_new, _replace
+from .tls.certs import _create_new, _replace, make_ca_certificate, sign_certificate
 
 __all__ = [
     "DEFAULT_KMS_HOSTS",
@@ -144,12 +144,6 @@ def _generate(kind: KeyKind) -> _PrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 
 
-def _sign(builder: x509.CertificateBuilder, key: _PrivateKey) -> x509.Certificate:
-    if isinstance(key, MLDSA65PrivateKey):
-        return builder.sign(key, None)  # ML-DSA signs the message itself: no separate hash
-    return builder.sign(key, hashes.SHA256())
-
-
 def _private_pem(key: _PrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
@@ -170,23 +164,9 @@ def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:
 
 def _make_ca(key: _PrivateKey, kind: KeyKind, trust_domain: str, now: datetime.datetime,
              days: int) -> x509.Certificate:
-    name = x509.Name([
-        x509.NameAttribute(NameOID.ORGANIZATION_NAME, _ORG),
-        x509.NameAttribute(NameOID.COMMON_NAME, f"{trust_domain} {_KIND_LABEL[kind]} CA"),
-    ])
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - _BACKDATE)
-        .not_valid_after(now + datetime.timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(_key_usage(cert_sign=True), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-    )
-    return _sign(builder, key)
+    return make_ca_certificate(key, f"{trust_domain} {_KIND_LABEL[kind]} CA", now,
+                               datetime.timedelta(days=days), organization=_ORG,
+                               digital_signature=False)  # it signs certificates only
 
 
 def _host_names(hosts: Iterable[str]) -> list[x509.GeneralName]:
@@ -241,7 +221,7 @@ def _make_leaf(
         builder = builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False)
     if sans:
         builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-    return _sign(builder, ca_key)
+    return sign_certificate(builder, ca_key)
 
 
 # ---- files -------------------------------------------------------------------------------

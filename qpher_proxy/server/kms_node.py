@@ -341,17 +341,10 @@ async def _signals(tls: InternalTLSContextHolder) -> None:
 def run(cfg: Config) -> int:
     """``qpher-proxy kms serve``: the node's whole life; returns the exit code."""
     from ..logs import configure_logging
-    from .serve import first_qpher_error
+    from .serve import run_trio
     from .state import prepare_database
 
     configure_logging(cfg.logging.level, cfg.logging.format)
     prepare_database(cfg)
-    try:
-        trio.run(functools.partial(serve_node, cfg))
-    except BaseExceptionGroup as group:
-        first = first_qpher_error(group)
-        if first is None:
-            raise
-        raise first from None
-    return 0
+    return run_trio(functools.partial(serve_node, cfg))
 

@@ -352,8 +352,13 @@ def _close(obj: Any) -> None:
 def run(cfg: Config, **kw: Any) -> int:
     """Run the gateway in this process (``kw``: ``kms``, ``confinement``, see :func:`serve`)."""
     configure_logging(cfg.logging.level, cfg.logging.format)
+    return run_trio(functools.partial(serve, cfg, **kw))
+
+
+def run_trio(main: Callable[[], Awaitable[object]]) -> int:
+    """``trio.run(main)``; a start-up error raised inside a nursery comes out as itself."""
     try:
-        trio.run(functools.partial(serve, cfg, **kw))
+        trio.run(main)
     except BaseExceptionGroup as group:
         # A start-up error raised inside a nursery (the KMS refusing a wrong KEK, a port in
         # use) arrives wrapped; show it as the one line it is.

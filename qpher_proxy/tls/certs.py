@@ -38,7 +38,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ..errors import ConfigError
 
-__all__ = ["DevPKI", "make_dev_pki"]
+__all__ = ["DevPKI", "make_ca_certificate", "make_dev_pki", "sign_certificate"]
 
 _PrivateKey = ec.EllipticCurvePrivateKey | MLDSA65PrivateKey
 
@@ -152,7 +152,7 @@ def _load_cert(path: Path) -> x509.Certificate | None:
 
 # ---- certificates ------------------------------------------------------------------------
 
-def _sign(builder: x509.CertificateBuilder, key: _PrivateKey) -> x509.Certificate:
+def sign_certificate(builder: x509.CertificateBuilder, key: _PrivateKey) -> x509.Certificate:
     if isinstance(key, MLDSA65PrivateKey):
         return builder.sign(key, None)  # ML-DSA signs the message itself: no separate hash
     return builder.sign(key, hashes.SHA256())
@@ -166,9 +166,18 @@ def _same_key(cert: x509.Certificate, key: _PrivateKey) -> bool:
 
 
 def _make_ca(key: _PrivateKey, label: str, now: datetime.datetime) -> x509.Certificate:
+    return make_ca_certificate(key, f"qpher-proxy dev {label} CA", now, CA_VALIDITY, organization=_ORG)
+
+
+def make_ca_certificate(
+    key: _PrivateKey, common_name: str, now: datetime.datetime, validity: datetime.timedelta, *,
+    organization: str, digital_signature: bool = True,
+) -> x509.Certificate:
+    """A self-signed CA that may issue leaves only (path length 0), back-dated a few minutes for
+    clock skew; ML-DSA-65 or ECDSA (the dev PKI here and the internal PKI of ``pki.py``)."""
     name = x509.Name([
-        x509.NameAttribute(NameOID.ORGANIZATION_NAME, _ORG),
-        x509.NameAttribute(NameOID.COMMON_NAME, f"qpher-proxy dev {label} CA"),
+        x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization),
+        x509.NameAttribute(NameOID.COMMON_NAME, common_name),
     ])
     builder = (
         x509.CertificateBuilder()
@@ -177,11 +186,11 @@ def _make_ca(key: _PrivateKey, label: str, now: datetime.datetime) -> x509.Certi
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - _BACKDATE)
-        .not_valid_after(now + CA_VALIDITY)
+        .not_valid_after(now + validity)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
+                digital_signature=digital_signature, content_commitment=False, key_encipherment=False,
                 data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
                 encipher_only=False, decipher_only=False,
             ),
@@ -189,7 +198,7 @@ def _make_ca(key: _PrivateKey, label: str, now: datetime.datetime) -> x509.Certi
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
     )
-    return _sign(builder, key)
+    return sign_certificate(builder, key)
 
 
 def _make_server(
@@ -231,7 +240,7 @@ def _make_server(
             critical=False,
         )
     )
-    return _sign(builder, ca_key)
+    return sign_certificate(builder, ca_key)
 
 
 def _issued_by(cert: x509.Certificate, ca_cert: x509.Certificate) -> bool:
