@@ -19,15 +19,14 @@ The internal hop::
     REQUEST(token, tenant ctx, op, args) ... multiplexed by rid ▶ token checked per frame; relayed
                                                                   to a local KMS worker
 
-Each connection becomes an ordinary :class:`~.pool.WorkerChannel`: the channel talks to one end
-of a local socketpair, and two pump tasks move bytes between its other end and the TLS stream.
-Everything the client does for local workers therefore holds here unchanged -- request ids
-multiplexed on a connection, least-outstanding balancing over all live connections (so over
-all endpoints), the watchdog, and above all failure: when a connection is lost the channel
-sees EOF, leaves the client at once and fails every request it had in flight with 503
-``kms_unavailable``. Nothing is ever re-sent on another connection: a request that may have
-run (a key creation) is not run twice by us; the API's ``Idempotency-Key`` lets the caller
-retry safely.
+Each connection becomes a :class:`TLSChannel`, a :class:`~.pool.WorkerChannel` that writes
+its frames to the TLS stream and reads them from it. Everything the client does for local
+workers therefore holds here unchanged -- request ids multiplexed on a connection,
+least-outstanding balancing over all live connections (so over all endpoints), the watchdog,
+and above all failure: when a connection is lost the channel leaves the client at once and
+fails every request it had in flight with 503 ``kms_unavailable``. Nothing is ever re-sent on
+another connection: a request that may have run (a key creation) is not run twice by us; the
+API's ``Idempotency-Key`` lets the caller retry safely.
 
 The service token is not a secret handed out by anybody: both ends derive it from the TLS
 connection, so a frame recorded on one connection is worthless on any other.
@@ -52,14 +51,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import outcome
 import trio
 
 from ...context import TenantContext
 from ...errors import KMSUnavailable, QpherError
 from ...tls.internal import InternalTLSContextHolder, exporter_token, peer_identity
 from ...tls.stream import TLSStream
-from ..wire.protocol import NEED_DATA, ClientConnection, Error, ProtocolError, Ready, Value
-from .pool import KMSClient, OpHook, WorkerChannel
+from ..wire.protocol import NEED_DATA, ClientConnection, Error, ProtocolError, Ready, Response, Value
+from .pool import KMSClient, OpHook, WorkerChannel, error_from_frame
 
 log = logging.getLogger("qpher.kms.remote")
 
@@ -90,6 +90,84 @@ class EndpointStats:
             self.errors[code] = self.errors.get(code, 0) + 1
         if self.observe is not None:
             self.observe(op, seconds, code)
+
+
+class TLSChannel(WorkerChannel):
+    """A :class:`~.pool.WorkerChannel` whose peer is a KMS node at the other end of a TLS
+    stream: the same bookkeeping (request ids in flight, retirement, failing what is in flight
+    when the stream ends), with frames written to and read from the stream directly. Sends are
+    queued and written by the channel's writer task, everything queued in one scheduling round
+    in one TLS write."""
+
+    def __init__(self, index: int, stream: TLSStream, conn: ClientConnection) -> None:
+        a, b = socket.socketpair()  # WorkerChannel wants a socket; this one is never used
+        b.close()
+        super().__init__(index, a, conn)
+        self.sock.close()
+        self.stream = stream
+
+    def send(self, frame: bytes) -> None:
+        if not self._out:
+            self._wake_writer.set()
+        self._out.append(frame)
+
+    async def _writer(self) -> None:
+        out = self._out
+        while True:
+            await self._wake_writer.wait()
+            self._wake_writer = trio.Event()
+            while out:
+                chunk = out[0] if len(out) == 1 else b"".join(out)
+                out.clear()
+                await self.stream.send_all(chunk)
+
+    async def _reader(self) -> None:
+        stream, conn, inflight = self.stream, self.conn, self.inflight
+        reschedule = trio.lowlevel.reschedule
+        while True:
+            try:
+                data = await stream.receive_some(_PUMP_BYTES)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, QpherError):
+                data = b""
+            conn.receive_data(data)
+            while True:
+                try:
+                    event = conn.next_event()
+                except ProtocolError as exc:
+                    self.death_reason = f"protocol error: {exc.message}"
+                    return
+                if event is NEED_DATA:
+                    break
+                if isinstance(event, Response):
+                    entry = inflight.pop(event.rid, None)
+                    if entry is not None:
+                        reschedule(entry[0], outcome.Value(event.value))
+                elif isinstance(event, Error) and event.rid:
+                    entry = inflight.pop(event.rid, None)
+                    if entry is not None:
+                        error = error_from_frame(event.code, event.status, event.message)
+                        reschedule(entry[0], outcome.Error(error))
+                else:  # a fatal ERROR (rid 0) or the node closed the connection
+                    self.death_reason = "the KMS node ended the connection"
+                    return
+            if not data:
+                self.death_reason = "the KMS node closed the connection"
+                return
+
+    async def run(self) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._writer)
+                await self._reader()
+                self._retire()  # at once: no request may pick this channel after its end
+                nursery.cancel_scope.cancel()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, QpherError):
+            pass  # the writer met the broken stream; the reader retires the channel
+        finally:
+            self._retire()
+
+    def close(self) -> None:
+        self._retire()  # the stream is closed by its owner (RemoteKMS._connection)
 
 
 class RemoteKMS:
@@ -216,11 +294,8 @@ class RemoteKMS:
             "endpoint": stats.name, "peer_uri": identity.uri, "peer_key": identity.key_kind,
             "signature_scheme": identity.signature_scheme, "group": identity.group,
             "version": identity.version, "backend": info.get("backend")}})
-        mine, theirs = socket.socketpair()
-        channel = WorkerChannel(index, mine, ClientConnection.bootstrapped(token))
+        channel = TLSChannel(index, stream, ClientConnection.bootstrapped(token))
         channel.observe = stats.note
-        theirs.setblocking(False)
-        bridge = trio.SocketStream(trio.socket.from_stdlib_socket(theirs))
         self.client._attach(channel)
         stats.channels.append(channel)
         stats.connections += 1
@@ -231,17 +306,7 @@ class RemoteKMS:
                     await channel.run()
                     nursery.cancel_scope.cancel()
 
-                async def pump(src: trio.abc.ReceiveStream, dst: trio.abc.SendStream) -> None:
-                    try:
-                        while data := await src.receive_some(_PUMP_BYTES):
-                            await dst.send_all(data)
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        pass
-                    nursery.cancel_scope.cancel()
-
                 nursery.start_soon(channel_then_stop)
-                nursery.start_soon(pump, stream, bridge)
-                nursery.start_soon(pump, bridge, stream)
                 nursery.start_soon(self._health, channel, nursery.cancel_scope)
         finally:
             channel.close()  # in-flight requests of this connection: 503 kms_unavailable
@@ -250,7 +315,6 @@ class RemoteKMS:
                 stats.channels.remove(channel)
             self.info.pop(index, None)
             with trio.CancelScope(shield=True):
-                await trio.aclose_forcefully(bridge)
                 await trio.aclose_forcefully(stream)
             self._notify()
         return None
