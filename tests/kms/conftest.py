@@ -2,17 +2,30 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+import base64
+import os
+import secrets
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
 from kms_helpers import FakeClock, settings
+from pkcs11_helpers import PIN, SoftHSM, make_softhsm, require_softhsm
 
 from qpher_proxy.crypto.interface import Backend
 from qpher_proxy.kms.launcher import KMSSupervisor, open_kms
 from qpher_proxy.kms.worker.backends import select_backend
-from qpher_proxy.kms.worker.kek import FileKEKProvider, generate_kek_file
+from qpher_proxy.kms.worker.kek import EnvKEKProvider, FileKEKProvider, KEKProvider, generate_kek_file
 from qpher_proxy.kms.worker.keystore import KeyStore
+
+# The session's SoftHSM2 token and its keys: three good KEKs and the kinds a KEK must not be.
+TOKEN = "qpher-test"
+GOOD_KEYS = ("kek-a", "kek-b", "kek-c")
+BAD_KEYS = [
+    {"label": "kek-extractable", "extractable": True, "id": "10"},
+    {"label": "kek-not-sensitive", "sensitive": False, "id": "11"},
+    {"label": "kek-aes128", "bits": 128, "id": "12"},
+]
 
 
 @pytest.fixture(scope="session")
@@ -48,3 +61,48 @@ def store(kms_dir: Path, kek_path: Path, backend: Backend, clock: FakeClock) -> 
 async def kms(kms_dir: Path, kek_path: Path) -> AsyncIterator[KMSSupervisor]:
     async with open_kms(**settings(kms_dir, kek_path)) as sup:  # type: ignore[arg-type]
         yield sup
+
+
+@pytest.fixture(scope="session")
+def softhsm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SoftHSM]:
+    """A SoftHSM2 token for this test process (see pkcs11_helpers): ``SOFTHSM2_CONF`` is set
+    for the whole session, before python-pkcs11 first loads the module here, and workers inherit it."""
+    module = require_softhsm()
+    hsm = make_softhsm(tmp_path_factory.mktemp("softhsm"), module)
+    hsm.init_token(TOKEN)
+    hsm.generate_keys(TOKEN, [{"label": k, "id": f"{i + 1:02x}"} for i, k in enumerate(GOOD_KEYS)] + BAD_KEYS)
+    old = os.environ.get("SOFTHSM2_CONF")
+    os.environ["SOFTHSM2_CONF"] = str(hsm.conf)
+    yield hsm
+    if old is None:
+        os.environ.pop("SOFTHSM2_CONF", None)
+    else:
+        os.environ["SOFTHSM2_CONF"] = old
+
+
+@pytest.fixture(params=["file", "env", "pkcs11"])
+def make_kek(request: pytest.FixtureRequest, tmp_path: Path,
+             monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[], KEKProvider]]:
+    """Each call: a provider of the parametrized kind holding a KEK no earlier call held (up to three)."""
+    made: list[KEKProvider] = []
+    kind = request.param
+
+    def make() -> KEKProvider:
+        n = len(made)
+        if kind == "file":
+            p = tmp_path / f"kek-{n}.b64"
+            generate_kek_file(p)
+            made.append(FileKEKProvider(p))
+        elif kind == "env":
+            monkeypatch.setenv("QPHER_TEST_KEK", base64.b64encode(secrets.token_bytes(32)).decode())
+            made.append(EnvKEKProvider("QPHER_TEST_KEK"))
+        else:
+            from qpher_proxy.kms.worker.kek_pkcs11 import PKCS11KEKProvider
+
+            hsm: SoftHSM = request.getfixturevalue("softhsm")
+            made.append(PKCS11KEKProvider(hsm.module, TOKEN, GOOD_KEYS[n], PIN, pin_source="test"))
+        return made[-1]
+
+    yield make
+    for p in made:
+        p.close()

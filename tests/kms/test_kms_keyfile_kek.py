@@ -6,6 +6,7 @@ import base64
 import os
 import secrets
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,9 @@ from qpher_proxy.kms.worker.kek import (
     FileKEKProvider,
     KEKError,
     KEKMismatch,
+    KEKProvider,
     LocalKEKProvider,
+    UnwrapFailed,
     generate_kek_file,
     kek_from_fd,
     seal_canary,
@@ -29,12 +32,19 @@ SEED = secrets.token_bytes(64)
 BINDING = KeyBinding("tenant-a", "k_" + "a" * 26, 1, "ml-kem-768")
 
 
+MakeKEK = Callable[[], KEKProvider]
+
+
 def provider() -> LocalKEKProvider:
     return LocalKEKProvider(secrets.token_bytes(32), "test")
 
 
-def test_a_sealed_key_file_opens_only_in_its_own_slot() -> None:
-    kek = provider()
+# The provider-level tests run for every provider (``make_kek``, tests/kms/conftest.py): file,
+# env and pkcs11 (a non-extractable AES-256 key in a SoftHSM2 token).
+
+
+def test_a_sealed_key_file_opens_only_in_its_own_slot(make_kek: MakeKEK) -> None:
+    kek = make_kek()
     data = keyfile.seal(kek, BINDING, SEED)
     assert keyfile.unseal(kek, BINDING, data) == SEED
     assert SEED not in data
@@ -51,8 +61,8 @@ def test_a_sealed_key_file_opens_only_in_its_own_slot() -> None:
             keyfile.unseal(kek, other, data)
 
 
-def test_every_single_bit_flip_is_detected_for_that_key() -> None:
-    kek = provider()
+def test_every_single_bit_flip_is_detected_for_that_key(make_kek: MakeKEK) -> None:
+    kek = make_kek()
     data = keyfile.seal(kek, BINDING, SEED)
     for i in range(len(data)):
         for bit in (0, 7):
@@ -64,17 +74,34 @@ def test_every_single_bit_flip_is_detected_for_that_key() -> None:
             assert SEED.hex() not in info.value.message
 
 
-def test_nonces_are_fresh_for_every_seal() -> None:
-    kek = provider()
+def test_nonces_are_fresh_for_every_seal(make_kek: MakeKEK) -> None:
+    kek = make_kek()
     a, b = keyfile.seal(kek, BINDING, SEED), keyfile.seal(kek, BINDING, SEED)
     off = keyfile.parse_header(a, "x").body_offset
     assert a[off : off + 12] != b[off : off + 12] and a != b
 
 
-def test_a_file_under_another_kek_is_unavailable_not_corrupt() -> None:
-    data = keyfile.seal(provider(), BINDING, SEED)
+def test_a_file_under_another_kek_is_unavailable_not_corrupt(make_kek: MakeKEK) -> None:
+    data = keyfile.seal(make_kek(), BINDING, SEED)
     with pytest.raises(KeyUnavailable, match="wrapped by KEK"):
-        keyfile.unseal(provider(), BINDING, data)
+        keyfile.unseal(make_kek(), BINDING, data)
+
+
+def test_kek_ids_name_the_key_not_the_opening(make_kek: MakeKEK) -> None:
+    a, b = make_kek(), make_kek()
+    assert a.kek_id != b.kek_id
+    for kek in (a, b):
+        assert 1 <= len(kek.kek_id) <= 64 and kek.kek_id.isascii() and kek.kek_id in repr(kek)
+
+
+def test_the_wrapped_blob_is_bound_to_its_aad_and_never_holds_the_plaintext(make_kek: MakeKEK) -> None:
+    kek = make_kek()
+    blob = kek.wrap(SEED, b"aad one")
+    assert SEED not in blob and kek.unwrap(blob, b"aad one") == SEED
+    for bad_aad, bad_blob in ((b"aad two", blob), (b"aad one", blob[:-1]), (b"aad one", blob[:27]),
+                              (b"aad one", b"")):
+        with pytest.raises(UnwrapFailed):
+            kek.unwrap(bad_blob, bad_aad)
 
 
 def test_atomic_write_makes_0600_files_in_0700_dirs_and_leaves_no_temporaries(tmp_path: Path) -> None:
@@ -177,13 +204,13 @@ def test_kek_from_fd_reads_and_closes_the_descriptor() -> None:
         os.fstat(fd)
 
 
-def test_the_canary_tells_a_wrong_kek_apart() -> None:
-    kek = provider()
+def test_the_canary_tells_a_wrong_kek_apart(make_kek: MakeKEK) -> None:
+    kek = make_kek()
     data = seal_canary(kek)
     verify_canary(kek, data)
     with pytest.raises(KEKMismatch, match="is not the KEK of this key store"):
-        verify_canary(provider(), data)
-    impostor = provider()
+        verify_canary(make_kek(), data)
+    impostor = make_kek()
     n = data[5]
     forged = data[:6] + impostor.kek_id.encode() + data[6 + n :]  # the header now names the impostor
     assert len(impostor.kek_id) == n

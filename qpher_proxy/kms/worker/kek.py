@@ -1,5 +1,7 @@
 """Key-encryption keys (KEKs): the interface and the file and env providers.  KMS process only.
 
+The ``pkcs11`` provider (the KEK inside an HSM) is in :mod:`qpher_proxy.kms.worker.kek_pkcs11`.
+
 Theory of operation
 ===================
 
@@ -25,7 +27,9 @@ Subclass :class:`KEKProvider` and implement:
 ``unwrap(wrapped, aad) -> bytes``
     The inverse. Any failure to authenticate (wrong key, altered blob, different aad) raises
     :class:`UnwrapFailed` with no detail. The providers here are local (a key file, the environment),
-    so there is no transient failure to report.
+    so there is no transient failure to report; a provider whose key lives elsewhere raises a
+    :class:`~qpher_proxy.errors.KMSUnavailable` (503 ``kms_unavailable``) when it cannot reach it,
+    never :class:`UnwrapFailed` (see ``kek_pkcs11.py``).
 ``close()``
     Release any session or handle. Optional.
 
@@ -179,29 +183,34 @@ class FileKEKProvider(LocalKEKProvider):
     """``kms.kek.provider: file``: the base64 KEK in a file of mode 0600 (or stricter)."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        p = Path(path)
-        source = f"KEK file {str(p)!r}"
-        try:
-            fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError as exc:
-            raise KEKError(f"{source} does not exist (create one with `qpher-proxy init`)") from exc
-        except OSError as exc:
-            raise KEKError(f"{source} cannot be opened: {exc.strerror}") from exc
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise KEKError(f"{source} is not a regular file")
-            if st.st_mode & 0o077:
-                raise KEKError(
-                    f"{source} is readable by group or others (mode {stat.S_IMODE(st.st_mode):04o}); "
-                    "run `chmod 600` on it"
-                )
-            if hasattr(os, "geteuid") and st.st_uid != os.geteuid():
-                raise KEKError(f"{source} is owned by uid {st.st_uid}, not by this user ({os.geteuid()})")
-            text = os.read(fd, 4096)
-        finally:
-            os.close(fd)
+        source = f"KEK file {str(Path(path))!r}"
+        text = read_private_file(path, source, missing_hint=" (create one with `qpher-proxy init`)")
         super().__init__(decode_kek_text(text, source), source)
+
+
+def read_private_file(path: str | os.PathLike[str], source: str, *, missing_hint: str = "") -> bytes:
+    """The first 4 KiB of a secret file (a KEK file, a PKCS#11 PIN file): a regular file owned by
+    this user and of mode 0600 or stricter, else a one-line :class:`KEKError` naming ``source``."""
+    try:
+        fd = os.open(Path(path), os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError as exc:
+        raise KEKError(f"{source} does not exist{missing_hint}") from exc
+    except OSError as exc:
+        raise KEKError(f"{source} cannot be opened: {exc.strerror}") from exc
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise KEKError(f"{source} is not a regular file")
+        if st.st_mode & 0o077:
+            raise KEKError(
+                f"{source} is readable by group or others (mode {stat.S_IMODE(st.st_mode):04o}); "
+                "run `chmod 600` on it"
+            )
+        if hasattr(os, "geteuid") and st.st_uid != os.geteuid():
+            raise KEKError(f"{source} is owned by uid {st.st_uid}, not by this user ({os.geteuid()})")
+        return os.read(fd, 4096)
+    finally:
+        os.close(fd)
 
 
 class EnvKEKProvider(LocalKEKProvider):
