@@ -170,6 +170,21 @@ def _check(cfg: Config, ld: _Loader) -> None:
         ld.fail("upstream.client_cert", "expected client_cert and client_key together")
     _check_scale_out(cfg, ld)
     _check_kms_tier(cfg, ld)
+    _check_kek(cfg, ld)
+
+
+def _check_kek(cfg: Config, ld: _Loader) -> None:
+    """kms.kek provider pkcs11: module, token and key labels, and exactly one PIN source."""
+    k = cfg.kms.kek
+    if k.provider != "pkcs11":
+        return
+    for name in ("pkcs11_module", "pkcs11_token_label", "pkcs11_key_label"):
+        if getattr(k, name) is None:
+            ld.fail(f"kms.kek.{name}", 'expected a value when provider is "pkcs11"')
+    if (k.pkcs11_pin_file is None) == (k.pkcs11_pin_env is None):
+        ld.fail("kms.kek.pkcs11_pin_file",
+                'expected exactly one of pkcs11_pin_file and pkcs11_pin_env when provider is "pkcs11" '
+                "(the PIN itself never goes in the config)")
 
 
 def _check_kms_tier(cfg: Config, ld: _Loader) -> None:

@@ -83,9 +83,15 @@ class CryptoConfig:
 
 @dataclass(frozen=True, slots=True)
 class KEKConfig:
-    provider: Literal["file", "env"] = opt("file")
+    provider: Literal["file", "env", "pkcs11"] = opt("file")
     file: str = opt("kek/kek.b64", path=True)
     env: str = opt("QPHER_KEK")
+    # provider pkcs11: an AES-256 key inside a token; the PIN comes from a file or a variable, never here
+    pkcs11_module: str | None = opt(None, path=True, doc="path of the token's PKCS#11 library")
+    pkcs11_token_label: str | None = opt(None)
+    pkcs11_key_label: str | None = opt(None, doc="a non-extractable AES-256 secret key in that token")
+    pkcs11_pin_file: str | None = opt(None, path=True, doc="the user PIN, one line, 0600")
+    pkcs11_pin_env: str | None = opt(None, doc="or: the variable holding the user PIN")
 
 
 @dataclass(frozen=True, slots=True)

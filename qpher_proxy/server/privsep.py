@@ -96,7 +96,7 @@ from ..kms.client import KMSClient, OpHook, WorkerChannel
 from ..kms.launcher import KMSSupervisor, WorkerHandoff
 from ..kms.wire.protocol import ClientConnection, Value
 from ..sandbox import RunAs, lookup_user
-from .settings import kms_supervisor
+from .settings import kek_settings, kms_supervisor
 
 log = logging.getLogger("qpher.supervisor")
 
@@ -348,8 +348,10 @@ def resolve_users(cfg: Config) -> Users:
 
 
 def gateway_environment(cfg: Config) -> dict[str, str]:
-    """The gateway's whole environment: ours without the KEK variable (whatever the provider)."""
-    return {k: v for k, v in os.environ.items() if k != cfg.kms.kek.env}
+    """The gateway's whole environment: ours without the KEK variable (whatever the provider) and
+    without the PKCS#11 PIN variable."""
+    secret = {cfg.kms.kek.env, cfg.kms.kek.pkcs11_pin_env}
+    return {k: v for k, v in os.environ.items() if k not in secret}
 
 
 LISTEN_BACKLOG = 65535  # as trio.open_tcp_listeners asks; the kernel caps it at net.core.somaxconn
@@ -673,16 +675,19 @@ class Supervisor:
                     self.stop(signum)
 
 
-def reexec_without_env_kek(cfg: Config, config_path: str) -> None:
+def reexec_without_env_kek(cfg: Config, config_path: str, var: str | None = None) -> None:
     """``kek.provider: env``: move the KEK into a memfd and exec this command again without the
     variable. ``os.environ.pop`` cannot clear the process's initial environment block, which
-    ``/proc/<pid>/environ`` and a memory dump show until exit; a new ``exec`` gets a new one."""
+    ``/proc/<pid>/environ`` and a memory dump show until exit; a new ``exec`` gets a new one.
+    ``var``: another variable to move the same way (provider pkcs11's ``pkcs11_pin_env``)."""
     from ..kms.launcher import stash_env_kek
 
-    fd = stash_env_kek(cfg.kms.kek.env, inheritable=True)
+    var = var or cfg.kms.kek.env
+    option = "kms.kek.env" if var == cfg.kms.kek.env else "kms.kek.pkcs11_pin_env"
+    fd = stash_env_kek(var, inheritable=True, option=option)
     argv = [sys.executable, "-m", "qpher_proxy", "serve", "--config", os.path.abspath(config_path),
             "--kek-fd", str(fd)]
-    os.execve(sys.executable, argv, {k: v for k, v in os.environ.items() if k != cfg.kms.kek.env})
+    os.execve(sys.executable, argv, {k: v for k, v in os.environ.items() if k != var})
 
 
 def run(cfg: Config, config_path: str, kek_fd: int | None = None) -> int:
@@ -690,8 +695,9 @@ def run(cfg: Config, config_path: str, kek_fd: int | None = None) -> int:
     from ..logs import configure_logging
     from .serve import first_qpher_error
 
-    if cfg.kms.kek.provider == "env" and kek_fd is None and cfg.kms.kek.env in os.environ:
-        reexec_without_env_kek(cfg, config_path)
+    secret_env = kek_settings(cfg.kms.kek).secret_env  # provider env's KEK or pkcs11's PIN variable
+    if secret_env is not None and kek_fd is None and secret_env in os.environ:
+        reexec_without_env_kek(cfg, config_path, secret_env)
     configure_logging(cfg.logging.level, cfg.logging.format)
     from .state import prepare_database
 

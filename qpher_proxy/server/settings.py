@@ -59,7 +59,11 @@ def http_limits(cfg: Config) -> HTTPLimits:
 
 def kek_settings(k: KEKConfig) -> KEKSettings:
     # KEKSettings travels to the workers in their HELLO frame: its file stays a string.
-    return KEKSettings(provider=k.provider, file=k.file, env=k.env)
+    return KEKSettings(
+        provider=k.provider, file=k.file, env=k.env, pkcs11_module=k.pkcs11_module,
+        pkcs11_token_label=k.pkcs11_token_label, pkcs11_key_label=k.pkcs11_key_label,
+        pkcs11_pin_file=k.pkcs11_pin_file, pkcs11_pin_env=k.pkcs11_pin_env,
+    )
 
 
 def kms_worker_count(cfg: Config) -> int:

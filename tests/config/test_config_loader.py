@@ -79,3 +79,35 @@ def test_skipping_files_keeps_every_other_check(tmp_path: Path, text: str, messa
     with pytest.raises(ConfigError) as info:
         _load(tmp_path, text, check_files=False)
     assert message in info.value.message
+
+
+_PKCS11 = ("kms: {kek: {provider: pkcs11, pkcs11_module: /usr/lib/softhsm/libsofthsm2.so, "
+           "pkcs11_token_label: qpher, pkcs11_key_label: kek%s}}\n")
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("", "kms.kek.pkcs11_pin_file: expected exactly one of pkcs11_pin_file and pkcs11_pin_env"),
+    (", pkcs11_pin_file: pin, pkcs11_pin_env: PIN",
+     "kms.kek.pkcs11_pin_file: expected exactly one of pkcs11_pin_file and pkcs11_pin_env"),
+])
+def test_the_pkcs11_kek_needs_exactly_one_pin_source(tmp_path: Path, extra: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        _load(tmp_path, _PKCS11 % extra)
+    assert message in info.value.message and "\n" not in info.value.message
+
+
+@pytest.mark.parametrize("missing", ["pkcs11_module", "pkcs11_token_label", "pkcs11_key_label"])
+def test_the_pkcs11_kek_needs_its_module_and_labels(tmp_path: Path, missing: str) -> None:
+    kek = {"provider": "pkcs11", "pkcs11_module": "/m.so", "pkcs11_token_label": "t",
+           "pkcs11_key_label": "k", "pkcs11_pin_env": "QPHER_PIN"}
+    del kek[missing]
+    with pytest.raises(ConfigError, match=rf"kms\.kek\.{missing}: expected a value when provider is"):
+        config_from_dict({"kms": {"kek": kek}}, tmp_path)
+
+
+def test_a_pkcs11_kek_config_resolves_its_paths(tmp_path: Path) -> None:
+    cfg = _load(tmp_path, (_PKCS11 % ", pkcs11_pin_file: secrets/pin").replace("/usr/lib/softhsm/", ""))
+    assert cfg.kms.kek.provider == "pkcs11"
+    assert cfg.kms.kek.pkcs11_pin_file == str(tmp_path / "secrets" / "pin")
+    assert cfg.kms.kek.pkcs11_module == str(tmp_path / "libsofthsm2.so")
+    assert cfg.kms.kek.pkcs11_pin_env is None

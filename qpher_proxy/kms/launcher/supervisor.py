@@ -34,10 +34,12 @@ exits 0 on; a worker still running after ``stop_grace`` seconds is killed.
 The KEK never passes through here
 ---------------------------------
 ``kek.provider: file``: the worker is told the path and reads the file itself. ``provider:
-env``: on ``run`` the supervisor *moves* the variable out of this process's environment
-(``os.environb.pop``, which also ``unsetenv``\\s it, so no later child or sidecar inherits it)
-into a sealed anonymous memory file (``memfd_create``), and keeps only that descriptor to hand
-to each worker start (``--kek-fd``). The gateway holds no Python object with the KEK after
+pkcs11``: the KEK never leaves its token; the worker is told the module, the labels and the PIN
+file's path, or -- with ``pkcs11_pin_env`` -- gets the PIN exactly as provider env gets its
+KEK, below. ``provider: env``: on ``run`` the supervisor *moves* the variable out of this
+process's environment (``os.environb.pop``, which also ``unsetenv``\\s it, so no later child or
+sidecar inherits it) into a sealed anonymous memory file (``memfd_create``), and keeps only that
+descriptor to hand to each worker start (``--kek-fd``). The gateway holds no Python object with the KEK after
 that (the bytes object read from the environment is dropped at once; CPython cannot scrub it,
 and the copy in the process's original environment block stays until exit: use the file
 provider where that matters).
@@ -124,12 +126,13 @@ class _Ended:
     exit_code: int | None = None
 
 
-def stash_env_kek(var: str, *, inheritable: bool = False) -> int:
+def stash_env_kek(var: str, *, inheritable: bool = False, option: str = "kms.kek.env") -> int:
     """Move ``$var`` out of our environment into a sealed memfd; return its descriptor
-    (``inheritable``: it survives an ``exec`` of this process)."""
+    (``inheritable``: it survives an ``exec`` of this process). The KEK for provider env, the
+    token's PIN for provider pkcs11 (``option`` kms.kek.pkcs11_pin_env)."""
     raw = os.environb.pop(var.encode(), None)
     if raw is None:
-        raise ConfigError(f"environment variable {var!r} (kms.kek.env) is not set")
+        raise ConfigError(f"environment variable {var!r} ({option}) is not set")
     flags = (0 if inheritable else os.MFD_CLOEXEC) | getattr(os, "MFD_ALLOW_SEALING", 0)
     try:
         fd = os.memfd_create("qpher-kek", flags)
@@ -236,14 +239,18 @@ class KMSSupervisor:
     # ---- run ----
 
     async def run(self, *, task_status: trio.TaskStatus[KMSSupervisor] = trio.TASK_STATUS_IGNORED) -> None:
-        if self.kek.provider == "env":
+        secret_env = self.kek.secret_env  # provider env's KEK, or provider pkcs11's PIN variable
+        if secret_env is not None:
             if self.kek_fd is not None:  # stashed before this process re-executed itself
                 self._kek_fd, self.kek_fd = self.kek_fd, None
                 os.set_inheritable(self._kek_fd, False)
             else:
-                self._kek_fd = stash_env_kek(self.kek.env)
-        elif self.kek.provider != "file" or not self.kek.file:
+                option = "kms.kek.env" if self.kek.provider == "env" else "kms.kek.pkcs11_pin_env"
+                self._kek_fd = stash_env_kek(secret_env, option=option)
+        elif self.kek.provider == "file" and not self.kek.file:
             raise ConfigError("kms.kek: provider 'file' needs kms.kek.file; or use provider 'env'")
+        elif self.kek.provider == "pkcs11" and not self.kek.pkcs11_pin_file:
+            raise ConfigError("kms.kek: provider 'pkcs11' needs pkcs11_pin_file or pkcs11_pin_env")
         self._first = [trio.Event() for _ in range(self.workers)]
         fatal: _Ended | None = None
         try:
@@ -297,6 +304,11 @@ class KMSSupervisor:
         kek: dict[str, Value] = {"provider": self.kek.provider, "env": self.kek.env}
         if self.kek.provider == "file":
             kek["path"] = os.path.abspath(self.kek.file or "")
+        elif self.kek.provider == "pkcs11":  # where the PIN is, never the PIN (it is in --kek-fd or a file)
+            k = self.kek
+            pin_file = None if k.pkcs11_pin_file is None else os.path.abspath(k.pkcs11_pin_file)
+            kek.update({"module": k.pkcs11_module, "token_label": k.pkcs11_token_label,
+                        "key_label": k.pkcs11_key_label, "pin_env": k.pkcs11_pin_env, "pin_file": pin_file})
         cfg: dict[str, Value] = {
             "dir": self.kms_dir,
             "kek": kek,

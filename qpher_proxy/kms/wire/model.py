@@ -139,9 +139,26 @@ class KeyPage:
 class KEKSettings:
     """Where the KMS finds its KEK (``kms.kek`` in the config). Names a source; holds no secret."""
 
-    provider: Literal["file", "env"] = "file"
+    provider: Literal["file", "env", "pkcs11"] = "file"
     file: str | None = None  # provider "file": path of the base64 KEK file (0600)
     env: str = "QPHER_KEK"  # provider "env": the variable holding the base64 KEK
+    # provider "pkcs11": the token's library, the token and key labels, and where the PIN is (a
+    # 0600 file the worker reads, or a variable the supervisor moves into a memfd); never the PIN
+    pkcs11_module: str | None = None
+    pkcs11_token_label: str | None = None
+    pkcs11_key_label: str | None = None
+    pkcs11_pin_file: str | None = None
+    pkcs11_pin_env: str | None = None
+
+    @property
+    def secret_env(self) -> str | None:
+        """The variable whose value the supervisor moves into a memfd for the workers (``--kek-fd``):
+        the KEK for provider env, the PIN for provider pkcs11 with ``pkcs11_pin_env``."""
+        if self.provider == "env":
+            return self.env
+        if self.provider == "pkcs11" and self.pkcs11_pin_file is None:
+            return self.pkcs11_pin_env
+        return None
 
 
 @dataclass(frozen=True, slots=True)

@@ -466,7 +466,17 @@ def _kek_from_config(cfg: Any, kek_fd: int | None) -> Any:
         if kek_fd is None:
             raise KEKError(f"environment variable {cfg.get('env')!r} was not handed to the KMS (is it set?)")
         return kek_from_fd(kek_fd, f"environment variable {cfg.get('env')!r}")
-    raise KEKError(f"unknown KEK provider {str(provider)[:20]!r}; expected 'file' or 'env'")
+    if provider == "pkcs11":  # the PIN: a file named here, or the supervisor's memfd (kek_fd)
+        from .kek_pkcs11 import open_pkcs11_provider
+
+        texts = {n: cfg.get(n) if type(cfg.get(n)) is str else None
+                 for n in ("module", "token_label", "key_label", "pin_file", "pin_env")}
+        if texts["pin_env"] is not None and texts["pin_file"] is None and kek_fd is None:
+            raise KEKError(f"environment variable {texts['pin_env']!r} (kms.kek.pkcs11_pin_env) was not "
+                           "handed to the KMS (is it set?)")
+        return open_pkcs11_provider(texts["module"], texts["token_label"], texts["key_label"],
+                                    pin_file=texts["pin_file"], pin_env=texts["pin_env"], pin_fd=kek_fd)
+    raise KEKError(f"unknown KEK provider {str(provider)[:20]!r}; expected 'file', 'env' or 'pkcs11'")
 
 
 def _setting(cfg: dict[str, Value], name: str, kind: type, default: Any) -> Any:
@@ -581,9 +591,14 @@ def _open_store(
         kms_dir = _setting(cfg, "dir", str, None)
         if not kms_dir and storage is None:
             raise InvalidInput("bootstrap setting 'dir' is required")
+        kek_cfg = cfg.get("kek")
+        if type(kek_cfg) is dict and kek_cfg.get("provider") == "pkcs11":
+            from .kek_pkcs11 import load_binding
+
+            load_binding()  # python-pkcs11 itself; the token's module is loaded as the KMS user
         if user is not None:
             notes = {**(notes or {}), "memory_locked": _become(user, postgresql=storage is not None)}
-        kek = _kek_from_config(cfg.get("kek"), kek_fd)
+        kek = _kek_from_config(kek_cfg, kek_fd)
         kek_fd = None
         if storage is not None:
             from .pg_keystore import open_from_settings
