@@ -16,8 +16,8 @@ row-level security):
   ``BYPASSRLS``. The two reads that cannot know the tenant in advance are ``SECURITY DEFINER``
   functions returning exactly what they must: ``<p>_api_key_lookup(key_id)`` (authentication
   derives the tenant *from* the key) and ``<p>_kms_due(now)`` / ``<p>_kms_sample_version()`` /
-  ``<p>_kms_idempotency_expire(before)`` (the KMS's cross-tenant sweeps and KEK check, which
-  answer no request);
+  ``<p>_kms_idempotency_expire(before)`` / ``<p>_kms_import_jobs_expire(now)`` (the KMS's
+  cross-tenant sweeps and KEK check, which answer no request);
 * the **gateway role has no privilege at all on the KMS tables** and the **KMS role none on
   the API keys** (the process boundary, enforced again by the database);
 * key state is monotonic: a trigger refuses to bring a destroyed key or version back, and no
@@ -269,9 +269,69 @@ def _v2(n: dict[str, str]) -> list[str]:
     ]
 
 
+def _v3(n: dict[str, str]) -> list[str]:
+    """Key import (see ``kms/worker/key_import``): import jobs -- the job's public key and its
+    *sealed* private key (the bytes a key file would hold, under the KEK; NULL once destroyed) --
+    for the KMS role only, row-level security per tenant, one ``SECURITY DEFINER`` function for
+    the sweep's cross-tenant destruction of expired jobs; and the origin of every key version."""
+    from ..crypto.key_import import IMPORT_METHODS
+
+    tenant_check = "CHECK (length(tenant_id) BETWEEN 1 AND 255)"
+    tenant_is = "tenant_id = current_setting('qpher.tenant', true)"
+    methods = ", ".join(f"'{m}'" for m in sorted(IMPORT_METHODS))
+    kms, p = n["kms"], n["prefix"]
+    expire = f"{p}_kms_import_jobs_expire(double precision)"
+    return [
+        f"""CREATE TABLE kms_import_jobs (
+            tenant_id    text NOT NULL {tenant_check},
+            job_id       text NOT NULL CHECK (length(job_id) = 29 AND job_id LIKE 'ij\\_%'),
+            method       text NOT NULL CHECK (method IN ({methods})),
+            public_key   bytea NOT NULL,
+            sealed       bytea,
+            kek_id       text,
+            created_at   double precision NOT NULL,
+            expires_at   double precision NOT NULL,
+            destroyed_at double precision,
+            PRIMARY KEY (tenant_id, job_id),
+            CHECK ((sealed IS NULL) = (destroyed_at IS NOT NULL)),
+            CHECK ((sealed IS NULL) = (kek_id IS NULL))
+        )""",
+        "CREATE INDEX kms_import_jobs_due ON kms_import_jobs (expires_at) WHERE sealed IS NOT NULL",
+        f"""CREATE FUNCTION {p}_kms_import_jobs_monotonic() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF OLD.sealed IS NULL AND NEW.sealed IS NOT NULL THEN
+                RAISE EXCEPTION 'a destroyed import job key never comes back'
+                    USING ERRCODE = 'check_violation';
+            END IF;
+            RETURN NEW;
+        END $$""",
+        f"CREATE TRIGGER kms_import_jobs_monotonic BEFORE UPDATE ON kms_import_jobs FOR EACH ROW "
+        f"EXECUTE FUNCTION {p}_kms_import_jobs_monotonic()",
+        f"""CREATE FUNCTION {p}_kms_import_jobs_expire(p_now double precision) RETURNS integer
+            LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, public AS $$
+            WITH gone AS (
+                UPDATE kms_import_jobs SET sealed = NULL, kek_id = NULL, destroyed_at = p_now
+                WHERE sealed IS NOT NULL AND expires_at <= p_now RETURNING 1
+            )
+            SELECT count(*)::integer FROM gone
+        $$""",
+        f"REVOKE ALL ON FUNCTION {expire}, {p}_kms_import_jobs_monotonic() FROM PUBLIC",
+        "ALTER TABLE kms_import_jobs ENABLE ROW LEVEL SECURITY",
+        f"CREATE POLICY kms_import_jobs_kms ON kms_import_jobs TO {kms} "
+        f"USING ({tenant_is}) WITH CHECK ({tenant_is})",
+        "REVOKE ALL ON kms_import_jobs FROM PUBLIC",
+        f"GRANT SELECT, INSERT ON kms_import_jobs TO {kms}",
+        f"GRANT EXECUTE ON FUNCTION {expire} TO {kms}",
+        "ALTER TABLE kms_key_versions ADD COLUMN origin text NOT NULL DEFAULT 'generated' "
+        "CHECK (origin IN ('generated', 'imported'))",
+        "ALTER TABLE kms_key_versions ADD COLUMN import_job_id text",
+    ]
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "api keys, usage, KMS keys and sealed versions, leases; roles, grants, RLS", _v1),
     Migration(2, "idempotency records of key creation and rotation (KMS role, RLS)", _v2),
+    Migration(3, "key import: import jobs (KMS role, RLS) and the origin of key versions", _v3),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 

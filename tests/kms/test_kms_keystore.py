@@ -219,7 +219,8 @@ def test_schema_constraints_guard_the_metadata(store: KeyStore) -> None:
             db.execute(insert, r)
     with pytest.raises(sqlite3.IntegrityError, match="UNIQUE"):
         db.execute(
-            "INSERT INTO key_versions VALUES (?, ?, 1, 'ml-kem-768', 'active', x'00', 'keys/x', 'kek', 0)",
+            "INSERT INTO key_versions (tenant_id, key_id, version, algorithm, state, public_key, file, "
+            "kek_id, created_at) VALUES (?, ?, 1, 'ml-kem-768', 'active', x'00', 'keys/x', 'kek', 0)",
             ("tenant-a", k.key_id),
         )
     assert db.execute("SELECT count(*) FROM key_versions WHERE file LIKE '%..%'").fetchone() == (0,)

@@ -75,12 +75,16 @@ from ...errors import (
     ConfigError,
     CryptoError,
     DecryptionFailed,
+    ImportJobExpired,
+    ImportJobNotFound,
     InvalidBase64,
     InvalidCiphertext,
     InvalidContext,
     InvalidInput,
     InvalidKey,
+    InvalidKeyMaterial,
     InvalidKeyState,
+    InvalidWrappedKey,
     KeyCorrupt,
     KeyDestroyed,
     KeyDisabled,
@@ -117,6 +121,7 @@ KMS_ERRORS: Mapping[str, type[QpherError]] = MappingProxyType({cls.code: cls for
     CryptoError, UnknownAlgorithm, InvalidKey, InvalidCiphertext, InvalidContext, AlgorithmMismatch,
     DecryptionFailed, BackendUnavailable,
     KMSUnavailable, KeyNotFound, KeyDisabled, KeyDestroyed, InvalidKeyState, KeyUnavailable, KeyCorrupt,
+    ImportJobNotFound, ImportJobExpired, InvalidWrappedKey, InvalidKeyMaterial,
 )})
 
 
@@ -538,6 +543,40 @@ class KMSClient:
         if idempotency_key is not None:
             args["idempotency_key"] = idempotency_key
         return KeyInfo.from_wire(await self.call(ctx, "rotate_key", args))
+
+    # ---- key import (BYOK) ----
+
+    async def create_import_job(
+        self, ctx: TenantContext, method: str, ttl_seconds: int | None = None
+    ) -> dict[str, Any]:
+        """A new import job: ``{import_job_id, method, public_key, created_at, expires_at, state}``."""
+        v: Any = await self.call(ctx, "create_import_job", {"method": method, "ttl_seconds": ttl_seconds})
+        return dict(v)
+
+    async def get_import_job(self, ctx: TenantContext, job_id: str) -> dict[str, Any]:
+        v: Any = await self.call(ctx, "get_import_job", {"import_job_id": job_id})
+        return dict(v)
+
+    async def list_import_jobs(
+        self, ctx: TenantContext, limit: int = DEFAULT_LIST_LIMIT, cursor: str | None = None
+    ) -> dict[str, Any]:
+        """``{"jobs": [job, ...], "next_cursor": str | None}``."""
+        v: Any = await self.call(ctx, "list_import_jobs", {"limit": limit, "cursor": cursor})
+        return {"jobs": [dict(j) for j in v["jobs"]], "next_cursor": v["next_cursor"]}
+
+    async def import_key(
+        self, ctx: TenantContext, job_id: str, algorithm: str, wrapped_key: bytes, *, format: str = "seed",
+        label: str | None = None, key_id: str | None = None, idempotency_key: str | None = None,
+    ) -> KeyInfo:
+        """A key (or, with ``key_id``, a new version of it) from key material wrapped for the job;
+        answered like :meth:`create_key`, with ``origin`` "imported" and the job id."""
+        args: dict[str, Value] = {
+            "import_job_id": job_id, "algorithm": algorithm, "wrapped_key": wrapped_key, "format": format,
+            "label": label, "key_id": key_id,
+        }
+        if idempotency_key is not None:
+            args["idempotency_key"] = idempotency_key
+        return KeyInfo.from_wire(await self.call(ctx, "import_key", args))
 
     async def disable_key(self, ctx: TenantContext, key_id: str) -> KeyInfo:
         return KeyInfo.from_wire(await self.call(ctx, "disable_key", {"key_id": key_id}))

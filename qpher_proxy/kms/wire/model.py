@@ -13,7 +13,7 @@ from base64 import b32encode
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ...errors import KeyNotFound
+from ...errors import ImportJobNotFound, KeyNotFound
 
 KEY_ID_PREFIX = "k_"
 KEY_ID_CHARS = 26  # base32 characters: 130 random bits
@@ -25,6 +25,13 @@ MAX_IDEMPOTENCY_KEY_CHARS = 255
 IDEMPOTENCY_KEY_RE = re.compile(rf"[\x21-\x7e]{{1,{MAX_IDEMPOTENCY_KEY_CHARS}}}\Z")
 DEFAULT_LIST_LIMIT = 50
 MAX_LIST_LIMIT = 100
+# Import jobs (key import, BYOK): ``ij_`` + 26 base32 characters, like key ids
+IMPORT_JOB_ID_PREFIX = "ij_"
+IMPORT_JOB_ID_RE = re.compile(r"ij_[a-z2-7]{26}\Z")
+DEFAULT_IMPORT_JOB_TTL = 24 * 3600  # seconds: a day unless asked, a week at most
+MIN_IMPORT_JOB_TTL = 60
+MAX_IMPORT_JOB_TTL = 7 * 24 * 3600
+KEY_ORIGINS = ("generated", "imported")
 DEFAULT_DESTROY_DELAY = 24 * 3600.0  # seconds: a day to notice a mistaken DELETE and cancel it
 MAX_DESTROY_DELAY = 365 * 24 * 3600.0
 
@@ -33,8 +40,9 @@ LIFECYCLE_OPS = frozenset(
     {"create_key", "get_key", "list_keys", "rotate_key", "disable_key", "enable_key",
      "schedule_destroy", "cancel_destroy"}
 )
+IMPORT_OPS = frozenset({"create_import_job", "get_import_job", "list_import_jobs", "import_key"})
 CRYPTO_OPS = frozenset({"encapsulate", "decapsulate", "sign", "verify", "encrypt", "decrypt"})
-OPS = LIFECYCLE_OPS | CRYPTO_OPS | {"batch", "ping"}
+OPS = LIFECYCLE_OPS | IMPORT_OPS | CRYPTO_OPS | {"batch", "ping"}
 BATCH_OPS = CRYPTO_OPS | {"get_key"}  # what one batch item may be
 DEFAULT_MAX_BATCH = 1000
 
@@ -42,6 +50,19 @@ DEFAULT_MAX_BATCH = 1000
 def new_key_id() -> str:
     """``k_`` + 26 lower-case base32 characters from the OS CSPRNG (130 bits)."""
     return KEY_ID_PREFIX + b32encode(secrets.token_bytes(20)).decode("ascii").lower()[:KEY_ID_CHARS]
+
+
+def new_import_job_id() -> str:
+    """``ij_`` + 26 lower-case base32 characters from the OS CSPRNG (130 bits)."""
+    return IMPORT_JOB_ID_PREFIX + b32encode(secrets.token_bytes(20)).decode("ascii").lower()[:KEY_ID_CHARS]
+
+
+def import_job_not_found(job_id: object) -> ImportJobNotFound:
+    """The one "no such import job" error: identical for a random id and another tenant's id."""
+    shown = job_id if isinstance(job_id, str) else type(job_id).__name__
+    if len(shown) > 40:
+        shown = shown[:40] + "..."
+    return ImportJobNotFound(f"no import job {shown!r}")
 
 
 def key_not_found(key_id: object) -> KeyNotFound:
@@ -86,6 +107,10 @@ class KeyInfo:
     # True when this answers a repeated request with an idempotency key: nothing was created,
     # this is the key (and version) the first request created
     replayed: bool = False
+    # where the private key of ``version`` comes from: "generated" in the KMS, or "imported"
+    # through the import job ``import_job_id``
+    origin: str = "generated"
+    import_job_id: str | None = None
 
     def to_wire(self) -> dict[str, Any]:
         wire: dict[str, Any] = {
@@ -102,7 +127,10 @@ class KeyInfo:
             "destroy_at": self.destroy_at,
             "destroyed_at": self.destroyed_at,
             "versions": [[v.version, v.state, v.created_at] for v in self.versions],
+            "origin": self.origin,
         }
+        if self.import_job_id is not None:
+            wire["import_job_id"] = self.import_job_id
         if self.replayed:
             wire["replayed"] = True
         return wire
@@ -126,12 +154,54 @@ class KeyInfo:
             destroyed_at=d["destroyed_at"],
             versions=tuple(VersionInfo(v[0], v[1], v[2]) for v in d["versions"]),
             replayed=d.get("replayed") is True,
+            origin=d.get("origin", "generated"),
+            import_job_id=d.get("import_job_id"),
         )
 
 
 @dataclass(frozen=True, slots=True)
 class KeyPage:
     keys: tuple[KeyInfo, ...]
+    next_cursor: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ImportJobInfo:
+    """An import job as both sides see it: its method and public key, never its private key.
+
+    ``state`` is "active" until ``expires_at``, then "expired" (the sweep destroys the private key;
+    a job past its time is refused whether or not the sweep has run yet)."""
+
+    import_job_id: str
+    method: str
+    public_key: bytes
+    created_at: float
+    expires_at: float
+    state: str  # "active" | "expired"
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "import_job_id": self.import_job_id,
+            "method": self.method,
+            "public_key": self.public_key,
+            "created_at": self.created_at,
+            "expires_at": self.expires_at,
+            "state": self.state,
+        }
+
+    @classmethod
+    def from_wire(cls, d: Any) -> ImportJobInfo:
+        if type(d) is not dict:
+            raise ValueError("import job info must be a dict")
+        return cls(
+            import_job_id=d["import_job_id"], method=d["method"], public_key=d["public_key"],
+            created_at=d["created_at"], expires_at=d["expires_at"], state=d["state"],
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ImportJobPage:
+    jobs: tuple[ImportJobInfo, ...]
     next_cursor: str | None
 
 

@@ -14,6 +14,7 @@ import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from . import keyfile
 from .kek import CANARY_FILE, ROTATION_FILE, KEKError, KEKProvider, canary_kek_id, seal_canary, verify_canary
@@ -93,9 +94,49 @@ def _rotate_locked(
             )
         if on_progress is not None:
             on_progress(i, total)
+    _rewrap_import_jobs(db, old, new)
     keyfile.write_atomic(d / CANARY_FILE, seal_canary(new))  # step 4
     keyfile.remove_file(d / ROTATION_FILE)
     return RotationResult(rewrapped, already, total)
+
+
+def _rewrap_import_jobs(db: sqlite3.Connection, old: KEKProvider, new: KEKProvider) -> int:
+    """Put the sealed private keys of live import jobs (kept in their rows) under ``new``, in one
+    transaction; a job already under ``new`` (an earlier, interrupted run) is checked and kept."""
+    from ...crypto.key_import import import_method
+    from .key_import import job_binding
+
+    n = 0
+    with write_transaction(db):
+        rows = db.execute(
+            "SELECT tenant_id, job_id, method, sealed FROM import_jobs WHERE sealed IS NOT NULL"
+        ).fetchall()
+        for tenant_id, job_id, method, sealed in rows:
+            binding = job_binding(tenant_id, job_id, import_method(method))
+            blob = _rewrap_blob(bytes(sealed), binding, old, new)
+            if blob is not None:
+                db.execute(
+                    "UPDATE import_jobs SET sealed = ?, kek_id = ? WHERE tenant_id = ? AND job_id = ?",
+                    (blob, new.kek_id, tenant_id, job_id),
+                )
+                n += 1
+    return n
+
+
+def _rewrap_blob(blob: bytes, binding: KeyBinding, old: KEKProvider, new: KEKProvider) -> bytes | None:
+    """``blob`` (sealed bytes) sealed under ``new``; None when it already is (checked, not trusted)."""
+    what = binding.describe()
+    header = keyfile.parse_header(blob, what)
+    if header.kek_id == new.kek_id:
+        keyfile.unseal(new, binding, blob)
+        return None
+    if header.kek_id != old.kek_id:
+        raise KEKError(f"{what}: wrapped by a third KEK {header.kek_id!r}; cannot re-wrap it")
+    seed = keyfile.unseal(old, binding, blob)
+    try:
+        return keyfile.seal(new, binding, seed)
+    finally:
+        del seed
 
 
 def _begin_or_resume(d: Path, db: sqlite3.Connection, old: KEKProvider, new: KEKProvider) -> None:
@@ -176,7 +217,7 @@ def rotate_kek_postgresql(
     conn = connect_owner(dsn, connect_timeout)
     try:
         with mapped("rotating the KEK"), conn.transaction():
-            conn.execute("LOCK TABLE kms_key_versions, kms_meta IN EXCLUSIVE MODE")
+            conn.execute("LOCK TABLE kms_key_versions, kms_import_jobs, kms_meta IN EXCLUSIVE MODE")
             (others,) = conn.execute(
                 "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
                 "AND application_name = %s AND pid <> pg_backend_pid()", (APPLICATION_NAME,)
@@ -216,6 +257,7 @@ def rotate_kek_postgresql(
                     rewrapped += 1
                 if on_progress is not None:
                     on_progress(done, len(rows))
+            _rewrap_pg_import_jobs(conn, old, new)
             conn.execute(
                 "INSERT INTO kms_meta (name, value) VALUES ('kek_canary', %s) "
                 "ON CONFLICT (name) DO UPDATE SET value = excluded.value", (seal_canary(new),)
@@ -223,6 +265,26 @@ def rotate_kek_postgresql(
         return RotationResult(rewrapped=rewrapped, already=already, total=len(rows))
     finally:
         conn.close()
+
+
+def _rewrap_pg_import_jobs(conn: Any, old: KEKProvider, new: KEKProvider) -> int:
+    """The sealed private keys of live import jobs under ``new`` (inside the caller's transaction)."""
+    from ...crypto.key_import import import_method
+    from .key_import import job_binding
+
+    n = 0
+    rows = conn.execute(
+        "SELECT tenant_id, job_id, method, sealed FROM kms_import_jobs WHERE sealed IS NOT NULL"
+    ).fetchall()
+    for tenant_id, job_id, method, sealed in rows:
+        blob = _rewrap_blob(bytes(sealed), job_binding(tenant_id, job_id, import_method(method)), old, new)
+        if blob is not None:
+            conn.execute(
+                "UPDATE kms_import_jobs SET sealed = %s, kek_id = %s WHERE tenant_id = %s AND job_id = %s",
+                (blob, new.kek_id, tenant_id, job_id),
+            )
+            n += 1
+    return n
 
 
 __all__ = ["RotationResult", "rotate_kek", "rotate_kek_postgresql"]

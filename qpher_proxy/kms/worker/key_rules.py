@@ -58,15 +58,21 @@ from ...errors import (
     KeyNotFound,
 )
 from ..wire.model import (
+    DEFAULT_IMPORT_JOB_TTL,
     IDEMPOTENCY_KEY_RE,
+    IMPORT_JOB_ID_RE,
     KEY_ID_RE,
     MAX_DESTROY_DELAY,
     MAX_IDEMPOTENCY_KEY_CHARS,
+    MAX_IMPORT_JOB_TTL,
     MAX_LABEL_CHARS,
     MAX_LIST_LIMIT,
+    MIN_IMPORT_JOB_TTL,
+    ImportJobInfo,
     KeyInfo,
     KeyState,
     VersionInfo,
+    import_job_not_found,
     key_not_found,
 )
 
@@ -181,9 +187,12 @@ def build_info(
     want: int,
     public: bytes | None,
     found: bool,
+    origin: str | None = None,
+    import_job_id: str | None = None,
 ) -> KeyInfo:
     """``row``: the :data:`KEY_COLUMNS` of a key; ``versions``: (version, state, created_at) in
-    order; ``public``/``found``: the public key of version ``want`` and whether that version exists."""
+    order; ``public``/``found``: the public key of version ``want`` and whether that version exists;
+    ``origin``/``import_job_id``: where that version's private key came from."""
     (key_id, kind, algorithm, label, state, latest, created, updated, destroy_at, destroyed_at) = row[:10]
     if not found:
         raise KeyNotFound(f"key {key_id!r} has no version {want}")
@@ -193,6 +202,7 @@ def build_info(
         public_key=bytes(public) if public is not None and state != KeyState.DESTROYED.value else None,
         created_at=created, updated_at=updated, destroy_at=destroy_at, destroyed_at=destroyed_at,
         versions=tuple(VersionInfo(v, s, c) for v, s, c in versions),
+        origin=origin or "generated", import_job_id=import_job_id,
     )
 
 
@@ -220,15 +230,20 @@ class IdempotencyClaim:
 
 
 def idempotency_claim(
-    idempotency_key: object, operation: str, **args: str | None
+    idempotency_key: object, operation: str, *, request: str | None = None, **args: str | None
 ) -> IdempotencyClaim | None:
     """The claim of one request (None without an idempotency key). ``args`` are the operation's
-    arguments after validation (the resolved algorithm, not the kind or mode that chose it)."""
+    arguments after validation (the resolved algorithm, not the kind or mode that chose it).
+
+    ``operation`` is what the request writes ("create_key": a new key; "rotate_key": a new version),
+    ``request`` the operation the client asked for when it differs: an import records
+    ``create_key`` or ``rotate_key`` with ``request="import_key"`` in its fingerprint, so an
+    idempotency key used for a creation and then for an import is ``idempotency_key_reused``."""
     key = check_idempotency_key(idempotency_key)
     if key is None:
         return None
     assert operation in IDEMPOTENT_OPS, operation
-    canonical = json.dumps({"op": operation, **args}, sort_keys=True, separators=(",", ":"))
+    canonical = json.dumps({"op": request or operation, **args}, sort_keys=True, separators=(",", ":"))
     return IdempotencyClaim(
         hashlib.sha256(key.encode("ascii")).digest(), operation, hashlib.sha256(canonical.encode()).digest()
     )
@@ -253,7 +268,47 @@ def replay_target(
     return str(key_id), int(version)
 
 
+# ---- import jobs ----------------------------------------------------------------------------
+
+
+def check_import_job_id(job_id: object) -> str:
+    """An import job id of this service's shape; anything else misses like an unknown id (404)."""
+    if type(job_id) is not str or IMPORT_JOB_ID_RE.match(job_id) is None:
+        raise import_job_not_found(job_id)
+    return job_id
+
+
+def check_import_ttl(ttl: object) -> int:
+    """The lifetime of a new import job in seconds (None: the default day)."""
+    if ttl is None:
+        return DEFAULT_IMPORT_JOB_TTL
+    if type(ttl) is not int or not MIN_IMPORT_JOB_TTL <= ttl <= MAX_IMPORT_JOB_TTL:
+        raise InvalidInput(
+            f"ttl_seconds must be an integer in {MIN_IMPORT_JOB_TTL}..{MAX_IMPORT_JOB_TTL} (7 days)"
+        )
+    return ttl
+
+
+def check_job_cursor(cursor: object) -> str | None:
+    if cursor is not None and (type(cursor) is not str or IMPORT_JOB_ID_RE.match(cursor) is None):
+        raise InvalidInput("cursor is not one this service returned")
+    return cursor
+
+
+def job_info(row: tuple[Any, ...], now: float) -> ImportJobInfo:
+    """``row``: :data:`JOB_COLUMNS` of a job; its state is "expired" from ``expires_at`` on,
+    whether or not the sweep has destroyed its private key yet."""
+    job_id, method, public, created, expires, destroyed = row[:6]
+    expired = destroyed is not None or expires <= now
+    return ImportJobInfo(job_id, method, bytes(public), created, expires, "expired" if expired else "active")
+
+
+# The import job columns both stores select, in this order (``job_info`` reads them).
+JOB_COLUMNS = "job_id, method, public_key, created_at, expires_at, destroyed_at"
+
+
 __all__ = [
+    "JOB_COLUMNS", "check_import_job_id", "check_import_ttl", "check_job_cursor", "job_info",
     "IDEMPOTENCY_TTL", "IDEMPOTENT_OPS", "IdempotencyClaim", "check_idempotency_key", "idempotency_claim",
     "replay_target",
     "KEY_COLUMNS", "build_info", "check_delay", "check_key_id", "check_label", "check_list_args",

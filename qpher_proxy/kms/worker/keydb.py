@@ -16,7 +16,10 @@ What lives here is shared by the serving store (``keystore``) and the offline KE
 Schema versions: ``meta('schema_version')``. Opening a store of an older version upgrades it in
 the opening transaction (every table is ``CREATE ... IF NOT EXISTS``, so a new table simply
 appears; :data:`UPGRADES` holds anything more a version needs); a store of a newer version is
-refused before anything is written. Version 2 added ``idempotency_keys`` (see ``key_rules``).
+refused before anything is written. Version 2 added ``idempotency_keys`` (see ``key_rules``);
+version 3 added ``import_jobs`` and the ``origin`` / ``import_job_id`` of each key version (see
+``key_import``). An import job's row holds its *sealed* private key (the bytes a key file would
+hold, under the KEK), so that a job is one transaction and its destruction one ``UPDATE``.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ...crypto.algorithms import ALGORITHMS
+from ...crypto.key_import import IMPORT_METHODS
 from ...errors import QpherError
 from ..wire.model import MAX_LABEL_CHARS, KeyState
 from . import keyfile
@@ -49,10 +53,19 @@ from .keyfile import KeyBinding
 
 DB_FILE = "keys.db"
 LOCK_FILE = "lock"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # version -> statements that bring a store of the version before up to it, beyond the tables
 # and indexes _schema() creates if they do not exist
-UPGRADES: dict[int, tuple[str, ...]] = {2: ()}
+UPGRADES: dict[int, tuple[str, ...]] = {2: (), 3: ()}
+# version -> (table, column, definition) the version added to an existing table; added on upgrade
+# when missing (the tables _schema() creates have them already)
+ADDED_COLUMNS: dict[int, tuple[tuple[str, str, str], ...]] = {
+    3: (
+        ("key_versions", "origin",
+         "TEXT NOT NULL DEFAULT 'generated' CHECK (origin IN ('generated', 'imported'))"),
+        ("key_versions", "import_job_id", "TEXT"),
+    ),
+}
 BUSY_TIMEOUT_S = 10.0
 LOCK_WAIT_S = 10.0
 
@@ -65,6 +78,7 @@ class StoreUnavailable(QpherError):
 def _schema() -> str:
     algs = ", ".join(f"'{a}'" for a in sorted(ALGORITHMS))
     states = ", ".join(f"'{s.value}'" for s in KeyState)
+    methods = ", ".join(f"'{m}'" for m in sorted(IMPORT_METHODS))
     return f"""
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS keys (
@@ -94,6 +108,8 @@ CREATE TABLE IF NOT EXISTS key_versions (
     file       TEXT CHECK (file IS NULL OR (file GLOB 'keys/*' AND file NOT GLOB '*..*')),
     kek_id     TEXT,
     created_at REAL NOT NULL,
+    origin     TEXT NOT NULL DEFAULT 'generated' CHECK (origin IN ('generated', 'imported')),
+    import_job_id TEXT,
     CHECK ((state = 'active') = (file IS NOT NULL)),
     FOREIGN KEY (tenant_id, key_id) REFERENCES keys (tenant_id, key_id)
 );
@@ -109,6 +125,21 @@ CREATE TABLE IF NOT EXISTS idempotency_keys (
     PRIMARY KEY (tenant_id, key_hash)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS idempotency_keys_age ON idempotency_keys (created_at);
+CREATE TABLE IF NOT EXISTS import_jobs (
+    tenant_id    TEXT NOT NULL CHECK (length(tenant_id) BETWEEN 1 AND 255),
+    job_id       TEXT NOT NULL CHECK (length(job_id) = 29 AND job_id GLOB 'ij_*'),
+    method       TEXT NOT NULL CHECK (method IN ({methods})),
+    public_key   BLOB NOT NULL,
+    sealed       BLOB,
+    kek_id       TEXT,
+    created_at   REAL NOT NULL,
+    expires_at   REAL NOT NULL,
+    destroyed_at REAL,
+    PRIMARY KEY (tenant_id, job_id),
+    CHECK ((sealed IS NULL) = (destroyed_at IS NOT NULL)),
+    CHECK ((sealed IS NULL) = (kek_id IS NULL))
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS import_jobs_due ON import_jobs (expires_at) WHERE sealed IS NOT NULL;
 """
 
 
@@ -145,6 +176,10 @@ def connect(kms_dir: Path) -> sqlite3.Connection:
                 for version in range(found + 1, SCHEMA_VERSION + 1):
                     for statement in UPGRADES[version]:
                         db.execute(statement)
+                    for table, column, definition in ADDED_COLUMNS.get(version, ()):
+                        present = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}  # our own names
+                        if column not in present:
+                            db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
                 db.execute("UPDATE meta SET value = ? WHERE name = 'schema_version'", (str(SCHEMA_VERSION),))
     except BaseException:
         db.close()

@@ -13,7 +13,8 @@ Theory of operation
 
 Layout of ``<kms dir>`` (0700)::
 
-    keys.db (+ -wal, -shm)   metadata, 0600; never a key byte (public keys and file handles only)
+    keys.db (+ -wal, -shm)   metadata, 0600; never a key byte in clear (public keys, file handles,
+                             and the sealed private keys of import jobs: see ``key_import``)
     keys/<slot>/<key id>/v<n>.qkey   one sealed private key version per file (keyfile.py)
     kek-check                the KEK canary (kek.py)
     kek-rotation             present only while ``rotate-kek`` is running or was interrupted
@@ -258,7 +259,25 @@ class KeyStore(KeyCaches):
             if self.tenant(tenant_id)._destroy_if_due(key_id, now):
                 n += 1
         self.sweep_idempotency(now)
+        self.sweep_import_jobs(now)
         return n
+
+    def sweep_import_jobs(self, now: float) -> int:
+        """Destroy the private keys of expired import jobs (the rows stay, answering "expired")."""
+        with mapped_errors("destroying expired import jobs"):
+            if self._db.execute(
+                "SELECT 1 FROM import_jobs WHERE sealed IS NOT NULL AND expires_at <= ? LIMIT 1", (now,)
+            ).fetchone() is None:
+                return 0
+            with self._transaction():
+                cur = self._db.execute(
+                    "UPDATE import_jobs SET sealed = NULL, kek_id = NULL, destroyed_at = ? "
+                    "WHERE sealed IS NOT NULL AND expires_at <= ?",
+                    (now, now),
+                )
+        if cur.rowcount:
+            log.info("expired import jobs destroyed", extra={"fields": {"count": cur.rowcount}})
+        return cur.rowcount
 
     def sweep_idempotency(self, now: float) -> int:
         """Delete the idempotency records past their lifetime (they already count as absent)."""

@@ -96,6 +96,7 @@ from ...errors import (
     BackendUnavailable,
     IdempotencyKeyInProgress,
     InvalidInput,
+    InvalidKeyMaterial,
     KeyDestroyed,
     KeyNotFound,
     QpherError,
@@ -106,21 +107,30 @@ from ..wire.model import (
     DEFAULT_DESTROY_DELAY,
     DEFAULT_LIST_LIMIT,
     MAX_DESTROY_DELAY,
+    ImportJobInfo,
+    ImportJobPage,
     KeyInfo,
     KeyPage,
     KeyState,
+    import_job_not_found,
     key_not_found,
+    new_import_job_id,
     new_key_id,
 )
 from . import keyfile
 from .kek import KEKError, KEKProvider, seal_canary, verify_canary
+from .key_import import ImportRequest, new_job_key, require_open, unwrap
 from .key_objects import KeyCaches, KeyObjects, open_sealed
 from .key_rules import (
     IDEMPOTENCY_TTL,
+    JOB_COLUMNS,
     KEY_COLUMNS,
     IdempotencyClaim,
     build_info,
     check_delay,
+    check_import_job_id,
+    check_import_ttl,
+    check_job_cursor,
     check_key_id,
     check_label,
     check_list_args,
@@ -128,6 +138,7 @@ from .key_rules import (
     check_version,
     choose_algorithm,
     idempotency_claim,
+    job_info,
     replay_target,
     require_usable,
     transition,
@@ -156,9 +167,10 @@ _RESOLVE = (
     "AND v.version = COALESCE(%s::integer, k.latest_version) WHERE k.tenant_id = %s AND k.key_id = %s"
 )
 _VERSIONS = (
-    "SELECT version, state, created_at, CASE WHEN version = %s THEN public_key END "
+    "SELECT version, state, created_at, CASE WHEN version = %s THEN public_key END, origin, import_job_id "
     "FROM kms_key_versions WHERE tenant_id = %s AND key_id = %s ORDER BY version"
 )
+_JOB = f"SELECT {JOB_COLUMNS}, sealed FROM kms_import_jobs WHERE tenant_id = %s AND job_id = %s"
 _DESTROY_KEY = (
     "UPDATE kms_keys SET state = 'destroyed', resume_state = NULL, destroy_at = NULL, destroyed_at = %s, "
     "updated_at = %s WHERE tenant_id = %s AND key_id = %s AND state = 'pending_destruction' "
@@ -242,6 +254,7 @@ class PgKeyStore(KeyCaches):
         self._due_fn = sql.Identifier(f"{role_prefix}_kms_due")
         self._sample_fn = sql.Identifier(f"{role_prefix}_kms_sample_version")
         self._expire_fn = sql.Identifier(f"{role_prefix}_kms_idempotency_expire")
+        self._jobs_expire_fn = sql.Identifier(f"{role_prefix}_kms_import_jobs_expire")
         self.idempotency_wait = float(idempotency_wait)
         self._hot: dict[tuple[str, str, int | None], tuple[PgResolved, float]] = {}
         self._private: OrderedDict[tuple[str, str, int], PrivateKey] = OrderedDict()
@@ -379,6 +392,16 @@ class PgKeyStore(KeyCaches):
                 log.warning("sweep lease lost; stopping this sweep", extra={"fields": {"destroyed": n}})
                 break
         self.sweep_idempotency(now)
+        self.sweep_import_jobs(now)
+        return n
+
+    def sweep_import_jobs(self, now: float) -> int:
+        """Destroy the private keys of expired import jobs (the rows stay, answering "expired")."""
+        with self.db.transaction(what="destroying expired import jobs") as conn:
+            row = conn.execute(sql.SQL("SELECT {}(%s)").format(self._jobs_expire_fn), (now,)).fetchone()
+        n = int(row[0]) if row else 0
+        if n:
+            log.info("expired import jobs destroyed", extra={"fields": {"count": n}})
         return n
 
     def sweep_idempotency(self, now: float) -> int:
@@ -481,9 +504,10 @@ class PgTenantKeys(KeyObjects):
         want = row[5] if version is None else version
         rows = tx.conn.execute(_VERSIONS, (want, self._tenant, row[0])).fetchall()
         pub = next((r for r in rows if r[0] == want), None)
-        return build_info(
-            row, [(v, s, c) for v, s, c, _p in rows], want, None if pub is None else pub[3], pub is not None
-        )
+        versions = [(r[0], r[1], r[2]) for r in rows]
+        if pub is None:
+            return build_info(row, versions, want, None, False)
+        return build_info(row, versions, want, pub[3], True, pub[4], pub[5])
 
     # ---- lifecycle ----
 
@@ -494,10 +518,18 @@ class PgTenantKeys(KeyObjects):
         alg = choose_algorithm(algorithm, kind, mode)
         label = check_label(label)
         claim = idempotency_claim(idempotency_key, "create_key", algorithm=alg.name, label=label)
+        return self._create(alg, label, claim)
+
+    def _create(
+        self, alg: Algorithm, label: str | None, claim: IdempotencyClaim | None,
+        imported: PrivateKey | None = None, import_job_id: str | None = None,
+    ) -> KeyInfo:
+        """A new key of ``alg`` whose version 1 is ``imported`` (a new key pair when None)."""
         store = self._store
         key_id = new_key_id()
-        priv, public, sealed = self._new_version(key_id, 1, alg)
+        priv, public, sealed = self._new_version(key_id, 1, alg, imported)
         now = store.clock()
+        origin = "generated" if import_job_id is None else "imported"
 
         def fn(tx: _Tx) -> KeyInfo:
             if claim is not None:
@@ -511,10 +543,10 @@ class PgTenantKeys(KeyObjects):
                 "created_at, updated_at) VALUES (%s, %s, %s, %s, %s, 'enabled', 1, %s, %s)",
                 (self._tenant, key_id, alg.kind.value, alg.name, label, now, now),
             )
-            self._insert_version(tx, key_id, 1, alg, public, sealed, now)
+            self._insert_version(tx, key_id, 1, alg, public, sealed, now, import_job_id)
             tx.wrote = True
             row = (key_id, alg.kind.value, alg.name, label, KeyState.ENABLED.value, 1, now, now, None, None)
-            return build_info(row, [(1, "active", now)], 1, public, True)
+            return build_info(row, [(1, "active", now)], 1, public, True, origin, import_job_id)
 
         info = self._run("creating a key", fn)
         if not info.replayed:
@@ -568,23 +600,30 @@ class PgTenantKeys(KeyObjects):
         row = self._lazy(tx, key_id, self._row(tx, key_id))
         return dataclasses.replace(self._info(tx, row, version), replayed=True)
 
-    def _new_version(self, key_id: str, version: int, alg: Algorithm) -> tuple[PrivateKey, bytes, bytes]:
+    def _new_version(
+        self, key_id: str, version: int, alg: Algorithm, priv: PrivateKey | None = None
+    ) -> tuple[PrivateKey, bytes, bytes]:
+        """``priv`` (a new key of ``alg`` when None), its public key and its sealed bytes."""
         store = self._store
-        if not store.backend.supports(alg):
-            raise BackendUnavailable(f"the {store.backend.name} backend does not offer {alg.name}")
-        priv = store.backend.generate(alg)
+        if priv is None:
+            if not store.backend.supports(alg):
+                raise BackendUnavailable(f"the {store.backend.name} backend does not offer {alg.name}")
+            priv = store.backend.generate(alg)
         public = priv.public_key().public_bytes()
         binding = KeyBinding(self._tenant, key_id, version, alg.name)
         sealed = keyfile.seal(store.kek, binding, priv.private_bytes())
         return priv, public, sealed
 
     def _insert_version(
-        self, tx: _Tx, key_id: str, version: int, alg: Algorithm, public: bytes, sealed: bytes, now: float
+        self, tx: _Tx, key_id: str, version: int, alg: Algorithm, public: bytes, sealed: bytes, now: float,
+        import_job_id: str | None = None,
     ) -> None:
         tx.conn.execute(
             "INSERT INTO kms_key_versions (tenant_id, key_id, version, algorithm, state, public_key, sealed, "
-            "kek_id, created_at) VALUES (%s, %s, %s, %s, 'active', %s, %s, %s, %s)",
-            (self._tenant, key_id, version, alg.name, public, sealed, self._store.kek.kek_id, now),
+            "kek_id, created_at, origin, import_job_id) "
+            "VALUES (%s, %s, %s, %s, 'active', %s, %s, %s, %s, %s, %s)",
+            (self._tenant, key_id, version, alg.name, public, sealed, self._store.kek.kek_id, now,
+             "generated" if import_job_id is None else "imported", import_job_id),
         )
 
     def get(self, key_id: str, version: int | None = None) -> KeyInfo:
@@ -615,7 +654,7 @@ class PgTenantKeys(KeyObjects):
             if rows:
                 for v in tx.conn.execute(
                     "SELECT v.key_id, v.version, v.state, v.created_at, "
-                    "CASE WHEN v.version = k.latest_version THEN v.public_key END "
+                    "CASE WHEN v.version = k.latest_version THEN v.public_key END, v.origin, v.import_job_id "
                     "FROM kms_key_versions v JOIN kms_keys k "
                     "ON k.tenant_id = v.tenant_id AND k.key_id = v.key_id "
                     "WHERE v.tenant_id = %s AND v.key_id = ANY(%s) ORDER BY v.key_id, v.version",
@@ -626,8 +665,10 @@ class PgTenantKeys(KeyObjects):
             for r in rows:
                 vs = by_key[r[0]]
                 pub = next((v for v in vs if v[0] == r[5]), None)
-                infos.append(build_info(r, [v[:3] for v in vs], r[5], None if pub is None else pub[3],
-                                        pub is not None))
+                if pub is None:
+                    infos.append(build_info(r, [v[:3] for v in vs], r[5], None, False))
+                else:
+                    infos.append(build_info(r, [v[:3] for v in vs], r[5], pub[3], True, pub[4], pub[5]))
             return KeyPage(tuple(infos), rows[-1][0] if more and rows else None)
 
         return self._run("listing keys", fn)
@@ -635,6 +676,14 @@ class PgTenantKeys(KeyObjects):
     def rotate(self, key_id: str, idempotency_key: str | None = None) -> KeyInfo:
         key_id = check_key_id(key_id)
         claim = idempotency_claim(idempotency_key, "rotate_key", key_id=key_id)
+        return self._rotate(key_id, claim)
+
+    def _rotate(
+        self, key_id: str, claim: IdempotencyClaim | None, imported: PrivateKey | None = None,
+        import_job_id: str | None = None,
+    ) -> KeyInfo:
+        """A new version of ``key_id``: ``imported`` (which must be of the key's algorithm), or a
+        new key pair when None."""
         made: list[tuple[int, PrivateKey]] = []
 
         def fn(tx: _Tx) -> KeyInfo:
@@ -649,9 +698,14 @@ class PgTenantKeys(KeyObjects):
             row = self._lazy(tx, key_id, row, lock=True)
             require_usable(key_id, row[4])
             alg = get_algorithm(row[2])
+            if imported is not None and imported.algorithm.name != alg.name:
+                raise InvalidKeyMaterial(
+                    f"key {key_id!r} is a {alg.name} key; "
+                    f"a {imported.algorithm.name} key cannot be its version"
+                )
             version = row[5] + 1
-            priv, public, sealed = self._new_version(key_id, version, alg)
-            self._insert_version(tx, key_id, version, alg, public, sealed, now)
+            priv, public, sealed = self._new_version(key_id, version, alg, imported)
+            self._insert_version(tx, key_id, version, alg, public, sealed, now, import_job_id)
             updated = self._update(tx, key_id, "latest_version = %s, updated_at = %s", (version, now))
             if claim is not None and self._claim(tx, claim, key_id, version, now) is not None:
                 # this very rotation recorded since the look-up above, which the key's lock rules
@@ -665,6 +719,92 @@ class PgTenantKeys(KeyObjects):
         store = self._store
         for version, priv in made:
             store._cache_put(store._private, (self._tenant, key_id, version), priv)
+        return info
+
+    # ---- import jobs and key import (see key_import) ----
+
+    def _job_row(self, tx: _Tx, job_id: str) -> tuple[Any, ...]:
+        row = tx.conn.execute(_JOB, (self._tenant, job_id)).fetchone()
+        if row is None:
+            raise import_job_not_found(job_id)
+        return tuple(row)
+
+    def create_import_job(self, method: object = None, ttl_seconds: object = None) -> ImportJobInfo:
+        ttl = check_import_ttl(ttl_seconds)
+        store = self._store
+        job_id = new_import_job_id()
+        name, _kem, public, sealed = new_job_key(store.backend, store.kek, self._tenant, job_id, method)
+        now = store.clock()
+
+        def fn(tx: _Tx) -> None:
+            tx.conn.execute(
+                "INSERT INTO kms_import_jobs (tenant_id, job_id, method, public_key, sealed, kek_id, "
+                "created_at, expires_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+                (self._tenant, job_id, name, public, sealed, store.kek.kek_id, now, now + ttl),
+            )
+            tx.wrote = True
+
+        self._run("creating an import job", fn)
+        log.info("import job created", extra={"fields": {"import_job_id": job_id, "method": name}})
+        return ImportJobInfo(job_id, name, public, now, now + ttl, "active")
+
+    def get_import_job(self, job_id: object) -> ImportJobInfo:
+        job_id = check_import_job_id(job_id)
+        return self._run("reading an import job",
+                         lambda tx: job_info(self._job_row(tx, job_id), self._store.clock()))
+
+    def list_import_jobs(self, limit: int = DEFAULT_LIST_LIMIT, cursor: object = None) -> ImportJobPage:
+        limit, _ = check_list_args(limit, None)
+        after = check_job_cursor(cursor)
+
+        def fn(tx: _Tx) -> ImportJobPage:
+            rows = tx.conn.execute(
+                f"SELECT {JOB_COLUMNS} FROM kms_import_jobs WHERE tenant_id = %s AND job_id > %s "
+                "ORDER BY job_id LIMIT %s",
+                (self._tenant, after or "", limit + 1),
+            ).fetchall()
+            now = self._store.clock()
+            jobs = tuple(job_info(tuple(r), now) for r in rows[:limit])
+            return ImportJobPage(jobs, jobs[-1].import_job_id if len(rows) > limit and jobs else None)
+
+        return self._run("listing import jobs", fn)
+
+    def import_key(
+        self, job_id: object, algorithm: object, wrapped_key: object, *, format: object = None,
+        label: object = None, key_id: object = None, idempotency_key: object = None,
+    ) -> KeyInfo:
+        """A new key (or, with ``key_id``, a new version of that key) holding the private key
+        wrapped for import job ``job_id``; see ``key_import`` for every check on the way."""
+        req = ImportRequest(job_id, algorithm, wrapped_key, format, label, key_id)
+        store = self._store
+        claim = idempotency_claim(
+            idempotency_key, "create_key" if req.key_id is None else "rotate_key", request="import_key",
+            **req.fingerprint_args(),
+        )
+
+        def read(tx: _Tx) -> tuple[KeyInfo | None, tuple[Any, ...] | None]:
+            if claim is not None:
+                # a repeat answers the first import, even once the job has expired
+                earlier = self._recorded(tx, claim, store.clock())
+                if earlier is not None:
+                    return self._replay(tx, *earlier), None
+            return None, self._job_row(tx, req.job_id)
+
+        replayed, row = self._run("reading an import job", read)
+        if replayed is not None:
+            return replayed
+        assert row is not None
+        job = job_info(row, store.clock())
+        sealed = require_open(job, None if row[6] is None else bytes(row[6]))
+        priv = unwrap(store.backend, store.kek, self._tenant, job, sealed, req)
+        if req.key_id is None:
+            info = self._create(req.algorithm, req.label, claim, priv, req.job_id)
+        else:
+            info = self._rotate(req.key_id, claim, priv, req.job_id)
+        if not info.replayed:
+            log.info("key imported", extra={"fields": {
+                "key_id": info.key_id, "version": info.version, "algorithm": info.algorithm,
+                "import_job_id": req.job_id}})
         return info
 
     def _transition(self, key_id: str, op: str) -> KeyInfo:

@@ -150,6 +150,12 @@ class KMSService:
             "enable_key": lambda k, a: k.enable(a.get("key_id")).to_wire(),  # type: ignore[arg-type]
             "cancel_destroy": lambda k, a: k.cancel_destroy(a.get("key_id")).to_wire(),  # type: ignore[arg-type]
             "schedule_destroy": self._schedule_destroy,
+            "create_import_job": lambda k, a: k.create_import_job(
+                a.get("method"), a.get("ttl_seconds")
+            ).to_wire(),
+            "get_import_job": lambda k, a: k.get_import_job(a.get("import_job_id")).to_wire(),
+            "list_import_jobs": self._list_import_jobs,
+            "import_key": self._import_key,
             "encapsulate": self._encapsulate,
             "decapsulate": self._decapsulate,
             "sign": self._sign,
@@ -226,6 +232,18 @@ class KMSService:
         limit = _opt_int(args, "limit")
         page = keys.list(limit if limit is not None else 50, _opt_str(args, "cursor"))
         return {"keys": [k.to_wire() for k in page.keys], "next_cursor": page.next_cursor}
+
+    def _list_import_jobs(self, keys: AnyKeys, args: dict[str, Value]) -> Value:
+        limit = _opt_int(args, "limit")
+        page = keys.list_import_jobs(limit if limit is not None else 50, args.get("cursor"))
+        return {"jobs": [j.to_wire() for j in page.jobs], "next_cursor": page.next_cursor}
+
+    def _import_key(self, keys: AnyKeys, args: dict[str, Value]) -> Value:
+        return keys.import_key(
+            args.get("import_job_id"), args.get("algorithm"), args.get("wrapped_key"),
+            format=args.get("format"), label=args.get("label"), key_id=args.get("key_id"),
+            idempotency_key=_opt_str(args, "idempotency_key"),
+        ).to_wire()
 
     def _schedule_destroy(self, keys: AnyKeys, args: dict[str, Value]) -> Value:
         return keys.schedule_destroy(args.get("key_id"), _opt_number(args, "delay")).to_wire()  # type: ignore[arg-type]

@@ -22,16 +22,32 @@ from typing import TYPE_CHECKING, Any
 
 from ...crypto.algorithms import ALGORITHMS, Algorithm, get_algorithm
 from ...crypto.interface import PrivateKey
-from ...errors import BackendUnavailable, KeyDestroyed, KeyDisabled, KeyNotFound
-from ..wire.model import DEFAULT_LIST_LIMIT, KeyInfo, KeyPage, KeyState, key_not_found, new_key_id
+from ...errors import BackendUnavailable, InvalidKeyMaterial, KeyDestroyed, KeyDisabled, KeyNotFound
+from ..wire.model import (
+    DEFAULT_LIST_LIMIT,
+    ImportJobInfo,
+    ImportJobPage,
+    KeyInfo,
+    KeyPage,
+    KeyState,
+    import_job_not_found,
+    key_not_found,
+    new_import_job_id,
+    new_key_id,
+)
 from . import keyfile
+from .key_import import ImportRequest, new_job_key, require_open, unwrap
 from .key_objects import KeyObjects, open_sealed
 from .key_rules import (
     IDEMPOTENCY_TTL,
+    JOB_COLUMNS,
     KEY_COLUMNS,
     IdempotencyClaim,
     build_info,
     check_delay,
+    check_import_job_id,
+    check_import_ttl,
+    check_job_cursor,
     check_key_id,
     check_label,
     check_list_args,
@@ -39,6 +55,7 @@ from .key_rules import (
     check_version,
     choose_algorithm,
     idempotency_claim,
+    job_info,
     replay_target,
     require_usable,
     transition,
@@ -97,10 +114,13 @@ class TenantKeys(KeyObjects):
         ).fetchall()
         want = latest if version is None else version
         pub_row = db.execute(
-            "SELECT public_key, state FROM key_versions WHERE tenant_id = ? AND key_id = ? AND version = ?",
+            "SELECT public_key, origin, import_job_id FROM key_versions "
+            "WHERE tenant_id = ? AND key_id = ? AND version = ?",
             (self._tenant, key_id, want),
         ).fetchone()
-        return build_info(row, versions, want, None if pub_row is None else pub_row[0], pub_row is not None)
+        if pub_row is None:
+            return build_info(row, versions, want, None, False)
+        return build_info(row, versions, want, pub_row[0], True, pub_row[1], pub_row[2])
 
     def _lazy_destroy(self, key_id: str, row: tuple[Any, ...]) -> tuple[Any, ...]:
         """A key past its destruction time is destroyed now, whatever the sweep's schedule."""
@@ -112,11 +132,15 @@ class TenantKeys(KeyObjects):
                 return self._row(key_id)
         return row
 
-    def _write_version(self, key_id: str, version: int, alg: Algorithm) -> tuple[bytes, str, PrivateKey]:
+    def _write_version(
+        self, key_id: str, version: int, alg: Algorithm, priv: PrivateKey | None = None
+    ) -> tuple[bytes, str, PrivateKey]:
+        """Seal ``priv`` (a new key of ``alg`` when None) into the version's key file."""
         store = self._store
-        if not store.backend.supports(alg):
-            raise BackendUnavailable(f"the {store.backend.name} backend does not offer {alg.name}")
-        priv = store.backend.generate(alg)
+        if priv is None:
+            if not store.backend.supports(alg):
+                raise BackendUnavailable(f"the {store.backend.name} backend does not offer {alg.name}")
+            priv = store.backend.generate(alg)
         public = priv.public_key().public_bytes()
         binding = KeyBinding(self._tenant, key_id, version, alg.name)
         rel = keyfile.relative_path(binding)
@@ -132,14 +156,21 @@ class TenantKeys(KeyObjects):
         alg = choose_algorithm(algorithm, kind, mode)
         label = check_label(label)
         claim = idempotency_claim(idempotency_key, "create_key", algorithm=alg.name, label=label)
-        store = self._store
         if claim is not None:
             with mapped_errors("reading an idempotency record"):
-                earlier = self._recorded(claim, store.clock())
+                earlier = self._recorded(claim, self._store.clock())
             if earlier is not None:
                 return self._replay(*earlier)
+        return self._create(alg, label, claim)
+
+    def _create(
+        self, alg: Algorithm, label: str | None, claim: IdempotencyClaim | None,
+        imported: PrivateKey | None = None, import_job_id: str | None = None,
+    ) -> KeyInfo:
+        """A new key of ``alg`` whose version 1 is ``imported`` (a new key pair when None)."""
+        store = self._store
         key_id = new_key_id()
-        public, rel, priv = self._write_version(key_id, 1, alg)
+        public, rel, priv = self._write_version(key_id, 1, alg, imported)
         now = store.clock()
         try:
             with mapped_errors("creating a key"), store._transaction():
@@ -152,7 +183,7 @@ class TenantKeys(KeyObjects):
                         "created_at, updated_at) VALUES (?, ?, ?, ?, ?, 'enabled', 1, ?, ?)",
                         (self._tenant, key_id, alg.kind.value, alg.name, label, now, now),
                     )
-                    self._insert_version(key_id, 1, alg, public, rel, now)
+                    self._insert_version(key_id, 1, alg, public, rel, now, import_job_id)
                     if claim is not None:
                         self._record(claim, key_id, 1, now)
         except BaseException:
@@ -197,12 +228,14 @@ class TenantKeys(KeyObjects):
         return dataclasses.replace(info, replayed=True)
 
     def _insert_version(
-        self, key_id: str, version: int, alg: Algorithm, public: bytes, rel: str, now: float
+        self, key_id: str, version: int, alg: Algorithm, public: bytes, rel: str, now: float,
+        import_job_id: str | None = None,
     ) -> None:
         self._store._db.execute(
             "INSERT INTO key_versions (tenant_id, key_id, version, algorithm, state, public_key, file, "
-            "kek_id, created_at) VALUES (?, ?, ?, ?, 'active', ?, ?, ?, ?)",
-            (self._tenant, key_id, version, alg.name, public, rel, self._store.kek.kek_id, now),
+            "kek_id, created_at, origin, import_job_id) VALUES (?, ?, ?, ?, 'active', ?, ?, ?, ?, ?, ?)",
+            (self._tenant, key_id, version, alg.name, public, rel, self._store.kek.kek_id, now,
+             "generated" if import_job_id is None else "imported", import_job_id),
         )
 
     def get(self, key_id: str, version: int | None = None) -> KeyInfo:
@@ -227,6 +260,14 @@ class TenantKeys(KeyObjects):
     def rotate(self, key_id: str, idempotency_key: str | None = None) -> KeyInfo:
         key_id = self._check_id(key_id)
         claim = idempotency_claim(idempotency_key, "rotate_key", key_id=key_id)
+        return self._rotate(key_id, claim)
+
+    def _rotate(
+        self, key_id: str, claim: IdempotencyClaim | None, imported: PrivateKey | None = None,
+        import_job_id: str | None = None,
+    ) -> KeyInfo:
+        """A new version of ``key_id``: ``imported`` (which must be of the key's algorithm), or a
+        new key pair when None."""
         store = self._store
         earlier: tuple[str, int] | None = None
         with mapped_errors("rotating a key"):
@@ -237,6 +278,11 @@ class TenantKeys(KeyObjects):
             row = self._lazy_destroy(key_id, self._row(key_id))
             require_usable(key_id, row[4])
             alg = get_algorithm(row[2])
+            if imported is not None and imported.algorithm.name != alg.name:
+                raise InvalidKeyMaterial(
+                    f"key {key_id!r} is a {alg.name} key; "
+                    f"a {imported.algorithm.name} key cannot be its version"
+                )
             # the write lock is held from reading latest_version to the commit: concurrent
             # rotations (other workers) serialise and never pick the same version number
             with store._transaction():
@@ -246,9 +292,9 @@ class TenantKeys(KeyObjects):
                     row = self._row(key_id)
                     require_usable(key_id, row[4])
                     version = row[5] + 1
-                    public, rel, priv = self._write_version(key_id, version, alg)
+                    public, rel, priv = self._write_version(key_id, version, alg, imported)
                     try:
-                        self._insert_version(key_id, version, alg, public, rel, now)
+                        self._insert_version(key_id, version, alg, public, rel, now, import_job_id)
                         store._db.execute(
                             "UPDATE keys SET latest_version = ?, updated_at = ? "
                             "WHERE tenant_id = ? AND key_id = ?",
@@ -263,6 +309,82 @@ class TenantKeys(KeyObjects):
             return self._replay(*earlier)
         store._cache_put(store._private, (self._tenant, key_id, version), priv)
         return self._info(self._row(key_id))
+
+    # ---- import jobs and key import (see key_import) ----
+
+    def _job_row(self, job_id: str) -> tuple[Any, ...]:
+        row = self._store._db.execute(
+            f"SELECT {JOB_COLUMNS}, sealed FROM import_jobs WHERE tenant_id = ? AND job_id = ?",
+            (self._tenant, job_id),
+        ).fetchone()
+        if row is None:
+            raise import_job_not_found(job_id)
+        return tuple(row)
+
+    def create_import_job(self, method: object = None, ttl_seconds: object = None) -> ImportJobInfo:
+        ttl = check_import_ttl(ttl_seconds)
+        store = self._store
+        job_id = new_import_job_id()
+        name, _kem, public, sealed = new_job_key(store.backend, store.kek, self._tenant, job_id, method)
+        now = store.clock()
+        with mapped_errors("creating an import job"), store._transaction():
+            store._db.execute(
+                "INSERT INTO import_jobs (tenant_id, job_id, method, public_key, sealed, kek_id, created_at, "
+                "expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (self._tenant, job_id, name, public, sealed, store.kek.kek_id, now, now + ttl),
+            )
+        log.info("import job created", extra={"fields": {"import_job_id": job_id, "method": name}})
+        return ImportJobInfo(job_id, name, public, now, now + ttl, "active")
+
+    def get_import_job(self, job_id: object) -> ImportJobInfo:
+        job_id = check_import_job_id(job_id)
+        with mapped_errors("reading an import job"):
+            return job_info(self._job_row(job_id), self._store.clock())
+
+    def list_import_jobs(self, limit: int = DEFAULT_LIST_LIMIT, cursor: object = None) -> ImportJobPage:
+        limit, _ = check_list_args(limit, None)
+        after = check_job_cursor(cursor)
+        now = self._store.clock()
+        with mapped_errors("listing import jobs"):
+            rows = self._store._db.execute(
+                f"SELECT {JOB_COLUMNS} FROM import_jobs WHERE tenant_id = ? AND job_id > ? "
+                "ORDER BY job_id LIMIT ?",
+                (self._tenant, after or "", limit + 1),
+            ).fetchall()
+        more = len(rows) > limit
+        jobs = tuple(job_info(tuple(r), now) for r in rows[:limit])
+        return ImportJobPage(jobs, jobs[-1].import_job_id if more and jobs else None)
+
+    def import_key(
+        self, job_id: object, algorithm: object, wrapped_key: object, *, format: object = None,
+        label: object = None, key_id: object = None, idempotency_key: object = None,
+    ) -> KeyInfo:
+        """A new key (or, with ``key_id``, a new version of that key) holding the private key
+        wrapped for import job ``job_id``; see ``key_import`` for every check on the way."""
+        req = ImportRequest(job_id, algorithm, wrapped_key, format, label, key_id)
+        store = self._store
+        claim = idempotency_claim(
+            idempotency_key, "create_key" if req.key_id is None else "rotate_key", request="import_key",
+            **req.fingerprint_args(),
+        )
+        if claim is not None:
+            with mapped_errors("reading an idempotency record"):
+                earlier = self._recorded(claim, store.clock())
+            if earlier is not None:
+                return self._replay(*earlier)
+        with mapped_errors("reading an import job"):
+            row = self._job_row(req.job_id)
+        job = job_info(row, store.clock())
+        priv = unwrap(store.backend, store.kek, self._tenant, job, require_open(job, row[6]), req)
+        if req.key_id is None:
+            info = self._create(req.algorithm, req.label, claim, priv, req.job_id)
+        else:
+            info = self._rotate(req.key_id, claim, priv, req.job_id)
+        if not info.replayed:
+            log.info("key imported", extra={"fields": {
+                "key_id": info.key_id, "version": info.version, "algorithm": info.algorithm,
+                "import_job_id": req.job_id}})
+        return info
 
     def _transition(self, key_id: str, op: str) -> KeyInfo:
         key_id = self._check_id(key_id)
