@@ -53,6 +53,7 @@ names what was expected and never any byte of the material.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from ..errors import InvalidInput, InvalidKeyMaterial
 from .algorithms import (
@@ -272,7 +273,38 @@ def seed_pkcs8(algorithm: Algorithm, seed: bytes, public_key: bytes | None = Non
     return _der(0x30, body)
 
 
+# ---- the client's side ------------------------------------------------------------------------
+
+
+def wrap_key(method: str, job_public_key: bytes, job_id: str, algorithm: str, key_material: bytes) -> bytes:
+    """``wrapped_key`` for an import: ``key_material`` (a seed form or a seed-form PKCS#8 of
+    ``algorithm``) sealed to the job's public key with ``cryptography``'s own HPKE
+    (``hpke.Suite``, single shot, base mode, HKDF-SHA256, AES-256-GCM, no aad)."""
+    from cryptography.hazmat.primitives import hpke
+    from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
+
+    kem = import_method(method)
+    if len(job_public_key) != kem.public_key_size:
+        raise InvalidInput(
+            f"a {method} job public key is {kem.public_key_size} bytes, not {len(job_public_key)}"
+        )
+    public: Any
+    if kem is X_WING:
+        suite_kem = hpke.KEM.MLKEM768_X25519
+        public = hpke.MLKEM768X25519PublicKey(
+            mlkem.MLKEM768PublicKey.from_public_bytes(job_public_key[:ML_KEM_768.public_key_size]),
+            x25519.X25519PublicKey.from_public_bytes(job_public_key[ML_KEM_768.public_key_size:]),
+        )
+    elif kem is ML_KEM_768:
+        suite_kem, public = hpke.KEM.MLKEM768, mlkem.MLKEM768PublicKey.from_public_bytes(job_public_key)
+    else:
+        suite_kem, public = hpke.KEM.MLKEM1024, mlkem.MLKEM1024PublicKey.from_public_bytes(job_public_key)
+    suite = hpke.Suite(suite_kem, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
+    return suite.encrypt(key_material, public, info=import_info(job_id, algorithm))
+
+
 __all__ = [
+    "wrap_key",
     "IMPORTABLE_ALGORITHMS", "IMPORT_FORMATS", "IMPORT_INFO_PREFIX", "IMPORT_METHODS", "KeyMaterial",
     "check_seed", "encode_oid", "import_info", "import_method", "parse_key_material", "seed_pkcs8",
 ]

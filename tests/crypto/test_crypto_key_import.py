@@ -3,8 +3,10 @@ and the seed-form PKCS#8 -- against what ``cryptography`` writes and the composi
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
-from crypto_helpers import b64, vectors
+from crypto_helpers import b64, cryptography_hpke_keys, cryptography_hpke_suite, vectors
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import mldsa, mlkem
 
@@ -17,8 +19,9 @@ from qpher_proxy.crypto.key_import import (
     import_method,
     parse_key_material,
     seed_pkcs8,
+    wrap_key,
 )
-from qpher_proxy.errors import InvalidInput, InvalidKeyMaterial
+from qpher_proxy.errors import DecryptionFailed, InvalidInput, InvalidKeyMaterial
 
 CRYPTOGRAPHY_KEYS = {
     "ml-kem-768": mlkem.MLKEM768PrivateKey,
@@ -173,3 +176,30 @@ def test_malformed_der_is_invalid_key_material(mutate: object) -> None:
 def test_an_unknown_format_is_invalid_input() -> None:
     with pytest.raises(InvalidInput, match="format must be one of"):
         parse_key_material(ALGORITHMS["ml-dsa-65"], bytes(32), "jwk")
+
+
+# ---- the wrapping: cryptography's HPKE and ours are one suite -------------------------------
+
+
+@pytest.mark.parametrize("method", sorted(IMPORT_METHODS))
+def test_cryptographys_hpke_wraps_what_our_hpke_opens_and_the_other_way_round(
+    backend: Any, method: str
+) -> None:
+    """``wrap_key`` is cryptography's ``hpke.Suite`` (HKDF-SHA256, AES-256-GCM, no aad); a job key
+    of either backend opens it with our RFC 9180 code and the import info, and what our code seals
+    cryptography opens: ``enc || ct`` with the KEM's fixed ``enc`` length."""
+    kem = IMPORT_METHODS[method]
+    job = backend.generate(kem)
+    job_id = "ij_" + "c" * 26
+    info = import_info(job_id, "ml-dsa-65")
+    material = bytes(range(32))
+    wrapped = wrap_key(method, job.public_key().public_bytes(), job_id, "ml-dsa-65", material)
+    assert len(wrapped) == kem.ciphertext_size + len(material) + 16
+    assert job.hpke_open(wrapped, aad=b"", info=info) == material
+    with pytest.raises(DecryptionFailed):
+        job.hpke_open(wrapped, info=import_info(job_id, "ml-dsa-44"))
+    ours = job.public_key().hpke_seal(material, aad=b"", info=info)
+    private, _public = cryptography_hpke_keys(kem.name, job.private_bytes(), None)
+    assert cryptography_hpke_suite(kem.name).decrypt(ours, private, info=info) == material
+    with pytest.raises(InvalidInput, match="job public key is"):
+        wrap_key(method, b"\x00" * 10, job_id, "ml-dsa-65", material)
