@@ -32,6 +32,15 @@ that pass validation go to the KMS in one batch frame (one round trip). A failur
 about the item (any 5xx, such as ``kms_unavailable``) fails the whole request instead, so a
 client retries the batch rather than reading "503" in each item.
 
+Key import (BYOK). ``POST /v1/import-jobs`` has the KMS make a job: a KEM key pair whose
+public key the client wraps a private key to (single-shot HPKE, see
+:mod:`qpher_proxy.crypto.key_import`), ``POST /v1/keys/import`` and
+``POST /v1/keys/{key_id}/import-version`` hand the wrapped key to the KMS, which opens and
+checks it and stores it like a generated key. Their answers are the ``POST /v1/keys`` and
+rotate answers plus ``"origin": "imported"``. The gateway never sees the key material: it
+passes ``wrapped_key`` through as it came. A job id that cannot be one is
+``import_job_not_found`` without a KMS call, as a malformed key id is ``key_not_found``.
+
 HPKE. ``/v1/encrypt`` and ``/v1/decrypt`` always pass the fixed application ``info``
 (:data:`~qpher_proxy.crypto.algorithms.HPKE_INFO`, ``b"qpher/v1/encrypt"``) to the KMS, so a
 ciphertext sealed locally with any RFC 9180 library, the key's public key and that ``info``
@@ -69,9 +78,11 @@ from ..http.messages import Base64Text
 from .routes import Route
 from .validation import (
     DEFAULT_ALGORITHMS,
+    DEFAULT_IMPORT_JOB_TTL_SECONDS,
     IDEMPOTENT_OPERATIONS,
     NO_BODY_OPERATIONS,
     REQUEST_FIELDS,
+    check_import_job_id,
     check_key_id,
     json_type,
     load_object,
@@ -82,9 +93,9 @@ from .validation import (
 )
 
 __all__ = [
-    "APIAnswer", "CryptoAPI", "ParsedRequest", "KMSLike", "REPLAYED_HEADER", "HPKE_KDF_ID", "HPKE_AEAD_ID",
-    "HPKE_INFO",
-    "DEFAULT_MAX_BATCH_ITEMS", "key_json",
+    "APIAnswer", "CryptoAPI", "ParsedRequest", "KMSLike", "REPLAYED_HEADER",
+    "HPKE_KDF_ID", "HPKE_AEAD_ID", "HPKE_INFO",
+    "DEFAULT_MAX_BATCH_ITEMS", "key_json", "import_job_json",
 ]
 
 DEFAULT_MAX_BATCH_ITEMS = 100  # config api.max_batch_items
@@ -120,6 +131,16 @@ class KMSLike(Protocol):
                       version: int | None = None, info: bytes = b"") -> bytes: ...
     async def batch(self, ctx: TenantContext,
                     items: Sequence[tuple[str, Mapping[str, Any]]]) -> list[dict[str, Any] | QpherError]: ...
+    # key import: a job is a mapping (or an object) with import_job_id, method, public_key (bytes),
+    # expires_at (epoch seconds) and state; a page has jobs and next_cursor
+    async def create_import_job(self, ctx: TenantContext, method: str,
+                                ttl_seconds: int | None = None) -> Any: ...
+    async def get_import_job(self, ctx: TenantContext, job_id: str) -> Any: ...
+    async def list_import_jobs(self, ctx: TenantContext, limit: int = ...,
+                               cursor: str | None = None) -> Any: ...
+    async def import_key(self, ctx: TenantContext, job_id: str, algorithm: str, wrapped_key: bytes, *,
+                         format: str = "seed", label: str | None = None, key_id: str | None = None,
+                         idempotency_key: str | None = None) -> Any: ...
 
 
 def _b64(data: bytes) -> str:
@@ -155,6 +176,35 @@ def key_json(info: Any) -> dict[str, Any]:
             for v in info.versions
         ],
     }
+
+
+def _field(obj: Any, name: str) -> Any:
+    """``obj[name]`` of a mapping, else the attribute: the KMS client answers import jobs as either."""
+    if isinstance(obj, Mapping):
+        return obj.get(name)
+    return getattr(obj, name, None)
+
+
+def import_job_json(job: Any) -> dict[str, Any]:
+    """The public view of an import job: its method and public key, never its private key (the
+    KMS has no way to send it). A malformed KMS answer is a 500, not a KeyError."""
+    job_id, method, state = _field(job, "import_job_id"), _field(job, "method"), _field(job, "state")
+    public_key, expires_at = _field(job, "public_key"), _field(job, "expires_at")
+    if not (type(job_id) is str and type(method) is str and type(state) is str
+            and type(public_key) is bytes and type(expires_at) in (int, float)):
+        raise QpherError("the KMS answered with a malformed import job")
+    return {
+        "import_job_id": job_id,
+        "method": method,
+        "public_key": _b64(public_key),
+        "expires_at": _timestamp(expires_at),
+        "state": state,
+    }
+
+
+def _imported_key_json(info: Any) -> dict[str, Any]:
+    """The ``POST /v1/keys`` (or rotate) answer for an imported key or version."""
+    return {**key_json(info), "origin": "imported"}
 
 
 # ---- parsed requests ------------------------------------------------------------------
@@ -269,8 +319,12 @@ class CryptoAPI:
             fields: dict[str, Any] = {}
             if "key_id" in params:
                 fields["key_id"] = check_key_id(params["key_id"])
+            if "import_job_id" in params:
+                fields["import_job_id"] = check_import_job_id(params["import_job_id"])
             if op == "keys.list":
                 fields["limit"], fields["cursor"] = parse_list_query(query)
+            elif op == "import_jobs.list":
+                fields["limit"], fields["cursor"] = parse_list_query(query, jobs=True)
             elif op == "keys.read":
                 fields["version"] = parse_version_query(query)
             elif query and route.owner == "api":  # the server's own routes ignore queries
@@ -284,7 +338,10 @@ class CryptoAPI:
             return ParsedRequest(route, fields)
         if query:
             raise InvalidInput(f"{route.name} takes no query parameters")
+        key_id = check_key_id(params.get("key_id")) if "{key_id}" in route.template else None
         fields = parse_fields(load_object(body), REQUEST_FIELDS[op])
+        if key_id is not None:
+            fields["key_id"] = key_id
         if op == "keys.create":
             fields = _resolve_algorithm(fields)
         return ParsedRequest(route, fields)
@@ -372,11 +429,46 @@ class CryptoAPI:
             info = await kms.cancel_destroy(ctx, f["key_id"])
         elif op == "info":
             return APIAnswer(route.status, self.info(tls_version=tls_version, tls_group=tls_group))
+        elif op in _IMPORT_OPS:
+            return await self._import(parsed, ctx)
         else:
             raise QpherError(f"route {route.name!r} is not served by the crypto API")
         if getattr(info, "replayed", False) is True:
             return APIAnswer(route.status, key_json(info), (REPLAYED_HEADER,))
         return APIAnswer(route.status, key_json(info))
+
+    # -- key import ---------------------------------------------------------------------
+
+    async def _import(self, parsed: ParsedRequest, ctx: TenantContext) -> APIAnswer:
+        route, f = parsed.route, parsed.fields
+        op = route.operation
+        kms = self.kms
+        if op == "import_jobs.create":
+            ttl = f.get("ttl_seconds", DEFAULT_IMPORT_JOB_TTL_SECONDS)
+            return APIAnswer(route.status,
+                             import_job_json(await kms.create_import_job(ctx, f["method"], ttl_seconds=ttl)))
+        if op == "import_jobs.read":
+            return APIAnswer(route.status, import_job_json(await kms.get_import_job(ctx, f["import_job_id"])))
+        if op == "import_jobs.list":
+            page = await kms.list_import_jobs(ctx, limit=f["limit"], cursor=f["cursor"])
+            jobs, cursor = _field(page, "jobs"), _field(page, "next_cursor")
+            if not isinstance(jobs, (list, tuple)) or not (cursor is None or type(cursor) is str):
+                raise QpherError("the KMS answered with a malformed page of import jobs")
+            return APIAnswer(route.status,
+                             {"import_jobs": [import_job_json(j) for j in jobs], "next_cursor": cursor})
+        # keys.import / keys.import_version: a new key, or a new version of the key in the path
+        # (whose algorithm the wrapped key was made for: the HPKE info names it)
+        key_id = f.get("key_id")
+        algorithm = f["algorithm"] if key_id is None else (await self.kms.get_key(ctx, key_id)).algorithm
+        with _idempotency_errors():
+            info = await kms.import_key(
+                ctx, f["import_job_id"], algorithm, f["wrapped_key"], format=f.get("format", "seed"),
+                label=f.get("label"), key_id=key_id, idempotency_key=parsed.idempotency_key,
+            )
+        body = _imported_key_json(info)
+        if getattr(info, "replayed", False) is True:
+            return APIAnswer(route.status, body, (REPLAYED_HEADER,))
+        return APIAnswer(route.status, body)
 
     # -- operations ---------------------------------------------------------------------
 
@@ -494,6 +586,10 @@ def _algorithm_json(a: Algorithm) -> dict[str, Any]:
         out["signature_size"] = a.signature_size
     return out
 
+
+_IMPORT_OPS = frozenset({
+    "import_jobs.create", "import_jobs.read", "import_jobs.list", "keys.import", "keys.import_version",
+})
 
 # API operation -> KMS operation
 _KMS_OP = {

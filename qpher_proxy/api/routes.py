@@ -11,7 +11,9 @@
 Paths are matched exactly as received (no percent-decoding, no dot-segment removal, no
 trailing-slash folding): ``/v1/keys/`` is not ``/v1/keys``. A query string, if the caller
 leaves it on, is ignored. ``{key_id}`` matches any one non-empty segment; whether it is a
-well-formed key id is checked later and answered like an unknown key (404 ``key_not_found``).
+well-formed key id is checked later and answered like an unknown key (404 ``key_not_found``);
+``{import_job_id}`` likewise (404 ``import_job_not_found``). A static path wins over a template:
+``/v1/keys/import`` is the import route, never a key named ``import`` (no key id looks so).
 
 ``Route.name`` is the route *template* (``"POST /v1/keys/{key_id}/rotate"``): it is what
 metrics and logs use as the ``route`` label, so a key id never reaches a label.
@@ -64,7 +66,8 @@ class Route:
 
 
 _BODY_OPERATIONS = frozenset({
-    "keys.create", "kem.encapsulate", "kem.decapsulate", "encrypt", "decrypt", "sign", "verify",
+    "keys.create", "keys.import", "keys.import_version", "import_jobs.create",
+    "kem.encapsulate", "kem.decapsulate", "encrypt", "decrypt", "sign", "verify",
     "kem.encapsulate.batch", "kem.decapsulate.batch", "encrypt.batch", "decrypt.batch",
     "sign.batch", "verify.batch", "admin.fail_open.set",
 })
@@ -84,6 +87,12 @@ ROUTES: tuple[Route, ...] = (
     _r("POST", "/v1/keys/{key_id}/disable", "keys.disable", "keys"),
     _r("POST", "/v1/keys/{key_id}/enable", "keys.enable", "keys"),
     _r("POST", "/v1/keys/{key_id}/cancel-destroy", "keys.cancel_destroy", "keys"),
+    # key import (BYOK): import jobs, then keys or key versions wrapped to a job's public key
+    _r("POST", "/v1/import-jobs", "import_jobs.create", "keys", status=201),
+    _r("GET", "/v1/import-jobs", "import_jobs.list", "keys"),
+    _r("GET", "/v1/import-jobs/{import_job_id}", "import_jobs.read", "keys"),
+    _r("POST", "/v1/keys/import", "keys.import", "keys", status=201),
+    _r("POST", "/v1/keys/{key_id}/import-version", "keys.import_version", "keys"),
     # KEM
     _r("POST", "/v1/kem/encapsulate", "kem.encapsulate", "kem"),
     _r("POST", "/v1/kem/decapsulate", "kem.decapsulate", "kem"),

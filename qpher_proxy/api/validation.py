@@ -21,8 +21,12 @@ for each schema and ``tests/api`` checks against it:
 * key ids that cannot be ours are ``key_not_found`` (404) without asking the KMS, exactly what
   an unknown or another tenant's id answers, so the format check reveals nothing;
 * a signature context longer than 255 bytes (FIPS 204 §5.2) is ``invalid_context``;
-* an ``Idempotency-Key`` header (key creation and rotation only) is one header of 1..255
-  visible ASCII characters, else ``invalid_idempotency_key``; its value is never echoed.
+* import job ids that cannot be ours are ``import_job_not_found`` (404), exactly what an
+  unknown or another tenant's job answers;
+* a wrapped key (key import) is at most :data:`MAX_WRAPPED_KEY_BYTES` decoded, else
+  ``invalid_input``; whether it opens is the KMS's to say (``invalid_wrapped_key``);
+* an ``Idempotency-Key`` header (key creation, rotation and import only) is one header of
+  1..255 visible ASCII characters, else ``invalid_idempotency_key``; its value is never echoed.
 
 Messages name the field (``items[3].ciphertext``) and the expected type; they never echo a
 value other than an identifier (a truncated algorithm name or key id), so no plaintext or
@@ -50,13 +54,26 @@ from ..crypto.algorithms import (
     Mode,
     get_algorithm,
 )
-from ..errors import InvalidBase64, InvalidContext, InvalidIdempotencyKey, InvalidInput, InvalidJSON
+from ..crypto.key_import import IMPORT_FORMATS
+from ..crypto.key_import import IMPORT_METHODS as _IMPORT_METHODS
+from ..errors import (
+    InvalidBase64,
+    InvalidContext,
+    InvalidIdempotencyKey,
+    InvalidInput,
+    InvalidJSON,
+)
 from ..kms.wire.model import (
+    DEFAULT_IMPORT_JOB_TTL,
     DEFAULT_LIST_LIMIT,
     IDEMPOTENCY_KEY_RE,
+    IMPORT_JOB_ID_RE,
     KEY_ID_RE,
     MAX_IDEMPOTENCY_KEY_CHARS,
+    MAX_IMPORT_JOB_TTL,
     MAX_LIST_LIMIT,
+    MIN_IMPORT_JOB_TTL,
+    import_job_not_found,
     key_not_found,
 )
 
@@ -65,11 +82,27 @@ __all__ = [
     "load_json", "load_object", "parse_fields", "decode_b64", "check_key_id", "parse_query",
     "parse_list_query", "parse_version_query", "KEY_ID_PATTERN", "LABEL_PATTERN",
     "MAX_KEY_VERSION", "MAX_LIST_LIMIT", "DEFAULT_LIST_LIMIT", "MAX_REASON_CHARS", "REASON_PATTERN",
-    "IDEMPOTENT_OPERATIONS", "parse_idempotency_key",
+    "IDEMPOTENT_OPERATIONS", "parse_idempotency_key", "IMPORT_METHODS", "IMPORT_FORMATS",
+    "DEFAULT_IMPORT_JOB_TTL_SECONDS", "MIN_IMPORT_JOB_TTL_SECONDS", "MAX_IMPORT_JOB_TTL_SECONDS",
+    "MAX_WRAPPED_KEY_BYTES",
+    "IMPORT_JOB_ID_PATTERN", "check_import_job_id", "import_job_not_found",
 ]
 
 # The API operations that honour an Idempotency-Key header; every other route ignores it.
-IDEMPOTENT_OPERATIONS = frozenset({"keys.create", "keys.rotate"})
+IDEMPOTENT_OPERATIONS = frozenset({"keys.create", "keys.rotate", "keys.import", "keys.import_version"})
+
+# Key import (BYOK). A job's method is its HPKE KEM (with HKDF-SHA256 and AES-256-GCM, as
+# /v1/encrypt); a job lives ttl_seconds (default a day, a minute to a week) and serves until then.
+IMPORT_METHODS = tuple(_IMPORT_METHODS)  # hpke-x-wing, hpke-ml-kem-768, hpke-ml-kem-1024
+DEFAULT_IMPORT_JOB_TTL_SECONDS = DEFAULT_IMPORT_JOB_TTL
+MIN_IMPORT_JOB_TTL_SECONDS = MIN_IMPORT_JOB_TTL
+MAX_IMPORT_JOB_TTL_SECONDS = MAX_IMPORT_JOB_TTL
+# enc (at most 1568 bytes, ML-KEM-1024) + the key material (at most 86 bytes: a seed-form PKCS#8
+# of ML-KEM) + the 16-byte tag is under 1.7 KiB. A multiple of 3, so that openapi.yaml states the
+# limit exactly as a base64 maxLength (4096 characters).
+MAX_WRAPPED_KEY_BYTES = 3 * 1024
+# Import job ids are minted by the KMS (``ij_`` + 130 random bits); nothing else can be one.
+IMPORT_JOB_ID_PATTERN = IMPORT_JOB_ID_RE.pattern.removesuffix(r"\Z")
 
 # Key ids are minted by the KMS (random, 130 bits); anything outside this shape cannot be one.
 KEY_ID_PATTERN = KEY_ID_RE.pattern.removesuffix(r"\Z")
@@ -91,6 +124,7 @@ _KEY_ID = re.compile(KEY_ID_PATTERN)
 _LABEL = re.compile(LABEL_PATTERN)
 _REASON = re.compile(REASON_PATTERN)
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
+_IMPORT_JOB_ID = re.compile(IMPORT_JOB_ID_PATTERN)
 _CURSOR = _KEY_ID  # a cursor is the last key id of the previous page
 
 
@@ -105,6 +139,11 @@ class FieldType(enum.Enum):
     LABEL = "label"
     REASON = "reason"  # one line of text, 1..500 characters (REASON_PATTERN)
     SECONDS = "seconds"  # finite number > 0
+    IMPORT_JOB_ID = "import_job_id"
+    IMPORT_METHOD = "import_method"  # one of IMPORT_METHODS
+    TTL = "ttl"  # integer seconds MIN_IMPORT_JOB_TTL_SECONDS .. MAX_IMPORT_JOB_TTL_SECONDS
+    WRAPPED_KEY = "wrapped_key"  # standard base64, at most MAX_WRAPPED_KEY_BYTES decoded
+    FORMAT = "format"  # one of IMPORT_FORMATS
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,12 +179,22 @@ REQUEST_FIELDS: dict[str, dict[str, Field]] = {
         "context": _f(T.CONTEXT), "key_version": _f(T.VERSION),
     },
     "admin.fail_open.set": {"reason": _f(T.REASON, True), "seconds": _f(T.SECONDS, True)},
+    "import_jobs.create": {"method": _f(T.IMPORT_METHOD, True), "ttl_seconds": _f(T.TTL)},
+    "keys.import": {
+        "import_job_id": _f(T.IMPORT_JOB_ID, True), "algorithm": _f(T.ALGORITHM, True),
+        "wrapped_key": _f(T.WRAPPED_KEY, True), "format": _f(T.FORMAT), "label": _f(T.LABEL),
+    },
+    "keys.import_version": {
+        "import_job_id": _f(T.IMPORT_JOB_ID, True), "wrapped_key": _f(T.WRAPPED_KEY, True),
+        "format": _f(T.FORMAT),
+    },
 }
 
 # Operations with a key id in the path and no body (an empty body or {} is accepted).
 NO_BODY_OPERATIONS = frozenset({
     "keys.list", "keys.read", "keys.destroy", "keys.rotate", "keys.disable", "keys.enable",
     "keys.cancel_destroy", "info", "health", "ready", "metrics", "admin.fail_open.clear",
+    "import_jobs.list", "import_jobs.read",
 })
 
 _JSON_TYPE = {dict: "object", list: "array", str: "string", bool: "boolean", int: "integer",
@@ -243,16 +292,35 @@ def check_key_id(value: object, where: str = "key_id") -> str:
     return value
 
 
-def _version(value: object, where: str) -> int:
+def check_import_job_id(value: object, where: str = "import_job_id") -> str:
+    if not isinstance(value, str):
+        raise InvalidInput(f"field {where!r} must be a string, not {json_type(value)}")
+    if not _IMPORT_JOB_ID.fullmatch(value):
+        raise import_job_not_found(value)  # the KMS's own answer for a job it never made
+    return value
+
+
+def _integer(value: object, where: str, high: int, low: int = 1) -> int:
     # JSON has one number type: JSON Schema's "integer" is any number with a zero fraction, so
     # 3.0 is the integer 3 (what a client's float-typed JSON encoder may send).
     if type(value) is float and value.is_integer():
         value = int(value)
     if type(value) is not int:
         raise InvalidInput(f"field {where!r} must be an integer, not {json_type(value)}")
-    if not 1 <= value <= MAX_KEY_VERSION:
-        raise InvalidInput(f"field {where!r} must be between 1 and {MAX_KEY_VERSION}")
+    if not low <= value <= high:
+        raise InvalidInput(f"field {where!r} must be between {low} and {high}")
     return value
+
+
+def _version(value: object, where: str) -> int:
+    return _integer(value, where, MAX_KEY_VERSION)
+
+
+def _choice(value: object, where: str, choices: Sequence[str]) -> str:
+    s = _string(value, where)
+    if s not in choices:
+        raise InvalidInput(f"field {where!r} must be one of {list(choices)}")
+    return s
 
 
 def _string(value: object, where: str) -> str:
@@ -306,6 +374,20 @@ def _convert(ft: FieldType, value: object, where: str) -> object:
         if not math.isfinite(f) or f <= 0:
             raise InvalidInput(f"field {where!r} must be a positive number of seconds")
         return f
+    if ft is T.IMPORT_JOB_ID:
+        return check_import_job_id(value, where)
+    if ft is T.IMPORT_METHOD:
+        return _choice(value, where, IMPORT_METHODS)
+    if ft is T.FORMAT:
+        return _choice(value, where, IMPORT_FORMATS)
+    if ft is T.TTL:
+        return _integer(value, where, MAX_IMPORT_JOB_TTL_SECONDS, MIN_IMPORT_JOB_TTL_SECONDS)
+    if ft is T.WRAPPED_KEY:
+        data = decode_b64(value, where)
+        if len(data) > MAX_WRAPPED_KEY_BYTES:
+            raise InvalidInput(
+                f"field {where!r} must be at most {MAX_WRAPPED_KEY_BYTES} bytes, not {len(data)}")
+        return data
     raise AssertionError(ft)  # pragma: no cover
 
 
@@ -364,9 +446,11 @@ def parse_query(query: str | Mapping[str, object] | None) -> dict[str, str]:
     return out
 
 
-def parse_list_query(query: str | Mapping[str, object] | None) -> tuple[int, str | None]:
+def parse_list_query(
+    query: str | Mapping[str, object] | None, *, jobs: bool = False
+) -> tuple[int, str | None]:
     """``limit`` (1..100, default 50) and ``cursor`` (the ``next_cursor`` of the previous page)
-    for ``GET /v1/keys``."""
+    for ``GET /v1/keys`` (a key id), or ``GET /v1/import-jobs`` with ``jobs`` (a job id)."""
     params = parse_query(query)
     for name in params:
         if name not in ("limit", "cursor"):
@@ -378,7 +462,7 @@ def parse_list_query(query: str | Mapping[str, object] | None) -> tuple[int, str
             raise InvalidInput(f"query parameter 'limit' must be an integer from 1 to {MAX_LIST_LIMIT}")
         limit = int(raw)
     cursor = params.get("cursor")
-    if cursor is not None and not _CURSOR.fullmatch(cursor):
+    if cursor is not None and not (_IMPORT_JOB_ID if jobs else _CURSOR).fullmatch(cursor):
         raise InvalidInput("query parameter 'cursor' is not a cursor this server issued")
     return limit, cursor
 

@@ -38,7 +38,8 @@ Source = Literal["rule", "default", "fail_open"]
 OPERATION_QUOTA_CLASS: Mapping[str, str | None] = MappingProxyType({
     "keys.create": "keys", "keys.list": "keys", "keys.read": "keys", "keys.destroy": "keys",
     "keys.rotate": "keys", "keys.disable": "keys", "keys.enable": "keys",
-    "keys.cancel_destroy": "keys",
+    "keys.cancel_destroy": "keys", "keys.import": "keys", "keys.import_version": "keys",
+    "import_jobs.create": "keys", "import_jobs.read": "keys", "import_jobs.list": "keys",
     "kem.encapsulate": "kem", "kem.decapsulate": "kem",
     "kem.encapsulate.batch": "kem", "kem.decapsulate.batch": "kem",
     "encrypt": "encrypt", "decrypt": "encrypt", "encrypt.batch": "encrypt", "decrypt.batch": "encrypt",

@@ -7,6 +7,11 @@ shared secret is SHA-256 of the key secret and the ciphertext (so decapsulation 
 well-sized ciphertext succeeds, like ML-KEM's implicit rejection), and "HPKE" is a random
 ``enc`` of the KEM's ciphertext size followed by real AES-256-GCM under
 SHA-256(secret || enc || info), so a wrong HPKE ``info`` fails like it would in the KMS.
+Key import: an import job's "public key" is random bytes of its KEM's size and a wrapped key is
+``enc`` (random, the KEM's ciphertext size) followed by real AES-256-GCM under
+SHA-256(job secret || enc || info) with the import ``info`` (:meth:`FakeKMS.wrap` makes one), so
+a wrong job, algorithm or a flipped bit fails to open like in the KMS; key material is checked
+for its seed length (or a DER SEQUENCE for ``pkcs8``) only.
 The end-to-end tests use the real KMS process and the real algorithms.
 """
 
@@ -27,9 +32,14 @@ from qpher_proxy.crypto.algorithms import ALGORITHMS, MAX_CONTEXT_BYTES, Algorit
 from qpher_proxy.errors import (
     AlgorithmMismatch,
     DecryptionFailed,
+    IdempotencyKeyReused,
+    ImportJobExpired,
+    ImportJobNotFound,
     InvalidCiphertext,
     InvalidContext,
+    InvalidKeyMaterial,
     InvalidKeyState,
+    InvalidWrappedKey,
     KeyDestroyed,
     KeyDisabled,
     KeyNotFound,
@@ -37,6 +47,26 @@ from qpher_proxy.errors import (
     QpherError,
 )
 from qpher_proxy.kms.wire.model import KeyInfo, KeyPage, KeyState, VersionInfo, key_not_found, new_key_id
+
+# method -> the job's KEM; algorithm -> its seed size (the real ones, qpher_proxy.crypto.key_import)
+IMPORT_KEMS = {"hpke-x-wing": "x-wing", "hpke-ml-kem-768": "ml-kem-768", "hpke-ml-kem-1024": "ml-kem-1024"}
+SEED_SIZES = {"ml-kem-768": 64, "ml-kem-1024": 64, "x-wing": 32, "ml-dsa-44": 32, "ml-dsa-65": 32,
+              "ml-dsa-87": 32, "ml-dsa-65-ecdsa-p256": 83}
+
+
+def import_info(job_id: str, algorithm: str) -> bytes:
+    return b"qpher/v1/import:" + job_id.encode("ascii") + b":" + algorithm.encode("ascii")
+
+
+@dataclass
+class _Job:
+    tenant: str
+    job_id: str
+    method: str
+    secret: bytes
+    public_key: bytes
+    created_at: float
+    expires_at: float
 
 
 def _public(secret: bytes, alg: Algorithm) -> bytes:
@@ -60,6 +90,10 @@ class FakeKMS:
         self.destroy_delay = destroy_delay
         self.unavailable = False
         self.calls: list[str] = []
+        self._jobs: dict[str, _Job] = {}
+        self._skew = 0.0  # advance(): seconds added to the clock
+        # (tenant, idempotency key) -> (the request's arguments, the key id it created)
+        self._idempotent: dict[tuple[str, str], tuple[tuple[Any, ...], str]] = {}
 
     # -- helpers ------------------------------------------------------------------------
 
@@ -67,7 +101,11 @@ class FakeKMS:
         self.calls.append(op)
         if self.unavailable:
             raise KMSUnavailable("no KMS worker is available")
-        return float(next(self._clock))
+        return float(next(self._clock)) + self._skew
+
+    def advance(self, seconds: float) -> None:
+        """Test hook: move the clock forward (import jobs expire)."""
+        self._skew += seconds
 
     def _get(self, ctx: TenantContext, key_id: str) -> _Key:
         k = self._keys.get(key_id)
@@ -192,6 +230,101 @@ class FakeKMS:
         now = float(next(self._clock))
         self._set(k, now, state=KeyState.DESTROYED, public_key=None, destroyed_at=now,
                   versions=tuple(replace(v, state="destroyed") for v in k.info.versions))
+
+    # -- key import ---------------------------------------------------------------------
+
+    def _job_answer(self, job: _Job, now: float) -> dict[str, Any]:
+        return {"import_job_id": job.job_id, "method": job.method, "public_key": job.public_key,
+                "created_at": job.created_at, "expires_at": job.expires_at,
+                "state": "active" if now < job.expires_at else "expired"}
+
+    def _job(self, ctx: TenantContext, job_id: str) -> _Job:
+        job = self._jobs.get(job_id)
+        if job is None or job.tenant != ctx.tenant_id:
+            raise ImportJobNotFound(f"no import job {job_id!r}")
+        return job
+
+    async def create_import_job(self, ctx: TenantContext, method: str,
+                                ttl_seconds: int | None = None) -> dict[str, Any]:
+        now = self._enter("create_import_job")
+        alg = ALGORITHMS[IMPORT_KEMS[method]]
+        secret = secrets.token_bytes(32)
+        job_id = "ij_" + new_key_id()[2:]
+        job = _Job(ctx.tenant_id, job_id, method, secret, _public(secret, alg), now,
+                   now + (86_400 if ttl_seconds is None else ttl_seconds))
+        self._jobs[job_id] = job
+        return self._job_answer(job, now)
+
+    async def get_import_job(self, ctx: TenantContext, job_id: str) -> dict[str, Any]:
+        now = self._enter("get_import_job")
+        return self._job_answer(self._job(ctx, job_id), now)
+
+    async def list_import_jobs(self, ctx: TenantContext, limit: int = 50,
+                               cursor: str | None = None) -> dict[str, Any]:
+        now = self._enter("list_import_jobs")
+        mine = sorted((j for j in self._jobs.values() if j.tenant == ctx.tenant_id), key=lambda j: j.job_id)
+        after = [j for j in mine if cursor is None or j.job_id > cursor]
+        page = after[:limit]
+        return {"jobs": [self._job_answer(j, now) for j in page],
+                "next_cursor": page[-1].job_id if len(after) > limit else None}
+
+    def wrap(self, job_id: str, algorithm: str, material: bytes) -> bytes:
+        """Test hook: ``material`` wrapped for the job as a client would (fake HPKE, see above)."""
+        job = self._jobs[job_id]
+        enc = secrets.token_bytes(ALGORITHMS[IMPORT_KEMS[job.method]].ciphertext_size)
+        key = hashlib.sha256(job.secret + enc + import_info(job_id, algorithm)).digest()
+        return enc + AESGCM(key).encrypt(bytes(12), material, None)
+
+    def _unwrap(self, job: _Job, algorithm: str, wrapped: bytes) -> bytes:
+        enc_size = ALGORITHMS[IMPORT_KEMS[job.method]].ciphertext_size
+        if len(wrapped) < enc_size + 16:
+            raise InvalidWrappedKey("the wrapped key does not open with this import job")
+        key = hashlib.sha256(job.secret + wrapped[:enc_size] + import_info(job.job_id, algorithm)).digest()
+        try:
+            return AESGCM(key).decrypt(bytes(12), wrapped[enc_size:], None)
+        except InvalidTag as exc:
+            raise InvalidWrappedKey("the wrapped key does not open with this import job") from exc
+
+    async def import_key(self, ctx: TenantContext, job_id: str, algorithm: str, wrapped_key: bytes, *,
+                         format: str = "seed", label: str | None = None, key_id: str | None = None,
+                         idempotency_key: str | None = None) -> KeyInfo:
+        now = self._enter("import_key")
+        args = (job_id, algorithm, wrapped_key, format, label, key_id)
+        if idempotency_key is not None and (ctx.tenant_id, idempotency_key) in self._idempotent:
+            first_args, first_key = self._idempotent[(ctx.tenant_id, idempotency_key)]
+            if first_args != args:
+                raise IdempotencyKeyReused("this Idempotency-Key was used for another request")
+            return replace(self._keys[first_key].info, replayed=True)
+        job = self._job(ctx, job_id)
+        if now >= job.expires_at:
+            raise ImportJobExpired(f"import job {job_id!r} has expired")
+        target = None if key_id is None else self._get(ctx, key_id)
+        if target is not None:
+            self._require_usable(target)
+            if target.info.algorithm != algorithm:
+                raise InvalidKeyMaterial(f"key {key_id!r} is {target.info.algorithm}, not {algorithm}")
+        material = self._unwrap(job, algorithm, wrapped_key)
+        if format == "seed" and len(material) != SEED_SIZES[algorithm]:
+            raise InvalidKeyMaterial(
+                f"a {algorithm} seed is {SEED_SIZES[algorithm]} bytes, not {len(material)}")
+        if format == "pkcs8" and material[:1] != b"\x30":
+            raise InvalidKeyMaterial("the PKCS#8 key is not a DER SEQUENCE")
+        secret = hashlib.sha256(material).digest()
+        alg = ALGORITHMS[algorithm]
+        if target is None:
+            info = await self.create_key(ctx, algorithm=algorithm, label=label)
+            k = self._keys[info.key_id]
+            k.secrets[0] = secret
+            info = self._set(k, now, public_key=_public(secret, alg))
+        else:
+            k = target
+            k.secrets.append(secret)
+            v = k.info.latest_version + 1
+            info = self._set(k, now, version=v, latest_version=v, public_key=_public(secret, alg),
+                             versions=(*k.info.versions, VersionInfo(v, "active", now)))
+        if idempotency_key is not None:
+            self._idempotent[(ctx.tenant_id, idempotency_key)] = (args, info.key_id)
+        return info
 
     # -- crypto -------------------------------------------------------------------------
 

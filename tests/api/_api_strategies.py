@@ -10,7 +10,14 @@ from typing import Any
 from hypothesis import strategies as st
 
 from qpher_proxy.api import Route
-from qpher_proxy.api.validation import LABEL_PATTERN, REQUEST_FIELDS, Field, FieldType
+from qpher_proxy.api.validation import (
+    IMPORT_FORMATS,
+    IMPORT_METHODS,
+    LABEL_PATTERN,
+    REQUEST_FIELDS,
+    Field,
+    FieldType,
+)
 from qpher_proxy.crypto.algorithms import ALGORITHMS
 
 JSON = st.recursive(
@@ -36,11 +43,24 @@ def b64(max_size: int) -> st.SearchStrategy[str]:
     return raw.map(lambda b: base64.b64encode(b).decode())
 
 
-def value(field: Field, key_ids: list[str]) -> st.SearchStrategy[Any]:
+def value(field: Field, key_ids: list[str], job_ids: list[str] | None = None,
+          wrapped: list[str] | None = None) -> st.SearchStrategy[Any]:
+    """Near-valid values of a field: ``job_ids`` and ``wrapped`` (base64 wrapped keys) feed the
+    key-import fields, as ``key_ids`` the key ids."""
     t = field.type
     near: st.SearchStrategy[Any]
     if t is FieldType.KEY_ID:
         near = st.sampled_from(key_ids) | st.text(max_size=30)
+    elif t is FieldType.IMPORT_JOB_ID:
+        near = st.sampled_from(job_ids or ["ij_" + "a" * 26]) | st.text(max_size=30)
+    elif t is FieldType.WRAPPED_KEY:
+        near = b64(64) | st.sampled_from(wrapped or [""]) | st.text(max_size=12)
+    elif t is FieldType.IMPORT_METHOD:
+        near = st.sampled_from(list(IMPORT_METHODS) + ["hpke-rsa", ""])
+    elif t is FieldType.FORMAT:
+        near = st.sampled_from(list(IMPORT_FORMATS) + ["der", ""])
+    elif t is FieldType.TTL:
+        near = st.integers(-1, 10**6) | st.sampled_from([59, 60, 604800, 604801])
     elif t is FieldType.BYTES:
         near = b64(64) | st.text(max_size=12)
     elif t is FieldType.CONTEXT:
@@ -63,19 +83,21 @@ def value(field: Field, key_ids: list[str]) -> st.SearchStrategy[Any]:
 
 
 @st.composite
-def item(draw: st.DrawFn, spec: dict[str, Field], key_ids: list[str]) -> Any:
+def item(draw: st.DrawFn, spec: dict[str, Field], key_ids: list[str], job_ids: list[str] | None = None,
+         wrapped: list[str] | None = None) -> Any:
     if draw(st.integers(0, 9)) == 0:
         return draw(JSON)
     obj: dict[str, Any] = {}
     for name, f in spec.items():
         if draw(st.integers(0, 9)) < (9 if f.required else 5):
-            obj[name] = draw(value(f, key_ids))
+            obj[name] = draw(value(f, key_ids, job_ids, wrapped))
     if draw(st.integers(0, 14)) == 0:
         obj[draw(st.text(max_size=8))] = draw(JSON)
     return obj
 
 
-def body(route: Route, key_ids: list[str], *, max_batch: int) -> st.SearchStrategy[bytes]:
+def body(route: Route, key_ids: list[str], *, max_batch: int, job_ids: list[str] | None = None,
+         wrapped: list[str] | None = None) -> st.SearchStrategy[bytes]:
     random_json = JSON.map(lambda v: json.dumps(v).encode())
     raw = st.binary(max_size=64)
     if not route.has_body:
@@ -84,6 +106,6 @@ def body(route: Route, key_ids: list[str], *, max_batch: int) -> st.SearchStrate
         spec = REQUEST_FIELDS[route.operation.removesuffix(".batch")]
         shaped = st.lists(item(spec, key_ids), max_size=max_batch).map(lambda items: {"items": items})
     else:
-        shaped = item(REQUEST_FIELDS[route.operation], key_ids)
+        shaped = item(REQUEST_FIELDS[route.operation], key_ids, job_ids, wrapped)
     encoded = shaped.map(lambda v: json.dumps(v).encode())
     return st.one_of(encoded, encoded, encoded, random_json, raw)

@@ -4,6 +4,7 @@ openapi.yaml or a documented 4xx ``QpherError``: never a 5xx, never another exce
 
 from __future__ import annotations
 
+import base64
 import json
 
 import _api_strategies as strategies
@@ -15,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qpher_proxy.api import ROUTES, CryptoAPI, Route
+from qpher_proxy.api.validation import IMPORT_METHODS
 from qpher_proxy.context import TenantContext
 from qpher_proxy.crypto.algorithms import ALGORITHMS
 from qpher_proxy.errors import QpherError
@@ -43,7 +45,18 @@ class Env:
             theirs = (await self.kms.create_key(OTHER, algorithm="ml-kem-768")).key_id
             return [*ids, off, pending, theirs, "k_" + "a" * 26]
 
+        async def jobs() -> tuple[list[str], list[str]]:
+            mine = [(await self.kms.create_import_job(CTX, m))["import_job_id"] for m in IMPORT_METHODS]
+            old = (await self.kms.create_import_job(CTX, "hpke-x-wing", ttl_seconds=60))["import_job_id"]
+            theirs = (await self.kms.create_import_job(OTHER, "hpke-ml-kem-768"))["import_job_id"]
+            self.kms.advance(3600)  # `old` has expired
+            materials = [("ml-dsa-65", 32), ("ml-kem-768", 64), ("x-wing", 8)]
+            wrapped = [base64.b64encode(self.kms.wrap(j, alg, bytes(n))).decode()
+                       for j in [*mine, old] for alg, n in materials]
+            return [*mine, old, theirs, "ij_" + "a" * 26], wrapped
+
         self.key_ids = trio.run(setup)
+        self.job_ids, self.wrapped = trio.run(jobs)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +64,10 @@ def env() -> Env:
     return Env()
 
 
-def _params(route: Route, key_ids: list[str]) -> st.SearchStrategy[dict[str, str]]:
+def _params(route: Route, key_ids: list[str], job_ids: list[str]) -> st.SearchStrategy[dict[str, str]]:
+    if "{import_job_id}" in route.template:
+        return st.fixed_dictionaries(
+            {"import_job_id": st.sampled_from(job_ids) | st.text(min_size=1, max_size=40)})
     if "{key_id}" not in route.template:
         return st.just({})
     return st.fixed_dictionaries({"key_id": st.sampled_from(key_ids) | st.text(min_size=1, max_size=40)})
@@ -59,7 +75,8 @@ def _params(route: Route, key_ids: list[str]) -> st.SearchStrategy[dict[str, str
 
 def _query(route: Route, key_ids: list[str]) -> st.SearchStrategy[str | None]:
     pairs = st.lists(st.tuples(st.sampled_from(["limit", "cursor", "version", "x", ""]),
-                               st.sampled_from(["1", "2", "50", "100", "101", "0", "-1", "", *key_ids[:3]])),
+                               st.sampled_from(["1", "2", "50", "100", "101", "0", "-1", "", *key_ids[:3],
+                                                "ij_" + "a" * 26])),
                      max_size=3)
     return st.none() | pairs.map(lambda ps: "&".join(f"{k}={v}" for k, v in ps))
 
@@ -84,8 +101,9 @@ def test_fuzz_route_answers_only_documented_outcomes(env: Env, route: Route) -> 
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
     @given(data=st.data())
     def run(data: st.DataObject) -> None:
-        body = data.draw(strategies.body(route, env.key_ids, max_batch=MAX_BATCH + 1), label="body")
-        params = data.draw(_params(route, env.key_ids), label="params")
+        body = data.draw(strategies.body(route, env.key_ids, max_batch=MAX_BATCH + 1, job_ids=env.job_ids,
+                                         wrapped=env.wrapped), label="body")
+        params = data.draw(_params(route, env.key_ids, env.job_ids), label="params")
         query = data.draw(_query(route, env.key_ids), label="query") if route.method == "GET" else None
         trio.run(_check, env, route, body, params, query)
 

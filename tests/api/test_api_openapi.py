@@ -25,11 +25,18 @@ from jsonschema import Draft202012Validator
 from qpher_proxy.api import DEFAULT_MAX_BATCH_ITEMS, ROUTES, CryptoAPI, Route
 from qpher_proxy.api.routes import RouteMethodNotAllowed, routes_by_operation
 from qpher_proxy.api.validation import (
+    DEFAULT_IMPORT_JOB_TTL_SECONDS,
     DEFAULT_LIST_LIMIT,
+    IMPORT_FORMATS,
+    IMPORT_JOB_ID_PATTERN,
+    IMPORT_METHODS,
     KEY_ID_PATTERN,
     LABEL_PATTERN,
+    MAX_IMPORT_JOB_TTL_SECONDS,
     MAX_LIST_LIMIT,
     MAX_REASON_CHARS,
+    MAX_WRAPPED_KEY_BYTES,
+    MIN_IMPORT_JOB_TTL_SECONDS,
     REASON_PATTERN,
     REQUEST_FIELDS,
     decode_b64,
@@ -122,7 +129,7 @@ def test_key_dependent_codes_are_documented_codes() -> None:
             if extra is not None:
                 seen += 1
                 assert set(extra) <= set(documented_codes(route, int(status))), route.name
-    assert seen == 6  # the single crypto operations
+    assert seen == 8  # the single crypto operations and the two key imports
 
 
 def test_error_responses_use_the_error_schema() -> None:
@@ -155,6 +162,21 @@ def test_constants_in_the_document_match_the_code() -> None:
     assert (limit["maximum"], limit["default"]) == (MAX_LIST_LIMIT, DEFAULT_LIST_LIMIT)
     kem_ids = sorted(a.hpke_kem_id for a in ALGORITHMS.values() if a.hpke_kem_id is not None)
     assert sorted(s["HPKESuite"]["properties"]["kem_id"]["enum"]) == kem_ids
+
+
+def test_key_import_constants_in_the_document_match_the_code() -> None:
+    s = doc()["components"]["schemas"]
+    assert s["ImportJobIdValue"]["pattern"] == s["ImportJobCursor"]["pattern"] == f"^{IMPORT_JOB_ID_PATTERN}$"
+    assert s["ImportMethod"]["enum"] == list(IMPORT_METHODS)
+    assert s["KeyFormat"]["enum"] == list(IMPORT_FORMATS)
+    assert MAX_WRAPPED_KEY_BYTES % 3 == 0, "a base64 maxLength states the limit exactly"
+    assert s["WrappedKey"]["allOf"][1]["maxLength"] == 4 * MAX_WRAPPED_KEY_BYTES // 3
+    ttl = s["CreateImportJobRequest"]["properties"]["ttl_seconds"]
+    assert (ttl["minimum"], ttl["maximum"], ttl["default"]) == (
+        MIN_IMPORT_JOB_TTL_SECONDS, MAX_IMPORT_JOB_TTL_SECONDS, DEFAULT_IMPORT_JOB_TTL_SECONDS)
+    listing = operation(next(r for r in ROUTES if r.operation == "import_jobs.list"))
+    limit = next(p for p in listing["parameters"] if p["name"] == "limit")["schema"]
+    assert (limit["maximum"], limit["default"]) == (MAX_LIST_LIMIT, DEFAULT_LIST_LIMIT)
 
 
 # Every (algorithm, kind, mode) a client may send, each field also absent.

@@ -5,9 +5,13 @@ import pytest
 from qpher_proxy.api import ROUTES, RouteMethodNotAllowed, resolve
 from qpher_proxy.api.routes import Route
 
+_PARAMS = {"key_id": "k_0123456789abcdef", "import_job_id": "ij_0123456789abcdef"}
+
 
 def _concrete(template: str) -> str:
-    return template.replace("{key_id}", "k_0123456789abcdef")
+    for name, value in _PARAMS.items():
+        template = template.replace("{" + name + "}", value)
+    return template
 
 
 @pytest.mark.parametrize("route", ROUTES, ids=lambda r: r.name)
@@ -16,7 +20,17 @@ def test_every_route_resolves_to_itself(route: Route) -> None:
     assert found is not None
     got, params = found
     assert got is route
-    assert params == ({"key_id": "k_0123456789abcdef"} if "{key_id}" in route.template else {})
+    assert params == {name: value for name, value in _PARAMS.items() if "{" + name + "}" in route.template}
+
+
+def test_the_import_route_is_not_a_key_named_import() -> None:
+    found = resolve("POST", "/v1/keys/import")
+    assert found is not None and found[0].operation == "keys.import" and found[1] == {}
+    with pytest.raises(RouteMethodNotAllowed) as info:
+        resolve("GET", "/v1/keys/import")
+    assert info.value.allow == ("POST",)
+    found = resolve("POST", "/v1/keys/k_1/import-version")
+    assert found is not None and found[0].operation == "keys.import_version"
 
 
 def test_route_names_are_templates_so_no_key_id_reaches_a_label() -> None:
@@ -54,6 +68,9 @@ def test_query_string_is_ignored_for_matching() -> None:
     ("GET", "/v1/keys/k_1/rotate", "POST"),
     ("HEAD", "/v1/info", "GET"),
     ("PATCH", "/admin/fail-open", "DELETE, POST"),
+    ("DELETE", "/v1/import-jobs", "GET, POST"),
+    ("POST", "/v1/import-jobs/ij_1", "GET"),
+    ("GET", "/v1/keys/k_1/import-version", "POST"),
     ("post", "/v1/sign", "POST"),
 ])
 def test_wrong_method_on_served_path_is_405_with_allow(method: str, path: str, allow: str) -> None:
@@ -75,6 +92,10 @@ def test_route_classes() -> None:
     by_op = {r.operation: r for r in ROUTES}
     assert by_op["keys.create"].status == 201
     assert by_op["keys.destroy"].status == 202
+    assert by_op["import_jobs.create"].status == by_op["keys.import"].status == 201
+    assert by_op["keys.import_version"].status == by_op["keys.rotate"].status == 200
+    assert {by_op[op].quota for op in ("import_jobs.create", "import_jobs.read", "import_jobs.list",
+                                       "keys.import", "keys.import_version")} == {"keys"}
     assert by_op["sign.batch"].batch and by_op["sign.batch"].quota == "sign"
     assert by_op["decrypt"].quota == "encrypt"
     assert by_op["kem.decapsulate.batch"].quota == "kem"

@@ -16,6 +16,7 @@ from qpher_proxy.api.validation import REQUEST_FIELDS, FieldType, decode_b64, lo
 from qpher_proxy.errors import QpherError
 
 KID = "k_abcdefghijklmnopqrstuvwxyz"
+JID = "ij_abcdefghijklmnopqrstuvwxyz"
 B = base64.b64encode
 
 VALID: dict[str, dict[str, Any]] = {
@@ -28,6 +29,10 @@ VALID: dict[str, dict[str, Any]] = {
                "context": "", "key_version": 1},
     "keys.create": {"algorithm": "ml-dsa-65", "label": "billing/signing-2026"},
     "admin.fail_open.set": {"reason": "policy repo outage", "seconds": 60},
+    "import_jobs.create": {"method": "hpke-ml-kem-768", "ttl_seconds": 3600},
+    "keys.import": {"import_job_id": JID, "algorithm": "ml-dsa-65", "wrapped_key": B(b"w" * 1136).decode(),
+                    "format": "seed", "label": "byok/signing-1"},
+    "keys.import_version": {"import_job_id": JID, "wrapped_key": B(b"w" * 1190).decode(), "format": "pkcs8"},
 }
 
 BODY_ROUTES = [r for r in ROUTES if r.has_body and not r.batch]
@@ -68,10 +73,10 @@ def _single_cases(op: str) -> list[tuple[str, Any, str]]:
         for bad in [None, True, 7, 1.5, [], {}]:
             if field.type is FieldType.SECONDS and type(bad) in (int, float):
                 continue
-            if field.type is FieldType.VERSION and type(bad) is int:
+            if field.type in (FieldType.VERSION, FieldType.TTL) and type(bad) is int:
                 continue
             cases.append((f"type-{name}-{type(bad).__name__}", {**valid, name: bad}, "invalid_input"))
-        if field.type in (FieldType.BYTES, FieldType.CONTEXT):
+        if field.type in (FieldType.BYTES, FieldType.CONTEXT, FieldType.WRAPPED_KEY):
             for i, bad_b64 in enumerate(["abc", "ab=c", "YQ", "YR==", "YWJ=", "Y Q==", "YQ==\n", "-_8=",
                                          "é===", "====", "YQ===", "Y===", "\u0000AAA"]):
                 cases.append((f"b64-{name}-{i}", {**valid, name: bad_b64}, "invalid_base64"))
@@ -81,6 +86,19 @@ def _single_cases(op: str) -> list[tuple[str, Any, str]]:
                 cases.append((f"keyid-{name}-{i}", {**valid, name: bad_id}, "key_not_found"))
         if field.type is FieldType.CONTEXT:
             cases.append((f"long-{name}", {**valid, name: B(b"c" * 256).decode()}, "invalid_context"))
+        if field.type is FieldType.WRAPPED_KEY:
+            cases.append((f"long-{name}", {**valid, name: B(b"w" * 3073).decode()}, "invalid_input"))
+        if field.type is FieldType.IMPORT_JOB_ID:
+            for i, bad_id in enumerate(["", "../x", "ij_" + "a" * 60, "ij_ü", JID.upper(), JID + "a",
+                                        JID[:-1], JID[:-1] + "1", KID, "k" + JID[1:]]):
+                cases.append((f"jobid-{name}-{i}", {**valid, name: bad_id}, "import_job_not_found"))
+        if field.type is FieldType.TTL:
+            for bad_t in [0, -1, 59, 604801, 10**30, 3600.5]:
+                cases.append((f"range-{name}-{bad_t}", {**valid, name: bad_t}, "invalid_input"))
+            cases.append((f"string-{name}", {**valid, name: "3600"}, "invalid_input"))
+        if field.type in (FieldType.IMPORT_METHOD, FieldType.FORMAT):
+            for i, bad_c in enumerate(["", "HPKE-ML-KEM-768", "rsa-oaep", "seed ", "der", "pkcs#8"]):
+                cases.append((f"choice-{name}-{i}", {**valid, name: bad_c}, "invalid_input"))
         if field.type is FieldType.VERSION:
             for bad_v in [0, -1, 2**31, 10**30]:
                 cases.append((f"range-{name}-{bad_v}", {**valid, name: bad_v}, "invalid_input"))
@@ -107,6 +125,14 @@ def _single_cases(op: str) -> list[tuple[str, Any, str]]:
             ("kind-bad", {"kind": "rsa"}, "invalid_input"),
             ("mode-bad", {"kind": "kem", "mode": "classic"}, "invalid_input"),
         ]
+    if op == "keys.import":
+        cases += [
+            ("alg-unknown", {**valid, "algorithm": "rsa-2048"}, "unknown_algorithm"),
+            ("kind-instead-of-alg", {**{k: v for k, v in valid.items() if k != "algorithm"}, "kind": "kem"},
+             "invalid_input"),
+        ]
+    if op == "keys.import_version":
+        cases.append(("no-algorithm-here", {**valid, "algorithm": "ml-dsa-65"}, "invalid_input"))
     return cases
 
 
@@ -207,8 +233,19 @@ def test_malformed_path_key_id_is_key_not_found(api: CryptoAPI, route: Route, ba
 
 
 @pytest.mark.parametrize(
+    "route", [r for r in NO_BODY_ROUTES if "{import_job_id}" in r.template], ids=lambda r: r.name
+)
+@pytest.mark.parametrize("bad_id", ["..", "a" * 65, "%2e%2e", "ij.1", "ij%00", KID, JID.upper()])
+def test_malformed_path_import_job_id_is_import_job_not_found(
+    api: CryptoAPI, route: Route, bad_id: str
+) -> None:
+    exc = _expect(api, route, b"", "import_job_not_found", params={"import_job_id": bad_id})
+    assert exc.status == 404
+
+
+@pytest.mark.parametrize(
     "route",
-    [r for r in NO_BODY_ROUTES if r.owner == "api" and r.operation != "keys.list"],
+    [r for r in NO_BODY_ROUTES if r.owner == "api" and r.operation not in ("keys.list", "import_jobs.list")],
     ids=lambda r: r.name,
 )
 def test_query_parameters_are_refused_on_routes_without_any(api: CryptoAPI, route: Route) -> None:
@@ -219,9 +256,35 @@ def test_query_parameters_are_refused_on_routes_without_any(api: CryptoAPI, rout
     "limit=0", "limit=101", "limit=abc", "limit=-1", "limit=1.5", "limit=", "limit=５", "limit=1&limit=2",
     "cursor=", "cursor=" + "a" * 513, "cursor=a%20b", "cursor=a b", "sort=asc", "api_key=x",
 ])
-def test_bad_list_query_is_invalid_input(api: CryptoAPI, query: str) -> None:
-    route = next(r for r in ROUTES if r.operation == "keys.list")
+@pytest.mark.parametrize("op", ["keys.list", "import_jobs.list"])
+def test_bad_list_query_is_invalid_input(api: CryptoAPI, query: str, op: str) -> None:
+    route = next(r for r in ROUTES if r.operation == op)
     _expect(api, route, b"", "invalid_input", params={}, query=query)
+
+
+def test_a_cursor_is_of_the_listed_kind(api: CryptoAPI) -> None:
+    keys = next(r for r in ROUTES if r.operation == "keys.list")
+    jobs = next(r for r in ROUTES if r.operation == "import_jobs.list")
+    assert api.parse(jobs, b"", {}, f"limit=5&cursor={JID}").fields == {"limit": 5, "cursor": JID}
+    _expect(api, jobs, b"", "invalid_input", params={}, query=f"cursor={KID}")
+    _expect(api, keys, b"", "invalid_input", params={}, query=f"cursor={JID}")
+
+
+def test_import_fields_are_converted(api: CryptoAPI) -> None:
+    route = next(r for r in ROUTES if r.operation == "keys.import_version")
+    parsed = api.parse(route, json.dumps(VALID["keys.import_version"]).encode(), {"key_id": KID})
+    assert parsed.fields == {
+        "import_job_id": JID, "wrapped_key": b"w" * 1190, "format": "pkcs8", "key_id": KID}
+    assert parsed.key_ids() == (KID,)
+    route = next(r for r in ROUTES if r.operation == "keys.import")
+    body = {**VALID["keys.import"], "wrapped_key": B(b"w" * 3072).decode()}
+    parsed = api.parse(route, json.dumps(body).encode())
+    assert parsed.fields["wrapped_key"] == b"w" * 3072 and parsed.key_ids() == ()
+    route = next(r for r in ROUTES if r.operation == "import_jobs.create")
+    for ttl, want in [(60, 60), (604800, 604800), (3600.0, 3600)]:
+        fields = api.parse(route, json.dumps({"method": "hpke-x-wing", "ttl_seconds": ttl}).encode()).fields
+        assert fields == {"method": "hpke-x-wing", "ttl_seconds": want}
+        assert type(fields["ttl_seconds"]) is int
 
 
 def test_list_query_accepts_raw_string_and_mapping(api: CryptoAPI) -> None:

@@ -172,7 +172,8 @@ def test_explain_text_lists_every_rule_and_the_decision() -> None:
     for rule in ps.rules:
         assert rule.id in text
     assert re.search(r"\n +4\. hybrid-needs-paid-plan +deny +MATCH  <- decides +20-plans\.yaml:\d+\n", text)
-    assert re.search(r"\n +5\. outside-plan +deny +MATCH +20-plans\.yaml:\d+\n", text)
+    assert re.search(r"\n +5\. import-needs-paid-plan +deny +no match +20-plans\.yaml:\d+\n", text)
+    assert re.search(r"\n +6\. outside-plan +deny +MATCH +20-plans\.yaml:\d+\n", text)
     assert "match.path: request has '/v1/kem/encapsulate'; rule wants [/admin/**]" in text
     assert "match.plan_allows: plan 'free' does not allow operation 'kem.encapsulate' with 'x-wing'" in text
     assert text.rstrip().endswith(
