@@ -85,8 +85,10 @@ _FORWARD_MAX_BODY = 1 << 62  # sidecar bodies are streamed, not limited (nginx: 
 _LIFECYCLE_EVENTS = {
     "keys.create": "key.created", "keys.rotate": "key.rotated", "keys.disable": "key.disabled",
     "keys.enable": "key.enabled", "keys.destroy": "key.destroy_scheduled",
-    "keys.cancel_destroy": "key.destroy_cancelled",
+    "keys.cancel_destroy": "key.destroy_cancelled", "keys.import": "key.imported",
+    "keys.import_version": "key.version_imported",
 }
+_NEW_KEY_OPERATIONS = ("keys.create", "keys.import")  # the key's algorithm and label are in the body
 
 
 class RateLimiter(Protocol):
@@ -348,15 +350,16 @@ class Gateway:
             parsed, ctx, tls_version=tls.version if tls is not None else None,
             tls_group=tls.group if tls is not None else None,
         )
-        self._audit_lifecycle(req, record, operation, answer.body, replayed=answer.replayed)
+        self._audit_lifecycle(req, record, operation, answer.body, replayed=answer.replayed,
+                              import_job_id=parsed.fields.get("import_job_id"))
         return Response.json(answer.status, answer.body, answer.headers)
 
     async def _subjects(
         self, ctx: TenantContext, operation: str, parsed: ParsedRequest
     ) -> list[tuple[str | None, str | None]]:
-        """The (algorithm, key label) pairs the policy decides on: the new key's, or those of
-        the keys the request names."""
-        if operation == "keys.create":
+        """The (algorithm, key label) pairs the policy decides on: the new (or imported) key's,
+        or those of the keys the request names."""
+        if operation in _NEW_KEY_OPERATIONS:
             f = parsed.fields
             return [(f["algorithm"], f.get("label"))]
         key_ids = parsed.key_ids()
@@ -364,18 +367,21 @@ class Gateway:
 
     def _audit_lifecycle(
         self, req: Request, record: APIKeyRecord, operation: str, obj: dict[str, Any], *,
-        replayed: bool = False,
+        replayed: bool = False, import_job_id: str | None = None,
     ) -> None:
         """A key lifecycle event for the operations that change a key; ``idempotent_replay``
-        when the answer repeats an earlier request's (nothing changed this time)."""
+        when the answer repeats an earlier request's (nothing changed this time); an import's
+        ``origin`` and job."""
         event = _LIFECYCLE_EVENTS.get(operation)
         if event is None:
             return
         extra: dict[str, Any] = {"idempotent_replay": True} if replayed else {}
+        if import_job_id is not None:
+            extra.update(origin="imported", import_job_id=import_job_id)
         self.audit.record(event, "info", request_id=req.request_id, tenant=record.tenant,
                           api_key_id=record.key_id, key_id=obj.get("key_id"),
                           algorithm=obj.get("algorithm"), version=obj.get("version"), **extra)
-        if operation == "keys.create" and isinstance(obj.get("key_id"), str):
+        if operation in _NEW_KEY_OPERATIONS and isinstance(obj.get("key_id"), str):
             self._remember_key(record.tenant, obj["key_id"], obj.get("algorithm"), obj.get("label"))
 
     async def _own_route(self, req: Request, record: APIKeyRecord, route: Route) -> Response:
