@@ -60,7 +60,7 @@ import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
-from typing import Any
+from typing import Any, cast
 
 import outcome
 import trio
@@ -160,12 +160,16 @@ class WorkerChannel:
     """The gateway's end of one worker's socketpair, after a successful bootstrap."""
 
     def __init__(
-        self, index: int, sock: socket.socket, conn: ClientConnection, pid: int | None = None
+        self, index: int, sock: socket.socket | None, conn: ClientConnection, pid: int | None = None
     ) -> None:
-        sock.setblocking(False)
+        """``sock``: the worker's socketpair end; None for a subclass with its own transport
+        (``remote.TLSChannel``), which then overrides ``send``, ``_writer``, ``_reader``, ``run``."""
+        if sock is not None:
+            sock.setblocking(False)
         self.index = index
         self.pid = pid
-        self.sock = sock
+        # None only for a subclass whose overrides never touch it (``remote.TLSChannel``)
+        self.sock: socket.socket = cast(socket.socket, sock)
         self.conn = conn
         self.inflight: dict[int, tuple[trio.lowlevel.Task, int]] = {}  # rid -> (task, watchdog tick at send)
         self.alive = True
@@ -330,9 +334,10 @@ class WorkerChannel:
     def close(self) -> None:
         """Synchronous, so no request can pick this channel between its death and its detach."""
         self._retire()
-        if self.sock.fileno() != -1:
-            trio.lowlevel.notify_closing(self.sock)
-            self.sock.close()
+        sock: socket.socket | None = self.sock
+        if sock is not None and sock.fileno() != -1:
+            trio.lowlevel.notify_closing(sock)
+            sock.close()
 
 
 class KMSClient:

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import logging
 import random
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -100,10 +99,7 @@ class TLSChannel(WorkerChannel):
     in one TLS write."""
 
     def __init__(self, index: int, stream: TLSStream, conn: ClientConnection) -> None:
-        a, b = socket.socketpair()  # WorkerChannel wants a socket; this one is never used
-        b.close()
-        super().__init__(index, a, conn)
-        self.sock.close()
+        super().__init__(index, None, conn)
         self.stream = stream
 
     def send(self, frame: bytes) -> None:
