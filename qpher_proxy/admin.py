@@ -223,23 +223,34 @@ def _become_kms_user(name: str) -> None:
 
 
 def kms_command(args: argparse.Namespace) -> int:
-    from .kms.worker.admin import rotate_kek_command
+    from .kms.wire.model import KEKSettings
+    from .kms.worker.admin import load_pkcs11_binding, rotate_kek_command
     from .server.settings import kek_settings
 
     cfg = load_config(args.config)
+    current = kek_settings(cfg.kms.kek)
+    new_kek: str | KEKSettings
+    if args.new_kek_config is not None:
+        # only the kms.kek section of that file counts; its paths are relative to it
+        new_kek = kek_settings(load_config(args.new_kek_config, check_files=False).kms.kek)
+        where = f"the kms.kek section of {args.new_kek_config}"
+    else:
+        new_kek, where = args.new_kek_file, args.new_kek_file
     if os.geteuid() == 0 and cfg.kms.user:
+        if "pkcs11" in (current.provider, getattr(new_kek, "provider", "file")):
+            load_pkcs11_binding()  # while readable; the token itself is opened as the KMS user
         _become_kms_user(cfg.kms.user)
     dsn = None
     if cfg.storage.backend == "postgresql":
         dsn = _owner_dsn(cfg)
     result, old_id, new_id = rotate_kek_command(
-        cfg.kms.dir, kek_settings(cfg.kms.kek), args.new_kek_file,
+        cfg.kms.dir, current, new_kek,
         generate=args.generate, dsn=dsn, connect_timeout=cfg.storage.connect_timeout,
         progress=lambda done, total: print(f"\rre-wrapped {done}/{total}", end="", file=sys.stderr),
     )
     print(file=sys.stderr)
     print(f"KEK rotated: {old_id} -> {new_id} ({result})")
-    print(f"now point kms.kek at the new KEK ({args.new_kek_file}) before starting the proxy")
+    print(f"now point kms.kek at the new KEK ({where}) before starting the proxy")
     return 0
 
 

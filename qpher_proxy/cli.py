@@ -178,8 +178,12 @@ def _add_kms(sub: _Commands) -> None:
     c.add_argument("-c", "--config", required=True, help="the node's config file (YAML)")
     c = ksub.add_parser("rotate-kek", help="re-wrap every key file under a new KEK (safe to re-run)")
     _add_config(c)
-    c.add_argument("--new-kek-file", required=True, help="file with the new KEK (32 bytes, base64, 0600)")
-    c.add_argument("--generate", action="store_true", help="create --new-kek-file first if it does not exist")
+    new = c.add_mutually_exclusive_group(required=True)
+    new.add_argument("--new-kek-file", help="file with the new KEK (32 bytes, base64, 0600)")
+    new.add_argument("--new-kek-config", metavar="FILE",
+                     help="a config file whose kms.kek section names the new KEK (any provider, e.g. pkcs11)")
+    c.add_argument("--generate", action="store_true",
+                   help="create the new KEK file (--new-kek-file, or a file provider's kms.kek.file) first")
 
 
 def _add_db(sub: _Commands) -> None:

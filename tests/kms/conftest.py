@@ -10,22 +10,13 @@ from pathlib import Path
 
 import pytest
 from kms_helpers import FakeClock, settings
-from pkcs11_helpers import PIN, SoftHSM, make_softhsm, require_softhsm
+from pkcs11_helpers import BAD_KEYS, GOOD_KEYS, PIN, TOKEN, SoftHSM, make_softhsm, require_softhsm
 
 from qpher_proxy.crypto.interface import Backend
 from qpher_proxy.kms.launcher import KMSSupervisor, open_kms
 from qpher_proxy.kms.worker.backends import select_backend
 from qpher_proxy.kms.worker.kek import EnvKEKProvider, FileKEKProvider, KEKProvider, generate_kek_file
 from qpher_proxy.kms.worker.keystore import KeyStore
-
-# The session's SoftHSM2 token and its keys: three good KEKs and the kinds a KEK must not be.
-TOKEN = "qpher-test"
-GOOD_KEYS = ("kek-a", "kek-b", "kek-c")
-BAD_KEYS = [
-    {"label": "kek-extractable", "extractable": True, "id": "10"},
-    {"label": "kek-not-sensitive", "sensitive": False, "id": "11"},
-    {"label": "kek-aes128", "bits": 128, "id": "12"},
-]
 
 
 @pytest.fixture(scope="session")

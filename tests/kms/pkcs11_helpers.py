@@ -31,6 +31,14 @@ MODULE_CANDIDATES = (
 )
 PIN = "4711-qpher-user"
 SO_PIN = "0815-qpher-so"
+# The session token (tests/kms/conftest.py ``softhsm``): three good KEKs and the kinds a KEK must not be.
+TOKEN = "qpher-test"
+GOOD_KEYS = ("kek-a", "kek-b", "kek-c")
+BAD_KEYS: list[dict[str, object]] = [
+    {"label": "kek-extractable", "extractable": True, "id": "10"},
+    {"label": "kek-not-sensitive", "sensitive": False, "id": "11"},
+    {"label": "kek-aes128", "bits": 128, "id": "12"},
+]
 
 
 def softhsm_module() -> str | None:

@@ -142,9 +142,12 @@ class PKCS11KEKProvider(KEKProvider):
         except E.PKCS11Error as exc:
             if not os.path.exists(self.module):
                 raise KEKError(f"kms.kek.pkcs11_module {self.module!r} does not exist") from None
-            raise KEKError(
-                f"kms.kek.pkcs11_module {self.module!r} cannot be loaded as a PKCS#11 module "
-                f"({_rv(exc) if type(exc) is not E.PKCS11Error else 'not a PKCS#11 library, or unreadable'})"
+            if type(exc) is E.PKCS11Error:  # dlopen or C_GetFunctionList failed
+                raise KEKError(f"kms.kek.pkcs11_module {self.module!r} cannot be loaded as a PKCS#11 module "
+                               "(not a PKCS#11 library, or unreadable)") from None
+            raise KEKError(  # C_Initialize failed: mostly the module's own configuration or storage
+                f"kms.kek.pkcs11_module {self.module!r} failed to initialize ({_rv(exc)}); can uid "
+                f"{os.geteuid()} read its configuration (e.g. SOFTHSM2_CONF) and its token storage?"
             ) from None
         try:
             token = lib.get_token(token_label=self.token_label)
