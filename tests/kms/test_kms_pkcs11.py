@@ -6,11 +6,15 @@ The provider-level suite every KEK provider passes is in test_kms_keyfile_kek.py
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -289,3 +293,77 @@ def test_serve_with_a_wrong_pin_or_key_exits_with_one_line_and_no_traceback(
     assert len(final) == 1, proc.stderr
     expected = "is not accepted (wrong PIN)" if wrong == "pin" else "no secret key with this label"
     assert expected in final[0]
+
+
+def _descendants(pid: int) -> list[int]:
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            out += [int(child), *_descendants(int(child))]
+    return out
+
+
+def test_serve_keeps_the_pin_out_of_every_environment_and_answers_503_when_the_token_is_pulled(
+    serve_softhsm: SoftHSM, tmp_path: Path
+) -> None:
+    hsm = serve_softhsm
+    (token_dir,) = hsm.tokendir.iterdir()
+    d = tmp_path / "state"
+    cfg_path, cfg = init_state(d, kek={"provider": "pkcs11", "pkcs11_module": hsm.module,
+                                       "pkcs11_token_label": "qpher-serve", "pkcs11_key_label": "kek",
+                                       "pkcs11_pin_env": PIN_VAR})
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "qpher_proxy", "serve", "-c", str(cfg_path)],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
+                                env={**hsm.env(), PIN_VAR: PIN})
+    try:
+        listen = None
+        deadline = time.monotonic() + 60
+        while listen is None and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+            for line in log_path.read_text().splitlines():
+                rec = json.loads(line) if line.startswith("{") else {}
+                if rec.get("msg") == "serving":
+                    listen = rec["listen"][0]
+        assert listen is not None, log_path.read_text()
+        host, _, port = listen.rpartition(":")
+        tls = ssl.create_default_context(cafile=str(d / "certs" / "ca.crt"))
+        api_key = (d / "secrets" / "demo-api-key").read_text().strip()
+
+        def call(path: str, body: dict[str, str]) -> tuple[int, dict[str, object]]:
+            conn = http.client.HTTPSConnection(host, int(port), context=tls, timeout=30)
+            try:
+                conn.request("POST", path, json.dumps(body), {"Authorization": f"Bearer {api_key}",
+                                                              "Content-Type": "application/json"})
+                resp = conn.getresponse()
+                return resp.status, json.loads(resp.read())
+            finally:
+                conn.close()
+
+        status, key = call("/v1/keys", {"algorithm": "ml-dsa-65"})
+        assert status == 201, key
+        assert call("/v1/sign", {"key_id": str(key["key_id"]), "message": "aGk="})[0] == 200
+        # the PIN variable is in no environment: not the supervisor's (it re-executed itself
+        # without it), not a gateway's, not a KMS worker's (which read it from a memfd)
+        pids = [proc.pid, *_descendants(proc.pid)]
+        assert len(pids) >= 3
+        for pid in pids:
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
+            assert PIN_VAR.encode() not in environ and PIN.encode() not in environ
+
+        shutil.rmtree(token_dir)  # the token is pulled while the proxy serves
+        status, body = call("/v1/keys", {"algorithm": "ml-kem-768"})
+        assert status == 503 and body["error"]["code"] == "kms_unavailable", body  # type: ignore[index]
+        assert PIN not in json.dumps(body)
+        assert call("/v1/sign", {"key_id": str(key["key_id"]), "message": "aGk="})[0] == 200
+        assert proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0
+    assert PIN not in log_path.read_text() and "Traceback" not in log_path.read_text()
