@@ -15,7 +15,10 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import hashes, hpke, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, mldsa, mlkem, x25519
-from kms_helpers import FakeClock, ctx, reopen, settings, tree_snapshot
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from kms_helpers import FakeClock, ctx, reopen, tree_snapshot
+from kms_helpers import settings as kms_settings
 
 from qpher_proxy.crypto.algorithms import ALGORITHMS
 from qpher_proxy.crypto.interface import Backend
@@ -505,7 +508,7 @@ async def test_workers_import_every_algorithm_and_answer_every_error_code(
     kms_dir: Path, kek_path: Path, backend_name: str
 ) -> None:
     _backend(backend_name)
-    async with open_kms(**settings(kms_dir, kek_path, backend=backend_name)) as sup:  # type: ignore[arg-type]
+    async with open_kms(**kms_settings(kms_dir, kek_path, backend=backend_name)) as sup:  # type: ignore[arg-type]
         c = sup.client
         jobs = {m: await c.create_import_job(ctx(), m) for m in METHODS}
         for m, job in jobs.items():
@@ -559,3 +562,37 @@ async def test_workers_import_every_algorithm_and_answer_every_error_code(
             await c.create_import_job(ctx(), "hpke-x-wing", ttl_seconds=8 * 86400)
         assert (await c.list_keys(ctx())).keys == before.keys
         assert (await c.list_import_jobs(ctx("tenant-b")))["jobs"] == []
+
+
+# ---- fuzz: no argument makes the KMS answer a 5xx -------------------------------------------------
+
+_ANY = st.one_of(st.none(), st.booleans(), st.integers(-2, 2**40), st.floats(allow_nan=True),
+                 st.text(max_size=40), st.binary(max_size=64), st.lists(st.integers(), max_size=2))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    job=st.one_of(_ANY, st.just("ij_" + "a" * 26), st.sampled_from(["JOB"])),
+    algorithm=st.one_of(_ANY, st.sampled_from(ALL)),
+    wrapped=st.one_of(_ANY, st.binary(min_size=1100, max_size=1300)),
+    fmt=st.one_of(_ANY, st.sampled_from(["seed", "pkcs8"])),
+    label=_ANY,
+    key_id=st.one_of(st.none(), _ANY),
+    ttl=_ANY,
+    method=st.one_of(_ANY, st.sampled_from(METHODS)),
+)
+def test_no_import_argument_answers_a_5xx(setup: Setup, job: Any, algorithm: Any, wrapped: Any, fmt: Any,
+                                           label: Any, key_id: Any, ttl: Any, method: Any) -> None:
+    t = setup.t
+    args = {"import_job_id": setup.job_id if job == "JOB" else job, "algorithm": algorithm,
+            "wrapped_key": wrapped, "format": fmt, "label": label, "key_id": key_id}
+    from qpher_proxy.kms.worker.service import KMSService
+
+    service = KMSService(t._store, b"t" * 32)
+    for op, op_args in (("import_key", args), ("create_import_job", {"method": method, "ttl_seconds": ttl}),
+                        ("get_import_job", {"import_job_id": job}),
+                        ("list_import_jobs", {"limit": ttl, "cursor": job})):
+        try:
+            service._ops[op](t, op_args)
+        except QpherError as exc:
+            assert exc.status < 500, (op, exc)

@@ -174,7 +174,7 @@ class ImportJobInfo:
 
     import_job_id: str
     method: str
-    public_key: bytes
+    public_key: bytes = field(repr=False)
     created_at: float
     expires_at: float
     state: str  # "active" | "expired"

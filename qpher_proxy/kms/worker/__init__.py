@@ -6,6 +6,7 @@
 ``tenant_keys``  the tenant-scoped repository (``TenantKeys``): every key operation
 ``keydb``      the store's database, directory lock and KEK check
 ``key_rules``  the lifecycle rules both stores share (checks, transitions, ``KeyInfo``)
+``key_import``  key import (BYOK): import-job key pairs, unwrapping and checking imported keys
 ``pg_keystore``  the store on PostgreSQL (``storage.backend: postgresql``): ``PgKeyStore``,
                ``PgTenantKeys``; imported only with that backend (it needs psycopg)
 ``lease``      the cluster-wide sweep lease with a fencing token (PostgreSQL)

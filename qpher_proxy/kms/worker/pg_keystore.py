@@ -12,9 +12,11 @@ Where keys live
 Tables ``kms_keys`` (metadata) and ``kms_key_versions`` (one row per version: the public key and
 ``sealed``, the exact bytes a key file would hold -- ``keyfile.seal(kek, binding, seed)`` with the
 same AEAD associated data binding tenant, key id, version and algorithm). Nothing key-related is
-written to the KMS directory on this backend. Creating or rotating a key is one transaction
-(metadata and sealed version together), so the file/metadata ordering of the SQLite store has no
-counterpart here: a crash leaves either both or neither.
+written to the KMS directory on this backend. Import jobs (``key_import``) live in
+``kms_import_jobs``: the job's public key and its sealed private key, set to NULL by the sweep
+(``<prefix>_kms_import_jobs_expire``) once the job has expired. Creating, rotating or importing a
+key is one transaction (metadata and sealed version together), so the file/metadata ordering of the
+SQLite store has no counterpart here: a crash leaves either both or neither.
 
 Tenant scoping
 --------------
