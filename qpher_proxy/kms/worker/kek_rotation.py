@@ -217,7 +217,11 @@ def rotate_kek_postgresql(
     conn = connect_owner(dsn, connect_timeout)
     try:
         with mapped("rotating the KEK"), conn.transaction():
-            conn.execute("LOCK TABLE kms_key_versions, kms_import_jobs, kms_meta IN EXCLUSIVE MODE")
+            # import jobs exist from schema version 3 on; an older database has none to re-wrap
+            row = conn.execute("SELECT to_regclass('kms_import_jobs') IS NOT NULL").fetchone()
+            has_jobs = bool(row and row[0])
+            conn.execute("LOCK TABLE kms_key_versions, kms_meta"
+                         + (", kms_import_jobs" if has_jobs else "") + " IN EXCLUSIVE MODE")
             (others,) = conn.execute(
                 "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
                 "AND application_name = %s AND pid <> pg_backend_pid()", (APPLICATION_NAME,)
@@ -257,7 +261,8 @@ def rotate_kek_postgresql(
                     rewrapped += 1
                 if on_progress is not None:
                     on_progress(done, len(rows))
-            _rewrap_pg_import_jobs(conn, old, new)
+            if has_jobs:
+                _rewrap_pg_import_jobs(conn, old, new)
             conn.execute(
                 "INSERT INTO kms_meta (name, value) VALUES ('kek_canary', %s) "
                 "ON CONFLICT (name) DO UPDATE SET value = excluded.value", (seal_canary(new),)
