@@ -163,6 +163,39 @@ def test_the_kek_id_is_the_same_for_every_opening_of_one_key(softhsm: SoftHSM) -
         b.close()
 
 
+def test_a_lost_session_is_replaced_without_failing_the_call(softhsm: SoftHSM) -> None:
+    kek = PKCS11KEKProvider(softhsm.module, TOKEN, GOOD_KEYS[2], PIN, pin_source="test")
+    try:
+        blob = kek.wrap(b"seed", b"aad")
+        kek._session.close()  # the HSM dropped the session (a timed-out connection, a restart)
+        assert kek.unwrap(blob, b"aad") == b"seed"
+        kek._session.close()
+        assert kek.unwrap(kek.wrap(b"again", b"aad"), b"aad") == b"again"
+    finally:
+        kek.close()
+
+
+def test_a_new_session_is_refused_when_the_label_now_names_another_key(softhsm: SoftHSM) -> None:
+    import pkcs11
+    from pkcs11 import Attribute, KeyType, ObjectClass
+
+    token = pkcs11.lib(softhsm.module).get_token(token_label=TOKEN)
+    admin = token.open(rw=True, user_pin=PIN)
+    try:
+        template = {Attribute.EXTRACTABLE: False, Attribute.SENSITIVE: True, Attribute.ENCRYPT: True,
+                    Attribute.DECRYPT: True}
+        admin.generate_key(KeyType.AES, 256, label="kek-swapped", store=True, template=template)
+        kek = PKCS11KEKProvider(softhsm.module, TOKEN, "kek-swapped", PIN, pin_source="test")
+        blob = kek.wrap(b"seed", b"aad")
+        admin.get_key(object_class=ObjectClass.SECRET_KEY, label="kek-swapped").destroy()
+        admin.generate_key(KeyType.AES, 256, label="kek-swapped", store=True, template=template)
+        with pytest.raises(KMSUnavailable, match="is now a different key"):
+            kek.unwrap(blob, b"aad")
+        kek.close()
+    finally:
+        admin.close()
+
+
 # ---- the token goes away at run time --------------------------------------------------------
 
 

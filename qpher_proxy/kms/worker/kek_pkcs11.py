@@ -44,8 +44,9 @@ Errors
   probe blob sealed at open: if the probe still opens, the token is fine and the blob was bad.
 * The token going away at run time (module error, session closed, device removed, handle no
   longer valid, or a probe that no longer opens): :class:`KEKUnavailable`, which the gateway
-  renders as 503 ``kms_unavailable`` for that request. The worker keeps serving (what it has
-  already unwrapped stays usable) and, on the next call, opens a new session; it uses that
+  renders as 503 ``kms_unavailable`` for that request -- after one retry on a new session
+  (an HSM connection that timed out costs no request). The worker keeps serving (what it has
+  already unwrapped stays usable) and tries a new session on each later call; it uses a new
   session only if the key it finds there has the same ``kek_id``.
 
 Deployment: the KMS worker opens the token *after* it drops to ``kms.user`` (when started as
@@ -60,6 +61,7 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
+from collections.abc import Callable
 from typing import Any
 
 from ...errors import KMSUnavailable
@@ -258,38 +260,52 @@ class PKCS11KEKProvider(KEKProvider):
         self._session = self._key = None
         return KEKUnavailable(f"the KEK's PKCS#11 token {self.token_label!r} is unavailable ({_rv(exc)})")
 
+    def _with_key(self, op: Callable[[Any], bytes]) -> bytes:
+        """``op(key)``; a PKCS#11 error drops the session and ``op`` runs once more on a new one
+        (an HSM connection that timed out), then :class:`KEKUnavailable`."""
+        for attempt in (1, 2):
+            key = self._live_key()
+            try:
+                return op(key)
+            except self._p11.exceptions.PKCS11Error as exc:
+                lost = self._lost(exc)
+                if attempt == 2:
+                    raise lost from None
+        raise AssertionError("unreachable")  # pragma: no cover
+
     def wrap(self, plaintext: bytes, aad: bytes) -> bytes:
         p11 = self._p11
-        key = self._live_key()
-        iv = bytes(os.urandom(NONCE_BYTES))  # a fresh object: the token may write its own IV here
-        params = p11.GCMParams(iv, aad, GCM_TAG_BITS)
-        try:
+
+        def op(key: Any) -> bytes:
+            iv = bytes(os.urandom(NONCE_BYTES))  # a fresh object: the token may write its own IV here
+            params = p11.GCMParams(iv, aad, GCM_TAG_BITS)
             sealed = key.encrypt(plaintext, mechanism=p11.Mechanism.AES_GCM, mechanism_param=params)
-        except p11.exceptions.PKCS11Error as exc:
-            raise self._lost(exc) from None
-        if len(sealed) != len(plaintext) + TAG_BYTES:
-            raise KEKUnavailable(f"the KEK's PKCS#11 token {self.token_label!r} answered a malformed AES-GCM "
-                                 "ciphertext")
-        return bytes(params.nonce) + bytes(sealed)
+            if len(sealed) != len(plaintext) + TAG_BYTES:
+                raise KEKUnavailable(f"the KEK's PKCS#11 token {self.token_label!r} answered a malformed "
+                                     "AES-GCM ciphertext")
+            return bytes(params.nonce) + bytes(sealed)
+
+        return self._with_key(op)
 
     def unwrap(self, wrapped: bytes, aad: bytes) -> bytes:
         if len(wrapped) < NONCE_BYTES + TAG_BYTES:
             raise UnwrapFailed()
         p11 = self._p11
         E = p11.exceptions
-        key = self._live_key()
-        params = p11.GCMParams(wrapped[:NONCE_BYTES], aad, GCM_TAG_BITS)
-        try:
-            return bytes(key.decrypt(wrapped[NONCE_BYTES:], mechanism=p11.Mechanism.AES_GCM,
-                                     mechanism_param=params))
-        except (E.EncryptedDataInvalid, E.EncryptedDataLenRange):
-            raise UnwrapFailed() from None
-        except (E.GeneralError, E.FunctionFailed, E.DataInvalid, E.DataLenRange) as exc:
-            if wrapped is not self._probe and self._probe_opens():
-                raise UnwrapFailed() from None  # the token works: this blob is bad
-            raise self._lost(exc) from None
-        except E.PKCS11Error as exc:
-            raise self._lost(exc) from None
+
+        def op(key: Any) -> bytes:
+            params = p11.GCMParams(wrapped[:NONCE_BYTES], aad, GCM_TAG_BITS)
+            try:
+                return bytes(key.decrypt(wrapped[NONCE_BYTES:], mechanism=p11.Mechanism.AES_GCM,
+                                         mechanism_param=params))
+            except (E.EncryptedDataInvalid, E.EncryptedDataLenRange):
+                raise UnwrapFailed() from None
+            except (E.GeneralError, E.FunctionFailed, E.DataInvalid, E.DataLenRange):
+                if wrapped is not self._probe and self._probe_opens():
+                    raise UnwrapFailed() from None  # the token works: this blob is bad
+                raise
+
+        return self._with_key(op)
 
     def _probe_opens(self) -> bool:
         try:
