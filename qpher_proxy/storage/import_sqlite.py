@@ -43,6 +43,7 @@ class ImportReport:
     usage_rows: int = 0
     keys: int = 0
     versions: int = 0
+    import_jobs: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
     canary: bool = False
 
@@ -153,10 +154,17 @@ def _import_kms(conn: Any, kms: Path, report: ImportReport) -> None:
             "SELECT tenant_id, key_id, kind, algorithm, label, state, resume_state, latest_version, "
             "created_at, updated_at, destroy_at, destroyed_at FROM keys ORDER BY tenant_id, key_id"
         ).fetchall()
+        # origin and import_job_id: key stores of schema version 3 on (older ones only generated keys)
+        columns = {r[1] for r in src.execute("PRAGMA table_info(key_versions)")}
+        origin = "origin, import_job_id" if "origin" in columns else "'generated', NULL"
         versions = src.execute(
-            "SELECT tenant_id, key_id, version, algorithm, state, public_key, file, kek_id, created_at "
-            "FROM key_versions ORDER BY tenant_id, key_id, version"
+            "SELECT tenant_id, key_id, version, algorithm, state, public_key, file, kek_id, created_at, "
+            f"{origin} FROM key_versions ORDER BY tenant_id, key_id, version"
         ).fetchall()
+        jobs = src.execute(
+            "SELECT tenant_id, job_id, method, public_key, sealed, kek_id, created_at, expires_at, "
+            "destroyed_at FROM import_jobs ORDER BY tenant_id, job_id"
+        ).fetchall() if _table(src, "import_jobs") else []
     finally:
         src.close()
     imported: set[tuple[str, str]] = set()
@@ -172,17 +180,29 @@ def _import_kms(conn: Any, kms: Path, report: ImportReport) -> None:
             imported.add((row[0], row[1]))
         else:
             report.skip("keys")
-    for tenant_id, key_id, version, algorithm, state, public_key, rel, kek_id, created_at in versions:
+    for (tenant_id, key_id, version, algorithm, state, public_key, rel, kek_id, created_at, how,
+         job_id) in versions:
         if (tenant_id, key_id) not in imported:
             report.skip("versions")
             continue
         sealed = _read_sealed(kms, rel) if rel is not None else None
         conn.execute(
             "INSERT INTO kms_key_versions (tenant_id, key_id, version, algorithm, state, public_key, sealed, "
-            "kek_id, created_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
-            (tenant_id, key_id, version, algorithm, state, bytes(public_key), sealed, kek_id, created_at),
+            "kek_id, created_at, origin, import_job_id) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            (tenant_id, key_id, version, algorithm, state, bytes(public_key), sealed, kek_id, created_at, how,
+             job_id),
         )
         report.versions += 1
+    for job in jobs:  # key-import jobs: the sealed job key moves as it is (same binding, same KEK)
+        cur = conn.execute(
+            "INSERT INTO kms_import_jobs (tenant_id, job_id, method, public_key, sealed, kek_id, created_at, "
+            "expires_at, destroyed_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+            (*job[:3], bytes(job[3]), None if job[4] is None else bytes(job[4]), *job[5:]),
+        )
+        if cur.rowcount == 1:
+            report.import_jobs += 1
+        else:
+            report.skip("import_jobs")
     canary = kms / KMS_CANARY_FILE
     if canary.is_file():
         cur = conn.execute(

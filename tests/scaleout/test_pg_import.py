@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -297,3 +298,42 @@ def test_a_version_2_database_migrates_to_import_jobs(
             s.close()
     finally:
         _drop(pg)
+
+
+def test_db_import_sqlite_moves_imported_keys_and_live_jobs(db: PgDatabase, kek: LocalKEKProvider,
+                                                            tmp_path: Path) -> None:
+    from qpher_proxy.kms.worker.keystore import KeyStore
+    from qpher_proxy.storage.import_sqlite import import_sqlite
+
+    with psycopg.connect(db.dsn, autocommit=True) as c:
+        c.execute("TRUNCATE kms_meta")
+    clock = Clock()
+    sqlite_store = KeyStore(tmp_path / "kms", kek, select_backend("openssl"), clock=clock)
+    try:
+        t = sqlite_store.tenant("t1")
+        job = t.create_import_job("hpke-ml-kem-768")
+        key = _mldsa65()
+        wrapped = wrap_key("hpke-ml-kem-768", job.public_key, job.import_job_id, "ml-dsa-65",
+                           key.private_bytes_raw())
+        imported = t.import_key(job.import_job_id, "ml-dsa-65", wrapped)
+        generated = t.create(algorithm="ml-kem-768")
+    finally:
+        sqlite_store.close()
+    report = import_sqlite(dsn=db.dsn, role_prefix=db.role_prefix, auth_db=tmp_path / "none.db",
+                           kms_dir=tmp_path / "kms")
+    assert (report.keys, report.versions, report.import_jobs) == (2, 2, 1)
+    s = PgKeyStore.open(db.dsn, kek, select_backend("openssl"), role_prefix=db.role_prefix, pool_size=1,
+                        clock=clock)
+    try:
+        t2 = s.tenant("t1")
+        got = t2.get(imported.key_id)
+        assert (got.origin, got.import_job_id) == ("imported", job.import_job_id)
+        assert t2.get(generated.key_id).origin == "generated"
+        key.public_key().verify(t2.private_key(imported.key_id)[0].sign(b"m"), b"m")
+        assert t2.get_import_job(job.import_job_id) == job  # and it still opens what is wrapped for it
+        other = _mldsa65()
+        again = t2.import_key(job.import_job_id, "ml-dsa-65", wrap_key(
+            "hpke-ml-kem-768", job.public_key, job.import_job_id, "ml-dsa-65", other.private_bytes_raw()))
+        assert again.public_key == other.public_key().public_bytes_raw()
+    finally:
+        s.close()
