@@ -11,17 +11,21 @@ associated data (the same AAD the local providers bind). The binding is python-p
 
 Blob format: ``iv (12 bytes) || ciphertext || tag (16 bytes)`` -- the shape of the local
 providers'. The IV is 12 fresh random bytes (``os.urandom``) per wrap, handed to the token in
-``CK_GCM_PARAMS``; a token that insists on choosing the IV itself writes it into that same
-buffer (PKCS#11 lets it), and the blob stores whatever the buffer holds after ``C_Encrypt``.
+``CK_GCM_PARAMS``; a token that insists on choosing the IV itself (AWS CloudHSM, HSMs in a
+FIPS mode) writes it into that same buffer, and the blob stores whatever the buffer holds
+after ``C_Encrypt`` (tested with SoftHSM2, which takes the caller's IV).
 
-Opening (:meth:`PKCS11KEKProvider.open`), each step with a one-line error that never shows the PIN:
+Opening (the constructor), each step with a one-line error that never shows the PIN:
 
 1. load the module (``pkcs11_module``: the vendor's shared library) and find the token by label;
 2. open a read-only session and log in as the user with the PIN (read by the caller from a
-   0600 file, or from the environment variable the supervisor moved into a memfd);
+   0600 file, or from the environment variable the supervisor moved into a memfd). PKCS#11
+   logins belong to the process: a second provider on a token this process is already logged
+   in to (``rotate-kek`` between two keys of one token) shares that login;
 3. find exactly one secret key with ``pkcs11_key_label`` and refuse it unless it is AES,
    32 bytes, ``CKA_SENSITIVE`` and not ``CKA_EXTRACTABLE``, and allowed to encrypt and decrypt;
-4. compute the ``kek_id`` (below) and seal a small *probe* blob (see "Errors").
+4. compute the ``kek_id`` (below), then seal and open a small *probe* blob: the mechanism
+   works with this key both ways (see "Errors" for its second use).
 
 ``kek_id`` = ``"pkcs11-" + hex(SHA-256(v1 label || token label || key label || CKA_ID ||
 CKA_CHECK_VALUE))[:16]``, each part length-prefixed. ``CKA_CHECK_VALUE`` is the token's own key
