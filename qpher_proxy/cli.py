@@ -165,6 +165,12 @@ def _add_audit(sub: _Commands) -> None:
     c = ausub.add_parser("verify", help="verify the hash chain of audit files; exit 1 on any finding")
     c.add_argument("files", nargs="+", metavar="FILE",
                    help="an audit log and its rotated files (audit.log*): they are put in rotation order")
+    c.add_argument("--vkey", action="append", default=[], metavar="FILE",
+                   help="a file of the log's verifier keys (one vkey per line: GET /v1/audit/vkeys); "
+                        "repeatable")
+    c.add_argument("--checkpoint", action="append", default=[], metavar="FILE",
+                   help="a signed checkpoint (GET /v1/audit/checkpoint) to check the files against; "
+                        "repeatable")
 
 
 def _add_kms(sub: _Commands) -> None:
@@ -298,7 +304,7 @@ def _dispatch(args: argparse.Namespace) -> int | None:
     if cmd == "audit":
         from .audit.cli import main_verify
 
-        return main_verify(args.files)
+        return main_verify(args.files, vkeys=args.vkey, checkpoints=args.checkpoint)
     if cmd == "kms" and args.kms_command == "serve":
         from .config import load_config
         from .server.kms_node import run as run_node

@@ -1,8 +1,13 @@
-"""``qpher-proxy audit verify FILE…``: check the hash chain, one line per finding.
+"""``qpher-proxy audit verify [--vkey FILE… --checkpoint FILE…] FILE…``: check the hash chain, and
+the files against signed checkpoints, one line per finding.
 
 Files are put in rotation order first — ``FILE.000001``, ``FILE.000002``, …, then ``FILE``
 (the current file) — so ``audit verify audit.log*`` does the right thing; files that are not
-part of a rotation family keep their order after it. Exit status: 0 when the chain holds
+part of a rotation family keep their order after it. With ``--checkpoint`` (and the ``--vkey``
+files of the log's verifier keys, one vkey per file or per line), the checkpoints' signatures,
+their consistency and the inclusion of every line up to each checkpoint's size are checked too
+(``tlog.py``); a missing or altered record names its index; lines after the last checkpoint are
+reported as not yet attested (a note). Exit status: 0 when the chain and the checkpoints hold
 (notes, such as a torn line accounted for by a recovery record, do not fail it), 1 when there
 is any finding, 2 for a usage error.
 """
@@ -15,6 +20,8 @@ import sys
 from collections.abc import Sequence
 from typing import TextIO
 
+from .note import NoteError, Verifier
+from .tlog import verify_checkpoints
 from .verify import verify
 
 __all__ = ["main_verify", "rotation_order"]
@@ -39,27 +46,65 @@ def rotation_order(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
     return [name for _, name in sorted(enumerate(names), key=key)]
 
 
+def _read_vkeys(files: Sequence[str]) -> list[Verifier]:
+    out = []
+    for name in files:
+        with open(name, encoding="utf-8") as fh:
+            out += [Verifier.from_vkey(line) for line in fh.read().splitlines() if line.strip()]
+    return out
+
+
 def main_verify(
-    paths: Sequence[str | os.PathLike[str]], *, from_middle: bool = False, out: TextIO | None = None
+    paths: Sequence[str | os.PathLike[str]],
+    *,
+    from_middle: bool = False,
+    out: TextIO | None = None,
+    vkeys: Sequence[str] = (),
+    checkpoints: Sequence[str] = (),
 ) -> int:
     out = out if out is not None else sys.stdout
-    if not paths:
-        print("usage: qpher-proxy audit verify FILE...", file=sys.stderr)
+    if not paths or (checkpoints and not vkeys):
+        print("usage: qpher-proxy audit verify [--vkey FILE... --checkpoint FILE...] FILE...",
+              file=sys.stderr)
         return 2
     ordered = rotation_order(paths)
+    tree_ok = True
+    if checkpoints:
+        try:
+            verifiers = _read_vkeys(vkeys)
+            notes = []
+            for name in checkpoints:
+                with open(name, encoding="utf-8") as fh:
+                    notes.append(fh.read())
+        except (OSError, NoteError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        report = verify_checkpoints(ordered, notes, verifiers)
+        for cp in report.checkpoints:
+            print(f"checkpoint: {cp.origin} size {cp.size} root {cp.root.hex()} "
+                  f"(signed by {', '.join(v.algorithm for v in verifiers)})", file=out)
+        for text in report.notes:
+            print(f"note: {text}", file=out)
+        for problem in report.problems:
+            print(f"FAILED: {problem}", file=out)
+        tree_ok = report.ok
+        if tree_ok and report.checkpoints:
+            top = max(cp.size for cp in report.checkpoints)
+            print(f"ok: lines 0..{top - 1} are included in the checkpoint's tree", file=out)
     result = verify(ordered, from_middle=from_middle)
     for note in result.notes:
         print(f"note: {note}", file=out)
     for finding in result.findings:
         print(str(finding), file=out)
-    if result.ok:
+    if result.ok and tree_ok:
         print(
             f"ok: {result.records} records in {result.files} file(s), last seq {result.last_seq}, "
             f"head sha256 {result.head}",
             file=out,
         )
         return 0
-    print(f"FAILED: {len(result.findings)} finding(s) in {result.records} records", file=out)
+    if not result.ok:
+        print(f"FAILED: {len(result.findings)} finding(s) in {result.records} records", file=out)
     return 1
 
 

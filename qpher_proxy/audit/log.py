@@ -47,10 +47,20 @@ added and the chain simply continues from it.) If the last complete line is not 
 (disk corruption or tampering), the chain continues from its hash and a recovery record with
 ``reason="unparseable_tail"`` notes it; ``verify`` still reports the bad line.
 
-**What cannot be detected** without an external anchor: removing records from the *end* of
-the newest file (or the newest files), and rewriting the whole chain from some point on. Copy
-the head hash that ``qpher-proxy audit verify`` prints to another system now and then to
-anchor it.
+**The Merkle tree** (``tree.py``, on unless ``tree=False``): every line this writer makes
+complete — each record, and a torn line when the recovery terminates it — is appended as a leaf
+to ``<path>.tree/`` right after the line is written, under the same lock. Whenever the file is
+re-opened (start, another writer appended or rotated, after an error) the tree is reloaded and
+compared with the file's tail: a tree a line or two behind (a crash between the two writes) is
+caught up, anything else (no tree, a damaged one, a log written without it) is rebuilt from all
+the files. ``tree_head``, ``inclusion_proof`` and ``consistency_proof`` read it under the lock;
+``record_checkpoint`` appends a signed checkpoint as an ``audit.checkpoint`` record and keeps the
+latest note in ``<path>.tree/checkpoint``.
+
+**What the chain alone cannot detect**: removing records from the *end* of the newest file (or
+the newest files), and rewriting the whole chain from some point on. Signed checkpoints of the
+tree (``checkpoint.py``) close that gap: ``audit verify --checkpoint`` names the first record
+that a checkpoint attests and the files no longer hold.
 """
 
 from __future__ import annotations
@@ -62,9 +72,10 @@ import stat
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Literal
+from typing import Literal, TypeVar
 
 from ..errors import AuditUnavailable, ConfigError
+from .merkle import ProofError, consistency_proof, inclusion_proof, leaf_hash
 from .records import (
     GENESIS,
     RECOVERY_EVENT,
@@ -76,10 +87,15 @@ from .records import (
     normalize_severity,
     parse_record,
 )
+from .tree import TreeStore, tree_dir
 
-__all__ = ["AuditLog", "FsyncPolicy", "rotated_files"]
+__all__ = ["CHECKPOINT_EVENT", "AuditLog", "FsyncPolicy", "rotated_files"]
+
+CHECKPOINT_EVENT = "audit.checkpoint"
+_CHECKPOINT_FILE = "checkpoint"
 
 FsyncPolicy = Literal["always", "critical", "never"]
+_T = TypeVar("_T")
 DEFAULT_ROTATE_BYTES = 64 * 1024 * 1024
 DEFAULT_PROBE_INTERVAL = 1.0  # seconds between re-open probes of a failed log (``health``)
 _CANNOT_WRITE = "the audit log cannot be written"
@@ -136,6 +152,7 @@ class AuditLog:
         *,
         clock: Callable[[], float] = time.time,
         probe_interval: float = DEFAULT_PROBE_INTERVAL,
+        tree: bool = True,
     ) -> None:
         if fsync_policy not in ("always", "critical", "never"):
             raise ConfigError(f"audit fsync policy must be always, critical or never, not {fsync_policy!r}")
@@ -155,6 +172,8 @@ class AuditLog:
         self._failure: str | None = None  # why the last append failed; None after a success
         self._probe_interval = probe_interval
         self._next_probe = 0.0  # time.monotonic() before which health() does not probe again
+        self._tree: TreeStore | None = None
+        self._want_tree = tree
         try:
             self._lock_fd = os.open(self._path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
@@ -240,6 +259,86 @@ class AuditLog:
         self._failure = None
         return None
 
+    # ---- the Merkle tree ----------------------------------------------------------------------
+
+    def _tree_op(self) -> TreeStore:
+        """Take the lock's view of the tree (call with the lock held)."""
+        self._sync()
+        if self._tree is None:
+            raise AuditUnavailable("the audit log keeps no Merkle tree")
+        return self._tree
+
+    def _with_tree(self, fn: Callable[[TreeStore], _T]) -> _T:
+        if self._closed:
+            raise AuditUnavailable("the audit log is closed")
+        try:
+            with self._locked():
+                return fn(self._tree_op())
+        except OSError as exc:
+            self._close_fd()
+            raise AuditUnavailable("the audit tree cannot be read") from exc
+
+    def tree_head(self) -> tuple[int, bytes]:
+        """``(size, root)`` of the tree of every line written so far."""
+        return self._with_tree(lambda t: (t.size, t.root()))
+
+    def root_at(self, size: int) -> bytes:
+        """The root of the first ``size`` leaves (``ProofError`` beyond the tree)."""
+
+        def get(t: TreeStore) -> bytes:
+            if not 0 <= size <= t.size:
+                raise ProofError(f"tree size {size} is beyond the tree ({t.size})")
+            return t.root(size)
+
+        return self._with_tree(get)
+
+    def inclusion_proof(self, index: int, size: int) -> list[bytes]:
+        """RFC 9162 inclusion proof of leaf ``index`` in the tree of size ``size``."""
+
+        def get(t: TreeStore) -> list[bytes]:
+            if size > t.size:
+                raise ProofError(f"tree size {size} is beyond the tree ({t.size})")
+            return inclusion_proof(t, index, size)
+
+        return self._with_tree(get)
+
+    def consistency_proof(self, first: int, second: int) -> list[bytes]:
+        """RFC 9162 consistency proof between the trees of sizes ``first`` and ``second``."""
+
+        def get(t: TreeStore) -> list[bytes]:
+            if second > t.size:
+                raise ProofError(f"tree size {second} is beyond the tree ({t.size})")
+            return consistency_proof(t, first, second)
+
+        return self._with_tree(get)
+
+    def record_checkpoint(self, size: int, root: bytes, note: str) -> int:
+        """Append a signed checkpoint (an ``audit.checkpoint`` record: size, root hex, note) and
+        keep the note as the latest when it is the largest seen; returns the record's seq."""
+        seq = self.record(CHECKPOINT_EVENT, "NOTICE", size=size, root=root.hex(), note=note)
+        try:
+            with self._locked():
+                current = self.latest_checkpoint()
+                if current is None or _note_size(current) < size:
+                    path = os.path.join(tree_dir(self._path), _CHECKPOINT_FILE)
+                    tmp = f"{path}.{os.getpid()}.tmp"
+                    with open(tmp, "w", encoding="utf-8") as fh:
+                        fh.write(note)
+                    os.replace(tmp, path)
+        except OSError as exc:
+            raise AuditUnavailable("the audit checkpoint cannot be kept") from exc
+        return seq
+
+    def latest_checkpoint(self) -> str | None:
+        """The latest signed checkpoint note (``record_checkpoint``), or None."""
+        try:
+            with open(os.path.join(tree_dir(self._path), _CHECKPOINT_FILE), encoding="utf-8") as fh:
+                return fh.read()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise AuditUnavailable("the audit checkpoint cannot be read") from exc
+
     def close(self) -> None:
         if not self._closed:
             self._closed = True
@@ -275,6 +374,9 @@ class AuditLog:
 
     def _close_all(self) -> None:
         self._close_fd()
+        if self._tree is not None:
+            self._tree.close()
+            self._tree = None
         try:
             os.close(self._lock_fd)
         except OSError:
@@ -303,8 +405,10 @@ class AuditLog:
         self._size = st.st_size
         if st.st_size == 0:
             self._seq, self._last = self._rotated_tail()
+            self._sync_tree(self._rotated_tail_lines())
             return
         lines, at_bof = _read_tail_lines(fd, st.st_size)
+        self._sync_tree(lines[:-1])
         torn = lines[-1]
         complete = lines[:-1]
         if complete:
@@ -322,6 +426,8 @@ class AuditLog:
         ts = format_ts(self._clock())
         if torn:
             self._append(b"\n", fsync=False)
+            if self._tree is not None:
+                self._tree.append(leaf_hash(torn))
             trec = parse_record(torn)
             if trec is not None and trec.seq == seq + 1 and trec.prev == prev_hash:
                 self._seq, self._last = trec.seq, line_hash(torn)  # only the newline was missing
@@ -361,6 +467,20 @@ class AuditLog:
         seq = rec.seq if rec is not None else 0
         return seq, line_hash(complete[-1])
 
+    def _rotated_tail_lines(self) -> list[bytes]:
+        """The last complete lines of the newest rotated file (for the tree check)."""
+        if not self._want_tree:
+            return []
+        files = rotated_files(self._path)
+        if not files:
+            return []
+        fd = os.open(files[-1][1], os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            lines, _ = _read_tail_lines(fd, os.fstat(fd).st_size)
+        finally:
+            os.close(fd)
+        return lines[:-1]
+
     def _append_record(self, ts: str, event: str, severity: str, fields: dict[str, object]) -> int:
         seq = self._seq + 1
         line = encode_record(seq, ts, event, severity, fields, self._last)
@@ -375,7 +495,32 @@ class AuditLog:
         )
         self._append(line + b"\n", fsync=fsync)
         self._seq, self._last = seq, line_hash(line)
+        if self._tree is not None:
+            self._tree.append(leaf_hash(line))
         return seq
+
+    def _sync_tree(self, tail: list[bytes]) -> None:
+        """Bring the tree level with the files (see "The Merkle tree"); ``tail``: the last
+        complete lines of the current file (empty: the file is empty)."""
+        if not self._want_tree:
+            return
+        if self._tree is None:
+            self._tree = TreeStore(tree_dir(self._path))
+        tree = self._tree
+        try:
+            tree.reload()
+        except OSError:
+            tree.truncate()
+        last = tree.last_leaf()
+        if tail and last is not None:
+            for back in range(1, len(tail) + 1):
+                if last == leaf_hash(tail[-back]):
+                    for line in tail[len(tail) - back + 1 :]:
+                        tree.append(leaf_hash(line))
+                    return
+        elif not tail and last is None and not rotated_files(self._path):
+            return
+        tree.rebuild([p for _, p in rotated_files(self._path)] + [self._path])
 
     def _append(self, data: bytes, *, fsync: bool) -> None:
         fd = self._fd
@@ -408,3 +553,9 @@ class AuditLog:
                 os.fsync(dfd)
             finally:
                 os.close(dfd)
+
+
+def _note_size(note: str) -> int:
+    """The tree size line of a checkpoint note (-1 if it has none)."""
+    lines = note.split("\n", 2)
+    return int(lines[1]) if len(lines) > 2 and lines[1].isdigit() else -1
