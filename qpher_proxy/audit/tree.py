@@ -9,7 +9,7 @@ a line of the file (kept as evidence) and so a leaf, and the ``audit.recovered``
 is the next leaf; checkpoint records are leaves too. Bytes after the last newline (a write in
 progress, or torn and not yet repaired) are not a leaf yet.
 
-**Layout.** ``<log>.tree/level-00`` holds the leaf hashes, ``level-01`` the hashes of complete
+**Layout.** ``.<log>.tree/level-00`` (beside the log, hidden from ``audit.log*``) holds the leaf hashes, ``level-01`` the hashes of complete
 pairs, and so on: node ``(level, index)`` is the 32 bytes at ``index * 32`` of ``level-LL``
 (``merkle.NodeSource``). A tree of ``n`` leaves has exactly ``n >> level`` nodes at each level.
 Files are only appended to (``O_APPEND``): a node never changes once its leaves exist.
@@ -41,7 +41,10 @@ _READ_CHUNK = 1024 * 1024
 
 
 def tree_dir(log_path: str | os.PathLike[str]) -> str:
-    return os.path.abspath(os.fspath(log_path)) + ".tree"
+    """``<dir>/.<name>.tree``: beside the log, and not matched by ``<name>*`` (``audit verify
+    audit.log*`` names the log files only)."""
+    directory, base = os.path.split(os.path.abspath(os.fspath(log_path)))
+    return os.path.join(directory, f".{base}.tree")
 
 
 def iter_log_lines(files: Iterable[str]) -> Iterator[bytes]:
