@@ -38,6 +38,7 @@ from typing import Any
 
 from qpher_proxy.api import Route, RouteMethodNotAllowed, resolve
 from qpher_proxy.crypto.algorithms import ALGORITHMS
+from qpher_proxy.crypto.key_import import IMPORT_METHODS
 
 from ._gateway import Client
 
@@ -65,6 +66,8 @@ _PUBLIC_KEY_SIZES = {a.public_key_size for a in ALGORITHMS.values()}
 _SIGNATURE_SIZES = {a.name: a.signature_size for a in ALGORITHMS.values() if a.signature_size}
 _KEM_CT_SIZES = {a.ciphertext_size for a in ALGORITHMS.values() if a.ciphertext_size}
 _HPKE_TAG = 16
+_IMPORT_METHOD_KEMS = {method: alg.name for method, alg in IMPORT_METHODS.items()}
+_KEY_MATERIAL_CODES = frozenset({"invalid_key_material", "invalid_wrapped_key"})
 
 
 @dataclass
@@ -208,6 +211,9 @@ def check_no_private_material(body: Any, where: str = "") -> None:
     walk(body, None)
     if isinstance(body, dict) and isinstance(body.get("error"), dict):
         msg = str(body["error"].get("message", "")).lower()
+        # a key import's refusal says which private key form was expected (never its bytes)
+        if body["error"].get("code") in _KEY_MATERIAL_CODES:
+            return
         if "private" in msg or "seed" in msg:
             raise ContractViolation(f"{where}: error message mentions private material: {msg!r}")
     check_sizes(body, where)
@@ -218,9 +224,16 @@ def check_sizes(body: Any, where: str = "") -> None:
     KEM ciphertext and shared secret has a size its algorithm allows."""
     if not isinstance(body, dict):
         return
+    jobs = body.get("import_jobs") if isinstance(body.get("import_jobs"), list) else [body]
+    for j in jobs:
+        if isinstance(j, dict) and isinstance(j.get("public_key"), str) and "method" in j:
+            alg = ALGORITHMS[_IMPORT_METHOD_KEMS[j["method"]]]
+            n = len(unb64(j["public_key"]))
+            if n != alg.public_key_size:
+                raise ContractViolation(f"{where}: {j['method']} job public key of {n} bytes")
     keys = body.get("keys") if isinstance(body.get("keys"), list) else [body]
     for k in keys:
-        if isinstance(k, dict) and isinstance(k.get("public_key"), str):
+        if isinstance(k, dict) and isinstance(k.get("public_key"), str) and "algorithm" in k:
             alg = ALGORITHMS[k["algorithm"]]
             n = len(unb64(k["public_key"]))
             if n != alg.public_key_size:
