@@ -49,7 +49,8 @@ added and the chain simply continues from it.) If the last complete line is not 
 
 **The Merkle tree** (``tree.py``, on unless ``tree=False``): every line this writer makes
 complete — each record, and a torn line when the recovery terminates it — is appended as a leaf
-to ``.<name>.tree/`` beside it (``tree.tree_dir``) right after the line is written, under the same lock. Whenever the file is
+to ``.<name>.tree/`` beside it (``tree.tree_dir``) right after the line is written, under the same
+lock. Whenever the file is
 re-opened (start, another writer appended or rotated, after an error) the tree is reloaded and
 compared with the file's tail: a tree a line or two behind (a crash between the two writes) is
 caught up, anything else (no tree, a damaged one, a log written without it) is rebuilt from all

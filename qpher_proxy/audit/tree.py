@@ -9,10 +9,11 @@ a line of the file (kept as evidence) and so a leaf, and the ``audit.recovered``
 is the next leaf; checkpoint records are leaves too. Bytes after the last newline (a write in
 progress, or torn and not yet repaired) are not a leaf yet.
 
-**Layout.** ``.<log>.tree/level-00`` (beside the log, hidden from ``audit.log*``) holds the leaf hashes, ``level-01`` the hashes of complete
-pairs, and so on: node ``(level, index)`` is the 32 bytes at ``index * 32`` of ``level-LL``
-(``merkle.NodeSource``). A tree of ``n`` leaves has exactly ``n >> level`` nodes at each level.
-Files are only appended to (``O_APPEND``): a node never changes once its leaves exist.
+**Layout.** ``.<log>.tree/level-00`` (beside the log, hidden from ``audit.log*``) holds the leaf
+hashes, ``level-01`` the hashes of complete pairs, and so on: node ``(level, index)`` is the 32
+bytes at ``index * 32`` of ``level-LL`` (``merkle.NodeSource``). A tree of ``n`` leaves has
+exactly ``n >> level`` nodes at each level. Files are only appended to (``O_APPEND``): a node
+never changes once its leaves exist.
 
 **Appending** (``append``, called by ``AuditLog`` under the log's ``flock``, right after the
 line is written): the in-memory compact range (``merkle.CompactRange``) gives the nodes the new

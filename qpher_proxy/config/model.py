@@ -188,6 +188,11 @@ class RateLimitConfig:
 class AuditConfig:
     file: str = opt("audit/audit.log", path=True)
     rotate_bytes: int = opt(64 * MiB, min=4 * KiB, max=64 * 1024 * MiB)
+    # signed checkpoints of the log's Merkle tree: every checkpoint_interval seconds or every
+    # checkpoint_records records, whichever comes first; origin None = "qpher-proxy/<hostname>"
+    checkpoint_interval: float = opt(60.0, min=1, max=86_400)
+    checkpoint_records: int = opt(1000, min=1, max=1_000_000_000)
+    origin: str | None = opt(None)
 
 
 @dataclass(frozen=True, slots=True)
