@@ -728,6 +728,23 @@ class KMSClient:
                 out.append(error_from_frame(e["code"], e["status"], e["message"]))
         return out
 
+    async def audit_vkeys(self, ctx: TenantContext, origin: str) -> dict[str, Any]:
+        """The audit log's verifier keys (created in the KMS on first use) and the last signed
+        tree head: ``{"origin", "vkeys": [ML-DSA-65, Ed25519], "size", "root"}``."""
+        v: Any = await self.call(ctx, "audit_vkeys", {"origin": origin})
+        return dict(v)
+
+    async def audit_sign_checkpoint(
+        self, ctx: TenantContext, origin: str, size: int, root: bytes, consistency: list[bytes]
+    ) -> dict[str, Any]:
+        """A signed checkpoint note of ``(origin, size, root)``, which the KMS signs only if
+        ``consistency`` proves it to extend the last one it signed (else 409
+        checkpoint_inconsistent): ``{"note", "vkeys", "size", "root"}``."""
+        args: dict[str, Value] = {"origin": origin, "size": size, "root": root,
+                                  "consistency": list(consistency)}
+        v: Any = await self.call(ctx, "audit_sign_checkpoint", args)
+        return dict(v)
+
     async def ping(self, ctx: TenantContext, data: bytes = b"") -> bytes:
         """A round trip through the protocol with no key work (health checks, benchmarks)."""
         v: Any = await self.call(ctx, "ping", {"data": data})

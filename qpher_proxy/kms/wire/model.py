@@ -42,7 +42,8 @@ LIFECYCLE_OPS = frozenset(
 )
 IMPORT_OPS = frozenset({"create_import_job", "get_import_job", "list_import_jobs", "import_key"})
 CRYPTO_OPS = frozenset({"encapsulate", "decapsulate", "sign", "verify", "encrypt", "decrypt"})
-OPS = LIFECYCLE_OPS | IMPORT_OPS | CRYPTO_OPS | {"batch", "ping"}
+AUDIT_OPS = frozenset({"audit_vkeys", "audit_sign_checkpoint"})  # the audit log's checkpoints (system keys)
+OPS = LIFECYCLE_OPS | IMPORT_OPS | CRYPTO_OPS | AUDIT_OPS | {"batch", "ping"}
 BATCH_OPS = CRYPTO_OPS | {"get_key"}  # what one batch item may be
 DEFAULT_MAX_BATCH = 1000
 

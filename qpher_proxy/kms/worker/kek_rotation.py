@@ -95,6 +95,7 @@ def _rotate_locked(
         if on_progress is not None:
             on_progress(i, total)
     _rewrap_import_jobs(db, old, new)
+    _rewrap_audit_keys(db, old, new)
     keyfile.write_atomic(d / CANARY_FILE, seal_canary(new))  # step 4
     keyfile.remove_file(d / ROTATION_FILE)
     return RotationResult(rewrapped, already, total)
@@ -118,6 +119,27 @@ def _rewrap_import_jobs(db: sqlite3.Connection, old: KEKProvider, new: KEKProvid
                 db.execute(
                     "UPDATE import_jobs SET sealed = ?, kek_id = ? WHERE tenant_id = ? AND job_id = ?",
                     (blob, new.kek_id, tenant_id, job_id),
+                )
+                n += 1
+    return n
+
+
+def _rewrap_audit_keys(db: sqlite3.Connection, old: KEKProvider, new: KEKProvider) -> int:
+    """Put the audit logs' checkpoint keys (sealed in their ``audit_logs`` rows) under ``new``,
+    in one transaction, as ``_rewrap_import_jobs`` does for import jobs."""
+    from .audit_keys import audit_binding
+
+    n = 0
+    with write_transaction(db):
+        rows = db.execute("SELECT origin, mldsa_sealed, ed25519_sealed FROM audit_logs").fetchall()
+        for origin, ml, ed in rows:
+            ml_blob = _rewrap_blob(bytes(ml), audit_binding(origin, "ml-dsa-65"), old, new)
+            ed_blob = _rewrap_blob(bytes(ed), audit_binding(origin, "ed25519"), old, new)
+            if ml_blob is not None or ed_blob is not None:
+                db.execute(
+                    "UPDATE audit_logs SET mldsa_sealed = ?, ed25519_sealed = ?, kek_id = ? WHERE origin = ?",
+                    (ml_blob if ml_blob is not None else ml, ed_blob if ed_blob is not None else ed,
+                     new.kek_id, origin),
                 )
                 n += 1
     return n

@@ -20,6 +20,8 @@ refused before anything is written. Version 2 added ``idempotency_keys`` (see ``
 version 3 added ``import_jobs`` and the ``origin`` / ``import_job_id`` of each key version (see
 ``key_import``). An import job's row holds its *sealed* private key (the bytes a key file would
 hold, under the KEK), so that a job is one transaction and its destruction one ``UPDATE``.
+Version 4 added ``audit_logs``: per audit-log origin, the sealed checkpoint keys and the last
+signed tree head (see ``audit_keys``).
 """
 
 from __future__ import annotations
@@ -53,10 +55,10 @@ from .keyfile import KeyBinding
 
 DB_FILE = "keys.db"
 LOCK_FILE = "lock"
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # version -> statements that bring a store of the version before up to it, beyond the tables
 # and indexes _schema() creates if they do not exist
-UPGRADES: dict[int, tuple[str, ...]] = {2: (), 3: ()}
+UPGRADES: dict[int, tuple[str, ...]] = {2: (), 3: (), 4: ()}
 # version -> (table, column, definition) the version added to an existing table; added on upgrade
 # when missing (the tables _schema() creates have them already)
 ADDED_COLUMNS: dict[int, tuple[tuple[str, str, str], ...]] = {
@@ -140,6 +142,19 @@ CREATE TABLE IF NOT EXISTS import_jobs (
     CHECK ((sealed IS NULL) = (kek_id IS NULL))
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS import_jobs_due ON import_jobs (expires_at) WHERE sealed IS NOT NULL;
+CREATE TABLE IF NOT EXISTS audit_logs (
+    origin         TEXT PRIMARY KEY CHECK (length(origin) BETWEEN 1 AND 255),
+    mldsa_public   BLOB NOT NULL CHECK (length(mldsa_public) = 1952),
+    mldsa_sealed   BLOB NOT NULL,
+    ed25519_public BLOB NOT NULL CHECK (length(ed25519_public) = 32),
+    ed25519_sealed BLOB NOT NULL,
+    kek_id         TEXT NOT NULL,
+    size           INTEGER NOT NULL CHECK (size >= 0),
+    root           BLOB CHECK (root IS NULL OR length(root) = 32),
+    created_at     REAL NOT NULL,
+    updated_at     REAL NOT NULL,
+    CHECK ((size = 0) = (root IS NULL))
+) WITHOUT ROWID;
 """
 
 
