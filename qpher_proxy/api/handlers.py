@@ -12,8 +12,8 @@ Two steps, so that the pipeline can decide on policy between them:
    Errors are ``QpherError``s: 4xx for the client's mistakes (``key_not_found``,
    ``invalid_ciphertext``, ``decryption_failed``, ...), 5xx when the KMS is unavailable.
 
-Idempotency keys. ``POST /v1/keys`` and ``POST /v1/keys/{key_id}/rotate`` take an optional
-``Idempotency-Key`` header (``parse(..., idempotency_key=<its values>)``), passed to the KMS,
+Idempotency keys. ``POST /v1/keys``, ``POST /v1/keys/{key_id}/rotate`` and the two key imports
+take an optional ``Idempotency-Key`` header (``parse(..., idempotency_key=<its values>)``), passed to the KMS,
 which records it with the key or version it creates in one transaction. A repeated request
 with the same key and the same arguments is answered with the first one's key and version,
 the first one's status and ``Idempotent-Replayed: true``, and creates nothing; the same key
