@@ -23,7 +23,6 @@ import os
 import secrets
 import subprocess
 import sys
-import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -457,25 +456,3 @@ def test_the_example_imports_keys_it_makes_or_reads(env: Env, tmp_path: Path) ->
                         "--format", "pkcs8", "--method", "hpke-ml-kem-768")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "ml-kem-1024: wrapped 86 bytes (pkcs8)" in proc.stdout
-
-
-# ---- last: the job made first has expired by now --------------------------------------------------
-
-@pytest.mark.slow  # waits out the job's minute (what is left of it after the tests above)
-def test_an_expired_job_reads_expired_and_refuses_imports(env: Env) -> None:
-    expires = datetime.strptime(env.expiring["expires_at"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
-    time.sleep(max(0.0, expires.timestamp() - time.time() + 1.1))  # a job lives at least a minute
-    job_id = env.expiring["import_job_id"]
-    assert env.api.ok("GET", f"/v1/import-jobs/{job_id}")["state"] == "expired"
-    kid = env.api.ok("POST", "/v1/keys", {"algorithm": "ml-kem-768"})["key_id"]
-    before = all_keys(env.api)
-    body = {"import_job_id": job_id, "algorithm": "ml-kem-768",
-            "wrapped_key": b64(wrap(env.expiring, "ml-kem-768", new_seed("ml-kem-768")))}
-    status, code, _ = env.api.error("POST", "/v1/keys/import", body)
-    assert (status, code) == (400, "import_job_expired")
-    status, code, _ = env.api.error("POST", f"/v1/keys/{kid}/import-version",
-                                    {k: v for k, v in body.items() if k != "algorithm"})
-    assert (status, code) == (400, "import_job_expired")
-    assert all_keys(env.api) == before
-    proc = _run_example(env.gw, "--job", job_id)  # the example reports the refusal and fails
-    assert proc.returncode == 1 and "HTTP 400 import_job_expired" in proc.stderr
