@@ -114,7 +114,7 @@ def _add_apikey(sub: _Commands) -> None:
     c = asub.add_parser("create", help="create a key; it is printed exactly once",
                         description="Create an API key and print it once on stdout (its id, tenant, plan "
                                     "and scopes go to stderr). The plan must be one the configured policy "
-                                    "declares; each scope must be admin, metrics or one the policy's "
+                                    "declares; each scope must be admin, metrics, audit or one the policy's "
                                     "rules name.")
     _add_config(c)
     c.add_argument(
@@ -160,7 +160,7 @@ def _add_policy(sub: _Commands) -> None:
 
 
 def _add_audit(sub: _Commands) -> None:
-    """``audit verify``."""
+    """``audit verify``, ``audit checkpoint``, ``audit vkeys``."""
     p = sub.add_parser("audit", help="audit log tooling")
     ausub = p.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
     c = ausub.add_parser("verify", help="verify the hash chain of audit files; exit 1 on any finding")
@@ -172,6 +172,18 @@ def _add_audit(sub: _Commands) -> None:
     c.add_argument("--checkpoint", action="append", default=[], metavar="FILE",
                    help="a signed checkpoint (GET /v1/audit/checkpoint) to check the files against; "
                         "repeatable")
+    for name, what in (
+        ("checkpoint", "make the running proxy's KMS sign a checkpoint of its audit log now (admin key); "
+                       "prints the signed note"),
+        ("vkeys", "print the audit log's checkpoint verifier keys (ML-DSA-65, Ed25519), one per line "
+                  "(audit or admin key)"),
+    ):
+        c = ausub.add_parser(name, help=what, description=what[0].upper() + what[1:] + ".")
+        _add_config(c)
+        c.add_argument("--url", help="the proxy (default: https:// + the config's first server.listen)")
+        c.add_argument("--cacert", help="CA file to verify the proxy (default: ca.crt beside tls.cert_file)")
+        c.add_argument("--api-key-env", default="QPHER_API_KEY", metavar="VAR",
+                       help="environment variable holding the API key (default QPHER_API_KEY)")
 
 
 def _add_kms(sub: _Commands) -> None:
@@ -303,6 +315,15 @@ def _dispatch(args: argparse.Namespace) -> int | None:
 
         return admin.policy_command(args)
     if cmd == "audit":
+        if args.audit_command in ("checkpoint", "vkeys"):
+            from .audit.cli import main_remote
+            from .config import load_config
+
+            cfg = load_config(args.config, check_files=False)
+            url = args.url or "https://" + cfg.server.listen[0].replace("0.0.0.0", "127.0.0.1")
+            cacert = args.cacert or os.path.join(os.path.dirname(cfg.tls.cert_file), "ca.crt")
+            return main_remote(args.audit_command, url=url, cacert=cacert,
+                               api_key=os.environ.get(args.api_key_env))
         from .audit.cli import main_verify
 
         return main_verify(args.files, vkeys=args.vkey, checkpoints=args.checkpoint)

@@ -244,6 +244,35 @@ class AuditUnavailable(QpherError):
     status = 503
 
 
+class InvalidProofRequest(BadRequest):
+    """A Merkle proof asked for with missing or malformed parameters, or sizes beyond the tree."""
+
+    code = "invalid_proof_request"
+    status = 400
+
+
+class CheckpointNotFound(QpherError):
+    """No signed checkpoint of the audit log exists yet."""
+
+    code = "checkpoint_not_found"
+    status = 404
+
+
+class CheckpointsUnavailable(QpherError):
+    """This KMS cannot sign audit checkpoints (its key store keeps no audit keys)."""
+
+    code = "audit_checkpoints_unavailable"
+    status = 503
+
+
+class CheckpointInconsistent(QpherError):
+    """The KMS refused to sign an audit checkpoint that does not extend the history it signed
+    before for the log's origin (a log cut short, rewritten or forked)."""
+
+    code = "checkpoint_inconsistent"
+    status = 409
+
+
 class AuditFieldRefused(QpherError):
     """A caller tried to audit a field named like a secret, a value that looks like an API key,
     or a value that is not plain JSON data. A programming error: nothing was written."""

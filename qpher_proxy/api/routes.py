@@ -116,6 +116,12 @@ ROUTES: tuple[Route, ...] = (
     _r("GET", "/metrics", "metrics", None, owner="server", admin=True),
     _r("POST", "/admin/fail-open", "admin.fail_open.set", None, owner="server", admin=True),
     _r("DELETE", "/admin/fail-open", "admin.fail_open.clear", None, owner="server", admin=True),
+    # the transparent audit log: signed checkpoints, Merkle proofs, verifier keys
+    _r("GET", "/v1/audit/checkpoint", "audit.checkpoint.read", None, owner="server"),
+    _r("POST", "/v1/audit/checkpoint", "audit.checkpoint.create", None, owner="server", admin=True),
+    _r("GET", "/v1/audit/proof/inclusion", "audit.proof.inclusion", None, owner="server"),
+    _r("GET", "/v1/audit/proof/consistency", "audit.proof.consistency", None, owner="server"),
+    _r("GET", "/v1/audit/vkeys", "audit.vkeys", None, owner="server"),
 )
 
 

@@ -195,6 +195,9 @@ NO_BODY_OPERATIONS = frozenset({
     "keys.list", "keys.read", "keys.destroy", "keys.rotate", "keys.disable", "keys.enable",
     "keys.cancel_destroy", "info", "health", "ready", "metrics", "admin.fail_open.clear",
     "import_jobs.list", "import_jobs.read",
+    # the audit log's routes (answered by the server; proofs read their query there)
+    "audit.checkpoint.read", "audit.checkpoint.create", "audit.proof.inclusion", "audit.proof.consistency",
+    "audit.vkeys",
 })
 
 _JSON_TYPE = {dict: "object", list: "array", str: "string", bool: "boolean", int: "integer",

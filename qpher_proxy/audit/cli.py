@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import Sequence
 from typing import TextIO
 
@@ -24,7 +27,7 @@ from .note import NoteError, Verifier
 from .tlog import verify_checkpoints
 from .verify import verify
 
-__all__ = ["main_verify", "rotation_order"]
+__all__ = ["main_remote", "main_verify", "rotation_order"]
 
 _ROTATED = re.compile(r"(.*)\.(\d{6,})")
 
@@ -106,6 +109,34 @@ def main_verify(
     if not result.ok:
         print(f"FAILED: {len(result.findings)} finding(s) in {result.records} records", file=out)
     return 1
+
+
+def main_remote(
+    action: str, *, url: str, cacert: str, api_key: str | None, out: TextIO | None = None
+) -> int:
+    """``audit checkpoint`` (POST /v1/audit/checkpoint: an admin key) and ``audit vkeys``
+    (GET /v1/audit/vkeys: an audit or admin key) against the running proxy at ``url``: the
+    checkpoint is signed by its KMS, which holds the keys. Prints the answer (a signed note, or
+    one vkey per line)."""
+    out = out if out is not None else sys.stdout
+    if not api_key:
+        print("qpher-proxy: set the API key variable (--api-key-env) to a key with the audit or admin scope",
+              file=sys.stderr)
+        return 2
+    path = "/v1/audit/checkpoint" if action == "checkpoint" else "/v1/audit/vkeys"
+    req = urllib.request.Request(url.rstrip("/") + path, method="POST" if action == "checkpoint" else "GET")
+    req.add_header("authorization", f"Bearer {api_key}")
+    try:
+        ctx = ssl.create_default_context(cafile=cacert)
+        with urllib.request.urlopen(req, context=ctx, timeout=30) as resp:  # noqa: S310 (https only)
+            out.write(resp.read().decode())
+            return 0
+    except urllib.error.HTTPError as exc:
+        print(exc.read().decode(errors="replace"), file=sys.stderr)
+        return 1
+    except (urllib.error.URLError, OSError, ssl.SSLError) as exc:
+        print(f"qpher-proxy: cannot reach {url}: {getattr(exc, 'reason', exc)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover - python -m qpher_proxy.audit.cli FILE...

@@ -107,9 +107,10 @@ _KEY_ID_RE = re.compile(r"[a-z0-9]{12}")  # the id part of _KEY_RE
 
 # Scopes the product itself gives a meaning to: ``admin`` opens the /admin routes (the gateway
 # checks it, not the policy, so that the fail-open switch works without a policy) and
-# ``metrics`` is the scraper's scope for /metrics. A policy gives meaning to more scopes by
+# ``metrics`` is the scraper's scope for /metrics; ``audit`` reads the audit log's checkpoints,
+# proofs and verifier keys (/v1/audit/*). A policy gives meaning to more scopes by
 # naming them in its rules (``scope:`` in ``match`` or ``unless``).
-PRODUCT_SCOPES = frozenset({"admin", "metrics"})
+PRODUCT_SCOPES = frozenset({"admin", "metrics", "audit"})
 
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS api_keys (

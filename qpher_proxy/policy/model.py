@@ -47,6 +47,8 @@ OPERATION_QUOTA_CLASS: Mapping[str, str | None] = MappingProxyType({
     "info": "info",
     "health": None, "ready": None, "metrics": None,
     "admin.fail_open.set": None, "admin.fail_open.clear": None,
+    "audit.checkpoint.read": None, "audit.checkpoint.create": None, "audit.proof.inclusion": None,
+    "audit.proof.consistency": None, "audit.vkeys": None,
     # every request the sidecar forwards to the upstream app
     "forward": "forward",
 })

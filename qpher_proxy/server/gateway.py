@@ -72,6 +72,7 @@ from ..upstream import (
     prepare_upstream_headers,
 )
 from .admin_routes import AdminRoutes
+from .audit_routes import AuditRoutes, Checkpointer
 
 log = logging.getLogger("qpher.gateway")
 
@@ -121,6 +122,7 @@ class Gateway:
         pass_api_key: bool = False,
         allow_path_params: bool = False,
         kms_ready: Any = None,
+        checkpointer: Checkpointer | None = None,
     ) -> None:
         self.kms = kms
         self.api = api
@@ -139,6 +141,8 @@ class Gateway:
         self.audit = audit
         self.metrics = metrics
         self._admin = AdminRoutes(policy, metrics)
+        self.checkpointer = checkpointer if checkpointer is not None else Checkpointer(audit, kms)
+        self._audit_routes = AuditRoutes(audit, self.checkpointer)
         self.upstream = upstream
         self.pass_api_key = pass_api_key
         self.allow_path_params = allow_path_params
@@ -391,6 +395,8 @@ class Gateway:
         else:
             self._authorize(req, record, route.operation)
             self._count(record, route.quota, 1)
+        if route.operation.startswith("audit."):
+            return await self._audit_routes.handle(route.operation, req)
         return await self._admin.handle(route.operation, req, record)
 
     async def _key_metas(

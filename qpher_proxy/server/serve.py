@@ -47,6 +47,7 @@ from ..tls.failures import SUMMARY_INTERVAL, HandshakeFailureSummary, failure_re
 from ..tls.listener import HandOverListener, TLSListener
 from ..tls.stream import HandOffCallback
 from ..upstream import UpstreamClient
+from .audit_routes import Checkpointer
 from .confine import Confinement
 from .gateway import Gateway, RateLimiter
 from .privsep import SupervisedKMS
@@ -124,11 +125,14 @@ async def serve(
                 control.ratelimit_fd = None  # the shared table owns that descriptor now
             metrics.watch_rate_limiter(limiter)
             await run_background(nursery, cfg, stores, authenticator)
+            checkpointer = Checkpointer(audit, supervisor.client, cfg.audit.origin,
+                                        interval=cfg.audit.checkpoint_interval,
+                                        records=cfg.audit.checkpoint_records)
             gateway = Gateway(
                 kms=supervisor.client, api=api, authenticator=authenticator,
                 limiter=limiter, quotas=stores.quotas, policy=policy, audit=audit, metrics=metrics,
                 upstream=upstream, pass_api_key=cfg.upstream.pass_api_key,
-                allow_path_params=cfg.upstream.allow_path_params,
+                allow_path_params=cfg.upstream.allow_path_params, checkpointer=checkpointer,
             )
             on_handoff, handover = _ticket_handover(cfg, control, holder, handshakes)
             listeners: list[trio.abc.Listener[Any]] = [
@@ -143,6 +147,7 @@ async def serve(
             reload = _reloader(holder, policy, supervisor if isinstance(supervisor, RemoteKMS) else None)
             running = Running(addresses, gateway, server, supervisor, holder, reload)  # type: ignore[arg-type]
             nursery.start_soon(policy.run, cfg.policy.reload_interval)
+            nursery.start_soon(checkpointer.run)
             nursery.start_soon(_summarise_handshake_failures, handshakes.failures)
             if handle_signals:
                 nursery.start_soon(_signals, server, reload)

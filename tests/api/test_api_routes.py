@@ -101,5 +101,7 @@ def test_route_classes() -> None:
     assert by_op["kem.decapsulate.batch"].quota == "kem"
     assert by_op["health"].public and by_op["health"].owner == "server"
     assert by_op["metrics"].admin and not by_op["metrics"].public
-    assert all(r.owner == "api" for r in ROUTES if r.template.startswith("/v1/"))
+    assert all(r.owner == "api" for r in ROUTES if r.template.startswith("/v1/")
+               and not r.template.startswith("/v1/audit/"))  # the audit log's routes: the server's
+    assert all(r.owner == "server" and r.quota is None for r in ROUTES if r.template.startswith("/v1/audit/"))
     assert all(r.quota is not None for r in ROUTES if r.owner == "api")

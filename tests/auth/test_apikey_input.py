@@ -76,7 +76,7 @@ def test_an_unknown_plan_is_named_with_the_declared_ones() -> None:
 def test_an_unknown_scope_is_named_with_the_known_ones() -> None:
     with pytest.raises(InvalidInput) as info:
         check_grants("pro", ["admin", "bogus"], plans=PLANS, known_scopes=SCOPES)
-    assert info.value.message == "unknown scope 'bogus' (known scopes: admin, billing, metrics)"
+    assert info.value.message == "unknown scope 'bogus' (known scopes: admin, audit, billing, metrics)"
 
 
 def test_a_key_pasted_as_a_plan_or_scope_is_not_shown(store: APIKeyStore) -> None:

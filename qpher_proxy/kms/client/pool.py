@@ -72,6 +72,7 @@ from ...errors import (
     BadRequest,
     BatchTooLarge,
     BodyTooLarge,
+    CheckpointInconsistent,
     ConfigError,
     CryptoError,
     DecryptionFailed,
@@ -121,7 +122,7 @@ KMS_ERRORS: Mapping[str, type[QpherError]] = MappingProxyType({cls.code: cls for
     CryptoError, UnknownAlgorithm, InvalidKey, InvalidCiphertext, InvalidContext, AlgorithmMismatch,
     DecryptionFailed, BackendUnavailable,
     KMSUnavailable, KeyNotFound, KeyDisabled, KeyDestroyed, InvalidKeyState, KeyUnavailable, KeyCorrupt,
-    ImportJobNotFound, ImportJobExpired, InvalidWrappedKey, InvalidKeyMaterial,
+    ImportJobNotFound, ImportJobExpired, InvalidWrappedKey, InvalidKeyMaterial, CheckpointInconsistent,
 )})
 
 

@@ -48,7 +48,7 @@ from ...audit.note import (
     signature_line,
     signed_note,
 )
-from ...errors import InvalidInput, QpherError
+from ...errors import CheckpointInconsistent, CheckpointsUnavailable, InvalidInput
 from ..wire.protocol import Value
 from . import keyfile
 from .kek import KEKProvider
@@ -59,20 +59,6 @@ __all__ = ["AUDIT_TENANT", "AuditKeys", "CheckpointInconsistent", "CheckpointsUn
 AUDIT_TENANT = "qpher:audit"  # the binding's tenant field: no tenant id can be spelled like it
 MAX_ORIGIN_BYTES = 255
 MAX_PROOF_HASHES = 128
-
-
-class CheckpointInconsistent(QpherError):
-    """A checkpoint that does not extend the history this KMS signed before for the origin."""
-
-    code = "checkpoint_inconsistent"
-    status = 409
-
-
-class CheckpointsUnavailable(QpherError):
-    """This KMS cannot sign audit checkpoints (its key store does not keep audit keys)."""
-
-    code = "audit_checkpoints_unavailable"
-    status = 503
 
 
 def audit_binding(origin: str, algorithm: str) -> KeyBinding:
