@@ -258,13 +258,6 @@ class CheckpointNotFound(QpherError):
     status = 404
 
 
-class CheckpointsUnavailable(QpherError):
-    """This KMS cannot sign audit checkpoints (its key store keeps no audit keys)."""
-
-    code = "audit_checkpoints_unavailable"
-    status = 503
-
-
 class CheckpointInconsistent(QpherError):
     """The KMS refused to sign an audit checkpoint that does not extend the history it signed
     before for the log's origin (a log cut short, rewritten or forked)."""

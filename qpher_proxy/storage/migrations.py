@@ -328,10 +328,48 @@ def _v3(n: dict[str, str]) -> list[str]:
     ]
 
 
+def _v4(n: dict[str, str]) -> list[str]:
+    """The audit log's checkpoint keys (see ``kms/worker/audit_keys``): per origin, the sealed
+    ML-DSA-65 and Ed25519 seeds and the last signed tree head. Not a tenant table (system keys,
+    no tenant reaches them): the KMS role alone may read and write it, no role may delete a row,
+    and a trigger keeps the signed size from ever going down."""
+    kms, p = n["kms"], n["prefix"]
+    return [
+        """CREATE TABLE kms_audit_logs (
+            origin         text PRIMARY KEY CHECK (length(origin) BETWEEN 1 AND 255),
+            mldsa_public   bytea NOT NULL CHECK (length(mldsa_public) = 1952),
+            mldsa_sealed   bytea NOT NULL,
+            ed25519_public bytea NOT NULL CHECK (length(ed25519_public) = 32),
+            ed25519_sealed bytea NOT NULL,
+            kek_id         text NOT NULL,
+            size           bigint NOT NULL CHECK (size >= 0),
+            root           bytea CHECK (root IS NULL OR length(root) = 32),
+            created_at     double precision NOT NULL,
+            updated_at     double precision NOT NULL,
+            CHECK ((size = 0) = (root IS NULL))
+        )""",
+        f"""CREATE FUNCTION {p}_kms_audit_logs_only_grow() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NEW.size < OLD.size OR NEW.origin <> OLD.origin OR NEW.mldsa_public <> OLD.mldsa_public
+               OR NEW.ed25519_public <> OLD.ed25519_public THEN
+                RAISE EXCEPTION 'an audit log checkpoint never shrinks and its keys never change'
+                    USING ERRCODE = 'check_violation';
+            END IF;
+            RETURN NEW;
+        END $$""",
+        f"CREATE TRIGGER kms_audit_logs_only_grow BEFORE UPDATE ON kms_audit_logs FOR EACH ROW "
+        f"EXECUTE FUNCTION {p}_kms_audit_logs_only_grow()",
+        f"REVOKE ALL ON FUNCTION {p}_kms_audit_logs_only_grow() FROM PUBLIC",
+        "REVOKE ALL ON kms_audit_logs FROM PUBLIC",
+        f"GRANT SELECT, INSERT, UPDATE ON kms_audit_logs TO {kms}",
+    ]
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "api keys, usage, KMS keys and sealed versions, leases; roles, grants, RLS", _v1),
     Migration(2, "idempotency records of key creation and rotation (KMS role, RLS)", _v2),
     Migration(3, "key import: import jobs (KMS role, RLS) and the origin of key versions", _v3),
+    Migration(4, "the audit log's checkpoint keys and last signed tree heads (KMS role)", _v4),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 

@@ -277,7 +277,7 @@ def test_a_version_2_database_migrates_to_import_jobs(
             c.execute("INSERT INTO kms_key_versions VALUES "
                       "('t1', %s, 1, 'ml-kem-768', 'active', %s, %s, %s, 1)",
                       (key_id, old.public_key().public_bytes_raw(), sealed, kek.kek_id))
-        assert migrate(pg.dsn, pg.role_prefix) == (2, migrations.SCHEMA_VERSION) == (2, 3)
+        assert migrate(pg.dsn, pg.role_prefix) == (2, migrations.SCHEMA_VERSION)
         with psycopg.connect(pg.dsn) as c:
             assert c.execute("SELECT origin, import_job_id FROM kms_key_versions").fetchall() == [
                 ("generated", None)

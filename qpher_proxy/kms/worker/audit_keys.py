@@ -33,7 +33,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ed25519, mldsa
@@ -48,13 +49,14 @@ from ...audit.note import (
     signature_line,
     signed_note,
 )
-from ...errors import CheckpointInconsistent, CheckpointsUnavailable, InvalidInput
+from ...errors import CheckpointInconsistent, InvalidInput
 from ..wire.protocol import Value
 from . import keyfile
 from .kek import KEKProvider
+from .keydb import mapped_errors
 from .keyfile import KeyBinding
 
-__all__ = ["AUDIT_TENANT", "AuditKeys", "CheckpointInconsistent", "CheckpointsUnavailable", "audit_binding"]
+__all__ = ["AUDIT_TENANT", "AuditKeys", "CheckpointInconsistent", "audit_binding"]
 
 AUDIT_TENANT = "qpher:audit"  # the binding's tenant field: no tenant id can be spelled like it
 MAX_ORIGIN_BYTES = 255
@@ -82,24 +84,37 @@ def _hash(value: object, what: str) -> bytes:
 
 
 class AuditKeys:
-    """The audit keys and checkpoint state of a SQLite key store (``store.db``, ``store.kek``,
-    ``store._transaction``)."""
+    """The audit keys and checkpoint state of a key store: the ``audit_logs`` table of the SQLite
+    store (``KeyStore``), ``kms_audit_logs`` of the PostgreSQL one (``PgKeyStore``; KMS role only,
+    ``SELECT ... FOR UPDATE`` serialises the KMS nodes)."""
 
     def __init__(self, store: Any, *, clock: Callable[[], float] = time.time) -> None:
         self._store = store
         self._clock = clock
+        self._pg = getattr(store, "dir", None) is None  # PgKeyStore keeps nothing in a directory
+        self._table = "kms_audit_logs" if self._pg else "audit_logs"
 
-    def _row(self, origin: str) -> tuple[Any, ...] | None:
-        row = self._store._db.execute(
-            "SELECT mldsa_public, mldsa_sealed, ed25519_public, ed25519_sealed, size, root FROM audit_logs "
-            "WHERE origin = ?",
+    @contextmanager
+    def _tx(self, what: str) -> Iterator[Callable[[str, tuple[Any, ...]], Any]]:
+        """One write transaction; yields ``execute(sql, params)`` (``?`` placeholders)."""
+        if self._pg:
+            with self._store.db.transaction(what=what) as conn:
+                yield lambda q, p: conn.execute(q.replace("?", "%s"), p)
+        else:
+            with mapped_errors(what), self._store._transaction():
+                yield lambda q, p: self._store._db.execute(q, p)
+
+    def _row(self, execute: Callable[[str, tuple[Any, ...]], Any], origin: str) -> tuple[Any, ...] | None:
+        row = execute(
+            "SELECT mldsa_public, mldsa_sealed, ed25519_public, ed25519_sealed, size, root "
+            f"FROM {self._table} WHERE origin = ?" + (" FOR UPDATE" if self._pg else ""),
             (origin,),
         ).fetchone()
-        return None if row is None else tuple(row)
+        return None if row is None else tuple(bytes(v) if isinstance(v, memoryview) else v for v in row)
 
-    def _ensure(self, origin: str) -> tuple[Any, ...]:
-        """The origin's row, its keys created first if need be (call inside a write transaction)."""
-        row = self._row(origin)
+    def _ensure(self, execute: Callable[[str, tuple[Any, ...]], Any], origin: str) -> tuple[Any, ...]:
+        """The origin's row, locked, its keys created first if need be."""
+        row = self._row(execute, origin)
         if row is not None:
             return row
         kek: KEKProvider = self._store.kek
@@ -107,13 +122,15 @@ class AuditKeys:
         ml_pub = mldsa.MLDSA65PrivateKey.from_seed_bytes(ml_seed).public_key().public_bytes_raw()
         ed_pub = ed25519.Ed25519PrivateKey.from_private_bytes(ed_seed).public_key().public_bytes_raw()
         now = self._clock()
-        self._store._db.execute(
-            "INSERT INTO audit_logs (origin, mldsa_public, mldsa_sealed, ed25519_public, ed25519_sealed, "
-            "kek_id, size, root, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, 0, NULL, ?, ?)",
+        execute(
+            f"INSERT INTO {self._table} (origin, mldsa_public, mldsa_sealed, ed25519_public, ed25519_sealed, "
+            "kek_id, size, root, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, 0, NULL, ?, ?) "
+            "ON CONFLICT (origin) DO NOTHING",  # another worker made them first: theirs stay
             (origin, ml_pub, keyfile.seal(kek, audit_binding(origin, "ml-dsa-65"), ml_seed),
              ed_pub, keyfile.seal(kek, audit_binding(origin, "ed25519"), ed_seed), kek.kek_id, now, now),
         )
-        row = self._row(origin)
+        del ml_seed, ed_seed
+        row = self._row(execute, origin)
         assert row is not None
         return row
 
@@ -121,8 +138,8 @@ class AuditKeys:
         """``{"origin", "vkeys": [ML-DSA-65 vkey, Ed25519 vkey], "size", "root"}``: the verifier
         keys (created on first use) and the last signed tree head."""
         origin = _origin(args.get("origin"))
-        with self._store._transaction():
-            row = self._ensure(origin)
+        with self._tx("reading the audit keys") as execute:
+            row = self._ensure(execute, origin)
         return self._answer(origin, row)
 
     def sign_checkpoint(self, args: dict[str, Value]) -> Value:
@@ -137,8 +154,8 @@ class AuditKeys:
         if type(proof_arg) is not list or len(proof_arg) > MAX_PROOF_HASHES:
             raise InvalidInput(f"consistency must be a list of at most {MAX_PROOF_HASHES} hashes")
         proof = [_hash(h, "a consistency hash") for h in proof_arg]
-        with self._store._transaction():
-            row = self._ensure(origin)
+        with self._tx("signing an audit checkpoint") as execute:
+            row = self._ensure(execute, origin)
             last_size, last_root = int(row[4]), row[5]
             if size < last_size or (size == last_size and last_size > 0 and root != last_root):
                 raise CheckpointInconsistent(
@@ -152,8 +169,8 @@ class AuditKeys:
                         "the consistency proof from the last checkpoint signed for this origin "
                         f"(size {last_size}) does not verify"
                     ) from exc
-            self._store._db.execute(
-                "UPDATE audit_logs SET size = ?, root = ?, updated_at = ? WHERE origin = ?",
+            execute(
+                f"UPDATE {self._table} SET size = ?, root = ?, updated_at = ? WHERE origin = ?",
                 (size, root, self._clock(), origin),
             )
         text = format_checkpoint(origin, size, root)

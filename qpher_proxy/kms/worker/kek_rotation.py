@@ -8,6 +8,7 @@ let a re-run resume. Every file stays whole and under one of the two KEKs throug
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -124,22 +125,26 @@ def _rewrap_import_jobs(db: sqlite3.Connection, old: KEKProvider, new: KEKProvid
     return n
 
 
-def _rewrap_audit_keys(db: sqlite3.Connection, old: KEKProvider, new: KEKProvider) -> int:
-    """Put the audit logs' checkpoint keys (sealed in their ``audit_logs`` rows) under ``new``,
-    in one transaction, as ``_rewrap_import_jobs`` does for import jobs."""
+def _rewrap_audit_keys(db: Any, old: KEKProvider, new: KEKProvider, *, table: str = "audit_logs",
+                       placeholder: str = "?") -> int:
+    """Put the audit logs' checkpoint keys (sealed in their rows) under ``new``, as
+    ``_rewrap_import_jobs`` does for import jobs: SQLite (``db`` a connection: one transaction of
+    its own) or PostgreSQL (``db`` a connection inside the rotation's transaction)."""
     from .audit_keys import audit_binding
 
     n = 0
-    with write_transaction(db):
-        rows = db.execute("SELECT origin, mldsa_sealed, ed25519_sealed FROM audit_logs").fetchall()
+    q = placeholder
+    with write_transaction(db) if isinstance(db, sqlite3.Connection) else contextlib.nullcontext():
+        rows = db.execute(f"SELECT origin, mldsa_sealed, ed25519_sealed FROM {table}").fetchall()
         for origin, ml, ed in rows:
             ml_blob = _rewrap_blob(bytes(ml), audit_binding(origin, "ml-dsa-65"), old, new)
             ed_blob = _rewrap_blob(bytes(ed), audit_binding(origin, "ed25519"), old, new)
             if ml_blob is not None or ed_blob is not None:
                 db.execute(
-                    "UPDATE audit_logs SET mldsa_sealed = ?, ed25519_sealed = ?, kek_id = ? WHERE origin = ?",
-                    (ml_blob if ml_blob is not None else ml, ed_blob if ed_blob is not None else ed,
-                     new.kek_id, origin),
+                    f"UPDATE {table} SET mldsa_sealed = {q}, ed25519_sealed = {q}, kek_id = {q} "
+                    f"WHERE origin = {q}",
+                    (ml_blob if ml_blob is not None else bytes(ml),
+                     ed_blob if ed_blob is not None else bytes(ed), new.kek_id, origin),
                 )
                 n += 1
     return n
@@ -242,8 +247,11 @@ def rotate_kek_postgresql(
             # import jobs exist from schema version 3 on; an older database has none to re-wrap
             row = conn.execute("SELECT to_regclass('kms_import_jobs') IS NOT NULL").fetchone()
             has_jobs = bool(row and row[0])
+            row = conn.execute("SELECT to_regclass('kms_audit_logs') IS NOT NULL").fetchone()
+            has_audit = bool(row and row[0])  # schema version 4 on
             conn.execute("LOCK TABLE kms_key_versions, kms_meta"
-                         + (", kms_import_jobs" if has_jobs else "") + " IN EXCLUSIVE MODE")
+                         + (", kms_import_jobs" if has_jobs else "")
+                         + (", kms_audit_logs" if has_audit else "") + " IN EXCLUSIVE MODE")
             (others,) = conn.execute(
                 "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
                 "AND application_name = %s AND pid <> pg_backend_pid()", (APPLICATION_NAME,)
@@ -285,6 +293,8 @@ def rotate_kek_postgresql(
                     on_progress(done, len(rows))
             if has_jobs:
                 _rewrap_pg_import_jobs(conn, old, new)
+            if has_audit:
+                _rewrap_audit_keys(conn, old, new, table="kms_audit_logs", placeholder="%s")
             conn.execute(
                 "INSERT INTO kms_meta (name, value) VALUES ('kek_canary', %s) "
                 "ON CONFLICT (name) DO UPDATE SET value = excluded.value", (seal_canary(new),)

@@ -59,7 +59,7 @@ from ..wire.protocol import (
     ServerConnection,
     Value,
 )
-from .audit_keys import AuditKeys, CheckpointsUnavailable
+from .audit_keys import AuditKeys
 from .keystore import KeyStore
 from .tenant_keys import TenantKeys
 
@@ -164,10 +164,10 @@ class KMSService:
             "encrypt": self._encrypt,
             "decrypt": self._decrypt,
             "batch": self._batch,
-            "audit_vkeys": lambda k, a: self._audit_keys().vkeys(a),
-            "audit_sign_checkpoint": lambda k, a: self._audit_keys().sign_checkpoint(a),
+            "audit_vkeys": lambda k, a: self._audit.vkeys(a),
+            "audit_sign_checkpoint": lambda k, a: self._audit.sign_checkpoint(a),
         }
-        self._audit = AuditKeys(store) if isinstance(store, KeyStore) else None
+        self._audit = AuditKeys(store)
 
     def __repr__(self) -> str:
         return f"<KMSService dir={str(self.store.dir)!r}>"
@@ -209,11 +209,6 @@ class KMSService:
                 },
             )
             return conn.error(rid, "internal_error", 500, "internal error in the KMS")
-
-    def _audit_keys(self) -> AuditKeys:
-        if self._audit is None:
-            raise CheckpointsUnavailable("audit checkpoints are signed by a KMS on the SQLite key store only")
-        return self._audit
 
     # ---- lifecycle ----
 
