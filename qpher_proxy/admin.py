@@ -293,7 +293,8 @@ def db_command(args: argparse.Namespace) -> int:
                            connect_timeout=timeout)
     skipped = ", ".join(f"{n} {k}" for k, n in sorted(report.skipped.items())) or "nothing"
     print(f"imported {report.api_keys} API keys, {report.usage_rows} usage rows, {report.keys} keys with "
-          f"{report.versions} sealed versions{', the KEK check' if report.canary else ''}; "
+          f"{report.versions} sealed versions{', the KEK check' if report.canary else ''}"
+          f"{f', {report.audit_logs} audit log key set(s)' if report.audit_logs else ''}; "
           f"skipped (already present): {skipped}")
     return 0
 

@@ -44,6 +44,7 @@ class ImportReport:
     keys: int = 0
     versions: int = 0
     import_jobs: int = 0
+    audit_logs: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
     canary: bool = False
 
@@ -165,6 +166,10 @@ def _import_kms(conn: Any, kms: Path, report: ImportReport) -> None:
             "SELECT tenant_id, job_id, method, public_key, sealed, kek_id, created_at, expires_at, "
             "destroyed_at FROM import_jobs ORDER BY tenant_id, job_id"
         ).fetchall() if _table(src, "import_jobs") else []
+        audit_logs = src.execute(
+            "SELECT origin, mldsa_public, mldsa_sealed, ed25519_public, ed25519_sealed, kek_id, size, root, "
+            "created_at, updated_at FROM audit_logs ORDER BY origin"
+        ).fetchall() if _table(src, "audit_logs") else []
     finally:
         src.close()
     imported: set[tuple[str, str]] = set()
@@ -203,6 +208,17 @@ def _import_kms(conn: Any, kms: Path, report: ImportReport) -> None:
             report.import_jobs += 1
         else:
             report.skip("import_jobs")
+    for row in audit_logs:  # the audit log's checkpoint keys and last signed tree head, as they are
+        cur = conn.execute(
+            "INSERT INTO kms_audit_logs (origin, mldsa_public, mldsa_sealed, ed25519_public, ed25519_sealed, "
+            "kek_id, size, root, created_at, updated_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
+            "ON CONFLICT DO NOTHING",
+            tuple(bytes(v) if isinstance(v, (bytes, memoryview)) else v for v in row),
+        )
+        if cur.rowcount == 1:
+            report.audit_logs += 1
+        else:
+            report.skip("audit_logs")
     canary = kms / KMS_CANARY_FILE
     if canary.is_file():
         cur = conn.execute(

@@ -48,6 +48,9 @@ def test_a_single_node_moves_to_postgresql_keeps_working_and_survives_a_kek_rota
         out = cli("apikey", "create", "--config", cfg, "--tenant", "t-gone", "--plan", "free").stdout
         gone = next(w for w in out.split() if w.startswith("qph_"))
         cli("apikey", "revoke", "--config", cfg, gone.split("_")[1])
+        status, vkeys_sqlite, _ = api.call("POST", "/v1/audit/checkpoint")  # the audit keys move too
+        assert status == 200, vkeys_sqlite
+        vkeys_sqlite = api.call("GET", "/v1/audit/vkeys")[1]
 
         # switch the config to PostgreSQL; importing beside the live node is refused
         doc = yaml.safe_load(cfg_path.read_text())
@@ -60,6 +63,7 @@ def test_a_single_node_moves_to_postgresql_keeps_working_and_survives_a_kek_rota
 
     done = cli("db", "import-sqlite", "--config", cfg).stdout
     assert "imported 2 API keys" in done and "2 keys with 3 sealed versions" in done, done
+    assert "1 audit log key set(s)" in done, done
     again = cli("db", "import-sqlite", "--config", cfg).stdout  # a re-run adds nothing
     assert "imported 0 API keys" in again and "2 api_keys" in again and "2 keys" in again, again
     with psycopg.connect(pg.dsn) as c:
@@ -82,6 +86,9 @@ def test_a_single_node_moves_to_postgresql_keeps_working_and_survives_a_kek_rota
         status, body, _ = api.call("GET", f"/v1/keys/{sig}")
         assert (status, body["label"]) == (200, "signer"), body
         assert gw.client(gone).call("GET", "/v1/info")[0] == 401  # still revoked
+        assert api.call("GET", "/v1/audit/vkeys")[1] == vkeys_sqlite
+        status, body, _ = api.call("POST", "/v1/audit/checkpoint")  # consistent with the one on SQLite
+        assert status == 200, body
         refused = cli("kms", "rotate-kek", "--config", cfg, "--new-kek-file", str(new_kek), "--generate",
                       check=False)
         assert refused.returncode != 0 and "stop every node" in refused.stderr, refused.stderr
