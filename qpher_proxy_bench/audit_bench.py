@@ -85,9 +85,9 @@ def _proof_bytes(hashes: list[bytes]) -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="qpher-proxy bench audit", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="10^5 leaves, fewer records")
-    ap.add_argument("--leaves", type=int, default=1_000_000)
-    ap.add_argument("--records", type=int, default=20_000)
-    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--leaves", type=int, default=1_000_000, help="tree leaves (default 10^6)")
+    ap.add_argument("--records", type=int, default=20_000, help="audit records timed per run (default 20000)")
+    ap.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = ap.parse_args(argv)
     n = 100_000 if args.quick else args.leaves
     records = 4000 if args.quick else args.records

@@ -25,7 +25,8 @@ ahead — into the four kinds of tampering:
 After a finding the verifier re-anchors on the record it was looking at and continues, so
 independent tamperings are each reported (one ``Finding`` per break; the first is usually the
 one that matters). It cannot see records removed from the very end, nor a chain rewritten from
-some point on: compare ``head`` with an externally anchored copy for that.
+some point on: signed checkpoints of the log's Merkle tree do (``tlog.py``, ``audit verify
+--checkpoint``).
 """
 
 from __future__ import annotations

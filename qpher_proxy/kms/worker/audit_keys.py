@@ -10,14 +10,16 @@ that a compromised gateway must not be able to obtain a signature on a history t
 one signed before — a log cut short, rewritten, or forked.
 
 **Keys.** Per origin, one ML-DSA-65 and one Ed25519 key, created on first use inside the KMS
-(``ensure``), their 32-byte seeds sealed under the KEK exactly like a key version
+(``_ensure``), their 32-byte seeds sealed under the KEK exactly like a key version
 (``keyfile.seal``, bound to ``KeyBinding(AUDIT_TENANT, origin, 1, algorithm)``) and kept in the
-``audit_logs`` row of the origin; they are system keys, not tenant keys: no tenant repository
-reaches them, no operation exports them; only their public halves leave (``audit_vkeys``).
-``kms rotate-kek`` re-seals them with the key versions.
+origin's row of ``audit_logs`` (SQLite key store, schema 4) or ``kms_audit_logs`` (PostgreSQL,
+migration 4: KMS role only). They are system keys, not tenant keys: no tenant repository reaches
+them, no operation exports them; only their public halves leave (``audit_vkeys``). ``kms
+rotate-kek`` re-seals them with the key versions; ``db import-sqlite`` moves them.
 
 **The rule** (``sign_checkpoint``), in one write transaction per request, so that the KMS
-workers sharing the store serialise on it: the row holds the last ``(size, root)`` signed for
+workers (and, on PostgreSQL, the KMS nodes: ``SELECT ... FOR UPDATE``) sharing the store
+serialise on it: the row holds the last ``(size, root)`` signed for
 the origin. A request ``(size, root, consistency)`` is signed only if
 
 * ``size`` equals the last size and ``root`` the last root (the same checkpoint again), or
