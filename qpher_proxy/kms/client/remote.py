@@ -31,11 +31,12 @@ API's ``Idempotency-Key`` lets the caller retry safely.
 The service token is not a secret handed out by anybody: both ends derive it from the TLS
 connection, so a frame recorded on one connection is worthless on any other.
 
-Health. Each connection sends a ``ping`` through the node to one of its workers every
-``health_interval`` seconds; no answer within ``connect_timeout`` (or a node that answers
-``kms_unavailable``: it has no live worker) closes the connection, which then reconnects with
-back-off (``reconnect_backoff_max``). ``ready`` (``/readyz``) is true while at least one
-connection is live.
+Health. A connection that has been quiet for ``health_interval`` seconds sends a ``ping``
+through the node to one of its workers (one that answers requests is alive: no ping, as with
+gRPC keepalives). No answer within ``connect_timeout`` while nothing else arrived either (or a
+node that answers ``kms_unavailable``: it has no live worker) closes the connection, which then
+reconnects with back-off (``reconnect_backoff_max``). ``ready`` (``/readyz``) is true while at
+least one connection is live.
 
 Per-endpoint figures (``stats``): live connections, requests in flight, answers and errors,
 and the round-trip time of each answer, for the gateway's metrics.
@@ -101,6 +102,7 @@ class TLSChannel(WorkerChannel):
     def __init__(self, index: int, stream: TLSStream, conn: ClientConnection) -> None:
         super().__init__(index, None, conn)
         self.stream = stream
+        self.last_read = trio.current_time()  # when the node last sent anything (health checks)
 
     def send(self, frame: bytes) -> None:
         if not self._out:
@@ -125,6 +127,7 @@ class TLSChannel(WorkerChannel):
                 data = await stream.receive_some(_PUMP_BYTES)
             except (trio.BrokenResourceError, trio.ClosedResourceError, QpherError):
                 data = b""
+            self.last_read = trio.current_time()
             conn.receive_data(data)
             while True:
                 try:
@@ -315,17 +318,30 @@ class RemoteKMS:
             self._notify()
         return None
 
-    async def _health(self, channel: WorkerChannel, scope: trio.CancelScope) -> None:
+    async def _health(self, channel: TLSChannel, scope: trio.CancelScope) -> None:
+        """Ping the connection when it has been quiet for ``health_interval`` (a connection that
+        answers requests is alive: no ping, as with gRPC keepalives). A ping unanswered within
+        ``connect_timeout`` while nothing else arrived either closes the connection."""
         while True:
             await trio.sleep(self.health_interval)
+            if trio.current_time() - channel.last_read < self.health_interval:
+                continue
+            before = channel.last_read
             try:
                 with trio.fail_after(self.connect_timeout):
                     await self.client.call_on(channel, _HEALTH_CONTEXT, "ping", {"data": b""})
-            except (trio.TooSlowError, QpherError) as exc:
-                log.warning("KMS node failed its health check; reconnecting", extra={"fields": {
-                    "connection": channel.index, "reason": getattr(exc, "code", "timeout")}})
-                scope.cancel()
-                return
+            except trio.TooSlowError:
+                if channel.last_read != before:
+                    continue  # slow, but answering: busy, not dead
+                reason = "timeout"
+            except QpherError as exc:
+                reason = exc.code  # the node has no live worker, or the connection is gone
+            else:
+                continue
+            log.warning("KMS node failed its health check; reconnecting",
+                        extra={"fields": {"connection": channel.index, "reason": reason}})
+            scope.cancel()
+            return
 
 
 async def _bootstrap(stream: TLSStream, token: bytes) -> dict[str, Value]:
