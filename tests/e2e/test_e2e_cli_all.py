@@ -170,7 +170,7 @@ def test_apikey_create_refuses_an_unknown_plan_or_scope_naming_the_valid_ones(co
                    "(the policy declares: enterprise, free, pro)")
     err = _one_error_line(cli("apikey", "create", "-c", config, "--tenant", "refused-t", "--plan", "pro",
                               "--scope", "metrics", "--scope", "bogus", check=False), 1)
-    assert err == "qpher-proxy: invalid_input: unknown scope 'bogus' (known scopes: admin, metrics)"
+    assert err == "qpher-proxy: invalid_input: unknown scope 'bogus' (known scopes: admin, audit, metrics)"
     assert cli("apikey", "list", "-c", config, "--tenant", "refused-t", "--json").stdout.strip() == "[]"
 
 
