@@ -117,10 +117,10 @@ class TreeStore:
         compact range."""
         n = os.fstat(self._fd(0)).st_size // HASH_SIZE
         level = 0
-        while True:
+        # every level file that exists is checked, also above the top (nodes of a larger tree
+        # there would misplace the nodes appended later)
+        while level == 0 or n >> level or level < len(self._fds) or os.path.exists(self._path(level)):
             want = n >> level
-            if level > 0 and want == 0 and not os.path.exists(self._path(level)):
-                break
             fd = self._fd(level)
             have = os.fstat(fd).st_size
             if have > want * HASH_SIZE:
@@ -129,8 +129,6 @@ class TreeStore:
             have //= HASH_SIZE
             for index in range(have, want):  # a crash between levels: recompute from below
                 os.write(fd, node_hash(self.node(level - 1, 2 * index), self.node(level - 1, 2 * index + 1)))
-            if want == 0 and level > 0:
-                break
             level += 1
         self._range = CompactRange.from_source(self, n)
 

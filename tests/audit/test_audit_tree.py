@@ -135,3 +135,25 @@ def test_checkpoints_are_records_and_the_latest_note_is_kept(tmp_path: Path) -> 
         assert log.latest_checkpoint() == f"o\n{size}\nnote\n\n"
         assert log.tree_head()[0] == size + 2
     assert b'"event":"audit.checkpoint"' in path.read_bytes().splitlines()[4]
+
+
+def test_reload_cuts_nodes_above_the_top_and_fills_missing_ones(tmp_path: Path) -> None:
+    d = str(tmp_path / "tree")
+    store = TreeStore(d)
+    ref = MemoryTree()
+    for i in range(70):
+        h = MemoryTree.from_data([bytes([i])]).node(0, 0)
+        store.append(h)
+        ref.append(h)
+    store.close()
+    os.truncate(os.path.join(d, "level-00"), 20 * 32 + 7)  # 20 leaves and a torn node
+    os.truncate(os.path.join(d, "level-02"), 32)  # 5 nodes missing there
+    store = TreeStore(d)
+    assert store.size == 20 and store.root() == ref.root(20)
+    for level in range(8):
+        p = os.path.join(d, f"level-{level:02d}")
+        assert not os.path.exists(p) or os.path.getsize(p) == (20 >> level) * 32, level
+    for i in range(20, 70):
+        store.append(ref.node(0, i))
+    assert store.root() == ref.root() and store.root(33) == ref.root(33)
+    store.close()
