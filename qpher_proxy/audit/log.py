@@ -323,7 +323,8 @@ class AuditLog:
                 if current is None or _note_size(current) < size:
                     path = os.path.join(tree_dir(self._path), _CHECKPOINT_FILE)
                     tmp = f"{path}.{os.getpid()}.tmp"
-                    with open(tmp, "w", encoding="utf-8") as fh:
+                    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+                    with open(fd, "w", encoding="utf-8") as fh:
                         fh.write(note)
                     os.replace(tmp, path)
         except OSError as exc:

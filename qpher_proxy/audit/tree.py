@@ -67,7 +67,14 @@ class TreeStore:
         self._dir = directory
         self._fds: list[int] = []
         self._range = CompactRange()
-        os.makedirs(directory, mode=0o700, exist_ok=True)
+        # Run as root (an admin command beside a gateway running as its own user), files this
+        # process creates go to the owner of the directory the log lives in, as the log's own do.
+        parent = os.stat(os.path.dirname(os.path.abspath(directory)))
+        self._owner = (parent.st_uid, parent.st_gid) if os.geteuid() == 0 and parent.st_uid != 0 else None
+        if not os.path.isdir(directory):
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            if self._owner is not None:
+                os.chown(directory, *self._owner)
         self.reload()
 
     @property
@@ -86,6 +93,8 @@ class TreeStore:
             flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
             fd = os.open(self._path(len(self._fds)), flags, 0o600)
             self._fds.append(fd)
+            if self._owner is not None:
+                os.fchown(fd, *self._owner)
         return self._fds[level]
 
     def close(self) -> None:

@@ -157,3 +157,14 @@ def test_reload_cuts_nodes_above_the_top_and_fills_missing_ones(tmp_path: Path) 
         store.append(ref.node(0, i))
     assert store.root() == ref.root() and store.root(33) == ref.root(33)
     store.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give files to another user")
+def test_run_as_root_the_tree_belongs_to_the_logs_owner(tmp_path: Path) -> None:
+    d = tmp_path / "audit"
+    d.mkdir()
+    os.chown(d, 65534, 65534)
+    with AuditLog(d / "audit.log") as log:
+        _fill(log, 3)
+    tree = Path(tree_dir(d / "audit.log"))
+    assert {(p.stat().st_uid, p.stat().st_gid) for p in [tree, *tree.iterdir()]} == {(65534, 65534)}
