@@ -152,6 +152,9 @@ class Checkpointer:
             except QpherError as exc:
                 log.warning("audit checkpoint failed", extra={"fields": {"code": exc.code}})
                 self._last_time = trio.current_time()  # not again before the next interval
+            except Exception:  # a bug here must not end the gateway: say so, try again later
+                log.error("audit checkpoint failed unexpectedly", exc_info=True)
+                self._last_time = trio.current_time()
 
 
 def _note_size(note: str) -> int:
