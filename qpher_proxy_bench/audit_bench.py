@@ -9,7 +9,7 @@ Figures:
                   record, same directory, fsync policy "never" (the request path's default for
                   non-CRITICAL records is no fsync either): the difference is the tree's cost on
                   the request path (one leaf hash, ~1 node hash, ~2 small ``os.write``);
-* ``tree``        a tree of ``--leaves`` leaves in level files (``TreeStore``), built leaf by leaf;
+* ``tree``        a tree of ``--leaves`` leaves in its node file (``TreeStore``), built leaf by leaf;
                   its size on disk;
 * ``proofs``      inclusion proof (a middle leaf, the last leaf) and consistency proofs (from
                   n/2 + 1 and from n - 1000 to n): µs to make from the files, µs to verify, hashes
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
           f"+{r['tree_overhead']} us per record")
     t = out["tree"]
     print(f"tree of {t['leaves']} leaves: built in {t['build_s']} s ({t['us_per_leaf']} us/leaf), "
-          f"{t['bytes_on_disk'] / 1e6:.1f} MB in level files")
+          f"{t['bytes_on_disk'] / 1e6:.1f} MB of node file")
     for name, p in out["proofs"].items():
         print(f"{name:>22}: {p['hashes']} hashes, {p['json_bytes']} B JSON, make {p['make_us']} us, "
               f"verify {p['verify_us']} us")

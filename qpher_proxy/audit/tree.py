@@ -1,4 +1,4 @@
-"""The audit log's Merkle tree on disk: append-only level files next to the log.
+"""The audit log's Merkle tree on disk: one append-only file of node hashes next to the log.
 
 Theory of operation
 -------------------
@@ -9,24 +9,28 @@ a line of the file (kept as evidence) and so a leaf, and the ``audit.recovered``
 is the next leaf; checkpoint records are leaves too. Bytes after the last newline (a write in
 progress, or torn and not yet repaired) are not a leaf yet.
 
-**Layout.** ``.<log>.tree/level-00`` (beside the log, hidden from ``audit.log*``) holds the leaf
-hashes, ``level-01`` the hashes of complete pairs, and so on: node ``(level, index)`` is the 32
-bytes at ``index * 32`` of ``level-LL`` (``merkle.NodeSource``). A tree of ``n`` leaves has
-exactly ``n >> level`` nodes at each level. Files are only appended to (``O_APPEND``): a node
-never changes once its leaves exist.
+**Layout.** ``.<log>.tree/nodes`` (beside the log, hidden from ``audit.log*``) holds the hash of
+every complete node — the leaves and every complete subtree — 32 bytes each, in *post-order*:
+appending leaf *i* completes the leaf and then ``t`` ancestors (``t`` = the trailing one bits
+of *i*), and they are exactly the next ``1 + t`` nodes of the file. So a tree of ``n`` leaves
+is ``2n - popcount(n)`` nodes, and node ``(level, index)`` (``2**level`` leaves from
+``index << level``: ``merkle.NodeSource``) sits at position ``2m - popcount(m) - 1 -
+tz(index + 1)`` with ``m = (index + 1) << level`` (``node_position``): the node count once its
+last leaf is in, less the ancestors written after it. The file is only appended to
+(``O_APPEND``): a node never changes once its leaves exist.
 
 **Appending** (``append``, called by ``AuditLog`` under the log's ``flock``, right after the
 line is written): the in-memory compact range (``merkle.CompactRange``) gives the nodes the new
-leaf completes — one SHA-256 for the leaf, one more on average for the nodes — and each is
-written to its level with one ``os.write`` (two on average). Nothing is fsynced: the tree is a
-cache of the log, rebuildable from it.
+leaf completes — one SHA-256 for the leaf, one more on average for the nodes — and they go to
+the file in one ``os.write`` of 32 bytes, 64 on average. Nothing is fsynced: the tree is a cache
+of the log, rebuildable from it.
 
-**Opening and repair** (``open``/``reload``): the leaf count is ``size(level-00) // 32``. A
-partial node at the end of a file (a crash mid-write) is cut off, nodes beyond ``n >> level``
-are cut off, and missing upper nodes (a crash between levels) are recomputed from the level
-below. ``AuditLog`` then compares the tree's last leaf with the log's tail and appends what is
-missing, or rebuilds the whole tree from the files (``rebuild``) when they do not agree — a
-deleted or damaged directory, or a log written before the tree existed.
+**Opening and repair** (``reload``): the node count ``K`` is the file's size // 32; the leaf
+count is the largest ``n`` with ``2n - popcount(n) <= K``, and the file is cut back to that
+tree's ``2n - popcount(n)`` nodes (a torn last write loses its leaf, which ``AuditLog`` then
+appends again from the log). ``AuditLog`` compares the tree's last leaf with the log's tail and
+appends what is missing, or rebuilds the whole tree from the files (``rebuild``) when they do
+not agree — a deleted or damaged tree, or a log written before the tree existed.
 """
 
 from __future__ import annotations
@@ -34,9 +38,13 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Iterator
 
-from .merkle import HASH_SIZE, CompactRange, leaf_hash, node_hash, range_hash
+from .merkle import HASH_SIZE, CompactRange, leaf_hash, range_hash
 
-__all__ = ["TreeStore", "iter_log_lines", "tree_dir"]
+__all__ = [
+    "NODES_FILE", "TreeStore", "iter_log_lines", "leaves_in", "node_count", "node_position", "tree_dir",
+]
+
+NODES_FILE = "nodes"
 
 _READ_CHUNK = 1024 * 1024
 
@@ -60,21 +68,47 @@ def iter_log_lines(files: Iterable[str]) -> Iterator[bytes]:
                 yield from lines
 
 
+def node_count(n: int) -> int:
+    """Nodes of a tree of ``n`` leaves: ``2n - popcount(n)``."""
+    return 2 * n - n.bit_count()
+
+
+def node_position(level: int, index: int) -> int:
+    """The post-order position of node ``(level, index)`` (see "Layout")."""
+    j = index + 1
+    return node_count(j << level) - 1 - ((j & -j).bit_length() - 1)
+
+
+def leaves_in(nodes: int) -> int:
+    """The largest ``n`` with ``node_count(n) <= nodes``."""
+    lo, hi = 0, nodes
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if node_count(mid) <= nodes:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
 class TreeStore:
-    """The level files of one log's tree (see the module docstring); a ``NodeSource``."""
+    """The node file of one log's tree (see the module docstring); a ``NodeSource``."""
 
     def __init__(self, directory: str) -> None:
         self._dir = directory
-        self._fds: list[int] = []
         self._range = CompactRange()
         # Run as root (an admin command beside a gateway running as its own user), files this
         # process creates go to the owner of the directory the log lives in, as the log's own do.
         parent = os.stat(os.path.dirname(os.path.abspath(directory)))
-        self._owner = (parent.st_uid, parent.st_gid) if os.geteuid() == 0 and parent.st_uid != 0 else None
+        owner = (parent.st_uid, parent.st_gid) if os.geteuid() == 0 and parent.st_uid != 0 else None
         if not os.path.isdir(directory):
             os.makedirs(directory, mode=0o700, exist_ok=True)
-            if self._owner is not None:
-                os.chown(directory, *self._owner)
+            if owner is not None:
+                os.chown(directory, *owner)
+        flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+        self._fd: int | None = os.open(os.path.join(directory, NODES_FILE), flags, 0o600)
+        if owner is not None:
+            os.fchown(self._fd, *owner)
         self.reload()
 
     @property
@@ -85,28 +119,21 @@ class TreeStore:
     def directory(self) -> str:
         return self._dir
 
-    def _path(self, level: int) -> str:
-        return os.path.join(self._dir, f"level-{level:02d}")
-
-    def _fd(self, level: int) -> int:
-        while len(self._fds) <= level:
-            flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
-            fd = os.open(self._path(len(self._fds)), flags, 0o600)
-            self._fds.append(fd)
-            if self._owner is not None:
-                os.fchown(fd, *self._owner)
-        return self._fds[level]
+    def _file(self) -> int:
+        if self._fd is None:
+            raise OSError("the audit tree is closed")
+        return self._fd
 
     def close(self) -> None:
-        fds, self._fds = self._fds, []
-        for fd in fds:
+        fd, self._fd = self._fd, None
+        if fd is not None:
             try:
                 os.close(fd)
             except OSError:
                 pass
 
     def node(self, level: int, index: int) -> bytes:
-        data = os.pread(self._fd(level), HASH_SIZE, index * HASH_SIZE)
+        data = os.pread(self._file(), HASH_SIZE, node_position(level, index) * HASH_SIZE)
         if len(data) != HASH_SIZE:
             raise OSError(f"the audit tree has no node ({level}, {index})")
         return data
@@ -122,58 +149,39 @@ class TreeStore:
         return self.node(0, self.size - 1) if self.size else None
 
     def reload(self) -> None:
-        """Read the size from the files, repair them (see "Opening and repair"), rebuild the
+        """Read the size from the file, cut a torn end (see "Opening and repair"), rebuild the
         compact range."""
-        n = os.fstat(self._fd(0)).st_size // HASH_SIZE
-        level = 0
-        # every level file that exists is checked, also above the top (nodes of a larger tree
-        # there would misplace the nodes appended later)
-        while level == 0 or n >> level or level < len(self._fds) or os.path.exists(self._path(level)):
-            want = n >> level
-            fd = self._fd(level)
-            have = os.fstat(fd).st_size
-            if have > want * HASH_SIZE:
-                os.ftruncate(fd, want * HASH_SIZE)
-                have = want * HASH_SIZE
-            have //= HASH_SIZE
-            for index in range(have, want):  # a crash between levels: recompute from below
-                os.write(fd, node_hash(self.node(level - 1, 2 * index), self.node(level - 1, 2 * index + 1)))
-            level += 1
+        fd = self._file()
+        n = leaves_in(os.fstat(fd).st_size // HASH_SIZE)
+        if os.fstat(fd).st_size != node_count(n) * HASH_SIZE:
+            os.ftruncate(fd, node_count(n) * HASH_SIZE)
         self._range = CompactRange.from_source(self, n)
 
     def append(self, leaf: bytes) -> None:
-        """Add one leaf *hash* and the nodes it completes."""
-        for level, _index, h in self._range.append(leaf):
-            os.write(self._fds[level] if level < len(self._fds) else self._fd(level), h)
-
-    def append_line(self, line: bytes) -> None:
-        self.append(leaf_hash(line))
+        """Add one leaf *hash* and the nodes it completes, in one write."""
+        done = self._range.append(leaf)
+        os.write(self._file(), done[0][2] if len(done) == 1 else b"".join(h for _, _, h in done))
 
     def truncate(self) -> None:
-        """Empty every level (before a rebuild)."""
-        for level in range(len(self._fds)):
-            os.ftruncate(self._fds[level], 0)
+        """Empty the tree (before a rebuild)."""
+        os.ftruncate(self._file(), 0)
         self._range = CompactRange()
 
     def rebuild(self, files: Iterable[str]) -> None:
-        """The tree of every line of ``files``, written afresh (buffered per level)."""
+        """The tree of every line of ``files``, written afresh (buffered)."""
         self.truncate()
-        bufs: list[list[bytes]] = []
+        fd = self._file()
         cr = self._range
+        buf: list[bytes] = []
 
         def flush() -> None:
-            for level, buf in enumerate(bufs):
-                view = b"".join(buf)
-                fd = self._fd(level)
-                while view:
-                    view = view[os.write(fd, view):]
-                buf.clear()
+            view = b"".join(buf)
+            while view:
+                view = view[os.write(fd, view):]
+            buf.clear()
 
         for i, line in enumerate(iter_log_lines(files), 1):
-            for level, _index, h in cr.append(leaf_hash(line)):
-                if level == len(bufs):
-                    bufs.append([])
-                bufs[level].append(h)
+            buf.extend(h for _, _, h in cr.append(leaf_hash(line)))
             if i % 65536 == 0:
                 flush()
         flush()

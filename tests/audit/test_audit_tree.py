@@ -11,7 +11,15 @@ import pytest
 
 from qpher_proxy.audit import AuditLog, rotated_files
 from qpher_proxy.audit.merkle import MemoryTree, ProofError, verify_consistency, verify_inclusion
-from qpher_proxy.audit.tree import TreeStore, iter_log_lines, tree_dir
+from qpher_proxy.audit.tree import (
+    NODES_FILE,
+    TreeStore,
+    iter_log_lines,
+    leaves_in,
+    node_count,
+    node_position,
+    tree_dir,
+)
 
 
 def _files(path: Path) -> list[str]:
@@ -55,25 +63,25 @@ def test_proofs_from_the_log_verify(tmp_path: Path) -> None:
             log.consistency_proof(3, 41)
 
 
-@pytest.mark.parametrize("damage", ["delete", "truncate_leaf", "garbage", "upper_level", "flip_last"])
+@pytest.mark.parametrize("damage", ["delete", "torn_write", "garbage", "cut_back", "flip_last"])
 def test_a_deleted_or_damaged_tree_is_rebuilt_at_start(tmp_path: Path, damage: str) -> None:
     path = tmp_path / "audit.log"
     with AuditLog(path, rotate_bytes=3000) as log:
         _fill(log, 50)
     ref = _expected(path)
-    d = tree_dir(path)
+    nodes = os.path.join(tree_dir(path), NODES_FILE)
     if damage == "delete":
-        shutil.rmtree(d)
-    elif damage == "truncate_leaf":
-        os.truncate(os.path.join(d, "level-00"), 32 * 20 + 5)
+        shutil.rmtree(tree_dir(path))
+    elif damage == "torn_write":  # the last leaf's write cut short
+        os.truncate(nodes, os.path.getsize(nodes) - 40)
     elif damage == "garbage":
-        with open(os.path.join(d, "level-00"), "ab") as fh:
+        with open(nodes, "ab") as fh:
             fh.write(b"x" * 70)
-    elif damage == "upper_level":
-        os.truncate(os.path.join(d, "level-02"), 32)
+    elif damage == "cut_back":  # an older copy of the tree
+        os.truncate(nodes, node_count(20) * 32)
     else:
-        with open(os.path.join(d, "level-00"), "r+b") as fh:
-            fh.seek(49 * 32)
+        with open(nodes, "r+b") as fh:
+            fh.seek(node_position(0, 49) * 32)
             fh.write(bytes(32))
     with AuditLog(path, rotate_bytes=3000) as log:
         assert log.tree_head() == (ref.size, ref.root())
@@ -112,17 +120,36 @@ def test_a_torn_line_becomes_a_leaf_when_terminated(tmp_path: Path) -> None:
     assert (size, root) == (5, MemoryTree.from_data(lines).root())
 
 
-def test_rebuild_gives_the_same_levels(tmp_path: Path) -> None:
+def test_rebuild_gives_the_same_file(tmp_path: Path) -> None:
     path = tmp_path / "audit.log"
     with AuditLog(path) as log:
         _fill(log, 37)
-    d = tree_dir(path)
-    before = {n: Path(d, n).read_bytes() for n in os.listdir(d) if n.startswith("level-")}
-    store = TreeStore(d)
+    nodes = Path(tree_dir(path), NODES_FILE)
+    before = nodes.read_bytes()
+    store = TreeStore(tree_dir(path))
     store.rebuild([str(path)])
     store.close()
-    after = {n: Path(d, n).read_bytes() for n in os.listdir(d) if n.startswith("level-")}
-    assert {k: v for k, v in after.items() if v} == {k: v for k, v in before.items() if v}
+    assert nodes.read_bytes() == before and len(before) == node_count(37) * 32
+
+
+def test_the_node_file_is_post_order(tmp_path: Path) -> None:
+    store = TreeStore(str(tmp_path / "tree"))
+    ref = MemoryTree()
+    for i in range(100):
+        h = MemoryTree.from_data([i.to_bytes(2, "big")]).node(0, 0)
+        store.append(h)
+        ref.append(h)
+        assert store.size == i + 1 and leaves_in(node_count(i + 1)) == i + 1
+    data = Path(tmp_path / "tree" / NODES_FILE).read_bytes()
+    assert len(data) == node_count(100) * 32
+    positions = set()
+    for level, nodes in enumerate(ref.levels):
+        for index, h in enumerate(nodes):
+            pos = node_position(level, index)
+            positions.add(pos)
+            assert data[pos * 32:(pos + 1) * 32] == h == store.node(level, index)
+    assert positions == set(range(node_count(100)))
+    store.close()
 
 
 def test_checkpoints_are_records_and_the_latest_note_is_kept(tmp_path: Path) -> None:
@@ -137,7 +164,7 @@ def test_checkpoints_are_records_and_the_latest_note_is_kept(tmp_path: Path) -> 
     assert b'"event":"audit.checkpoint"' in path.read_bytes().splitlines()[4]
 
 
-def test_reload_cuts_nodes_above_the_top_and_fills_missing_ones(tmp_path: Path) -> None:
+def test_reload_cuts_a_torn_append_back_to_whole_leaves(tmp_path: Path) -> None:
     d = str(tmp_path / "tree")
     store = TreeStore(d)
     ref = MemoryTree()
@@ -146,14 +173,12 @@ def test_reload_cuts_nodes_above_the_top_and_fills_missing_ones(tmp_path: Path) 
         store.append(h)
         ref.append(h)
     store.close()
-    os.truncate(os.path.join(d, "level-00"), 20 * 32 + 7)  # 20 leaves and a torn node
-    os.truncate(os.path.join(d, "level-02"), 32)  # 5 nodes missing there
+    # leaf 63 completes 6 ancestors: its write is 7 nodes; keep the leaf and 2 of them, plus 5 bytes
+    os.truncate(os.path.join(d, NODES_FILE), (node_count(63) + 3) * 32 + 5)
     store = TreeStore(d)
-    assert store.size == 20 and store.root() == ref.root(20)
-    for level in range(8):
-        p = os.path.join(d, f"level-{level:02d}")
-        assert not os.path.exists(p) or os.path.getsize(p) == (20 >> level) * 32, level
-    for i in range(20, 70):
+    assert store.size == 63 and store.root() == ref.root(63)
+    assert os.path.getsize(os.path.join(d, NODES_FILE)) == node_count(63) * 32
+    for i in range(63, 70):
         store.append(ref.node(0, i))
     assert store.root() == ref.root() and store.root(33) == ref.root(33)
     store.close()
