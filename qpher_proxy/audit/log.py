@@ -54,7 +54,8 @@ lock. Whenever the file is
 re-opened (start, another writer appended or rotated, after an error) the tree is reloaded and
 compared with the file's tail: a tree a line or two behind (a crash between the two writes) is
 caught up, anything else (no tree, a damaged one, a log written without it) is rebuilt from all
-the files. ``tree_head``, ``inclusion_proof`` and ``consistency_proof`` read it under the lock;
+the files; at opening, the tree's root at the latest checkpoint's size must also be the one that
+checkpoint recorded. ``tree_head``, ``inclusion_proof`` and ``consistency_proof`` read it under the lock;
 ``record_checkpoint`` appends a signed checkpoint as an ``audit.checkpoint`` record and keeps the
 latest note in ``checkpoint`` in that directory.
 
@@ -66,6 +67,7 @@ that a checkpoint attests and the files no longer hold.
 
 from __future__ import annotations
 
+import base64
 import fcntl
 import os
 import re
@@ -506,6 +508,7 @@ class AuditLog:
         complete lines of the current file (empty: the file is empty)."""
         if not self._want_tree:
             return
+        opening = self._tree is None
         if self._tree is None:
             self._tree = TreeStore(tree_dir(self._path))
         tree = self._tree
@@ -519,10 +522,26 @@ class AuditLog:
                 if last == leaf_hash(tail[-back]):
                     for line in tail[len(tail) - back + 1 :]:
                         tree.append(leaf_hash(line))
-                    return
+                    if not opening or self._agrees_with_checkpoint(tree):
+                        return
+                    break
         elif not tail and last is None and not rotated_files(self._path):
             return
         tree.rebuild([p for _, p in rotated_files(self._path)] + [self._path])
+
+    def _agrees_with_checkpoint(self, tree: TreeStore) -> bool:
+        """At opening: the tree's root at the latest checkpoint's size is the one it recorded. A
+        cheap check (O(log n) nodes): it finds a damaged node among those the roots are made of;
+        one deeper inside shows only in the proofs that use it (which then fail to verify)."""
+        note = self.latest_checkpoint()
+        if note is None:
+            return True
+        lines = note.split("\n", 3)
+        try:
+            size, root = int(lines[1]), base64.b64decode(lines[2], validate=True)
+        except (IndexError, ValueError):
+            return True  # not a checkpoint this writer made: nothing to compare with
+        return size > tree.size or tree.root(size) == root
 
     def _append(self, data: bytes, *, fsync: bool) -> None:
         fd = self._fd

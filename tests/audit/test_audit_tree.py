@@ -3,6 +3,7 @@ rotation, a rebuild gives the same root, a deleted or damaged tree is rebuilt at
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 from pathlib import Path
@@ -193,3 +194,19 @@ def test_run_as_root_the_tree_belongs_to_the_logs_owner(tmp_path: Path) -> None:
         _fill(log, 3)
     tree = Path(tree_dir(d / "audit.log"))
     assert {(p.stat().st_uid, p.stat().st_gid) for p in [tree, *tree.iterdir()]} == {(65534, 65534)}
+
+
+def test_a_damaged_node_under_the_latest_checkpoint_is_found_at_start(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    with AuditLog(path) as log:
+        _fill(log, 40)
+        size, root = log.tree_head()
+        log.record_checkpoint(size, root, f"o\n{size}\n{base64.b64encode(root).decode()}\n\n— o AAAA\n")
+        _fill(log, 3)
+    ref = _expected(path)
+    with open(os.path.join(tree_dir(path), NODES_FILE), "r+b") as fh:
+        fh.seek(node_position(3, 4) * 32)  # leaves 32..39: part of the roots at 40 and at 44
+        fh.write(bytes(32))
+    with AuditLog(path) as log:
+        assert log.tree_head() == (ref.size, ref.root())
+        assert log.root_at(size) == root
