@@ -129,7 +129,7 @@ def test_key_dependent_codes_are_documented_codes() -> None:
             if extra is not None:
                 seen += 1
                 assert set(extra) <= set(documented_codes(route, int(status))), route.name
-    assert seen == 8  # the single crypto operations and the two key imports
+    assert seen == 10  # the single crypto operations, the two key imports and the two audit proofs
 
 
 def test_error_responses_use_the_error_schema() -> None:

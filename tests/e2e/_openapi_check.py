@@ -178,6 +178,14 @@ def check_answer(method: str, path: str, status: int, body: Any, headers: http.c
         return
     if str(status) not in openapi.operation(route)["responses"]:
         raise ContractViolation(f"{where}: status {status} is not documented for {route.name}: {body!r:.300}")
+    documented = openapi.operation(route)["responses"][str(status)]
+    if status < 400 and any(t.startswith("text/plain") for t in documented.get("content", {})):  # notes
+        ctype = headers.get("content-type", "")
+        if ctype != "text/plain; charset=utf-8" or not isinstance(body, bytes):
+            raise ContractViolation(f"{where}: {route.name} answers text/plain; charset=utf-8, not {ctype!r}")
+        if status != route.status:
+            raise ContractViolation(f"{where}: {route.name} succeeds with {route.status}, not {status}")
+        return
     try:
         openapi.validate_response(route, status, body)
     except Exception as exc:  # jsonschema.ValidationError: report it as ours, with the body
