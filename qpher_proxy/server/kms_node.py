@@ -166,6 +166,11 @@ class KMSNode:
             await stream.send_all(proto.error(0, "unauthorized", 401,
                                               "the service token does not belong to this connection"))
             return
+        if not self.supervisor.client.ready:  # no live worker: not a node to send requests to
+            log.warning("KMS caller turned away: no KMS worker is live on this node",
+                        extra={"fields": {"peer": peer}})
+            await stream.send_all(proto.error(0, "kms_unavailable", 503, "this KMS node has no live worker"))
+            return
         await stream.send_all(proto.ready(self.facts()))
         self.served += 1
         log.info("KMS caller connected", extra={"fields": {
@@ -175,6 +180,8 @@ class KMSNode:
         outbox: list[bytes] = []
         wake = trio.Event()
         slots = trio.Semaphore(MAX_IN_FLIGHT_PER_CONNECTION)
+        writing = False
+        leaving = trio.Event()  # set when the node lost its last worker: callers go elsewhere
 
         def queue(frame: bytes) -> None:
             nonlocal wake
@@ -182,14 +189,16 @@ class KMSNode:
             wake.set()
 
         async def writer() -> None:
-            nonlocal wake
+            nonlocal wake, writing
             while True:
                 await wake.wait()
                 wake = trio.Event()
                 while outbox:
                     chunk = outbox[0] if len(outbox) == 1 else b"".join(outbox)
                     outbox.clear()
+                    writing = True
                     await stream.send_all(chunk)
+                    writing = False
 
         async def relay(req: Request) -> None:
             self.in_flight += 1
@@ -198,13 +207,28 @@ class KMSNode:
                 frame = proto.response(req.rid, value)
             except QpherError as exc:
                 frame = proto.error_from(req.rid, exc)
+                if exc.code == "kms_unavailable" and not self.supervisor.client.ready:
+                    leaving.set()
             finally:
                 self.in_flight -= 1
                 slots.release()
             queue(frame)
 
+        async def leave(scope: trio.CancelScope) -> None:
+            """No worker left: answer what is queued, then close, so that the caller sends its
+            requests to other nodes (and comes back when a worker is live: HELLO is refused
+            until then) instead of getting a fast 503 from this one, request after request."""
+            await leaving.wait()
+            with trio.move_on_after(1.0):
+                while outbox or writing:
+                    await trio.sleep(0.005)
+            log.warning("KMS node has no live worker; closing the caller's connection",
+                        extra={"fields": {"peer": peer}})
+            scope.cancel()
+
         async with trio.open_nursery() as nursery:
             nursery.start_soon(writer)
+            nursery.start_soon(leave, nursery.cancel_scope)
             while True:
                 data = await stream.receive_some(_RECEIVE)
                 proto.receive_data(data)

@@ -28,6 +28,7 @@ import pytest
 import yaml
 from e2e._gateway import Gateway, cli, init_state, start_gateway
 
+from qpher_proxy.kms.worker.kek import generate_kek_file
 from qpher_proxy.pki import InternalPKI, issue_leaf
 
 from .conftest import PgDatabase, _free_port
@@ -161,9 +162,7 @@ def tier(tmp_path_factory: pytest.TempPathFactory, pg_module: PgDatabase) -> Ite
     assert "kms_node" in out and "mode: remote" in out, out
     pki = InternalPKI.at(tmp / "pki")
     kek = tmp / "kek.b64"
-    cli("init", "--dir", str(tmp / "seed"), "--port", "0")  # a KEK the usual way
-    kek.write_bytes((tmp / "seed" / "kek" / "kek.b64").read_bytes())
-    kek.chmod(0o600)
+    generate_kek_file(kek)
     nodes = [_node(tmp, f"node{i}", pki, pg_module, kek, _free_port()) for i in (1, 2)]
     cli("db", "migrate", "--config", str(nodes[0].config))
     try:
@@ -393,11 +392,11 @@ def test_sigkill_one_node_under_sign_load_fails_only_its_in_flight_requests_and_
     for t in threads:
         t.start()
     try:
-        time.sleep(1.0)
+        time.sleep(0.5)
         victim, survivor = tier.nodes
         ok_before_kill = counts["ok"]
         victim.kill()
-        time.sleep(1.5)
+        time.sleep(1.0)
         ok_after_kill = counts["ok"]
     finally:
         stop.set()
@@ -434,7 +433,7 @@ def test_sigkill_one_node_under_sign_load_fails_only_its_in_flight_requests_and_
                for _ in range(4)]
     for t in threads:
         t.start()
-    time.sleep(1.0)
+    time.sleep(0.5)
     stop.set()
     for t in threads:
         t.join(30)

@@ -1,0 +1,104 @@
+"""A KMS node whose workers are gone sends its callers elsewhere (in process, real TLS on 127.0.0.1).
+
+The node's worker is stood in for by one end of a socketpair that the test holds (a
+``WorkerChannel`` as the supervisor would attach): closing that end is the worker dying. The
+gateway side is the real ``RemoteKMS`` over the real internal mutual TLS.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import trio
+
+from qpher_proxy.context import TenantContext
+from qpher_proxy.errors import KMSUnavailable
+from qpher_proxy.kms.client import KMSClient, WorkerChannel
+from qpher_proxy.kms.client.remote import RemoteKMS
+from qpher_proxy.kms.wire.protocol import ClientConnection
+from qpher_proxy.pki import InternalPKI, make_internal_pki
+from qpher_proxy.server.kms_node import KMSNode
+from qpher_proxy.tls.internal import InternalTLSContextHolder, InternalTLSSettings
+
+CTX = TenantContext(tenant_id="t1", request_id="r1", api_key_id="k1")
+TOKEN = bytes(range(32))
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> InternalPKI:
+    return make_internal_pki(tmp_path_factory.mktemp("pki") / "pki")
+
+
+def _settings(pki: InternalPKI, role: str, peer: str) -> InternalTLSSettings:
+    leaf = pki.leaf(role, "mldsa")  # type: ignore[arg-type]
+    return InternalTLSSettings(cert_file=leaf.cert, key_file=leaf.key, ca_file=pki.ca_bundle,
+                               peer_uri=pki.uri(peer))
+
+
+class _Supervisor:
+    """What ``KMSNode`` reads of a ``KMSSupervisor``: its client, the workers' facts, their count."""
+
+    def __init__(self) -> None:
+        self.client = KMSClient(spin=0)
+        self.info: dict[int, dict[str, Any]] = {}
+        self.workers = 1
+
+
+@asynccontextmanager
+async def _node(pki: InternalPKI, sup: _Supervisor) -> AsyncIterator[int]:
+    """A node with ``sup`` on a port of 127.0.0.1, for the duration of the block."""
+    tls = InternalTLSContextHolder.for_server(_settings(pki, "kms", "gateway"))
+    node = KMSNode(sup, tls)  # type: ignore[arg-type]
+    (listener,) = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(node.serve_listener, listener, nursery)
+            yield int(listener.socket.getsockname()[1])
+            nursery.cancel_scope.cancel()
+    finally:
+        await listener.aclose()
+
+
+def _remote(pki: InternalPKI, port: int) -> RemoteKMS:
+    tls = InternalTLSContextHolder.for_client(_settings(pki, "gateway", "kms"))
+    return RemoteKMS([("127.0.0.1", port)], tls, connections_per_endpoint=1, connect_timeout=2.0,
+                     health_interval=60, reconnect_backoff_max=0.2)
+
+
+async def test_a_node_without_a_live_worker_turns_callers_away_at_hello(pki: InternalPKI) -> None:
+    sup = _Supervisor()  # no worker attached
+    async with _node(pki, sup) as port, trio.open_nursery() as nursery:
+        remote = _remote(pki, port)
+        await nursery.start(remote.run)
+        assert not remote.ready  # the node refused the bootstrap: not ready, never "connected"
+        with pytest.raises(KMSUnavailable):
+            await remote.client.ping(CTX)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_node_that_loses_its_last_worker_closes_its_callers_connections(pki: InternalPKI) -> None:
+    sup = _Supervisor()
+    mine, theirs = socket.socketpair()
+    channel = WorkerChannel(0, mine, ClientConnection.bootstrapped(TOKEN))
+    sup.client._attach(channel)
+    async with _node(pki, sup) as port, trio.open_nursery() as nursery:
+        nursery.start_soon(channel.run)
+        remote = _remote(pki, port)
+        await nursery.start(remote.run)
+        assert remote.ready and remote.client.live_workers == 1
+        theirs.close()  # the node's only worker dies
+        while sup.client.ready:
+            await trio.sleep(0.01)
+        with pytest.raises(KMSUnavailable):  # the one request that meets it ...
+            await remote.client.ping(CTX)
+        with trio.fail_after(5):  # ... and the node closes the connection, so none after it does
+            while remote.ready:
+                await trio.sleep(0.01)
+        await trio.sleep(0.5)  # reconnection attempts are turned away at HELLO meanwhile
+        assert not remote.ready
+        nursery.cancel_scope.cancel()
+
