@@ -88,6 +88,17 @@ def pg_database() -> Iterator[PgDatabase]:
         drop_roles(prefix)
 
 
+@contextlib.contextmanager
+def migrated_database() -> Iterator[PgDatabase]:
+    """A fresh database with this build's schema, its roles dropped afterwards (the module-scoped
+    databases of the store tests: one per module costs less than one per test)."""
+    from qpher_proxy.storage.migrations import migrate
+
+    with pg_database() as db:
+        migrate(db.dsn, db.role_prefix)
+        yield db
+
+
 @pytest.fixture
 def pg() -> Iterator[PgDatabase]:
     with pg_database() as db:

@@ -17,25 +17,19 @@ from qpher_proxy.kms.worker.backends import select_backend
 from qpher_proxy.kms.worker.kek import LocalKEKProvider
 from qpher_proxy.kms.worker.kek_rotation import rotate_kek_postgresql
 from qpher_proxy.kms.worker.pg_keystore import PgKeyStore
-from qpher_proxy.storage.migrations import migrate
 
-from .conftest import PG_HOST, PG_PORT, PgDatabase, _admin_exec, drop_roles, require_service
+from .conftest import (
+    PgDatabase,
+    migrated_database,
+)
 
 ORIGIN = "pg.example/audit"
 
 
 @pytest.fixture(scope="module")
 def db() -> Iterator[PgDatabase]:
-    require_service("PostgreSQL", PG_HOST, PG_PORT)
-    tag = secrets.token_hex(5)
-    pg = PgDatabase(f"qpher_t_{tag}", f"postgresql://root@{PG_HOST}:{PG_PORT}/qpher_t_{tag}", f"qt{tag}")
-    _admin_exec(f'CREATE DATABASE "{pg.name}"')
-    try:
-        migrate(pg.dsn, pg.role_prefix)
+    with migrated_database() as pg:
         yield pg
-    finally:
-        _admin_exec(f'DROP DATABASE IF EXISTS "{pg.name}" WITH (FORCE)')
-        drop_roles(pg.role_prefix)
 
 
 def _open(db: PgDatabase, kek: LocalKEKProvider) -> PgKeyStore:

@@ -3,7 +3,6 @@ non-blocking Authenticator (revocation across nodes < 1 s, fail closed), quotas 
 
 from __future__ import annotations
 
-import secrets
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -27,7 +26,11 @@ from qpher_proxy.ratelimit.pg_quotas import PgQuotaCounter, overshoot_bound
 from qpher_proxy.storage.migrations import migrate
 from qpher_proxy.storage.postgres import Database, role_name
 
-from .conftest import PG_HOST, PG_PORT, OwnPostgres, PgDatabase, _admin_exec, drop_roles, require_service
+from .conftest import (
+    OwnPostgres,
+    PgDatabase,
+    migrated_database,
+)
 
 PEPPER = b"p" * 32
 DEAD_DSN = "postgresql://root@127.0.0.1:1/nowhere"  # nothing listens on port 1
@@ -37,16 +40,8 @@ DEAD_DSN = "postgresql://root@127.0.0.1:1/nowhere"  # nothing listens on port 1
 def _module_db() -> Iterator[PgDatabase]:
     """One migrated database for the module (creating and migrating one takes ~0.5 s); the
     ``schema`` fixture empties its tables before each test. Same naming as conftest's ``pg``."""
-    require_service("PostgreSQL", PG_HOST, PG_PORT)
-    tag = secrets.token_hex(5)
-    pg = PgDatabase(f"qpher_t_{tag}", f"postgresql://root@{PG_HOST}:{PG_PORT}/qpher_t_{tag}", f"qt{tag}")
-    _admin_exec(f'CREATE DATABASE "{pg.name}"')
-    try:
-        migrate(pg.dsn, pg.role_prefix)
+    with migrated_database() as pg:
         yield pg
-    finally:
-        _admin_exec(f'DROP DATABASE IF EXISTS "{pg.name}" WITH (FORCE)')
-        drop_roles(pg.role_prefix)
 
 
 @pytest.fixture

@@ -22,7 +22,15 @@ from qpher_proxy.kms.worker.pg_keystore import PgKeyStore
 from qpher_proxy.storage import migrations
 from qpher_proxy.storage.migrations import migrate
 
-from .conftest import PG_HOST, PG_PORT, PgDatabase, _admin_exec, drop_roles, require_service
+from .conftest import (
+    PG_HOST,
+    PG_PORT,
+    PgDatabase,
+    _admin_exec,
+    drop_roles,
+    migrated_database,
+    require_service,
+)
 
 KEY = "9f1c2e4a-retry-me"
 DAY = 24 * 3600
@@ -48,16 +56,8 @@ def kek() -> LocalKEKProvider:
 
 @pytest.fixture(scope="module")
 def module_db() -> Iterator[PgDatabase]:
-    require_service("PostgreSQL", PG_HOST, PG_PORT)
-    tag = secrets.token_hex(5)
-    pg = PgDatabase(f"qpher_t_{tag}", f"postgresql://root@{PG_HOST}:{PG_PORT}/qpher_t_{tag}", f"qt{tag}")
-    _admin_exec(f'CREATE DATABASE "{pg.name}"')
-    try:
-        migrate(pg.dsn, pg.role_prefix)
+    with migrated_database() as pg:
         yield pg
-    finally:
-        _admin_exec(f'DROP DATABASE IF EXISTS "{pg.name}" WITH (FORCE)')
-        drop_roles(pg.role_prefix)
 
 
 @pytest.fixture

@@ -34,7 +34,15 @@ from qpher_proxy.kms.worker.pg_keystore import PgKeyStore
 from qpher_proxy.storage import migrations
 from qpher_proxy.storage.migrations import migrate
 
-from .conftest import PG_HOST, PG_PORT, PgDatabase, _admin_exec, drop_roles, require_service
+from .conftest import (
+    PG_HOST,
+    PG_PORT,
+    PgDatabase,
+    _admin_exec,
+    drop_roles,
+    migrated_database,
+    require_service,
+)
 
 BACKENDS = ["openssl", pytest.param("liboqs", marks=pytest.mark.liboqs)]
 METHODS = sorted(IMPORT_METHODS)
@@ -76,12 +84,8 @@ def _drop(pg: PgDatabase) -> None:
 
 @pytest.fixture(scope="module")
 def module_db() -> Iterator[PgDatabase]:
-    pg = _new_db()
-    try:
-        migrate(pg.dsn, pg.role_prefix)
+    with migrated_database() as pg:
         yield pg
-    finally:
-        _drop(pg)
 
 
 @pytest.fixture

@@ -34,10 +34,12 @@ from qpher_proxy.kms.worker.kek import FileKEKProvider, KEKMismatch, LocalKEKPro
 from qpher_proxy.kms.worker.keyfile import KeyBinding
 from qpher_proxy.kms.worker.lease import Lease, LeaseLost
 from qpher_proxy.kms.worker.pg_keystore import PgKeyStore
-from qpher_proxy.storage.migrations import migrate
 from qpher_proxy.storage.postgres import Database
 
-from .conftest import PG_HOST, PG_PORT, PgDatabase, _admin_exec, drop_roles, require_service
+from .conftest import (
+    PgDatabase,
+    migrated_database,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kms"))
 import test_kms_keystore as sqlite_tests  # noqa: E402  (the SQLite store's tests, run here on PostgreSQL)
@@ -69,16 +71,8 @@ def kek() -> LocalKEKProvider:
 def module_db() -> Iterator[PgDatabase]:
     """One migrated database for this module (``conftest.pg`` makes one per test, which costs
     more than most of these tests); ``db`` empties its KMS tables before each test."""
-    require_service("PostgreSQL", PG_HOST, PG_PORT)
-    tag = secrets.token_hex(5)
-    pg = PgDatabase(f"qpher_t_{tag}", f"postgresql://root@{PG_HOST}:{PG_PORT}/qpher_t_{tag}", f"qt{tag}")
-    _admin_exec(f'CREATE DATABASE "{pg.name}"')
-    try:
-        migrate(pg.dsn, pg.role_prefix)
+    with migrated_database() as pg:
         yield pg
-    finally:
-        _admin_exec(f'DROP DATABASE IF EXISTS "{pg.name}" WITH (FORCE)')
-        drop_roles(pg.role_prefix)
 
 
 @pytest.fixture
