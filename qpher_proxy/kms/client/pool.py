@@ -261,8 +261,6 @@ class WorkerChannel:
     async def _reader(self) -> None:
         sock = self.sock
         conn = self.conn
-        inflight = self.inflight
-        reschedule = trio.lowlevel.reschedule
         # One receive buffer for the channel's life rather than a fresh 256 KiB bytes object
         # per ``recv`` (allocated, then shrunk to what arrived); the protocol copies what it keeps.
         rbuf = bytearray(RECV_BYTES)
@@ -276,33 +274,40 @@ class WorkerChannel:
             except OSError:
                 n = 0
             conn.receive_data(rview[:n])
-            while True:
-                try:
-                    event = conn.next_event()
-                except ProtocolError as exc:
-                    self.death_reason = f"protocol error: {exc.message}"
-                    return
-                if event is NEED_DATA:
-                    break
-                if isinstance(event, Response):
-                    entry = inflight.pop(event.rid, None)
-                    if entry is not None:
-                        reschedule(entry[0], outcome.Value(event.value))
-                elif isinstance(event, Error):
-                    if event.rid == 0:
-                        self.death_reason = f"worker reported {event.code}: {event.message}"
-                        return
-                    entry = inflight.pop(event.rid, None)
-                    if entry is not None:
-                        reschedule(
-                            entry[0], outcome.Error(error_from_frame(event.code, event.status, event.message))
-                        )
-                else:  # ConnectionClosed: the only other event a serving client connection yields
-                    self.death_reason = "the worker closed its end"
-                    return
-            if not n:
-                self.death_reason = "the worker closed its end"
+            if not self._deliver() or not n:
+                self.death_reason = self.death_reason or "the worker closed its end"
                 return
+
+    def _deliver(self) -> bool:
+        """Wake the callers whose answers the received bytes complete; False once the
+        connection is over (``death_reason`` says why)."""
+        conn = self.conn
+        inflight = self.inflight
+        reschedule = trio.lowlevel.reschedule
+        while True:
+            try:
+                event = conn.next_event()
+            except ProtocolError as exc:
+                self.death_reason = f"protocol error: {exc.message}"
+                return False
+            if event is NEED_DATA:
+                return True
+            if isinstance(event, Response):
+                entry = inflight.pop(event.rid, None)
+                if entry is not None:
+                    reschedule(entry[0], outcome.Value(event.value))
+            elif isinstance(event, Error):
+                if event.rid == 0:
+                    self.death_reason = f"worker reported {event.code}: {event.message}"
+                    return False
+                entry = inflight.pop(event.rid, None)
+                if entry is not None:
+                    reschedule(
+                        entry[0], outcome.Error(error_from_frame(event.code, event.status, event.message))
+                    )
+            else:  # ConnectionClosed: the only other event a serving client connection yields
+                self.death_reason = "the worker closed its end"
+                return False
 
     async def run(self) -> None:
         """Serve until the worker's stream ends; then fail whatever is still in flight."""

@@ -51,15 +51,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import outcome
 import trio
 
 from ...context import TenantContext
 from ...errors import KMSUnavailable, QpherError
 from ...tls.internal import InternalTLSContextHolder, exporter_token, peer_identity
 from ...tls.stream import TLSStream
-from ..wire.protocol import NEED_DATA, ClientConnection, Error, ProtocolError, Ready, Response, Value
-from .pool import KMSClient, OpHook, WorkerChannel, error_from_frame
+from ..wire.protocol import NEED_DATA, ClientConnection, Error, ProtocolError, Ready, Value
+from .pool import KMSClient, OpHook, WorkerChannel
 
 log = logging.getLogger("qpher.kms.remote")
 
@@ -120,8 +119,7 @@ class TLSChannel(WorkerChannel):
                 await self.stream.send_all(chunk)
 
     async def _reader(self) -> None:
-        stream, conn, inflight = self.stream, self.conn, self.inflight
-        reschedule = trio.lowlevel.reschedule
+        stream, conn = self.stream, self.conn
         while True:
             try:
                 data = await stream.receive_some(_PUMP_BYTES)
@@ -129,28 +127,8 @@ class TLSChannel(WorkerChannel):
                 data = b""
             self.last_read = trio.current_time()
             conn.receive_data(data)
-            while True:
-                try:
-                    event = conn.next_event()
-                except ProtocolError as exc:
-                    self.death_reason = f"protocol error: {exc.message}"
-                    return
-                if event is NEED_DATA:
-                    break
-                if isinstance(event, Response):
-                    entry = inflight.pop(event.rid, None)
-                    if entry is not None:
-                        reschedule(entry[0], outcome.Value(event.value))
-                elif isinstance(event, Error) and event.rid:
-                    entry = inflight.pop(event.rid, None)
-                    if entry is not None:
-                        error = error_from_frame(event.code, event.status, event.message)
-                        reschedule(entry[0], outcome.Error(error))
-                else:  # a fatal ERROR (rid 0) or the node closed the connection
-                    self.death_reason = "the KMS node ended the connection"
-                    return
-            if not data:
-                self.death_reason = "the KMS node closed the connection"
+            if not self._deliver() or not data:
+                self.death_reason = "the KMS node ended the connection"
                 return
 
     async def run(self) -> None:
