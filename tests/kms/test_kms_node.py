@@ -19,10 +19,11 @@ from qpher_proxy.context import TenantContext
 from qpher_proxy.errors import KMSUnavailable
 from qpher_proxy.kms.client import KMSClient, WorkerChannel
 from qpher_proxy.kms.client.remote import RemoteKMS
-from qpher_proxy.kms.wire.protocol import ClientConnection
+from qpher_proxy.kms.wire.protocol import NEED_DATA, ClientConnection, Error, Ready
 from qpher_proxy.pki import InternalPKI, make_internal_pki
 from qpher_proxy.server.kms_node import KMSNode
-from qpher_proxy.tls.internal import InternalTLSContextHolder, InternalTLSSettings
+from qpher_proxy.tls.internal import InternalTLSContextHolder, InternalTLSSettings, exporter_token
+from qpher_proxy.tls.stream import TLSStream
 
 CTX = TenantContext(tenant_id="t1", request_id="r1", api_key_id="k1")
 TOKEN = bytes(range(32))
@@ -102,3 +103,51 @@ async def test_a_node_that_loses_its_last_worker_closes_its_callers_connections(
         assert not remote.ready
         nursery.cancel_scope.cancel()
 
+
+
+async def _connect(pki: InternalPKI, port: int) -> TLSStream:
+    tls = InternalTLSContextHolder.for_client(_settings(pki, "gateway", "kms"))
+    stream = TLSStream(await trio.open_tcp_stream("127.0.0.1", port), tls.context, server_side=False)
+    await stream.do_handshake()
+    return stream
+
+
+async def _next(stream: TLSStream, conn: ClientConnection) -> Any:
+    with trio.fail_after(5):
+        while (event := conn.next_event()) is NEED_DATA:
+            conn.receive_data(await stream.receive_some(65536))
+    return event
+
+
+async def test_a_frame_is_refused_on_any_connection_but_its_own(pki: InternalPKI) -> None:
+    """The service token is the connection's TLS exporter: a HELLO or a REQUEST carrying another
+    connection's token is refused (the node's worker never sees the request)."""
+    sup = _Supervisor()
+    mine, theirs = socket.socketpair()
+    channel = WorkerChannel(0, mine, ClientConnection.bootstrapped(TOKEN))
+    sup.client._attach(channel)
+    async with _node(pki, sup) as port, trio.open_nursery() as nursery:
+        nursery.start_soon(channel.run)
+        one, two = await _connect(pki, port), await _connect(pki, port)
+        token_one, token_two = (exporter_token(s.ssl_connection()) for s in (one, two))
+        assert token_one != token_two and len(token_one) == 32
+        # a HELLO with the other connection's token: refused, connection over
+        replayed = ClientConnection(token_one)
+        await two.send_all(replayed.hello({}))
+        refused = await _next(two, replayed)
+        assert isinstance(refused, Error) and (refused.rid, refused.code) == (0, "unauthorized")
+        # the right HELLO, then a REQUEST built with the other connection's token
+        proper = ClientConnection(token_one)
+        await one.send_all(proper.hello({}))
+        assert isinstance(await _next(one, proper), Ready)
+        rid, frame = ClientConnection.bootstrapped(token_two).request(CTX, "ping", {"data": b"x"})
+        await one.send_all(frame)
+        answer = await _next(one, proper)
+        assert isinstance(answer, Error) and (answer.rid, answer.code) == (rid, "unauthorized")
+        theirs.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            theirs.recv(1)  # nothing reached the worker
+        for s in (one, two):
+            await s.aclose()
+        theirs.close()
+        nursery.cancel_scope.cancel()
