@@ -195,6 +195,7 @@ def _add_kms(sub: _Commands) -> None:
         description="Run a KMS node: the kms:, crypto:, storage: and kms_node: sections of the config; "
                     "gateways with kms.mode remote connect to it. SIGHUP reloads its certificates.")
     c.add_argument("-c", "--config", required=True, help="the node's config file (YAML)")
+    c.add_argument("--kek-fd", type=int, default=None, help=argparse.SUPPRESS)  # set by its own re-exec
     c = ksub.add_parser("rotate-kek", help="re-wrap every key file under a new KEK (safe to re-run)")
     _add_config(c)
     new = c.add_mutually_exclusive_group(required=True)
@@ -332,7 +333,7 @@ def _dispatch(args: argparse.Namespace) -> int | None:
         from .server.kms_node import run as run_node
 
         # policy:, auth: and tls: belong to gateways; the node checks its own files as it loads them
-        return run_node(load_config(args.config, check_files=False))
+        return run_node(load_config(args.config, check_files=False), args.config, args.kek_fd)
     if cmd == "kms":
         from . import admin
 

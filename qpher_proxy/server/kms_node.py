@@ -297,11 +297,11 @@ def _address(stream: trio.SocketStream) -> str:
     return f"{host}:{port}"
 
 
-async def serve_node(cfg: Config, *, handle_signals: bool = True,
+async def serve_node(cfg: Config, *, handle_signals: bool = True, kek_fd: int | None = None,
                      task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED) -> None:
     tls = InternalTLSContextHolder.for_server(node_tls_settings(cfg))
     worker_user = lookup_user(cfg.kms.user, "kms.user") if os.geteuid() == 0 and cfg.kms.user else None
-    supervisor = kms_supervisor(cfg, worker_user=worker_user)
+    supervisor = kms_supervisor(cfg, worker_user=worker_user, kek_fd=kek_fd)
     listeners: list[trio.SocketListener] = []
     try:
         for i, addr in enumerate(cfg.kms_node.listen):
@@ -362,13 +362,20 @@ async def _signals(tls: InternalTLSContextHolder) -> None:
             return
 
 
-def run(cfg: Config) -> int:
-    """``qpher-proxy kms serve``: the node's whole life; returns the exit code."""
+def run(cfg: Config, config_path: str, kek_fd: int | None = None) -> int:
+    """``qpher-proxy kms serve``: the node's whole life; returns the exit code. A KEK (provider
+    env) or a token PIN (pkcs11_pin_env) in the environment is moved into a memfd that only the
+    workers inherit, and the command runs again without it, as ``serve`` does (privsep.py)."""
     from ..logs import configure_logging
+    from .privsep import reexec_without_env_kek
     from .serve import run_trio
+    from .settings import kek_settings
     from .state import prepare_database
 
+    secret_env = kek_settings(cfg.kms.kek).secret_env
+    if secret_env is not None and kek_fd is None and secret_env in os.environ:
+        reexec_without_env_kek(cfg, config_path, secret_env, command=("kms", "serve"))
     configure_logging(cfg.logging.level, cfg.logging.format)
     prepare_database(cfg)
-    return run_trio(functools.partial(serve_node, cfg))
+    return run_trio(functools.partial(serve_node, cfg, kek_fd=kek_fd))
 

@@ -675,17 +675,19 @@ class Supervisor:
                     self.stop(signum)
 
 
-def reexec_without_env_kek(cfg: Config, config_path: str, var: str | None = None) -> None:
+def reexec_without_env_kek(cfg: Config, config_path: str, var: str | None = None,
+                           command: tuple[str, ...] = ("serve",)) -> None:
     """``kek.provider: env``: move the KEK into a memfd and exec this command again without the
     variable. ``os.environ.pop`` cannot clear the process's initial environment block, which
     ``/proc/<pid>/environ`` and a memory dump show until exit; a new ``exec`` gets a new one.
-    ``var``: another variable to move the same way (provider pkcs11's ``pkcs11_pin_env``)."""
+    ``var``: another variable to move the same way (provider pkcs11's ``pkcs11_pin_env``).
+    ``command``: the subcommand to run again (``serve``, or ``kms serve`` for a KMS node)."""
     from ..kms.launcher import stash_env_kek
 
     var = var or cfg.kms.kek.env
     option = "kms.kek.env" if var == cfg.kms.kek.env else "kms.kek.pkcs11_pin_env"
     fd = stash_env_kek(var, inheritable=True, option=option)
-    argv = [sys.executable, "-m", "qpher_proxy", "serve", "--config", os.path.abspath(config_path),
+    argv = [sys.executable, "-m", "qpher_proxy", *command, "--config", os.path.abspath(config_path),
             "--kek-fd", str(fd)]
     os.execve(sys.executable, argv, {k: v for k, v in os.environ.items() if k != var})
 

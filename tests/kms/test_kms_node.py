@@ -7,13 +7,23 @@ gateway side is the real ``RemoteKMS`` over the real internal mutual TLS.
 
 from __future__ import annotations
 
+import base64
+import json
+import os
+import secrets
+import signal
 import socket
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+import yaml
 
 from qpher_proxy.context import TenantContext
 from qpher_proxy.errors import KMSUnavailable
@@ -151,3 +161,43 @@ async def test_a_frame_is_refused_on_any_connection_but_its_own(pki: InternalPKI
             await s.aclose()
         theirs.close()
         nursery.cancel_scope.cancel()
+
+
+def test_an_env_kek_never_stays_in_the_nodes_environment(
+    pki: InternalPKI, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """``kms serve`` with ``kek.provider: env`` moves the KEK into a memfd and runs itself again
+    without the variable (as ``serve`` does): its workers get the KEK, no /proc environ shows it."""
+    tmp = tmp_path_factory.mktemp("envnode")
+    kms_ml = pki.leaf("kms", "mldsa")
+    (tmp / "kms.yaml").write_text(yaml.safe_dump({
+        "kms": {"dir": str(tmp / "kms"), "workers": 1, "user": None,
+                "kek": {"provider": "env", "env": "QT_KEK"}},
+        "kms_node": {"listen": ["127.0.0.1:0"],
+                     "cert_file": str(kms_ml.cert), "key_file": str(kms_ml.key),
+                     "client_ca": str(pki.ca_bundle), "client_uri": pki.uri("gateway")},
+        "logging": {"format": "json"},
+    }))
+    kek = base64.b64encode(secrets.token_bytes(32)).decode()
+    log = tmp / "node.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "qpher_proxy", "kms", "serve", "-c", str(tmp / "kms.yaml")],
+            env={**os.environ, "QT_KEK": kek}, stdout=subprocess.DEVNULL, stderr=out, start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while not any(json.loads(line).get("msg") == "KMS node serving"
+                      for line in log.read_text().splitlines() if line.startswith("{")):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        tasks = (Path("/proc") / str(proc.pid) / "task").iterdir()  # trio spawns from worker threads
+        pids = [proc.pid] + [int(p) for t in tasks for p in (t / "children").read_text().split()]
+        assert len(pids) >= 2  # the node and its worker
+        for pid in pids:
+            environ = (Path("/proc") / str(pid) / "environ").read_bytes()
+            assert b"QT_KEK" not in environ and kek.encode() not in environ, pid
+        assert kek not in log.read_text()
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(20) == 0
