@@ -11,13 +11,15 @@ import base64
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -163,27 +165,26 @@ async def test_a_frame_is_refused_on_any_connection_but_its_own(pki: InternalPKI
         nursery.cancel_scope.cancel()
 
 
-def test_an_env_kek_never_stays_in_the_nodes_environment(
-    pki: InternalPKI, tmp_path_factory: pytest.TempPathFactory
-) -> None:
-    """``kms serve`` with ``kek.provider: env`` moves the KEK into a memfd and runs itself again
-    without the variable (as ``serve`` does): its workers get the KEK, no /proc environ shows it."""
-    tmp = tmp_path_factory.mktemp("envnode")
+def _node_config(path: Path, pki: InternalPKI, kms: dict[str, Any]) -> Path:
     kms_ml = pki.leaf("kms", "mldsa")
-    (tmp / "kms.yaml").write_text(yaml.safe_dump({
-        "kms": {"dir": str(tmp / "kms"), "workers": 1, "user": None,
-                "kek": {"provider": "env", "env": "QT_KEK"}},
+    path.write_text(yaml.safe_dump({
+        "kms": {"workers": 1, **kms},
         "kms_node": {"listen": ["127.0.0.1:0"],
                      "cert_file": str(kms_ml.cert), "key_file": str(kms_ml.key),
                      "client_ca": str(pki.ca_bundle), "client_uri": pki.uri("gateway")},
         "logging": {"format": "json"},
     }))
-    kek = base64.b64encode(secrets.token_bytes(32)).decode()
-    log = tmp / "node.log"
+    return path
+
+
+@contextmanager
+def _serving_node(config: Path, log: Path, env: dict[str, str] | None = None) -> Iterator[list[int]]:
+    """A real ``qpher-proxy kms serve`` until the block ends (then SIGTERM, exit 0 required);
+    yields the pids of the node and of its workers once it serves."""
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "qpher_proxy", "kms", "serve", "-c", str(tmp / "kms.yaml")],
-            env={**os.environ, "QT_KEK": kek}, stdout=subprocess.DEVNULL, stderr=out, start_new_session=True,
+            [sys.executable, "-m", "qpher_proxy", "kms", "serve", "-c", str(config)],
+            env=env, stdout=subprocess.DEVNULL, stderr=out, start_new_session=True,
         )
     try:
         deadline = time.monotonic() + 30
@@ -194,10 +195,47 @@ def test_an_env_kek_never_stays_in_the_nodes_environment(
         tasks = (Path("/proc") / str(proc.pid) / "task").iterdir()  # trio spawns from worker threads
         pids = [proc.pid] + [int(p) for t in tasks for p in (t / "children").read_text().split()]
         assert len(pids) >= 2  # the node and its worker
-        for pid in pids:
-            environ = (Path("/proc") / str(pid) / "environ").read_bytes()
-            assert b"QT_KEK" not in environ and kek.encode() not in environ, pid
-        assert kek not in log.read_text()
+        yield pids
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         assert proc.wait(20) == 0
+
+
+def test_an_env_kek_never_stays_in_the_nodes_environment(
+    pki: InternalPKI, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """``kms serve`` with ``kek.provider: env`` moves the KEK into a memfd and runs itself again
+    without the variable (as ``serve`` does): its workers get the KEK, no /proc environ shows it."""
+    tmp = tmp_path_factory.mktemp("envnode")
+    config = _node_config(tmp / "kms.yaml", pki, {"dir": str(tmp / "kms"), "user": None,
+                                                  "kek": {"provider": "env", "env": "QT_KEK"}})
+    kek = base64.b64encode(secrets.token_bytes(32)).decode()
+    with _serving_node(config, tmp / "node.log", {**os.environ, "QT_KEK": kek}) as pids:
+        for pid in pids:
+            environ = (Path("/proc") / str(pid) / "environ").read_bytes()
+            assert b"QT_KEK" not in environ and kek.encode() not in environ, pid
+    assert kek not in (tmp / "node.log").read_text()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping the workers to kms.user needs root")
+def test_started_as_root_the_nodes_workers_run_as_kms_user(
+    pki: InternalPKI, request: pytest.FixtureRequest
+) -> None:
+    """As on a gateway host: the state `init` makes as root (kms dir and KEK owned by qpher-kms),
+    and the node's workers drop to kms.user before they read a key."""
+    # pytest's own temporary folders are 0700 (root's alone), where `init` keeps every file root's:
+    # a folder the KMS user can traverse, as a real state directory is
+    tmp = Path(tempfile.mkdtemp(prefix="qpher-rootnode-", dir="/tmp"))
+    tmp.chmod(0o711)
+    request.addfinalizer(lambda: shutil.rmtree(tmp, ignore_errors=True))
+    subprocess.run([sys.executable, "-m", "qpher_proxy", "init", "--dir", str(tmp / "st"), "--port", "0"],
+                   check=True, capture_output=True)
+    state = tmp / "st"
+    config = _node_config(state / "kms.yaml", pki, {"dir": "kms", "user": "qpher-kms",
+                                                    "kek": {"provider": "file", "file": "kek/kek.b64"}})
+    kms_uid = (state / "kms").stat().st_uid
+    assert kms_uid != 0
+    with _serving_node(config, tmp / "node.log") as pids:
+        uids = {pid: int((Path("/proc") / str(pid) / "status").read_text().split("\nUid:")[1].split()[0])
+                for pid in pids}
+    assert uids[pids[0]] == 0 and all(uid == kms_uid for pid, uid in uids.items() if pid != pids[0]), uids
