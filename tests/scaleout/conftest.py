@@ -18,9 +18,10 @@ import shutil
 import socket
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -97,6 +98,32 @@ def migrated_database() -> Iterator[PgDatabase]:
     with pg_database() as db:
         migrate(db.dsn, db.role_prefix)
         yield db
+
+
+@contextlib.contextmanager
+def store_opener(
+    db: PgDatabase, kek: Any, backend: Any, clock: Callable[[], Any]
+) -> Iterator[Callable[..., Any]]:
+    """Open ``PgKeyStore``s ("KMS nodes") on ``db``: ``opener(**kw)`` with the store's keyword
+    arguments (``kek=`` and ``backend=`` override the defaults, a fresh ``clock()`` unless given,
+    no background sweep); every store opened is closed when the block ends."""
+    from qpher_proxy.kms.worker.pg_keystore import PgKeyStore
+
+    opened: list[PgKeyStore] = []
+
+    def opener(**kw: Any) -> PgKeyStore:
+        kw.setdefault("clock", clock())
+        kw.setdefault("sweep_interval", 0.0)
+        s = PgKeyStore.open(db.dsn, kw.pop("kek", kek), kw.pop("backend", backend),
+                            role_prefix=db.role_prefix, pool_size=2, **kw)
+        opened.append(s)
+        return s
+
+    try:
+        yield opener
+    finally:
+        for s in opened:
+            s.close()
 
 
 @pytest.fixture

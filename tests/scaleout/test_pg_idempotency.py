@@ -30,6 +30,7 @@ from .conftest import (
     drop_roles,
     migrated_database,
     require_service,
+    store_opener,
 )
 
 KEY = "9f1c2e4a-retry-me"
@@ -72,18 +73,8 @@ Opener = Callable[..., PgKeyStore]
 
 @pytest.fixture
 def open_store(db: PgDatabase, kek: LocalKEKProvider, backend: Backend) -> Iterator[Opener]:
-    opened: list[PgKeyStore] = []
-
-    def opener(**kw: Any) -> PgKeyStore:
-        kw.setdefault("clock", Clock())
-        kw.setdefault("sweep_interval", 0.0)
-        s = PgKeyStore.open(db.dsn, kek, backend, role_prefix=db.role_prefix, pool_size=2, **kw)
-        opened.append(s)
-        return s
-
-    yield opener
-    for s in opened:
-        s.close()
+    with store_opener(db, kek, backend, Clock) as opener:
+        yield opener
 
 
 def _count(db: PgDatabase, table: str) -> int:

@@ -42,6 +42,7 @@ from .conftest import (
     drop_roles,
     migrated_database,
     require_service,
+    store_opener,
 )
 
 BACKENDS = ["openssl", pytest.param("liboqs", marks=pytest.mark.liboqs)]
@@ -100,18 +101,8 @@ Opener = Callable[..., PgKeyStore]
 
 @pytest.fixture
 def open_store(db: PgDatabase, kek: LocalKEKProvider) -> Iterator[Opener]:
-    opened: list[PgKeyStore] = []
-
-    def opener(backend: str = "openssl", **kw: Any) -> PgKeyStore:
-        kw.setdefault("clock", Clock())
-        kw.setdefault("sweep_interval", 0.0)
-        s = PgKeyStore.open(db.dsn, kek, _backend(backend), role_prefix=db.role_prefix, pool_size=2, **kw)
-        opened.append(s)
-        return s
-
-    yield opener
-    for s in opened:
-        s.close()
+    with store_opener(db, kek, _backend("openssl"), Clock) as opener:
+        yield lambda backend="openssl", **kw: opener(backend=_backend(backend), **kw)
 
 
 def _count(db: PgDatabase, table: str, where: str = "true") -> int:

@@ -39,6 +39,7 @@ from qpher_proxy.storage.postgres import Database
 from .conftest import (
     PgDatabase,
     migrated_database,
+    store_opener,
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kms"))
@@ -88,20 +89,8 @@ Opener = Callable[..., PgKeyStore]
 @pytest.fixture
 def open_store(db: PgDatabase, kek: LocalKEKProvider, backend: Backend) -> Iterator[Opener]:
     """Open PgKeyStores ("nodes") on the test database; all closed at the end."""
-    opened: list[PgKeyStore] = []
-
-    def opener(**kw: Any) -> PgKeyStore:
-        kw.setdefault("clock", FakeClock())
-        kw.setdefault("sweep_interval", 0.0)
-        s = PgKeyStore.open(
-            db.dsn, kw.pop("kek", kek), backend, role_prefix=db.role_prefix, pool_size=2, **kw
-        )
-        opened.append(s)
-        return s
-
-    yield opener
-    for s in opened:
-        s.close()
+    with store_opener(db, kek, backend, FakeClock) as opener:
+        yield opener
 
 
 def _owner(pg: PgDatabase) -> psycopg.Connection[Any]:
