@@ -53,8 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_init(sub)
     _add_serve(sub)
-    sub.add_parser("version", help="print versions of the product, its backend and libraries")
+    _add_version(sub)
     _add_check_config(sub)
+    _add_healthcheck(sub)
     _add_apikey(sub)
     _add_policy(sub)
     _add_audit(sub)
@@ -65,11 +66,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_version(sub: _Commands) -> None:
+    """``version``."""
+    p = sub.add_parser("version", help="print versions of the product, its backend and libraries")
+    p.add_argument("--json", action="store_true",
+                   help="print the facts a container image records as labels, as one JSON object")
+    p.add_argument("--expect", action="append", default=[], metavar="NAME=VALUE",
+                   help="exit 1 unless NAME (qpher-proxy, cryptography, openssl, liboqs) has VALUE "
+                        "(an image build checks its labels with it)")
+
+
+def _add_healthcheck(sub: _Commands) -> None:
+    """``healthcheck``."""
+    p = sub.add_parser("healthcheck",
+                       help="exit 0 if this config's gateway answers /healthz (container probes)")
+    _add_config(p)
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds for connect, handshake and answer")
+
+
 def _add_init(sub: _Commands) -> None:
     """``init``."""
     p = sub.add_parser("init", help="create a working dev state (PKI, KEK, pepper, config, demo API key)")
     p.add_argument("--dir", default=DEFAULT_STATE_DIR, help="state directory (default: .qpher)")
     p.add_argument("--port", type=int, default=8443, help="port written to the new config (default 8443)")
+    p.add_argument("--listen", default=None, metavar="HOST:PORT",
+                   help="address written to the new config (default 127.0.0.1:PORT; a container's "
+                        "entrypoint passes 0.0.0.0:8443)")
     p.add_argument("--mldsa-cert", action="store_true", help="also make an ML-DSA-65 server certificate")
     p.add_argument("--renew-certs", action="store_true",
                    help="issue new server certificates from the dev CA (kept in DIR/ca/) even if still valid")
@@ -282,15 +304,18 @@ def _dispatch(args: argparse.Namespace) -> int | None:
                 endpoint=args.kms_listen, force=args.force, out=sys.stdout,
             )
             return 0
-        init_state(Path(args.dir), port=args.port, mldsa_cert=args.mldsa_cert, renew_certs=args.renew_certs,
-                   out=sys.stdout)
+        init_state(Path(args.dir), port=args.port, listen=args.listen, mldsa_cert=args.mldsa_cert,
+                   renew_certs=args.renew_certs, out=sys.stdout)
         return 0
     if cmd == "version":
-        from .versions import collect_versions
+        return _version(args)
+    if cmd == "healthcheck":
+        from .healthcheck import probe, target_of
 
-        for k, v in collect_versions().items():
-            print(f"{k}: {v}")
-        return 0
+        host, port = target_of(args.config)
+        healthy, line = probe(host, port, timeout=args.timeout)
+        print(line, file=sys.stdout if healthy else sys.stderr)
+        return 0 if healthy else 1
     if cmd == "check-config":
         from .config import load_config
         from .config.loader import MissingFile
@@ -349,6 +374,32 @@ def _dispatch(args: argparse.Namespace) -> int | None:
     if cmd == "bench":
         return _bench(args.what, args.options)
     raise AssertionError(cmd)  # pragma: no cover
+
+
+def _version(args: argparse.Namespace) -> int:
+    if args.expect:
+        from .versions import check_expectations
+
+        problems = check_expectations(args.expect)
+        for line in problems:
+            print(f"qpher-proxy version: {line}", file=sys.stderr)
+        if problems:
+            return 1
+    if args.json:
+        import json
+
+        from .versions import image_facts
+
+        print(json.dumps(image_facts(), sort_keys=False))
+        return 0
+    from .versions import IMAGE_LABELS, collect_versions, image_facts
+
+    for k, v in collect_versions().items():
+        print(f"{k}: {v}")
+    # The same facts as a container image built from this installation records them.
+    for k, v in image_facts().items():
+        print(f"label {IMAGE_LABELS[k]}: {v}")
+    return 0
 
 
 def _bench(what: str, options: Sequence[str]) -> int:

@@ -66,8 +66,13 @@ rules:
 
 
 def _examples_dir() -> Path | None:
-    here = Path(__file__).resolve().parent.parent / "policies"
-    return here if here.is_dir() else None
+    """The example policies: the repository's ``policies/`` beside the package, or where an
+    installation put them (a container image sets ``QPHER_POLICY_EXAMPLES``)."""
+    repo = Path(__file__).resolve().parent.parent / "policies"
+    for here in (os.environ.get("QPHER_POLICY_EXAMPLES"), repo):
+        if here and Path(here).is_dir():
+            return Path(here)
+    return None
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -80,10 +85,10 @@ def _write_private(path: Path, data: bytes) -> None:
 
 
 def default_config(
-    port: int, mldsa: bool, users: tuple[str | None, str | None] = (None, None)
+    port: int, mldsa: bool, users: tuple[str | None, str | None] = (None, None), listen: str | None = None
 ) -> dict[str, object]:
     cfg: dict[str, object] = {
-        "server": {"listen": [f"127.0.0.1:{port}"], "user": users[0]},
+        "server": {"listen": [listen or f"127.0.0.1:{port}"], "user": users[0]},
         "tls": {"cert_file": "certs/server.crt", "key_file": "certs/server.key"},
         "kms": {"dir": "kms", "user": users[1], "kek": {"provider": "file", "file": "kek/kek.b64"}},
         "auth": {"db": "data/gateway.db", "pepper_file": "secrets/pepper"},
@@ -160,10 +165,14 @@ def _give(path: Path, user: str | None) -> None:
         os.chown(p, pw.pw_uid, pw.pw_gid, follow_symlinks=False)
 
 
-def init_state(directory: Path, *, port: int = 8443, mldsa_cert: bool = False, renew_certs: bool = False,
-               out: TextIO) -> None:
+def init_state(directory: Path, *, port: int = 8443, listen: str | None = None, mldsa_cert: bool = False,
+               renew_certs: bool = False, out: TextIO) -> None:
     from .tls.certs import make_dev_pki
 
+    if listen is not None:  # refused before anything is written
+        from .config import parse_listen
+
+        port = parse_listen(listen, None, "--listen")[1]
     directory = directory.resolve()
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     users = _system_users(directory)
@@ -180,7 +189,7 @@ def init_state(directory: Path, *, port: int = 8443, mldsa_cert: bool = False, r
     _create_pepper(pepper_path, out)
     _create_policies(directory / "policies", out)
     config_path = directory / "config.yaml"
-    _create_config(config_path, port, mldsa_cert, users, out)
+    _create_config(config_path, port, listen, mldsa_cert, users, out)
     demo_path = directory / "secrets" / "demo-api-key"
     _create_demo_key(demo_path, directory / "data" / "gateway.db", pepper_path, out)
     _hand_over(directory, users)
@@ -262,7 +271,8 @@ def _create_policies(policies: Path, out: TextIO) -> None:
 
 
 def _create_config(
-    config_path: Path, port: int, mldsa: bool, users: tuple[str | None, str | None], out: TextIO
+    config_path: Path, port: int, listen: str | None, mldsa: bool, users: tuple[str | None, str | None],
+    out: TextIO,
 ) -> None:
     """``config.yaml``, written whole through a temporary file."""
     if config_path.exists():
@@ -270,7 +280,7 @@ def _create_config(
     text = (
         "# Written by `qpher-proxy init`. Every option, with its default, is documented in\n"
         "# config.example.yaml at the repository root.\n"
-        + yaml.safe_dump(default_config(port, mldsa, users), sort_keys=False)
+        + yaml.safe_dump(default_config(port, mldsa, users, listen), sort_keys=False)
     )
     tmp = config_path.with_suffix(".tmp")
     tmp.write_text(text)

@@ -26,6 +26,7 @@ __all__ = [
     "BackendUnavailable",
     "available_backends",
     "liboqs_status",
+    "probe_liboqs",
     "select_backend",
 ]
 
