@@ -12,7 +12,7 @@ BIN    := $(VENV)/bin
 PYTEST_WORKERS ?= auto
 PYTEST_ARGS    ?=
 
-.PHONY: run test install install-test bench clean
+.PHONY: run test test-deploy install install-test bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,12 @@ test: install-test
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+
+# The deployment artifacts (Dockerfile, deploy/sidecar, deploy/systemd) on a Docker engine these tests
+# start themselves (root, Debian's docker.io and debootstrap; .ci/run installs them). Not part of
+# `make test`: that one needs nothing but Python.
+test-deploy: install-test
+	QPHER_DEPLOY_TESTS=1 $(BIN)/python -m pytest tests/deploy $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) $(STATE) build *.egg-info
