@@ -159,6 +159,8 @@ def _own_engine() -> Iterator[Docker]:
             ids = docker.run("ps", "-aq", check=False, timeout=30).stdout.split()
             if ids:
                 docker.run("rm", "-f", *ids, check=False, timeout=60)
+            # the data root is kept as a build cache; what no run has used for three days goes
+            docker.run("image", "prune", "-f", "--filter", "until=72h", check=False, timeout=120)
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout=30)
