@@ -22,7 +22,7 @@ from __future__ import annotations
 import binascii
 import os
 import re
-from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -144,12 +144,17 @@ class Response:
     ``Content-Length``), ``X-Request-Id`` if absent, and ``Connection: close`` when closing.
 
     ``forwarded`` marks a response relayed from another server (the sidecar upstream): the
-    server then leaves its caching headers to that server (see ``security_headers``)."""
+    server then leaves its caching headers to that server (see ``security_headers``).
+
+    ``trailers``, when set, is called once after the whole body has been sent and returns the
+    trailer fields to send after it (HTTP/2 trailers: a gRPC upstream's ``grpc-status``). Only the
+    HTTP/2 connection sends them; HTTP/1.1 responses go without (gRPC needs HTTP/2)."""
 
     status: int
     headers: Iterable[tuple[bytes, bytes]] = ()
     body: Body = b""
     forwarded: bool = False
+    trailers: Callable[[], Sequence[tuple[bytes, bytes]]] | None = None
 
     def __repr__(self) -> str:
         # A body may hold a shared secret or a plaintext: only its size is shown.
