@@ -387,6 +387,13 @@ class Metrics:
         self.upstream_requests = r.counter(
             "qpher_upstream_requests_total", "Requests forwarded to the upstream, by upstream status.",
             ("status",))
+        self.websocket_tunnels_open = r.gauge(
+            "qpher_websocket_tunnels_open", "WebSocket tunnels open now (upgrades in progress included).")
+        self.websocket_tunnels = r.counter(
+            "qpher_websocket_tunnels_total",
+            "WebSocket tunnels ended, by outcome: who closed (client, upstream), a limit (idle_timeout, "
+            "max_lifetime), shutdown, aborted (never switched) or refused (over max_connections).",
+            ("outcome",))
         # server.workers > 1: the processes share the port and each scrape reaches one of them.
         self.process_info = r.gauge(
             "qpher_process_info", "1, labelled with the pid of the gateway process that answered.",

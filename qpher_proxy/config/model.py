@@ -201,6 +201,13 @@ class APIConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class WebSocketConfig:
+    idle_timeout: float = opt(300.0, min=0.01, max=86_400, doc="seconds without a byte either way")
+    max_lifetime: float = opt(86_400.0, min=0.01, max=30 * 86_400, doc="seconds a tunnel may stay open")
+    max_connections: int = opt(1024, min=1, max=1_000_000, doc="tunnels open at once, per gateway process")
+
+
+@dataclass(frozen=True, slots=True)
 class UpstreamConfig:
     url: str | None = opt(None)
     connect_timeout: float = opt(5.0, min=0.01, max=600)
@@ -211,6 +218,7 @@ class UpstreamConfig:
     client_key: str | None = opt(None, path=True, must_exist=True)
     pass_api_key: bool = opt(False)
     allow_path_params: bool = opt(False)
+    websocket: WebSocketConfig = field(default_factory=WebSocketConfig)
 
 
 @dataclass(frozen=True, slots=True)

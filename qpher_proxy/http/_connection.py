@@ -33,10 +33,19 @@ read-and-discard for at most ``linger_timeout`` (nginx's lingering close).
 
 A streaming response (echo, sidecar) may consume the request body itself, so a client waiting
 for ``100 Continue`` gets it just before the response head, the last moment h11 allows one.
+
+Switching protocols. A ``Response(101, upgrade=...)`` (a WebSocket tunnel) ends HTTP on this
+connection: once the request (which must have no body) is consumed, h11 waits in
+MIGHT_SWITCH_PROTOCOL; the 101 head moves both sides to SWITCHED_PROTOCOL, and the stream, with
+the bytes h11 had buffered after the request head (``trailing_data``), belongs to the upgrade
+until it returns; then the connection closes. The tunnel has no connection deadline (it keeps its
+own), and a graceful shutdown cancels it. If the 101 cannot be sent, the upgrade is abandoned
+(``messages.Upgrade``) and the client gets a 500 (a handler's mistake) or nothing (it left).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import time
@@ -59,7 +68,7 @@ from ._body import CONTINUE, BodyReader
 from ._deadlines import NO_DEADLINE, DeadlineWheel, ShutdownSignal
 from ._response import ResponseWriter
 from .limits import RECEIVE_SIZE, HTTPLimits
-from .messages import Request, Response, error_response, new_request_id
+from .messages import Request, Response, Upgrade, error_response, new_request_id
 from .security_headers import SecurityHeaders
 
 if TYPE_CHECKING:
@@ -112,6 +121,7 @@ class Connection(BodyReader, ResponseWriter):
         "_started",
         "_security",
         "_tls",
+        "_tunnel",
     )
 
     def __init__(
@@ -148,11 +158,14 @@ class Connection(BodyReader, ResponseWriter):
 
     # ---- shutdown --------------------------------------------------------------------
         self._tls: TLSInfo | None = None  # the TLSStream's negotiated parameters, read at the first request
+        self._tunnel: trio.CancelScope | None = None  # while an upgrade runs (cancelled at shutdown)
 
 
     def _shutdown_requested(self) -> None:
         if self._idle:
             self._scope.cancel()
+        elif self._tunnel is not None:
+            self._tunnel.cancel()
 
     # ---- transport -------------------------------------------------------------------
 
@@ -382,6 +395,8 @@ class Connection(BodyReader, ResponseWriter):
 
     async def _respond(self, request: Request, response: Response, started: float) -> bool:
         """Send ``response``, then settle the request body; True if the connection may be reused."""
+        if response.upgrade is not None:
+            return await self._switch(request, response, response.upgrade, started)
         h = self._h
         limits = self._limits
         invite = False
@@ -417,6 +432,55 @@ class Connection(BodyReader, ResponseWriter):
             await self._linger()
         return False
 
+
+    async def _switch(self, request: Request, response: Response, upgrade: Upgrade, started: float) -> bool:
+        """Send the 101 and run ``upgrade`` on the stream, or abandon it; either way the connection
+        then closes (always False)."""
+        h = self._h
+        handed = False  # run or abandon called: exactly one of them, whatever happens here
+        try:
+            try:
+                if h.their_state is h11.SEND_BODY and self._body_error is None and not self._body_started:
+                    with contextlib.suppress(h11.RemoteProtocolError):
+                        h.next_event()  # the EndOfMessage of a request without a body
+                if not _h11.switch_pending(h):
+                    raise h11.LocalProtocolError("an upgrade needs a request with Upgrade and no body")
+                head = self._switch_head(request, response)
+            except (h11.LocalProtocolError, TypeError, ValueError, UnicodeError):
+                handed = True
+                upgrade.abandon()
+                logger.error(
+                    "handler produced an invalid upgrade",
+                    exc_info=True,
+                    extra={"fields": {"request_id": request.request_id}},
+                )
+                fallback = error_response(QpherError("internal server error"), request.request_id)
+                with contextlib.suppress(ClientDisconnected):
+                    await self._send_response(request, fallback, keep_alive=False)
+                self._done(request, fallback.status, started)
+                return False
+            try:
+                await self._send(head)
+            finally:
+                self._done(request, 101, started)
+            received = bytes(h.trailing_data[0])
+            self._deadline = _INF  # the tunnel keeps its own deadlines
+            tunnel = self._tunnel = trio.CancelScope()
+            handed = True
+            try:
+                with tunnel:
+                    await upgrade.run(self._stream, received)
+            except Exception:
+                logger.error("upgraded connection failed", exc_info=True,
+                             extra={"fields": {"request_id": request.request_id}})
+            finally:
+                self._tunnel = None
+            return False
+        except ClientDisconnected:
+            return False
+        finally:
+            if not handed:
+                upgrade.abandon()
 
     def _done(self, request: Request, status: int, started: float) -> None:
         self._started = None

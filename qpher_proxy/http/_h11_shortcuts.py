@@ -22,6 +22,8 @@ with the installed h11 and gives what the public path gives.
   ``send(EndOfMessage)`` would: h11 keeps deciding keep-alive and what the client may send
   next, and the server skips building three events and h11's writers (a third of what h11
   costs per request). h11 remains the parser of every byte received.
+- :func:`switch_pending` tells that a complete request proposed a protocol switch (``Upgrade``)
+  that a 101 may accept: h11's MIGHT_SWITCH_PROTOCOL state, which h11 does not export.
 """
 
 
@@ -43,6 +45,7 @@ __all__ = [
     "chunk_position",
     "header_pairs",
     "receive_buffer",
+    "switch_pending",
 ]
 
 AT_CHUNK_SIZE_LINE = 0  # chunk_position(): what is buffered (if anything) starts a chunk-size line
@@ -219,3 +222,9 @@ else:  # pragma: no cover - a future h11: the caller falls back on the headers a
 
     def chunk_position(conn: h11.Connection) -> int:
         return ELSEWHERE
+
+
+def switch_pending(conn: h11.Connection) -> bool:
+    """Whether h11 waits in MIGHT_SWITCH_PROTOCOL: the client's request, complete, proposed a
+    protocol switch that sending a 101 would accept (otherwise h11 refuses the 101 and breaks)."""
+    return conn.their_state.__name__ == "MIGHT_SWITCH_PROTOCOL"

@@ -16,6 +16,9 @@ gets ``SecurityHeaders.own`` (``Cache-Control: no-store``, ``nosniff``, HSTS whe
 prebuilt once; a ``Response(forwarded=True)`` gets only the forwarded set, where its own headers
 lack them (see ``security_headers.py``).
 
+A 101 (``Response.upgrade``) goes out as h11's InformationalResponse, which moves both sides
+to SWITCHED_PROTOCOL (``_switch_head``; the connection then hands its stream to the upgrade).
+
 Streaming bodies go out one send per chunk, the deadline lifted between sends so that a slow
 producer (an upstream) is not mistaken for a slow client; a stream that fails half-way leaves
 h11 in ERROR, so the truncated message is followed by a close.
@@ -167,6 +170,22 @@ class ResponseWriter:
                 await self._send(head + h.send(h11.EndOfMessage()))
         else:
             await self._send_stream(request, status, head, body)  # type: ignore[arg-type]
+
+    def _switch_head(self, request: Request, response: Response) -> bytes:
+        """The 101 head of an upgrade ``response``: its validated headers, ``X-Request-Id`` when
+        absent and our ``Connection: Upgrade``. Raises h11.LocalProtocolError (or TypeError,
+        ValueError) for a head that must not be sent; h11 is then left as it was."""
+        if response.status != 101:
+            raise h11.LocalProtocolError(f"an upgrade needs status 101, not {response.status!r}")
+        items, has_id = _response_items(response.headers, False)
+        if not has_id:
+            rid = request.request_id.encode("ascii")
+            items.append((REQUEST_ID_HEADER, REQUEST_ID_HEADER, rid))
+        items.append((b"connection", b"connection", b"Upgrade"))
+        event = h11.InformationalResponse(
+            status_code=101, headers=Headers(items), reason=b"Switching Protocols"
+        )
+        return self._h.send(event)
 
     async def _send_stream(
         self, request: Request, status: int, head: bytes, body: AsyncIterable[bytes]

@@ -30,10 +30,13 @@ from .._json import compact_encoder, escape
 from ..errors import QpherError
 
 if TYPE_CHECKING:
+    import trio
+
     from ..tls.engine import TLSInfo
 
 __all__ = [
     "Request", "Response", "error_response", "Body", "REQUEST_ID_HEADER", "Base64Text", "new_request_id",
+    "Upgrade",
 ]
 
 REQUEST_ID_HEADER = b"x-request-id"
@@ -148,13 +151,16 @@ class Response:
 
     ``trailers``, when set, is called once after the whole body has been sent and returns the
     trailer fields to send after it (HTTP/2 trailers: a gRPC upstream's ``grpc-status``). Only the
-    HTTP/2 connection sends them; HTTP/1.1 responses go without (gRPC needs HTTP/2)."""
+    HTTP/2 connection sends them; HTTP/1.1 responses go without (gRPC needs HTTP/2).
+
+    ``upgrade``, with status 101, switches the connection to another protocol (see ``Upgrade``)."""
 
     status: int
     headers: Iterable[tuple[bytes, bytes]] = ()
     body: Body = b""
     forwarded: bool = False
     trailers: Callable[[], Sequence[tuple[bytes, bytes]]] | None = None
+    upgrade: Upgrade | None = None
 
     def __repr__(self) -> str:
         # A body may hold a shared secret or a plaintext: only its size is shown.
@@ -172,6 +178,23 @@ class Response:
                 text = _dumps_items(obj["items"])
         body = (text if text is not None else _dumps(obj)).encode("utf-8")
         return cls(status, (_JSON_CT, *headers) if headers else (_JSON_CT,), body)
+
+
+class Upgrade(Protocol):
+    """What a ``Response(101, upgrade=...)`` hands the connection to: a tunnel (WebSocket).
+
+    The connection consumes the request (which must have no body), sends the 101 head with the
+    response's headers and its own ``Connection: Upgrade``, then calls ``run`` once with its byte
+    stream and the bytes the client sent after the request head (already read off the wire), and
+    closes the connection when ``run`` returns. ``run`` owns its timeouts; a graceful shutdown
+    cancels it. If the 101 is never sent (the client left, a header was invalid, the request had a
+    body, the connection was cancelled), the connection calls ``abandon`` instead: synchronous, so
+    that no cancellation can skip it, it releases what the upgrade holds (an upstream connection).
+    Exactly one of the two is called."""
+
+    async def run(self, stream: trio.abc.Stream, received: bytes) -> None: ...
+
+    def abandon(self) -> None: ...
 
 
 class Base64Text(str):

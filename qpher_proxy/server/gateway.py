@@ -71,8 +71,10 @@ from ..upstream import (
     prepare_downstream_headers,
     prepare_upstream_headers,
 )
+from ..upstream.websocket import downstream_101_headers, is_websocket_upgrade, upgrade_request_headers
 from .admin_routes import AdminRoutes
 from .audit_routes import AuditRoutes, Checkpointer
+from .tunnels import Tunnels
 
 log = logging.getLogger("qpher.gateway")
 
@@ -123,6 +125,7 @@ class Gateway:
         allow_path_params: bool = False,
         kms_ready: Any = None,
         checkpointer: Checkpointer | None = None,
+        tunnels: Tunnels | None = None,
     ) -> None:
         self.kms = kms
         self.api = api
@@ -144,6 +147,7 @@ class Gateway:
         self.checkpointer = checkpointer if checkpointer is not None else Checkpointer(audit, kms)
         self._audit_routes = AuditRoutes(audit, self.checkpointer)
         self.upstream = upstream
+        self.tunnels = tunnels if tunnels is not None else Tunnels(audit, metrics)
         self.pass_api_key = pass_api_key
         self.allow_path_params = allow_path_params
         self._kms_ready = kms_ready if kms_ready is not None else (lambda: kms.ready)
@@ -472,6 +476,8 @@ class Gateway:
             tenant_id=record.tenant, api_key_id=record.key_id, request_id=req.request_id,
             pass_api_key=self.pass_api_key,
         )
+        if is_websocket_upgrade(req.method, req.headers):
+            return await self._open_websocket(req, record, target, headers)
         cl_raw = req.header(b"content-length")
         has_body = cl_raw is not None or req.header(b"transfer-encoding") is not None
         content_length = int(cl_raw) if cl_raw is not None and cl_raw.isdigit() else None
@@ -486,6 +492,25 @@ class Gateway:
         self.metrics.upstream_requests.labels(str(resp.status)).inc()
         return Response(resp.status, prepare_downstream_headers(resp.headers), body=resp.body_chunks(),
                         forwarded=True)
+
+    async def _open_websocket(
+        self, req: Request, record: APIKeyRecord, target: ForwardTarget, headers: list[tuple[bytes, bytes]]
+    ) -> Response:
+        """The upstream's answer to a WebSocket upgrade: a 101 that hands the connection to a
+        tunnel (``tunnels.py``), or its ordinary response."""
+        upstream = self.upstream
+        assert upstream is not None
+        try:
+            hs, session = await self.tunnels.open(upstream, req, record, target.target, target.policy_path,
+                                                  upgrade_request_headers(headers))
+        except QpherError as exc:
+            self.metrics.upstream_requests.labels(exc.code).inc()
+            raise
+        self.metrics.upstream_requests.labels(str(hs.status)).inc()
+        if session is None:
+            return Response(hs.status, prepare_downstream_headers(hs.headers), body=hs.body_chunks(),
+                            forwarded=True)
+        return Response(101, downstream_101_headers(hs.headers), forwarded=True, upgrade=session)
 
     # ---- per request, after the response ----------------------------------------------------
 

@@ -51,7 +51,14 @@ from .audit_routes import Checkpointer
 from .confine import Confinement
 from .gateway import Gateway, RateLimiter
 from .privsep import SupervisedKMS
-from .settings import http_limits, kms_supervisor, remote_kms, tls_settings, upstream_client
+from .settings import (
+    http_limits,
+    kms_supervisor,
+    remote_kms,
+    tls_settings,
+    upstream_client,
+    websocket_tunnels,
+)
 from .state import open_limiter, open_stores, run_background
 
 log = logging.getLogger("qpher.server")
@@ -133,6 +140,7 @@ async def serve(
                 limiter=limiter, quotas=stores.quotas, policy=policy, audit=audit, metrics=metrics,
                 upstream=upstream, pass_api_key=cfg.upstream.pass_api_key,
                 allow_path_params=cfg.upstream.allow_path_params, checkpointer=checkpointer,
+                tunnels=websocket_tunnels(cfg.upstream.websocket, audit, metrics),
             )
             on_handoff, handover = _ticket_handover(cfg, control, holder, handshakes)
             listeners: list[trio.abc.Listener[Any]] = [

@@ -16,21 +16,25 @@ import os
 import sys
 from pathlib import Path
 
+from ..audit import AuditLog
 from ..config import Config
-from ..config.model import KEKConfig, TLSConfig, UpstreamConfig
+from ..config.model import KEKConfig, TLSConfig, UpstreamConfig, WebSocketConfig
 from ..http import HTTPLimits
 from ..kms.client import OpHook
 from ..kms.client.remote import RemoteKMS
 from ..kms.launcher import HandoffHook, KMSSupervisor
 from ..kms.launcher.supervisor import RestartHook
 from ..kms.wire.model import KEKSettings, KMSStorageSettings
+from ..metrics import Metrics
 from ..sandbox import RunAs
 from ..tls.context import TLSSettings
 from ..tls.internal import InternalTLSContextHolder, InternalTLSSettings
 from ..upstream import UpstreamClient
+from ..upstream.tunnel import TunnelLimits
+from .tunnels import Tunnels
 
 __all__ = ["http_limits", "kek_settings", "kms_supervisor", "kms_worker_count", "remote_kms", "tls_settings",
-           "upstream_client"]
+           "upstream_client", "websocket_tunnels"]
 
 
 def _optional_path(path: str | None) -> Path | None:
@@ -132,3 +136,9 @@ def upstream_client(u: UpstreamConfig) -> UpstreamClient | None:
         u.url, connect_timeout=u.connect_timeout, read_timeout=u.read_timeout, pool_size=u.pool_size,
         ca_file=u.ca_file, client_cert=u.client_cert, client_key=u.client_key,
     )
+
+
+def websocket_tunnels(w: WebSocketConfig, audit: AuditLog, metrics: Metrics) -> Tunnels:
+    """The sidecar's WebSocket tunnels: their limits, the audit log and the metrics they report to."""
+    return Tunnels(audit, metrics, TunnelLimits(idle_timeout=w.idle_timeout, max_lifetime=w.max_lifetime),
+                   max_tunnels=w.max_connections)

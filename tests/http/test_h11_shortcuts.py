@@ -124,3 +124,18 @@ def test_finish_response_is_refused_where_h11_must_write(head: bytes) -> None:
 
 def test_finish_response_is_refused_before_a_request() -> None:
     assert not _h11_shortcuts.can_finish_response(h11.Connection(h11.SERVER))
+
+
+def test_switch_pending_only_after_a_complete_upgrade_request() -> None:
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+    assert type(conn.next_event()) is h11.Request
+    assert not _h11_shortcuts.switch_pending(conn)  # the (empty) body is still to be read
+    assert type(conn.next_event()) is h11.EndOfMessage
+    assert _h11_shortcuts.switch_pending(conn)
+    conn.send(h11.InformationalResponse(status_code=101, headers=[("Upgrade", "websocket")]))
+    assert conn.their_state is h11.SWITCHED_PROTOCOL and not _h11_shortcuts.switch_pending(conn)
+    plain = h11.Connection(h11.SERVER)
+    plain.receive_data(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    plain.next_event(), plain.next_event()
+    assert not _h11_shortcuts.switch_pending(plain)
