@@ -203,6 +203,8 @@ class APIConfig:
 @dataclass(frozen=True, slots=True)
 class UpstreamConfig:
     url: str | None = opt(None)
+    protocol: Literal["http1", "h2", "h2c"] = opt(
+        "http1", doc="h2: HTTP/2 over TLS (https:// url); h2c: HTTP/2 with prior knowledge (http:// url)")
     connect_timeout: float = opt(5.0, min=0.01, max=600)
     read_timeout: float = opt(30.0, min=0.01, max=3600)
     pool_size: int = opt(64, min=1, max=10_000)

@@ -66,6 +66,8 @@ from ..ratelimit import QuotaCounter, RateLimits, TokenBucketLimiter
 from ..ratelimit.redis_gcra import LocalRateLimiter
 from ..upstream import (
     ForwardTarget,
+    H2UpstreamClient,
+    H2UpstreamResponse,
     UpstreamClient,
     normalize_target,
     prepare_downstream_headers,
@@ -118,7 +120,7 @@ class Gateway:
         policy: PolicyEngine,
         audit: AuditLog,
         metrics: Metrics,
-        upstream: UpstreamClient | None = None,
+        upstream: UpstreamClient | H2UpstreamClient | None = None,
         pass_api_key: bool = False,
         allow_path_params: bool = False,
         kms_ready: Any = None,
@@ -467,10 +469,11 @@ class Gateway:
     async def _send_upstream(self, req: Request, record: APIKeyRecord, target: ForwardTarget) -> Response:
         upstream = self.upstream
         assert upstream is not None
+        h2 = isinstance(upstream, H2UpstreamClient)
         headers = prepare_upstream_headers(
             req.headers, client_ip=req.client_addr, proto="https", host=req.header(b"host"),
             tenant_id=record.tenant, api_key_id=record.key_id, request_id=req.request_id,
-            pass_api_key=self.pass_api_key,
+            pass_api_key=self.pass_api_key, keep_te_trailers=h2,
         )
         cl_raw = req.header(b"content-length")
         has_body = cl_raw is not None or req.header(b"transfer-encoding") is not None
@@ -484,8 +487,10 @@ class Gateway:
             self.metrics.upstream_requests.labels(exc.code).inc()
             raise
         self.metrics.upstream_requests.labels(str(resp.status)).inc()
+        # an HTTP/2 upstream's trailers (a gRPC server's grpc-status) follow the body downstream
+        trailers = resp.trailers if isinstance(resp, H2UpstreamResponse) else None
         return Response(resp.status, prepare_downstream_headers(resp.headers), body=resp.body_chunks(),
-                        forwarded=True)
+                        forwarded=True, trailers=trailers)
 
     # ---- per request, after the response ----------------------------------------------------
 

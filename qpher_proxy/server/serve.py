@@ -46,7 +46,7 @@ from ..tls.context import ServerTLSContextHolder
 from ..tls.failures import SUMMARY_INTERVAL, HandshakeFailureSummary, failure_reason
 from ..tls.listener import HandOverListener, TLSListener
 from ..tls.stream import HandOffCallback
-from ..upstream import UpstreamClient
+from ..upstream import H2UpstreamClient, UpstreamClient
 from .audit_routes import Checkpointer
 from .confine import Confinement
 from .gateway import Gateway, RateLimiter
@@ -281,7 +281,9 @@ def _ticket_handover(
     return supervisor.hand_over, handover
 
 
-def _upstream(cfg: Config) -> contextlib.AbstractAsyncContextManager[UpstreamClient | None]:
+def _upstream(
+    cfg: Config,
+) -> contextlib.AbstractAsyncContextManager[UpstreamClient | H2UpstreamClient | None]:
     """The upstream client when one is configured, else a context that gives None."""
     client = upstream_client(cfg.upstream)
     return contextlib.nullcontext(None) if client is None else client

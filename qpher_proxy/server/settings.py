@@ -27,7 +27,7 @@ from ..kms.wire.model import KEKSettings, KMSStorageSettings
 from ..sandbox import RunAs
 from ..tls.context import TLSSettings
 from ..tls.internal import InternalTLSContextHolder, InternalTLSSettings
-from ..upstream import UpstreamClient
+from ..upstream import H2UpstreamClient, UpstreamClient
 
 __all__ = ["http_limits", "kek_settings", "kms_supervisor", "kms_worker_count", "remote_kms", "tls_settings",
            "upstream_client"]
@@ -124,10 +124,15 @@ def remote_kms(cfg: Config, *, on_op: OpHook | None = None) -> RemoteKMS:
     )
 
 
-def upstream_client(u: UpstreamConfig) -> UpstreamClient | None:
-    """The sidecar's client, or None when no ``upstream.url`` is set."""
+def upstream_client(u: UpstreamConfig) -> UpstreamClient | H2UpstreamClient | None:
+    """The sidecar's client for ``upstream.protocol``, or None when no ``upstream.url`` is set."""
     if not u.url:
         return None
+    if u.protocol != "http1":
+        return H2UpstreamClient(
+            u.url, protocol=u.protocol, connect_timeout=u.connect_timeout, read_timeout=u.read_timeout,
+            ca_file=u.ca_file, client_cert=u.client_cert, client_key=u.client_key,
+        )
     return UpstreamClient(
         u.url, connect_timeout=u.connect_timeout, read_timeout=u.read_timeout, pool_size=u.pool_size,
         ca_file=u.ca_file, client_cert=u.client_cert, client_key=u.client_key,
