@@ -283,11 +283,19 @@ class HTTP2Connection:
                 self._raw_out = b""
                 if not data:
                     break
-                self._deadline = trio.current_time() + self._limits.send_timeout
-                try:
-                    await self._stream.send_all(data)
-                except _TRANSPORT_ERRORS as exc:
-                    raise ClientDisconnected("client disconnected") from exc
+                # Shielded: the frames taken from h2 must reach the wire whole, or the stream
+                # of frames (and the client's HPACK table) is corrupt, yet the caller may be a
+                # stream task whose stream the client just reset. ``send_timeout`` bounds it.
+                with trio.CancelScope(shield=True) as sending:
+                    sending.deadline = trio.current_time() + self._limits.send_timeout
+                    try:
+                        await self._stream.send_all(data)
+                    except _TRANSPORT_ERRORS as exc:
+                        self._scope.cancel()
+                        raise ClientDisconnected("client disconnected") from exc
+                if sending.cancelled_caught:
+                    self._scope.cancel()  # a client that does not read: the connection is over
+                    raise ClientDisconnected("client did not read within send_timeout")
             self._rest_deadline()
 
     async def _flush_quietly(self) -> None:
@@ -542,6 +550,9 @@ class HTTP2Connection:
             if st.scope.cancelled_caught:
                 status = 499
         except ClientDisconnected:
+            status = 499
+        except h2.exceptions.ProtocolError:
+            # the stream was reset, or the connection closed, while we were writing to it
             status = 499
         finally:
             self._finish_stream(st)
