@@ -62,6 +62,7 @@ import h2.connection
 import h2.events
 import h2.exceptions
 import h2.settings
+import hpack
 import trio
 from h2.errors import ErrorCodes
 from hyperframe.frame import GoAwayFrame
@@ -364,6 +365,8 @@ class HTTP2Connection:
                     # h2 queued GOAWAY with the code RFC 9113 assigns (PROTOCOL_ERROR,
                     # FLOW_CONTROL_ERROR, COMPRESSION_ERROR, ENHANCE_YOUR_CALM for a DoS pattern)
                     code = ErrorCodes(exc.error_code or ErrorCodes.PROTOCOL_ERROR)
+                    if code is ErrorCodes.PROTOCOL_ERROR and isinstance(exc.__cause__, hpack.HPACKError):
+                        code = self._compression_error()
                     self._goaway_sent = True
                     self._observer.goaway(code.name, _reason_of(exc, code))
                     await self._end_with_goaway()
@@ -376,6 +379,17 @@ class HTTP2Connection:
             await self._flush()
         except ClientDisconnected:
             return
+
+    def _compression_error(self) -> ErrorCodes:
+        """A header block that does not decode is a COMPRESSION_ERROR (RFC 9113 §4.3), which
+        h2 reports as PROTOCOL_ERROR: replace the GOAWAY it queued (nothing else queued matters
+        now, the connection ends)."""
+        self._h.data_to_send()
+        frame = GoAwayFrame(0)
+        frame.last_stream_id = self._h.highest_inbound_stream_id
+        frame.error_code = ErrorCodes.COMPRESSION_ERROR
+        self._raw_out += frame.serialize()
+        return ErrorCodes.COMPRESSION_ERROR
 
     def _goaway(self, code: ErrorCodes, reason: str) -> None:
         self._goaway_sent = True

@@ -173,3 +173,13 @@ async def test_a_client_that_resets_as_many_as_it_completes_is_served(pki: DevPK
             assert answer.status == 200
         assert observed.goaways == []
         await client.aclose()
+
+
+async def test_an_hpack_table_larger_than_allowed_is_a_compression_error(pki: DevPKI) -> None:
+    async with running_h2_server(app, pki, h2_limits=LIMITS) as (_, port, observed):
+        raw = await RawH2.connect(port, pki.ca_cert)
+        resize = b"\x3f\xe1\x3f"  # dynamic table size update to 8192, over our 4096
+        await raw.send(HeadersFrame(1, resize + raw.headers_block("/"), flags=["END_HEADERS", "END_STREAM"]))
+        await _expect_goaway(raw, ErrorCodes.COMPRESSION_ERROR)
+        assert ("COMPRESSION_ERROR", "hpack") in observed.goaways
+        await _second_connection_works(port, pki)
