@@ -31,8 +31,8 @@ Outbound, a response body is cut to the stream's and the connection's send windo
 frame size; with no window the stream waits for WINDOW_UPDATE (at most ``send_timeout``, then
 the stream is reset with CANCEL).
 
-Deadlines (the ``DeadlineWheel`` of ``_deadlines.py``): ``header_timeout`` for the connection
-preface and the first request, ``idle_timeout`` while no stream is open, ``send_timeout`` per
+Deadlines (the ``DeadlineWheel`` of ``_deadlines.py``): ``header_timeout`` from the handshake
+to the first request, ``idle_timeout`` while no stream is open, ``send_timeout`` per
 transport send; none while streams run (the handlers own their timeouts), ``body_timeout`` per
 wait of a stream for its body. An idle connection is closed with GOAWAY NO_ERROR.
 
@@ -245,6 +245,9 @@ class HTTP2Connection:
         self._closing = False  # GOAWAY sent (shutdown) or received: no new streams
         self._last_stream_id = 0
         self._goaway_sent = False
+        self._broken = False  # a send failed or timed out: nothing more can be sent
+        self._started = trio.current_time()
+        self._requests = 0
         self._nursery: trio.Nursery | None = None
 
     # ---- shutdown and deadlines ---------------------------------------------------------
@@ -271,6 +274,8 @@ class HTTP2Connection:
         """The deadline between sends: idle while no stream is open, none while streams run."""
         if self._streams:
             self._deadline = NO_DEADLINE
+        elif not self._requests:
+            self._deadline = self._started + self._limits.header_timeout  # the first request
         else:
             self._deadline = trio.current_time() + self._limits.idle_timeout
 
@@ -292,9 +297,11 @@ class HTTP2Connection:
                     try:
                         await self._stream.send_all(data)
                     except _TRANSPORT_ERRORS as exc:
+                        self._broken = True
                         self._scope.cancel()
                         raise ClientDisconnected("client disconnected") from exc
                 if sending.cancelled_caught:
+                    self._broken = True
                     self._scope.cancel()  # a client that does not read: the connection is over
                     raise ClientDisconnected("client did not read within send_timeout")
             self._rest_deadline()
@@ -313,7 +320,7 @@ class HTTP2Connection:
             shutdown._connections.add(self)
         wheel._connections.add(self)
         self._observer.connection_opened()
-        self._deadline = trio.current_time() + self._limits.header_timeout
+        self._rest_deadline()
         try:
             with self._scope:
                 async with trio.open_nursery() as nursery:
@@ -322,7 +329,7 @@ class HTTP2Connection:
                     self._nursery = None
                     nursery.cancel_scope.cancel()
             self._nursery = None
-            if self._scope.cancelled_caught and not self._goaway_sent:
+            if self._scope.cancelled_caught and not self._goaway_sent and not self._broken:
                 # the idle (or send) deadline: say goodbye, bounded, before closing
                 self._goaway(ErrorCodes.NO_ERROR, "idle")
                 with trio.move_on_after(self._limits.linger_timeout):
@@ -483,6 +490,7 @@ class HTTP2Connection:
         )
         st.grpc = grpc.is_grpc(request.header(b"content-type"))
         self._streams[stream_id] = st
+        self._requests += 1
         self._deadline = NO_DEADLINE
         self._observer.stream_opened()
         nursery.start_soon(self._run_stream, st, request)
