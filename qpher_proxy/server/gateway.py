@@ -476,7 +476,9 @@ class Gateway:
             pass_api_key=self.pass_api_key, keep_te_trailers=h2,
         )
         cl_raw = req.header(b"content-length")
-        has_body = cl_raw is not None or req.header(b"transfer-encoding") is not None
+        # HTTP/2 frames bodies itself (a gRPC call has no Content-Length): the stream says whether one follows
+        has_body = (cl_raw is not None or req.header(b"transfer-encoding") is not None
+                    or req.state.get("h2_body") is True)
         content_length = int(cl_raw) if cl_raw is not None and cl_raw.isdigit() else None
         body = req.body_chunks(max_bytes=_FORWARD_MAX_BODY) if has_body else None
         try:

@@ -51,7 +51,7 @@ from .audit_routes import Checkpointer
 from .confine import Confinement
 from .gateway import Gateway, RateLimiter
 from .privsep import SupervisedKMS
-from .settings import http_limits, kms_supervisor, remote_kms, tls_settings, upstream_client
+from .settings import http2_limits, http_limits, kms_supervisor, remote_kms, tls_settings, upstream_client
 from .state import open_limiter, open_stores, run_background
 
 log = logging.getLogger("qpher.server")
@@ -180,7 +180,7 @@ def _confine_and_open(
     try:
         if confinement is not None:
             confinement.apply(cfg)
-        holder = ServerTLSContextHolder(tls_settings(cfg.tls))
+        holder = ServerTLSContextHolder(tls_settings(cfg.tls, cfg.http2))
         os.makedirs(os.path.dirname(cfg.audit.file), mode=0o700, exist_ok=True)
         audit = AuditLog(cfg.audit.file, rotate_bytes=cfg.audit.rotate_bytes)
     except BaseException:
@@ -292,7 +292,8 @@ def _upstream(
 def _http_server(cfg: Config, gateway: Gateway) -> HTTPServer:
     return HTTPServer(gateway.handle, limits=http_limits(cfg), on_request_done=gateway.request_done,
                       shutdown_grace=cfg.server.shutdown_grace,
-                      security_headers=SecurityHeaders(hsts_max_age=cfg.http.hsts_max_age))
+                      security_headers=SecurityHeaders(hsts_max_age=cfg.http.hsts_max_age),
+                      http2=http2_limits(cfg), h2_observer=gateway.metrics)
 
 
 def _reloader(
