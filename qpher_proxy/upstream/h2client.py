@@ -126,6 +126,9 @@ Protocol = Literal["h2", "h2c"]
 _FIELD_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+")
 _FIELD_VALUE = re.compile(rb"(?:[^\x00\r\n \t](?:[^\x00\r\n]*[^\x00\r\n \t])?)?")
 
+#: The fields of a gRPC status (grpc/doc/PROTOCOL-HTTP2.md, "Trailers").
+_GRPC_STATUS_FIELDS = frozenset({b"grpc-status", b"grpc-message", b"grpc-status-details-bin"})
+
 _STREAM_RESET = "the upstream reset the stream"
 _GOAWAY = "the upstream closed the connection before this stream was accepted"
 
@@ -636,6 +639,8 @@ class H2UpstreamResponse:
             raise UpstreamBadResponse("the upstream sent an invalid response")
         self.status = int(status)
         self.headers = [(n, v) for n, v in head if n[:1] != b":" and n not in CONNECTION_SPECIFIC]
+        if st.ended and not st.chunks and not st.trailers:
+            self.headers, st.trailers = _split_trailers_only(self.headers)
         self.content_length = None
         for n, v in self.headers:
             if n == b"content-length" and v.isdigit():
@@ -777,6 +782,20 @@ class H2UpstreamResponse:
         conn.streams.pop(st.id, None)
         self._client._capacity_changed()
         self._client._forget_if_idle(conn)
+
+
+def _split_trailers_only(headers: Headers) -> tuple[Headers, Headers]:
+    """A gRPC "trailers-only" response (one HEADERS frame with END_STREAM carrying
+    ``grpc-status``) as headers plus trailers.
+
+    The two forms mean the same to a gRPC client, but only the first frame of a response may
+    carry the status in trailers-only form, and the downstream connection frames the response
+    it is given as head, body and trailers: the status fields are handed on as trailers, which
+    every gRPC client reads at the end of a stream."""
+    if not any(n == b"grpc-status" for n, _ in headers):
+        return headers, []
+    status = [(n, v) for n, v in headers if n in _GRPC_STATUS_FIELDS]
+    return [(n, v) for n, v in headers if n not in _GRPC_STATUS_FIELDS], status
 
 
 class _BodyIterator:
