@@ -16,6 +16,7 @@ _MODULES = {
     "policy": "policy_bench", "auth": "auth_bench", "gateway": "gateway_bench",
     "scaleout": "scaleout_bench", "kms-tier": "tier_bench",
     "shared-limiter": "shared_limiter", "audit": "audit_bench", "h2": "h2_bench",
+    "grpc": "grpc_bench",
 }
 
 
