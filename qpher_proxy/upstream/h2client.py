@@ -38,6 +38,11 @@ for its WINDOW_UPDATE otherwise (an upstream that stops reading for ``read_timeo
 the response has no deadline (a slow client is not the upstream's fault); from the end of the
 upload on, the response head and each next body chunk must come within ``read_timeout``.
 
+**Refused streams are sent again**, once: a stream the upstream did
+not process at all (above a GOAWAY's ``last_stream_id``, or reset with ``REFUSED_STREAM``, RFC
+9113 section 8.7) when its body is bytes or an iterator nothing was pulled from yet - what an
+upstream's graceful restart does to a call that raced with it.
+
 **Ending.** A stream whose response was read to its end, or which the caller ``aclose()``s, is
 forgotten; if it is still open either way, it is reset with ``CANCEL`` (and its pump
 cancelled). An ``RST_STREAM`` from the upstream fails that stream only: the response head wait
@@ -131,6 +136,12 @@ _GRPC_STATUS_FIELDS = frozenset({b"grpc-status", b"grpc-message", b"grpc-status-
 
 _STREAM_RESET = "the upstream reset the stream"
 _GOAWAY = "the upstream closed the connection before this stream was accepted"
+_REFUSED = "the upstream refused the stream"
+
+
+class _NotProcessed(UpstreamUnavailable):
+    """The upstream said it did not process the stream at all (RFC 9113 section 8.7: a stream
+    above a GOAWAY's ``last_stream_id``, or reset with ``REFUSED_STREAM``): safe to send again."""
 
 
 # ---- one connection ---------------------------------------------------------------------
@@ -302,7 +313,9 @@ class _H2Connection:
             # A reset after the whole response (a server that answered before reading the
             # request body to its end, as RFC 9113 section 8.1 allows) loses nothing.
             if st is not None and not (st.ended and event.error_code == h2.errors.ErrorCodes.NO_ERROR):
-                st.error = st.error or UpstreamUnavailable(_STREAM_RESET)
+                refused = event.error_code == h2.errors.ErrorCodes.REFUSED_STREAM
+                error = _NotProcessed(_REFUSED) if refused else UpstreamUnavailable(_STREAM_RESET)
+                st.error = st.error or error
                 st.wake()
             self._window.set()  # a pump waiting for this stream's window must look again
         elif isinstance(event, (h2.events.WindowUpdated, h2.events.RemoteSettingsChanged)):
@@ -313,7 +326,7 @@ class _H2Connection:
             last = event.last_stream_id if event.last_stream_id is not None else 0
             for sid, st in self.streams.items():
                 if sid > last:
-                    st.error = st.error or UpstreamUnavailable(_GOAWAY)
+                    st.error = st.error or _NotProcessed(_GOAWAY)
                     st.wake()
             if event.error_code != h2.errors.ErrorCodes.NO_ERROR:
                 raise UpstreamUnavailable(PHASE_MESSAGES["body"][0])
@@ -500,14 +513,23 @@ class H2UpstreamClient:
         method_b, target_b = self._request_line(method, target)
         data, content_length = _framed_body(method_b, body, content_length)
         block = self._header_block(method_b, target_b, headers, content_length)
-        conn = await self._checkout(trio.current_time() + self.connect_timeout)
-        resp = H2UpstreamResponse(self, conn)
-        try:
-            await resp._start(block, data)
-        except BaseException:
-            resp._finish()
-            raise
-        return resp
+        deadline = trio.current_time() + self.connect_timeout
+        for attempt in (1, 2):
+            conn = await self._checkout(deadline)
+            resp = H2UpstreamResponse(self, conn)
+            try:
+                await resp._start(block, data)
+                return resp
+            except _NotProcessed:
+                resp._finish()
+                # Once more, if the body can be sent again: bytes, or an
+                # iterator nothing was pulled from yet.
+                if attempt == 2 or resp._body_pulled:
+                    raise
+            except BaseException:
+                resp._finish()
+                raise
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _request_line(self, method: bytes | str, target: bytes | str) -> tuple[bytes, bytes]:
         try:
@@ -586,6 +608,7 @@ class H2UpstreamResponse:
         self._pump_scope: trio.CancelScope | None = None
         self._recv_scope: trio.CancelScope | None = None
         self._abort: BaseException | None = None  # the caller's body iterator failed
+        self._body_pulled = False  # the pump has asked the caller's body iterator for a chunk
         self._finished = False
         self._body = _BodyIterator(self)
 
@@ -692,6 +715,7 @@ class H2UpstreamResponse:
                 else:
                     iterator = aiter(body)
                     while True:
+                        self._body_pulled = True
                         try:
                             chunk = await anext(iterator)
                         except StopAsyncIteration:

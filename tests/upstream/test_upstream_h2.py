@@ -288,3 +288,66 @@ def test_config_refuses_a_protocol_that_does_not_fit_the_url_in_one_line(
 
 def test_config_protocol_defaults_to_http1(tmp_path: Path) -> None:
     assert config_from_dict({}, tmp_path, check_files=False).upstream.protocol == "http1"
+
+
+async def refuse_first_streams(stream: trio.SocketStream, accepted: list[str]) -> None:
+    """The first connection: GOAWAY(last_stream_id 0) for its first request; later ones: the
+    first request for /b reset with REFUSED_STREAM; anything else 200 with a body."""
+    accepted.append("conn")
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
+    conn.initiate_connection()
+    await stream.send_all(conn.data_to_send())
+    nth_conn = len(accepted)
+    paths: dict[int, bytes] = {}
+    while True:
+        data = await stream.receive_some(65536)
+        if not data:
+            return
+        for event in conn.receive_data(data):
+            if isinstance(event, h2.events.RequestReceived):
+                paths[event.stream_id] = dict(event.headers)[b":path"]
+            if isinstance(event, h2.events.StreamEnded):
+                sid = event.stream_id
+                if nth_conn == 1:
+                    conn.close_connection(last_stream_id=0)
+                    await stream.send_all(conn.data_to_send())
+                    return
+                if paths[sid] == b"/b" and "refused" not in accepted:
+                    accepted.append("refused")
+                    conn.reset_stream(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
+                else:
+                    conn.send_headers(sid, [(b":status", b"200")])
+                    conn.send_data(sid, b"served", end_stream=True)
+        await stream.send_all(conn.data_to_send())
+
+
+async def test_streams_the_upstream_did_not_process_are_sent_once_more() -> None:
+    accepted: list[str] = []
+    async with trio.open_nursery() as nursery:
+        handler = partial(refuse_first_streams, accepted=accepted)
+        (listener,) = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
+        port = listener.socket.getsockname()[1]
+        async with H2UpstreamClient(f"http://127.0.0.1:{port}", protocol="h2c") as client:
+            async with client.request("POST", "/a", [], body=b"once") as resp:  # GOAWAY: a new connection
+                assert await read_all(resp) == b"served"
+            async with client.request("POST", "/b", [], body=b"twice") as resp:  # REFUSED_STREAM
+                assert await read_all(resp) == b"served"
+            assert client.connections_opened == 2 and "refused" in accepted
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_refused_stream_whose_streamed_body_was_read_is_not_sent_again() -> None:
+    accepted: list[str] = []
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"streamed"
+
+    async with trio.open_nursery() as nursery:
+        handler = partial(refuse_first_streams, accepted=accepted)
+        (listener,) = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
+        port = listener.socket.getsockname()[1]
+        async with H2UpstreamClient(f"http://127.0.0.1:{port}", protocol="h2c") as client:
+            with pytest.raises(UpstreamUnavailable, match="before this stream was accepted"):
+                await client.send("POST", "/a", [], body=body())
+            assert client.connections_opened == 1
+        nursery.cancel_scope.cancel()
