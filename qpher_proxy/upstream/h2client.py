@@ -84,6 +84,7 @@ from qpher_proxy.errors import (
     ConfigError,
     UpstreamBadResponse,
     UpstreamError,
+    UpstreamTimeout,
     UpstreamUnavailable,
 )
 from qpher_proxy.upstream._connection import _FOREIGN, PHASE_MESSAGES, io_step
@@ -231,6 +232,8 @@ class _H2Connection:
 
     def kick(self) -> None:
         """Wake the writer: ``h2`` has frames queued (synchronous, so callable anywhere)."""
+        if self.dead is not None:
+            return  # nobody writes any more; flush() raises
         if self._sent.is_set():
             self._sent = trio.Event()
         self._writer_wakeup.set()
@@ -244,7 +247,7 @@ class _H2Connection:
 
     async def _write_loop(self) -> None:
         try:
-            while True:
+            while self.dead is None:
                 data = self.h2.data_to_send()
                 if data:
                     with io_step("send", trio.current_time() + self.client.read_timeout):
@@ -345,6 +348,7 @@ class _H2Connection:
                 st.error = st.error or exc
             st.wake()
         self._sent.set()
+        self._writer_wakeup.set()  # the writer sees ``dead`` and ends
         self._window.set()
         self.close()
         self.client._forget(self)
@@ -726,6 +730,9 @@ class H2UpstreamResponse:
                 await self._conn.flush()
                 self._upload_done = True
                 self._start_read_deadline()
+            except UpstreamTimeout as exc:
+                # The upstream opened no window for read_timeout: the call cannot go on.
+                self._abort_with(exc)
             except (UpstreamError, h2.exceptions.ProtocolError):
                 # The stream or the connection ended (the response says why), or the upstream
                 # answered before reading the whole body: the reader sees it.

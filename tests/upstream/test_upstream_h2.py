@@ -351,3 +351,47 @@ async def test_a_refused_stream_whose_streamed_body_was_read_is_not_sent_again()
                 await client.send("POST", "/a", [], body=body())
             assert client.connections_opened == 1
         nursery.cancel_scope.cancel()
+
+
+async def test_a_failing_request_body_resets_the_stream_and_reaches_the_caller(h2c: EchoServer) -> None:
+    async def body() -> AsyncIterator[bytes]:
+        yield frame(b"a")
+        raise RuntimeError("the client went away")
+
+    async with H2UpstreamClient(f"http://127.0.0.1:{h2c.port}", protocol="h2c") as client:
+        with pytest.raises(RuntimeError, match="the client went away"):
+            await client.send("POST", path("ClientStream"), GRPC_HEADERS, body=body())
+        _, messages = await call(client, "Unary", frame(b"next"))  # the connection goes on
+        assert messages == [b"echo:next"] and client.connections_opened == 1
+
+
+async def drop_after_first_data(stream: trio.SocketStream) -> None:
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
+    conn.initiate_connection()
+    await stream.send_all(conn.data_to_send())
+    while True:
+        data = await stream.receive_some(65536)
+        if not data:
+            return
+        for event in conn.receive_data(data):
+            if isinstance(event, h2.events.RequestReceived):
+                conn.send_headers(event.stream_id, [(b":status", b"200")])
+                conn.send_data(event.stream_id, b"part")
+                await stream.send_all(conn.data_to_send())
+                return  # the connection closes mid-response
+        await stream.send_all(conn.data_to_send())
+
+
+async def test_a_connection_lost_mid_body_fails_its_streams_and_the_next_call_reconnects() -> None:
+    async with trio.open_nursery() as nursery:
+        (listener,) = await nursery.start(partial(trio.serve_tcp, drop_after_first_data, 0, host="127.0.0.1"))
+        port = listener.socket.getsockname()[1]
+        async with H2UpstreamClient(f"http://127.0.0.1:{port}", protocol="h2c") as client:
+            for _ in range(2):
+                async with client.request("GET", "/", []) as resp:
+                    chunks = resp.body_chunks()
+                    assert await anext(chunks) == b"part"
+                    with pytest.raises(UpstreamUnavailable):
+                        await anext(chunks)
+            assert client.connections_opened == 2
+        nursery.cancel_scope.cancel()
