@@ -10,15 +10,8 @@ whose peer still allows another concurrent stream (its ``SETTINGS_MAX_CONCURRENT
 else a new connection (one connect at a time), else the request waits for a stream to end. That
 wait and the connect together are bounded by ``connect_timeout`` (504, as for HTTP/1.1).
 
-**Three kinds of task, one state machine.** Each connection has a *reader* task (bytes from the
-socket into ``h2``, events dispatched to per-stream state) and a *writer* task (whatever ``h2``
-has queued, out to the socket). Everybody else touches ``h2`` only through synchronous calls
-(``send_headers``, ``send_data``, ``acknowledge_received_data``, ``reset_stream``) followed by
-``kick()``, which wakes the writer; trio is single-threaded, so no lock is needed and the
-frames leave in the order ``h2`` produced them. A task that must know its frames are on the
-wire (the body pump, for back-pressure) awaits ``flush()``. A write is never cancelled half-way
-by its caller: only the writer writes, bounded by ``read_timeout``, and a failed or expired
-write ends the whole connection (a torn frame would corrupt it for every stream).
+**One connection = one ``h2`` state machine and two tasks** (``_h2connection.py``): a reader
+that dispatches frames to per-stream state and a writer that alone writes to the socket.
 
 **One exchange = one stream, two directions at once.** ``send()`` sends the request HEADERS,
 starts a *pump* task (in the client's nursery) that streams the request body as DATA frames and
@@ -47,7 +40,7 @@ upstream's graceful restart does to a call that raced with it.
 forgotten; if it is still open either way, it is reset with ``CANCEL`` (and its pump
 cancelled). An ``RST_STREAM`` from the upstream fails that stream only: the response head wait
 or the body iterator raises ``UpstreamUnavailable``. A ``GOAWAY`` stops new streams on its
-connection; streams up to its ``last_stream_id`` finish (see ``_goaway_keeps_streams_open``),
+connection; streams up to its ``last_stream_id`` finish (see ``_h2connection.py``),
 later ones fail with 502. A broken connection fails all its streams. Errors are mapped where
 the HTTP/1.1 client maps them (``_connection.io_step``): connect and TLS failures are 502
 ``upstream_unavailable``, expired deadlines 504 ``upstream_timeout``, a protocol violation by
@@ -66,17 +59,12 @@ import contextlib
 import math
 import re
 import ssl
-from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from types import TracebackType
 from typing import Literal, Self
 
-import h2.config
-import h2.connection
 import h2.errors
-import h2.events
 import h2.exceptions
-import h2.settings
 import trio
 
 from qpher_proxy.errors import (
@@ -87,7 +75,15 @@ from qpher_proxy.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from qpher_proxy.upstream._connection import _FOREIGN, PHASE_MESSAGES, io_step
+from qpher_proxy.upstream._connection import io_step
+from qpher_proxy.upstream._h2connection import (
+    CONNECTION_SPECIFIC,
+    STREAM_RESET,
+    Headers,
+    StreamNotProcessed,
+    StreamState,
+    UpstreamH2Connection,
+)
 from qpher_proxy.upstream.client import (
     DEFAULT_CHUNK_BYTES,
     Body,
@@ -119,12 +115,6 @@ DEFAULT_CONNECTION_WINDOW = 16 * MiB
 #: Response header block we accept (SETTINGS_MAX_HEADER_LIST_SIZE), as the HTTP/1.1 client's head.
 DEFAULT_MAX_HEADER_LIST_BYTES = 64 * KiB
 
-#: RFC 9113 section 8.2.2: a message carrying one of these is malformed on HTTP/2.
-CONNECTION_SPECIFIC: frozenset[bytes] = frozenset({
-    b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade",
-})
-
-Headers = list[tuple[bytes, bytes]]
 Protocol = Literal["h2", "h2c"]
 
 # RFC 9110 section 5.1 (a token, lower case on HTTP/2) and RFC 9113 section 8.2.1 (no NUL, CR or
@@ -134,230 +124,6 @@ _FIELD_VALUE = re.compile(rb"(?:[^\x00\r\n \t](?:[^\x00\r\n]*[^\x00\r\n \t])?)?"
 
 #: The fields of a gRPC status (grpc/doc/PROTOCOL-HTTP2.md, "Trailers").
 _GRPC_STATUS_FIELDS = frozenset({b"grpc-status", b"grpc-message", b"grpc-status-details-bin"})
-
-_STREAM_RESET = "the upstream reset the stream"
-_GOAWAY = "the upstream closed the connection before this stream was accepted"
-_REFUSED = "the upstream refused the stream"
-
-
-class _NotProcessed(UpstreamUnavailable):
-    """The upstream said it did not process the stream at all (RFC 9113 section 8.7: a stream
-    above a GOAWAY's ``last_stream_id``, or reset with ``REFUSED_STREAM``): safe to send again."""
-
-
-# ---- one connection ---------------------------------------------------------------------
-
-class _StreamState:
-    """What the reader task has received for one stream, waiting for the task that reads it."""
-
-    __slots__ = ("id", "head", "chunks", "trailers", "ended", "error", "_changed")
-
-    def __init__(self, stream_id: int) -> None:
-        self.id = stream_id
-        self.head: Headers | None = None
-        self.chunks: deque[tuple[bytes, int]] = deque()  # (data, flow-controlled length incl. padding)
-        self.trailers: Headers = []
-        self.ended = False  # END_STREAM received: nothing more will come
-        self.error: UpstreamError | None = None  # reset, GOAWAY or a dead connection
-        self._changed = trio.Event()
-
-    def wake(self) -> None:
-        self._changed.set()
-
-    async def wait(self) -> None:
-        """Sleep until the next ``wake()``. The caller checks its condition first, with no
-        checkpoint in between, so a wake cannot fall between the check and this wait."""
-        if self._changed.is_set():
-            self._changed = trio.Event()
-        await self._changed.wait()
-
-
-def _goaway_keeps_streams_open(conn: h2.connection.H2Connection) -> None:
-    """Let ``h2`` go on receiving frames for the streams a GOAWAY lets finish.
-
-    h2 moves its connection state machine to CLOSED on a received GOAWAY and then refuses every
-    later frame as a protocol error - even the rest of the same read - although RFC 9113
-    section 6.8 has the streams up to ``last_stream_id`` complete (grpc servers send GOAWAY on
-    graceful shutdown and then finish the calls in flight). The client stops opening streams on
-    that connection itself (the ``goaway`` flag of ``_H2Connection``), so this connection's state
-    machine gets its own copy of h2's transition table in which receiving GOAWAY leaves the state
-    as it was. This is the one place that reaches into h2's internals; a GOAWAY with an error code
-    still ends the connection (``_H2Connection._dispatch``)."""
-    machine = conn.state_machine
-    open_states = (h2.connection.ConnectionState.IDLE, h2.connection.ConnectionState.CLIENT_OPEN)
-    table = dict(machine._transitions)
-    for state in open_states:
-        table[(state, h2.connection.ConnectionInputs.RECV_GOAWAY)] = (None, state)
-    machine._transitions = table
-
-
-class _H2Connection:
-    """One TCP (+TLS) connection to the upstream, its h2 state machine and its two tasks."""
-
-    def __init__(self, client: H2UpstreamClient, stream: trio.abc.Stream, raw: trio.SocketStream) -> None:
-        self.client = client
-        self.stream = stream
-        self.raw = raw
-        config = h2.config.H2Configuration(client_side=True, header_encoding=None)
-        self.h2 = h2.connection.H2Connection(config=config)
-        self.h2.local_settings = h2.settings.Settings(client=True, initial_values={
-            h2.settings.SettingCodes.ENABLE_PUSH: 0,
-            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: client.stream_window,
-            h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: client.max_header_list_bytes,
-        })
-        _goaway_keeps_streams_open(self.h2)
-        self.streams: dict[int, _StreamState] = {}
-        self.goaway = False  # no new streams on this connection
-        self.dead: UpstreamError | None = None
-        self._writer_wakeup = trio.Event()
-        self._sent = trio.Event()
-        self._sent.set()
-        self._window = trio.Event()  # set on every WINDOW_UPDATE / SETTINGS that may open a window
-
-    # -- capacity -----------------------------------------------------------------------
-
-    def has_capacity(self) -> bool:
-        return (self.dead is None and not self.goaway
-                and self.h2.open_outbound_streams < self.h2.remote_settings.max_concurrent_streams)
-
-    # -- writing ------------------------------------------------------------------------
-
-    def start(self, nursery: trio.Nursery) -> None:
-        self.h2.initiate_connection()
-        extra = self.client.connection_window - 65_535  # RFC 9113 section 6.9.2: the initial window
-        if extra > 0:
-            self.h2.increment_flow_control_window(extra)
-        nursery.start_soon(self._write_loop)
-        nursery.start_soon(self._read_loop)
-
-    def kick(self) -> None:
-        """Wake the writer: ``h2`` has frames queued (synchronous, so callable anywhere)."""
-        if self.dead is not None:
-            return  # nobody writes any more; flush() raises
-        if self._sent.is_set():
-            self._sent = trio.Event()
-        self._writer_wakeup.set()
-
-    async def flush(self) -> None:
-        """Wait until every frame queued so far is written (raises if the connection died)."""
-        self.kick()
-        await self._sent.wait()
-        if self.dead is not None:
-            raise self.dead
-
-    async def _write_loop(self) -> None:
-        try:
-            while self.dead is None:
-                data = self.h2.data_to_send()
-                if data:
-                    with io_step("send", trio.current_time() + self.client.read_timeout):
-                        await self.stream.send_all(data)
-                    continue
-                self._sent.set()
-                if self._writer_wakeup.is_set():
-                    self._writer_wakeup = trio.Event()
-                await self._writer_wakeup.wait()
-        except UpstreamError as exc:
-            self.die(exc)
-
-    async def wait_for_window(self) -> None:
-        if self._window.is_set():
-            self._window = trio.Event()
-        await self._window.wait()
-
-    # -- reading ------------------------------------------------------------------------
-
-    async def _read_loop(self) -> None:
-        try:
-            while True:
-                try:
-                    data = await self.stream.receive_some(self.client.chunk_bytes)
-                except _FOREIGN as exc:
-                    raise UpstreamUnavailable(PHASE_MESSAGES["body"][0]) from exc
-                if not data:
-                    raise UpstreamUnavailable("the upstream closed the connection")
-                try:
-                    events = self.h2.receive_data(data)
-                except h2.exceptions.ProtocolError as exc:
-                    self.kick()  # h2 has queued a GOAWAY saying why
-                    raise UpstreamBadResponse("the upstream sent an invalid http/2 frame") from exc
-                for event in events:
-                    self._dispatch(event)
-                self.kick()  # SETTINGS and PING acknowledgements, window updates
-        except UpstreamError as exc:
-            self.die(exc)
-
-    def _dispatch(self, event: h2.events.Event) -> None:
-        if isinstance(event, h2.events.ResponseReceived):
-            st = self.streams.get(event.stream_id)
-            if st is not None:
-                st.head = list(event.headers)  # bytes: header_encoding=None
-                st.wake()
-        elif isinstance(event, h2.events.DataReceived):
-            st = self.streams.get(event.stream_id)
-            n = event.flow_controlled_length or 0
-            if st is not None and event.data:
-                st.chunks.append((event.data, n))
-                st.wake()
-            elif n:  # a stream we gave up, or padding only: give the window back now
-                self.h2.acknowledge_received_data(n, event.stream_id)
-        elif isinstance(event, h2.events.TrailersReceived):
-            st = self.streams.get(event.stream_id)
-            if st is not None:
-                st.trailers = list(event.headers)
-                st.wake()
-        elif isinstance(event, h2.events.StreamEnded):
-            st = self.streams.get(event.stream_id)
-            if st is not None:
-                st.ended = True
-                st.wake()
-        elif isinstance(event, h2.events.StreamReset):
-            st = self.streams.get(event.stream_id)
-            # A reset after the whole response (a server that answered before reading the
-            # request body to its end, as RFC 9113 section 8.1 allows) loses nothing.
-            if st is not None and not (st.ended and event.error_code == h2.errors.ErrorCodes.NO_ERROR):
-                refused = event.error_code == h2.errors.ErrorCodes.REFUSED_STREAM
-                error = _NotProcessed(_REFUSED) if refused else UpstreamUnavailable(_STREAM_RESET)
-                st.error = st.error or error
-                st.wake()
-            self._window.set()  # a pump waiting for this stream's window must look again
-        elif isinstance(event, (h2.events.WindowUpdated, h2.events.RemoteSettingsChanged)):
-            self._window.set()
-            self.client._capacity_changed()
-        elif isinstance(event, h2.events.ConnectionTerminated):
-            self.goaway = True
-            last = event.last_stream_id if event.last_stream_id is not None else 0
-            for sid, st in self.streams.items():
-                if sid > last:
-                    st.error = st.error or _NotProcessed(_GOAWAY)
-                    st.wake()
-            if event.error_code != h2.errors.ErrorCodes.NO_ERROR:
-                raise UpstreamUnavailable(PHASE_MESSAGES["body"][0])
-            self.client._forget_if_idle(self)
-
-    # -- ending -------------------------------------------------------------------------
-
-    def die(self, exc: UpstreamError) -> None:
-        """End the connection: every stream on it fails with ``exc`` (unless already complete)."""
-        if self.dead is not None:
-            return
-        self.dead = exc
-        self.goaway = True
-        for st in self.streams.values():
-            if not st.ended:
-                st.error = st.error or exc
-            st.wake()
-        self._sent.set()
-        self._writer_wakeup.set()  # the writer sees ``dead`` and ends
-        self._window.set()
-        self.close()
-        self.client._forget(self)
-
-    def close(self) -> None:
-        # Synchronous, as in _connection.UpstreamConnection.close: both tasks wake with
-        # ClosedResourceError and end.
-        self.raw.socket.close()
-
 
 # ---- the client -------------------------------------------------------------------------
 
@@ -408,7 +174,7 @@ class H2UpstreamClient:
         self.max_header_list_bytes = max_header_list_bytes
         self._scheme = self.target.scheme.encode("ascii")
 
-        self._conns: list[_H2Connection] = []
+        self._conns: list[UpstreamH2Connection] = []
         self._connecting = False
         self._capacity = trio.Event()
         self.connections_opened = 0
@@ -445,18 +211,18 @@ class H2UpstreamClient:
     def _capacity_changed(self) -> None:
         self._capacity.set()
 
-    def _forget(self, conn: _H2Connection) -> None:
+    def _forget(self, conn: UpstreamH2Connection) -> None:
         if conn in self._conns:
             self._conns.remove(conn)
         self._capacity_changed()
 
-    def _forget_if_idle(self, conn: _H2Connection) -> None:
+    def _forget_if_idle(self, conn: UpstreamH2Connection) -> None:
         """A connection that got GOAWAY is closed once its last stream has ended."""
         if conn.goaway and not conn.streams:
             conn.close()
             self._forget(conn)
 
-    async def _checkout(self, deadline: float) -> _H2Connection:
+    async def _checkout(self, deadline: float) -> UpstreamH2Connection:
         """A connection that can take one more stream now; connects one if none can."""
         while True:
             for conn in self._conns:
@@ -476,7 +242,7 @@ class H2UpstreamClient:
                     self._capacity = trio.Event()
                 await self._capacity.wait()
 
-    async def _connect(self, deadline: float) -> _H2Connection:
+    async def _connect(self, deadline: float) -> UpstreamH2Connection:
         assert self._nursery is not None
         with io_step("connect", deadline):
             raw = await trio.open_tcp_stream(self.target.host, self.target.port)
@@ -489,7 +255,7 @@ class H2UpstreamClient:
                 if tls.selected_alpn_protocol() != "h2":
                     raise UpstreamUnavailable("the upstream did not negotiate h2 in the tls handshake")
                 stream = tls
-            conn = _H2Connection(self, stream, raw)
+            conn = UpstreamH2Connection(self, stream, raw)
             conn.start(self._nursery)
         except BaseException:
             raw.socket.close()
@@ -524,7 +290,7 @@ class H2UpstreamClient:
             try:
                 await resp._start(block, data)
                 return resp
-            except _NotProcessed:
+            except StreamNotProcessed:
                 resp._finish()
                 # Once more, if the body can be sent again: bytes, or an
                 # iterator nothing was pulled from yet.
@@ -604,10 +370,10 @@ class H2UpstreamResponse:
     headers: Headers
     content_length: int | None
 
-    def __init__(self, client: H2UpstreamClient, conn: _H2Connection) -> None:
+    def __init__(self, client: H2UpstreamClient, conn: UpstreamH2Connection) -> None:
         self._client = client
         self._conn = conn
-        self._st: _StreamState | None = None
+        self._st: StreamState | None = None
         self._upload_done = False
         self._pump_scope: trio.CancelScope | None = None
         self._recv_scope: trio.CancelScope | None = None
@@ -649,7 +415,7 @@ class H2UpstreamResponse:
             conn.h2.send_headers(sid, block, end_stream=body is None)
         except h2.exceptions.ProtocolError as exc:  # h2 validates every field
             raise BadRequest("the request cannot be forwarded: invalid method, target or header") from exc
-        st = self._st = conn.streams[sid] = _StreamState(sid)
+        st = self._st = conn.streams[sid] = StreamState(sid)
         conn.kick()
         if body is None:
             self._upload_done = True
@@ -755,7 +521,7 @@ class H2UpstreamResponse:
         assert st is not None
         while data:
             if st.error is not None or conn.dead is not None:
-                raise st.error or conn.dead or UpstreamUnavailable(_STREAM_RESET)
+                raise st.error or conn.dead or UpstreamUnavailable(STREAM_RESET)
             window = min(conn.h2.local_flow_control_window(st.id), conn.h2.max_outbound_frame_size,
                          self._client.chunk_bytes)
             if window <= 0:
