@@ -462,7 +462,7 @@ class H2UpstreamResponse:
         while True:
             if st.chunks:
                 data, n = st.chunks.popleft()
-                if n:
+                if n and self._conn.dead is None:
                     self._conn.h2.acknowledge_received_data(n, st.id)
                     self._conn.kick()
                 return data

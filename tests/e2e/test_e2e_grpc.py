@@ -33,6 +33,7 @@ rules:
 class Upstream:
     port: int
     metadata: list[dict[str, str]] = field(default_factory=list)  # each call's invocation metadata
+    ended: threading.Event = field(default_factory=threading.Event)  # a Watch call's RPC ended
 
 
 def _handler(up: Upstream) -> grpc.GenericRpcHandler:
@@ -55,6 +56,11 @@ def _handler(up: Upstream) -> grpc.GenericRpcHandler:
         for message in requests:
             yield b"echo:" + message
 
+    def watch(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        context.add_callback(up.ended.set)
+        for message in requests:
+            yield b"echo:" + message
+
     def fail(request: bytes, context: grpc.ServicerContext) -> bytes:
         context.abort(grpc.StatusCode.FAILED_PRECONDITION, "told to fail")
         raise AssertionError("unreachable")
@@ -66,6 +72,7 @@ def _handler(up: Upstream) -> grpc.GenericRpcHandler:
         "ClientStream": grpc.stream_unary_rpc_method_handler(client_stream),
         "Bidi": grpc.stream_stream_rpc_method_handler(bidi),
         "Fail": grpc.unary_unary_rpc_method_handler(fail),
+        "Watch": grpc.stream_stream_rpc_method_handler(watch),
     })
 
 
@@ -181,3 +188,20 @@ def test_concurrent_calls_on_one_channel(gw: Gateway, channel: grpc.Channel) -> 
     for t in threads:
         t.join()
     assert results == {i: b"echo:%d" % i for i in range(20)}
+
+
+def test_a_call_the_client_cancels_ends_at_the_upstream(
+        gw: Gateway, channel: grpc.Channel, upstream: Upstream) -> None:
+    outbox: queue.Queue[bytes | None] = queue.Queue()
+
+    def requests() -> Iterator[bytes]:
+        while (message := outbox.get(timeout=10)) is not None:
+            yield message
+
+    responses = channel.stream_stream(f"/{SERVICE}/Watch")(requests(), metadata=auth(gw), timeout=10)
+    outbox.put(b"one")
+    assert next(responses) == b"echo:one"
+    assert not upstream.ended.is_set()
+    responses.cancel()  # RST_STREAM(CANCEL) to the proxy, which resets its upstream stream
+    assert upstream.ended.wait(5)
+    outbox.put(None)
