@@ -23,7 +23,7 @@ from _grpc_echo import SERVICE, EchoServer, echo_server, frame, unframe
 
 from qpher_proxy.config import config_from_dict
 from qpher_proxy.errors import BadRequest, ConfigError, UpstreamTimeout, UpstreamUnavailable
-from qpher_proxy.upstream import H2UpstreamClient, H2UpstreamResponse
+from qpher_proxy.upstream import H2UpstreamClient, H2UpstreamResponse, prepare_upstream_headers
 
 GRPC_HEADERS = [(b"content-type", b"application/grpc"), (b"te", b"trailers")]
 
@@ -395,3 +395,16 @@ async def test_a_connection_lost_mid_body_fails_its_streams_and_the_next_call_re
                         await anext(chunks)
             assert client.connections_opened == 2
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("keep, sent, want", [
+    (True, b"trailers", [(b"te", b"trailers")]), (True, b" Trailers ", [(b"te", b"trailers")]),
+    (True, b"gzip", []), (True, b"trailers, gzip", []), (False, b"trailers", []),
+])
+def test_te_trailers_is_kept_only_for_an_h2_upstream(
+        keep: bool, sent: bytes, want: list[tuple[bytes, bytes]]) -> None:
+    client = [(b"TE", sent), (b"authorization", b"Bearer qph_k_s")]
+    out = prepare_upstream_headers(client, client_ip="10.0.0.1", host=b"proxy", tenant_id="t",
+                                   api_key_id="k", request_id="r", keep_te_trailers=keep)
+    assert [(n, v) for n, v in out if n == b"te"] == want
+    assert not any(n == b"authorization" for n, _ in out)
