@@ -16,6 +16,7 @@ import ssl
 import subprocess
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import h2.config
@@ -119,6 +120,18 @@ def test_curl_creates_a_key_and_signs_over_h2(gw: Gateway) -> None:
                    "--data", json.dumps({"key_id": key_id, "message": message}), _url(gw, "/v1/sign"))
     body, version = signed.stdout.rsplit("\n", 1)
     assert version == "2" and json.loads(body)["signature"]
+
+
+def test_h2load_signs_over_h2(gw: Gateway, tmp_path: Path) -> None:
+    made = _curl(gw, "-X", "POST", "-H", "content-type: application/json",
+                 "--data", '{"algorithm": "ml-dsa-65"}', _url(gw, "/v1/keys"))
+    key_id = json.loads(made.stdout.rsplit("\n", 1)[0])["key_id"]
+    body = tmp_path / "sign.json"
+    body.write_text(json.dumps({"key_id": key_id, "message": base64.b64encode(b"m").decode()}))
+    load = subprocess.run([_tool("h2load"), "-n", "200", "-c", "2", "-m", "8", "-d", str(body),
+                           "-H", "content-type: application/json", "-H", f"x-api-key: {gw.demo_key}",
+                           _url(gw, "/v1/sign")], capture_output=True, text=True, timeout=60)
+    assert "200 succeeded" in load.stdout and "200 2xx" in load.stdout, load.stdout
 
 
 def test_nghttp_and_h2load_are_served(gw: Gateway) -> None:

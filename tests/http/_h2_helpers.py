@@ -136,7 +136,10 @@ class H2Client:
 
     async def send_body(self, sid: int, body: bytes) -> None:
         view = memoryview(body)
+        answer = self.answers[sid]
         while view:
+            if answer.reset is not None:
+                return  # the server answered and reset the stream: stop sending (RFC 9113 §8.1)
             size = min(self.h.local_flow_control_window(sid), self.h.max_outbound_frame_size, len(view))
             if size == 0:
                 await self.pump()

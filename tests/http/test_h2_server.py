@@ -28,6 +28,9 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> DevPKI:
 
 async def app(request: Request) -> Response:
     """Reports what it saw; a few paths exercise bodies, streams, trailers and refusals."""
+    if request.path == "/api":
+        body = await request.read_body()  # the server's max_body_bytes, as the crypto API
+        return Response.json(200, {"len": len(body)})
     if request.path == "/echo":
         body = await request.read_body(max_bytes=10_000_000)
         return Response(200, [(b"content-type", b"application/octet-stream")], body)
@@ -188,4 +191,17 @@ async def test_an_idle_connection_is_closed_with_goaway(pki: DevPKI) -> None:
                     break
         assert client.goaway is not None and client.goaway.error_code == ErrorCodes.NO_ERROR
         assert ("NO_ERROR", "idle") in observed.goaways
+        await client.aclose()
+
+
+async def test_a_body_over_max_body_bytes_gets_413_and_the_connection_goes_on(pki: DevPKI) -> None:
+    async with running_h2_server(app, pki, limits=HTTPLimits(max_body_bytes=1000)) as (_, port, _obs):
+        client = await H2Client.connect(port, pki.ca_cert)
+        too_big = await client.answer(await client.request("POST", "/api", body=b"x" * 100_000))
+        assert too_big.status == 413 and json.loads(too_big.body)["error"]["code"] == "body_too_large"
+        declared = await client.answer(await client.request(
+            "POST", "/api", [(b"content-length", b"5000")], body=b"y" * 5000))
+        assert declared.status == 413
+        fits = await client.answer(await client.request("POST", "/api", body=b"z" * 1000))
+        assert fits.status == 200 and json.loads(fits.body) == {"len": 1000}
         await client.aclose()
