@@ -36,6 +36,8 @@ BENCHMARKS = {
     "shared-limiter": "rate-limit checks: per-process buckets vs the host-wide shared table",
     "kms-tier": "sign/encapsulate: local KMS socketpair vs a remote KMS node over PQ mTLS; its handshakes/s",
     "audit": "transparent audit log: per-record tree overhead, proofs and checkpoint signing at 10^6 records",
+    "h2": "HTTP/2 vs HTTP/1.1 keep-alive (h2load) for /healthz and sign, same run; CPU per stream",
+    "grpc": "gRPC unary p50/p99 through the sidecar (h2 to an h2c upstream) vs direct, same run",
 }
 
 

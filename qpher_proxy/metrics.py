@@ -418,8 +418,30 @@ class Metrics:
         self.kms_endpoint_connections = r.gauge(
             "qpher_kms_endpoint_connections", "kms.mode remote: live TLS connections, by KMS node.",
             ("endpoint",))
+        self.http2_connections = r.gauge(
+            "qpher_http2_connections", "HTTP/2 connections open (ALPN h2).")
+        self.http2_streams = r.counter(
+            "qpher_http2_streams_total", "HTTP/2 request streams started.")
+        self.http2_goaways = r.counter(
+            "qpher_http2_goaway_total",
+            "HTTP/2 connections ended by our GOAWAY, by error code name (NO_ERROR, PROTOCOL_ERROR, "
+            "FLOW_CONTROL_ERROR, ENHANCE_YOUR_CALM, ...) and reason (idle, shutdown, rapid_reset, "
+            "ping_flood, continuation_flood, ...).", ("code", "reason"))
         self._limiter: object | None = None
         self._kms_endpoints: list[Any] = []
+
+    # HTTP2Observer (qpher_proxy.http): what HTTP/2 connections report
+    def connection_opened(self) -> None:
+        self.http2_connections.inc()
+
+    def connection_closed(self) -> None:
+        self.http2_connections.dec()
+
+    def stream_opened(self) -> None:
+        self.http2_streams.inc()
+
+    def goaway(self, code: str, reason: str) -> None:
+        self.http2_goaways.labels(code, reason).inc()
 
     def watch_rate_limiter(self, limiter: object) -> None:
         """Read the limiter's ``backend_failures`` and ``degraded`` (Redis) at each scrape."""

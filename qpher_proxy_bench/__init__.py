@@ -15,7 +15,8 @@ _MODULES = {
     "crypto": "crypto_bench", "kms": "kms_bench", "http": "http_bench", "tls": "tls_bench",
     "policy": "policy_bench", "auth": "auth_bench", "gateway": "gateway_bench",
     "scaleout": "scaleout_bench", "kms-tier": "tier_bench",
-    "shared-limiter": "shared_limiter", "audit": "audit_bench",
+    "shared-limiter": "shared_limiter", "audit": "audit_bench", "h2": "h2_bench",
+    "grpc": "grpc_bench",
 }
 
 

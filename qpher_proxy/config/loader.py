@@ -166,6 +166,10 @@ def _check(cfg: Config, ld: _Loader) -> None:
     url = cfg.upstream.url
     if url is not None and not (url.startswith("http://") or url.startswith("https://")):
         ld.fail("upstream.url", f"expected an http:// or https:// URL, got {_show(url)}")
+    want_scheme = {"h2": "https://", "h2c": "http://"}.get(cfg.upstream.protocol)
+    if url is not None and want_scheme is not None and not url.startswith(want_scheme):
+        ld.fail("upstream.protocol",
+                f"{cfg.upstream.protocol} needs an {want_scheme} upstream.url, got {_show(url)}")
     if (cfg.upstream.client_cert is None) != (cfg.upstream.client_key is None):
         ld.fail("upstream.client_cert", "expected client_cert and client_key together")
     _check_scale_out(cfg, ld)

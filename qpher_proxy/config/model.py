@@ -72,6 +72,19 @@ class HTTPConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class HTTP2Config:
+    enabled: bool = opt(True, doc="offer h2 in ALPN (TLS 1.3 clients only)")
+    max_concurrent_streams: int = opt(100, min=1, max=10_000)
+    header_table_size: int = opt(4096, min=0, max=65_536, doc="HPACK dynamic table a client may use")
+    initial_window_size: int = opt(65_535, min=1024, max=2_147_483_647, doc="bytes buffered per stream")
+    connection_window_size: int = opt(1 * MiB, min=1024, max=2_147_483_647)
+    max_continuation_frames: int = opt(16, min=1, max=64)
+    flood_window: float = opt(10.0, min=0.1, max=3600)
+    max_resets_per_window: int = opt(200, min=1, max=100_000)
+    max_control_frames_per_window: int = opt(200, min=1, max=100_000)
+
+
+@dataclass(frozen=True, slots=True)
 class LimitsConfig:
     max_connections: int = opt(10_000, min=1, max=1_000_000)
 
@@ -210,6 +223,8 @@ class WebSocketConfig:
 @dataclass(frozen=True, slots=True)
 class UpstreamConfig:
     url: str | None = opt(None)
+    protocol: Literal["http1", "h2", "h2c"] = opt(
+        "http1", doc="h2: HTTP/2 over TLS (https:// url); h2c: HTTP/2 with prior knowledge (http:// url)")
     connect_timeout: float = opt(5.0, min=0.01, max=600)
     read_timeout: float = opt(30.0, min=0.01, max=3600)
     pool_size: int = opt(64, min=1, max=10_000)
@@ -232,6 +247,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     tls: TLSConfig = field(default_factory=TLSConfig)
     http: HTTPConfig = field(default_factory=HTTPConfig)
+    http2: HTTP2Config = field(default_factory=HTTP2Config)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     crypto: CryptoConfig = field(default_factory=CryptoConfig)
     kms: KMSConfig = field(default_factory=KMSConfig)

@@ -1,5 +1,6 @@
 """HTTP/1.1 edge: h11 server loop, request/response types, error rendering."""
 
+from .limits import HTTP2Limits
 from .messages import REQUEST_ID_HEADER, Base64Text, Body, Request, Response, error_response
 from .security_headers import SecurityHeaders
 from .server import (
@@ -20,6 +21,7 @@ __all__ = [
     "Request",
     "Response",
     "error_response",
+    "HTTP2Limits",
     "HTTPLimits",
     "HTTPServer",
     "Handler",

@@ -13,7 +13,14 @@ The server is a thin trio loop around h11, split by concern:
 - ``_response.py``: writing responses (validated headers, security headers, streaming, the
   error fallback); a refused head is answered through the same error renderer as any error;
 - ``_h11_shortcuts.py``: every place the server reaches into h11's internals;
+- ``_h2connection.py`` (with ``_h2guard.py`` and ``grpc.py``): one HTTP/2 connection, the
+  same handler per stream;
 - this module: the accept loop and the per-connection entry point.
+
+HTTP/2: with ``http2`` limits set, a connection whose stream has a TLS handshake (``TLSStream``)
+runs it first and is served by ``HTTP2Connection`` when ALPN chose ``h2`` (offered to TLS 1.3
+clients only, ``tls/context.py``); every other connection is served by the HTTP/1.1 loop as
+before. Without ``http2`` nothing changes: the handshake runs inside the first receive.
 
 Graceful shutdown (``HTTPServer.shutdown()``): listeners close (new connections are refused by
 the kernel), connections waiting idle for a next request are cancelled at once, busy ones get
@@ -37,12 +44,15 @@ import trio
 
 from ._connection import TRANSPORT_ERRORS, Connection, Handler, RequestDoneHook
 from ._deadlines import DeadlineWheel, ShutdownSignal
+from ._h2connection import HTTP2Connection, HTTP2Observer
 from ._memory import MemoryReleaser
-from .limits import DEFAULT_SHUTDOWN_GRACE, HTTPLimits
+from .limits import DEFAULT_SHUTDOWN_GRACE, HTTP2Limits, HTTPLimits
 from .messages import new_request_id
 from .security_headers import SecurityHeaders
 
 __all__ = [
+    "HTTP2Limits",
+    "HTTP2Observer",
     "HTTPLimits",
     "HTTPServer",
     "ShutdownSignal",
@@ -73,9 +83,9 @@ def peer_address(stream: trio.abc.Stream) -> str:
         if obj is None:
             break
     return "unknown"
+
+
 async def serve_connection(
-
-
     stream: trio.abc.Stream,
     handler: Handler,
     limits: HTTPLimits | None = None,
@@ -84,8 +94,11 @@ async def serve_connection(
     on_request_done: RequestDoneHook | None = None,
     shutdown: ShutdownSignal | None = None,
     security_headers: SecurityHeaders | None = None,
+    http2: HTTP2Limits | None = None,
+    h2_observer: HTTP2Observer | None = None,
 ) -> None:
-    """Serve HTTP/1.1 on ``stream`` until the peer leaves, a limit closes it or shutdown.
+    """Serve HTTP/1.1 (or HTTP/2, see the module docstring) on ``stream`` until the peer leaves,
+    a limit closes it or shutdown.
 
     Takes ownership of ``stream`` and closes it (gracefully, bounded by ``linger_timeout``;
     forcefully if cancelled). Never raises for anything the peer does.
@@ -95,7 +108,8 @@ async def serve_connection(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(wheel.run)
         await _serve_connection(
-            stream, handler, limits, client_addr, on_request_done, shutdown, wheel, security_headers
+            stream, handler, limits, client_addr, on_request_done, shutdown, wheel, security_headers,
+            http2, h2_observer,
         )
         nursery.cancel_scope.cancel()
 
@@ -109,18 +123,41 @@ async def _serve_connection(
     shutdown: ShutdownSignal | None,
     wheel: DeadlineWheel,
     security: SecurityHeaders | None = None,
+    http2: HTTP2Limits | None = None,
+    h2_observer: HTTP2Observer | None = None,
 ) -> None:
     if client_addr is None:
         client_addr = peer_address(stream)
-    conn = Connection(stream, handler, limits, client_addr, on_request_done, shutdown, security)
     try:
-        await conn.run(wheel)
+        if http2 is not None and await _negotiated_h2(stream, limits):
+            h2conn = HTTP2Connection(stream, handler, limits, http2, client_addr, on_request_done, shutdown,
+                                     security, h2_observer)
+            await h2conn.run(wheel)
+        else:
+            conn = Connection(stream, handler, limits, client_addr, on_request_done, shutdown, security)
+            await conn.run(wheel)
     finally:
         with trio.move_on_after(limits.linger_timeout):
             try:
                 await stream.aclose()
             except TRANSPORT_ERRORS:
                 pass
+
+
+async def _negotiated_h2(stream: trio.abc.Stream, limits: HTTPLimits) -> bool:
+    """Run the TLS handshake of a ``TLSStream`` (bounded by ``header_timeout``, as the first
+    request head would be) and tell whether ALPN chose h2. A failed handshake reads as HTTP/1.1:
+    its first receive fails again, and the connection closes quietly as before."""
+    do_handshake = getattr(stream, "do_handshake", None)
+    if do_handshake is None:
+        return False
+    with trio.move_on_after(limits.header_timeout):
+        try:
+            await do_handshake()
+        except TRANSPORT_ERRORS:
+            return False
+    info = getattr(stream, "info", None)
+    return info is not None and info.alpn == "h2"
 
 
 class HTTPServer:
@@ -131,6 +168,8 @@ class HTTPServer:
     stream (e.g. ``lambda s: TLSStream(s, ...)``). ``shutdown()`` starts a graceful shutdown and
     ``serve()`` returns once every connection is gone or ``shutdown_grace`` has passed.
     ``security_headers``: added to every response (see ``security_headers.py``); None adds none.
+    ``http2``: serve HTTP/2 to clients whose TLS handshake chose it (None: HTTP/1.1 only);
+    ``h2_observer`` hears its connection, stream and GOAWAY counts.
     """
 
     def __init__(
@@ -142,8 +181,12 @@ class HTTPServer:
         shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE,
         stream_wrapper: Callable[[trio.abc.Stream], trio.abc.Stream] | None = None,
         security_headers: SecurityHeaders | None = None,
+        http2: HTTP2Limits | None = None,
+        h2_observer: HTTP2Observer | None = None,
     ) -> None:
         self._handler = handler
+        self._http2 = http2
+        self._h2_observer = h2_observer
         self._security = security_headers
         self.limits = limits or HTTPLimits()
         self._on_done = on_request_done
@@ -216,7 +259,7 @@ class HTTPServer:
                 stream = self._wrap(stream)
             await _serve_connection(
                 stream, self._handler, self.limits, client_addr, self._on_done, self._shutdown, self._wheel,
-                self._security,
+                self._security, self._http2, self._h2_observer,
             )
         except Exception:
             logger.error("connection task failed", exc_info=True)

@@ -66,6 +66,8 @@ from ..ratelimit import QuotaCounter, RateLimits, TokenBucketLimiter
 from ..ratelimit.redis_gcra import LocalRateLimiter
 from ..upstream import (
     ForwardTarget,
+    H2UpstreamClient,
+    H2UpstreamResponse,
     UpstreamClient,
     normalize_target,
     prepare_downstream_headers,
@@ -120,7 +122,7 @@ class Gateway:
         policy: PolicyEngine,
         audit: AuditLog,
         metrics: Metrics,
-        upstream: UpstreamClient | None = None,
+        upstream: UpstreamClient | H2UpstreamClient | None = None,
         pass_api_key: bool = False,
         allow_path_params: bool = False,
         kms_ready: Any = None,
@@ -471,15 +473,18 @@ class Gateway:
     async def _send_upstream(self, req: Request, record: APIKeyRecord, target: ForwardTarget) -> Response:
         upstream = self.upstream
         assert upstream is not None
+        h2 = isinstance(upstream, H2UpstreamClient)
         headers = prepare_upstream_headers(
             req.headers, client_ip=req.client_addr, proto="https", host=req.header(b"host"),
             tenant_id=record.tenant, api_key_id=record.key_id, request_id=req.request_id,
-            pass_api_key=self.pass_api_key,
+            pass_api_key=self.pass_api_key, keep_te_trailers=h2,
         )
         if is_websocket_upgrade(req.method, req.headers):
             return await self._open_websocket(req, record, target, headers)
         cl_raw = req.header(b"content-length")
-        has_body = cl_raw is not None or req.header(b"transfer-encoding") is not None
+        # HTTP/2 frames bodies itself (a gRPC call has no Content-Length): the stream says whether one follows
+        has_body = (cl_raw is not None or req.header(b"transfer-encoding") is not None
+                    or req.state.get("h2_body") is True)
         content_length = int(cl_raw) if cl_raw is not None and cl_raw.isdigit() else None
         body = req.body_chunks(max_bytes=_FORWARD_MAX_BODY) if has_body else None
         try:
@@ -490,8 +495,10 @@ class Gateway:
             self.metrics.upstream_requests.labels(exc.code).inc()
             raise
         self.metrics.upstream_requests.labels(str(resp.status)).inc()
+        # an HTTP/2 upstream's trailers (a gRPC server's grpc-status) follow the body downstream
+        trailers = resp.trailers if isinstance(resp, H2UpstreamResponse) else None
         return Response(resp.status, prepare_downstream_headers(resp.headers), body=resp.body_chunks(),
-                        forwarded=True)
+                        forwarded=True, trailers=trailers)
 
     async def _open_websocket(
         self, req: Request, record: APIKeyRecord, target: ForwardTarget, headers: list[tuple[bytes, bytes]]
@@ -500,6 +507,10 @@ class Gateway:
         tunnel (``tunnels.py``), or its ordinary response."""
         upstream = self.upstream
         assert upstream is not None
+        if not isinstance(upstream, UpstreamClient):
+            # A WebSocket upgrade is an HTTP/1.1 exchange; RFC 8441 towards an HTTP/2 upstream is not built.
+            raise QpherError("WebSocket passthrough needs upstream.protocol http1",
+                             code="websocket_unsupported", status=501)
         try:
             hs, session = await self.tunnels.open(upstream, req, record, target.target, target.policy_path,
                                                   upgrade_request_headers(headers))

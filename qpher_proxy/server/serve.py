@@ -46,12 +46,13 @@ from ..tls.context import ServerTLSContextHolder
 from ..tls.failures import SUMMARY_INTERVAL, HandshakeFailureSummary, failure_reason
 from ..tls.listener import HandOverListener, TLSListener
 from ..tls.stream import HandOffCallback
-from ..upstream import UpstreamClient
+from ..upstream import H2UpstreamClient, UpstreamClient
 from .audit_routes import Checkpointer
 from .confine import Confinement
 from .gateway import Gateway, RateLimiter
 from .privsep import SupervisedKMS
 from .settings import (
+    http2_limits,
     http_limits,
     kms_supervisor,
     remote_kms,
@@ -188,7 +189,7 @@ def _confine_and_open(
     try:
         if confinement is not None:
             confinement.apply(cfg)
-        holder = ServerTLSContextHolder(tls_settings(cfg.tls))
+        holder = ServerTLSContextHolder(tls_settings(cfg.tls, cfg.http2))
         os.makedirs(os.path.dirname(cfg.audit.file), mode=0o700, exist_ok=True)
         audit = AuditLog(cfg.audit.file, rotate_bytes=cfg.audit.rotate_bytes)
     except BaseException:
@@ -289,7 +290,9 @@ def _ticket_handover(
     return supervisor.hand_over, handover
 
 
-def _upstream(cfg: Config) -> contextlib.AbstractAsyncContextManager[UpstreamClient | None]:
+def _upstream(
+    cfg: Config,
+) -> contextlib.AbstractAsyncContextManager[UpstreamClient | H2UpstreamClient | None]:
     """The upstream client when one is configured, else a context that gives None."""
     client = upstream_client(cfg.upstream)
     return contextlib.nullcontext(None) if client is None else client
@@ -298,7 +301,8 @@ def _upstream(cfg: Config) -> contextlib.AbstractAsyncContextManager[UpstreamCli
 def _http_server(cfg: Config, gateway: Gateway) -> HTTPServer:
     return HTTPServer(gateway.handle, limits=http_limits(cfg), on_request_done=gateway.request_done,
                       shutdown_grace=cfg.server.shutdown_grace,
-                      security_headers=SecurityHeaders(hsts_max_age=cfg.http.hsts_max_age))
+                      security_headers=SecurityHeaders(hsts_max_age=cfg.http.hsts_max_age),
+                      http2=http2_limits(cfg), h2_observer=gateway.metrics)
 
 
 def _reloader(

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from ..audit import AuditLog
 from ..config import Config
-from ..config.model import KEKConfig, TLSConfig, UpstreamConfig, WebSocketConfig
-from ..http import HTTPLimits
+from ..config.model import HTTP2Config, KEKConfig, TLSConfig, UpstreamConfig, WebSocketConfig
+from ..http import HTTP2Limits, HTTPLimits
 from ..kms.client import OpHook
 from ..kms.client.remote import RemoteKMS
 from ..kms.launcher import HandoffHook, KMSSupervisor
@@ -29,20 +29,23 @@ from ..metrics import Metrics
 from ..sandbox import RunAs
 from ..tls.context import TLSSettings
 from ..tls.internal import InternalTLSContextHolder, InternalTLSSettings
-from ..upstream import UpstreamClient
+from ..upstream import H2UpstreamClient, UpstreamClient
 from ..upstream.tunnel import TunnelLimits
 from .tunnels import Tunnels
 
-__all__ = ["http_limits", "kek_settings", "kms_supervisor", "kms_worker_count", "remote_kms", "tls_settings",
-           "upstream_client", "websocket_tunnels"]
+__all__ = ["http2_limits", "http_limits", "kek_settings", "kms_supervisor", "kms_worker_count", "remote_kms",
+           "tls_settings", "upstream_client", "websocket_tunnels"]
 
 
 def _optional_path(path: str | None) -> Path | None:
     return None if path is None else Path(path)
 
 
-def tls_settings(t: TLSConfig) -> TLSSettings:
+def tls_settings(t: TLSConfig, http2: HTTP2Config | None = None) -> TLSSettings:
+    """The ``tls:`` section; with ``http2`` enabled, ALPN offers h2 before http/1.1."""
+    alpn = ("h2", "http/1.1") if http2 is not None and http2.enabled else ("http/1.1",)
     return TLSSettings(
+        alpn=alpn,
         cert_file=Path(t.cert_file), key_file=Path(t.key_file),
         mldsa_cert_file=_optional_path(t.mldsa_cert_file), mldsa_key_file=_optional_path(t.mldsa_key_file),
         min_version=t.min_version, groups=t.groups, require_pq=t.require_pq, client_auth=t.client_auth,
@@ -58,6 +61,20 @@ def http_limits(cfg: Config) -> HTTPLimits:
         max_header_bytes=h.max_header_bytes, max_body_bytes=h.max_body_bytes,
         header_timeout=h.header_timeout, idle_timeout=h.idle_timeout,
         max_connections=cfg.limits.max_connections,
+    )
+
+
+def http2_limits(cfg: Config) -> HTTP2Limits | None:
+    """The ``http2:`` section, or None when HTTP/2 is off."""
+    h = cfg.http2
+    if not h.enabled:
+        return None
+    return HTTP2Limits(
+        max_concurrent_streams=h.max_concurrent_streams, header_table_size=h.header_table_size,
+        initial_window_size=h.initial_window_size, connection_window_size=h.connection_window_size,
+        max_continuation_frames=h.max_continuation_frames, flood_window=h.flood_window,
+        max_resets_per_window=h.max_resets_per_window,
+        max_control_frames_per_window=h.max_control_frames_per_window,
     )
 
 
@@ -128,10 +145,15 @@ def remote_kms(cfg: Config, *, on_op: OpHook | None = None) -> RemoteKMS:
     )
 
 
-def upstream_client(u: UpstreamConfig) -> UpstreamClient | None:
-    """The sidecar's client, or None when no ``upstream.url`` is set."""
+def upstream_client(u: UpstreamConfig) -> UpstreamClient | H2UpstreamClient | None:
+    """The sidecar's client for ``upstream.protocol``, or None when no ``upstream.url`` is set."""
     if not u.url:
         return None
+    if u.protocol != "http1":
+        return H2UpstreamClient(
+            u.url, protocol=u.protocol, connect_timeout=u.connect_timeout, read_timeout=u.read_timeout,
+            ca_file=u.ca_file, client_cert=u.client_cert, client_key=u.client_key,
+        )
     return UpstreamClient(
         u.url, connect_timeout=u.connect_timeout, read_timeout=u.read_timeout, pool_size=u.pool_size,
         ca_file=u.ca_file, client_cert=u.client_cert, client_key=u.client_key,

@@ -127,6 +127,8 @@ log = logging.getLogger("qpher.tls")
 DEFAULT_GROUPS: tuple[str, ...] = ("X25519MLKEM768", "X25519", "secp256r1")
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0  # seconds; nginx's ssl_handshake_timeout is 60 s, ours is stricter
 DEFAULT_ALPN: tuple[str, ...] = ("http/1.1",)
+H2 = b"h2"  # the ALPN id of HTTP/2 over TLS (RFC 9113 §3.2); offered to TLS 1.3 clients only
+_TLS1_3_WIRE = 0x0304  # SSL_version() of a TLS 1.3 connection
 DEFAULT_TICKET_KEY_ROTATION = 3600.0  # seconds one ticket key issues tickets (it accepts them twice as long)
 TICKET_KEY_ROTATION_RANGE = (60.0, 86_400.0)
 ROTATION_RETRY = 60.0  # seconds before a failed rotation (unreadable files) is tried again
@@ -412,6 +414,12 @@ def _alpn_selector(ours: tuple[bytes, ...]) -> Callable[[SSL.Connection, list[by
     def select(conn: SSL.Connection, offered: list[bytes]) -> bytes:
         for proto in ours:
             if proto in offered:
+                # h2 over TLS 1.3 only: RFC 9113 §9.2 would allow TLS 1.2 with a restricted
+                # cipher list, but every client that speaks h2 speaks TLS 1.3 too, and one TLS
+                # rule for h2 is simpler to audit. OpenSSL selects the version before ALPN, so
+                # a TLS 1.2 client offering h2 and http/1.1 gets http/1.1 here.
+                if proto == H2 and conn.get_protocol_version() != _TLS1_3_WIRE:
+                    continue
                 return proto
         # No overlap (e.g. a client offering only "h2"): continue without ALPN rather than
         # fail, as nginx does; the HTTP layer then simply speaks HTTP/1.1.

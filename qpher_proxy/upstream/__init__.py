@@ -1,5 +1,5 @@
-"""Sidecar forwarding: header and request-target hygiene (pure) and a pooled, streaming HTTP/1.1
-upstream client."""
+"""Sidecar forwarding: header and request-target hygiene (pure), a pooled, streaming HTTP/1.1
+upstream client and a multiplexing HTTP/2 one (h2 over TLS, h2c)."""
 
 from qpher_proxy.upstream.client import (
     DEFAULT_CHUNK_BYTES,
@@ -10,6 +10,7 @@ from qpher_proxy.upstream.client import (
     UpstreamResponse,
     UpstreamTarget,
 )
+from qpher_proxy.upstream.h2client import H2UpstreamClient, H2UpstreamResponse
 from qpher_proxy.upstream.headers import (
     HOP_BY_HOP,
     prepare_downstream_headers,
@@ -21,6 +22,8 @@ __all__ = [
     "DEFAULT_CHUNK_BYTES",
     "DEFAULT_IDLE_TIMEOUT",
     "ForwardTarget",
+    "H2UpstreamClient",
+    "H2UpstreamResponse",
     "HOP_BY_HOP",
     "IDEMPOTENT_METHODS",
     "PoolStats",

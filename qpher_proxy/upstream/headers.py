@@ -33,6 +33,10 @@ connection must stop at the gateway. Three classes of headers are handled:
    ``Authorization`` header carrying anything other than a ``qph_`` bearer token belongs to
    the upstream app and is passed on.
 
+``TE`` is hop-by-hop, except that ``keep_te_trailers=True`` (an HTTP/2 upstream) keeps a
+``TE: trailers``: on HTTP/2 it is the one value allowed, and gRPC servers require it to know the
+client reads trailers (RFC 9113 section 8.2.2).
+
 ``Expect`` is also dropped: the gateway answers ``100-continue`` to its client itself and then
 streams the body; the upstream receives a request whose body is already on its way.
 
@@ -123,6 +127,7 @@ def prepare_upstream_headers(
     pass_api_key: bool = False,
     preserve_host: bool = False,
     trust_forwarded_for: bool = False,
+    keep_te_trailers: bool = False,
 ) -> Headers:
     """The headers to send upstream for a request that arrived with ``client_headers``.
 
@@ -136,7 +141,8 @@ def prepare_upstream_headers(
     if proto not in ("https", "http"):
         raise ValueError(f"proto must be 'https' or 'http', not {proto!r}")
     out, client_host, forwarded_chain = _kept_client_headers(
-        client_headers, preserve_host=preserve_host, pass_api_key=pass_api_key
+        client_headers, preserve_host=preserve_host, pass_api_key=pass_api_key,
+        keep_te_trailers=keep_te_trailers,
     )
     out.append((b"x-forwarded-for", _forwarded_for(client_ip, forwarded_chain, trust_forwarded_for)))
     out.append((b"x-forwarded-proto", proto.encode("ascii")))
@@ -150,7 +156,8 @@ def prepare_upstream_headers(
 
 
 def _kept_client_headers(
-    client_headers: Iterable[tuple[bytes, bytes]], *, preserve_host: bool, pass_api_key: bool
+    client_headers: Iterable[tuple[bytes, bytes]], *, preserve_host: bool, pass_api_key: bool,
+    keep_te_trailers: bool = False,
 ) -> tuple[Headers, bytes | None, list[bytes]]:
     """The client's headers that may travel on (names lower-cased), its first ``Host`` value and
     its ``X-Forwarded-For`` values, which are taken out to be rebuilt by ``_forwarded_for``."""
@@ -168,6 +175,9 @@ def _kept_client_headers(
             continue
         if name == b"x-forwarded-for":
             forwarded_chain.append(value.strip(b" \t"))
+            continue
+        if name == b"te" and keep_te_trailers and value.strip(b" \t").lower() == b"trailers":
+            out.append((name, b"trailers"))
             continue
         if name in HOP_BY_HOP or name in connection_named or name == b"expect":
             continue

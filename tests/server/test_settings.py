@@ -79,3 +79,15 @@ def test_kms_workers_0_shares_the_spare_cores_out_among_the_gateways(
 
 def test_no_upstream_url_means_no_upstream_client(tmp_path: Path) -> None:
     assert upstream_client(config_from_dict({}, tmp_path, check_files=False).upstream) is None
+
+
+def test_http2_offers_h2_first_in_alpn_unless_disabled(tmp_path: Path) -> None:
+    from qpher_proxy.server.settings import http2_limits
+
+    on = config_from_dict({}, tmp_path, check_files=False)
+    assert tls_settings(on.tls, on.http2).alpn == ("h2", "http/1.1")
+    assert tls_settings(on.tls).alpn == ("http/1.1",)
+    limits = http2_limits(on)
+    assert limits is not None and limits.max_concurrent_streams == 100
+    off = config_from_dict({"http2": {"enabled": False}}, tmp_path, check_files=False)
+    assert tls_settings(off.tls, off.http2).alpn == ("http/1.1",) and http2_limits(off) is None
