@@ -9,7 +9,9 @@ pipelining) and ``h2load`` (h2) with the same C connections and one stream each,
 streams on each of the C connections (what h2 is for). Each for ``GET /healthz`` and for
 ``POST /v1/sign`` (ML-DSA-65 over 1 KiB). Prints requests/s, the gateway process's CPU
 microseconds per request (stream) and, for sign, the KMS workers' beside it, and the ratio of
-each h2 rate to the HTTP/1.1 rate of the same path. Figures are printed, never asserted.
+each h2 rate to the HTTP/1.1 rate of the same path. The runs of the protocols are interleaved
+(``--rounds``) and the best of each is shown, so that noise from other work on the machine hits
+both alike. Figures are printed, never asserted.
 """
 
 from __future__ import annotations
@@ -94,7 +96,9 @@ def run(args: argparse.Namespace) -> list[H2Row]:
             json_ct = ["content-type: application/json"]
             for path, data, extra in (("/healthz", None, []), ("/v1/sign", body, json_ct)):
                 url = f"https://127.0.0.1:{gw.port}{path}"
-                for protocol, conns, streams in (("http/1.1", c, 1), ("h2", c, 1), ("h2", c, m)):
+                best: dict[tuple[str, int], H2Row] = {}
+                runs = (("http/1.1", c, 1), ("h2", c, 1), ("h2", c, m)) * args.rounds
+                for protocol, conns, streams in runs:
                     g0, k0 = process_cpu_seconds(gateway_pids), process_cpu_seconds(kms_pids)
                     ok, failed = _h2load(h2load, url, h1=protocol == "http/1.1", connections=conns,
                                          streams=streams, seconds=seconds, warmup=warmup,
@@ -102,11 +106,15 @@ def run(args: argparse.Namespace) -> list[H2Row]:
                     g1, k1 = process_cpu_seconds(gateway_pids), process_cpu_seconds(kms_pids)
                     # the CPU of the warm-up is in the window too: scale it to the measured part
                     share = seconds / (seconds + warmup)
-                    rows.append(H2Row(path, protocol, conns, streams, ok, failed, seconds,
-                                      (g1 - g0) * share, (k1 - k0) * share))
+                    row = H2Row(path, protocol, conns, streams, ok, failed, seconds,
+                                (g1 - g0) * share, (k1 - k0) * share)
+                    seen = best.get((protocol, streams))
+                    if seen is None or row.rate > seen.rate:
+                        best[protocol, streams] = row
                     if not args.quiet:
                         print(f"  {path:9} {protocol:8} c={conns:<3} m={streams:<3} "
                               f"{ok / seconds:9.0f} req/s", file=sys.stderr, flush=True)
+                rows += best.values()
         finally:
             if env_ca is None:
                 os.environ.pop("SSL_CERT_FILE", None)
@@ -138,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--connections", type=int, default=8, help="client connections (default 8)")
     ap.add_argument("--streams", type=int, default=8,
                     help="concurrent streams per h2 connection in the multiplexed run (default 8)")
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="runs of each protocol, interleaved; the best is shown (default 2: a shared "
+                         "machine's noise hits both protocols alike)")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON")
     ap.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     return ap

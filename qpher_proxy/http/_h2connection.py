@@ -216,7 +216,10 @@ class HTTP2Connection:
         self._tls: TLSInfo | None = getattr(stream, "info", None)
         config = h2.config.H2Configuration(
             client_side=False, header_encoding=None, validate_inbound_headers=False,
-            normalize_inbound_headers=True, validate_outbound_headers=True,
+            normalize_inbound_headers=True,
+            # every field we send was validated (``_response_items``, ``_validated_item``: lower-case
+            # tokens, clean values) and connection-specific ones dropped, so h2's second pass is off
+            validate_outbound_headers=False, normalize_outbound_headers=False,
         )
         h = self._h = h2.connection.H2Connection(config=config)
         h.local_settings = h2.settings.Settings(client=False, initial_values={
@@ -603,14 +606,16 @@ class HTTP2Connection:
         self._streams.pop(st.id, None)
         if not st.reset:
             self._guard.on_completed(trio.current_time())
+        queued = bool(st.chunks)
         if not st.ended and not st.reset:
             # the client is still sending a body nobody will read (RFC 9113 §8.1)
             try:
                 h.reset_stream(st.id, ErrorCodes.NO_ERROR)
+                queued = True
             except h2.exceptions.ProtocolError:
                 pass
         self._drop_body(st)
-        if self._nursery is not None:
+        if queued and self._nursery is not None:
             self._nursery.start_soon(self._flush_quietly)
         if self._closing and not self._streams:
             self._read_scope.cancel()
@@ -669,8 +674,8 @@ class HTTP2Connection:
             await self._flush()
             return
         h.send_headers(st.id, fields)
-        await self._flush()
         if streaming:
+            await self._flush()
             ok = await self._send_stream(st, request, status, body)  # type: ignore[arg-type]
             if not ok:
                 return
