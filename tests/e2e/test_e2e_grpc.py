@@ -205,3 +205,31 @@ def test_a_call_the_client_cancels_ends_at_the_upstream(
     responses.cancel()  # RST_STREAM(CANCEL) to the proxy, which resets its upstream stream
     assert upstream.ended.wait(5)
     outbox.put(None)
+
+
+def test_a_websocket_upgrade_with_an_h2_upstream_is_501_websocket_unsupported(
+        gw: Gateway, upstream: Upstream) -> None:
+    """WebSocket passthrough is HTTP/1.1 to the upstream; an h2c upstream cannot take one."""
+    import base64
+    import json
+    import os
+    import socket
+
+    with socket.create_connection((gw.host, gw.port)) as raw, \
+            gw.context().wrap_socket(raw, server_hostname="localhost") as tls:
+        tls.sendall(
+            b"GET /ws HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+            b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: " + base64.b64encode(os.urandom(16))
+            + b"\r\nAuthorization: Bearer " + gw.demo_key.encode() + b"\r\n\r\n")
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            chunk = tls.recv(4096)
+            assert chunk, answer
+            answer += chunk
+        head, _, body = answer.partition(b"\r\n\r\n")
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length:")))
+        while len(body) < length:
+            body += tls.recv(4096)
+    assert head.startswith(b"HTTP/1.1 501 ")
+    assert json.loads(body)["error"]["code"] == "websocket_unsupported"
