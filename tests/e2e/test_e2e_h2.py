@@ -139,6 +139,16 @@ def test_nghttp_and_h2load_are_served(gw: Gateway) -> None:
                          text=True, timeout=30)
     assert out.returncode == 0 and ":status: 200" in out.stdout
     assert "The negotiated protocol: h2" in out.stdout
+    # the crypto API itself, as nghttp sends it: a key made over h2 (201) and the key list
+    auth = ["-H", f"authorization: Bearer {gw.demo_key}"]
+    body = gw.directory / "nghttp-body.json"
+    body.write_text('{"algorithm": "ml-dsa-65"}')
+    made = subprocess.run([_tool("nghttp"), "-v", *auth, "-H", "content-type: application/json",
+                           "-d", str(body), _url(gw, "/v1/keys")], capture_output=True, text=True, timeout=30)
+    assert made.returncode == 0 and ":status: 201" in made.stdout, made.stdout[-2000:]
+    listed = subprocess.run([_tool("nghttp"), "-v", *auth, _url(gw, "/v1/keys")], capture_output=True,
+                            text=True, timeout=30)
+    assert listed.returncode == 0 and ":status: 200" in listed.stdout and '"key_id"' in listed.stdout
     load = subprocess.run([_tool("h2load"), "-n", "400", "-c", "2", "-m", "20", _url(gw, "/healthz")],
                           capture_output=True, text=True, timeout=60)
     assert "400 succeeded" in load.stdout and "400 2xx" in load.stdout, load.stdout
