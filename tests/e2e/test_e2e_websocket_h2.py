@@ -7,15 +7,18 @@ tunnels on one connection, and the refusals (another :protocol, a plain CONNECT)
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import ssl
 import struct
+import time
 from collections.abc import Iterator
 
 import h2.config
 import h2.connection
 import h2.events
+import h2.exceptions
 import h2.settings
 import pytest
 from websockets.frames import Close, Frame, Opcode
@@ -272,3 +275,16 @@ def test_a_client_reset_ends_the_tunnel_as_client(gateway: Gateway, upstream: Ec
     wait_for(lambda: any(r["path"] == "/echo/reset" for r in audit_records(gateway, "websocket.close")))
     closed = [r for r in audit_records(gateway, "websocket.close") if r["path"] == "/echo/reset"]
     assert closed[0]["reason"] == "client"
+
+
+def test_sigterm_closes_open_h2_tunnels_and_exits_0(gateway: Gateway, client: H2Client) -> None:
+    sid = client.connect("/echo/h2-shutdown")
+    exchange(client, sid, 2, "shutdown")
+    started = time.monotonic()
+    assert gateway.stop() == 0
+    # GOAWAY, RST_STREAM CANCEL (h2's client state machine refuses a RST after a GOAWAY), the end
+    with contextlib.suppress(AssertionError, OSError, h2.exceptions.ProtocolError):
+        client.wait(lambda: sid in client.ended)
+    assert time.monotonic() - started < 5.0  # at once, not after server.shutdown_grace
+    shutdown = [r for r in audit_records(gateway, "websocket.close") if r["path"] == "/echo/h2-shutdown"]
+    assert [r["reason"] for r in shutdown] == ["shutdown"]
