@@ -47,6 +47,17 @@ closed set; nothing from the client reaches a label.
 
 gRPC: a refused request with ``content-type: application/grpc...`` gets a trailers-only answer
 (``grpc.py``); a response with ``trailers`` ends its stream with them (``grpc-status``).
+
+WebSocket over HTTP/2 (RFC 8441): SETTINGS_ENABLE_CONNECT_PROTOCOL is 1, and an extended CONNECT
+with ``:protocol websocket`` becomes the ``Request`` of an HTTP/1.1 opening handshake (``GET``,
+``Connection``/``Upgrade``, version 13 and a key of our own: :func:`_websocket_upgrade_headers`),
+so the gateway's WebSocket path serves it unchanged. Its ``Response(101, upgrade=...)`` is
+answered with ``:status 200`` (the 101's end-to-end fields, no ``Sec-WebSocket-Accept``), then the
+upgrade runs on the stream as a byte stream (:class:`_TunnelStream`), or is abandoned if the 200
+cannot be sent: exactly one of the two. A tunnel's stream is not cancelled by a client reset (its
+reads and writes break instead, the tunnel ends with ``client``), only by a graceful shutdown. A
+2xx that is not an upgrade is refused (the client would take it for an open tunnel); another
+``:protocol`` is 501.
 """
 
 from __future__ import annotations
