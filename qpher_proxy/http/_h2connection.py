@@ -47,12 +47,25 @@ closed set; nothing from the client reaches a label.
 
 gRPC: a refused request with ``content-type: application/grpc...`` gets a trailers-only answer
 (``grpc.py``); a response with ``trailers`` ends its stream with them (``grpc-status``).
+
+WebSocket over HTTP/2 (RFC 8441): SETTINGS_ENABLE_CONNECT_PROTOCOL is 1, and an extended CONNECT
+with ``:protocol websocket`` becomes the ``Request`` of an HTTP/1.1 opening handshake (``GET``,
+``Connection``/``Upgrade``, version 13 and a key of our own: :func:`_websocket_upgrade_headers`),
+so the gateway's WebSocket path serves it unchanged. Its ``Response(101, upgrade=...)`` is
+answered with ``:status 200`` (the 101's end-to-end fields, no ``Sec-WebSocket-Accept``), then the
+upgrade runs on the stream as a byte stream (:class:`_TunnelStream`), or is abandoned if the 200
+cannot be sent: exactly one of the two. A tunnel's stream is not cancelled by a client reset (its
+reads and writes break instead, the tunnel ends with ``client``), only by a graceful shutdown. A
+2xx that is not an upgrade is refused (the client would take it for an open tunnel); another
+``:protocol`` is 501.
 """
 
 from __future__ import annotations
 
+import base64
 import collections
 import logging
+import os
 import time
 from collections.abc import AsyncIterable, AsyncIterator
 from typing import TYPE_CHECKING, Protocol
@@ -68,13 +81,21 @@ from h2.errors import ErrorCodes
 from hyperframe.frame import GoAwayFrame
 
 from .._json import http_date
-from ..errors import BodyTooLarge, ClientDisconnected, MethodNotAllowed, QpherError
+from ..errors import (
+    BadRequest,
+    BodyTooLarge,
+    ClientDisconnected,
+    MethodNotAllowed,
+    NotFound,
+    QpherError,
+    UpstreamBadResponse,
+)
 from . import grpc
 from ._deadlines import NO_DEADLINE, DeadlineWheel, ShutdownSignal
 from ._h2guard import BoundedFrameBuffer, FloodGuard, MalformedRequest, parse_request_head
 from ._response import _aclose_body, _response_items, _validated_item
 from .limits import RECEIVE_SIZE, HTTP2Limits, HTTPLimits
-from .messages import REQUEST_ID_HEADER, Request, Response, error_response, new_request_id
+from .messages import REQUEST_ID_HEADER, Request, Response, Upgrade, error_response, new_request_id
 from .security_headers import SecurityHeaders
 
 if TYPE_CHECKING:
@@ -90,7 +111,12 @@ _NO_BODY_STATUSES = frozenset({204, 304})
 # Response fields HTTP/2 has no place for (RFC 9113 §8.2.2), besides those h11 framing owns
 _CONNECTION_FIELDS = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
                                 b"upgrade", b"te", b"date"})
+_TUNNEL_END_WAIT = 1.0  # seconds for the tunnels of a connection gone to close their upstream side
 _GRPC_REFUSAL_STATUS = 400  # the proxy's own answers from here up become trailers-only for gRPC
+# An extended CONNECT's 200 carries the upstream 101's end-to-end fields, never its handshake ones
+# (RFC 8441 §5: no Sec-WebSocket-Key/-Accept over HTTP/2)
+_TUNNEL_DROPPED = _CONNECTION_FIELDS | {b"sec-websocket-accept", b"content-length"}
+_WEBSOCKET_CLIENT_FIELDS = frozenset({b"sec-websocket-key", b"sec-websocket-version"})
 
 
 class HTTP2Observer(Protocol):
@@ -132,7 +158,8 @@ class _Stream:
     """One request stream: its body queue, its window waits, its task's cancel scope."""
 
     __slots__ = ("id", "request", "scope", "chunks", "ended", "reset", "data_ready", "window_open",
-                 "body_started", "body_read", "body_error", "bytes_sent", "grpc")
+                 "body_started", "body_read", "body_error", "bytes_sent", "grpc", "protocol", "refusal",
+                 "tunnel", "finished")
 
     def __init__(self, stream_id: int) -> None:
         self.id = stream_id
@@ -148,6 +175,10 @@ class _Stream:
         self.body_error: QpherError | None = None
         self.bytes_sent = 0
         self.grpc = False
+        self.protocol: str | None = None  # ``:protocol`` of an extended CONNECT (RFC 8441)
+        self.refusal: QpherError | None = None  # the answer to an extended CONNECT we cannot serve
+        self.tunnel = False  # a WebSocket tunnel runs on the stream (``_TunnelStream``)
+        self.finished = trio.Event()  # set when the stream is forgotten (``_finish_stream``)
 
 
 class _BodyIterator:
@@ -228,6 +259,9 @@ class HTTP2Connection:
             h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: h2_limits.initial_window_size,
             h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: limits.max_header_bytes,
             h2.settings.SettingCodes.ENABLE_PUSH: 0,
+            # RFC 8441: WebSocket over an extended CONNECT (a gateway without an upstream answers it
+            # as it answers any GET it does not serve)
+            h2.settings.SettingCodes.ENABLE_CONNECT_PROTOCOL: 1,
         })
         # The settings above are in force from the first frame (initial values, no ACK awaited);
         # the decoder and the frame buffer take theirs directly.
@@ -270,6 +304,9 @@ class HTTP2Connection:
             self._observer.goaway("NO_ERROR", "shutdown")
         if self._nursery is not None:
             self._nursery.start_soon(self._flush_quietly)
+        for st in self._streams.values():
+            if st.tunnel:
+                st.scope.cancel()  # a WebSocket would outlive any grace: closed at once (``shutdown``)
         if not self._streams:
             self._read_scope.cancel()
 
@@ -329,6 +366,7 @@ class HTTP2Connection:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
                     await self._serve(nursery)
+                    await self._end_tunnels()
                     self._nursery = None
                     nursery.cancel_scope.cancel()
             self._nursery = None
@@ -344,6 +382,21 @@ class HTTP2Connection:
             self._nursery = None
             self._streams.clear()
             self._observer.connection_closed()
+
+    async def _end_tunnels(self) -> None:
+        """The client's connection is gone: its tunnels see their streams broken (the reason
+        ``client``, not ``shutdown``) and get a moment to close their upstream side."""
+        tunnels = [st for st in self._streams.values() if st.tunnel]
+        if not tunnels:
+            return
+        self._broken = True
+        for st in tunnels:
+            st.reset = True
+            _wake(st.data_ready)
+            _wake(st.window_open)
+        with trio.move_on_after(_TUNNEL_END_WAIT):
+            for st in tunnels:
+                await st.finished.wait()
 
     async def _serve(self, nursery: trio.Nursery) -> None:
         h = self._h
@@ -445,7 +498,11 @@ class HTTP2Connection:
             st = self._streams.get(event.stream_id)  # type: ignore[attr-defined]
             if st is not None and event.remote_reset:  # type: ignore[attr-defined]
                 st.reset = True
-                st.scope.cancel()
+                if st.tunnel:  # the tunnel sees a broken stream and ends with ``client``
+                    _wake(st.data_ready)
+                    _wake(st.window_open)
+                else:
+                    st.scope.cancel()
             if event.remote_reset and self._guard.on_reset(now) is not None:  # type: ignore[attr-defined]
                 raise _Breach(ErrorCodes.ENHANCE_YOUR_CALM, "rapid_reset")
         elif kind is h2.events.WindowUpdated:
@@ -487,8 +544,16 @@ class HTTP2Connection:
         target = head.target
         q = target.find("?")
         path, query = (target, "") if q < 0 else (target[:q], target[q + 1:])
+        method, headers = head.method, head.headers
+        if head.protocol is not None:
+            st.protocol = head.protocol
+            if head.protocol == "websocket":
+                method, headers = "GET", _websocket_upgrade_headers(headers, st)
+            else:
+                st.refusal = QpherError(f"extended CONNECT for {head.protocol!r} is not supported",
+                                        code="protocol_unsupported", status=501)
         request = st.request = Request(
-            head.method, target, path, query, head.headers, "2", new_request_id(), self._client_addr,
+            method, target, path, query, headers, "2", new_request_id(), self._client_addr,
             {"h2_body": not st.ended}, _BodySource(self, st), 0, self._tls,
         )
         st.grpc = grpc.is_grpc(request.header(b"content-type"))
@@ -567,11 +632,19 @@ class HTTP2Connection:
     async def _run_stream(self, st: _Stream, request: Request) -> None:
         started = time.perf_counter()
         status = 499
+        reported = False
         try:
             with st.scope:
-                response = await self._respond_to(request)
+                response = await self._respond_to(st, request)
                 status = response.status
-                await self._send_response(st, request, response)
+                if response.upgrade is not None:
+                    reported = True
+                    await self._run_tunnel(st, request, response, response.upgrade, started)
+                else:
+                    if st.protocol is not None and 200 <= status < 300:
+                        response = await self._not_a_tunnel(request, response)
+                        status = response.status
+                    await self._send_response(st, request, response)
             if st.scope.cancelled_caught:
                 status = 499
         except ClientDisconnected:
@@ -581,9 +654,12 @@ class HTTP2Connection:
             status = 499
         finally:
             self._finish_stream(st)
-            self._done(request, status, started, st.bytes_sent)
+            if not reported:
+                self._done(request, status, started, st.bytes_sent)
 
-    async def _respond_to(self, request: Request) -> Response:
+    async def _respond_to(self, st: _Stream, request: Request) -> Response:
+        if st.refusal is not None:
+            return error_response(st.refusal, request.request_id)
         if request.method == "CONNECT":
             return error_response(MethodNotAllowed("CONNECT is not supported"), request.request_id)
         try:
@@ -604,6 +680,7 @@ class HTTP2Connection:
         """The response is done (or the stream was reset): forget the stream, stop its body."""
         h = self._h
         self._streams.pop(st.id, None)
+        st.finished.set()
         if not st.reset:
             self._guard.on_completed(trio.current_time())
         queued = bool(st.chunks)
@@ -628,6 +705,77 @@ class HTTP2Connection:
             except Exception:
                 logger.error("on_request_done hook failed", exc_info=True,
                              extra={"fields": {"request_id": request.request_id}})
+
+    # ---- WebSocket over HTTP/2 (RFC 8441) -------------------------------------------------
+
+    async def _not_a_tunnel(self, request: Request, response: Response) -> Response:
+        """A 2xx to an extended CONNECT would tell the client its tunnel is open: a response that
+        is not an upgrade (a route of the proxy's own, an upstream that answered 200 instead of
+        101) is refused instead."""
+        await _aclose_body(response.body)
+        error: QpherError = (
+            UpstreamBadResponse("the upstream did not accept the websocket upgrade") if response.forwarded
+            else NotFound("no websocket endpoint at this path")
+        )
+        return error_response(error, request.request_id)
+
+    async def _run_tunnel(
+        self, st: _Stream, request: Request, response: Response, upgrade: Upgrade, started: float
+    ) -> None:
+        """The upstream accepted a WebSocket: answer the extended CONNECT with 200 (the 101's
+        end-to-end fields, RFC 8441 §5) and run ``upgrade`` on the stream; if the 200 cannot be
+        sent, abandon it. Exactly one of ``run`` and ``abandon`` is called, and ``_done`` once."""
+        handed = False
+        try:
+            if st.protocol != "websocket" or response.status != 101:
+                handed = True
+                upgrade.abandon()
+                logger.error("handler produced an upgrade outside an extended CONNECT",
+                             extra={"fields": {"request_id": request.request_id}})
+                fallback = error_response(QpherError("internal server error"), request.request_id)
+                try:
+                    await self._send_response(st, request, fallback)
+                finally:
+                    self._done(request, fallback.status, started, st.bytes_sent)
+                return
+            try:
+                items, has_id = _response_items(response.headers, True)
+            except Exception:
+                handed = True
+                upgrade.abandon()
+                logger.error("handler produced an invalid upgrade", exc_info=True,
+                             extra={"fields": {"request_id": request.request_id}})
+                fallback = error_response(QpherError("internal server error"), request.request_id)
+                try:
+                    await self._send_response(st, request, fallback)
+                finally:
+                    self._done(request, fallback.status, started, st.bytes_sent)
+                return
+            security = self._security
+            if security is not None:
+                items += security.missing_from(items)
+            fields = [(b":status", b"200")]
+            fields += [(name, value) for name, _, value in items if name not in _TUNNEL_DROPPED]
+            if not has_id:
+                fields.append((REQUEST_ID_HEADER, request.request_id.encode("ascii")))
+            fields.append((b"date", http_date()))
+            try:
+                self._h.send_headers(st.id, fields)
+                await self._flush()
+            finally:
+                self._done(request, 200, started, st.bytes_sent)
+            if st.reset:
+                raise ClientDisconnected("client reset the stream")
+            handed = True
+            st.tunnel = True
+            try:
+                await upgrade.run(_TunnelStream(self, st), b"")
+            except Exception:
+                logger.error("websocket tunnel over HTTP/2 failed", exc_info=True,
+                             extra={"fields": {"request_id": request.request_id}})
+        finally:
+            if not handed:
+                upgrade.abandon()
 
     # ---- the response -------------------------------------------------------------------
 
@@ -759,6 +907,117 @@ class HTTP2Connection:
         except h2.exceptions.ProtocolError:
             pass
         st.reset = True
+
+
+class _TunnelStream(trio.abc.HalfCloseableStream):
+    """One HTTP/2 stream as a byte stream, for a WebSocket tunnel (RFC 8441).
+
+    ``receive_some`` gives the client's DATA (acknowledged as it is taken, so the stream's window
+    bounds what is buffered) and ``b""`` at END_STREAM; ``send_all`` sends DATA within the
+    windows (``send_timeout`` without one resets the stream); ``send_eof`` ends our side
+    (END_STREAM); ``aclose`` resets the stream (CANCEL) unless both sides ended it. A stream the
+    client reset, or a connection gone, is ``trio.BrokenResourceError``."""
+
+    def __init__(self, conn: HTTP2Connection, st: _Stream) -> None:
+        self._conn = conn
+        self._st = st
+        self._rest = b""  # the part of a DATA payload beyond ``max_bytes``
+        self._eof_sent = False
+        self._closed = False
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        st = self._st
+        if self._closed:
+            raise trio.ClosedResourceError("the stream is closed")
+        data = self._rest
+        if not data:
+            while not st.chunks:
+                if st.reset:
+                    raise trio.BrokenResourceError("the client reset the stream")
+                if st.ended:
+                    await trio.lowlevel.checkpoint()
+                    return b""
+                st.data_ready = trio.Event()
+                await st.data_ready.wait()
+                st.data_ready = None
+                if self._closed:
+                    raise trio.ClosedResourceError("the stream is closed")
+            data, length = st.chunks.popleft()
+            if length:
+                self._conn._h.acknowledge_received_data(length, st.id)
+                try:
+                    await self._conn._flush()
+                except ClientDisconnected as exc:
+                    raise trio.BrokenResourceError("the client's connection is gone") from exc
+        if max_bytes is not None and len(data) > max_bytes:
+            data, self._rest = data[:max_bytes], data[max_bytes:]
+        else:
+            self._rest = b""
+        if not data:  # an empty DATA frame: nothing to hand on, read on
+            return await self.receive_some(max_bytes)
+        return data
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("the stream is closed")
+        if self._eof_sent:
+            raise trio.ClosedResourceError("send_eof was called")
+        if self._st.reset or self._conn._broken:
+            raise trio.BrokenResourceError("the client reset the stream")
+        try:
+            await self._conn._send_data(self._st, bytes(data))
+        except (ClientDisconnected, h2.exceptions.ProtocolError) as exc:
+            raise trio.BrokenResourceError("the stream cannot be written") from exc
+        if not data:
+            await trio.lowlevel.checkpoint()
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def send_eof(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("the stream is closed")
+        if self._eof_sent:
+            await trio.lowlevel.checkpoint()
+            return
+        if self._st.reset or self._conn._broken:
+            raise trio.BrokenResourceError("the client reset the stream")
+        self._eof_sent = True
+        try:
+            self._conn._h.end_stream(self._st.id)
+            await self._conn._flush()
+        except (ClientDisconnected, h2.exceptions.ProtocolError) as exc:
+            raise trio.BrokenResourceError("the stream cannot be written") from exc
+
+    async def aclose(self) -> None:
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            return
+        self._closed = True
+        st, conn = self._st, self._conn
+        _wake(st.data_ready)
+        if not st.reset and not (self._eof_sent and st.ended) and not conn._broken:
+            conn._reset(st, ErrorCodes.CANCEL)
+            try:
+                await conn._flush()
+            except ClientDisconnected:
+                pass
+        else:
+            await trio.lowlevel.checkpoint()
+
+
+def _websocket_upgrade_headers(headers: list[tuple[bytes, bytes]], st: _Stream) -> list[tuple[bytes, bytes]]:
+    """The head of an extended CONNECT for ``websocket`` as the HTTP/1.1 opening handshake the
+    upstream leg sends (RFC 8441 §5): ``Connection: upgrade``, ``Upgrade: websocket``, version 13
+    and a ``Sec-WebSocket-Key`` of our own (an HTTP/2 client sends none); ``-Protocol`` and
+    ``-Extensions`` pass as sent. Another version is refused (400)."""
+    versions = [v for n, v in headers if n == b"sec-websocket-version"]
+    if versions and versions != [b"13"]:
+        st.refusal = BadRequest("only Sec-WebSocket-Version 13 is supported")
+    key = base64.b64encode(os.urandom(16))
+    return [*(h for h in headers if h[0] not in _WEBSOCKET_CLIENT_FIELDS),
+            (b"connection", b"upgrade"), (b"upgrade", b"websocket"),
+            (b"sec-websocket-version", b"13"), (b"sec-websocket-key", key)]
 
 
 def _wake(event: trio.Event | None) -> None:

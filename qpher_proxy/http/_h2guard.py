@@ -3,17 +3,18 @@
 Pure code (no trio, no sockets), used by ``_h2connection.py``.
 
 Request heads (RFC 9113 §8.2, §8.3). ``h2`` can validate headers itself, but it treats every
-malformed header block as a *connection* error: one bad request would end every other stream
-of the connection. RFC 9113 §8.1.1 makes a malformed request a *stream* error, so the server
-runs ``h2`` with inbound validation off and checks here: pseudo-header fields only the four a
-request may carry, each once and before the regular fields, ``:method`` ``:scheme`` ``:path``
-present (``:path`` visible ASCII and origin-form, or ``*``); regular field names lower case
-tokens, values without NUL, CR, LF or surrounding whitespace; no connection-specific field
-(``connection``, ``keep-alive``, ``proxy-connection``, ``transfer-encoding``, ``upgrade``) and
-``te`` only as ``trailers`` (§8.2.2). A failure is :class:`MalformedRequest`, answered with
-RST_STREAM PROTOCOL_ERROR. The result has ``host`` from ``:authority`` (replacing a ``host``
-field, §8.3.1) and no pseudo-header, so the header hygiene of the HTTP/1.1 path
-(``upstream.headers``) applies to it unchanged.
+malformed header block as a *connection* error: one bad request would end every other stream of
+the connection. RFC 9113 §8.1.1 makes a malformed request a *stream* error, so the server runs
+``h2`` with inbound validation off and checks here: pseudo-header fields only the four a request
+may carry (and ``:protocol`` on a CONNECT, RFC 8441 §4), each once and before the regular
+fields, ``:method`` ``:scheme`` ``:path`` present (``:path`` visible ASCII and origin-form, or
+``*``); an extended CONNECT (``:protocol``) has ``:scheme``, ``:path`` and ``:authority``;
+regular field names lower case tokens, values without NUL, CR, LF or surrounding whitespace; no
+connection-specific field (``connection``, ``keep-alive``, ``proxy-connection``,
+``transfer-encoding``, ``upgrade``) and ``te`` only as ``trailers`` (§8.2.2). A failure is
+:class:`MalformedRequest`, answered with RST_STREAM PROTOCOL_ERROR. The result has ``host`` from
+``:authority`` (replacing a ``host`` field, §8.3.1) and no pseudo-header, so the header hygiene
+of the HTTP/1.1 path (``upstream.headers``) applies to it unchanged.
 
 Abuse (the 2019 and 2023-2024 advisories), each ending the connection with a GOAWAY:
 
@@ -56,7 +57,7 @@ __all__ = [
 
 _CONNECTION_SPECIFIC = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
                                   b"upgrade"})
-_REQUEST_PSEUDO = frozenset({b":method", b":scheme", b":authority", b":path"})
+_REQUEST_PSEUDO = frozenset({b":method", b":scheme", b":authority", b":path", b":protocol"})
 _FIELD_NAME = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-z]+")  # RFC 9110 token, lower case (RFC 9113 §8.2.1)
 _FIELD_VALUE = re.compile(rb"(?:[^\x00\r\n \t](?:[^\x00\r\n]*[^\x00\r\n \t])?)?")
 _METHOD = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
@@ -73,11 +74,12 @@ class RequestHead:
     method: str
     target: str
     headers: list[tuple[bytes, bytes]]  # lower-case names, no pseudo-headers, ``host`` first if known
+    protocol: str | None = None  # ``:protocol`` of an extended CONNECT (RFC 8441), lower case
 
 
 def parse_request_head(fields: list[tuple[bytes, bytes]]) -> RequestHead:
     """Check one request header block (as ``h2`` decoded it, unvalidated) and split it."""
-    method = scheme = authority = path = None
+    method = scheme = authority = path = protocol = None
     headers: list[tuple[bytes, bytes]] = []
     regular = False
     for name, value in fields:
@@ -94,6 +96,10 @@ def parse_request_head(fields: list[tuple[bytes, bytes]]) -> RequestHead:
                 if scheme is not None:
                     raise MalformedRequest("duplicate :scheme")
                 scheme = value
+            elif name == b":protocol":
+                if protocol is not None:
+                    raise MalformedRequest("duplicate :protocol")
+                protocol = value
             elif name == b":authority":
                 if authority is not None:
                     raise MalformedRequest("duplicate :authority")
@@ -117,8 +123,21 @@ def parse_request_head(fields: list[tuple[bytes, bytes]]) -> RequestHead:
         headers.append((name, value))
     if method is None or not _METHOD.fullmatch(method):
         raise MalformedRequest("missing or invalid :method")
+    if protocol is not None:
+        # RFC 8441 §4: only on a CONNECT, with :scheme, :path and :authority as for a request
+        if method != b"CONNECT":
+            raise MalformedRequest(":protocol on a request that is not CONNECT")
+        if scheme is None or path is None or authority is None:
+            raise MalformedRequest("an extended CONNECT without :scheme, :path or :authority")
+        if not _METHOD.fullmatch(protocol):  # a token
+            raise MalformedRequest("invalid :protocol")
+        if path == b"*" or not _PATH.fullmatch(path) or not _AUTHORITY.fullmatch(authority):
+            raise MalformedRequest("invalid :path or :authority")
+        headers = [(b"host", authority), *(h for h in headers if h[0] != b"host")]
+        return RequestHead("CONNECT", path.decode("ascii"), headers, protocol.decode("ascii").lower())
     if method == b"CONNECT":
-        # not supported (no tunnels); §8.5 gives it no :scheme and :path, so answer it as a request
+        # a plain CONNECT is not supported (no TCP tunnels); §8.5 gives it no :scheme and :path,
+        # so answer it as a request
         return RequestHead("CONNECT", "*", headers)
     if scheme is None or path is None:
         raise MalformedRequest("missing :scheme or :path")

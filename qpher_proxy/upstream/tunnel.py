@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 A :class:`Tunnel` joins a *client* stream and an *upstream* stream, any ``trio.abc.Stream`` (the
-client's ``TLSStream`` after an HTTP/1.1 upgrade, later an HTTP/2 stream of an extended CONNECT;
+client's ``TLSStream`` after an HTTP/1.1 upgrade, or an HTTP/2 stream of an extended CONNECT;
 a TCP or TLS connection to the upstream). It never parses what flows: WebSocket frames, their
 masks and their close codes pass as bytes, so the two peers' close handshake reaches each other
 untouched.
