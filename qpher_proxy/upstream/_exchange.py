@@ -56,6 +56,7 @@ from qpher_proxy.errors import (
     UpstreamUnavailable,
 )
 from qpher_proxy.upstream._connection import PHASE_MESSAGES, UpstreamConnection, io_step, translate
+from qpher_proxy.upstream._lifetime import BodyIterator
 
 if TYPE_CHECKING:
     from qpher_proxy.upstream.client import UpstreamClient
@@ -91,7 +92,7 @@ class UpstreamResponse:
         self._body_pulled = False
         self._finished = False
         self._owns_slot = False
-        self._body = _BodyIterator(self)
+        self._body = BodyIterator(self)
 
     # -- what the caller uses -----------------------------------------------------------
 
@@ -260,6 +261,18 @@ class UpstreamResponse:
             # bytearray a trio stream may return needs no copy.
             conn.h11.receive_data(data)  # type: ignore[arg-type]
 
+    async def _next_chunk(self) -> bytes | None:
+        """The next piece of the body, or None at its end."""
+        while True:
+            event = await self._next_event("body")
+            if isinstance(event, h11.Data):
+                if event.data:
+                    return bytes(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                return None
+            else:
+                raise UpstreamBadResponse("the upstream sent an invalid response")
+
     async def _end_of_body(self) -> None:
         """The response's EndOfMessage arrived: reuse the connection if the exchange was clean."""
         h = self._conn.h11
@@ -273,6 +286,9 @@ class UpstreamResponse:
         if clean:
             h.start_next_cycle()
         self._finish(reusable=clean)
+
+    def _fail(self) -> None:
+        self._finish(reusable=False)
 
     def _finish(self, *, reusable: bool) -> None:
         if self._finished:
@@ -290,44 +306,3 @@ class UpstreamResponse:
                 self._owns_slot = False
                 self._client._slots.release()
 
-
-class _BodyIterator:
-    """``async for chunk in resp.body_chunks()``: a plain iterator class, not an async generator,
-    so that releasing the connection never depends on generator finalisation."""
-
-    __slots__ = ("_resp", "_done")
-
-    def __init__(self, resp: UpstreamResponse) -> None:
-        self._resp = resp
-        self._done = False
-
-    def __aiter__(self) -> _BodyIterator:
-        return self
-
-    async def __anext__(self) -> bytes:
-        resp = self._resp
-        if self._done or resp._finished:
-            self._done = True
-            raise StopAsyncIteration
-        try:
-            while True:
-                event = await resp._next_event("body")
-                if isinstance(event, h11.Data):
-                    if event.data:
-                        return bytes(event.data)
-                elif isinstance(event, h11.EndOfMessage):
-                    self._done = True
-                    await resp._end_of_body()
-                    raise StopAsyncIteration
-                else:
-                    raise UpstreamBadResponse("the upstream sent an invalid response")
-        except StopAsyncIteration:
-            raise
-        except BaseException:
-            self._done = True
-            resp._finish(reusable=False)
-            raise
-
-    async def aclose(self) -> None:
-        self._done = True
-        await self._resp.aclose()

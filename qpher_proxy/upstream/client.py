@@ -47,8 +47,6 @@ import contextlib
 import ssl
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Self
 from urllib.parse import urlsplit
 
 import h11
@@ -57,6 +55,7 @@ import trio
 from qpher_proxy.errors import BadRequest, ConfigError, UpstreamUnavailable
 from qpher_proxy.upstream._connection import UpstreamConnection, io_step
 from qpher_proxy.upstream._exchange import Headers, UpstreamResponse
+from qpher_proxy.upstream._lifetime import NurseryClient
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
@@ -154,8 +153,10 @@ class PoolStats:
     idle: int  # keep-alive connections waiting in the pool
 
 
-class UpstreamClient:
+class UpstreamClient(NurseryClient):
     """Pooled HTTP/1.1 client for the sidecar's upstream. Use inside ``async with client:``."""
+
+    _what = "UpstreamClient"
 
     def __init__(
         self,
@@ -195,29 +196,12 @@ class UpstreamClient:
         self._busy: set[UpstreamConnection] = set()
         self._idle_added = trio.Event()
         self._opened = 0
-        self._nursery: trio.Nursery | None = None
-        self._stack: contextlib.AsyncExitStack | None = None
-        self._closed = False
+        super().__init__()
 
     # -- lifetime ------------------------------------------------------------------------
 
-    async def __aenter__(self) -> Self:
-        if self._stack is not None or self._closed:
-            raise RuntimeError("an UpstreamClient can be entered only once")
-        stack = contextlib.AsyncExitStack()
-        self._nursery = await stack.enter_async_context(trio.open_nursery())
-        stack.callback(self._close_all)  # LIFO: runs after the cancel, before the nursery exits
-        stack.callback(self._nursery.cancel_scope.cancel)
-        self._nursery.start_soon(self._reap_idle)
-        self._stack = stack
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> bool | None:
-        assert self._stack is not None
-        self._closed = True
-        return await self._stack.__aexit__(exc_type, exc, tb)
+    def _started(self, nursery: trio.Nursery) -> None:
+        nursery.start_soon(self._reap_idle)
 
     def _close_all(self) -> None:
         conns = self._idle + list(self._busy)

@@ -60,7 +60,6 @@ import math
 import re
 import ssl
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
-from types import TracebackType
 from typing import Literal, Self
 
 import h2.errors
@@ -84,6 +83,7 @@ from qpher_proxy.upstream._h2connection import (
     StreamState,
     UpstreamH2Connection,
 )
+from qpher_proxy.upstream._lifetime import BodyIterator, NurseryClient
 from qpher_proxy.upstream.client import (
     DEFAULT_CHUNK_BYTES,
     Body,
@@ -127,8 +127,10 @@ _GRPC_STATUS_FIELDS = frozenset({b"grpc-status", b"grpc-message", b"grpc-status-
 
 # ---- the client -------------------------------------------------------------------------
 
-class H2UpstreamClient:
+class H2UpstreamClient(NurseryClient):
     """HTTP/2 client for the sidecar's upstream. Use inside ``async with client:``."""
+
+    _what = "H2UpstreamClient"
 
     def __init__(
         self,
@@ -178,28 +180,9 @@ class H2UpstreamClient:
         self._connecting = False
         self._capacity = trio.Event()
         self.connections_opened = 0
-        self._nursery: trio.Nursery | None = None
-        self._stack: contextlib.AsyncExitStack | None = None
-        self._closed = False
+        super().__init__()
 
     # -- lifetime ------------------------------------------------------------------------
-
-    async def __aenter__(self) -> Self:
-        if self._stack is not None or self._closed:
-            raise RuntimeError("an H2UpstreamClient can be entered only once")
-        stack = contextlib.AsyncExitStack()
-        self._nursery = await stack.enter_async_context(trio.open_nursery())
-        stack.callback(self._close_all)  # LIFO: runs after the cancel, before the nursery exits
-        stack.callback(self._nursery.cancel_scope.cancel)
-        self._stack = stack
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> bool | None:
-        assert self._stack is not None
-        self._closed = True
-        return await self._stack.__aexit__(exc_type, exc, tb)
 
     def _close_all(self) -> None:
         conns, self._conns = self._conns, []
@@ -380,7 +363,7 @@ class H2UpstreamResponse:
         self._abort: BaseException | None = None  # the caller's body iterator failed
         self._body_pulled = False  # the pump has asked the caller's body iterator for a chunk
         self._finished = False
-        self._body = _BodyIterator(self)
+        self._body = BodyIterator(self)
 
     # -- what the caller uses -----------------------------------------------------------
 
@@ -556,6 +539,12 @@ class H2UpstreamResponse:
                 conn.h2.reset_stream(st.id, h2.errors.ErrorCodes.CANCEL)
             conn.kick()
 
+    async def _end_of_body(self) -> None:
+        self._finish()
+
+    def _fail(self) -> None:
+        self._finish()
+
     def _finish(self) -> None:
         """End the exchange: cancel the pump, reset the stream if open, give back the window of
         unread data, forget the stream. Synchronous, so it cannot be cancelled half-way."""
@@ -594,37 +583,3 @@ def _split_trailers_only(headers: Headers) -> tuple[Headers, Headers]:
     status = [(n, v) for n, v in headers if n in _GRPC_STATUS_FIELDS]
     return [(n, v) for n, v in headers if n not in _GRPC_STATUS_FIELDS], status
 
-
-class _BodyIterator:
-    """``async for chunk in resp.body_chunks()``: a plain iterator class, not an async generator,
-    so that ending the exchange never depends on generator finalisation."""
-
-    __slots__ = ("_resp", "_done")
-
-    def __init__(self, resp: H2UpstreamResponse) -> None:
-        self._resp = resp
-        self._done = False
-
-    def __aiter__(self) -> _BodyIterator:
-        return self
-
-    async def __anext__(self) -> bytes:
-        resp = self._resp
-        if self._done or resp._finished:
-            self._done = True
-            raise StopAsyncIteration
-        try:
-            chunk = await resp._next_chunk()
-        except BaseException:
-            self._done = True
-            resp._finish()
-            raise
-        if chunk is None:
-            self._done = True
-            resp._finish()
-            raise StopAsyncIteration
-        return chunk
-
-    async def aclose(self) -> None:
-        self._done = True
-        await self._resp.aclose()
