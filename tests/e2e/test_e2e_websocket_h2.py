@@ -3,17 +3,21 @@ h2 client (python-hyper ``h2`` on the standard library's TLS 1.3, ALPN h2) speak
 frames on a CONNECT stream, the ``websockets`` echo server of ``test_e2e_websocket`` behind the
 proxy on HTTP/1.1. SETTINGS_ENABLE_CONNECT_PROTOCOL, 1,000 messages both ways and a 1000 close
 seen by the upstream, the identity headers, 401 before the upstream, the audit records, two
-tunnels on one connection, and the refusals (another :protocol, a plain CONNECT)."""
+tunnels on one connection, and the refusals (another :protocol, a plain CONNECT, a version other
+than 13, a 2xx that is not an upgrade: an upstream's 200 instead of 101, a route of the proxy's own),
+and the tunnels of a client whose whole connection drops."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import ssl
 import struct
 import time
 from collections.abc import Iterator
+from http import HTTPStatus
 
 import h2.config
 import h2.connection
@@ -22,14 +26,38 @@ import h2.exceptions
 import h2.settings
 import pytest
 from websockets.frames import Close, Frame, Opcode
+from websockets.http11 import Request as WSRequest
+from websockets.http11 import Response as WSResponse
+from websockets.sync.server import ServerConnection
 
 from ._gateway import Gateway, init_state, start_gateway
 from .test_e2e_websocket import MARKER, EchoUpstream, audit_records, wait_for
 
 
+class H2Upstream(EchoUpstream):
+    """The echo upstream, plus ``/plain200``: a plain 200 instead of the 101 (the upgrade refused
+    with a success status); and each tunnel's path once its upstream connection has ended."""
+
+    def __init__(self) -> None:
+        self.ended_paths: list[str] = []
+        super().__init__()
+
+    def _seen(self, conn: ServerConnection, request: WSRequest) -> WSResponse | None:  # type: ignore[override]
+        super()._seen(conn, request)
+        if request.path.startswith("/plain200"):
+            return conn.respond(HTTPStatus.OK, "a page, not a websocket\n")
+        return None
+
+    def _handler(self, ws: ServerConnection) -> None:
+        try:
+            super()._handler(ws)
+        finally:
+            self.ended_paths.append(ws.request.path if ws.request is not None else "")
+
+
 @pytest.fixture(scope="module")
-def upstream() -> Iterator[EchoUpstream]:
-    up = EchoUpstream()
+def upstream() -> Iterator[H2Upstream]:
+    up = H2Upstream()
     try:
         yield up
     finally:
@@ -102,14 +130,17 @@ class H2Client:
             self._pump()
 
     def connect(self, path: str, api_key: str | None = "demo", protocol: bytes | None = b"websocket",
-                extra: list[tuple[bytes, bytes]] | None = None) -> int:
+                extra: list[tuple[bytes, bytes]] | None = None, version: bytes | None = b"13") -> int:
         """Open an extended CONNECT stream; returns its id once the response head is in."""
         sid = self.h.get_next_available_stream_id()
         fields = [(b":method", b"CONNECT")]
         if protocol is not None:
             fields.append((b":protocol", protocol))
             fields += [(b":scheme", b"https"), (b":path", path.encode())]
-        fields += [(b":authority", b"localhost"), (b"sec-websocket-version", b"13"), *(extra or [])]
+        fields.append((b":authority", b"localhost"))
+        if version is not None:
+            fields.append((b"sec-websocket-version", version))
+        fields += extra or []
         key = self.gw.demo_key if api_key == "demo" else api_key
         if key is not None:
             fields.append((b"authorization", b"Bearer " + key.encode()))
@@ -277,6 +308,83 @@ def test_a_client_reset_ends_the_tunnel_as_client(gateway: Gateway, upstream: Ec
     assert closed[0]["reason"] == "client"
 
 
+def error_code(client: H2Client, sid: int) -> str:
+    client.wait(lambda: sid in client.ended)
+    return str(json.loads(bytes(client.data.get(sid, b"")))["error"]["code"])
+
+
+def test_an_upstream_200_instead_of_101_is_502_not_an_open_tunnel(
+    gateway: Gateway, upstream: H2Upstream, client: H2Client
+) -> None:
+    before = len(upstream.handshakes)
+    sid = client.connect("/plain200/x")
+    assert client.status[sid][b":status"] == b"502", client.status[sid]
+    assert error_code(client, sid) == "upstream_bad_response"
+    assert sid not in client.reset
+    assert upstream.paths()[before:] == ["/plain200/x"]  # it did reach the upstream, which said 200
+    assert not any(r["path"] == "/plain200/x" for r in audit_records(gateway, "websocket.upgrade"))
+
+
+def test_a_connect_to_a_route_of_the_proxy_is_404_not_an_open_tunnel(
+    upstream: H2Upstream, client: H2Client
+) -> None:
+    before = len(upstream.handshakes)
+    sid = client.connect("/healthz")
+    assert client.status[sid][b":status"] == b"404", client.status[sid]
+    assert error_code(client, sid) == "not_found"
+    assert len(upstream.handshakes) == before
+    # the connection serves on: a tunnel after the refusal works
+    ok = client.connect("/echo/after-404")
+    assert client.status[ok][b":status"] == b"200"
+    exchange(client, ok, 2, "after-404")
+    close_cleanly(client, ok)
+
+
+@pytest.mark.parametrize("version", [b"8", b"12", b"13, 8"])
+def test_a_websocket_version_other_than_13_is_400(upstream: H2Upstream, client: H2Client,
+                                                     version: bytes) -> None:
+    before = len(upstream.handshakes)
+    sid = client.connect("/echo/version", version=version)
+    assert client.status[sid][b":status"] == b"400", client.status[sid]
+    assert error_code(client, sid) == "bad_request"
+    assert len(upstream.handshakes) == before
+
+
+def test_without_a_websocket_version_the_proxy_sends_13(upstream: H2Upstream, client: H2Client) -> None:
+    sid = client.connect("/echo/no-version", version=None)
+    assert client.status[sid][b":status"] == b"200"
+    assert upstream.handshakes[-1][1]["sec-websocket-version"] == ["13"]
+    close_cleanly(client, sid)
+
+
+def test_a_dropped_client_connection_ends_its_tunnels_as_client(
+    gateway: Gateway, upstream: H2Upstream, client: H2Client
+) -> None:
+    paths = ["/echo/drop-a", "/echo/drop-b"]
+    sids = [client.connect(p) for p in paths]
+    for sid in sids:
+        exchange(client, sid, 3, "drop")
+    client.sock.close()  # the whole TCP/TLS connection, no RST_STREAM, no GOAWAY
+    started = time.monotonic()
+    wait_for(lambda: {r["path"] for r in audit_records(gateway, "websocket.close")} >= set(paths))
+    assert time.monotonic() - started < 2.0  # _TUNNEL_END_WAIT (1 s), not idle_timeout (5 s)
+    closed = [r for r in audit_records(gateway, "websocket.close") if r["path"] in paths]
+    assert sorted((r["path"], r["reason"]) for r in closed) == [(p, "client") for p in paths]
+    assert all(r["bytes_client_to_upstream"] > 0 and r["bytes_upstream_to_client"] > 0 for r in closed)
+    wait_for(lambda: set(upstream.ended_paths) >= set(paths), timeout=3.0)  # the upstream saw it close
+    assert time.monotonic() - started < 2.5
+    # the gateway serves on
+    again = H2Client(gateway)
+    try:
+        sid = again.connect("/echo/after-drop")
+        assert again.status[sid][b":status"] == b"200"
+        exchange(again, sid, 2, "after-drop")
+        close_cleanly(again, sid)
+    finally:
+        again.close()
+
+
+# last: it stops the module's gateway
 def test_sigterm_closes_open_h2_tunnels_and_exits_0(gateway: Gateway, client: H2Client) -> None:
     sid = client.connect("/echo/h2-shutdown")
     exchange(client, sid, 2, "shutdown")
