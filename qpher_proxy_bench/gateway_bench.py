@@ -57,7 +57,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .loadgen import (
     ClientTLS,
@@ -82,6 +82,29 @@ HEALTHZ = build_request("GET", "/healthz", headers={"User-Agent": "qpher-bench",
 
 class BenchError(RuntimeError):
     """A benchmark step failed; the message says which and why (one line)."""
+
+
+_Rows = TypeVar("_Rows")
+
+
+def add_output_options(ap: argparse.ArgumentParser) -> None:
+    """``--json`` and ``--quiet``, as the benchmarks that print rows take them."""
+    ap.add_argument("--json", action="store_true", help="print the rows as JSON")
+    ap.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+
+
+def bench_main(name: str, args: argparse.Namespace, run: Callable[[argparse.Namespace], _Rows],
+               report: Callable[[_Rows, float], None]) -> int:
+    """Run one benchmark and ``report`` its rows with the seconds it took; a ``BenchError`` is
+    one line on stderr and exit status 1."""
+    started = time.monotonic()
+    try:
+        rows = run(args)
+    except BenchError as exc:
+        print(f"bench {name}: {exc}", file=sys.stderr)
+        return 1
+    report(rows, time.monotonic() - started)
+    return 0
 
 
 # ---- the gateway as a child process -------------------------------------------------------------

@@ -28,7 +28,7 @@ from concurrent import futures
 from dataclasses import dataclass
 from typing import Any
 
-from .gateway_bench import BenchError, GatewayProcess
+from .gateway_bench import BenchError, GatewayProcess, add_output_options, bench_main
 
 SERVICE = "qpher.bench.Echo"
 METHOD = f"/{SERVICE}/Unary"
@@ -149,29 +149,25 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--size", type=int, default=100, help="message bytes (default 100)")
     ap.add_argument("--concurrency", type=int, default=1,
                     help="client threads on the one channel (default 1)")
-    ap.add_argument("--json", action="store_true", help="print the rows as JSON")
-    ap.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    add_output_options(ap)
     return ap
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    started = time.monotonic()
-    try:
-        rows = run(args)
-    except BenchError as exc:
-        print(f"bench grpc: {exc}", file=sys.stderr)
-        return 1
-    if args.json:
-        print(json.dumps([{"way": r.way, "calls": r.calls, "concurrency": r.concurrency,
-                           "p50_ms": r.percentile(50), "p99_ms": r.percentile(99), "rate": r.rate}
-                          for r in rows], indent=2))
-    else:
-        print(f"gRPC unary {args.size}-byte echo: direct (h2c) vs through the sidecar (TLS 1.3 h2 -> "
-              f"gateway -> h2c), same run, {time.monotonic() - started:.0f} s, {os.cpu_count()} CPUs "
-              f"shared by client, gateway and upstream")
-        print(format_rows(rows))
-    return 0
+
+    def report(rows: list[GRPCRow], elapsed: float) -> None:
+        if args.json:
+            print(json.dumps([{"way": r.way, "calls": r.calls, "concurrency": r.concurrency,
+                               "p50_ms": r.percentile(50), "p99_ms": r.percentile(99), "rate": r.rate}
+                              for r in rows], indent=2))
+        else:
+            print(f"gRPC unary {args.size}-byte echo: direct (h2c) vs through the sidecar (TLS 1.3 h2 -> "
+                  f"gateway -> h2c), same run, {elapsed:.0f} s, {os.cpu_count()} CPUs "
+                  f"shared by client, gateway and upstream")
+            print(format_rows(rows))
+
+    return bench_main("grpc", args, run, report)
 
 
 if __name__ == "__main__":

@@ -24,12 +24,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .gateway_bench import PAYLOAD, BenchError, GatewayProcess, _b64
+from .gateway_bench import PAYLOAD, BenchError, GatewayProcess, _b64, add_output_options, bench_main
 from .loadgen import process_cpu_seconds
 
 
@@ -149,26 +148,22 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--rounds", type=int, default=2,
                     help="runs of each protocol, interleaved; the best is shown (default 2: a shared "
                          "machine's noise hits both protocols alike)")
-    ap.add_argument("--json", action="store_true", help="print the rows as JSON")
-    ap.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    add_output_options(ap)
     return ap
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    started = time.monotonic()
-    try:
-        rows = run(args)
-    except BenchError as exc:
-        print(f"bench h2: {exc}", file=sys.stderr)
-        return 1
-    if args.json:
-        print(json.dumps([{**r.__dict__, "rate": r.rate} for r in rows], indent=2))
-    else:
-        print(f"HTTP/2 vs HTTP/1.1 keep-alive through the gateway over TLS 1.3 (h2load, same run, "
-              f"{time.monotonic() - started:.0f} s, {os.cpu_count()} CPUs shared with the load generator)")
-        print(format_rows(rows))
-    return 0
+
+    def report(rows: list[H2Row], elapsed: float) -> None:
+        if args.json:
+            print(json.dumps([{**r.__dict__, "rate": r.rate} for r in rows], indent=2))
+        else:
+            print(f"HTTP/2 vs HTTP/1.1 keep-alive through the gateway over TLS 1.3 (h2load, same run, "
+                  f"{elapsed:.0f} s, {os.cpu_count()} CPUs shared with the load generator)")
+            print(format_rows(rows))
+
+    return bench_main("h2", args, run, report)
 
 
 if __name__ == "__main__":
