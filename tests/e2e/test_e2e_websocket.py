@@ -5,21 +5,24 @@ idle limit and the tunnel limit, the audit records without payload, and SIGTERM 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import threading
 import time
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Coroutine, Iterator
+from typing import Any, TypeVar
 
 import pytest
+from websockets.asyncio.client import ClientConnection as AsyncClientConnection
+from websockets.asyncio.client import connect as async_connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.http11 import Request as WSRequest
-from websockets.sync.client import ClientConnection, connect
 from websockets.sync.server import Server, ServerConnection, serve
 
 from ._gateway import Gateway, cli, init_state, start_gateway
 
+T = TypeVar("T")
 KiB = 1024
 MARKER = "PAYLOAD-MARKER-b81d37e0"  # must never show in the audit log or the gateway's log
 IDLE_TIMEOUT = 1.0
@@ -103,23 +106,66 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, upstream: EchoUpstream) ->
         assert gw.stop() == 0
 
 
-def ws_connect(gw: Gateway, path: str, api_key: str | None = "demo") -> ClientConnection:
-    """A websockets sync client through the proxy. One handshake in a few hundred stalls inside
-    the client: its reader thread starts an SSL read on the socket while the main thread writes
-    the upgrade request, and the request never leaves the client (``ss -tni`` during a stall: the
-    client's bytes_sent is its ClientHello and Finished alone, every queue empty, the gateway idle
-    in epoll; the same with session tickets off). So a handshake that gets no answer within 3 s is
-    tried once more on a new connection; the gateway never saw the lost request."""
+class _Loop:
+    """One asyncio event loop in a daemon thread, shared by every client of this module."""
+
+    _loop: asyncio.AbstractEventLoop | None = None
+
+    @classmethod
+    def run(cls, coro: Coroutine[Any, Any, T]) -> T:
+        if cls._loop is None:
+            loop = asyncio.new_event_loop()
+            threading.Thread(target=loop.run_forever, daemon=True, name="ws-client-loop").start()
+            cls._loop = loop
+        return asyncio.run_coroutine_threadsafe(coro, cls._loop).result()
+
+
+class WSClient:
+    """A blocking face on the ``websockets`` asyncio client (``send``, ``recv(timeout)``, ``close``,
+    ``close_code``), usable from several threads at once.
+
+    Not the library's sync client: that one starts a reader thread on the TLS socket before it
+    writes the upgrade request, and about one handshake in a few hundred the request then never
+    leaves the client (``ss -tni`` during such a stall: the client's bytes_sent is its ClientHello
+    and Finished alone, every queue empty, the gateway waiting in epoll; the same with session
+    tickets off). The asyncio client does its TLS on one thread, through memory BIOs."""
+
+    def __init__(self, conn: AsyncClientConnection) -> None:
+        self._conn = conn
+
+    @classmethod
+    def connect(cls, uri: str, **kwargs: Any) -> WSClient:
+        return cls(_Loop.run(_open(uri, **kwargs)))
+
+    def send(self, message: str | bytes) -> None:
+        _Loop.run(self._conn.send(message))
+
+    def recv(self, timeout: float | None = None) -> str | bytes:
+        return _Loop.run(asyncio.wait_for(self._conn.recv(), timeout))  # TimeoutError past timeout
+
+    def close(self, code: int = 1000, reason: str = "") -> None:
+        _Loop.run(self._conn.close(code, reason))
+
+    @property
+    def close_code(self) -> int | None:
+        return self._conn.close_code
+
+    def __enter__(self) -> WSClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+async def _open(uri: str, **kwargs: Any) -> AsyncClientConnection:
+    return await async_connect(uri, **kwargs)
+
+
+def ws_connect(gw: Gateway, path: str, api_key: str | None = "demo") -> WSClient:
     key = gw.demo_key if api_key == "demo" else api_key
     headers = {"Authorization": f"Bearer {key}"} if key is not None else {}
-    for attempt in (1, 2, 3):
-        try:
-            return connect(f"wss://{gw.host}:{gw.port}{path}", ssl=gw.context(), additional_headers=headers,
-                           proxy=None, max_size=None, compression=None, open_timeout=3, close_timeout=5)
-        except TimeoutError:
-            if attempt == 3:
-                raise
-    raise AssertionError("unreachable")
+    return WSClient.connect(f"wss://{gw.host}:{gw.port}{path}", ssl=gw.context(), additional_headers=headers,
+                            proxy=None, max_size=None, compression=None, open_timeout=10, close_timeout=5)
 
 
 def refused(gw: Gateway, path: str, api_key: str | None = "demo") -> tuple[int, dict[str, Any]]:
