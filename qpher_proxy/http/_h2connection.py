@@ -440,7 +440,13 @@ class HTTP2Connection:
                     self._goaway(breach.code, breach.reason)
                     await self._end_with_goaway()
                     return
-                await self._flush()
+                # Most turns queue nothing (a request's HEADERS, DATA not yet acknowledged): skip
+                # the lock and the checkpoint then (``receive_some`` was one). Relies on h2's
+                # private ``_data_to_send`` buffer, which ``data_to_send()`` drains.
+                if self._raw_out or h._data_to_send:
+                    await self._flush()
+                else:
+                    self._rest_deadline()
             await self._flush()
         except ClientDisconnected:
             return
