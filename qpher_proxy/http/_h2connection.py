@@ -92,6 +92,7 @@ from ..errors import (
 )
 from . import grpc
 from ._deadlines import NO_DEADLINE, DeadlineWheel, ShutdownSignal
+from ._h2encoder import CachingEncoder
 from ._h2guard import BoundedFrameBuffer, FloodGuard, MalformedRequest, parse_request_head
 from ._response import _aclose_body, _response_items, _validated_item
 from .limits import RECEIVE_SIZE, HTTP2Limits, HTTPLimits
@@ -253,6 +254,7 @@ class HTTP2Connection:
             validate_outbound_headers=False, normalize_outbound_headers=False,
         )
         h = self._h = h2.connection.H2Connection(config=config)
+        h.encoder = CachingEncoder()  # the repeated fields of our responses encoded once (``_h2encoder``)
         h.local_settings = h2.settings.Settings(client=False, initial_values={
             h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: h2_limits.max_concurrent_streams,
             h2.settings.SettingCodes.HEADER_TABLE_SIZE: h2_limits.header_table_size,
@@ -438,7 +440,13 @@ class HTTP2Connection:
                     self._goaway(breach.code, breach.reason)
                     await self._end_with_goaway()
                     return
-                await self._flush()
+                # Most turns queue nothing (a request's HEADERS, DATA not yet acknowledged): skip
+                # the lock and the checkpoint then (``receive_some`` was one). Relies on h2's
+                # private ``_data_to_send`` buffer, which ``data_to_send()`` drains.
+                if self._raw_out or h._data_to_send:
+                    await self._flush()
+                else:
+                    self._rest_deadline()
             await self._flush()
         except ClientDisconnected:
             return
