@@ -45,22 +45,28 @@ def plain_tcp_server() -> Iterator[int]:
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))
     srv.listen()
+    srv.settimeout(0.1)  # closing a socket does not wake a thread blocked in accept(): poll a flag
+    stop = threading.Event()
 
     def serve() -> None:
-        while True:
+        while not stop.is_set():
             try:
                 conn, _ = srv.accept()
+            except TimeoutError:
+                continue
             except OSError:
                 return
             with conn:
+                conn.settimeout(5)
                 conn.recv(4096)
                 conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
 
     t = threading.Thread(target=serve, daemon=True)
     t.start()
     yield srv.getsockname()[1]
-    srv.close()
+    stop.set()
     t.join(5)
+    srv.close()
 
 
 def test_healthcheck_fails_against_a_server_that_is_not_tls_and_on_a_timeout(
