@@ -701,7 +701,11 @@ class HTTP2Connection:
                 pass
         self._drop_body(st)
         if queued and self._nursery is not None:
-            self._nursery.start_soon(self._flush_quietly)
+            self._nursery.start_soon(self._flush_quietly)  # which sets the deadline once sent
+        else:
+            # The last stream may finish after the flush that sent its response (which saw it
+            # open, so no deadline): the idle clock starts now, not at the client's next frame.
+            self._rest_deadline()
         if self._closing and not self._streams:
             self._read_scope.cancel()
 

@@ -181,7 +181,7 @@ class H2Client:
         return self.answers[sid]
 
     async def aclose(self) -> None:
-        await trio.aclose_forcefully(self.stream)
+        await _close(self.stream)
 
 
 class RawH2:
@@ -229,7 +229,16 @@ class RawH2:
                 self.buf += data
 
     async def aclose(self) -> None:
-        await trio.aclose_forcefully(self.stream)
+        await _close(self.stream)
+
+
+async def _close(stream: trio.abc.Stream) -> None:
+    """Close the TLS stream and, whatever state it is in (a peer that has gone leaves
+    ``trio.SSLStream`` broken), its TCP socket too: never a socket left to the garbage collector."""
+    await trio.aclose_forcefully(stream)
+    transport = getattr(stream, "transport_stream", None)
+    if transport is not None:
+        await trio.aclose_forcefully(transport)
 
 
 def goaway_of(frames: list[Frame]) -> GoAwayFrame | None:
