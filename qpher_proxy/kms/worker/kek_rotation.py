@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import sqlite3
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -219,6 +220,30 @@ def _rewrap(path: Path, binding: KeyBinding, old: KEKProvider, new: KEKProvider)
 # ---- PostgreSQL (storage.backend: postgresql) ----------------------------------------------
 
 APPLICATION_NAME = "qpher-proxy"  # what every node's connections call themselves (storage.postgres)
+# A node that has just stopped (or a pool just closed) may still be listed by PostgreSQL for a few
+# milliseconds while its backends exit: wait that long before the check that refuses.
+CLOSING_CONNECTIONS_GRACE = 2.0
+
+
+def _node_connections(conn: Any) -> int:
+    (others,) = conn.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND application_name = %s AND pid <> pg_backend_pid()", (APPLICATION_NAME,)
+    ).fetchone() or (0,)
+    return int(others)
+
+
+def _wait_for_closing_connections(conn: Any, grace: float = CLOSING_CONNECTIONS_GRACE) -> None:
+    """Return once no node connection is listed, or after ``grace`` seconds (the check under
+    the table locks then refuses with the count). Each poll ends its transaction: PostgreSQL
+    keeps one snapshot of ``pg_stat_activity`` per transaction."""
+    deadline = time.monotonic() + grace
+    while True:
+        others = _node_connections(conn)
+        conn.commit()
+        if not others or time.monotonic() >= deadline:
+            return
+        time.sleep(0.05)
 
 
 def rotate_kek_postgresql(
@@ -243,6 +268,8 @@ def rotate_kek_postgresql(
         raise KEKError(f"the new KEK has the same id ({new.kek_id!r}) as the current one")
     conn = connect_owner(dsn, connect_timeout)
     try:
+        with mapped("rotating the KEK"):
+            _wait_for_closing_connections(conn)
         with mapped("rotating the KEK"), conn.transaction():
             # import jobs exist from schema version 3 on; an older database has none to re-wrap
             row = conn.execute("SELECT to_regclass('kms_import_jobs') IS NOT NULL").fetchone()
@@ -252,10 +279,7 @@ def rotate_kek_postgresql(
             conn.execute("LOCK TABLE kms_key_versions, kms_meta"
                          + (", kms_import_jobs" if has_jobs else "")
                          + (", kms_audit_logs" if has_audit else "") + " IN EXCLUSIVE MODE")
-            (others,) = conn.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                "AND application_name = %s AND pid <> pg_backend_pid()", (APPLICATION_NAME,)
-            ).fetchone() or (0,)
+            others = _node_connections(conn)
             if others:
                 raise KEKError(
                     f"{others} connection(s) of running qpher-proxy nodes use this database: stop every "
