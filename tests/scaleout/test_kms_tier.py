@@ -418,7 +418,8 @@ def test_sigkill_one_node_under_sign_load_fails_only_its_in_flight_requests_and_
     brief = [(r.get("ts"), r.get("msg"), r.get("endpoint"), r.get("error")) for r in story]
     assert after.get(lost, 0) - before.get(lost, 0) == sum(failed.values()), (
         f"victim errors {before.get(lost, 0)} -> {after.get(lost, 0)}, failed {failed}, "
-        f"victim {victim.endpoint}, survivor {survivor.endpoint}, story {brief}")
+        f"victim {victim.endpoint}, survivor {survivor.endpoint}, story {brief} LOGFILE {gw.log_file} "
+        f"{gw.directory}")
     assert not any(k.startswith(f'qpher_kms_endpoint_errors_total{{endpoint="{survivor.endpoint}"')
                    and v > before.get(k, 0) for k, v in after.items()), (after, story)
     assert sum(failed.values()) <= len(threads) * 2, (failed, errors[:3], story)
